@@ -1,0 +1,64 @@
+"""The Backend protocol: the narrow seam between the filesystem and an object store.
+
+A backend lists objects under its root, stats one, and fills a caller-owned buffer with one
+byte range of one pinned version. It knows nothing of caches, inodes or FUSE; everything
+above this seam is the same for every store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["ObjectInfo", "Backend"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object below the backend's root.
+
+    ``name`` is relative to the root, '/'-separated, exactly as the store spells it (it may
+    end in '/' for a directory placeholder). ``version`` is what reads pin: the GCS
+    generation, or an ETag.
+    """
+
+    name: str
+    size: int
+    mtime: float
+    version: str
+    crc32c: str | None = None  # base64 of the big-endian CRC32C, as GCS reports it
+    md5: str | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What modelfs needs of an object store. Every method may raise a BackendError."""
+
+    @property
+    def description(self) -> str:
+        """Human-readable source, e.g. ``gs://bucket/prefix``; used in messages."""
+        ...
+
+    def object_key(self, name: str) -> str:
+        """A key unique across backends (scheme, bucket, full name); names cache entries."""
+        ...
+
+    async def list_objects(self) -> list[ObjectInfo]:
+        """Every object below the root (recursively). NotFound if the bucket or root is missing."""
+        ...
+
+    async def stat(self, name: str) -> ObjectInfo:
+        """The current metadata of one object; NotFound if there is none."""
+        ...
+
+    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+        """Fill all of ``dest`` with the bytes of ``name`` at ``version`` from ``offset``.
+
+        Raises VersionChanged if that version is gone, TransientError for failures worth
+        retrying (the caller retries), never returns with ``dest`` partly filled.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and threads."""
+        ...

@@ -1,0 +1,190 @@
+"""Google Cloud Storage through google-cloud-storage, with a zero-copy media GET.
+
+The client library does auth, listing and metadata. The byte-moving ranged GET uses the
+client's own authorized transport but reads the streamed body with ``readinto`` straight
+into the block's buffer: the library's download helpers copy each block several times and
+hold the GIL, which halves throughput on this path (see docs/architecture.md for numbers).
+Every call blocks, so it runs in a trio worker thread on data that nothing else touches.
+``STORAGE_EMULATOR_HOST`` and the usual Google credentials are honoured by the client itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime
+from urllib.parse import quote
+
+import trio
+
+from modelfs.backends.base import ObjectInfo
+from modelfs.config import Source
+from modelfs.errors import AccessDenied, BackendError, ConfigError, NotFound, TransientError, VersionChanged
+
+__all__ = ["GCSBackend"]
+
+log = logging.getLogger(__name__)
+
+_LIST_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),nextPageToken"
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def _mtime(updated: datetime | None) -> float:
+    return updated.timestamp() if updated is not None else 0.0
+
+
+class GCSBackend:
+    """Objects below ``gs://bucket/prefix``; names are relative to the prefix."""
+
+    def __init__(self, source: Source, *, anonymous: bool, read_timeout: float = 30.0,
+                 max_concurrency: int = 8, connect_timeout: float = 10.0) -> None:
+        from google.auth.exceptions import DefaultCredentialsError
+        from google.cloud import storage
+
+        self._source = source
+        self._prefix = source.prefix + "/" if source.prefix else ""
+        try:
+            self._client = storage.Client.create_anonymous_client() if anonymous else storage.Client()
+        except DefaultCredentialsError:
+            raise ConfigError(
+                "no Google credentials found: set GOOGLE_APPLICATION_CREDENTIALS, run "
+                "'gcloud auth application-default login', or pass --anonymous for a public bucket"
+            ) from None
+        self._bucket = self._client.bucket(source.bucket)
+        self._timeout = (connect_timeout, read_timeout)
+        base = getattr(self._client, "api_endpoint", None) or self._client._connection.API_BASE_URL
+        self._media_base = f"{base.rstrip('/')}/download/storage/v1/b/{quote(source.bucket, safe='')}/o/"
+        # One extra thread beyond the GETs so a listing never waits behind a full pipe.
+        self._limiter = trio.CapacityLimiter(max_concurrency + 1)
+
+    @property
+    def description(self) -> str:
+        return self._source.url
+
+    def object_key(self, name: str) -> str:
+        return self._source.object_key(name)
+
+    # --- error classification: the only place that knows google/requests exception types.
+
+    def _classify(self, exc: BaseException, what: str) -> BackendError:
+        import requests
+        from google.api_core import exceptions as gexc
+        from google.auth.exceptions import TransportError
+
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, gexc.NotFound):
+            return NotFound(f"{what}: not found")
+        if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
+            return AccessDenied(f"{what}: access denied ({exc.code})")
+        if isinstance(exc, (gexc.TooManyRequests, gexc.ServerError, gexc.RequestRangeNotSatisfiable)):
+            return TransientError(f"{what}: HTTP {exc.code}")
+        if isinstance(exc, (requests.RequestException, TransportError, OSError, ConnectionError)):
+            return TransientError(f"{what}: {type(exc).__name__}: {exc}")
+        return BackendError(f"{what}: {type(exc).__name__}: {exc}")
+
+    # --- listing and metadata
+
+    def _to_info(self, blob: object) -> ObjectInfo:
+        name: str = blob.name  # type: ignore[attr-defined]
+        return ObjectInfo(
+            name=name[len(self._prefix) :],
+            size=int(blob.size or 0),  # type: ignore[attr-defined]
+            mtime=_mtime(blob.updated),  # type: ignore[attr-defined]
+            version=str(blob.generation),  # type: ignore[attr-defined]
+            crc32c=blob.crc32c,  # type: ignore[attr-defined]
+            md5=blob.md5_hash,  # type: ignore[attr-defined]
+        )
+
+    def _list(self) -> list[ObjectInfo]:
+        try:
+            blobs = self._client.list_blobs(self._bucket, prefix=self._prefix or None, fields=_LIST_FIELDS,
+                                            timeout=self._timeout, retry=None)
+            return [self._to_info(b) for b in blobs if b.name != self._prefix]
+        except Exception as exc:
+            err = self._classify(exc, self._source.url)
+            if isinstance(err, NotFound):
+                raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
+            raise err from None
+
+    async def list_objects(self) -> list[ObjectInfo]:
+        return await trio.to_thread.run_sync(self._list, limiter=self._limiter)
+
+    def _stat(self, name: str) -> ObjectInfo:
+        try:
+            blob = self._bucket.get_blob(self._prefix + name, timeout=self._timeout, retry=None)
+        except Exception as exc:
+            raise self._classify(exc, name) from None
+        if blob is None:
+            raise NotFound(f"{name}: not found")
+        return self._to_info(blob)
+
+    async def stat(self, name: str) -> ObjectInfo:
+        return await trio.to_thread.run_sync(self._stat, name, limiter=self._limiter)
+
+    # --- the data path
+
+    def _read(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+        import requests
+
+        length = len(dest)
+        url = f"{self._media_base}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        what = f"{name}@{version} [{offset}, +{length}]"
+        try:
+            resp = self._client._http.request("GET", url, headers=headers, stream=True, timeout=self._timeout)
+        except Exception as exc:
+            raise self._classify(exc, what) from None
+        try:
+            self._check_response(resp, what, version, offset, length)
+            raw = resp.raw
+            # http.client's readinto fills our buffer from the socket with no copy; urllib3's
+            # own readinto reads into a temporary first. Fall back to it if the layout changes.
+            body = getattr(raw, "_fp", None) or raw
+            got = 0
+            while got < length:
+                n = body.readinto(dest[got:])
+                if not n:
+                    raise TransientError(f"{what}: body ended after {got} of {length} bytes")
+                got += n
+            raw.release_conn()
+        except (requests.RequestException, OSError) as exc:
+            resp.close()
+            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            resp.close()
+            raise self._classify(exc, what) from None
+
+    @staticmethod
+    def _check_response(resp: object, what: str, version: str, offset: int, length: int) -> None:
+        status: int = resp.status_code  # type: ignore[attr-defined]
+        headers = resp.headers  # type: ignore[attr-defined]
+        if status == 404:
+            raise VersionChanged(f"{what}: this version of the object is gone (overwritten or deleted)")
+        if status in (401, 403):
+            raise AccessDenied(f"{what}: access denied ({status})")
+        if status == 429 or status >= 500 or status == 416:
+            raise TransientError(f"{what}: HTTP {status}")
+        if status not in (200, 206):
+            raise BackendError(f"{what}: unexpected HTTP {status}")
+        generation = headers.get("x-goog-generation")
+        if generation is not None and generation != version:
+            raise VersionChanged(f"{what}: server sent generation {generation}")
+        if status == 206:
+            match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", ""))
+            if not match or int(match.group(1)) != offset or int(match.group(2)) != offset + length - 1:
+                raise TransientError(f"{what}: wrong Content-Range {headers.get('content-range')!r}")
+        content_length = headers.get("content-length")
+        if status == 200 and (offset != 0 or (content_length is not None and int(content_length) != length)):
+            raise BackendError(f"{what}: the server ignored the Range header")
+        if content_length is not None and int(content_length) != length:
+            raise TransientError(f"{what}: Content-Length {content_length}, expected {length}")
+
+    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+        await trio.to_thread.run_sync(self._read, name, version, offset, dest, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # closing is best effort
+            pass

@@ -1,0 +1,201 @@
+"""The block store: memory, then disk, then one ranged GET, with single-flight.
+
+``get`` is the whole read path below the filesystem: concurrent readers of one block wait on
+the same fetch (one GET), demand fetches take GET slots ahead of queued prefetches, fetched
+blocks are written through to the disk tier in the background, and every buffer lives in
+the memory tier's one budget until the disk write is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from modelfs.backends.base import Backend
+from modelfs.backends.retry import RetryStats, retry_transient
+from modelfs.cache.disk import DiskCache
+from modelfs.cache.memory import Block, BlockKey, BlockState, MemoryCache
+
+__all__ = ["ObjectRef", "FetchSlots", "BlockStore", "StoreStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """One pinned version of one object: what an open file reads."""
+
+    key: str  # backend-unique object key (names cache entries)
+    name: str  # name relative to the backend root (what the backend reads)
+    version: str
+    size: int
+
+
+class FetchSlots:
+    """At most ``n`` GETs in flight; a freed slot goes to a waiting demand read first."""
+
+    def __init__(self, n: int) -> None:
+        self.capacity = n
+        self._free = n
+        self._demand = trio.lowlevel.ParkingLot()
+        self._prefetch = trio.lowlevel.ParkingLot()
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - self._free
+
+    @property
+    def waiting_prefetches(self) -> int:
+        return len(self._prefetch)
+
+    async def acquire(self, *, demand: bool) -> None:
+        if self._free > 0 and (demand or len(self._demand) == 0):
+            self._free -= 1
+            await trio.lowlevel.checkpoint()
+            return
+        # A parked task is handed the slot by release(); the count does not change.
+        await (self._demand if demand else self._prefetch).park()
+
+    def release(self) -> None:
+        if len(self._demand):
+            self._demand.unpark(count=1)
+        elif len(self._prefetch):
+            self._prefetch.unpark(count=1)
+        else:
+            self._free += 1
+
+
+@dataclass
+class StoreStats:
+    backend_gets: int = 0
+    backend_bytes: int = 0
+    demand_gets: int = 0
+    prefetch_gets: int = 0
+    disk_hits: int = 0
+    errors: int = 0
+    retry: RetryStats = field(default_factory=RetryStats)
+
+
+class BlockStore:
+    """Blocks of pinned objects, from memory, disk or the backend."""
+
+    def __init__(self, backend: Backend, memory: MemoryCache, disk: DiskCache | None, *,
+                 block_size: int, max_concurrency: int, retry_deadline: float) -> None:
+        self.backend = backend
+        self.memory = memory
+        self.disk = disk
+        self.block_size = block_size
+        self.slots = FetchSlots(max_concurrency)
+        self.retry_deadline = retry_deadline
+        self.stats = StoreStats()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background tasks (prefetches, disk writes) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.disk is not None:
+                nursery.start_soon(self.disk.scan)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def block_count(self, obj: ObjectRef) -> int:
+        return -(-obj.size // self.block_size)
+
+    def _length(self, obj: ObjectRef, index: int) -> int:
+        return min(self.block_size, obj.size - index * self.block_size)
+
+    async def get(self, obj: ObjectRef, index: int) -> Block:
+        """The READY block ``index`` of ``obj``, fetched if need be (raises BackendError)."""
+        key: BlockKey = (obj.key, obj.version, index)
+        while True:
+            block = self.memory.lookup(key)
+            if block is None:
+                block = await self.memory.reserve(key, self._length(obj, index))
+                if block is None:
+                    continue
+                self.memory.stats.misses += 1
+                await self._fill(obj, block, demand=True)
+                self.memory.consume(block)
+                return block
+            if block.state is BlockState.FILLING:
+                await block.ready.wait()
+            if block.state is BlockState.READY:
+                self.memory.stats.hits += 1
+                self.memory.consume(block)
+                return block
+            if block.error is not None:
+                raise block.error
+            # The fetch we waited on was cancelled: try again, maybe as the fetcher.
+
+    def prefetch(self, obj: ObjectRef, index: int) -> bool:
+        """Start fetching a block in the background if the budget has room; False if not."""
+        if self._nursery is None or index >= self.block_count(obj):
+            return False
+        key: BlockKey = (obj.key, obj.version, index)
+        if self.memory.lookup(key) is not None:
+            return True
+        block = self.memory.try_reserve_prefetch(key, self._length(obj, index))
+        if block is None:
+            return False
+        self._nursery.start_soon(self._prefetch_task, obj, block)
+        return True
+
+    async def _prefetch_task(self, obj: ObjectRef, block: Block) -> None:
+        try:
+            await self._fill(obj, block, demand=False)
+        except Exception as exc:  # a demand read of this block will retry and report it
+            log.debug("prefetch of block %d of %s failed: %s", block.key[2], obj.name, exc)
+
+    async def _fill(self, obj: ObjectRef, block: Block, *, demand: bool) -> None:
+        """Fill a reserved block from disk or the backend; on return it is READY."""
+        index = block.key[2]
+        fetched = False
+        try:
+            if self.disk is not None and await self.disk.read_into(block.key, block.view):
+                self.stats.disk_hits += 1
+            else:
+                await self._fetch(obj, index, block.view, demand=demand)
+                fetched = True
+        except Exception as exc:
+            self.stats.errors += 1
+            self.memory.fail(block, exc)
+            raise
+        except BaseException:
+            self.memory.fail(block, None)
+            raise
+        self.memory.complete(block)
+        if fetched and self.disk is not None and self._nursery is not None:
+            # Still pinned: the disk write reads the buffer in a thread, and the bytes stay
+            # counted in the budget until it is done.
+            self._nursery.start_soon(self._write_back, block)
+        else:
+            self.memory.unpin(block)
+
+    async def _write_back(self, block: Block) -> None:
+        try:
+            assert self.disk is not None
+            await self.disk.write(block.key, block.view)
+        finally:
+            self.memory.unpin(block)
+
+    async def _fetch(self, obj: ObjectRef, index: int, dest: memoryview, *, demand: bool) -> None:
+        offset = index * self.block_size
+
+        async def attempt() -> None:
+            await self.slots.acquire(demand=demand)
+            try:
+                self.stats.backend_gets += 1
+                if demand:
+                    self.stats.demand_gets += 1
+                else:
+                    self.stats.prefetch_gets += 1
+                await self.backend.read_range(obj.name, obj.version, offset, dest)
+                self.stats.backend_bytes += len(dest)
+            finally:
+                self.slots.release()
+
+        await retry_transient(attempt, deadline=self.retry_deadline, stats=self.stats.retry,
+                              what=f"{obj.name} block {index}")

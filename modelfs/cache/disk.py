@@ -1,0 +1,280 @@
+"""The disk tier: checksummed block files that survive remounts, restarts and ``kill -9``.
+
+Layout: ``<root>/blocks/<hash of object key>/<hash of version>-<index>``. Each file is a
+fixed header (magic, format version, block index, length, CRC32C of the data, length of the
+key) followed by the key (object key and version) and the data. Everything in the header is
+checked on every read; a block that fails any check is logged, deleted and reported as a
+miss, so the caller fetches it again. Files are written under a temporary name and renamed,
+so a crash leaves either the whole block or nothing.
+
+The byte cap is enforced with an in-memory LRU index that is filled lazily: lookups go
+straight to the file system, and a background scan after mount adds what an earlier run
+left, oldest first. The index is only touched from trio tasks; file I/O runs in threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+import trio
+
+from modelfs.cache.memory import BlockKey
+from modelfs.errors import MountError
+
+__all__ = ["DiskCache", "DiskStats", "HEADER", "MAGIC", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MFSB"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sHHQQII")  # magic, format, reserved, index, length, crc32c, key length
+
+
+@dataclass
+class DiskStats:
+    hits: int = 0
+    misses: int = 0
+    writes: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    write_errors: int = 0
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _key_bytes(key: BlockKey) -> bytes:
+    return f"{key[0]}\n{key[1]}".encode("utf-8", "surrogateescape")
+
+
+class DiskCache:
+    """Block files under ``root`` capped at ``capacity`` bytes (data plus headers)."""
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        self.root = root
+        self.capacity = capacity
+        self.used = 0
+        self.stats = DiskStats()
+        self._blocks_dir = root / "blocks"
+        self._index: OrderedDict[str, int] = OrderedDict()  # relative path -> file size
+        self._current_version: dict[str, str] = {}  # object hash -> version hash last written
+        self._lock_fd: int | None = None
+        self._warned_write = False
+        self._limiter = trio.CapacityLimiter(4)
+
+    # --- lifetime
+
+    def open(self) -> None:
+        """Create the cache dir (0700) and lock it, so two daemons never share one by accident."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.root, 0o700)
+            self._blocks_dir.mkdir(exist_ok=True, mode=0o700)
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise MountError(f"cannot use cache dir {self.root}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise MountError(f"cache dir {self.root} is in use by another modelfs process "
+                             "(give this mount its own --cache-dir)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- paths
+
+    def _relpath(self, key: BlockKey) -> str:
+        return f"{_hash(key[0])}/{_hash(key[1])[:16]}-{key[2]}"
+
+    # --- reads
+
+    def _read_file(self, rel: str, key: BlockKey, dest: memoryview) -> str:
+        """'hit', 'miss' or a reason the file is bad. Runs in a worker thread."""
+        path = self._blocks_dir / rel
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            return "miss"
+        with f:
+            header = f.read(HEADER.size)
+            if len(header) != HEADER.size:
+                return "short header"
+            magic, fmt, _, index, length, crc, key_len = HEADER.unpack(header)
+            if magic != MAGIC or fmt != FORMAT_VERSION:
+                return "bad magic or format version"
+            if index != key[2] or length != len(dest):
+                return "header names another block"
+            if f.read(key_len) != _key_bytes(key):
+                return "header names another object or version"
+            got = 0
+            while got < length:
+                n = f.readinto(dest[got:])
+                if not n:
+                    return "short data"
+                got += n
+            if f.read(1):
+                return "trailing data"
+            if crc32c.crc32c(dest) != crc:
+                return "CRC32C mismatch"
+        return "hit"
+
+    async def read_into(self, key: BlockKey, dest: memoryview) -> bool:
+        """Fill ``dest`` from the block file; False (a miss) if it is absent or fails any check."""
+        rel = self._relpath(key)
+        try:
+            result = await trio.to_thread.run_sync(self._read_file, rel, key, dest, limiter=self._limiter)
+        except OSError as exc:
+            result = f"read error: {exc.strerror}"
+        if result == "hit":
+            self.stats.hits += 1
+            if rel in self._index:
+                self._index.move_to_end(rel)
+            else:
+                self._account(rel, HEADER.size + len(_key_bytes(key)) + len(dest))
+            return True
+        self.stats.misses += 1
+        if result != "miss":
+            self.stats.corrupt += 1
+            log.warning("disk cache block %s of %s is bad (%s): discarded, fetching again", key[2], key[0], result)
+            await self._unlink([rel])
+        return False
+
+    # --- writes
+
+    def _write_file(self, rel: str, key: BlockKey, data: memoryview) -> int:
+        path = self._blocks_dir / rel
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        key_bytes = _key_bytes(key)
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, key[2], len(data), crc32c.crc32c(data), len(key_bytes))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(header)
+                f.write(key_bytes)
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return HEADER.size + len(key_bytes) + len(data)
+
+    async def write(self, key: BlockKey, data: memoryview) -> None:
+        """Store a block; a full or failing disk is logged once and otherwise ignored."""
+        rel = self._relpath(key)
+        if rel in self._index:
+            self._index.move_to_end(rel)
+            return
+        try:
+            size = await trio.to_thread.run_sync(self._write_file, rel, key, data, limiter=self._limiter)
+        except OSError as exc:
+            self.stats.write_errors += 1
+            if not self._warned_write:
+                self._warned_write = True
+                why = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+                log.warning("cannot write the disk cache in %s (%s); serving without it", self.root, why)
+            return
+        self.stats.writes += 1
+        self._note_version(rel)
+        self._account(rel, size)
+        await self._enforce_cap()
+
+    def _note_version(self, rel: str) -> None:
+        """A new version of an object: its older versions' blocks go to the front of the LRU."""
+        obj, _, name = rel.partition("/")
+        version = name.partition("-")[0]
+        previous = self._current_version.get(obj)
+        self._current_version[obj] = version
+        if previous is None or previous == version:
+            return
+        stale = [r for r in self._index if r.startswith(obj + "/") and not r.startswith(f"{obj}/{version}-")]
+        for r in reversed(stale):
+            self._index.move_to_end(r, last=False)
+
+    def _account(self, rel: str, size: int) -> None:
+        self._index[rel] = size
+        self.used += size
+
+    async def _enforce_cap(self) -> None:
+        victims: list[str] = []
+        while self.used > self.capacity and self._index:
+            rel, size = self._index.popitem(last=False)
+            self.used -= size
+            victims.append(rel)
+        if victims:
+            self.stats.evictions += len(victims)
+            await self._unlink(victims, accounted=True)
+
+    async def _unlink(self, rels: list[str], accounted: bool = False) -> None:
+        if not accounted:
+            for rel in rels:
+                size = self._index.pop(rel, None)
+                if size is not None:
+                    self.used -= size
+
+        def unlink_all() -> None:
+            for rel in rels:
+                try:
+                    os.unlink(self._blocks_dir / rel)
+                except OSError:
+                    pass
+
+        await trio.to_thread.run_sync(unlink_all, limiter=self._limiter)
+
+    # --- lazy index rebuild
+
+    def _scan(self) -> list[tuple[float, str, int]]:
+        found: list[tuple[float, str, int]] = []
+        if not self._blocks_dir.is_dir():
+            return found
+        for obj_dir in os.scandir(self._blocks_dir):
+            if not obj_dir.is_dir():
+                continue
+            for entry in os.scandir(obj_dir.path):
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                if entry.name.endswith(".tmp"):
+                    # Left by a crash: nobody else writes here while we hold the lock.
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass
+                    continue
+                found.append((st.st_atime, f"{obj_dir.name}/{entry.name}", st.st_size))
+        found.sort()
+        return found
+
+    async def scan(self) -> None:
+        """Add files left by earlier runs to the index (oldest first) and enforce the cap."""
+        found = await trio.to_thread.run_sync(self._scan)
+        known = dict(self._index)
+        self._index.clear()
+        self.used = 0
+        for _, rel, size in found:
+            if rel not in known:
+                self._account(rel, size)
+        for rel, size in known.items():
+            self._account(rel, size)
+        log.debug("disk cache index rebuilt: %d blocks, %d bytes", len(self._index), self.used)
+        await self._enforce_cap()

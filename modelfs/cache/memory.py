@@ -1,0 +1,190 @@
+"""The memory tier: every block buffer the daemon holds, in one byte budget.
+
+Blocks being filled, blocks waiting for their disk write and cached blocks all count against
+the same ``capacity``, so the budget is a real bound on block memory, not a soft target.
+Demand reads wait for space when everything is pinned; prefetches never wait and never push
+out a block that was prefetched and not yet read.
+
+This is a hand-kept OrderedDict rather than ``cachetools.LRUCache`` because eviction has to
+skip pinned and not-yet-read blocks and account for reservations, which cachetools' fixed
+``popitem`` policy cannot express.
+
+All methods run in trio tasks (never in worker threads); the buffers themselves are handed
+to threads only while pinned, when nothing else writes them.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+__all__ = ["BlockKey", "Block", "BlockState", "MemoryCache", "MemoryStats"]
+
+BlockKey = tuple[str, str, int]
+"""(object key, version, block index)."""
+
+
+class BlockState(enum.Enum):
+    FILLING = "filling"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Block:
+    """One block's buffer and state. ``view`` is only valid to read once ``state`` is READY."""
+
+    __slots__ = ("key", "length", "view", "state", "ready", "error", "pins", "unread_prefetch", "_buf")
+
+    def __init__(self, key: BlockKey, length: int, *, prefetch: bool) -> None:
+        self.key = key
+        self.length = length
+        # An anonymous mapping, not a bytearray: freeing it always returns the pages to the
+        # kernel, where glibc's malloc could keep large freed chunks in the heap.
+        self._buf = mmap.mmap(-1, length)
+        self.view = memoryview(self._buf)
+        self.state = BlockState.FILLING
+        self.ready = trio.Event()
+        self.error: BaseException | None = None
+        self.pins = 1
+        self.unread_prefetch = prefetch
+
+
+@dataclass
+class MemoryStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    prefetch_refused: int = 0
+    peak_bytes: int = 0
+
+
+class MemoryCache:
+    """Blocks in LRU order, bounded in bytes including blocks still being filled."""
+
+    def __init__(self, capacity: int, on_evict: Callable[[Block], None] | None = None) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.stats = MemoryStats()
+        self._blocks: OrderedDict[BlockKey, Block] = OrderedDict()
+        self._space = trio.lowlevel.ParkingLot()
+        self._on_evict = on_evict
+        # Bytes of blocks that were prefetched and not read yet; prefetch may hold at most
+        # this share of the budget, so demand reads always find room.
+        self.prefetch_share = 0.75
+        self.unread_prefetch_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def lookup(self, key: BlockKey) -> Block | None:
+        """The block for ``key`` (in any state), marked most recently used."""
+        block = self._blocks.get(key)
+        if block is not None:
+            self._blocks.move_to_end(key)
+        return block
+
+    def consume(self, block: Block) -> None:
+        """A reader used ``block``: it is no longer protected as a not-yet-read prefetch."""
+        if block.unread_prefetch:
+            block.unread_prefetch = False
+            self.unread_prefetch_bytes -= block.length
+            self._space.unpark_all()
+
+    def _evict_one(self, *, keep_unread: bool) -> bool:
+        for key, block in self._blocks.items():
+            if block.pins or block.state is not BlockState.READY:
+                continue
+            if keep_unread and block.unread_prefetch:
+                continue
+            self._remove(block)
+            self.stats.evictions += 1
+            if self._on_evict is not None:
+                self._on_evict(block)
+            return True
+        return False
+
+    def _make_room(self, length: int, *, keep_unread: bool) -> bool:
+        while self.used + length > self.capacity:
+            if not self._evict_one(keep_unread=keep_unread):
+                return False
+        return True
+
+    def _insert(self, key: BlockKey, length: int, prefetch: bool) -> Block:
+        block = Block(key, length, prefetch=prefetch)
+        self._blocks[key] = block
+        self.used += length
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+        if prefetch:
+            self.unread_prefetch_bytes += length
+        return block
+
+    async def reserve(self, key: BlockKey, length: int) -> Block | None:
+        """A new pinned FILLING block for a demand read, waiting for space if all is pinned.
+
+        None if another task created the block while this one waited: look it up again.
+        """
+        if length > self.capacity:
+            raise ValueError("block larger than the memory budget")
+        while True:
+            if key in self._blocks:
+                return None
+            # First try to keep unread prefetches; if that is not enough, a demand read
+            # outranks them.
+            if self._make_room(length, keep_unread=True) or self._make_room(length, keep_unread=False):
+                return self._insert(key, length, prefetch=False)
+            await self._space.park()
+
+    def try_reserve_prefetch(self, key: BlockKey, length: int) -> Block | None:
+        """A new pinned FILLING block for a prefetch, or None when the budget has no room for it."""
+        if key in self._blocks:
+            return None
+        if self.unread_prefetch_bytes + length > self.capacity * self.prefetch_share:
+            self.stats.prefetch_refused += 1
+            return None
+        if not self._make_room(length, keep_unread=True):
+            self.stats.prefetch_refused += 1
+            return None
+        return self._insert(key, length, prefetch=True)
+
+    def complete(self, block: Block) -> None:
+        """``block`` is filled: readers may use it. It stays pinned until :meth:`unpin`."""
+        block.state = BlockState.READY
+        block.ready.set()
+
+    def unpin(self, block: Block) -> None:
+        block.pins -= 1
+        if block.pins == 0:
+            self._space.unpark_all()
+
+    def fail(self, block: Block, error: BaseException | None) -> None:
+        """Filling ``block`` failed: drop it and wake its waiters (``error`` None: they retry)."""
+        block.state = BlockState.FAILED
+        block.error = error
+        if self._blocks.get(block.key) is block:
+            self._remove(block)
+        block.ready.set()
+
+    def discard(self, key: BlockKey) -> None:
+        """Drop an unpinned READY block, e.g. one found to be wrong."""
+        block = self._blocks.get(key)
+        if block is not None and not block.pins and block.state is BlockState.READY:
+            self._remove(block)
+
+    def _remove(self, block: Block) -> None:
+        del self._blocks[block.key]
+        self.used -= block.length
+        if block.unread_prefetch:
+            block.unread_prefetch = False
+            self.unread_prefetch_bytes -= block.length
+        self._space.unpark_all()
+
+    def forget_prefetches(self, object_key: str, version: str) -> None:
+        """The object's last handle closed: its unread prefetches no longer hold budget back."""
+        for (key, ver, _), block in self._blocks.items():
+            if key == object_key and ver == version and block.state is BlockState.READY:
+                self.consume(block)

@@ -1,0 +1,279 @@
+"""The one place options are defined and parsed.
+
+Each option is declared once in :data:`OPTIONS`; the command line, ``MODELFS_*`` environment
+variables and a TOML config file all read that table, with the precedence
+flags > environment > file > default. The result is a frozen :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelfs.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "Option",
+    "OPTIONS",
+    "Source",
+    "parse_size",
+    "parse_source",
+    "add_options",
+    "build_config",
+    "default_cache_dir",
+]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"256M"``-style text (K/M/G/T are powers of 1024); ints pass through."""
+    if isinstance(text, bool):
+        raise ConfigError(f"not a size: {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"size must not be negative: {text}")
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"not a size: {text!r} (use a number with an optional K, M, G or T suffix)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"not a boolean: {text!r}")
+
+
+def _parse_float(text: str | float) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not a number: {text!r}") from None
+
+
+def _parse_int(text: str | int) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not a whole number: {text!r}") from None
+
+
+def _parse_str(text: Any) -> str:
+    return str(text)
+
+
+def _parse_log_level(text: Any) -> str:
+    value = str(text).strip().lower()
+    if value not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log level must be debug, info, warning or error, not {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its long name (``--memory-cache``), parser, default and help."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    short: str | None = None
+    flag: bool = False  # a switch: --name / --no-name
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "MODELFS_" + self.attr.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("foreground", _parse_bool, False, "stay in the foreground (default: daemonize once mounted)", short="-f", flag=True),
+    Option("cache-dir", _parse_str, None, "disk cache directory (default: ~/.cache/modelfs/<source hash>)"),
+    Option("memory-cache", parse_size, 256 << 20, "memory block cache budget, e.g. 256M"),
+    Option("disk-cache", parse_size, 10 << 30, "disk cache size cap, e.g. 10G; 0 disables the disk cache"),
+    Option("block-size", parse_size, 8 << 20, "size of one cached block and of one ranged GET"),
+    Option("metadata-ttl", _parse_float, 60.0, "seconds a listing and attributes stay valid; -1 = never expire"),
+    Option("max-prefetch", parse_size, 256 << 20, "largest read-ahead window per sequential reader"),
+    Option("max-concurrency", _parse_int, 8, "ranged GETs in flight at once, over all files"),
+    Option("read-ahead-kb", _parse_int, 1024, "kernel read-ahead of the mount (root only); 0 leaves it alone"),
+    Option("retry-deadline", _parse_float, 60.0, "seconds a failing read is retried before it fails with EIO"),
+    Option("read-timeout", _parse_float, 30.0, "seconds without a byte before a response counts as stalled"),
+    Option("anonymous", _parse_bool, False, "use no credentials (public buckets, emulators)", flag=True),
+    Option("allow-other", _parse_bool, False, "let users other than the mounting one read the mount", flag=True),
+    Option("log-level", _parse_log_level, "info", "debug, info, warning or error"),
+    Option("log-file", _parse_str, None, "log file of a daemonized mount (default: <cache-dir>/modelfs.log)"),
+)
+
+_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where objects come from: ``gs://bucket/prefix`` or ``file:///dir``."""
+
+    scheme: str
+    bucket: str  # bucket name, or the directory for file://
+    prefix: str  # no leading or trailing slash; "" for the whole bucket
+    url: str
+
+    def object_key(self, name: str) -> str:
+        """A stable, backend-unique key of an object, used to name cache entries."""
+        return f"{self.scheme}://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{name}"
+
+
+_GCS_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+def parse_source(url: str) -> Source:
+    """Validate a SOURCE argument; a bad one raises ConfigError with the accepted forms."""
+    accepted = "expected gs://BUCKET[/PREFIX] or file:///DIR"
+    if url.startswith("gs://"):
+        rest = url[len("gs://") :]
+        bucket, _, prefix = rest.partition("/")
+        if not _GCS_BUCKET_RE.match(bucket):
+            raise ConfigError(f"invalid GCS bucket name {bucket!r} in {url!r}")
+        prefix = prefix.strip("/")
+        if "//" in prefix or "\0" in prefix:
+            raise ConfigError(f"invalid prefix in {url!r}")
+        return Source("gs", bucket, prefix, url)
+    if url.startswith("file://"):
+        path = url[len("file://") :]
+        if not path.startswith("/"):
+            raise ConfigError(f"file:// source needs an absolute path: {url!r} ({accepted})")
+        return Source("file", os.path.normpath(path), "", url)
+    raise ConfigError(f"unsupported source {url!r}: {accepted}")
+
+
+def default_cache_dir(source: Source) -> Path:
+    """Per-source cache dir under ``$XDG_CACHE_HOME/modelfs`` so mounts of different sources never share."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha256(source.url.rstrip("/").encode()).hexdigest()[:16]
+    return Path(base) / "modelfs" / digest
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a mount needs, validated. Sizes in bytes, times in seconds."""
+
+    source: Source
+    mountpoint: Path | None
+    foreground: bool
+    cache_dir: Path
+    memory_cache: int
+    disk_cache: int
+    block_size: int
+    metadata_ttl: float
+    max_prefetch: int
+    max_concurrency: int
+    read_ahead_kb: int
+    retry_deadline: float
+    read_timeout: float
+    anonymous: bool
+    allow_other: bool
+    log_level: str
+    log_file: Path | None
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def add_options(parser: argparse.ArgumentParser, names: set[str] | None = None) -> None:
+    """Add the table's options to a subcommand parser; defaults stay None so precedence can tell."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file whose keys are the long option names")
+    for opt in OPTIONS:
+        if names is not None and opt.name not in names:
+            continue
+        flags = [f"--{opt.name}"] + ([opt.short] if opt.short else [])
+        if opt.flag:
+            parser.add_argument(*flags, dest=opt.attr, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
+        else:
+            parser.add_argument(*flags, dest=opt.attr, default=None, metavar=opt.attr.upper(), help=opt.help)
+
+
+def _read_config_file(path: str) -> Mapping[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    unknown = sorted(set(data) - {opt.name for opt in OPTIONS} - {opt.attr for opt in OPTIONS})
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}")
+    return {key.replace("_", "-"): value for key, value in data.items()}
+
+
+def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Each option's value by precedence flags > MODELFS_* env > config file > default."""
+    config_path = getattr(args, "config", None) or environ.get("MODELFS_CONFIG")
+    from_file = _read_config_file(config_path) if config_path else {}
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw: Any = getattr(args, opt.attr, None)
+        origin = f"--{opt.name}"
+        if raw is None and opt.env in environ:
+            raw, origin = environ[opt.env], opt.env
+        if raw is None and opt.name in from_file:
+            raw, origin = from_file[opt.name], f"{opt.name} in {config_path}"
+        if raw is None:
+            values[opt.attr] = opt.default
+            continue
+        try:
+            values[opt.attr] = opt.parse(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+    return values
+
+
+def build_config(source_url: str, mountpoint: str | None, args: argparse.Namespace,
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Validate everything a command needs into one frozen Config (raises ConfigError)."""
+    environ = os.environ if environ is None else environ
+    source = parse_source(source_url)
+    values = resolve_options(args, environ)
+    if values["block_size"] < 4096 or values["block_size"] > (256 << 20):
+        raise ConfigError("--block-size must be between 4K and 256M")
+    if values["memory_cache"] < 2 * values["block_size"]:
+        raise ConfigError("--memory-cache must hold at least two blocks (2 x --block-size)")
+    if values["max_concurrency"] < 1:
+        raise ConfigError("--max-concurrency must be at least 1")
+    if values["metadata_ttl"] < 0 and values["metadata_ttl"] != -1:
+        raise ConfigError("--metadata-ttl must be >= 0, or -1 for never")
+    if values["retry_deadline"] < 0 or values["read_timeout"] <= 0:
+        raise ConfigError("--retry-deadline must be >= 0 and --read-timeout > 0")
+    cache_dir_value = values.pop("cache_dir")
+    cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)
+    log_file = values.pop("log_file")
+    return Config(
+        source=source,
+        mountpoint=Path(mountpoint).absolute() if mountpoint else None,
+        cache_dir=cache_dir,
+        log_file=Path(log_file).absolute() if log_file else None,
+        **values,
+    )
+
+
+def option(attr: str) -> Option:
+    """The table entry of one option, by attribute name."""
+    return _BY_ATTR[attr]

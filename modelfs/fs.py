@@ -1,0 +1,222 @@
+"""The pyfuse3 Operations: translate a request, call the layer below, map errors. Nothing else.
+
+Every handler runs under :func:`_mapped`, the single point where modelfs errors become
+errnos (through :func:`modelfs.errors.errno_for`) and where an unexpected exception is logged
+and becomes EIO instead of killing pyfuse3's main loop. Write-side operations fail with EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from modelfs.cache.blocks import ObjectRef
+from modelfs.errors import ModelfsError, NotFound, errno_for
+from modelfs.files import OpenFiles
+from modelfs.inodes import Namespace, Node
+
+__all__ = ["ModelFS"]
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_NEVER = 365 * 24 * 3600.0  # the kernel's TTL when --metadata-ttl is -1
+
+
+def _mapped(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except NotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except ModelfsError as exc:
+            code = errno_for(exc)
+            log.warning("%s failed with %s: %s", fn.__name__, errno.errorcode.get(code, code), exc)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("%s failed unexpectedly; returning EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _read_only(*_: Any, **__: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class ModelFS(pyfuse3.Operations):
+    """A read-only view of the namespace; file data comes from :class:`OpenFiles`."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, namespace: Namespace, files: OpenFiles, *, ttl: float, block_size: int) -> None:
+        super().__init__()
+        self.namespace = namespace
+        self.files = files
+        self.ttl = _NEVER if ttl < 0 else ttl
+        self.block_size = block_size
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._dir_handles: dict[int, list[tuple[bytes, Node]]] = {}
+        self._next_dir_fh = 1
+        self._opened_version: dict[int, str] = {}
+
+    # --- attributes
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        attr.generation = 0
+        attr.entry_timeout = self.ttl
+        attr.attr_timeout = self.ttl
+        if node.is_dir:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.st_size = 0
+        else:
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = node.size
+        attr.st_uid = self.uid
+        attr.st_gid = self.gid
+        attr.st_blksize = self.block_size
+        attr.st_blocks = -(-attr.st_size // 512)
+        mtime_ns = int(node.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
+        return attr
+
+    @_mapped
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = await self.namespace.lookup(parent_inode, name)
+        node.lookups += 1
+        return self._attrs(node)
+
+    @_mapped
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.namespace.get(inode))
+
+    @_mapped
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.namespace.forget(inode, count)
+
+    # --- directories
+
+    @_mapped
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self.namespace.refresh()
+        node = self.namespace.get(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        # A snapshot, so a refresh during a listing neither skips nor repeats entries.
+        self._dir_handles[fh] = sorted(node.children.items())
+        return fh
+
+    @_mapped
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dir_handles[fh]
+        for i in range(start_id, len(entries)):
+            name, node = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
+                return
+            node.lookups += 1
+
+    @_mapped
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # --- files
+
+    @_mapped
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self.namespace.get(inode)
+        if node.is_dir or node.info is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        info = node.info
+        ref = ObjectRef(self.namespace.backend.object_key(info.name), info.name, info.version, info.size)
+        # The page cache may be kept only while the version is the one it was filled from.
+        keep = self._opened_version.get(inode) == info.version
+        self._opened_version[inode] = info.version
+        return pyfuse3.FileInfo(fh=self.files.open(ref), keep_cache=keep, direct_io=False)
+
+    @_mapped
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.files.read(fh, off, size)  # type: ignore[return-value]  # memoryview is fine
+
+    @_mapped
+    async def release(self, fh: int) -> None:
+        self.files.release(fh)
+
+    @_mapped
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # --- the rest of a read-only file system
+
+    @_mapped
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = self.block_size
+        st.f_frsize = 512
+        st.f_blocks = -(-self.namespace.total_bytes // 512)
+        st.f_bfree = st.f_bavail = 0
+        st.f_files = self.namespace.file_count
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
+    _XATTRS = (b"user.modelfs.source", b"user.modelfs.version", b"user.modelfs.crc32c", b"user.modelfs.md5")
+
+    @_mapped
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.namespace.get(inode)
+        info = node.info
+        value: str | None = None
+        if info is not None:
+            value = {
+                b"user.modelfs.source": self.namespace.backend.object_key(info.name),
+                b"user.modelfs.version": info.version,
+                b"user.modelfs.crc32c": info.crc32c,
+                b"user.modelfs.md5": info.md5,
+            }.get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value.encode()
+
+    @_mapped
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        info = self.namespace.get(inode).info
+        if info is None:
+            return []
+        names = [b"user.modelfs.source", b"user.modelfs.version"]
+        if info.crc32c:
+            names.append(b"user.modelfs.crc32c")
+        if info.md5:
+            names.append(b"user.modelfs.md5")
+        return names
+
+    @_mapped
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return not mode & os.W_OK
+
+    # Everything that would change the tree or a file.
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only  # type: ignore[assignment]
+    write = create = setxattr = removexattr = fsync = fsyncdir = _read_only  # type: ignore[assignment]

@@ -1,0 +1,158 @@
+"""Wiring: build the layers from a Config, mount, serve until unmounted or signalled.
+
+Order matters: the source is validated (a listing) and the mountpoint checked before
+anything is mounted, so a bad SOURCE or mountpoint leaves nothing behind. Readiness is
+proven by a stat of the mountpoint answered by our own loop, and only then reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from modelfs.backends import open_backend
+from modelfs.cache.blocks import BlockStore
+from modelfs.cache.disk import DiskCache
+from modelfs.cache.memory import MemoryCache
+from modelfs.config import Config
+from modelfs.errors import MountError
+from modelfs.files import OpenFiles
+from modelfs.fs import ModelFS
+from modelfs.inodes import Namespace
+
+__all__ = ["serve", "check_mountpoint", "unmount", "is_mounted"]
+
+log = logging.getLogger(__name__)
+
+
+def _fusermount(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["fusermount3", *args], capture_output=True, text=True, check=False)
+
+
+def is_mounted(path: Path) -> bool:
+    """True for a live or dead mount at ``path`` (per /proc/self/mounts)."""
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and fields[1].encode().decode("unicode_escape") == target:
+                    return True
+    except OSError:
+        pass
+    return os.path.ismount(target)
+
+
+def check_mountpoint(path: Path) -> None:
+    """An existing empty directory that is not mounted; a dead FUSE mount is cleaned up first."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise MountError(f"mountpoint {path}: {exc.strerror}") from None
+        log.warning("mountpoint %s is a dead mount (transport endpoint is not connected): unmounting it", path)
+        result = _fusermount(["-uz", str(path)])
+        if result.returncode != 0:
+            raise MountError(f"mountpoint {path} is a dead mount and cannot be unmounted: "
+                             f"{result.stderr.strip()}") from None
+    if not path.is_dir():
+        raise MountError(f"mountpoint {path} is not a directory")
+    if is_mounted(path):
+        raise MountError(f"mountpoint {path} is already mounted")
+    if any(os.scandir(path)):
+        raise MountError(f"mountpoint {path} is not empty")
+
+
+def unmount(path: Path) -> None:
+    """Unmount a modelfs (or any FUSE) mount, live or dead."""
+    if not is_mounted(path):
+        raise MountError(f"{path} is not mounted")
+    result = _fusermount(["-u", str(path)])
+    if result.returncode != 0:
+        result = _fusermount(["-uz", str(path)])
+        if result.returncode != 0:
+            raise MountError(f"cannot unmount {path}: {result.stderr.strip()}")
+
+
+def _raise_read_ahead(path: Path, kb: int) -> None:
+    """Ask the kernel for larger FUSE reads: pyfuse3 cannot pass max_readahead, the bdi can."""
+    if kb <= 0:
+        return
+    st = os.stat(path)
+    bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    try:
+        bdi.write_text(f"{kb}\n")
+        log.debug("read_ahead_kb of %s set to %d", path, kb)
+    except OSError as exc:
+        log.debug("cannot set %s (%s); keeping the kernel's read-ahead", bdi, exc.strerror)
+
+
+def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
+    backend = open_backend(config)
+    namespace = Namespace(backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline)
+    disk = DiskCache(config.cache_dir, config.disk_cache) if config.disk_cache > 0 else None
+    memory = MemoryCache(config.memory_cache)
+    store = BlockStore(backend, memory, disk, block_size=config.block_size,
+                       max_concurrency=config.max_concurrency, retry_deadline=config.retry_deadline)
+    files = OpenFiles(store, max_prefetch=config.max_prefetch)
+    ops = ModelFS(namespace, files, ttl=config.metadata_ttl, block_size=config.block_size)
+    return ops, store, disk
+
+
+async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount ``config.source`` at ``config.mountpoint`` and serve until unmounted or signalled."""
+    assert config.mountpoint is not None
+    mountpoint = config.mountpoint
+    check_mountpoint(mountpoint)
+    ops, store, disk = build(config)
+    try:
+        await ops.namespace.refresh(force=True)  # a bad bucket fails here, before mounting
+        if disk is not None:
+            disk.open()
+        options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
+        if config.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+        log.info("mounted %s at %s (%d files, %d bytes)", config.source.url, mountpoint,
+                 ops.namespace.file_count, ops.namespace.total_bytes)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                nursery.start_soon(_on_signals, nursery.cancel_scope)
+                nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
+                await pyfuse3.main(max_tasks=64)
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+    finally:
+        if disk is not None:
+            disk.close()
+        await ops.namespace.backend.aclose()
+
+
+async def _announce(mountpoint: Path, read_ahead_kb: int, ready: Callable[[], None]) -> None:
+    # The stat must run in a thread: our own loop has to answer it.
+    await trio.to_thread.run_sync(_raise_read_ahead, mountpoint, read_ahead_kb)
+    ready()
+
+
+async def _on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,99 @@
+"""Sequential-read detection and read-ahead windows, as pure bookkeeping.
+
+One :class:`ReadAhead` per open object version (shared by all its handles). It keeps a few
+cursors, each the end of a run of reads; a read that starts near a cursor continues that run,
+anything else starts a new run. Tracking by offset rather than by handle or process means
+the kernel's reordered read-ahead, and several readers interleaving on one file, each stay
+sequential. A run's window starts at one block and doubles each time the run enters a new
+block, up to ``max_window``; a new run (a random seek) starts with no window.
+
+This module decides *which* blocks to prefetch; the block store decides whether the memory
+budget lets it, so the window here is an upper bound, never a memory commitment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ReadAhead", "Cursor", "PrefetchDefaults"]
+
+
+@dataclass(frozen=True)
+class PrefetchDefaults:
+    """Tuning in one place (compare mountpoint-s3's prefetcher config)."""
+
+    max_cursors: int = 8
+    # How far behind a cursor a read may start and still continue its run: the kernel
+    # issues read-ahead requests concurrently and they can arrive out of order.
+    backward_tolerance: int = 4 << 20
+
+
+@dataclass
+class Cursor:
+    end: int  # one past the furthest byte read in this run
+    block: int  # block index of the furthest byte read
+    window: int  # blocks to keep fetched ahead of ``block``
+    scheduled: int  # blocks below this index were already handed out for prefetch
+    seq: int  # recency, for replacing the oldest cursor
+
+
+class ReadAhead:
+    """Which blocks of one object to prefetch after each read."""
+
+    def __init__(self, size: int, block_size: int, max_window: int,
+                 defaults: PrefetchDefaults = PrefetchDefaults()) -> None:
+        self.size = size
+        self.block_size = block_size
+        self.max_window_blocks = max(0, max_window // block_size)
+        self.defaults = defaults
+        self.cursors: list[Cursor] = []
+        self.resets = 0
+        self._seq = 0
+        self._blocks = -(-size // block_size)
+
+    def _find(self, offset: int) -> Cursor | None:
+        best: Cursor | None = None
+        for c in self.cursors:
+            ahead = max(c.window, 1) * self.block_size + self.block_size
+            if c.end - self.defaults.backward_tolerance <= offset <= c.end + ahead:
+                if best is None or abs(c.end - offset) < abs(best.end - offset):
+                    best = c
+        return best
+
+    def on_read(self, offset: int, size: int) -> range:
+        """Record a read of [offset, offset+size); return the block indices to prefetch."""
+        if size <= 0 or offset >= self.size:
+            return range(0)
+        end = min(offset + size, self.size)
+        last_block = (end - 1) // self.block_size
+        self._seq += 1
+        cursor = self._find(offset)
+        if cursor is None:
+            # A new run: from the start of the file it is probably a full read, so it gets a
+            # window at once; elsewhere it is a seek and earns its window by staying sequential.
+            window = min(1, self.max_window_blocks) if offset == 0 else 0
+            if self.cursors:
+                self.resets += 1
+            cursor = Cursor(end=end, block=last_block, window=window, scheduled=last_block + 1, seq=self._seq)
+            self.cursors.append(cursor)
+            if len(self.cursors) > self.defaults.max_cursors:
+                self.cursors.remove(min(self.cursors, key=lambda c: c.seq))
+        else:
+            cursor.seq = self._seq
+            if end > cursor.end:
+                cursor.end = end
+            if last_block > cursor.block:
+                cursor.block = last_block
+                cursor.window = min(self.max_window_blocks, max(1, cursor.window * 2))
+        start = max(cursor.scheduled, cursor.block + 1)
+        stop = min(cursor.block + 1 + cursor.window, self._blocks)
+        if stop <= start:
+            return range(0)
+        cursor.scheduled = stop
+        return range(start, stop)
+
+    def unschedule(self, index: int) -> None:
+        """A prefetch of ``index`` was refused (no budget): let a later read ask again."""
+        for c in self.cursors:
+            if c.scheduled > index >= c.block + 1:
+                c.scheduled = index
