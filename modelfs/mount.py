@@ -101,7 +101,7 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     backend = open_backend(config)
     namespace = Namespace(backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline)
     disk = DiskCache(config.cache_dir, config.disk_cache) if config.disk_cache > 0 else None
-    memory = MemoryCache(config.memory_cache)
+    memory = MemoryCache(config.memory_cache, config.block_size)
     store = BlockStore(backend, memory, disk, block_size=config.block_size,
                        max_concurrency=config.max_concurrency, retry_deadline=config.retry_deadline)
     files = OpenFiles(store, max_prefetch=config.max_prefetch)

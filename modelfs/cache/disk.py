@@ -2,7 +2,10 @@
 
 Layout: ``<root>/blocks/<hash of object key>/<hash of version>-<index>``. Each file is a
 fixed header (magic, format version, block index, length, CRC32C of the data, length of the
-key) followed by the key (object key and version) and the data. Everything in the header is
+key, offset of the data) followed by the key (object key and version), padding to 4 KiB,
+and the data. The padding lets whole blocks be written with O_DIRECT straight from the
+block's page-aligned buffer: through the page cache, writing costs about 3 s of kernel CPU
+per GB on this kind of VM, and that CPU is taken from the read path. Everything in the header is
 checked on every read; a block that fails any check is logged, deleted and reported as a
 miss, so the caller fetches it again. Files are written under a temporary name and renamed,
 so a crash leaves either the whole block or nothing.
@@ -18,6 +21,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import struct
 from collections import OrderedDict
@@ -36,7 +40,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"MFSB"
 FORMAT_VERSION = 1
-HEADER = struct.Struct("<4sHHQQII")  # magic, format, reserved, index, length, crc32c, key length
+HEADER = struct.Struct("<4sHHQQIII")  # magic, format, reserved, index, length, crc32c, key length, data offset
+PAGE = 4096
 
 
 @dataclass
@@ -71,6 +76,7 @@ class DiskCache:
         self._lock_fd: int | None = None
         self._warned_write = False
         self._limiter = trio.CapacityLimiter(4)
+        self._direct_io = True
 
     # --- lifetime
 
@@ -116,13 +122,16 @@ class DiskCache:
             header = f.read(HEADER.size)
             if len(header) != HEADER.size:
                 return "short header"
-            magic, fmt, _, index, length, crc, key_len = HEADER.unpack(header)
+            magic, fmt, _, index, length, crc, key_len, data_offset = HEADER.unpack(header)
             if magic != MAGIC or fmt != FORMAT_VERSION:
                 return "bad magic or format version"
             if index != key[2] or length != len(dest):
                 return "header names another block"
             if f.read(key_len) != _key_bytes(key):
                 return "header names another object or version"
+            if data_offset < HEADER.size + key_len:
+                return "bad data offset"
+            f.seek(data_offset)
             got = 0
             while got < length:
                 n = f.readinto(dest[got:])
@@ -147,7 +156,7 @@ class DiskCache:
             if rel in self._index:
                 self._index.move_to_end(rel)
             else:
-                self._account(rel, HEADER.size + len(_key_bytes(key)) + len(dest))
+                self._account(rel, -(-(HEADER.size + len(_key_bytes(key))) // PAGE) * PAGE + len(dest))
             return True
         self.stats.misses += 1
         if result != "miss":
@@ -162,13 +171,41 @@ class DiskCache:
         path = self._blocks_dir / rel
         path.parent.mkdir(exist_ok=True, mode=0o700)
         key_bytes = _key_bytes(key)
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, key[2], len(data), crc32c.crc32c(data), len(key_bytes))
+        data_offset = -(-(HEADER.size + len(key_bytes)) // PAGE) * PAGE
+        head = mmap.mmap(-1, data_offset)  # page-aligned, as O_DIRECT wants
+        head[: HEADER.size] = HEADER.pack(MAGIC, FORMAT_VERSION, 0, key[2], len(data), crc32c.crc32c(data),
+                                          len(key_bytes), data_offset)
+        head[HEADER.size : HEADER.size + len(key_bytes)] = key_bytes
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        direct = self._direct_io and len(data) % PAGE == 0
         try:
-            with open(tmp, "wb", buffering=0) as f:
-                f.write(header)
-                f.write(key_bytes)
-                f.write(data)
+            try:
+                fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o600)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                self._direct_io = False  # e.g. tmpfs: no O_DIRECT there
+                fd = os.open(tmp, flags, 0o600)
+            try:
+                try:
+                    written = os.writev(fd, [head, data])
+                except OSError as exc:
+                    if not direct or exc.errno != errno.EINVAL:
+                        raise
+                    self._direct_io = False
+                    os.close(fd)
+                    fd = os.open(tmp, flags, 0o600)
+                    written = os.writev(fd, [head, data])
+                total = data_offset + len(data)
+                while written < total:  # a short write: finish it without O_DIRECT's rules
+                    os.close(fd)
+                    fd = os.open(tmp, os.O_WRONLY, 0o600)
+                    os.lseek(fd, written, os.SEEK_SET)
+                    whole = memoryview(head)[written:] if written < data_offset else data[written - data_offset :]
+                    written += os.write(fd, whole)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -176,7 +213,9 @@ class DiskCache:
             except OSError:
                 pass
             raise
-        return HEADER.size + len(key_bytes) + len(data)
+        finally:
+            head.close()
+        return data_offset + len(data)
 
     async def write(self, key: BlockKey, data: memoryview) -> None:
         """Store a block; a full or failing disk is logged once and otherwise ignored."""
