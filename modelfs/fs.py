@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -20,7 +21,7 @@ import pyfuse3
 from modelfs.cache.blocks import ObjectRef
 from modelfs.errors import ModelfsError, NotFound, errno_for
 from modelfs.files import OpenFiles
-from modelfs.inodes import Namespace, Node
+from modelfs.inodes import ROOT_INODE, Namespace, Node
 
 __all__ = ["ModelFS"]
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
+STATS_XATTR = b"user.modelfs.stats"
 _NEVER = 365 * 24 * 3600.0  # the kernel's TTL when --metadata-ttl is -1
 
 
@@ -169,6 +171,37 @@ class ModelFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         return None
 
+    def stats(self) -> dict[str, object]:
+        """Counters of the running daemon; ``modelfs stats`` and tests read them via an xattr."""
+        store = self.files.store
+        memory = store.memory
+        out: dict[str, object] = {
+            "source": self.namespace.backend.description,
+            "files": self.namespace.file_count,
+            "bytes": self.namespace.total_bytes,
+            "open_handles": len(self.files),
+            "backend_gets": store.stats.backend_gets,
+            "backend_bytes": store.stats.backend_bytes,
+            "demand_gets": store.stats.demand_gets,
+            "prefetch_gets": store.stats.prefetch_gets,
+            "retries": store.stats.retry.retries,
+            "errors": store.stats.errors,
+            "memory_capacity": memory.capacity,
+            "memory_used": memory.used,
+            "memory_peak": memory.stats.peak_bytes,
+            "memory_hits": memory.stats.hits,
+            "memory_misses": memory.stats.misses,
+            "memory_evictions": memory.stats.evictions,
+            "prefetch_refused": memory.stats.prefetch_refused,
+            "disk_hits": store.stats.disk_hits,
+        }
+        if store.disk is not None:
+            disk = store.disk
+            out.update(disk_capacity=disk.capacity, disk_used=disk.used, disk_writes=disk.stats.writes,
+                       disk_evictions=disk.stats.evictions, disk_corrupt=disk.stats.corrupt,
+                       disk_write_errors=disk.stats.write_errors)
+        return out
+
     # --- the rest of a read-only file system
 
     @_mapped
@@ -187,6 +220,8 @@ class ModelFS(pyfuse3.Operations):
 
     @_mapped
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT_INODE and name == STATS_XATTR:
+            return json.dumps(self.stats()).encode()
         node = self.namespace.get(inode)
         info = node.info
         value: str | None = None
@@ -204,6 +239,8 @@ class ModelFS(pyfuse3.Operations):
     @_mapped
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         info = self.namespace.get(inode).info
+        if inode == ROOT_INODE:
+            return [STATS_XATTR]
         if info is None:
             return []
         names = [b"user.modelfs.source", b"user.modelfs.version"]
