@@ -1,0 +1,54 @@
+"""Real FUSE mounts of modelfs, started the way a user starts them (a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from modelfs.testing.fakegcs import FakeGCS
+from modelfs.testing.mounts import force_unmount, mounted
+
+needs_fuse = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.path):
+            item.add_marker(pytest.mark.fuse)
+            item.add_marker(needs_fuse)
+
+
+@pytest.fixture
+def bucket(gcs: FakeGCS) -> str:
+    """A fresh, empty bucket for one test."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    gcs.create_bucket(name)
+    return name
+
+
+MountFn = Callable[..., Path]
+
+
+@pytest.fixture
+def mount(tmp_path: Path, gcs: FakeGCS) -> Iterator[MountFn]:
+    """``mount(source, *options)`` mounts with modelfs and returns the mountpoint; every mount
+    is unmounted at teardown, however the test ended."""
+    with ExitStack() as stack:
+        count = 0
+
+        def do_mount(source: str, *options: str, mountpoint: Path | None = None, cache_dir: Path | None = None) -> Path:
+            nonlocal count
+            count += 1
+            mnt = mountpoint or tmp_path / f"mnt{count}"
+            cache = cache_dir or tmp_path / f"cache{count}"
+            stack.callback(force_unmount, mnt)
+            return stack.enter_context(mounted(source, mnt, cache, "--anonymous", *options, env=gcs.env()))
+
+        yield do_mount

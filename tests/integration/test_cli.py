@@ -1,0 +1,124 @@
+"""Bad input gets one line on stderr, a non-zero exit, and leaves nothing mounted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modelfs.mount import is_mounted
+from modelfs.testing.fakegcs import FakeGCS
+from modelfs.testing.mounts import force_unmount, run_modelfs
+
+from .conftest import MountFn
+
+
+def _fails(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("modelfs: ")
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path)
+
+
+def test_bad_source(mnt: Path, gcs: FakeGCS) -> None:
+    _fails(run_modelfs("mount", "ftp://x/y", str(mnt), env=gcs.env()), 2, "unsupported source")
+    _fails(run_modelfs("mount", "gs://Bad_Bucket!/p", str(mnt), env=gcs.env()), 2, "bucket name")
+    _fails(run_modelfs("mount", "file://relative/dir", str(mnt), env=gcs.env()), 2, "absolute")
+    assert not is_mounted(mnt)
+
+
+def test_bad_options(mnt: Path, gcs: FakeGCS, bucket: str) -> None:
+    src = f"gs://{bucket}"
+    _fails(run_modelfs("mount", src, str(mnt), "--memory-cache", "lots", env=gcs.env()), 2, "--memory-cache")
+    _fails(run_modelfs("mount", src, str(mnt), "--memory-cache", "1M", "--block-size", "1M", env=gcs.env()), 2,
+           "two blocks")
+    assert not is_mounted(mnt)
+
+
+def test_missing_bucket(mnt: Path, gcs: FakeGCS, tmp_path: Path) -> None:
+    result = run_modelfs("mount", "gs://no-such-bucket-here/models", str(mnt), "--anonymous",
+                         "--cache-dir", str(tmp_path / "c"), "--retry-deadline", "2", env=gcs.env())
+    _fails(result, 1, "no-such-bucket-here", "not found")
+    assert not is_mounted(mnt)
+
+
+def test_dead_server(mnt: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, STORAGE_EMULATOR_HOST="http://127.0.0.1:9")  # nothing listens on port 9
+    result = run_modelfs("mount", "gs://some-bucket", str(mnt), "--anonymous", "--cache-dir", str(tmp_path / "c"),
+                         "--retry-deadline", "1", env=env)
+    _fails(result, 1)
+    assert not is_mounted(mnt)
+
+
+def test_bad_mountpoints(gcs: FakeGCS, bucket: str, tmp_path: Path, mount: MountFn) -> None:
+    gcs.upload(bucket, "a.bin", b"a")
+    src = f"gs://{bucket}"
+    cache = str(tmp_path / "c")
+    _fails(run_modelfs("mount", src, str(tmp_path / "missing"), "--anonymous", "--cache-dir", cache, env=gcs.env()),
+           1, "does not exist")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    _fails(run_modelfs("mount", src, str(full), "--anonymous", "--cache-dir", cache, env=gcs.env()), 1, "not empty")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _fails(run_modelfs("mount", src, str(afile), "--anonymous", "--cache-dir", cache, env=gcs.env()), 1,
+           "not a directory")
+    mounted_at = mount(src)
+    _fails(run_modelfs("mount", src, str(mounted_at), "--anonymous", "--cache-dir", cache, env=gcs.env()), 1,
+           "already mounted")
+    assert (mounted_at / "a.bin").read_bytes() == b"a"  # the first mount still works
+    _fails(run_modelfs("unmount", str(tmp_path / "full"), env=gcs.env()), 1, "not mounted")
+
+
+def test_cache_dir_in_use(gcs: FakeGCS, bucket: str, tmp_path: Path, mount: MountFn) -> None:
+    gcs.upload(bucket, "a.bin", b"a")
+    cache = tmp_path / "shared-cache"
+    mount(f"gs://{bucket}", cache_dir=cache)
+    other = tmp_path / "other"
+    other.mkdir()
+    result = run_modelfs("mount", f"gs://{bucket}", str(other), "--anonymous", "--cache-dir", str(cache),
+                         env=gcs.env())
+    _fails(result, 1, "in use")
+    assert not is_mounted(other)
+
+
+def test_sigterm_unmounts_cleanly(gcs: FakeGCS, bucket: str, mnt: Path, tmp_path: Path) -> None:
+    gcs.upload(bucket, "m/a.bin", b"abc")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelfs", "mount", f"gs://{bucket}/m", str(mnt), "--foreground", "--anonymous",
+         "--cache-dir", str(tmp_path / "c")],
+        env=gcs.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "mount did not come up"
+            time.sleep(0.05)
+        assert (mnt / "a.bin").read_bytes() == b"abc"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

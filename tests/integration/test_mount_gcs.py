@@ -1,0 +1,178 @@
+"""modelfs mounted for real over fake-gcs-server: tree, bytes, read-only, unmount."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from modelfs.mount import is_mounted
+from modelfs.testing.fakegcs import FakeGCS
+from modelfs.testing.mounts import daemon_pid, mounted, run_modelfs
+
+from .conftest import MountFn
+
+BLOCK = 64 * 1024
+PREFIX = "models/llama"
+
+
+def _data(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+# Object name (below PREFIX) -> contents. A trailing '/' is a directory placeholder.
+TREE: dict[str, bytes] = {
+    "config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}).encode(),
+    "empty.bin": b"",
+    "one.bin": b"\x7f",
+    "block.bin": _data(BLOCK, 1),
+    "block_plus_one.bin": _data(BLOCK + 1, 2),
+    "multi.bin": _data(5 * BLOCK + 123, 3),
+    "sub/deeper/model.safetensors": _data(12 * BLOCK + 7, 4),
+    "sub/tokenizer.json": _data(3000, 5),
+    "placeholder/": b"",
+    "withplace/": b"",
+    "withplace/file.txt": b"hello\n",
+}
+FILES = {name: data for name, data in TREE.items() if not name.endswith("/")}
+DIRS = {"sub", "sub/deeper", "placeholder", "withplace"}
+GCS_OPTIONS = ("--block-size", "64K", "--memory-cache", "256K", "--disk-cache", "1M")
+
+
+@pytest.fixture
+def seeded(gcs: FakeGCS, bucket: str) -> str:
+    for name, data in TREE.items():
+        gcs.upload(bucket, f"{PREFIX}/{name}", data)
+    # Neighbours that must not show up: a sibling prefix and an object beside the prefix.
+    gcs.upload(bucket, "models/llama2/other.bin", b"not mine")
+    gcs.upload(bucket, "models/readme.md", b"not mine either")
+    return bucket
+
+
+def _walk(root: Path) -> tuple[set[str], set[str]]:
+    dirs: set[str] = set()
+    files: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for d in dirnames:
+            dirs.add(os.path.normpath(os.path.join(rel, d)))
+        for f in filenames:
+            files.add(os.path.normpath(os.path.join(rel, f)))
+    return dirs, files
+
+
+def test_tree_and_bytes(seeded: str, mount: MountFn) -> None:
+    mnt = mount(f"gs://{seeded}/{PREFIX}", *GCS_OPTIONS)
+    dirs, files = _walk(mnt)
+    assert dirs == DIRS
+    assert files == set(FILES)
+    for name, data in FILES.items():
+        path = mnt / name
+        assert path.stat().st_size == len(data), name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest(), name
+    assert os.listdir(mnt / "placeholder") == []
+
+
+def test_random_ranges(seeded: str, mount: MountFn) -> None:
+    mnt = mount(f"gs://{seeded}/{PREFIX}", *GCS_OPTIONS)
+    rng = random.Random(42)
+    names = [n for n, d in FILES.items() if len(d) > 1]
+    fds = {name: os.open(mnt / name, os.O_RDONLY) for name in names}
+    try:
+        for _ in range(200):
+            name = rng.choice(names)
+            data = FILES[name]
+            offset = rng.randrange(0, len(data) + BLOCK // 2)  # some start past the end
+            length = rng.choice([1, 17, 4096, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK, rng.randrange(1, 4 * BLOCK)])
+            got = os.pread(fds[name], length, offset)
+            assert got == data[offset : offset + length], (name, offset, length)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_remount_reads_from_disk_cache(seeded: str, gcs: FakeGCS, tmp_path: Path) -> None:
+    """A second mount on the same cache dir serves every block from the disk cache."""
+    source = f"gs://{seeded}/{PREFIX}"
+    options = ("--anonymous", "--block-size", "64K", "--memory-cache", "256K", "--disk-cache", "64M")
+    cache = tmp_path / "cache"
+    name = "sub/deeper/model.safetensors"
+    with mounted(source, tmp_path / "mnt", cache, *options, env=gcs.env()) as mnt:
+        assert (mnt / name).read_bytes() == FILES[name]
+        first = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
+    assert first["backend_gets"] == 13  # 12 whole blocks and one of 7 bytes, each fetched once
+    with mounted(source, tmp_path / "mnt", cache, *options, env=gcs.env()) as mnt:
+        assert (mnt / name).read_bytes() == FILES[name]
+        second = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
+    assert second["backend_gets"] == 0
+    assert second["disk_hits"] == 13
+
+
+def test_read_only(seeded: str, mount: MountFn) -> None:
+    mnt = mount(f"gs://{seeded}/{PREFIX}", *GCS_OPTIONS)
+    target = mnt / "config.json"
+    attempts = {
+        "open for writing": lambda: open(target, "r+b"),
+        "create": lambda: os.open(mnt / "new.bin", os.O_CREAT | os.O_WRONLY, 0o644),
+        "mkdir": lambda: os.mkdir(mnt / "newdir"),
+        "unlink": lambda: os.unlink(target),
+        "rmdir": lambda: os.rmdir(mnt / "placeholder"),
+        "rename": lambda: os.rename(target, mnt / "renamed.json"),
+        "chmod": lambda: os.chmod(target, 0o777),
+        "truncate": lambda: os.truncate(target, 0),
+        "symlink": lambda: os.symlink("config.json", mnt / "link"),
+        "setxattr": lambda: os.setxattr(target, "user.x", b"1"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS, what
+    # Nothing changed.
+    assert target.read_bytes() == FILES["config.json"]
+    assert sorted(os.listdir(mnt)) == sorted({n.split("/")[0] for n in TREE})
+
+
+def test_missing_file_is_enoent(seeded: str, mount: MountFn) -> None:
+    mnt = mount(f"gs://{seeded}/{PREFIX}", *GCS_OPTIONS)
+    with pytest.raises(FileNotFoundError):
+        (mnt / "nope.bin").stat()
+    with pytest.raises(NotADirectoryError):
+        os.listdir(mnt / "config.json")
+
+
+def test_unmount_leaves_nothing(seeded: str, gcs: FakeGCS, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    result = run_modelfs("mount", f"gs://{seeded}/{PREFIX}", str(mnt), "--anonymous", "--cache-dir", str(cache),
+                         *GCS_OPTIONS, env=gcs.env())
+    try:
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mnt)
+        pid = daemon_pid(cache)
+        assert (mnt / "one.bin").read_bytes() == b"\x7f"
+        result = run_modelfs("unmount", str(mnt), env=gcs.env())
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(mnt)
+        assert os.listdir(mnt) == []
+        _wait_exit(pid)
+    finally:
+        if is_mounted(mnt):
+            os.system(f"fusermount3 -uz {mnt}")
+
+
+def _wait_exit(pid: int, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"daemon {pid} still running after unmount")
