@@ -29,6 +29,22 @@ _LIST_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),nextPageToken
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+_ERRNO_RE = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+
+
+def _short(exc: BaseException) -> str:
+    """A one-line reason for a network error: requests nests the useful part deep inside."""
+    import requests
+
+    text = str(exc)
+    match = _ERRNO_RE.search(text)
+    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+        return "timed out"
+    if match:
+        return match.group(1).strip().lower()
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 def _mtime(updated: datetime | None) -> float:
     return updated.timestamp() if updated is not None else 0.0
 
@@ -80,7 +96,7 @@ class GCSBackend:
         if isinstance(exc, (gexc.TooManyRequests, gexc.ServerError, gexc.RequestRangeNotSatisfiable)):
             return TransientError(f"{what}: HTTP {exc.code}")
         if isinstance(exc, (requests.RequestException, TransportError, OSError, ConnectionError)):
-            return TransientError(f"{what}: {type(exc).__name__}: {exc}")
+            return TransientError(f"{what}: {_short(exc)}")
         return BackendError(f"{what}: {type(exc).__name__}: {exc}")
 
     # --- listing and metadata
@@ -150,7 +166,7 @@ class GCSBackend:
             raw.release_conn()
         except (requests.RequestException, OSError) as exc:
             resp.close()
-            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from None
+            raise TransientError(f"{what}: {_short(exc)}") from None
         except Exception as exc:
             resp.close()
             raise self._classify(exc, what) from None

@@ -52,8 +52,11 @@ class FetchSlots:
 
     async def acquire(self, *, demand: bool) -> None:
         if self._free > 0 and (demand or len(self._demand) == 0):
+            # Take the slot only once cancellation can no longer strike: a Cancelled raised
+            # after the decrement would leak the slot (the caller releases only on success).
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._free -= 1
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         # A parked task is handed the slot by release(); the count does not change.
         await (self._demand if demand else self._prefetch).park()

@@ -130,6 +130,10 @@ class MemoryCache:
             # An anonymous mapping, not a bytearray: freeing it always returns the pages to
             # the kernel, where glibc's malloc could keep large freed chunks in its heap.
             buf = mmap.mmap(-1, length)
+            # A fresh buffer adds to used + pooled: give back pooled buffers the budget no
+            # longer has room for (a short last block, or a new one beside a non-empty pool).
+            while self._pool and self.used + length + len(self._pool) * self.block_size > self.capacity:
+                self._pool.pop()
         block = Block(key, length, buf, prefetch=prefetch)
         self._blocks[key] = block
         self.used += length
