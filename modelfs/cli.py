@@ -1,4 +1,4 @@
-"""The ``modelfs`` command: mount, unmount. Flags become a Config; errors become exit codes.
+"""The ``modelfs`` command: mount, unmount, warm, stats. Flags become a Config; errors become exit codes.
 
 Exit codes: 0 success, 1 a runtime failure (mount, backend), 2 bad usage or configuration.
 Errors are one line on stderr, never a traceback.
@@ -19,6 +19,7 @@ from pathlib import Path
 from modelfs import __version__
 from modelfs.config import Config, add_options, build_config
 from modelfs.errors import ConfigError, ModelfsError
+from modelfs.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -40,16 +41,67 @@ def _parser() -> argparse.ArgumentParser:
 
     unmount = commands.add_parser("unmount", help="unmount MOUNTPOINT (also a dead one)")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    warm = commands.add_parser("warm", help="fill the disk cache for SOURCE and verify every object",
+                               description="Fetch every object of SOURCE into the disk cache that a later "
+                                           "'modelfs mount SOURCE' uses, verifying each against its stored checksum.")
+    warm.add_argument("source", metavar="SOURCE")
+    add_options(warm, WARM_OPTIONS)
+
+    stats = commands.add_parser("stats", help="print the counters of a running mount")
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT")
+    stats.add_argument("--json", action="store_true", help="print the raw JSON")
     return parser
 
 
-def setup_logging(level: str, stream: object = None) -> None:
-    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    logging.getLogger("modelfs").setLevel(level.upper())
+WARM_OPTIONS = {"cache-dir", "memory-cache", "disk-cache", "block-size", "max-prefetch", "max-concurrency",
+                "retry-deadline", "read-timeout", "anonymous", "log-level", "log-format"}
+
+
+def _warm(config: Config) -> int:
+    import trio
+
+    from modelfs.warm import warm
+
+    result = trio.run(warm, config)
+    assert result.mismatched is not None
+    if result.mismatched:
+        names = ", ".join(result.mismatched)
+        raise ModelfsError(f"checksum mismatch in {len(result.mismatched)} object(s): {names}")
+    return 0
+
+
+def _stats(mountpoint: Path, as_json: bool) -> int:
+    import json
+
+    try:
+        raw = os.getxattr(mountpoint, "user.modelfs.stats")
+    except OSError as exc:
+        raise ModelfsError(f"{mountpoint} is not a running modelfs mount ({exc.strerror})") from None
+    stats = json.loads(raw)
+    if as_json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    mib = 1 << 20
+    lines = [
+        f"source            {stats['source']}",
+        f"files             {stats['files']} ({stats['bytes'] / mib:,.1f} MiB), {stats['open_handles']} open handles",
+        f"backend           {stats['backend_gets']} GETs ({stats['demand_gets']} demand, {stats['prefetch_gets']} "
+        f"prefetch), {stats['backend_bytes'] / mib:,.1f} MiB, {stats['retries']} retries",
+        f"memory cache      {stats['memory_used'] / mib:,.1f} / {stats['memory_capacity'] / mib:,.0f} MiB "
+        f"(peak {stats['memory_peak'] / mib:,.1f}), {stats['memory_hits']} hits, {stats['memory_misses']} misses, "
+        f"{stats['memory_evictions']} evictions",
+    ]
+    if "disk_capacity" in stats:
+        lines.append(f"disk cache        {stats['disk_used'] / mib:,.1f} / {stats['disk_capacity'] / mib:,.0f} MiB, "
+                     f"{stats['disk_hits']} hits, {stats['disk_writes']} writes, {stats['disk_evictions']} evictions, "
+                     f"{stats['disk_corrupt']} corrupt")
+    lines.append(f"prefetch          window {stats['prefetch_window_bytes'] / mib:,.0f} MiB, "
+                 f"{stats['prefetch_resets']} resets, {stats['prefetch_refused']} refused for budget")
+    errors = stats.get("errors_by_errno") or {}
+    lines.append("errors            " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none"))
+    print("\n".join(lines))
+    return 0
 
 
 def _mount_foreground(config: Config) -> int:
@@ -124,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "mount":
             config = build_config(args.source, args.mountpoint, args)
-            setup_logging(config.log_level)
+            setup_logging(config.log_level, config.log_format)
             if config.foreground:
                 return _mount_foreground(config)
             return _mount_daemon(config, argv)
@@ -134,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             unmount(Path(args.mountpoint).absolute())
             return 0
+        if args.command == "warm":
+            config = build_config(args.source, None, args)
+            setup_logging(config.log_level, config.log_format)
+            return _warm(config)
+        if args.command == "stats":
+            return _stats(Path(args.mountpoint), args.json)
     except ConfigError as exc:
         print(f"modelfs: {exc}", file=sys.stderr)
         return 2

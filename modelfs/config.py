@@ -86,6 +86,23 @@ def _parse_log_level(text: Any) -> str:
     return value
 
 
+def _parse_log_format(text: Any) -> str:
+    value = str(text).strip().lower()
+    if value not in ("text", "json"):
+        raise ConfigError(f"log format must be text or json, not {text!r}")
+    return value
+
+
+def _parse_addr(text: Any) -> str:
+    from modelfs.metrics import parse_addr
+
+    try:
+        parse_addr(str(text))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return str(text)
+
+
 @dataclass(frozen=True)
 class Option:
     """One option: its long name (``--memory-cache``), parser, default and help."""
@@ -122,6 +139,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow-other", _parse_bool, False, "let users other than the mounting one read the mount", flag=True),
     Option("log-level", _parse_log_level, "info", "debug, info, warning or error"),
     Option("log-file", _parse_str, None, "log file of a daemonized mount (default: <cache-dir>/modelfs.log)"),
+    Option("log-format", _parse_log_format, "text", "text (human-readable) or json (one object per line)"),
+    Option("metrics-addr", _parse_addr, None, "serve Prometheus metrics on HOST:PORT (default: off)"),
 )
 
 _BY_ATTR = {opt.attr: opt for opt in OPTIONS}
@@ -192,6 +211,8 @@ class Config:
     allow_other: bool
     log_level: str
     log_file: Path | None
+    log_format: str = "text"
+    metrics_addr: str | None = None
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)

@@ -34,6 +34,7 @@ class OpenFiles:
         self._handles: dict[int, _Open] = {}
         self._by_version: dict[tuple[str, str], _Open] = {}
         self._next_fh = 1
+        self._closed_resets = 0
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -56,7 +57,16 @@ class OpenFiles:
         entry.handles -= 1
         if entry.handles == 0:
             del self._by_version[(entry.ref.key, entry.ref.version)]
+            self._closed_resets += entry.read_ahead.resets
             self.store.memory.forget_prefetches(entry.ref.key, entry.ref.version)
+
+    def resets(self) -> int:
+        """Read-ahead runs restarted by seeks, over all files ever opened."""
+        return self._closed_resets + sum(e.read_ahead.resets for e in self._by_version.values())
+
+    def max_window_blocks(self) -> int:
+        """The largest read-ahead window of any open file, in blocks."""
+        return max((c.window for e in self._by_version.values() for c in e.read_ahead.cursors), default=0)
 
     def ref(self, fh: int) -> ObjectRef:
         return self._handles[fh].ref

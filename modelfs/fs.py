@@ -13,15 +13,18 @@ import json
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from modelfs.cache.blocks import ObjectRef
 from modelfs.errors import ModelfsError, NotFound, errno_for
 from modelfs.files import OpenFiles
 from modelfs.inodes import ROOT_INODE, Namespace, Node
+from modelfs.metrics import LatencyHistogram
 
 __all__ = ["ModelFS"]
 
@@ -45,13 +48,20 @@ def _mapped(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except ModelfsError as exc:
             code = errno_for(exc)
+            _count_error(args, code)
             log.warning("%s failed with %s: %s", fn.__name__, errno.errorcode.get(code, code), exc)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
+            _count_error(args, errno.EIO)
             log.exception("%s failed unexpectedly; returning EIO", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _count_error(args: tuple[Any, ...], code: int) -> None:
+    if args and isinstance(args[0], ModelFS):
+        args[0].errors[errno.errorcode.get(code, str(code))] += 1
 
 
 async def _read_only(*_: Any, **__: Any) -> Any:
@@ -76,6 +86,8 @@ class ModelFS(pyfuse3.Operations):
         self._dir_handles: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_dir_fh = 1
         self._opened_version: dict[int, str] = {}
+        self.errors: Counter[str] = Counter()
+        self.read_latency = LatencyHistogram()
 
     # --- attributes
 
@@ -161,7 +173,11 @@ class ModelFS(pyfuse3.Operations):
 
     @_mapped
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.files.read(fh, off, size)  # type: ignore[return-value]  # memoryview is fine
+        start = trio.current_time()
+        try:
+            return await self.files.read(fh, off, size)  # type: ignore[return-value]  # memoryview is fine
+        finally:
+            self.read_latency.observe(trio.current_time() - start)
 
     @_mapped
     async def release(self, fh: int) -> None:
@@ -193,11 +209,15 @@ class ModelFS(pyfuse3.Operations):
             "memory_misses": memory.stats.misses,
             "memory_evictions": memory.stats.evictions,
             "prefetch_refused": memory.stats.prefetch_refused,
+            "prefetch_window_bytes": self.files.max_window_blocks() * store.block_size,
+            "prefetch_resets": self.files.resets(),
+            "errors_by_errno": dict(self.errors),
             "disk_hits": store.stats.disk_hits,
         }
         if store.disk is not None:
             disk = store.disk
             out.update(disk_capacity=disk.capacity, disk_used=disk.used, disk_writes=disk.stats.writes,
+                       disk_misses=disk.stats.misses,
                        disk_evictions=disk.stats.evictions, disk_corrupt=disk.stats.corrupt,
                        disk_write_errors=disk.stats.write_errors)
         return out

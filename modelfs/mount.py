@@ -119,12 +119,15 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
         await ops.namespace.refresh(force=True)  # a bad bucket fails here, before mounting
         if disk is not None:
             disk.open()
+        metrics = _start_metrics(config, ops)  # before mounting: a busy port leaves nothing mounted
         options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
         if config.allow_other:
             options.add("allow_other")
         try:
             pyfuse3.init(ops, str(mountpoint), options)
         except RuntimeError as exc:
+            if metrics is not None:
+                metrics.shutdown()
             raise MountError(f"cannot mount {mountpoint}: {exc}") from None
         log.info("mounted %s at %s (%d files, %d bytes)", config.source.url, mountpoint,
                  ops.namespace.file_count, ops.namespace.total_bytes)
@@ -137,11 +140,25 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
+            if metrics is not None:
+                metrics.shutdown()
             log.info("unmounted %s", mountpoint)
     finally:
         if disk is not None:
             disk.close()
         await ops.namespace.backend.aclose()
+
+
+def _start_metrics(config: Config, ops: ModelFS) -> object | None:
+    if not config.metrics_addr:
+        return None
+    from modelfs.metrics import ModelfsCollector, serve_metrics
+
+    collector = ModelfsCollector(ops.stats, ops.read_latency, lambda: dict(ops.errors), config.source.scheme)
+    try:
+        return serve_metrics(config.metrics_addr, collector)
+    except OSError as exc:
+        raise MountError(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
 
 
 async def _announce(mountpoint: Path, read_ahead_kb: int, ready: Callable[[], None]) -> None:

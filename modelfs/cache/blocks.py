@@ -94,6 +94,8 @@ class BlockStore:
         self.retry_deadline = retry_deadline
         self.stats = StoreStats()
         self._nursery: trio.Nursery | None = None
+        self._writes_pending = 0
+        self._writes_done = trio.lowlevel.ParkingLot()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the background tasks (prefetches, disk writes) until cancelled."""
@@ -173,6 +175,7 @@ class BlockStore:
         if fetched and self.disk is not None and self._nursery is not None:
             # Still pinned: the disk write reads the buffer in a thread, and the bytes stay
             # counted in the budget until it is done.
+            self._writes_pending += 1
             self._nursery.start_soon(self._write_back, block)
         else:
             self.memory.unpin(block)
@@ -183,6 +186,13 @@ class BlockStore:
             await self.disk.write(block.key, block.view)
         finally:
             self.memory.unpin(block)
+            self._writes_pending -= 1
+            self._writes_done.unpark_all()
+
+    async def drain(self) -> None:
+        """Wait until every block fetched so far is written to the disk cache."""
+        while self._writes_pending:
+            await self._writes_done.park()
 
     async def _fetch(self, obj: ObjectRef, index: int, dest: memoryview, *, demand: bool) -> None:
         offset = index * self.block_size

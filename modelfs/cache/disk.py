@@ -24,10 +24,10 @@ import logging
 import mmap
 import os
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import cachetools
 import crc32c
 import trio
 
@@ -54,6 +54,22 @@ class DiskStats:
     write_errors: int = 0
 
 
+class _BlockIndex(cachetools.LRUCache):  # type: ignore[type-arg]
+    """Block files by size in LRU order; what the cap pushes out is queued for deletion."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(maxsize=max(capacity, 1), getsizeof=lambda size: size)
+        self.victims: list[str] = []
+
+    def popitem(self) -> tuple[str, int]:
+        rel, size = super().popitem()
+        self.victims.append(rel)
+        return rel, size
+
+    def touch(self, rel: str) -> None:
+        self[rel]  # a lookup marks it most recently used
+
+
 def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
@@ -68,10 +84,9 @@ class DiskCache:
     def __init__(self, root: Path, capacity: int) -> None:
         self.root = root
         self.capacity = capacity
-        self.used = 0
         self.stats = DiskStats()
         self._blocks_dir = root / "blocks"
-        self._index: OrderedDict[str, int] = OrderedDict()  # relative path -> file size
+        self._index = _BlockIndex(capacity)  # relative path -> file size, in LRU order
         self._current_version: dict[str, str] = {}  # object hash -> version hash last written
         self._lock_fd: int | None = None
         self._warned_write = False
@@ -154,7 +169,7 @@ class DiskCache:
         if result == "hit":
             self.stats.hits += 1
             if rel in self._index:
-                self._index.move_to_end(rel)
+                self._index.touch(rel)
             else:
                 self._account(rel, -(-(HEADER.size + len(_key_bytes(key))) // PAGE) * PAGE + len(dest))
             return True
@@ -164,6 +179,10 @@ class DiskCache:
             log.warning("disk cache block %s of %s is bad (%s): discarded, fetching again", key[2], key[0], result)
             await self._unlink([rel])
         return False
+
+    async def discard(self, key: BlockKey) -> None:
+        """Delete a block file (its data turned out to be wrong)."""
+        await self._unlink([self._relpath(key)])
 
     # --- writes
 
@@ -221,7 +240,7 @@ class DiskCache:
         """Store a block; a full or failing disk is logged once and otherwise ignored."""
         rel = self._relpath(key)
         if rel in self._index:
-            self._index.move_to_end(rel)
+            self._index.touch(rel)
             return
         try:
             size = await trio.to_thread.run_sync(self._write_file, rel, key, data, limiter=self._limiter)
@@ -238,27 +257,34 @@ class DiskCache:
         await self._enforce_cap()
 
     def _note_version(self, rel: str) -> None:
-        """A new version of an object: its older versions' blocks go to the front of the LRU."""
+        """A block of a new version: the blocks of the object's other versions are dropped.
+
+        They can never be served again to a new open (reads pin the current version), so
+        they go first, before any block that may still be read.
+        """
         obj, _, name = rel.partition("/")
         version = name.partition("-")[0]
         previous = self._current_version.get(obj)
         self._current_version[obj] = version
         if previous is None or previous == version:
             return
-        stale = [r for r in self._index if r.startswith(obj + "/") and not r.startswith(f"{obj}/{version}-")]
-        for r in reversed(stale):
-            self._index.move_to_end(r, last=False)
+        for r in [r for r in self._index if r.startswith(obj + "/") and not r.startswith(f"{obj}/{version}-")]:
+            del self._index[r]
+            self._index.victims.append(r)
+
+    @property
+    def used(self) -> int:
+        """Bytes of block files the index knows of."""
+        return int(self._index.currsize)
 
     def _account(self, rel: str, size: int) -> None:
+        if size > self.capacity:
+            self._index.victims.append(rel)
+            return
         self._index[rel] = size
-        self.used += size
 
     async def _enforce_cap(self) -> None:
-        victims: list[str] = []
-        while self.used > self.capacity and self._index:
-            rel, size = self._index.popitem(last=False)
-            self.used -= size
-            victims.append(rel)
+        victims, self._index.victims = self._index.victims, []
         if victims:
             self.stats.evictions += len(victims)
             await self._unlink(victims, accounted=True)
@@ -266,9 +292,7 @@ class DiskCache:
     async def _unlink(self, rels: list[str], accounted: bool = False) -> None:
         if not accounted:
             for rel in rels:
-                size = self._index.pop(rel, None)
-                if size is not None:
-                    self.used -= size
+                self._index.pop(rel, None)
 
         def unlink_all() -> None:
             for rel in rels:
@@ -307,9 +331,10 @@ class DiskCache:
     async def scan(self) -> None:
         """Add files left by earlier runs to the index (oldest first) and enforce the cap."""
         found = await trio.to_thread.run_sync(self._scan)
-        known = dict(self._index)
-        self._index.clear()
-        self.used = 0
+        known = dict(self._index.items())
+        victims = self._index.victims
+        self._index = _BlockIndex(self.capacity)  # not clear(): MutableMapping.clear pops (evicts) each item
+        self._index.victims = victims
         for _, rel, size in found:
             if rel not in known:
                 self._account(rel, size)

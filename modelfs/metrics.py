@@ -1,0 +1,123 @@
+"""Prometheus metrics, read from the daemon's own counters at scrape time.
+
+Nothing on the read path talks to prometheus-client: the layers keep plain counters (see
+``ModelFS.stats()``) and this collector turns a snapshot of them into metric families when
+``/metrics`` is scraped. The HTTP server is prometheus-client's, in its own thread; it only
+reads integers the trio thread writes, never changes them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+__all__ = ["LatencyHistogram", "ModelfsCollector", "serve_metrics", "parse_addr"]
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class LatencyHistogram:
+    """Counts per bucket, a sum and a count: cheap enough for every read()."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        total = 0
+        for bound, n in zip(self.buckets, self.counts):
+            total += n
+            out.append((repr(bound), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``:PORT`` for 127.0.0.1) → (host, port); raises ValueError."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not HOST:PORT: {addr!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class ModelfsCollector:
+    """A prometheus-client collector over a stats snapshot function."""
+
+    def __init__(self, snapshot: Callable[[], Mapping[str, Any]], latency: LatencyHistogram,
+                 errors: Callable[[], Mapping[str, int]], backend: str) -> None:
+        self._snapshot = snapshot
+        self._latency = latency
+        self._errors = errors
+        self._backend = backend
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        s = dict(self._snapshot())
+        b = self._backend
+
+        def counter(name: str, doc: str, value: float, **labels: str) -> Any:
+            family = CounterMetricFamily(name, doc, labels=list(labels))
+            family.add_metric(list(labels.values()), value)
+            return family
+
+        yield counter("modelfs_backend_requests", "Ranged GETs sent to the backend", s["backend_gets"], backend=b)
+        yield counter("modelfs_backend_bytes", "Bytes fetched from the backend", s["backend_bytes"], backend=b)
+        fetches = CounterMetricFamily("modelfs_backend_fetches", "Ranged GETs by cause", labels=["backend", "cause"])
+        fetches.add_metric([b, "demand"], s["demand_gets"])
+        fetches.add_metric([b, "prefetch"], s["prefetch_gets"])
+        yield fetches
+        for kind in ("hits", "misses", "evictions"):
+            family = CounterMetricFamily(f"modelfs_cache_{kind}", f"Block cache {kind} per tier", labels=["tier"])
+            family.add_metric(["memory"], s[f"memory_{kind}"])
+            if kind == "hits":
+                family.add_metric(["disk"], s["disk_hits"])
+            elif kind == "misses" and "disk_capacity" in s:
+                family.add_metric(["disk"], s["disk_misses"])
+            elif kind == "evictions" and "disk_capacity" in s:
+                family.add_metric(["disk"], s["disk_evictions"])
+            yield family
+        if "disk_capacity" in s:
+            yield counter("modelfs_disk_cache_corrupt_blocks", "Disk blocks that failed their checks", s["disk_corrupt"])
+            yield GaugeMetricFamily("modelfs_disk_cache_bytes", "Disk cache bytes in use", value=s["disk_used"])
+            yield GaugeMetricFamily("modelfs_disk_cache_capacity_bytes", "Disk cache cap", value=s["disk_capacity"])
+        yield GaugeMetricFamily("modelfs_memory_cache_bytes", "Memory block bytes in use (cached, in flight)",
+                                value=s["memory_used"])
+        yield GaugeMetricFamily("modelfs_memory_cache_capacity_bytes", "Memory budget", value=s["memory_capacity"])
+        yield GaugeMetricFamily("modelfs_prefetch_window_bytes", "Largest read-ahead window of an open file",
+                                value=s["prefetch_window_bytes"])
+        yield counter("modelfs_prefetch_resets", "Read-ahead runs restarted by a seek", s["prefetch_resets"])
+        yield counter("modelfs_prefetch_refused", "Prefetches refused for lack of budget", s["prefetch_refused"])
+        yield counter("modelfs_retries", "Backend calls retried after a transient failure", s["retries"])
+        errors = CounterMetricFamily("modelfs_errors", "Failed FUSE requests by errno", labels=["errno"])
+        for name, n in sorted(dict(self._errors()).items()):
+            errors.add_metric([name], n)
+        yield errors
+        yield GaugeMetricFamily("modelfs_open_handles", "Open file handles", value=s["open_handles"])
+        latency = HistogramMetricFamily("modelfs_read_latency_seconds", "Latency of read() requests")
+        latency.add_metric([], self._latency.cumulative(), sum_value=self._latency.sum)
+        yield latency
+
+
+def serve_metrics(addr: str, collector: ModelfsCollector) -> Any:
+    """Serve ``/metrics`` on ``addr`` from a daemon thread; returns the server (call shutdown())."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    host, port = parse_addr(addr)
+    registry = CollectorRegistry()
+    registry.register(collector)  # type: ignore[arg-type]
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server

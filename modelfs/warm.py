@@ -1,0 +1,169 @@
+"""``modelfs warm``: fill the disk cache ahead of a mount, and verify every object.
+
+It uses the mount's own block store (same cache dir, same block files), so a mount that
+follows starts warm. Each object is read block by block in order, with the next blocks
+prefetched in parallel; the bytes are folded into a CRC32C (or MD5 where the store gives
+no CRC) and compared with the object's stored checksum. A mismatch removes the object's
+blocks from the cache and makes the command fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import IO
+
+import crc32c
+import trio
+
+from modelfs.backends import open_backend
+from modelfs.backends.base import ObjectInfo
+from modelfs.backends.retry import retry_transient
+from modelfs.cache.blocks import BlockStore, ObjectRef
+from modelfs.cache.disk import DiskCache
+from modelfs.cache.memory import MemoryCache
+from modelfs.config import Config
+from modelfs.errors import ModelfsError
+from modelfs.names import ParsedName, parse_object_name
+
+__all__ = ["warm", "WarmResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WarmResult:
+    objects: int = 0
+    bytes: int = 0
+    fetched_bytes: int = 0
+    mismatched: list[str] | None = None
+    unverified: int = 0
+
+
+class _Progress:
+    """A one-line bar on a terminal; a plain line per object (and every 10 s) otherwise."""
+
+    def __init__(self, total: int, out: IO[str]) -> None:
+        self.total = total
+        self.done = 0
+        self.out = out
+        self.tty = out.isatty()
+        self.start = time.monotonic()
+        self._last_line = self.start
+
+    def _text(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"{self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB ({pct:.0f}%) "
+                f"{rate / 1e6:,.0f} MB/s ETA {eta:,.0f}s")
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.tty:
+            width = 30
+            filled = int(width * self.done / self.total) if self.total else width
+            self.out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self._text()}   ")
+            self.out.flush()
+        elif now - self._last_line >= 10:
+            self._last_line = now
+            print(f"warm: {self._text()}", file=self.out, flush=True)
+
+    def object_done(self, name: str, status: str) -> None:
+        if self.tty:
+            self.out.write("\r\033[K")
+        print(f"warm: {name}: {status}", file=self.out, flush=True)
+
+    def finish(self) -> None:
+        if self.tty:
+            self.out.write("\r\033[K")
+        print(f"warm: {self._text()}", file=self.out, flush=True)
+
+
+def _expected(info: ObjectInfo) -> tuple[str, bytes] | None:
+    if info.crc32c:
+        return "crc32c", base64.b64decode(info.crc32c)
+    if info.md5:
+        return "md5", base64.b64decode(info.md5)
+    return None
+
+
+async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: int, progress: _Progress) -> bool | None:
+    """Read one object through the store; True/False: checksum matched or not; None: no checksum."""
+    ref = ObjectRef(key, info.name, info.version, info.size)
+    expected = _expected(info)
+    crc = 0
+    md5 = hashlib.md5()
+    count = store.block_count(ref)
+    for index in range(count):
+        for ahead in range(index + 1, min(count, index + 1 + window)):
+            if not store.prefetch(ref, ahead):
+                break
+        block = await store.get(ref, index)
+        if expected is not None:
+            if expected[0] == "crc32c":
+                crc = crc32c.crc32c(block.view, crc)
+            else:
+                md5.update(block.view)
+        progress.add(block.length)
+    if expected is None:
+        return None
+    digest = crc.to_bytes(4, "big") if expected[0] == "crc32c" else md5.digest()
+    if digest == expected[1]:
+        return True
+    if store.disk is not None:
+        await store.drain()  # the object's blocks must be on disk before they can be removed
+        for index in range(count):
+            await store.disk.discard((key, info.version, index))
+    return False
+
+
+async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
+    """Fetch every object of ``config.source`` into the disk cache and verify it."""
+    if config.disk_cache <= 0:
+        raise ModelfsError("warm needs a disk cache (--disk-cache must be more than 0)")
+    backend = open_backend(config)
+    disk = DiskCache(config.cache_dir, config.disk_cache)
+    window = max(1, min(config.max_concurrency * 2, config.max_prefetch // config.block_size))
+    memory = MemoryCache(max(config.memory_cache, (window + 2) * config.block_size), config.block_size)
+    store = BlockStore(backend, memory, disk, block_size=config.block_size,
+                       max_concurrency=config.max_concurrency, retry_deadline=config.retry_deadline)
+    result = WarmResult(mismatched=[])
+    try:
+        objects = await retry_transient(backend.list_objects, deadline=config.retry_deadline,
+                                        what=f"listing {backend.description}")
+        files = [o for o in objects if isinstance(parse_object_name(o.name), ParsedName) and not o.name.endswith("/")]
+        total = sum(o.size for o in files)
+        if total > config.disk_cache:
+            log.warning("the source (%d bytes) is larger than --disk-cache (%d): the first objects will be "
+                        "evicted again", total, config.disk_cache)
+        disk.open()
+        progress = _Progress(total, out)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            for info in files:
+                ok = await _warm_object(store, info, backend.object_key(info.name), window, progress)
+                result.objects += 1
+                result.bytes += info.size
+                if ok is False:
+                    result.mismatched.append(info.name)
+                    progress.object_done(info.name, "CHECKSUM MISMATCH (not cached)")
+                elif ok is None:
+                    result.unverified += 1
+                    progress.object_done(info.name, "cached (no checksum to verify)")
+                else:
+                    progress.object_done(info.name, "cached, checksum ok")
+            await store.drain()
+            nursery.cancel_scope.cancel()
+        progress.finish()
+        result.fetched_bytes = store.stats.backend_bytes
+        return result
+    finally:
+        disk.close()
+        await backend.aclose()
