@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -38,17 +38,20 @@ MountFn = Callable[..., Path]
 
 @pytest.fixture
 def mount(tmp_path: Path, gcs: FakeGCS) -> Iterator[MountFn]:
-    """``mount(source, *options)`` mounts with modelfs and returns the mountpoint; every mount
+    """``mount(source, *options)`` mounts with modelfs and returns the mountpoint (``env=`` to
+    reach the emulator another way, e.g. through a fault proxy); every mount
     is unmounted at teardown, however the test ended."""
     with ExitStack() as stack:
         count = 0
 
-        def do_mount(source: str, *options: str, mountpoint: Path | None = None, cache_dir: Path | None = None) -> Path:
+        def do_mount(source: str, *options: str, mountpoint: Path | None = None, cache_dir: Path | None = None,
+                     env: Mapping[str, str] | None = None) -> Path:
             nonlocal count
             count += 1
             mnt = mountpoint or tmp_path / f"mnt{count}"
             cache = cache_dir or tmp_path / f"cache{count}"
             stack.callback(force_unmount, mnt)
-            return stack.enter_context(mounted(source, mnt, cache, "--anonymous", *options, env=gcs.env()))
+            return stack.enter_context(mounted(source, mnt, cache, "--anonymous", *options,
+                                               env=gcs.env() if env is None else env))
 
         yield do_mount
