@@ -149,8 +149,11 @@ def fake_gcs(backend: str = "memory", root: Path | None = None) -> Iterator[Fake
             "-backend", backend, "-log-level", "error"]
     if backend == "filesystem":
         args += ["-filesystem-root", str(root)]
-    log = open(root.parent / f"fakegcs-{port}.log", "wb") if not owned else subprocess.DEVNULL
-    process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    if owned:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    else:
+        with open(root.parent / f"fakegcs-{port}.log", "wb") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     server = FakeGCS(port, root, backend, process)
     try:
         deadline = time.monotonic() + 30
