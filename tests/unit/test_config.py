@@ -1,0 +1,215 @@
+"""Config: sizes, sources, precedence flags > env > file > default, file keys, validation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from modelfs.config import OPTIONS, Config, add_options, build_config, default_cache_dir, parse_size, parse_source
+from modelfs.errors import ConfigError
+
+SRC = "gs://my-bucket/models/llama"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    return parser.parse_args(list(argv))
+
+
+def config(*argv: str, env: dict[str, str] | None = None, source: str = SRC) -> Config:
+    return build_config(source, None, parse(*argv), environ=env or {})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8M", 8 << 20),
+        ("1G", 1 << 30),
+        ("512K", 512 << 10),
+        ("100", 100),
+        ("0", 0),
+        ("8m", 8 << 20),
+        ("8MiB", 8 << 20),
+        ("8MB", 8 << 20),
+        (" 2T ", 2 << 40),
+        ("1.5G", 3 << 29),
+        (4096, 4096),
+    ],
+)
+def test_parse_size(text: str | int, expected: int) -> None:
+    """Suffixes are powers of 1024, case-insensitive, with optional B/iB; ints pass through."""
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "8X", "-1", "M", "8 M B x", "1e3", -1, True])
+def test_parse_size_rejects_bad_input(text: object) -> None:
+    """Anything that is not a non-negative size is a ConfigError."""
+    with pytest.raises(ConfigError):
+        parse_size(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "bucket", "prefix"),
+    [
+        ("gs://my-bucket/models/llama", "my-bucket", "models/llama"),
+        ("gs://my-bucket/models/llama/", "my-bucket", "models/llama"),
+        ("gs://my-bucket/models/llama///", "my-bucket", "models/llama"),
+        ("gs://my-bucket", "my-bucket", ""),
+        ("gs://my-bucket/", "my-bucket", ""),
+        ("gs://my.bucket_1/x", "my.bucket_1", "x"),
+    ],
+)
+def test_parse_source_gs(url: str, bucket: str, prefix: str) -> None:
+    """gs:// URLs split into bucket and a prefix without leading or trailing slashes."""
+    source = parse_source(url)
+    assert (source.scheme, source.bucket, source.prefix, source.url) == ("gs", bucket, prefix, url)
+
+
+def test_parse_source_file_and_object_key() -> None:
+    """file:// takes an absolute path (normalized); object keys name scheme, bucket and prefix."""
+    source = parse_source("file:///data/models/")
+    assert (source.scheme, source.bucket, source.prefix) == ("file", "/data/models", "")
+    assert parse_source("gs://b-1/p/q/").object_key("a/b.bin") == "gs://b-1/p/q/a/b.bin"
+    assert parse_source("gs://b-1").object_key("a.bin") == "gs://b-1/a.bin"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "gs://Bad_Bucket/x",  # upper case
+        "gs://ab",  # too short
+        "gs://",  # no bucket
+        "gs://-bucket/x",  # must start with a letter or digit
+        "gs://bucket-/x",
+        "gs://my-bucket/a//b",  # empty prefix component
+        "s3://bucket/prefix",
+        "https://storage.googleapis.com/bucket",
+        "bucket/prefix",
+        "file://relative/dir",
+        "file://",
+    ],
+)
+def test_parse_source_rejects(url: str) -> None:
+    """Bad bucket names, unsupported schemes and relative file paths are ConfigErrors."""
+    with pytest.raises(ConfigError):
+        parse_source(url)
+
+
+def test_defaults() -> None:
+    """With no flags, env or file, every option has its table default."""
+    cfg = config("--cache-dir", "/tmp/c")
+    for opt in OPTIONS:
+        if opt.attr not in ("cache_dir", "log_file"):
+            assert getattr(cfg, opt.attr) == opt.default, opt.name
+    assert cfg.memory_cache == 256 << 20 and cfg.block_size == 8 << 20
+    assert cfg.cache_dir == Path("/tmp/c")
+    assert cfg.source.bucket == "my-bucket"
+
+
+def test_default_cache_dir_is_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without --cache-dir, each source gets its own dir under $XDG_CACHE_HOME/modelfs."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a = config()
+    b = config(source="gs://other-bucket/x")
+    assert a.cache_dir.parent == tmp_path / "modelfs"
+    assert a.cache_dir != b.cache_dir
+    assert a.cache_dir == default_cache_dir(parse_source(SRC + "/"))  # a trailing '/' is the same source
+
+
+def write_toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "modelfs.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    """Each layer overrides the ones below it, option by option."""
+    cfg_file = write_toml(tmp_path, 'memory-cache = "64M"\nblock-size = "1M"\nmax-concurrency = 3\n'
+                                    'metadata-ttl = 5\n')
+    env = {"MODELFS_MEMORY_CACHE": "128M", "MODELFS_BLOCK_SIZE": "2M"}
+    cfg = config("--config", cfg_file, "--memory-cache", "512M", env=env)
+    assert cfg.memory_cache == 512 << 20  # flag beats env and file
+    assert cfg.block_size == 2 << 20  # env beats file
+    assert cfg.max_concurrency == 3  # file beats default
+    assert cfg.metadata_ttl == 5.0
+    assert cfg.retry_deadline == 60.0  # default
+    # Take the flag away: env wins; take env away: file wins.
+    assert config("--config", cfg_file, env=env).memory_cache == 128 << 20
+    assert config("--config", cfg_file).memory_cache == 64 << 20
+    assert config().memory_cache == 256 << 20
+
+
+def test_config_file_from_env_and_underscore_keys(tmp_path: Path) -> None:
+    """MODELFS_CONFIG names the file; keys may use '_' as well as '-'."""
+    cfg_file = write_toml(tmp_path, "max_concurrency = 5\nanonymous = true\n")
+    cfg = config(env={"MODELFS_CONFIG": cfg_file})
+    assert cfg.max_concurrency == 5 and cfg.anonymous is True
+
+
+def test_boolean_flags_beat_env(tmp_path: Path) -> None:
+    """--no-X overrides MODELFS_X=true; env booleans accept 1/yes/true."""
+    env = {"MODELFS_ANONYMOUS": "true", "MODELFS_FOREGROUND": "1"}
+    cfg = config("--no-anonymous", env=env)
+    assert cfg.anonymous is False and cfg.foreground is True
+    assert config("-f").foreground is True
+    with pytest.raises(ConfigError, match="MODELFS_ALLOW_OTHER"):
+        config(env={"MODELFS_ALLOW_OTHER": "maybe"})
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    """A typo in the config file is reported, not ignored."""
+    cfg_file = write_toml(tmp_path, 'memory-cach = "64M"\n')
+    with pytest.raises(ConfigError, match="memory-cach"):
+        config("--config", cfg_file)
+
+
+def test_bad_file_and_bad_values_name_their_origin(tmp_path: Path) -> None:
+    """Missing/invalid files and bad values fail with a message naming where the value came from."""
+    with pytest.raises(ConfigError, match="not found"):
+        config("--config", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        config("--config", write_toml(tmp_path, "memory-cache = \n"))
+    with pytest.raises(ConfigError, match="in "):
+        config("--config", write_toml(tmp_path, 'memory-cache = "lots"\n'))
+    with pytest.raises(ConfigError, match="MODELFS_MAX_CONCURRENCY"):
+        config(env={"MODELFS_MAX_CONCURRENCY": "many"})
+    with pytest.raises(ConfigError, match="--log-level"):
+        config("--log-level", "loud")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--memory-cache", "8M", "--block-size", "8M"),  # fewer than two blocks
+        ("--memory-cache", "15M", "--block-size", "8M"),
+        ("--block-size", "1K"),
+        ("--block-size", "512M", "--memory-cache", "2G"),
+        ("--max-concurrency", "0"),
+        ("--metadata-ttl", "-2"),
+        ("--retry-deadline", "-1"),
+        ("--read-timeout", "0"),
+    ],
+)
+def test_validation_errors(argv: tuple[str, ...]) -> None:
+    """Values that cannot work are refused before anything is built."""
+    with pytest.raises(ConfigError):
+        config(*argv)
+
+
+def test_validation_accepts_edges() -> None:
+    """Exactly two blocks of memory and a TTL of -1 (never) are valid."""
+    cfg = config("--memory-cache", "16M", "--block-size", "8M", "--metadata-ttl", "-1")
+    assert cfg.memory_cache == 2 * cfg.block_size and cfg.metadata_ttl == -1
+
+
+def test_mountpoint_and_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative mountpoint, cache dir and log file become absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(SRC, "mnt", parse("--cache-dir", "c", "--log-file", "l.log"), environ={})
+    assert cfg.mountpoint == tmp_path / "mnt"
+    assert cfg.cache_dir == tmp_path / "c"
+    assert cfg.log_file == tmp_path / "l.log"
+    assert cfg.replace(max_concurrency=2).max_concurrency == 2

@@ -1,0 +1,306 @@
+"""DiskCache: exact round trips, restart, byte cap, corruption handling, lock and layout."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelfs.backends.memory import ramp
+from modelfs.cache.disk import HEADER, MAGIC, PAGE, DiskCache
+from modelfs.cache.memory import BlockKey
+from modelfs.errors import MountError
+
+BS = 4096
+FILE_SIZE = PAGE + BS  # one header page plus a full block
+
+
+def page_buffer(data: bytes) -> memoryview:
+    """A page-aligned buffer holding ``data``, like a memory-cache block (O_DIRECT-able)."""
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    return memoryview(buf)
+
+
+def key(i: int, obj: str = "memory:///model.bin", version: str = "7") -> BlockKey:
+    return (obj, version, i)
+
+
+def block_data(i: int, length: int = BS) -> bytes:
+    return ramp(length, seed=i)
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[DiskCache]:
+    """An opened (locked) disk cache with a cap that never evicts."""
+    cache = DiskCache(tmp_path / "cache", 1 << 30)
+    cache.open()
+    yield cache
+    cache.close()
+
+
+def path_of(cache: DiskCache, k: BlockKey) -> Path:
+    return cache.root / "blocks" / cache._relpath(k)
+
+
+async def read(cache: DiskCache, k: BlockKey, length: int = BS) -> bytes | None:
+    dest = bytearray(length)
+    if await cache.read_into(k, memoryview(dest)):
+        return bytes(dest)
+    return None
+
+
+async def test_write_then_read_back_exact_bytes(disk: DiskCache) -> None:
+    """Full (O_DIRECT) and short blocks, from aligned and unaligned buffers, read back exactly."""
+    await disk.write(key(0), page_buffer(block_data(0)))
+    await disk.write(key(1), memoryview(block_data(1)))  # not page-aligned
+    await disk.write(key(2), page_buffer(block_data(2, 1234)))  # the last, short block
+    assert await read(disk, key(0)) == block_data(0)
+    assert await read(disk, key(1)) == block_data(1)
+    assert await read(disk, key(2), 1234) == block_data(2, 1234)
+    assert disk.stats.writes == 3 and disk.stats.hits == 3 and disk.stats.corrupt == 0
+    assert disk.used == 2 * FILE_SIZE + PAGE + 1234
+    assert path_of(disk, key(0)).stat().st_size == FILE_SIZE
+
+
+async def test_absent_block_is_a_plain_miss(disk: DiskCache) -> None:
+    """No file: False, a miss, not counted as corrupt."""
+    assert await read(disk, key(5)) is None
+    assert disk.stats.misses == 1 and disk.stats.corrupt == 0
+
+
+async def test_survives_restart_after_scan(tmp_path: Path) -> None:
+    """A new DiskCache on the same dir serves the blocks an earlier one wrote; scan re-accounts them."""
+    first = DiskCache(tmp_path / "c", 1 << 30)
+    first.open()
+    for i in range(3):
+        await first.write(key(i), page_buffer(block_data(i)))
+    first.close()
+
+    second = DiskCache(tmp_path / "c", 1 << 30)
+    second.open()
+    try:
+        await second.scan()
+        assert second.used == 3 * FILE_SIZE
+        assert len(second._index) == 3
+        for i in range(3):
+            assert await read(second, key(i)) == block_data(i)
+        assert second.stats.hits == 3
+        assert second.used == 3 * FILE_SIZE  # hits of scanned blocks are not counted twice
+    finally:
+        second.close()
+
+
+async def test_scan_enforces_a_smaller_cap_oldest_first(tmp_path: Path) -> None:
+    """Restarted with a smaller cap, the scan deletes the least recently used files."""
+    first = DiskCache(tmp_path / "c", 1 << 30)
+    first.open()
+    for i in range(4):
+        await first.write(key(i), page_buffer(block_data(i)))
+    first.close()
+    for i in range(4):  # make the LRU order explicit: block 0 is the oldest
+        os.utime(path_of(first, key(i)), (1_000_000 + i, 1_000_000 + i))
+
+    second = DiskCache(tmp_path / "c", 2 * FILE_SIZE)
+    second.open()
+    try:
+        await second.scan()
+        assert second.used == 2 * FILE_SIZE
+        assert second.stats.evictions == 2
+        assert not path_of(second, key(0)).exists() and not path_of(second, key(1)).exists()
+        assert await read(second, key(2)) == block_data(2)
+        assert await read(second, key(3)) == block_data(3)
+    finally:
+        second.close()
+
+
+async def test_byte_cap_with_lru_eviction_deletes_files(tmp_path: Path) -> None:
+    """Writing past the cap deletes the least recently used block file; a hit refreshes recency."""
+    cache = DiskCache(tmp_path / "c", 3 * FILE_SIZE)
+    cache.open()
+    try:
+        for i in range(3):
+            await cache.write(key(i), page_buffer(block_data(i)))
+        assert cache.used == 3 * FILE_SIZE and cache.stats.evictions == 0
+        assert await read(cache, key(0)) == block_data(0)  # 0 is now the most recent
+        await cache.write(key(3), page_buffer(block_data(3)))
+        assert cache.used == 3 * FILE_SIZE <= cache.capacity
+        assert cache.stats.evictions == 1
+        assert not path_of(cache, key(1)).exists()
+        assert path_of(cache, key(0)).exists()
+        assert await read(cache, key(1)) is None
+        await cache.write(key(4), page_buffer(block_data(4)))
+        assert not path_of(cache, key(2)).exists()
+        files = [p for p in (cache.root / "blocks").rglob("*") if p.is_file()]
+        assert len(files) == 3
+        assert sum(p.stat().st_size for p in files) == cache.used
+    finally:
+        cache.close()
+
+
+async def test_flipped_data_byte_is_a_miss_and_deleted(disk: DiskCache) -> None:
+    """One flipped data byte fails the CRC32C: False, the file is deleted, corrupt counted."""
+    await disk.write(key(0), page_buffer(block_data(0)))
+    path = path_of(disk, key(0))
+    raw = bytearray(path.read_bytes())
+    raw[PAGE + 1000] ^= 0x01
+    path.write_bytes(raw)
+    assert await read(disk, key(0)) is None
+    assert not path.exists()
+    assert disk.stats.corrupt == 1 and disk.stats.misses == 1 and disk.stats.hits == 0
+    assert disk.used == 0
+    # Written again, it is served again.
+    await disk.write(key(0), page_buffer(block_data(0)))
+    assert await read(disk, key(0)) == block_data(0)
+
+
+@pytest.mark.parametrize("damage", ["magic", "format", "index", "length", "truncated", "trailing", "short header"])
+async def test_bad_header_or_size_is_a_miss_and_deleted(disk: DiskCache, damage: str) -> None:
+    """Any header field that does not match, or a file of the wrong size, is a discarded miss."""
+    await disk.write(key(0), page_buffer(block_data(0)))
+    path = path_of(disk, key(0))
+    raw = bytearray(path.read_bytes())
+    fields = list(HEADER.unpack_from(raw))
+    if damage == "magic":
+        fields[0] = b"XXXX"
+    elif damage == "format":
+        fields[1] = 99
+    elif damage == "index":
+        fields[3] = 1
+    elif damage == "length":
+        fields[4] = BS - 1
+    HEADER.pack_into(raw, 0, *fields)
+    if damage == "truncated":
+        raw = raw[:-1]
+    elif damage == "trailing":
+        raw += b"\0"
+    elif damage == "short header":
+        raw = raw[:10]
+    path.write_bytes(raw)
+    assert await read(disk, key(0)) is None
+    assert not path.exists()
+    assert disk.stats.corrupt == 1
+
+
+async def test_file_of_another_key_is_a_miss_and_deleted(disk: DiskCache) -> None:
+    """A block file found under another key's name (other object, same index) is never served."""
+    await disk.write(key(0, obj="memory:///a.bin"), page_buffer(block_data(0)))
+    wrong = path_of(disk, key(0, obj="memory:///b.bin"))
+    wrong.parent.mkdir(parents=True, exist_ok=True)
+    wrong.write_bytes(path_of(disk, key(0, obj="memory:///a.bin")).read_bytes())
+    assert await read(disk, key(0, obj="memory:///b.bin")) is None
+    assert not wrong.exists()
+    assert disk.stats.corrupt == 1
+    assert await read(disk, key(0, obj="memory:///a.bin")) == block_data(0)
+
+
+async def test_blocks_of_another_version_are_never_served(disk: DiskCache) -> None:
+    """Version 7's block is not returned for version 8, even when its file sits at 8's path."""
+    await disk.write(key(0, version="7"), page_buffer(block_data(0)))
+    assert await read(disk, key(0, version="8")) is None
+    assert disk.stats.corrupt == 0  # simply absent
+    planted = path_of(disk, key(0, version="8"))
+    planted.write_bytes(path_of(disk, key(0, version="7")).read_bytes())
+    assert await read(disk, key(0, version="8")) is None
+    assert not planted.exists()
+    assert disk.stats.corrupt == 1
+    assert await read(disk, key(0, version="7")) == block_data(0)
+
+
+async def test_corrupt_scanned_block_leaves_the_byte_count(tmp_path: Path) -> None:
+    """A bad file left by an earlier run (scanned into the index) is removed from the byte count."""
+    first = DiskCache(tmp_path / "c", 1 << 30)
+    first.open()
+    await first.write(key(0), page_buffer(block_data(0)))
+    await first.write(key(1), page_buffer(block_data(1)))
+    first.close()
+    path = path_of(first, key(0))
+    raw = bytearray(path.read_bytes())
+    raw[:4] = b"JUNK"
+    path.write_bytes(raw)
+    second = DiskCache(tmp_path / "c", 1 << 30)
+    second.open()
+    try:
+        await second.scan()
+        assert second.used == 2 * FILE_SIZE
+        assert await read(second, key(0)) is None
+        assert second.used == FILE_SIZE and second.stats.corrupt == 1
+        assert not path.exists()
+    finally:
+        second.close()
+
+
+def test_second_open_on_same_dir_raises(tmp_path: Path) -> None:
+    """The lock: another DiskCache on a dir in use fails with MountError, and works after close."""
+    first = DiskCache(tmp_path / "c", 1 << 30)
+    first.open()
+    second = DiskCache(tmp_path / "c", 1 << 30)
+    with pytest.raises(MountError, match="in use"):
+        second.open()
+    assert (tmp_path / "c" / "lock").read_text() == f"{os.getpid()}\n"
+    first.close()
+    second.open()
+    second.close()
+
+
+def test_dir_mode_is_0700(tmp_path: Path) -> None:
+    """The cache dir is made private even when it already existed with a wider mode."""
+    root = tmp_path / "c"
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)
+    cache = DiskCache(root, 1 << 30)
+    cache.open()
+    try:
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert stat.S_IMODE((root / "blocks").stat().st_mode) & 0o077 == 0
+    finally:
+        cache.close()
+
+
+def test_unusable_dir_raises_mount_error(tmp_path: Path) -> None:
+    """A cache dir path that is a regular file is a MountError, not an OSError."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MountError):
+        DiskCache(tmp_path / "file", 1 << 30).open()
+
+
+async def test_scan_removes_leftover_tmp_files(disk: DiskCache) -> None:
+    """*.tmp files of a crashed write are deleted by scan and not counted."""
+    await disk.write(key(0), page_buffer(block_data(0)))
+    obj_dir = path_of(disk, key(0)).parent
+    leftover = obj_dir / f".{path_of(disk, key(1)).name}.12345.tmp"
+    leftover.write_bytes(b"partial")
+    await disk.scan()
+    assert not leftover.exists()
+    assert disk.used == FILE_SIZE and len(disk._index) == 1
+    assert await read(disk, key(0)) == block_data(0)
+
+
+async def test_write_failure_is_counted_not_raised(disk: DiskCache) -> None:
+    """A write that fails (here: the object's dir is a file) is counted and the cache goes on."""
+    obj_dir = path_of(disk, key(0)).parent
+    obj_dir.parent.mkdir(parents=True, exist_ok=True)
+    obj_dir.write_bytes(b"not a directory")
+    await disk.write(key(0), page_buffer(block_data(0)))
+    assert disk.stats.write_errors == 1 and disk.stats.writes == 0
+    assert disk.used == 0
+    assert not list(obj_dir.parent.glob("*.tmp"))
+    await disk.write(key(0, obj="memory:///other"), page_buffer(block_data(1)))
+    assert await read(disk, key(0, obj="memory:///other")) == block_data(1)
+
+
+async def test_rewrite_of_known_block_is_not_double_counted(disk: DiskCache) -> None:
+    """Writing a block already in the index changes neither the byte count nor the file."""
+    await disk.write(key(0), page_buffer(block_data(0)))
+    await disk.write(key(0), page_buffer(block_data(0)))
+    assert disk.used == FILE_SIZE and disk.stats.writes == 1
+
+
+def test_header_layout() -> None:
+    """The magic and the header size that the data offset padding relies on."""
+    assert MAGIC == b"MFSB"
+    assert HEADER.size < PAGE
