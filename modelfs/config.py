@@ -132,6 +132,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("metadata-ttl", _parse_float, 60.0, "seconds a listing and attributes stay valid; -1 = never expire"),
     Option("max-prefetch", parse_size, 256 << 20, "largest read-ahead window per sequential reader"),
     Option("max-concurrency", _parse_int, 8, "ranged GETs in flight at once, over all files"),
+    Option("random-read-size", parse_size, 1 << 20, "GET size for reads that look random (after 2 seeks); 0 = whole blocks"),
     Option("read-ahead-kb", _parse_int, 1024, "kernel read-ahead of the mount (root only); 0 leaves it alone"),
     Option("retry-deadline", _parse_float, 60.0, "seconds a failing read is retried before it fails with EIO"),
     Option("read-timeout", _parse_float, 30.0, "seconds without a byte before a response counts as stalled"),
@@ -212,6 +213,7 @@ class Config:
     log_level: str
     log_file: Path | None
     log_format: str = "text"
+    random_read_size: int = 1 << 20
     metrics_addr: str | None = None
 
     def replace(self, **changes: Any) -> "Config":

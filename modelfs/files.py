@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from modelfs.cache.blocks import BlockStore, ObjectRef
-from modelfs.prefetch import ReadAhead
+from modelfs.prefetch import PrefetchDefaults, ReadAhead
 
 __all__ = ["OpenFiles"]
 
@@ -28,9 +28,12 @@ class _Open:
 class OpenFiles:
     """File handles → pinned objects; ``read`` turns a byte range into block reads."""
 
-    def __init__(self, store: BlockStore, *, max_prefetch: int) -> None:
+    def __init__(self, store: BlockStore, *, max_prefetch: int, random_read_size: int = 0,
+                 prefetch_defaults: PrefetchDefaults = PrefetchDefaults()) -> None:
         self.store = store
+        self.prefetch_defaults = prefetch_defaults
         self.max_prefetch = max_prefetch
+        self.random_read_size = random_read_size
         self._handles: dict[int, _Open] = {}
         self._by_version: dict[tuple[str, str], _Open] = {}
         self._next_fh = 1
@@ -42,7 +45,7 @@ class OpenFiles:
     def open(self, ref: ObjectRef) -> int:
         entry = self._by_version.get((ref.key, ref.version))
         if entry is None:
-            entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch))
+            entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_defaults))
             self._by_version[(ref.key, ref.version)] = entry
         entry.handles += 1
         fh = self._next_fh
@@ -85,6 +88,11 @@ class OpenFiles:
                 break
         bs = self.store.block_size
         first, last = offset // bs, (offset + size - 1) // bs
+        if entry.read_ahead.last_random and 0 < self.random_read_size < bs and size <= self.random_read_size:
+            # A random read of an uncached block: fetch a small aligned range, not the block.
+            small = await self.store.read_small(ref, offset, size, self.random_read_size)
+            if small is not None:
+                return small
         if first == last:
             block = await self.store.get(ref, first)
             start = offset - first * bs

@@ -200,6 +200,7 @@ class ModelFS(pyfuse3.Operations):
             "backend_bytes": store.stats.backend_bytes,
             "demand_gets": store.stats.demand_gets,
             "prefetch_gets": store.stats.prefetch_gets,
+            "small_gets": store.stats.small_gets,
             "retries": store.stats.retry.retries,
             "errors": store.stats.errors,
             "memory_capacity": memory.capacity,

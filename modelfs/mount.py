@@ -104,7 +104,7 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     memory = MemoryCache(config.memory_cache, config.block_size)
     store = BlockStore(backend, memory, disk, block_size=config.block_size,
                        max_concurrency=config.max_concurrency, retry_deadline=config.retry_deadline)
-    files = OpenFiles(store, max_prefetch=config.max_prefetch)
+    files = OpenFiles(store, max_prefetch=config.max_prefetch, random_read_size=config.random_read_size)
     ops = ModelFS(namespace, files, ttl=config.metadata_ttl, block_size=config.block_size)
     return ops, store, disk
 

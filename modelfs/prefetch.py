@@ -26,6 +26,11 @@ class PrefetchDefaults:
     # How far behind a cursor a read may start and still continue its run: the kernel
     # issues read-ahead requests concurrently and they can arrive out of order.
     backward_tolerance: int = 4 << 20
+    # How far past a cursor a read may start and still continue its run, beyond the window.
+    forward_tolerance: int = 1 << 20
+    # After this many seeks, a read that starts a new run is served by a small ranged GET
+    # instead of a whole block (gcsfuse switches after 2 seeks too).
+    random_after_seeks: int = 2
 
 
 @dataclass
@@ -48,13 +53,14 @@ class ReadAhead:
         self.defaults = defaults
         self.cursors: list[Cursor] = []
         self.resets = 0
+        self.last_random = False  # the last read looked random: it started a run after several seeks
         self._seq = 0
         self._blocks = -(-size // block_size)
 
     def _find(self, offset: int) -> Cursor | None:
         best: Cursor | None = None
         for c in self.cursors:
-            ahead = max(c.window, 1) * self.block_size + self.block_size
+            ahead = c.window * self.block_size + self.defaults.forward_tolerance
             if c.end - self.defaults.backward_tolerance <= offset <= c.end + ahead:
                 if best is None or abs(c.end - offset) < abs(best.end - offset):
                     best = c
@@ -74,11 +80,13 @@ class ReadAhead:
             window = min(1, self.max_window_blocks) if offset == 0 else 0
             if self.cursors:
                 self.resets += 1
+            self.last_random = self.resets >= self.defaults.random_after_seeks
             cursor = Cursor(end=end, block=last_block, window=window, scheduled=last_block + 1, seq=self._seq)
             self.cursors.append(cursor)
             if len(self.cursors) > self.defaults.max_cursors:
                 self.cursors.remove(min(self.cursors, key=lambda c: c.seq))
         else:
+            self.last_random = False
             cursor.seq = self._seq
             if end > cursor.end:
                 cursor.end = end

@@ -76,6 +76,7 @@ class StoreStats:
     backend_bytes: int = 0
     demand_gets: int = 0
     prefetch_gets: int = 0
+    small_gets: int = 0
     disk_hits: int = 0
     errors: int = 0
     retry: RetryStats = field(default_factory=RetryStats)
@@ -134,6 +135,40 @@ class BlockStore:
             if block.error is not None:
                 raise block.error
             # The fetch we waited on was cancelled: try again, maybe as the fetcher.
+
+    async def read_small(self, obj: ObjectRef, offset: int, size: int, granule: int) -> memoryview | None:
+        """Bytes [offset, offset+size) by one GET of the ``granule``-aligned range around them.
+
+        For random reads: fetching a whole block for each would multiply the bytes moved.
+        None when the block is cached (in memory or on disk): the caller reads the block.
+        The small buffer is not cached; the kernel's page cache keeps what was read.
+        """
+        index = offset // self.block_size
+        key: BlockKey = (obj.key, obj.version, index)
+        if self.memory.lookup(key) is not None or (self.disk is not None and self.disk.contains(key)):
+            return None
+        start = offset - offset % granule
+        end = min(obj.size, -(-(offset + size) // granule) * granule)
+        buf = memoryview(bytearray(end - start))
+
+        async def attempt() -> None:
+            await self.slots.acquire(demand=True)
+            try:
+                self.stats.backend_gets += 1
+                self.stats.small_gets += 1
+                self.stats.demand_gets += 1
+                await self.backend.read_range(obj.name, obj.version, start, buf)
+                self.stats.backend_bytes += len(buf)
+            finally:
+                self.slots.release()
+
+        try:
+            await retry_transient(attempt, deadline=self.retry_deadline, stats=self.stats.retry,
+                                  what=f"{obj.name} [{start}, {end})")
+        except Exception:
+            self.stats.errors += 1
+            raise
+        return buf[offset - start : offset - start + size]
 
     def prefetch(self, obj: ObjectRef, index: int) -> bool:
         """Start fetching a block in the background if the budget has room; False if not."""

@@ -180,6 +180,10 @@ class DiskCache:
             await self._unlink([rel])
         return False
 
+    def contains(self, key: BlockKey) -> bool:
+        """Whether the index knows this block (before the startup scan ends it may not yet)."""
+        return self._relpath(key) in self._index
+
     async def discard(self, key: BlockKey) -> None:
         """Delete a block file (its data turned out to be wrong)."""
         await self._unlink([self._relpath(key)])
