@@ -127,7 +127,14 @@ class BlockStore:
                 self.memory.consume(block)
                 return block
             if block.state is BlockState.FILLING:
-                await block.ready.wait()
+                # Pinned while we wait: once the fetcher unpins it, a READY block may be
+                # evicted (and its buffer reused) before this task runs again, and we would
+                # hand out an emptied view: a short read, which the kernel takes as EOF.
+                block.pins += 1
+                try:
+                    await block.ready.wait()
+                finally:
+                    self.memory.unpin(block)
             if block.state is BlockState.READY:
                 self.memory.stats.hits += 1
                 self.memory.consume(block)
