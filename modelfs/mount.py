@@ -55,6 +55,10 @@ def check_mountpoint(path: Path) -> None:
     """An existing empty directory that is not mounted; a dead FUSE mount is cleaned up first."""
     try:
         os.stat(path)
+        if is_mounted(path):
+            # The stat may come from the kernel's attribute cache of a mount whose daemon is
+            # gone; statfs always asks the file system, so a dead FUSE mount says ENOTCONN.
+            os.statvfs(path)
     except FileNotFoundError:
         raise MountError(f"mountpoint {path} does not exist") from None
     except OSError as exc:
