@@ -2,9 +2,9 @@
 
 The whole listing below the root is read at once (model prefixes hold tens to thousands of
 objects) and turned into directories and files by :mod:`modelfs.names`. A path keeps its
-inode number for as long as it exists with the same kind, so the kernel's cached entries
-stay valid across refreshes; a file whose object was overwritten keeps its inode and gets
-the new version's size, mtime and version.
+inode number for as long as it exists with the same kind (and, for a file, the same object
+version), so the kernel's cached entries stay valid across refreshes; a file whose object
+was overwritten gets a new inode, and the old one serves its open handles until forgotten.
 """
 
 from __future__ import annotations
@@ -129,6 +129,15 @@ class Namespace:
                 parent_path, _, name = path.rpartition("/")
                 self._by_path[(parent_path, True)].children[name.encode()] = node
         for path, obj in files.items():
+            old = self._by_path.get((path, False))
+            if old is not None and old.info is not None and old.info.version != obj.version:
+                # An overwritten object is a new file to the kernel, as after a rename over
+                # it: the kernel's page cache is per inode, and an old handle must never be
+                # served pages read from the new version. The old inode lives on for its
+                # open handles until the kernel forgets it.
+                del self._by_path[(path, False)]
+                if old.lookups == 0:
+                    del self._by_inode[old.inode]
             node = self._node(path, False)
             node.info = obj
             node.mtime = obj.mtime

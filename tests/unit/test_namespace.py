@@ -99,7 +99,9 @@ async def test_lookup_of_missing_name_and_inode_raise_not_found() -> None:
 
 
 async def test_inodes_stable_across_refresh_and_overwrite() -> None:
-    """Paths keep their inode over refreshes; an overwritten object keeps it and gets the new version."""
+    """Paths keep their inode over refreshes; an overwritten object gets a new inode (the kernel's
+    page cache is per inode: old handles must not see the new version's pages), and the old
+    inode stays resolvable while the kernel holds it."""
     backend = backend_with("a/b.bin", "c.bin")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
     await ns.refresh()
@@ -107,12 +109,17 @@ async def test_inodes_stable_across_refresh_and_overwrite() -> None:
     b = await walk(ns, "a/b.bin")
     c = await walk(ns, "c.bin")
     old_version = b.info.version if b.info else None
+    b.lookups = 1  # the kernel holds it, e.g. for an open file
     new_version = backend.put("a/b.bin", b"new and longer contents")
     backend.put("d.bin", b"d")
     await ns.refresh(force=True)
     assert (await walk(ns, "a")).inode == a.inode
     b2 = await walk(ns, "a/b.bin")
-    assert b2.inode == b.inode
+    assert b2.inode != b.inode
+    assert ns.get(b.inode) is b and b.info is not None and b.info.version == old_version
+    ns.forget(b.inode, 1)
+    with pytest.raises(NotFound):
+        ns.get(b.inode)
     assert b2.info is not None and b2.info.version == new_version != old_version
     assert b2.size == len(b"new and longer contents")
     assert (await walk(ns, "c.bin")).inode == c.inode

@@ -164,6 +164,7 @@ async def test_keep_cache_only_for_the_same_version(make_store: StoreFactory, ba
     assert first.keep_cache is False and second.keep_cache is True
     backend.put("config.json", b'{"a": 2}')
     await ops.namespace.refresh(force=True)
+    attr = await ops.lookup(ROOT_INODE, b"config.json", CTX)  # a new inode for the new version
     third = await ops.open(attr.st_ino, os.O_RDONLY, CTX)
     assert third.keep_cache is False
     assert bytes(await ops.read(third.fh, 0, 100)) == b'{"a": 2}'
