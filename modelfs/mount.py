@@ -28,7 +28,7 @@ from modelfs.files import OpenFiles
 from modelfs.fs import ModelFS
 from modelfs.inodes import Namespace
 
-__all__ = ["serve", "check_mountpoint", "unmount", "is_mounted"]
+__all__ = ["serve", "check_mountpoint", "unmount", "is_mounted", "mounted_fstype"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,21 @@ def is_mounted(path: Path) -> bool:
     return os.path.ismount(target)
 
 
+def mounted_fstype(path: Path) -> str | None:
+    """The type of the topmost mount at ``path`` (``fuse.modelfs``, ``ext4``...), or None."""
+    target = os.path.realpath(path)
+    fstype = None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[1].encode().decode("unicode_escape") == target:
+                    fstype = fields[2]  # later lines are mounted on top of earlier ones
+    except OSError:
+        pass
+    return fstype
+
+
 def check_mountpoint(path: Path) -> None:
     """An existing empty directory that is not mounted; a dead FUSE mount is cleaned up first."""
     try:
@@ -71,7 +86,10 @@ def check_mountpoint(path: Path) -> None:
                              f"{result.stderr.strip()}") from None
     if not path.is_dir():
         raise MountError(f"mountpoint {path} is not a directory")
-    if is_mounted(path):
+    # Mounting over a mount of another kind is fine (a container's volume, an emptyDir, a bind
+    # mount: the way a sidecar shares the model); over another FUSE file system it is not.
+    fstype = mounted_fstype(path)
+    if fstype is not None and fstype.startswith("fuse"):
         raise MountError(f"mountpoint {path} is already mounted")
     if any(os.scandir(path)):
         raise MountError(f"mountpoint {path} is not empty")
