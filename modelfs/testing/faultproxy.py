@@ -12,7 +12,8 @@ with probability ``rate`` and a seedable RNG, it replaces the normal answer by o
     the status line, headers and part of the body are sent, then the connection is reset.
 ``stall``
     the headers and part of the body are sent, then nothing for ``stall_seconds`` (set it
-    longer than the client's read timeout); then the connection is closed.
+    longer than the client's read timeout); then the connection is closed. A client that
+    gives up first (closes the connection) is counted in ``stall_client_gave_up``.
 ``truncate``
     the headers (with the full Content-Length) and fewer bytes than that are sent, then the
     connection is closed cleanly (FIN).
@@ -39,10 +40,12 @@ import argparse
 import http.client
 import json
 import random
+import select
 import socket
 import struct
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -231,8 +234,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._close_cleanly()
         if kind == "stall":
             self.wfile.flush()
-            proxy._stop.wait(proxy.stall_seconds)
+            if self._client_gave_up(proxy.stall_seconds):
+                proxy._count("stall_client_gave_up")
             self._close_cleanly()
+
+    def _client_gave_up(self, seconds: float) -> bool:
+        """Send nothing for ``seconds``; True if the client closed the connection meanwhile
+        (its read timeout fired), False if the stall ran its course or the proxy stopped."""
+        proxy = self.server.proxy
+        deadline = time.monotonic() + seconds
+        while not proxy._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.1))
+            if readable:
+                try:
+                    if not self.connection.recv(1, socket.MSG_PEEK):
+                        return True
+                except OSError:
+                    return True
+                # The client sent something mid-response; not a give-up, keep stalling.
+                time.sleep(min(left, 0.1))
+        return False
 
     def handle_one_request(self) -> None:
         # The base class's loop, with our dispatch for every method and _Aborted as a quiet end.
@@ -368,12 +392,13 @@ class FaultProxy:
 
     def counters(self) -> dict[str, int]:
         """``requests``, ``media_requests``, ``faults`` (total), ``fault_<kind>`` per kind,
-        ``refused_down``, ``upstream_errors``, ``bytes``."""
+        ``stall_client_gave_up``, ``refused_down``, ``upstream_errors``, ``bytes``."""
         with self._lock:
             out = dict(self._counts)
         for kind in FAULT_KINDS:
             out.setdefault(f"fault_{kind}", 0)
-        for name in ("requests", "media_requests", "faults", "refused_down", "upstream_errors", "bytes"):
+        for name in ("requests", "media_requests", "faults", "stall_client_gave_up", "refused_down",
+                     "upstream_errors", "bytes"):
             out.setdefault(name, 0)
         return out
 
