@@ -86,6 +86,51 @@ def _parse_log_level(text: Any) -> str:
     return value
 
 
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers modelfs sets itself on every ranged GET; a user value would break reads or pinning.
+_RESERVED_HEADERS = {"range", "if-match", "if-none-match", "if-range", "if-modified-since",
+                     "if-unmodified-since", "accept-encoding", "content-length", "transfer-encoding", "connection"}
+
+
+def _parse_headers(items: Any) -> tuple[str, ...]:
+    """``Name: value`` lines (``--header``, repeatable); ``@FILE`` reads one header per line from
+    FILE, which keeps tokens out of the process list. Errors never echo a header's value."""
+    if isinstance(items, str):
+        items = items.splitlines()  # the environment variable: one header per line
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError("expected a list of 'Name: value' strings")
+    lines: list[str] = []
+    for item in items:
+        item = str(item).strip()
+        if item.startswith("@"):
+            try:
+                text = Path(item[1:]).expanduser().read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read header file {item[1:]}: {exc.strerror}") from None
+            lines += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        elif item:
+            lines.append(item)
+    out: list[str] = []
+    for number, line in enumerate(lines, 1):
+        name, sep, value = line.partition(":")
+        name, value = name.strip(), value.strip()
+        if not sep or not _HEADER_NAME_RE.match(name):
+            raise ConfigError(f"header #{number} is not of the form 'Name: value'")
+        if any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"header {name!r} has a line break or NUL in its value")
+        if name.lower() in _RESERVED_HEADERS:
+            raise ConfigError(f"header {name!r} is set by modelfs itself and cannot be given")
+        out.append(f"{name}: {value}")
+    return tuple(out)
+
+
+def _parse_endpoint_url(text: Any) -> str:
+    value = str(text).strip().rstrip("/")
+    if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+        raise ConfigError(f"not an http(s):// URL: {text!r}")
+    return value
+
+
 def _parse_log_format(text: Any) -> str:
     value = str(text).strip().lower()
     if value not in ("text", "json"):
@@ -113,6 +158,7 @@ class Option:
     help: str
     short: str | None = None
     flag: bool = False  # a switch: --name / --no-name
+    multiple: bool = False  # repeatable: parse gets every value (a list; a TOML list; env: one per line)
 
     @property
     def attr(self) -> str:
@@ -142,6 +188,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-file", _parse_str, None, "log file of a daemonized mount (default: <cache-dir>/modelfs.log)"),
     Option("log-format", _parse_log_format, "text", "text (human-readable) or json (one object per line)"),
     Option("metrics-addr", _parse_addr, None, "serve Prometheus metrics on HOST:PORT (default: off)"),
+    Option("manifest", _parse_str, None, "http(s) directory URL: a file listing relative paths (optionally 'path size'), one a line"),
+    Option("ca-cert", _parse_str, None, "PEM file of extra CA certificates trusted for https:// (and an https S3 endpoint)"),
+    Option("header", _parse_headers, (), "http(s): 'Name: value' sent with every request (repeatable; @FILE reads them from FILE); never logged", multiple=True),
+    Option("endpoint-url", _parse_endpoint_url, None, "s3: the S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS)"),
 )
 
 _BY_ATTR = {opt.attr: opt for opt in OPTIONS}
@@ -149,12 +199,15 @@ _BY_ATTR = {opt.attr: opt for opt in OPTIONS}
 
 @dataclass(frozen=True)
 class Source:
-    """Where objects come from: ``gs://bucket/prefix`` or ``file:///dir``."""
+    """Where objects come from: ``gs://bucket/prefix``, ``s3://bucket/prefix``, ``file:///dir``,
+    or ``http(s)://host/path`` (bucket is host[:port]; prefix the directory path, decoded)."""
 
     scheme: str
-    bucket: str  # bucket name, or the directory for file://
+    bucket: str  # bucket name, the directory for file://, host[:port] for http(s)
     prefix: str  # no leading or trailing slash; "" for the whole bucket
-    url: str
+    url: str  # for http(s) without its query string (which may be a signature): safe to log
+    file: str = ""  # http(s): the one file a URL not ending in '/' names (decoded); else ""
+    query: str = dataclasses.field(default="", repr=False)  # http(s) single-file URL: sent, never shown
 
     def object_key(self, name: str) -> str:
         """A stable, backend-unique key of an object, used to name cache entries."""
@@ -162,11 +215,37 @@ class Source:
 
 
 _GCS_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_S3_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
+
+
+def _parse_http_source(url: str) -> Source:
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise ConfigError(f"invalid URL {url!r}: {exc}") from None
+    if not parts.hostname:
+        raise ConfigError(f"no host in {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("credentials in the URL are not accepted (they would show in logs): "
+                          "pass --header 'Authorization: ...' instead")
+    path = unquote(parts.path or "/")
+    if "\0" in path or any(part in (".", "..") for part in path.split("/")):
+        raise ConfigError(f"invalid path in {parts.scheme}://{parts.netloc}{parts.path}")
+    clean = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
+    if path.endswith("/"):
+        if parts.query:
+            raise ConfigError("a query string is only accepted on the URL of a single file")
+        return Source(parts.scheme, parts.netloc, path.strip("/"), clean)
+    directory, _, name = path.rpartition("/")
+    return Source(parts.scheme, parts.netloc, directory.strip("/"), clean, file=name, query=parts.query)
 
 
 def parse_source(url: str) -> Source:
     """Validate a SOURCE argument; a bad one raises ConfigError with the accepted forms."""
-    accepted = "expected gs://BUCKET[/PREFIX] or file:///DIR"
+    accepted = "expected gs://BUCKET[/PREFIX], s3://BUCKET[/PREFIX], https://HOST/PATH or file:///DIR"
     if url.startswith("gs://"):
         rest = url[len("gs://") :]
         bucket, _, prefix = rest.partition("/")
@@ -181,6 +260,16 @@ def parse_source(url: str) -> Source:
         if not path.startswith("/"):
             raise ConfigError(f"file:// source needs an absolute path: {url!r} ({accepted})")
         return Source("file", os.path.normpath(path), "", url)
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        if not _S3_BUCKET_RE.match(bucket) or ".." in bucket:
+            raise ConfigError(f"invalid S3 bucket name {bucket!r} in {url!r}")
+        prefix = prefix.strip("/")
+        if "//" in prefix or "\0" in prefix:
+            raise ConfigError(f"invalid prefix in {url!r}")
+        return Source("s3", bucket, prefix, url)
+    if url.startswith(("https://", "http://")):
+        return _parse_http_source(url)
     raise ConfigError(f"unsupported source {url!r}: {accepted}")
 
 
@@ -215,6 +304,10 @@ class Config:
     log_format: str = "text"
     random_read_size: int = 1 << 20
     metrics_addr: str | None = None
+    manifest: Path | None = None
+    ca_cert: Path | None = None
+    header: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # may hold tokens: never shown
+    endpoint_url: str | None = None
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -229,6 +322,9 @@ def add_options(parser: argparse.ArgumentParser, names: set[str] | None = None) 
         flags = [f"--{opt.name}"] + ([opt.short] if opt.short else [])
         if opt.flag:
             parser.add_argument(*flags, dest=opt.attr, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
+        elif opt.multiple:
+            parser.add_argument(*flags, dest=opt.attr, action="append", default=None, metavar=opt.attr.upper(),
+                                help=opt.help)
         else:
             parser.add_argument(*flags, dest=opt.attr, default=None, metavar=opt.attr.upper(), help=opt.help)
 
@@ -288,6 +384,7 @@ def build_config(source_url: str, mountpoint: str | None, args: argparse.Namespa
     cache_dir_value = values.pop("cache_dir")
     cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)
     log_file = values.pop("log_file")
+    _check_source_options(source, values)
     return Config(
         source=source,
         mountpoint=Path(mountpoint).absolute() if mountpoint else None,
@@ -295,6 +392,27 @@ def build_config(source_url: str, mountpoint: str | None, args: argparse.Namespa
         log_file=Path(log_file).absolute() if log_file else None,
         **values,
     )
+
+
+def _check_source_options(source: Source, values: dict[str, Any]) -> None:
+    """Options that only some sources take; file paths become absolute Paths that exist."""
+    http = source.scheme in ("http", "https")
+    if values["manifest"] is not None:
+        if not http or source.file:
+            raise ConfigError("--manifest needs an http(s):// SOURCE that ends in '/'")
+        values["manifest"] = Path(values["manifest"]).expanduser().absolute()
+        if not values["manifest"].is_file():
+            raise ConfigError(f"--manifest: no such file: {values['manifest']}")
+    if values["ca_cert"] is not None:
+        if not http and source.scheme != "s3":
+            raise ConfigError("--ca-cert applies to https:// and s3:// sources")
+        values["ca_cert"] = Path(values["ca_cert"]).expanduser().absolute()
+        if not values["ca_cert"].is_file():
+            raise ConfigError(f"--ca-cert: no such file: {values['ca_cert']}")
+    if values["header"] and not http:
+        raise ConfigError("--header applies to http(s):// sources")
+    if values["endpoint_url"] is not None and source.scheme != "s3":
+        raise ConfigError("--endpoint-url applies to s3:// sources")
 
 
 def option(attr: str) -> Option:

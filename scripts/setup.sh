@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
-PACKAGES=(fuse3 libfuse3-dev pkg-config)
+PACKAGES=(fuse3 libfuse3-dev pkg-config nginx openssl)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -24,4 +24,15 @@ def open_backend(config: "Config") -> Backend:
         from modelfs.backends.local import LocalBackend
 
         return LocalBackend(source, max_concurrency=config.max_concurrency)
+    if source.scheme in ("http", "https"):
+        from modelfs.backends.http import HTTPBackend
+
+        return HTTPBackend(source, manifest=config.manifest, ca_cert=config.ca_cert, headers=config.header,
+                           read_timeout=config.read_timeout, max_concurrency=config.max_concurrency)
+    if source.scheme == "s3":
+        from modelfs.backends.s3 import S3Backend
+
+        return S3Backend(source, endpoint_url=config.endpoint_url, anonymous=config.anonymous,
+                         ca_cert=config.ca_cert, read_timeout=config.read_timeout,
+                         max_concurrency=config.max_concurrency)
     raise AssertionError(f"unknown scheme {source.scheme}")

@@ -12,6 +12,8 @@ import pytest
 
 from modelfs.testing.fakegcs import FakeGCS
 from modelfs.testing.mounts import force_unmount, mounted
+from modelfs.testing.nginx import Nginx, nginx
+from modelfs.testing.s3server import S3Server, s3_server
 
 needs_fuse = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"
@@ -55,3 +57,17 @@ def mount(tmp_path: Path, gcs: FakeGCS) -> Iterator[MountFn]:
                                                env=gcs.env() if env is None else env))
 
         yield do_mount
+
+
+@pytest.fixture(scope="session")
+def web() -> Iterator[Nginx]:
+    """nginx on loopback, HTTP and HTTPS (self-signed CA at ``web.ca_cert``), JSON autoindex."""
+    with nginx() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """moto's S3 server with authentication on (``s3.admin`` seeds, ``s3.reader`` reads)."""
+    with s3_server() as server:
+        yield server

@@ -85,8 +85,13 @@ def test_parse_source_file_and_object_key() -> None:
         "gs://-bucket/x",  # must start with a letter or digit
         "gs://bucket-/x",
         "gs://my-bucket/a//b",  # empty prefix component
-        "s3://bucket/prefix",
-        "https://storage.googleapis.com/bucket",
+        "s3://ab/prefix",  # S3 bucket too short
+        "s3://bucket/a//b",
+        "https://",  # no host
+        "https://user:secret@host/m.bin",  # credentials in the URL would be logged
+        "https://host/a/../m.bin",
+        "https://host/models/?sig=x",  # a query string only on a single-file URL
+        "ftp://host/m.bin",
         "bucket/prefix",
         "file://relative/dir",
         "file://",

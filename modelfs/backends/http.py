@@ -1,0 +1,432 @@
+"""Files on a web server (``https://`` and ``http://``) through httpx, running on trio.
+
+What is mounted:
+
+- a URL of one file (``https://host/models/m.safetensors``): a directory holding that file;
+- a URL ending in '/' with ``--manifest FILE``: the files FILE lists, one relative path a line
+  (optionally ``path size``; ``#`` starts a comment);
+- a URL ending in '/' without a manifest: the server's JSON directory index (nginx
+  ``autoindex on; autoindex_format json;``), walked recursively.
+
+Every file is stat'ed with HEAD (or, where HEAD is refused, a GET of its first byte), which
+also proves the server honours Range. A file's version is its size and its strong ETag, or its
+size and Last-Modified when it has none. Each ranged GET sends ``If-Match`` with that ETag (or
+``If-Unmodified-Since``) and the response is checked again (ETag, Content-Range total), so a
+file replaced on the server reads as VersionChanged (ESTALE), never as mixed bytes.
+
+The body is read with ``aiter_raw`` and each chunk copied once into the caller's buffer: no
+threads, no intermediate body buffer. ``--header`` values (tokens) are sent with every
+request and never appear in a log line or an error message; neither does a URL's query
+string (a signature, for presigned URLs).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import re
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from modelfs import __version__
+from modelfs.backends.base import ObjectInfo
+from modelfs.config import Source
+from modelfs.errors import (
+    AccessDenied,
+    BackendError,
+    ConfigError,
+    NotFound,
+    TransientError,
+    VersionChanged,
+)
+
+__all__ = ["HTTPBackend", "parse_manifest", "parse_version", "make_version"]
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
+_PCHAR_SAFE = "/:@!$&'()*+,;=~"  # left as they are in a path (RFC 3986 pchar)
+_MAX_INDEX_DEPTH = 32
+
+
+# --- versions: what a read pins
+
+
+def make_version(size: int, etag: str | None, last_modified: str | None) -> str:
+    """``SIZE/"etag"`` for a strong ETag, else ``SIZE/lm:LAST-MODIFIED`` (possibly empty)."""
+    if etag and not etag.startswith("W/"):
+        return f"{size}/{etag}"
+    return f"{size}/lm:{last_modified or ''}"
+
+
+def parse_version(version: str) -> tuple[int, str | None, str | None]:
+    """(size, strong ETag or None, Last-Modified or None) of a :func:`make_version` string."""
+    size, _, tag = version.partition("/")
+    if tag.startswith("lm:"):
+        return int(size), None, tag[3:] or None
+    return int(size), tag, None
+
+
+def _mtime(last_modified: str | None) -> float:
+    if not last_modified:
+        return 0.0
+    try:
+        return email.utils.parsedate_to_datetime(last_modified).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+
+
+# --- manifests
+
+
+def parse_manifest(text: str, origin: str) -> list[tuple[str, int | None]]:
+    """``(path, size or None)`` for each line of a manifest; ConfigError names the bad line."""
+    out: dict[str, int | None] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, size = line, None
+        parts = line.rsplit(None, 1)
+        if len(parts) == 2 and parts[1].isdigit():
+            name, size = parts[0].rstrip(), int(parts[1])
+        while name.startswith("./"):
+            name = name[2:]
+        if name.startswith("/") or name.endswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
+            raise ConfigError(f"{origin} line {number}: not a relative file path: {name!r}")
+        out[name] = size
+    if not out:
+        raise ConfigError(f"{origin}: lists no files")
+    return list(out.items())
+
+
+def _find_cause(exc: BaseException, cls: type[BaseException]) -> BaseException | None:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, cls):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _split_header(line: str) -> tuple[str, str]:
+    name, _, value = line.partition(":")
+    return name.strip(), value.strip()
+
+
+class HTTPBackend:
+    """Files below one http(s) URL; names are relative to the URL's directory."""
+
+    def __init__(self, source: Source, *, manifest: Path | None = None, ca_cert: Path | None = None,
+                 headers: Sequence[str] = (), read_timeout: float = 30.0, connect_timeout: float = 10.0,
+                 max_concurrency: int = 8) -> None:
+        self._source = source
+        self._manifest = manifest
+        # The directory every name is relative to, with its path as the user spelled it.
+        self._base = source.url.rsplit("/", 1)[0] + "/" if source.file else source.url
+        self._limiter = trio.CapacityLimiter(max_concurrency)
+        self._warned: set[str] = set()
+        context = self._ssl_context(ca_cert) if source.scheme == "https" else None
+        client_headers = [("User-Agent", f"modelfs/{__version__}"), ("Accept-Encoding", "identity")]
+        client_headers += [_split_header(line) for line in headers]
+        self._client = httpx.AsyncClient(
+            headers=client_headers,
+            verify=context if context is not None else True,
+            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None),
+            limits=httpx.Limits(max_connections=max_concurrency + 4, max_keepalive_connections=max_concurrency + 4),
+            follow_redirects=True,
+            max_redirects=8,
+        )
+
+    @staticmethod
+    def _ssl_context(ca_cert: Path | None) -> ssl.SSLContext:
+        import certifi
+
+        context = ssl.create_default_context(cafile=certifi.where())
+        if ca_cert is not None:
+            try:
+                context.load_verify_locations(cafile=str(ca_cert))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--ca-cert {ca_cert}: not a readable PEM certificate file ({exc})") from None
+        return context
+
+    @property
+    def description(self) -> str:
+        return self._source.url
+
+    def object_key(self, name: str) -> str:
+        return self._source.object_key(name)
+
+    def _url(self, name: str) -> str:
+        if self._source.file:
+            return self._source.url + (f"?{self._source.query}" if self._source.query else "")
+        return self._base + quote(name, safe=_PCHAR_SAFE)
+
+    def _display(self, name: str) -> str:
+        """The URL of ``name`` as it may be shown: never with a query string."""
+        return self._source.url if self._source.file else self._base + name
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    # --- error classification: the only place that knows httpx's exceptions and HTTP statuses.
+
+    def _classify(self, exc: BaseException, what: str) -> BackendError:
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, httpx.TimeoutException):
+            return TransientError(f"{what}: timed out")
+        cert = _find_cause(exc, ssl.SSLCertVerificationError)
+        if cert is not None:
+            reason = getattr(cert, "verify_message", None) or "certificate verify failed"
+            return BackendError(f"{what}: TLS certificate verification failed ({reason}); "
+                                "pass --ca-cert FILE to trust a private CA")
+        if isinstance(exc, (httpx.TooManyRedirects, httpx.UnsupportedProtocol, httpx.InvalidURL)):
+            return BackendError(f"{what}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, (httpx.TransportError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
+            text = str(exc) or type(exc).__name__
+            return TransientError(f"{what}: {text[:200]}")
+        return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+
+    @staticmethod
+    def _status_error(status: int, what: str) -> BackendError | None:
+        """The error of a metadata request's status (reads have their own rules), or None for 2xx."""
+        if 200 <= status < 300:
+            return None
+        if status in (404, 410):
+            return NotFound(f"{what}: not found ({status})")
+        if status in (401, 403):
+            return AccessDenied(f"{what}: access denied ({status})")
+        if status in (408, 429) or status >= 500:
+            return TransientError(f"{what}: HTTP {status}")
+        return BackendError(f"{what}: unexpected HTTP {status}")
+
+    def _no_ranges(self, what: str) -> BackendError:
+        return BackendError(f"{what}: the server does not support Range requests (it sent the whole file "
+                            "for a ranged GET); modelfs needs a server that honours Range")
+
+    # --- metadata
+
+    async def _stat(self, name: str, listed_size: int | None = None) -> ObjectInfo:
+        what = self._display(name)
+        async with self._limiter:
+            try:
+                resp = await self._client.head(self._url(name))
+            except Exception as exc:
+                raise self._classify(exc, what) from None
+            headers = resp.headers
+            length = headers.get("content-length")
+            if resp.status_code in (403, 405, 501) or (resp.status_code == 200 and not (length or "").isdigit()):
+                # HEAD refused (a presigned GET URL answers 403) or no size: the first byte tells.
+                size, etag, last_modified = await self._probe(name, what)
+            else:
+                error = self._status_error(resp.status_code, what)
+                if error is not None:
+                    raise error
+                size = int(length or 0)
+                etag, last_modified = headers.get("etag"), headers.get("last-modified")
+                if size > 0 and headers.get("accept-ranges", "").strip().lower() != "bytes":
+                    await self._probe(name, what)  # raises if the server ignores Range
+        if etag is None or etag.startswith("W/"):
+            self._warn_once(f"etag:{name}", "%s has no strong ETag: changes are detected by %s only", what,
+                            "Last-Modified and size" if last_modified else "size")
+        if listed_size is not None and listed_size != size:
+            self._warn_once(f"size:{name}", "%s: the manifest says %d bytes, the server %d: using the server's",
+                            what, listed_size, size)
+        return ObjectInfo(name, size, _mtime(last_modified), make_version(size, etag, last_modified))
+
+    async def _probe(self, name: str, what: str) -> tuple[int, str | None, str | None]:
+        """GET the first byte: (size, ETag, Last-Modified); BackendError if Range is ignored."""
+        try:
+            async with self._client.stream("GET", self._url(name), headers={"Range": "bytes=0-0"}) as resp:
+                headers = resp.headers
+                status = resp.status_code
+                etag, last_modified = headers.get("etag"), headers.get("last-modified")
+                if status == 206:
+                    match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", ""))
+                    if not match or match.group(3) == "*":
+                        raise BackendError(f"{what}: the server does not tell the file's size "
+                                           f"(Content-Range {headers.get('content-range')!r})")
+                    await resp.aread()  # one byte: keeps the connection reusable
+                    return int(match.group(3)), etag, last_modified
+                if status == 416:
+                    match = _UNSATISFIED_RANGE_RE.fullmatch(headers.get("content-range", ""))
+                    if match:
+                        return int(match.group(1)), etag, last_modified
+                if status == 200:
+                    length = headers.get("content-length", "")
+                    if length in ("0", "1"):  # the whole file is what was asked for
+                        await resp.aread()
+                        return int(length), etag, last_modified
+                    raise self._no_ranges(what)
+                error = self._status_error(status, what)
+                raise error if error is not None else BackendError(f"{what}: unexpected HTTP {status}")
+        except Exception as exc:
+            raise self._classify(exc, what) from None
+
+    async def stat(self, name: str) -> ObjectInfo:
+        if self._source.file and name != self._source.file:
+            raise NotFound(f"{self._base}{name}: not found")
+        return await self._stat(name)
+
+    # --- listing
+
+    async def list_objects(self) -> list[ObjectInfo]:
+        if self._source.file:
+            return [await self._stat(self._source.file)]
+        placeholders: list[ObjectInfo] = []
+        if self._manifest is not None:
+            try:
+                text = await trio.Path(self._manifest).read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read manifest {self._manifest}: {exc.strerror}") from None
+            entries = parse_manifest(text, str(self._manifest))
+        else:
+            entries = await self._walk_index(placeholders)
+        results: list[ObjectInfo | None] = [None] * len(entries)
+        errors: list[BaseException] = []
+
+        async def one(index: int, name: str, size: int | None) -> None:
+            try:
+                results[index] = await self._stat(name, size)
+            except BackendError as exc:
+                if isinstance(exc, NotFound) and self._manifest is not None:
+                    exc = NotFound(f"{self._display(name)}: in the manifest but not on the server")
+                errors.append(exc)
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for index, (name, size) in enumerate(entries):
+                nursery.start_soon(one, index, name, size)
+        if errors:
+            raise errors[0]
+        return [info for info in results if info is not None] + placeholders
+
+    async def _walk_index(self, placeholders: list[ObjectInfo]) -> list[tuple[str, int | None]]:
+        """Files of the server's JSON directory index below the base URL, recursively."""
+        files: list[tuple[str, int | None]] = []
+
+        async def walk(rel: str, depth: int) -> None:
+            what = self._base + rel
+            try:
+                resp = await self._client.get(self._base + quote(rel, safe=_PCHAR_SAFE),
+                                              headers={"Accept": "application/json"})
+            except Exception as exc:
+                raise self._classify(exc, what) from None
+            error = self._status_error(resp.status_code, what)
+            if error is not None:
+                raise error
+            try:
+                entries = json.loads(resp.content)
+            except ValueError:
+                entries = None
+            if not isinstance(entries, list):
+                raise BackendError(f"{what}: the server sends no JSON directory index (nginx 'autoindex_format "
+                                   "json') for this URL: list the files with --manifest FILE")
+            if not entries and rel:
+                placeholders.append(ObjectInfo(rel, 0, 0.0, "0/lm:"))
+            for entry in entries:
+                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                    continue
+                name = entry["name"]
+                if not name or "/" in name or name in (".", ".."):
+                    continue
+                kind = entry.get("type")
+                if kind == "directory":
+                    if depth >= _MAX_INDEX_DEPTH:
+                        self._warn_once(f"depth:{rel}", "%s: deeper than %d directories: not listed", what,
+                                        _MAX_INDEX_DEPTH)
+                        continue
+                    await walk(f"{rel}{name}/", depth + 1)
+                elif kind == "file":
+                    size = entry.get("size")
+                    files.append((rel + name, size if isinstance(size, int) else None))
+
+        await walk("", 0)
+        return files
+
+    # --- the data path
+
+    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+        length = len(dest)
+        if length == 0:
+            return
+        size, etag, last_modified = parse_version(version)
+        if offset < 0 or offset + length > size:
+            raise BackendError(f"{self._display(name)}: range [{offset}, +{length}] is beyond the end ({size} bytes)")
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if etag is not None:
+            headers["If-Match"] = etag
+        elif last_modified is not None:
+            headers["If-Unmodified-Since"] = last_modified
+        what = f"{self._display(name)} [{offset}, +{length}]"
+        try:
+            async with self._client.stream("GET", self._url(name), headers=headers) as resp:
+                self._check_read(resp, what, size, etag, last_modified, offset, length)
+                got = 0
+                async for chunk in resp.aiter_raw():
+                    end = got + len(chunk)
+                    if end > length:
+                        raise TransientError(f"{what}: the server sent more than {length} bytes")
+                    dest[got:end] = chunk
+                    got = end
+                if got != length:
+                    raise TransientError(f"{what}: body ended after {got} of {length} bytes")
+        except Exception as exc:
+            raise self._classify(exc, what) from None
+
+    def _check_read(self, resp: httpx.Response, what: str, size: int, etag: str | None,
+                    last_modified: str | None, offset: int, length: int) -> None:
+        status = resp.status_code
+        headers = resp.headers
+        if status == 412:
+            raise VersionChanged(f"{what}: changed on the server since it was opened (412 Precondition Failed)")
+        if status in (404, 410):
+            raise VersionChanged(f"{what}: gone from the server since it was opened ({status})")
+        if status == 416:
+            raise VersionChanged(f"{what}: shorter on the server than when it was opened (416)")
+        if status in (401, 403):
+            raise AccessDenied(f"{what}: access denied ({status})")
+        if status in (408, 429) or status >= 500:
+            raise TransientError(f"{what}: HTTP {status}")
+        if status not in (200, 206):
+            raise BackendError(f"{what}: unexpected HTTP {status}")
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            raise BackendError(f"{what}: the server sent a {encoding}-encoded body despite 'Accept-Encoding: identity'")
+        sent_etag = headers.get("etag")
+        if etag is not None and sent_etag is not None and sent_etag != etag:
+            raise VersionChanged(f"{what}: changed on the server (ETag {etag} is now {sent_etag})")
+        sent_modified = headers.get("last-modified")
+        if etag is None and last_modified is not None and sent_modified is not None and sent_modified != last_modified:
+            raise VersionChanged(f"{what}: changed on the server (Last-Modified is now {sent_modified})")
+        content_length = headers.get("content-length")
+        if status == 206:
+            match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", ""))
+            if not match:
+                raise TransientError(f"{what}: bad Content-Range {headers.get('content-range')!r}")
+            if match.group(3) != "*" and int(match.group(3)) != size:
+                raise VersionChanged(f"{what}: changed on the server (size {size} is now {match.group(3)})")
+            if int(match.group(1)) != offset or int(match.group(2)) != offset + length - 1:
+                raise TransientError(f"{what}: wrong Content-Range {headers.get('content-range')!r}")
+        else:  # 200: the whole file, acceptable only when the whole file was asked for
+            if offset != 0 or length != size:
+                raise self._no_ranges(what)
+            if content_length is not None and content_length.isdigit() and int(content_length) != size:
+                raise VersionChanged(f"{what}: changed on the server (size {size} is now {content_length})")
+        if content_length is not None and content_length.isdigit() and int(content_length) != length:
+            raise TransientError(f"{what}: Content-Length {content_length}, expected {length}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
