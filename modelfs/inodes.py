@@ -17,7 +17,7 @@ import trio
 
 from modelfs.backends.base import Backend, ObjectInfo
 from modelfs.backends.retry import retry_transient
-from modelfs.errors import NotFound
+from modelfs.errors import NotFound, TransientError
 from modelfs.names import ParsedName, parse_object_name
 
 __all__ = ["Node", "Namespace", "ROOT_INODE"]
@@ -75,8 +75,18 @@ class Namespace:
         async with self._lock:
             if not force and not self._stale():
                 return
-            objects = await retry_transient(self.backend.list_objects, deadline=self.retry_deadline,
-                                            what=f"listing {self.backend.description}")
+            try:
+                objects = await retry_transient(self.backend.list_objects, deadline=self.retry_deadline,
+                                                what=f"listing {self.backend.description}")
+            except TransientError as exc:
+                if force or self._listed_at is None:
+                    raise
+                # The backend is unreachable: what is cached stays readable under the last
+                # listing rather than every lookup failing; try again after another TTL.
+                log.warning("cannot refresh the listing (%s); serving the last listing for another %gs",
+                            exc, self.ttl)
+                self._listed_at = trio.current_time()
+                return
             self._apply(objects)
             self._listed_at = trio.current_time()
 

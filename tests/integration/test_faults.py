@@ -198,13 +198,14 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
     gcs.upload(bucket, "m/uncached.bin", uncached)
     cache = tmp_path / "cache"
     mnt = mount(f"gs://{bucket}/m", *BASE, "--memory-cache", "256K", "--disk-cache", "4M",
-                "--retry-deadline", "3", cache_dir=cache, env=_via(proxy))
+                "--retry-deadline", "3", "--metadata-ttl", "1", cache_dir=cache, env=_via(proxy))
     assert _read_whole(mnt / "cached.bin") == cached  # into the disk cache (memory holds only 4 blocks)
     (mnt / "uncached.bin").stat()
 
     proxy.down = True
     try:
-        # Cached blocks are still served, from memory or disk.
+        time.sleep(1.5)  # past --metadata-ttl: the listing cannot be refreshed now
+        # Cached blocks are still served, from memory or disk, under the last listing.
         assert _in_thread(lambda: _read_whole(mnt / "cached.bin")) == cached
         # An uncached block fails with EIO once the retry deadline is spent; it does not hang.
         with pytest.raises(OSError) as info:
@@ -216,7 +217,8 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
         proxy.down = False
     # Back: the same read succeeds, with the right bytes.
     assert _in_thread(lambda: _read_whole(mnt / "uncached.bin")) == uncached
-    _no_traceback(cache)
+    log = _no_traceback(cache)
+    assert "serving the last listing" in log
 
 
 # --- pinned versions: an overwrite or a delete never mixes versions

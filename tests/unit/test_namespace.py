@@ -231,3 +231,39 @@ async def test_transient_listing_failure_is_retried(autojump_clock: trio.testing
     ns = Namespace(backend, ttl=10, retry_deadline=30)
     assert not (await ns.lookup(ROOT_INODE, b"a")).is_dir
     assert failures == 0
+
+
+async def test_unreachable_backend_keeps_the_last_listing(autojump_clock: trio.testing.MockClock,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refresh that fails past the retry deadline keeps the last listing (cached data stays
+    reachable) and tries again one TTL later; the first listing still has to succeed."""
+    backend = backend_with("a.bin")
+    real = backend.list_objects
+    down = False
+    calls = 0
+
+    async def maybe_down() -> list:  # type: ignore[type-arg]
+        nonlocal calls
+        calls += 1
+        if down:
+            raise TransientError("connection refused")
+        return await real()
+
+    monkeypatch.setattr(backend, "list_objects", maybe_down)
+    ns = Namespace(backend, ttl=10, retry_deadline=2)
+    a = await walk(ns, "a.bin")
+    down = True
+    await trio.sleep(11)
+    assert await walk(ns, "a.bin") is a  # served from the last listing, after the retries
+    failed_calls = calls
+    assert failed_calls > 2
+    assert await walk(ns, "a.bin") is a
+    assert calls == failed_calls  # no new attempt before another TTL
+    down = False
+    backend.put("b.bin", b"b")
+    await trio.sleep(11)
+    assert (await walk(ns, "b.bin")).size == 1
+    fresh = Namespace(backend, ttl=10, retry_deadline=2)
+    down = True
+    with pytest.raises(TransientError):
+        await fresh.refresh()
