@@ -86,6 +86,11 @@ def _parse_log_level(text: Any) -> str:
     return value
 
 
+def _parse_suffixes(text: Any) -> str:
+    parts = [p.strip() for p in (text if isinstance(text, list) else str(text).split(",")) if str(p).strip()]
+    return ",".join(parts)
+
+
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers modelfs sets itself on every ranged GET; a user value would break reads or pinning.
 _RESERVED_HEADERS = {"range", "if-match", "if-none-match", "if-range", "if-modified-since",
@@ -179,6 +184,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-prefetch", parse_size, 256 << 20, "largest read-ahead window per sequential reader"),
     Option("max-concurrency", _parse_int, 8, "ranged GETs in flight at once, over all files"),
     Option("random-read-size", parse_size, 1 << 20, "GET size for reads that look random (after 2 seeks); 0 = whole blocks"),
+    Option("eager", _parse_bool, True, "stream a weight file whole into the disk cache when it is opened", flag=True),
+    Option("eager-model", _parse_bool, False, "at mount time, stream every weight file into the disk cache", flag=True),
+    Option("eager-suffixes", _parse_suffixes, ".safetensors,.gguf,.bin,.pt,.pth,.onnx",
+           "comma-separated name endings that mark weight files"),
     Option("read-ahead-kb", _parse_int, 1024, "kernel read-ahead of the mount (root only); 0 leaves it alone"),
     Option("retry-deadline", _parse_float, 60.0, "seconds a failing read is retried before it fails with EIO"),
     Option("read-timeout", _parse_float, 30.0, "seconds without a byte before a response counts as stalled"),
@@ -303,6 +312,9 @@ class Config:
     log_file: Path | None
     log_format: str = "text"
     random_read_size: int = 1 << 20
+    eager: bool = True
+    eager_model: bool = False
+    eager_suffixes: str = ".safetensors,.gguf,.bin,.pt,.pth,.onnx"
     metrics_addr: str | None = None
     manifest: Path | None = None
     ca_cert: Path | None = None

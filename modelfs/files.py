@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from modelfs.cache.blocks import BlockStore, ObjectRef
+from modelfs.eager import EagerStreamer
 from modelfs.prefetch import PrefetchDefaults, ReadAhead
 
 __all__ = ["OpenFiles"]
@@ -29,8 +30,10 @@ class OpenFiles:
     """File handles → pinned objects; ``read`` turns a byte range into block reads."""
 
     def __init__(self, store: BlockStore, *, max_prefetch: int, random_read_size: int = 0,
-                 prefetch_defaults: PrefetchDefaults = PrefetchDefaults()) -> None:
+                 prefetch_defaults: PrefetchDefaults = PrefetchDefaults(),
+                 eager: EagerStreamer | None = None) -> None:
         self.store = store
+        self.eager = eager
         self.prefetch_defaults = prefetch_defaults
         self.max_prefetch = max_prefetch
         self.random_read_size = random_read_size
@@ -48,6 +51,8 @@ class OpenFiles:
             entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_defaults))
             self._by_version[(ref.key, ref.version)] = entry
         entry.handles += 1
+        if self.eager is not None:
+            self.eager.opened(ref)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = entry
@@ -58,6 +63,8 @@ class OpenFiles:
         if entry is None:
             return
         entry.handles -= 1
+        if self.eager is not None:
+            self.eager.closed(entry.ref)
         if entry.handles == 0:
             del self._by_version[(entry.ref.key, entry.ref.version)]
             self._closed_resets += entry.read_ahead.resets

@@ -22,6 +22,7 @@ import trio
 
 from modelfs.cache.blocks import ObjectRef
 from modelfs.errors import ModelfsError, NotFound, errno_for
+from modelfs.eager import EagerStreamer
 from modelfs.files import OpenFiles
 from modelfs.inodes import ROOT_INODE, Namespace, Node
 from modelfs.metrics import LatencyHistogram
@@ -87,6 +88,7 @@ class ModelFS(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._opened_version: dict[int, str] = {}
         self.errors: Counter[str] = Counter()
+        self.eager: EagerStreamer | None = None
         self.read_latency = LatencyHistogram()
 
     # --- attributes
@@ -201,6 +203,9 @@ class ModelFS(pyfuse3.Operations):
             "demand_gets": store.stats.demand_gets,
             "prefetch_gets": store.stats.prefetch_gets,
             "small_gets": store.stats.small_gets,
+            "streamed_blocks": store.stats.streamed_blocks,
+            "eager_streams_active": self.eager.active if self.eager is not None else 0,
+            "eager_streams_completed": self.eager.completed if self.eager is not None else 0,
             "retries": store.stats.retry.retries,
             "errors": store.stats.errors,
             "memory_capacity": memory.capacity,

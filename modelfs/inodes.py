@@ -158,6 +158,10 @@ class Namespace:
 
     # --- queries
 
+    def files(self) -> list[Node]:
+        """Every file node in the current tree."""
+        return [node for (_, is_dir), node in self._by_path.items() if not is_dir and node.info is not None]
+
     def get(self, inode: int) -> Node:
         try:
             return self._by_inode[inode]

@@ -19,10 +19,11 @@ import pyfuse3
 import trio
 
 from modelfs.backends import open_backend
-from modelfs.cache.blocks import BlockStore
+from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
+from modelfs.eager import EagerStreamer
 from modelfs.errors import MountError
 from modelfs.files import OpenFiles
 from modelfs.fs import ModelFS
@@ -126,8 +127,12 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     memory = MemoryCache(config.memory_cache, config.block_size)
     store = BlockStore(backend, memory, disk, block_size=config.block_size,
                        max_concurrency=config.max_concurrency, retry_deadline=config.retry_deadline)
-    files = OpenFiles(store, max_prefetch=config.max_prefetch, random_read_size=config.random_read_size)
+    eager = EagerStreamer(store, suffixes=[s for s in config.eager_suffixes.split(",") if s],
+                          workers=max(1, config.max_concurrency // 2), enabled=config.eager or config.eager_model)
+    files = OpenFiles(store, max_prefetch=config.max_prefetch, random_read_size=config.random_read_size,
+                      eager=eager if config.eager else None)
     ops = ModelFS(namespace, files, ttl=config.metadata_ttl, block_size=config.block_size)
+    ops.eager = eager
     return ops, store, disk
 
 
@@ -156,6 +161,10 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
+                assert ops.eager is not None
+                await nursery.start(ops.eager.run)
+                if config.eager_model:
+                    _stream_model(ops)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
                 nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
                 await pyfuse3.main(max_tasks=64)
@@ -169,6 +178,20 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
         if disk is not None:
             disk.close()
         await ops.namespace.backend.aclose()
+
+
+def _stream_model(ops: ModelFS) -> None:
+    """--eager-model: stream every weight file now, before anyone opens it."""
+    assert ops.eager is not None
+    count = 0
+    for node in ops.namespace.files():
+        info = node.info
+        assert info is not None
+        if ops.eager.wants(info.name):
+            ops.eager.opened(ObjectRef(ops.namespace.backend.object_key(info.name), info.name, info.version,
+                                       info.size), pinned=True)
+            count += 1
+    log.info("streaming %d weight file(s) into the disk cache", count)
 
 
 def _start_metrics(config: Config, ops: ModelFS) -> object | None:

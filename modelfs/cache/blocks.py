@@ -77,6 +77,7 @@ class StoreStats:
     demand_gets: int = 0
     prefetch_gets: int = 0
     small_gets: int = 0
+    streamed_blocks: int = 0
     disk_hits: int = 0
     errors: int = 0
     retry: RetryStats = field(default_factory=RetryStats)
@@ -176,6 +177,21 @@ class BlockStore:
             self.stats.errors += 1
             raise
         return buf[offset - start : offset - start + size]
+
+    async def stream(self, obj: ObjectRef, index: int) -> None:
+        """Bring a block into the disk cache in the background (eager streaming).
+
+        Takes GET slots behind demand reads, and memory only from blocks already read; the
+        block is readable at once and evictable as soon as its disk write is done.
+        """
+        key: BlockKey = (obj.key, obj.version, index)
+        if key in self.memory or self.disk is None or self.disk.contains(key):
+            return
+        block = await self.memory.reserve_background(key, self._length(obj, index))
+        if block is None:
+            return
+        await self._fill(obj, block, demand=False)
+        self.stats.streamed_blocks += 1
 
     def prefetch(self, obj: ObjectRef, index: int) -> bool:
         """Start fetching a block in the background if the budget has room; False if not."""

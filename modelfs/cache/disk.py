@@ -322,6 +322,8 @@ class DiskCache:
                 except OSError:
                     continue
                 if entry.name.endswith(".tmp"):
+                    if entry.name.endswith(f".{os.getpid()}.tmp"):
+                        continue  # being written by us right now: the scan runs beside reads
                     # Left by a crash: nobody else writes here while we hold the lock.
                     try:
                         os.unlink(entry.path)

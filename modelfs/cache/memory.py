@@ -158,6 +158,22 @@ class MemoryCache:
                 return self._insert(key, length, prefetch=False)
             await self._space.park()
 
+    async def reserve_background(self, key: BlockKey, length: int) -> Block | None:
+        """A new pinned FILLING block for background streaming, or None if the block exists.
+
+        Waits for room like a demand read, but makes room only from blocks already read:
+        it never pushes out a prefetch a reader is about to use. Demand reads overtake it.
+        """
+        while True:
+            if key in self._blocks:
+                return None
+            if self._make_room(length, keep_unread=True):
+                return self._insert(key, length, prefetch=False)
+            await self._space.park()
+
+    def __contains__(self, key: BlockKey) -> bool:
+        return key in self._blocks
+
     def try_reserve_prefetch(self, key: BlockKey, length: int) -> Block | None:
         """A new pinned FILLING block for a prefetch, or None when the budget has no room for it."""
         if key in self._blocks:

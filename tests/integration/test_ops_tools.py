@@ -32,7 +32,7 @@ def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) ->
     data = random.Random(7).randbytes(10 * 65536)
     gcs.upload(bucket, "m/w.bin", data)
     port = free_port()
-    mnt = mount(f"gs://{bucket}/m", "--block-size", "64K", "--memory-cache", "256K", "--metrics-addr",
+    mnt = mount(f"gs://{bucket}/m", "--no-eager", "--block-size", "64K", "--memory-cache", "256K", "--metrics-addr",
                 f"127.0.0.1:{port}")
     before = _metrics(port)
     assert before['modelfs_backend_bytes_total{backend="gs"}'] == 0

@@ -1,0 +1,168 @@
+"""Eager streaming: copy whole weight files into the disk cache in the background.
+
+mmap'd loaders (safetensors, torch.load(mmap=True), llama.cpp) fault pages in their own
+order, which over a network filesystem turns into slow scattered reads. When a weight file
+is opened (or, with ``--eager-model``, for every weight file at mount time), its blocks are
+fetched with parallel ranged GETs in file order into the disk cache, so the loader's faults
+find them local. Demand reads still go first: the stream only takes GET slots nobody is
+waiting for, and memory that holds no unread data.
+
+For ``.safetensors`` the JSON header is parsed first and the tensor data is streamed in the
+order of the tensors' offsets, after the header's own blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from modelfs.cache.blocks import BlockStore, ObjectRef
+
+__all__ = ["EagerStreamer", "WEIGHT_SUFFIXES", "safetensors_block_order"]
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".onnx")
+
+
+def safetensors_block_order(header: bytes, header_len: int, block_size: int, size: int) -> list[int]:
+    """Blocks of a safetensors file: the header's, then by the offsets of the tensors' data."""
+    blocks = -(-size // block_size)
+    order: list[int] = list(range(min(blocks, -(-(8 + header_len) // block_size))))
+    seen = set(order)
+    meta = json.loads(header)
+    data_start = 8 + header_len
+    spans = sorted(
+        tuple(entry["data_offsets"]) for name, entry in meta.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    )
+    for begin, end in spans:
+        if end <= begin:
+            continue
+        for index in range((data_start + begin) // block_size, min(blocks, -(-(data_start + end) // block_size))):
+            if index not in seen:
+                seen.add(index)
+                order.append(index)
+    order.extend(i for i in range(blocks) if i not in seen)
+    return order
+
+
+@dataclass
+class _Stream:
+    ref: ObjectRef
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    users: int = 0  # open handles; 0 with pinned=True: started at mount, not tied to handles
+    pinned: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class EagerStreamer:
+    """Starts, tracks and cancels the background stream of each weight file."""
+
+    def __init__(self, store: BlockStore, *, suffixes: Iterable[str] = WEIGHT_SUFFIXES,
+                 workers: int = 4, enabled: bool = True) -> None:
+        self.store = store
+        self.suffixes = tuple(s.lower() for s in suffixes)
+        self.workers = max(1, workers)
+        self.enabled = enabled and store.disk is not None
+        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._nursery: trio.Nursery | None = None
+        self.completed = 0
+        self.cancelled = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def wants(self, name: str) -> bool:
+        return self.enabled and name.lower().endswith(self.suffixes)
+
+    @property
+    def active(self) -> int:
+        return len(self._streams)
+
+    def opened(self, ref: ObjectRef, *, pinned: bool = False) -> None:
+        """A handle on ``ref`` opened (or, pinned, the mount asks for it): stream it if needed."""
+        if not self.wants(ref.name) or self._nursery is None or ref.size == 0:
+            return
+        stream = self._streams.get((ref.key, ref.version))
+        if stream is None:
+            disk = self.store.disk
+            if disk is not None and ref.size > disk.capacity * 0.9:
+                log.info("not streaming %s: larger than the disk cache", ref.name)
+                return
+            stream = _Stream(ref, pinned=pinned)
+            self._streams[(ref.key, ref.version)] = stream
+            self._nursery.start_soon(self._run_stream, stream)
+        stream.pinned = stream.pinned or pinned
+        if not pinned:
+            stream.users += 1
+
+    def closed(self, ref: ObjectRef) -> None:
+        """A handle closed: the last one cancels a stream the mount did not ask for."""
+        stream = self._streams.get((ref.key, ref.version))
+        if stream is None:
+            return
+        stream.users = max(0, stream.users - 1)
+        if stream.users == 0 and not stream.pinned:
+            stream.scope.cancel()
+
+    async def wait(self, ref: ObjectRef) -> None:
+        """Wait until the stream of ``ref`` (if any) has ended."""
+        stream = self._streams.get((ref.key, ref.version))
+        if stream is not None:
+            await stream.done.wait()
+
+    async def _order(self, ref: ObjectRef) -> list[int]:
+        blocks = self.store.block_count(ref)
+        if not ref.name.lower().endswith(".safetensors") or ref.size < 8:
+            return list(range(blocks))
+        try:
+            first = await self.store.get(ref, 0)
+            header_len = struct.unpack("<Q", bytes(first.view[:8]))[0]
+            if header_len > min(ref.size - 8, 100 << 20):
+                raise ValueError("header length out of range")
+            header = bytearray()
+            offset = 8
+            while len(header) < header_len:
+                index = offset // self.store.block_size
+                block = await self.store.get(ref, index)
+                start = offset - index * self.store.block_size
+                chunk = block.view[start : start + header_len - len(header)]
+                header += chunk
+                offset += len(chunk)
+            return safetensors_block_order(bytes(header), header_len, self.store.block_size, ref.size)
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            log.info("%s: not a readable safetensors header (%s); streaming in file order", ref.name, exc)
+            return list(range(blocks))
+
+    async def _run_stream(self, stream: _Stream) -> None:
+        ref = stream.ref
+        try:
+            with stream.scope:
+                order = await self._order(ref)
+                queue = iter(order)
+
+                async def worker() -> None:
+                    for index in queue:  # the workers share one iterator: each block once, in order
+                        await self.store.stream(ref, index)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.workers):
+                        nursery.start_soon(worker)
+                self.completed += 1
+                log.debug("streamed %s (%d blocks)", ref.name, len(order))
+            if stream.scope.cancelled_caught:
+                self.cancelled += 1
+        except Exception as exc:  # the reader's own reads report errors; the stream just stops
+            log.info("stopped streaming %s: %s", ref.name, exc)
+        finally:
+            self._streams.pop((ref.key, ref.version), None)
+            stream.done.set()

@@ -1,0 +1,157 @@
+"""Eager streaming: whole weight files into the disk cache, behind demand reads, in budget."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from modelfs.backends.memory import MemoryBackend, ramp
+from modelfs.cache.blocks import BlockStore
+from modelfs.eager import EagerStreamer, safetensors_block_order
+from modelfs.files import OpenFiles
+
+from .conftest import BS, StoreFactory, put_ramp, ref_for, wait_until
+
+
+def _safetensors(tensors: list[tuple[str, int]], header_pad: int = 0) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors file whose tensors are stored in the given order (name, byte length)."""
+    meta: dict[str, object] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, length in tensors:
+        meta[name] = {"dtype": "U8", "shape": [length], "data_offsets": [pos, pos + length]}
+        offsets[name] = (pos, pos + length)
+        pos += length
+    meta["__metadata__"] = {"pad": "x" * header_pad}
+    header = json.dumps(meta).encode()
+    return struct.pack("<Q", len(header)) + header + ramp(pos, 9), offsets
+
+
+def test_safetensors_order_header_first_then_by_offset() -> None:
+    """Header blocks come first; data follows the tensors' offsets, each block once; all blocks listed."""
+    header = json.dumps({
+        "b": {"dtype": "U8", "shape": [10], "data_offsets": [3 * BS, 3 * BS + 10]},
+        "a": {"dtype": "U8", "shape": [10], "data_offsets": [0, 2 * BS]},
+        "__metadata__": {"k": "v"},
+    }).encode()
+    # A header of 1.5 blocks: blocks 0 and 1 hold it.
+    hlen = BS + BS // 2 - 8
+    padded = header + b" " * (hlen - len(header))
+    size = 8 + hlen + 3 * BS + 10
+    order = safetensors_block_order(padded, hlen, BS, size)
+    blocks = -(-size // BS)
+    assert order[:2] == [0, 1]
+    assert sorted(order) == list(range(blocks))
+    data_start = 8 + hlen
+    assert order.index((data_start + 3 * BS) // BS) > order.index((data_start + 2 * BS - 1) // BS)
+
+
+def test_safetensors_order_follows_offsets_not_names() -> None:
+    """Tensors whose names sort opposite to their offsets are streamed by offset."""
+    data, offsets = _safetensors([("z.weight", 3 * BS), ("a.weight", 3 * BS)])
+    hlen = struct.unpack("<Q", data[:8])[0]
+    order = safetensors_block_order(data[8 : 8 + hlen], hlen, BS, len(data))
+    start = 8 + hlen
+    z_first = (start + offsets["z.weight"][0]) // BS
+    a_first = (start + offsets["a.weight"][0]) // BS
+    assert order.index(z_first) < order.index(a_first)
+    assert order == sorted(order)  # stored in file order, so the stream is too
+
+
+async def _streamer(store: BlockStore, workers: int = 2) -> EagerStreamer:
+    streamer = EagerStreamer(store, workers=workers)
+    assert streamer.enabled
+    return streamer
+
+
+async def test_stream_fills_disk_cache_and_then_reads_need_no_gets(
+        make_store: StoreFactory, nursery: trio.Nursery) -> None:
+    """Opening a .safetensors streams every block to disk; reading it afterwards makes no GET."""
+    backend = MemoryBackend()
+    data, _ = _safetensors([("x", 5 * BS), ("y", 7 * BS + 3)])
+    backend.put("m/model.safetensors", data)
+    ref = ref_for(backend, "m/model.safetensors")
+    store = await make_store(backend, memory_blocks=4, disk=True)
+    streamer = await _streamer(store)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer)
+    fh = files.open(ref)
+    await streamer.wait(ref)
+    assert streamer.completed == 1
+    await store.drain()
+    blocks = store.block_count(ref)
+    assert store.stats.streamed_blocks >= blocks - 2  # the header's blocks were read as demand
+    assert store.disk is not None
+    missing = [i for i in range(blocks) if not store.disk.contains((ref.key, ref.version, i))]
+    assert missing == [], (missing, store.disk.stats, store.stats)
+    gets = backend.read_calls
+    assert bytes(await files.read(fh, 0, len(data))) == data
+    assert backend.read_calls == gets
+    assert store.memory.stats.peak_bytes <= store.memory.capacity
+    files.release(fh)
+
+
+@pytest.fixture
+def patient_clock() -> trio.testing.MockClock:
+    """Jumps only after 0.2 s of real idleness, so disk reads in threads finish before a jump."""
+    return trio.testing.MockClock(autojump_threshold=0.2)
+
+
+async def test_demand_reads_overtake_the_stream(
+        make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock) -> None:
+    """With the stream holding every GET slot, a demand read for the file's end is fetched next."""
+    backend = MemoryBackend(latency=1.0)
+    ref, data = put_ramp(backend, "w.bin", 40 * BS)
+    store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=1)
+    streamer = await _streamer(store, workers=4)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer)
+    fh = files.open(ref)
+    await wait_until(lambda: store.slots.in_use == 1)  # the stream holds the only slot ...
+    await wait_until(lambda: store.slots.waiting_prefetches >= 1)  # ... and more blocks wait behind it
+    assert bytes(await files.read(fh, 39 * BS, BS)) == data[39 * BS :]
+    order = [offset // BS for _, offset, _ in backend.read_log]
+    assert order.index(39) == 1  # right after the GET that was in flight
+    files.release(fh)
+
+
+async def test_stream_stays_in_budget_and_close_cancels(
+        make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock) -> None:
+    """The stream never takes more than the memory budget, and the last close stops it cleanly."""
+    backend = MemoryBackend(latency=0.1)
+    ref, _ = put_ramp(backend, "big.gguf", 200 * BS)
+    store = await make_store(backend, memory_blocks=4, disk=True, max_concurrency=4)
+    streamer = await _streamer(store, workers=4)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer)
+    fh = files.open(ref)
+    with trio.fail_after(60):
+        while backend.read_calls < 12:
+            await trio.sleep(0.01)
+            assert store.memory.used <= store.memory.capacity
+    assert backend.read_calls < 200
+    files.release(fh)
+    await streamer.wait(ref)
+    assert streamer.cancelled == 1 and streamer.active == 0
+    calls = backend.read_calls
+    await trio.sleep(2)
+    assert backend.read_calls == calls  # nothing more is fetched after the cancel
+    await wait_until(lambda: store.slots.in_use == 0)
+    assert store.memory.stats.peak_bytes <= store.memory.capacity
+
+
+async def test_not_a_weight_file_or_no_disk_is_not_streamed(make_store: StoreFactory, nursery: trio.Nursery) -> None:
+    """config.json is not streamed; without a disk cache nothing is."""
+    backend = MemoryBackend()
+    ref, _ = put_ramp(backend, "config.json", 10 * BS)
+    store = await make_store(backend, memory_blocks=4, disk=True)
+    streamer = await _streamer(store)
+    await nursery.start(streamer.run)
+    streamer.opened(ref)
+    assert streamer.active == 0
+    no_disk = await make_store(backend, memory_blocks=4, disk=False)
+    assert not EagerStreamer(no_disk).enabled
