@@ -7,7 +7,8 @@ with probability ``rate`` and a seedable RNG, it replaces the normal answer by o
 ``503``, ``429``
     an error status with a small JSON body; the upstream is not asked.
 ``reset_before_body``
-    the connection is reset (RST) before any byte of the response is sent.
+    the connection is reset (RST) before any byte of the response is sent, or (half of the
+    time) right after the status line and headers, before any byte of the body.
 ``reset_mid_body``
     the status line, headers and part of the body are sent, then the connection is reset.
 ``stall``
@@ -161,8 +162,8 @@ class _Handler(BaseHTTPRequestHandler):
         if kind in ("503", "429"):
             self._send_error_status(int(kind))
             return
-        if kind == "reset_before_body":
-            self._abort()
+        if kind == "reset_before_body" and proxy._coin():
+            self._abort()  # before the status line; otherwise right after the headers
         try:
             resp = self._forward(body)
         except (ConnectionError, http.client.HTTPException, OSError) as exc:
@@ -211,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
         if no_body:
             return
         # Where a body fault strikes: somewhere strictly inside the body when there is one.
-        cut = proxy._cut_point(total) if kind is not None else total
+        cut = total if kind is None else 0 if kind == "reset_before_body" else proxy._cut_point(total)
         sent = 0
         if buffered is not None:
             self.wfile.write(buffered[:cut])
@@ -228,7 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(view[:n])
                 sent += n
         proxy._add_bytes(sent)
-        if kind == "reset_mid_body":
+        if kind in ("reset_before_body", "reset_mid_body"):
             self._abort()
         if kind == "truncate":
             self._close_cleanly()
@@ -444,6 +445,10 @@ class FaultProxy:
                 self._counts["faults"] += 1
                 self._counts[f"fault_{kind}"] += 1
             return kind
+
+    def _coin(self) -> bool:
+        with self._lock:
+            return self._rng.random() < 0.5
 
     def _cut_point(self, total: int) -> int:
         if total <= 1:
