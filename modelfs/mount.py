@@ -144,6 +144,8 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     ops, store, disk = build(config)
     try:
         await ops.namespace.refresh(force=True)  # a bad bucket fails here, before mounting
+        if config.source.prefix and not ops.namespace.root.children:
+            raise MountError(f"nothing found at {config.source.url} (no object with that name or prefix)")
         if disk is not None:
             disk.open()
         metrics = _start_metrics(config, ops)  # before mounting: a busy port leaves nothing mounted

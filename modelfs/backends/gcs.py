@@ -59,6 +59,7 @@ class GCSBackend:
 
         self._source = source
         self._prefix = source.prefix + "/" if source.prefix else ""
+        self._single: str | None = None  # set when the source names one object, not a prefix
         try:
             self._client = storage.Client.create_anonymous_client() if anonymous else storage.Client()
         except DefaultCredentialsError:
@@ -114,9 +115,25 @@ class GCSBackend:
 
     def _list(self) -> list[ObjectInfo]:
         try:
+            if self._single is not None:
+                try:
+                    return [self._stat(self._single)]
+                except NotFound:
+                    return []
             blobs = self._client.list_blobs(self._bucket, prefix=self._prefix or None, fields=_LIST_FIELDS,
                                             timeout=self._timeout, retry=None)
-            return [self._to_info(b) for b in blobs if b.name != self._prefix]
+            found = [self._to_info(b) for b in blobs if b.name != self._prefix]
+            if not found and self._source.prefix and self._single is None:
+                # gs://bucket/path/model.safetensors: one object, shown in a directory of its own.
+                blob = self._bucket.get_blob(self._source.prefix, timeout=self._timeout, retry=None)
+                if blob is not None:
+                    parent, _, name = self._source.prefix.rpartition("/")
+                    self._prefix = parent + "/" if parent else ""
+                    self._single = name
+                    return [self._to_info(blob)]
+            return found
+        except NotFound:
+            raise
         except Exception as exc:
             err = self._classify(exc, self._source.url)
             if isinstance(err, NotFound):

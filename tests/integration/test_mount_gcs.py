@@ -176,3 +176,20 @@ def _wait_exit(pid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"daemon {pid} still running after unmount")
+
+
+def test_single_object_source(seeded: str, mount: MountFn) -> None:
+    """gs://bucket/path/file mounts a directory holding just that file."""
+    mnt = mount(f"gs://{seeded}/{PREFIX}/multi.bin", *GCS_OPTIONS)
+    assert os.listdir(mnt) == ["multi.bin"]
+    assert (mnt / "multi.bin").read_bytes() == FILES["multi.bin"]
+
+
+def test_prefix_with_nothing_is_an_error(seeded: str, gcs: FakeGCS, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = run_modelfs("mount", f"gs://{seeded}/models/no-such-model", str(mnt), "--anonymous",
+                         "--cache-dir", str(tmp_path / "c"), env=gcs.env())
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"modelfs: nothing found at gs://{seeded}/models/no-such-model (no object with that name or prefix)"
+    assert not is_mounted(mnt)
