@@ -22,10 +22,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/modelfs
 # Dependencies first, in their own layer: a change to modelfs' code does not rebuild pyfuse3.
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml /src/
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
  && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
  && /opt/modelfs/bin/pip install -r /tmp/requirements.txt
+COPY README.md /src/
 COPY modelfs /src/modelfs
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
  && /opt/modelfs/bin/pip install --no-deps /src \
