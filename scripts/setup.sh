@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 PACKAGES=(fuse3 libfuse3-dev pkg-config nginx openssl)
+# The container tests (tests/container) build and run the image with podman; they need root
+# anyway, so a non-root setup does not ask for these.
+[ "$(id -u)" != 0 ] || PACKAGES+=(podman runc debootstrap)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
