@@ -30,7 +30,7 @@ from typing import Any
 __all__ = [
     "MiB", "GiB", "ROOT", "Cleanup", "ReadResult", "add_common_args", "choose_server_dir", "drop_caches",
     "ensure_object", "fmt_table", "mb_per_s", "median", "parse_size", "read_file", "reset_peak_rss",
-    "rss_kib", "mount_stats", "git_rev", "unmount_leftovers", "install_signal_handlers", "write_json", "run_dd", "run_fio",
+    "rss_kib", "cpu_seconds", "children_cpu_seconds", "mount_stats", "git_rev", "unmount_leftovers", "wait_exit", "modelfs_daemon_pid", "install_signal_handlers", "write_json", "run_dd", "run_fio",
 ]
 
 MiB = 1 << 20
@@ -138,6 +138,55 @@ def unmount_leftovers(workdir: Path) -> None:
             subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True, check=False)
 
 
+def modelfs_daemon_pid(mountpoint: Path, cache_dir: Path) -> int:
+    """The pid of the daemon serving ``mountpoint``: from the cache dir's lock file, or (no
+    disk cache, so no lock file) the foreground ``modelfs mount`` process naming it."""
+    from modelfs.testing.mounts import daemon_pid
+
+    try:
+        return daemon_pid(cache_dir)
+    except (OSError, ValueError, IndexError):
+        pass
+    target = str(mountpoint)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if "modelfs" in args and "mount" in args and target in args and "--foreground" in args:
+            return int(entry.name)
+    raise RuntimeError(f"no modelfs daemon found for {mountpoint}")
+
+
+def wait_exit(pid: int, timeout: float = 120.0) -> float:
+    """Wait for a process (a daemon we started) to exit; seconds waited. After ``timeout`` it
+    is sent SIGTERM, then SIGKILL, and RuntimeError says so."""
+    t0 = time.monotonic()
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        except OSError:
+            return True
+
+    while not gone():
+        if time.monotonic() - t0 > timeout:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+                time.sleep(5)
+                if gone():
+                    break
+            raise RuntimeError(f"daemon {pid} did not exit within {timeout:.0f} s of its unmount; killed")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
 def choose_server_dir(args: argparse.Namespace, name: str, need: int) -> Path:
     if args.server_dir is not None:
         return args.server_dir
@@ -238,6 +287,21 @@ def _status_kib(pid: int, field: str) -> int:
 def rss_kib(pid: int, *, peak: bool = True) -> int:
     """VmHWM (peak resident set) or VmRSS of a process, KiB."""
     return _status_kib(pid, "VmHWM" if peak else "VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's waited-for children (dd, fio, curl, clients)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def reset_peak_rss(pid: int) -> bool:

@@ -127,6 +127,9 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
                           f"bytes {'ok' if ok else 'WRONG'}", flush=True)
                 final = C.mount_stats(mnt)
                 records[-1]["final_stats"] = final
+            waited = C.wait_exit(pid)  # so the next object's daemon does not run beside this one
+            if waited > 5:
+                print(f"  note: the daemon took {waited:.1f} s to exit after its unmount", flush=True)
 
     # --- the table and the acceptance verdicts
     rows = []

@@ -51,7 +51,7 @@ import _common as C  # noqa: E402  (puts the repository on sys.path too)
 
 from modelfs.mount import is_mounted  # noqa: E402
 from modelfs.testing.fakegcs import FakeGCS, fake_gcs  # noqa: E402
-from modelfs.testing.mounts import daemon_pid, mounted  # noqa: E402
+from modelfs.testing.mounts import mounted  # noqa: E402
 
 BUCKET = "bench"
 OBJECT = "model.bin"
@@ -102,11 +102,25 @@ class Bench:
         self.memory_cache = C.parse_size(args.memory_cache)
         self.samples: dict[str, list[dict[str, Any]]] = {}
         self.wrong_bytes = False
+        self.rounds_done = 0
+        self.rev_at_start = ""
+        self.mount_seconds: list[float] = []  # modelfs mount command until the mount answers
+        self.exit_seconds: list[float] = []  # unmount command until the daemon has exited
         self.workdir: Path = args.workdir
         self.gcs: FakeGCS | None = None
         self.source: Path | None = None
         self.sha256 = ""
         self.only = set(args.only.split(",")) if args.only else set(GROUPS)
+        if args.variant:  # their rows go right after the default cold rows
+            items = list(LABELS.items())
+            LABELS.clear()
+            for k, v in items:
+                LABELS[k] = v
+                if k == "modelfs-cold-fio":
+                    for name, extra in args.variant:
+                        LABELS[f"modelfs-cold-dd[{name}]"] = f"modelfs cold, dd, {' '.join(extra)}"
+                        RATIOS.append((f"modelfs cold {name} / modelfs cold", f"modelfs-cold-dd[{name}]",
+                                       "modelfs-cold-dd"))
         unknown = self.only - set(GROUPS)
         if unknown:
             raise SystemExit(f"--only: unknown group(s) {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
@@ -126,27 +140,57 @@ class Bench:
         self.samples.setdefault(key, []).append(sample)
         rss = extra.get("peak_rss_kib")
         gets = extra.get("backend_gets")
+        cpu = extra.get("cpu_s")
         note = (f", peak RSS {rss / 1024:.0f} MiB" if rss else "") + (f", {gets} GETs" if gets is not None else "")
+        note += f", CPU {cpu:.1f} s" if cpu is not None else ""
         print(f"    {LABELS[key]:<46} {result.mb_s:8,.0f} MB/s{note}", flush=True)
+
+    @contextmanager
+    def cpu(self, worker: int | None = None) -> Iterator[dict[str, float]]:
+        """CPU seconds used during the block: by ``worker`` (daemon, rclone) or else by the
+        waited-for children (dd, fio, curl, client processes), and by the server."""
+        assert self.gcs is not None
+        out: dict[str, float] = {}
+        server = self.gcs.process.pid
+        w0 = C.cpu_seconds(worker) if worker else 0.0
+        c0, s0 = C.children_cpu_seconds(), C.cpu_seconds(server)
+        yield out
+        children = C.children_cpu_seconds() - c0
+        out["reader_cpu_s"] = round(children, 2)
+        out["cpu_s"] = round(C.cpu_seconds(worker) - w0 if worker else children, 2)
+        out["server_cpu_s"] = round(C.cpu_seconds(server) - s0, 2)
 
     def median(self, key: str) -> float:
         return C.median(s["mb_s"] for s in self.samples.get(key, []))
 
     # --- setup
 
-    def modelfs_options(self) -> list[str]:
+    def modelfs_options(self, extra: list[str] | None = None) -> list[str]:
         return ["--anonymous", "--memory-cache", self.args.memory_cache, "--disk-cache", self.args.disk_cache,
-                *self.args.mount_option]
+                *self.args.mount_option, *(extra or [])]
 
     @contextmanager
-    def modelfs(self, cache_name: str, *, fresh: bool) -> Iterator[tuple[Path, int]]:
+    def modelfs(self, cache_name: str, *, fresh: bool, extra: list[str] | None = None) -> Iterator[tuple[Path, int]]:
         assert self.gcs is not None
         cache = self.workdir / cache_name
         if fresh:
             shutil.rmtree(cache, ignore_errors=True)
         mnt = self.cleanup.mountpoint(self.workdir / "mnt-modelfs")
-        with mounted(f"gs://{BUCKET}", mnt, cache, *self.modelfs_options(), env=self.gcs.env()):
-            yield mnt, daemon_pid(cache)
+        pid = None
+        t0 = time.monotonic()
+        try:
+            with mounted(f"gs://{BUCKET}", mnt, cache, *self.modelfs_options(extra), env=self.gcs.env()):
+                pid = C.modelfs_daemon_pid(mnt, cache)
+                self.mount_seconds.append(round(time.monotonic() - t0, 2))
+                yield mnt, pid
+                t0 = time.monotonic()
+        finally:
+            if pid is not None:
+                # The next mount on this cache dir needs the lock this daemon holds until it exits.
+                waited = C.wait_exit(pid) + time.monotonic() - t0
+                self.exit_seconds.append(round(waited, 2))
+                if waited > 5:
+                    print(f"    note: the modelfs daemon took {waited:.1f} s to exit after unmount", flush=True)
 
     @contextmanager
     def rclone(self, mode: str, cache_name: str, *, fresh: bool) -> Iterator[tuple[Path, int]]:
@@ -201,12 +245,13 @@ class Bench:
         for state, fresh in (("cold", True), ("warm", False)):
             with self.modelfs("cache-verify", fresh=fresh) as (mnt, pid):
                 C.drop_caches()
-                result = C.read_file(mnt / OBJECT, verify=True)
+                with self.cpu(pid) as cpu:
+                    result = C.read_file(mnt / OBJECT, verify=True)
                 stats = C.mount_stats(mnt)
                 ok = result.sha256 == self.sha256
                 self.wrong_bytes |= not ok
                 self.record(f"modelfs-{state}-sha256", result, peak_rss_kib=C.rss_kib(pid),
-                            backend_gets=stats["backend_gets"], sha256_ok=ok)
+                            backend_gets=stats["backend_gets"], sha256_ok=ok, **cpu)
                 if not ok:
                     print(f"    WRONG BYTES: sha256 {result.sha256} != source {self.sha256}", flush=True)
 
@@ -214,28 +259,30 @@ class Bench:
         assert self.gcs is not None
         url = f"{self.gcs.url}/download/storage/v1/b/{BUCKET}/o/{OBJECT}?alt=media"
         C.drop_caches()
-        proc = subprocess.run(["curl", "-sS", "-f", "--noproxy", "*", "-o", "/dev/null", "-w",
-                               "%{size_download} %{time_total}", url], capture_output=True, text=True, check=False)
+        with self.cpu() as cpu:
+            proc = subprocess.run(["curl", "-sS", "-f", "--noproxy", "*", "-o", "/dev/null", "-w",
+                                   "%{size_download} %{time_total}", url], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"curl failed: {proc.stderr.strip()}")
         nbytes, seconds = proc.stdout.split()
-        self.record("curl", C.ReadResult(int(float(nbytes)), float(seconds), None))
+        self.record("curl", C.ReadResult(int(float(nbytes)), float(seconds), None), **cpu)
 
     def client(self, key: str, *cmd: str) -> dict[str, Any]:
         assert self.gcs is not None
         C.drop_caches()
-        proc = subprocess.run([sys.executable, str(CLIENTS), *cmd], capture_output=True, text=True,
-                              env=self.gcs.env(), check=False)
+        with self.cpu() as cpu:
+            proc = subprocess.run([sys.executable, str(CLIENTS), *cmd], capture_output=True, text=True,
+                                  env=self.gcs.env(), check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{key} failed: {proc.stderr.strip()[-2000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]), cpu=cpu)
 
     def gcs_ranged(self) -> None:
         for threads in self.args.threads:
             out = self.client(f"gcs-ranged-{threads}", "ranged", BUCKET, OBJECT, str(self.size),
                               "--threads", str(threads))
             self.record(f"gcs-ranged-{threads}", C.ReadResult(out["bytes"], out["seconds"], None),
-                        peak_rss_kib=out["peak_rss_kib"])
+                        peak_rss_kib=out["peak_rss_kib"], **out["cpu"])
 
     def download(self) -> None:
         dest = self.workdir / "downloaded.bin"
@@ -246,42 +293,64 @@ class Bench:
         self.record("download-then-read", C.ReadResult(out["bytes"], out["seconds"], None),
                     peak_rss_kib=out["peak_rss_kib"], download_seconds=round(out["download_seconds"], 3),
                     read_seconds=round(out["read_seconds"], 3),
-                    download_mb_s=round(C.mb_per_s(out["bytes"], out["download_seconds"]), 1))
+                    download_mb_s=round(C.mb_per_s(out["bytes"], out["download_seconds"]), 1), **out["cpu"])
 
     def modelfs_runs(self, tool: str, reader: Callable[[Path], C.ReadResult]) -> None:
         """cold (fresh cache dir), then warm (remount) and hot (same mount, page cache kept)."""
         cache = f"cache-{tool}"
         with self.modelfs(cache, fresh=True) as (mnt, pid):
             C.drop_caches()
-            result = reader(mnt / OBJECT)
+            with self.cpu(pid) as cpu:
+                result = reader(mnt / OBJECT)
             stats = C.mount_stats(mnt)
             self.record(f"modelfs-cold-{tool}", result, peak_rss_kib=C.rss_kib(pid),
-                        backend_gets=stats["backend_gets"], stats=stats)
+                        backend_gets=stats["backend_gets"], stats=stats, **cpu)
         with self.modelfs(cache, fresh=False) as (mnt, pid):
             C.drop_caches()
-            result = reader(mnt / OBJECT)
+            with self.cpu(pid) as cpu:
+                result = reader(mnt / OBJECT)
             stats = C.mount_stats(mnt)
             self.record(f"modelfs-warm-{tool}", result, peak_rss_kib=C.rss_kib(pid),
-                        backend_gets=stats["backend_gets"], stats=stats)
+                        backend_gets=stats["backend_gets"], stats=stats, **cpu)
             before = stats
-            result = reader(mnt / OBJECT)
+            with self.cpu(pid) as cpu:
+                result = reader(mnt / OBJECT)
             stats = C.mount_stats(mnt)
             self.record(f"modelfs-hot-{tool}", result, peak_rss_kib=C.rss_kib(pid),
                         backend_gets=stats["backend_gets"] - before["backend_gets"],
                         daemon_reads=stats["memory_hits"] + stats["memory_misses"]
-                        - before["memory_hits"] - before["memory_misses"])
+                        - before["memory_hits"] - before["memory_misses"], **cpu)
+
+    def variants(self) -> None:
+        """Cold dd reads with extra mount options (--variant NAME=OPTS), for tuning comparisons."""
+        for name, extra in self.args.variant:
+            key = f"modelfs-cold-dd[{name}]"
+            try:
+                with self.modelfs("cache-variant", fresh=True, extra=extra) as (mnt, pid):
+                    C.drop_caches()
+                    with self.cpu(pid) as cpu:
+                        result = C.run_dd(mnt / OBJECT)
+                    stats = C.mount_stats(mnt)
+                    self.record(key, result, peak_rss_kib=C.rss_kib(pid), backend_gets=stats["backend_gets"],
+                                stats=stats, **cpu)
+            except RuntimeError as exc:
+                print(f"    variant {name} ({' '.join(extra)}) failed: {exc}", flush=True)
 
     def fio_reader(self, path: Path) -> C.ReadResult:
         return C.run_fio(path, self.size)
 
     def baseline(self) -> None:
         assert self.source is not None
-        self.record("tmpfs-dd", C.run_dd(self.source))
+        with self.cpu() as cpu:
+            result = C.run_dd(self.source)
+        self.record("tmpfs-dd", result, **cpu)
         local = self.workdir / "local-copy.bin"
         if not local.exists() or local.stat().st_size != self.size:
             shutil.copyfile(self.source, local)
         C.drop_caches()
-        self.record("local-cold-dd", C.run_dd(local))
+        with self.cpu() as cpu:
+            result = C.run_dd(local)
+        self.record("local-cold-dd", result, **cpu)
 
     def rclone_runs(self) -> None:
         for mode in ("full", "off"):
@@ -289,8 +358,9 @@ class Bench:
             for state, fresh in (("cold", True), ("warm", False)):
                 with self.rclone(mode, cache, fresh=fresh) as (mnt, pid):
                     C.drop_caches()
-                    result = C.run_dd(mnt / OBJECT)
-                    self.record(f"rclone-{mode}-{state}", result, peak_rss_kib=C.rss_kib(pid))
+                    with self.cpu(pid) as cpu:
+                        result = C.run_dd(mnt / OBJECT)
+                    self.record(f"rclone-{mode}-{state}", result, peak_rss_kib=C.rss_kib(pid), **cpu)
 
     # --- the run
 
@@ -306,33 +376,53 @@ class Bench:
         print(f"  server objects in {server_dir}; caches and mountpoints in {self.workdir}", flush=True)
         self.source, self.sha256 = C.ensure_object(server_dir / "src", OBJECT, self.size, tag=7)
         t_start = time.perf_counter()
-        with fake_gcs(backend="filesystem", root=server_dir / "gcs") as gcs:
-            self.gcs = gcs
-            gcs.create_bucket(BUCKET)
-            t0 = time.perf_counter()
-            gcs.seed_file(BUCKET, OBJECT, self.source)
-            print(f"  seeded gs://{BUCKET}/{OBJECT} at {gcs.url} in {time.perf_counter() - t0:.1f} s", flush=True)
-            self.write_rclone_conf()
-            for r in range(args.rounds):
-                print(f"  round {r + 1}/{args.rounds}", flush=True)
-                if "verify" in self.only and r == 0:
-                    self.verify()
-                if "curl" in self.only:
-                    self.curl()
-                if "gcs" in self.only:
-                    self.gcs_ranged()
-                if "modelfs" in self.only:
-                    self.modelfs_runs("dd", C.run_dd)
-                if "fio" in self.only:
-                    self.modelfs_runs("fio", self.fio_reader)
-                if "baseline" in self.only:
-                    self.baseline()
-                if "rclone" in self.only:
-                    self.rclone_runs()
-                if "download" in self.only:
-                    self.download()
+        self.rev_at_start = C.git_rev()
+        interrupted = False
+        try:
+            with fake_gcs(backend="filesystem", root=server_dir / "gcs") as gcs:
+                self.gcs = gcs
+                gcs.create_bucket(BUCKET)
+                t0 = time.perf_counter()
+                gcs.seed_file(BUCKET, OBJECT, self.source)
+                print(f"  seeded gs://{BUCKET}/{OBJECT} at {gcs.url} in {time.perf_counter() - t0:.1f} s", flush=True)
+                self.write_rclone_conf()
+                t_rounds = time.perf_counter()
+                for r in range(args.rounds):
+                    if r and args.max_minutes is not None:
+                        per_round = (time.perf_counter() - t_rounds) / r
+                        if time.perf_counter() - t_start + per_round > args.max_minutes * 60:
+                            print(f"  stopping after {r} round(s): another would pass --max-minutes "
+                                  f"{args.max_minutes:g}", flush=True)
+                            break
+                    print(f"  round {r + 1}/{args.rounds}", flush=True)
+                    self.round(r)
+                    self.rounds_done += 1
+        except (KeyboardInterrupt, C._Terminated):
+            # Report what was measured; the finally blocks have unmounted and stopped everything.
+            interrupted = True
+            print("  interrupted: reporting the rounds measured so far", flush=True)
         elapsed = time.perf_counter() - t_start
-        return self.report(elapsed)
+        code = self.report(elapsed)
+        return 130 if interrupted else code
+
+    def round(self, r: int) -> None:
+        if "verify" in self.only and r == 0:
+            self.verify()
+        if "curl" in self.only:
+            self.curl()
+        if "gcs" in self.only:
+            self.gcs_ranged()
+        if "modelfs" in self.only:
+            self.modelfs_runs("dd", C.run_dd)
+            self.variants()
+        if "fio" in self.only:
+            self.modelfs_runs("fio", self.fio_reader)
+        if "baseline" in self.only:
+            self.baseline()
+        if "rclone" in self.only:
+            self.rclone_runs()
+        if "download" in self.only:
+            self.download()
 
     def report(self, elapsed: float) -> int:
         args = self.args
@@ -344,6 +434,7 @@ class Bench:
             speeds = [s["mb_s"] for s in samples]
             rss = [s["peak_rss_kib"] for s in samples if s.get("peak_rss_kib")]
             gets = [s["backend_gets"] for s in samples if s.get("backend_gets") is not None]
+            cpu = [s["cpu_s"] / (self.size / C.GiB) for s in samples if s.get("cpu_s") is not None]
             note = ""
             if key == "download-then-read":
                 note = f"download alone {C.median(s['download_mb_s'] for s in samples):,.0f} MB/s"
@@ -351,12 +442,14 @@ class Bench:
                 note = "bytes ok" if all(s["sha256_ok"] for s in samples) else "WRONG BYTES"
             rows.append([label, f"{C.median(speeds):,.0f}", f"{min(speeds):,.0f}", f"{max(speeds):,.0f}",
                          len(speeds), f"{max(rss) / 1024:.0f}" if rss else "-",
-                         f"{C.median(gets):.0f}" if gets else "-", note])
+                         f"{C.median(gets):.0f}" if gets else "-", f"{C.median(cpu):.2f}" if cpu else "-", note])
         print()
-        print(f"streaming results: {self.size / C.GiB:.2f} GiB object, {args.rounds} round(s), median MB/s "
+        done = f"{self.rounds_done} of {args.rounds}" if self.rounds_done != args.rounds else f"{args.rounds}"
+        print(f"streaming results: {self.size / C.GiB:.2f} GiB object, {done} round(s), median MB/s "
               f"(MB = 10^6 bytes); modelfs {' '.join(self.modelfs_options()[1:])}")
-        print(C.fmt_table(["path", "MB/s", "min", "max", "n", "peak RSS MiB", "GETs", "note"], rows,
-                          align="lrrrrrrl"))
+        print(C.fmt_table(["path", "MB/s", "min", "max", "n", "peak RSS MiB", "GETs", "CPU s/GiB", "note"], rows,
+                          align="lrrrrrrrl"))
+        print("(peak RSS and CPU: of the modelfs daemon / rclone for mounts, else of the reading process)")
 
         ratios: dict[str, float] = {}
         ratio_rows = []
@@ -389,18 +482,23 @@ class Bench:
         if r is not None:
             acceptance["cold_vs_download_then_read"] = r
             print(f"modelfs cold vs download-then-read: {r:.2f}x (goal > 1x): {'met' if r > 1 else 'NOT MET'}")
+        if self.exit_seconds:
+            print(f"modelfs mount took {C.median(self.mount_seconds):.1f} s (median), unmount until the daemon "
+                  f"exited {C.median(self.exit_seconds):.1f} s (median, max {max(self.exit_seconds):.1f} s)")
         print(f"total time {elapsed:.0f} s")
 
         C.write_json(args.out, {
-            "benchmark": "streaming", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "modelfs_rev": C.git_rev(),
+            "benchmark": "streaming", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "modelfs_rev": C.git_rev(), "modelfs_rev_at_start": self.rev_at_start,
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                         "rclone": _version(["rclone", "version"]), "fio": _version(["fio", "--version"])},
-            "config": {"size": self.size, "rounds": args.rounds, "memory_cache": args.memory_cache,
+            "config": {"size": self.size, "rounds": args.rounds, "rounds_done": self.rounds_done, "memory_cache": args.memory_cache,
                        "disk_cache": args.disk_cache, "mount_options": args.mount_option,
-                       "rclone_options": args.rclone_option, "groups": sorted(self.only),
+                       "rclone_options": args.rclone_option,
+                       "variants": {name: extra for name, extra in args.variant}, "groups": sorted(self.only),
                        "threads": args.threads},
             "medians_mb_s": {k: self.median(k) for k in LABELS if k in self.samples},
             "ratios": ratios, "acceptance": acceptance, "samples": self.samples, "seconds": round(elapsed, 1),
+            "modelfs_mount_seconds": self.mount_seconds, "modelfs_unmount_exit_seconds": self.exit_seconds,
         })
         print(f"results written to {args.out}")
         return 1 if self.wrong_bytes else 0
@@ -413,16 +511,28 @@ def _version(cmd: list[str]) -> str | None:
         return None
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    name, sep, opts = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=OPTIONS, not {text!r}")
+    return name.strip(), opts.split()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="4G", help="object size (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the table shows medians (default: %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new round when it would end past this many minutes (default: no limit)")
     p.add_argument("--only", default=None, help=f"comma-separated groups to run, of: {', '.join(GROUPS)}")
     p.add_argument("--memory-cache", default="128M", help="modelfs --memory-cache (default: %(default)s)")
     p.add_argument("--disk-cache", default="8G",
                    help="modelfs --disk-cache; must hold the whole object for the warm run (default: %(default)s)")
     p.add_argument("--mount-option", action="append", default=[], metavar="OPT",
                    help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTS", type=_variant,
+                   help="also run a cold dd read with extra modelfs options, e.g. "
+                        "--variant 'bs16=--block-size 16M' (repeatable; a row per variant)")
     p.add_argument("--rclone-option", action="append", default=[], metavar="OPT",
                    help="extra rclone mount option, e.g. --rclone-option=--buffer-size=64M (repeatable)")
     p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
