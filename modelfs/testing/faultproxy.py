@@ -42,6 +42,7 @@ import http.client
 import json
 import random
 import select
+import signal
 import socket
 import struct
 import sys
@@ -494,12 +495,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     proxy.start()
     print(proxy.url, flush=True)
+    # SIGTERM (how a benchmark stops it) ends it like Ctrl-C: the counters are printed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         threading.Event().wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        print(json.dumps(proxy.counters()), file=sys.stderr)
+        print(json.dumps(proxy.counters()), file=sys.stderr, flush=True)
         proxy.stop()
     return 0
 
