@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount = commands.add_parser("mount", help="mount SOURCE at MOUNTPOINT",
-                                description="Mount SOURCE (gs://BUCKET[/PREFIX] or file:///DIR) read-only at MOUNTPOINT.")
+                                description="Mount SOURCE (gs://BUCKET[/PREFIX], s3://BUCKET[/PREFIX], https://HOST/PATH or file:///DIR) read-only at MOUNTPOINT.")
     mount.add_argument("source", metavar="SOURCE")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     add_options(mount)
@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 WARM_OPTIONS = {"cache-dir", "memory-cache", "disk-cache", "block-size", "max-prefetch", "max-concurrency",
-                "retry-deadline", "read-timeout", "anonymous", "log-level", "log-format"}
+                "retry-deadline", "read-timeout", "anonymous", "log-level", "log-format",
+                "manifest", "ca-cert", "header", "endpoint-url"}
 
 
 def _warm(config: Config) -> int:

@@ -9,7 +9,8 @@ The document root serves:
 
 - everything with Range, ETag/If-Match and a JSON directory index (``autoindex_format json``);
 - ``/private/``: 401 unless the request carries ``Authorization: Bearer <token>``;
-- ``/noranges/``: ``max_ranges 0``, a server that ignores Range and sends the whole file.
+- ``/noranges/``: ``max_ranges 0``, a server that ignores Range and sends the whole file;
+- ``/html/``: the whole root again with an HTML index (for clients such as rclone's http remote).
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ http {{
         }}
         location /noranges/ {{
             max_ranges 0;
+        }}
+        location /html/ {{
+            alias {root}/;
+            autoindex_format html;
         }}
     }}
 }}
