@@ -18,6 +18,7 @@ last lines of output, so a broken build reads as one clear error.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ from pathlib import Path
 
 __all__ = [
     "ContainerError", "Podman", "PACKAGES", "BASE_IMAGE", "ensure_tools", "apt_mirror",
-    "shared_mount", "is_mount_point",
+    "shared_mount", "is_mount_point", "exclusive",
 ]
 
 #: Debian packages the recipe needs (as root; rootless podman would need uidmap and more).
@@ -117,6 +118,30 @@ def apt_mirror(suite: str = SUITE) -> str:
                 if len(words) >= 3 and words[0] == "deb" and words[2] == suite and "]" not in words[1]:
                     return words[1].rstrip("/")
     return "http://deb.debian.org/debian"
+
+
+LOCK_FILE = Path("/var/tmp/modelfs-podman.lock")
+
+
+@contextmanager
+def exclusive(timeout: float = 1800, lock_file: Path = LOCK_FILE) -> Iterator[None]:
+    """Hold the machine-wide lock of this recipe: two test runs at once would import the base
+    twice and replace each other's image under the same tag while the other still uses it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ContainerError(f"{lock_file} is still held by another run after {timeout:.0f} s") from None
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Podman:
@@ -256,11 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ensure_tools()
         podman = Podman(Path(args.state_dir))
-        start = time.monotonic()
-        if podman.ensure_base_image():
-            print(f"base image {BASE_IMAGE} built in {time.monotonic() - start:.0f} s", flush=True)
-        start = time.monotonic()
-        image = podman.build(Path(args.context), args.tag)
+        with exclusive():
+            start = time.monotonic()
+            if podman.ensure_base_image():
+                print(f"base image {BASE_IMAGE} built in {time.monotonic() - start:.0f} s", flush=True)
+            start = time.monotonic()
+            image = podman.build(Path(args.context), args.tag)
         print(f"{args.tag} ({image[:12]}) built in {time.monotonic() - start:.0f} s")
     except ContainerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.testing.container import ContainerError, Podman, ensure_tools, is_mount_point, shared_mount
+from modelfs.testing.container import (ContainerError, Podman, ensure_tools, exclusive, is_mount_point,
+                                       shared_mount)
 from modelfs.testing.fakegcs import FakeGCS, fake_gcs
 from modelfs.testing.models import tensor_digests, write_model
 
@@ -47,13 +48,16 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
 
 
 @pytest.fixture(scope="module")
-def image(podman: Podman) -> str:
-    """The image built from this work tree (the base image built first if podman lacks it)."""
-    try:
-        podman.ensure_base_image()
-        return podman.build(ROOT, TAG)
-    except ContainerError as exc:
-        pytest.fail(f"building the image failed: {exc}", pytrace=False)
+def image(podman: Podman) -> Iterator[str]:
+    """The image built from this work tree (the base image built first if podman lacks it).
+    Another run of these tests on the machine waits until this module is done with it."""
+    with exclusive():
+        try:
+            podman.ensure_base_image()
+            built = podman.build(ROOT, TAG)
+        except ContainerError as exc:
+            pytest.fail(f"building the image failed: {exc}", pytrace=False)
+        yield built
 
 
 @pytest.fixture(scope="module")
