@@ -1,0 +1,263 @@
+"""HTTPBackend against a scripted server (httpx.MockTransport): the answers nginx never gives.
+
+Each case is a status or header a real server may send (HEAD refused, no ETag, weak ETag,
+Range ignored, a changed ETag or total, a short or encoded body) and the error class or pin it
+must turn into. The requests the backend sends (If-Match, If-Unmodified-Since, Range) are
+recorded and checked too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from modelfs.backends.http import HTTPBackend, make_version, parse_manifest, parse_version
+from modelfs.config import parse_source
+from modelfs.errors import AccessDenied, BackendError, ConfigError, NotFound, TransientError, VersionChanged
+
+DATA = bytes(range(256)) * 40  # 10240 bytes
+ETAG = '"abc-123"'
+LM = "Wed, 21 Oct 2026 07:28:00 GMT"
+SECRET = "Bearer sup3r-s3cret"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class _Body(httpx.AsyncByteStream):
+    """A streamed body: with ``content=`` the Response would read (and decode) it when made."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        if self.data:
+            yield self.data
+
+
+def response(status: int, data: bytes = b"", headers: dict[str, str] | None = None) -> httpx.Response:
+    headers = dict(headers or {})
+    headers.setdefault("Content-Length", str(len(data)))
+    return httpx.Response(status, stream=_Body(data), headers=headers)
+
+
+def serve(data: bytes = DATA, *, etag: str | None = ETAG, last_modified: str | None = LM, head_status: int = 200,
+          ranges: bool = True, accept_ranges: bool = True) -> tuple[Handler, list[httpx.Request]]:
+    """A static-file server in a function; ``requests`` records what it was asked."""
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        headers = {}
+        if etag:
+            headers["ETag"] = etag
+        if last_modified:
+            headers["Last-Modified"] = last_modified
+        if accept_ranges:
+            headers["Accept-Ranges"] = "bytes"
+        if request.method == "HEAD":
+            if head_status != 200:
+                return httpx.Response(head_status)
+            return httpx.Response(200, headers={**headers, "Content-Length": str(len(data))})
+        if_match = request.headers.get("if-match")
+        if if_match is not None and if_match != etag:
+            return httpx.Response(412)
+        rng = request.headers.get("range")
+        if rng and ranges:
+            start, end = (int(x) for x in rng.removeprefix("bytes=").split("-"))
+            end = min(end, len(data) - 1)
+            return response(206, data[start : end + 1],
+                            {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+        return response(200, data, headers)
+
+    return handler, requests
+
+
+def backend(handler: Handler, url: str = "https://example.test/models/m.bin", **kwargs: object) -> HTTPBackend:
+    b = HTTPBackend(parse_source(url), **kwargs)  # type: ignore[arg-type]
+    b._client = httpx.AsyncClient(transport=httpx.MockTransport(handler), headers=b._client.headers,
+                                  follow_redirects=True)
+    return b
+
+
+async def read(b: HTTPBackend, version: str, offset: int, length: int, name: str = "m.bin") -> bytes:
+    buf = bytearray(length)
+    await b.read_range(name, version, offset, memoryview(buf))
+    return bytes(buf)
+
+
+async def test_stat_pins_size_and_strong_etag_and_reads_send_if_match() -> None:
+    handler, requests = serve()
+    b = backend(handler)
+    [info] = await b.list_objects()
+    assert (info.name, info.size) == ("m.bin", len(DATA))
+    assert parse_version(info.version) == (len(DATA), ETAG, None)
+    assert await read(b, info.version, 100, 50) == DATA[100:150]
+    get = requests[-1]
+    assert get.headers["if-match"] == ETAG and get.headers["range"] == "bytes=100-149"
+    assert get.headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("etag", [None, 'W/"weak"'])
+async def test_without_a_strong_etag_the_pin_is_last_modified_and_size(etag: str | None) -> None:
+    handler, requests = serve(etag=etag)
+    b = backend(handler)
+    [info] = await b.list_objects()
+    assert parse_version(info.version) == (len(DATA), None, LM)
+    assert await read(b, info.version, 0, 10) == DATA[:10]
+    assert "if-match" not in requests[-1].headers
+    assert requests[-1].headers["if-unmodified-since"] == LM
+    changed, _ = serve(etag=etag, last_modified="Thu, 22 Oct 2026 07:28:00 GMT")
+    with pytest.raises(VersionChanged):
+        await read(backend(changed), info.version, 0, 10)
+
+
+@pytest.mark.parametrize("status", [403, 405, 501])
+async def test_head_refused_falls_back_to_a_one_byte_get(status: int) -> None:
+    handler, requests = serve(head_status=status)
+    b = backend(handler)
+    [info] = await b.list_objects()
+    assert info.size == len(DATA) and parse_version(info.version)[1] == ETAG
+    assert requests[-1].method == "GET" and requests[-1].headers["range"] == "bytes=0-0"
+
+
+async def test_a_server_that_ignores_range_fails_at_listing_with_a_clear_error() -> None:
+    handler, _ = serve(ranges=False, accept_ranges=False)
+    with pytest.raises(BackendError, match="does not support Range requests") as info:
+        await backend(handler).list_objects()
+    assert not isinstance(info.value, TransientError)
+
+
+async def test_range_ignored_on_a_read_is_a_clear_error_but_a_whole_file_read_is_fine() -> None:
+    handler, _ = serve(ranges=False)
+    b = backend(handler)
+    version = make_version(len(DATA), ETAG, LM)
+    with pytest.raises(BackendError, match="does not support Range requests"):
+        await read(b, version, 10, 10)
+    assert await read(b, version, 0, len(DATA)) == DATA
+
+
+async def test_changed_etag_or_total_is_version_changed() -> None:
+    handler, _ = serve(etag='"other"')
+    with pytest.raises(VersionChanged):  # 412 from If-Match
+        await read(backend(handler), make_version(len(DATA), ETAG, None), 0, 10)
+
+    def ignores_if_match(request: httpx.Request) -> httpx.Response:
+        return response(206, DATA[:10], {"ETag": '"other"', "Content-Range": f"bytes 0-9/{len(DATA)}"})
+
+    with pytest.raises(VersionChanged, match="ETag"):
+        await read(backend(ignores_if_match), make_version(len(DATA), ETAG, None), 0, 10)
+
+    def grew(request: httpx.Request) -> httpx.Response:
+        return response(206, DATA[:10], {"Content-Range": f"bytes 0-9/{len(DATA) + 1}"})
+
+    with pytest.raises(VersionChanged, match="size"):
+        await read(backend(grew), make_version(len(DATA), ETAG, None), 0, 10)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(404, VersionChanged), (410, VersionChanged), (416, VersionChanged), (401, AccessDenied), (403, AccessDenied),
+     (429, TransientError), (500, TransientError), (503, TransientError), (408, TransientError), (418, BackendError)],
+)
+async def test_read_status_classification(status: int, error: type[Exception]) -> None:
+    b = backend(lambda request: httpx.Response(status))
+    with pytest.raises(error):
+        await read(b, make_version(len(DATA), ETAG, None), 0, 10)
+
+
+@pytest.mark.parametrize(("status", "error"), [(404, NotFound), (401, AccessDenied), (503, TransientError)])
+async def test_stat_status_classification(status: int, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        await backend(lambda request: httpx.Response(status)).list_objects()
+
+
+async def test_short_body_and_encoded_body() -> None:
+    def short(request: httpx.Request) -> httpx.Response:
+        return response(206, DATA[:5], {"Content-Range": f"bytes 0-9/{len(DATA)}", "Content-Length": "10"})
+
+    with pytest.raises(TransientError):
+        await read(backend(short), make_version(len(DATA), ETAG, None), 0, 10)
+
+    def gzipped(request: httpx.Request) -> httpx.Response:
+        return response(206, DATA[:10], {"Content-Range": f"bytes 0-9/{len(DATA)}", "Content-Encoding": "gzip"})
+
+    with pytest.raises(BackendError, match="gzip"):
+        await read(backend(gzipped), make_version(len(DATA), ETAG, None), 0, 10)
+
+
+async def test_reads_past_the_pinned_size_are_refused_without_a_request() -> None:
+    handler, requests = serve()
+    with pytest.raises(BackendError, match="beyond the end"):
+        await read(backend(handler), make_version(len(DATA), ETAG, None), len(DATA) - 5, 10)
+    assert requests == []
+
+
+async def test_headers_are_sent_and_never_in_errors() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization", ""))
+        return httpx.Response(401)
+
+    b = backend(handler, headers=[f"Authorization: {SECRET}"])
+    with pytest.raises(AccessDenied) as info:
+        await b.list_objects()
+    assert seen and all(value == SECRET for value in seen)
+    assert "sup3r" not in str(info.value)
+
+
+async def test_query_string_is_sent_but_not_shown() -> None:
+    handler, requests = serve()
+    b = backend(handler, url="https://example.test/models/m.bin?X-Amz-Signature=s3cr3t")
+    [info] = await b.list_objects()
+    assert "X-Amz-Signature=s3cr3t" in str(requests[0].url)
+    assert "s3cr3t" not in b.description
+    with pytest.raises(VersionChanged) as exc:
+        await read(b, make_version(len(DATA), '"old"', None), 0, 10)
+    assert "s3cr3t" not in str(exc.value)
+    assert info.size == len(DATA)
+
+
+async def test_json_index_is_walked_and_html_is_a_clear_error() -> None:
+    index = {
+        "/models/": b'[{"name":"sub","type":"directory"},{"name":"a.bin","type":"file","size":3},'
+                    b'{"name":"../x","type":"file"},{"name":"empty","type":"directory"}]',
+        "/models/sub/": b'[{"name":"b.bin","type":"file","size":2}]',
+        "/models/empty/": b"[]",
+    }
+    sizes = {"/models/a.bin": 3, "/models/sub/b.bin": 2}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "GET" and path in index:
+            return response(200, index[path], {"Content-Type": "application/json"})
+        if request.method == "HEAD" and path in sizes:
+            return httpx.Response(200, headers={"Content-Length": str(sizes[path]), "ETag": f'"{path}"',
+                                                "Accept-Ranges": "bytes"})
+        return httpx.Response(404)
+
+    listed = await backend(handler, url="https://example.test/models/").list_objects()
+    assert sorted((o.name, o.size) for o in listed) == [("a.bin", 3), ("empty/", 0), ("sub/b.bin", 2)]
+
+    html = backend(lambda r: response(200, b"<html>index</html>"), url="https://example.test/models/")
+    with pytest.raises(BackendError, match="--manifest"):
+        await html.list_objects()
+
+
+def test_parse_manifest() -> None:
+    text = "# model\n\nconfig.json\n./weights/model-1.safetensors 123\nname with spaces.bin\nname 12 x\n"
+    assert parse_manifest(text, "m") == [("config.json", None), ("weights/model-1.safetensors", 123),
+                                         ("name with spaces.bin", None), ("name 12 x", None)]
+    for bad in ("/abs.bin", "a/../b.bin", "dir/", "a//b"):
+        with pytest.raises(ConfigError):
+            parse_manifest(bad + "\n", "m")
+    with pytest.raises(ConfigError):
+        parse_manifest("# nothing\n", "m")
+
+
+def test_versions_round_trip() -> None:
+    assert parse_version(make_version(10, '"e/1"', LM)) == (10, '"e/1"', None)
+    assert parse_version(make_version(10, 'W/"e"', LM)) == (10, None, LM)
+    assert parse_version(make_version(0, None, None)) == (0, None, None)
