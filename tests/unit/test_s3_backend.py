@@ -1,0 +1,122 @@
+"""S3Backend's requests as botocore would send them, answered in-process (no server).
+
+A ``before-send`` hook records each prepared request and returns a scripted response, so
+these check what goes on the wire: unsigned with ``--anonymous``, signed otherwise, path-style
+against ``--endpoint-url``, ``Range`` and ``If-Match`` on every GET, no retries inside boto3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from modelfs.backends.s3 import S3Backend
+from modelfs.config import parse_source
+from modelfs.errors import ConfigError, TransientError, VersionChanged
+
+ETAG = '"0123456789abcdef0123456789abcdef"'
+
+
+class _Raw:
+    """What botocore reads a body from (urllib3-like): stream(), read(), readinto()."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        yield self.data
+
+    def read(self, *args: Any, **kwargs: Any) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+    def readinto(self, buf: memoryview) -> int:
+        n = min(len(buf), len(self.data))
+        buf[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+    def release_conn(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def scripted(backend: S3Backend, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> list[Any]:
+    sent: list[Any] = []
+
+    def before_send(request: Any, **kwargs: Any) -> AWSResponse:
+        sent.append(request)
+        return AWSResponse(request.url, status, headers or {}, _Raw(body))  # type: ignore[arg-type]
+
+    backend._client.meta.events.register("before-send.s3", before_send)
+    return sent
+
+
+LIST_XML = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>bkt</Name><Prefix>m/</Prefix>'
+            b"<KeyCount>1</KeyCount><IsTruncated>false</IsTruncated><Contents><Key>m/a.bin</Key>"
+            b"<LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>&quot;0123456789abcdef0123456789abcdef&quot;"
+            b"</ETag><Size>10</Size></Contents></ListBucketResult>")
+
+
+async def test_anonymous_requests_are_unsigned(aws_env: None) -> None:
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9", anonymous=True)
+    sent = scripted(backend, 200, LIST_XML)
+    [info] = await backend.list_objects()
+    assert (info.name, info.size, info.version) == ("a.bin", 10, ETAG)
+    assert "Authorization" not in sent[0].headers
+    assert sent[0].url.startswith("http://127.0.0.1:9/bkt?")  # path-style
+
+
+async def test_signed_ranged_get_with_if_match(aws_env: None) -> None:
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9")
+    data = bytes(range(10))
+    sent = scripted(backend, 206, data[2:6], {"ETag": ETAG, "Content-Range": "bytes 2-5/10", "Content-Length": "4"})
+    buf = bytearray(4)
+    await backend.read_range("a.bin", ETAG, 2, memoryview(buf))
+    assert bytes(buf) == data[2:6]
+    [request] = sent
+    assert request.headers["Authorization"].startswith(b"AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert request.headers["Range"] == b"bytes=2-5"
+    assert request.headers["If-Match"] == ETAG.encode()
+    assert request.url == "http://127.0.0.1:9/bkt/m/a.bin"
+
+
+@pytest.mark.parametrize(("status", "code", "error"), [(412, "PreconditionFailed", VersionChanged),
+                                                        (404, "NoSuchKey", VersionChanged),
+                                                        (503, "SlowDown", TransientError)])
+async def test_errors_are_classified_and_not_retried_by_boto3(aws_env: None, status: int, code: str,
+                                                              error: type[Exception]) -> None:
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9")
+    body = f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode()
+    sent = scripted(backend, status, body)
+    with pytest.raises(error):
+        await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(4)))
+    assert len(sent) == 1  # the block store retries, once, above every backend
+
+
+def test_no_credentials_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN",
+                "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match="--anonymous"):
+        S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9")
