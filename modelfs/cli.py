@@ -130,6 +130,27 @@ def _mount_foreground(config: Config) -> int:
     return 0
 
 
+def _headers_to_env(argv: Sequence[str], config: Config, env: dict[str, str]) -> list[str]:
+    """``--header`` values (tokens) go to the daemon in its environment, which only its user can
+    read, not in its command line, which every user's ``ps`` shows."""
+    out: list[str] = []
+    skip = False
+    found = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if len(flag) > 3 and "--header".startswith(flag):  # argparse accepts abbreviations
+            found = True
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    if found:
+        env["MODELFS_HEADER"] = "\n".join(config.header)
+    return out
+
+
 def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
     """Start a foreground child in its own session; return once it says the mount answers."""
     assert config.mountpoint is not None
@@ -141,6 +162,7 @@ def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
         raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_fd, write_fd = os.pipe()
     env = dict(os.environ, **{_READY_FD_ENV: str(write_fd)})
+    argv = _headers_to_env(argv, config, env)
     child = subprocess.Popen(
         [sys.executable, "-m", "modelfs", *argv, "--foreground"],
         stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out, env=env,

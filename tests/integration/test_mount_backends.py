@@ -222,6 +222,13 @@ def test_header_values_are_never_logged(web: Nginx, tmp_path: Path) -> None:
         assert (mnt / "weights.bin").read_bytes() == data
         cmdline = Path(f"/proc/{daemon_pid(cache)}/cmdline").read_bytes()
         assert TOKEN.encode() not in cmdline  # @FILE keeps it out of the process list
+    # Given on the command line, the daemon still gets it through its environment, not its argv.
+    with mounted(source, tmp_path / "mnt", cache, "--ca-cert", str(web.ca_cert),
+                 "--header", f"Authorization: Bearer {TOKEN}", "--log-level", "debug", "--log-file", str(log),
+                 *OPTIONS) as mnt:
+        assert (mnt / "weights.bin").read_bytes() == data
+        cmdline = Path(f"/proc/{daemon_pid(cache)}/cmdline").read_bytes()
+        assert TOKEN.encode() not in cmdline
     text = log.read_text()
     assert "weights.bin" in text or "mounted" in text  # the log is the daemon's, and it wrote
     assert TOKEN not in text
