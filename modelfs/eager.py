@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -59,6 +59,7 @@ class _Stream:
     users: int = 0  # open handles; 0 with pinned=True: started at mount, not tied to handles
     pinned: bool = False
     done: trio.Event = field(default_factory=trio.Event)
+    reader_seen: int = 0  # the reader's sequential-read count when the stream last looked
 
 
 class EagerStreamer:
@@ -74,6 +75,10 @@ class EagerStreamer:
         self._nursery: trio.Nursery | None = None
         self.completed = 0
         self.cancelled = 0
+        self.pauses = 0
+        self.pause_check = 0.05  # seconds between looks at the reader's progress
+        # Sequential reads so far of an open version; OpenFiles plugs in its count.
+        self.reader_progress: Callable[[ObjectRef], int] = lambda ref: 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -120,6 +125,20 @@ class EagerStreamer:
         if stream is not None:
             await stream.done.wait()
 
+    async def _yield_to_sequential_reader(self, ref: ObjectRef) -> None:
+        """Pause while a reader streams this file sequentially.
+
+        Its read-ahead already fetches at full speed and writes every block through to the
+        disk cache; a stream beside it would only fetch blocks that get evicted and read
+        back from disk before the reader arrives (measured: 2-2.6x the CPU per GiB). The
+        stream goes on when the reader seeks or stops.
+        """
+        stream = self._streams[(ref.key, ref.version)]
+        while (progress := self.reader_progress(ref)) != stream.reader_seen:
+            stream.reader_seen = progress
+            self.pauses += 1
+            await trio.sleep(self.pause_check)
+
     async def _order(self, ref: ObjectRef) -> list[int]:
         blocks = self.store.block_count(ref)
         if not ref.name.lower().endswith(".safetensors") or ref.size < 8:
@@ -152,6 +171,7 @@ class EagerStreamer:
 
                 async def worker() -> None:
                     for index in queue:  # the workers share one iterator: each block once, in order
+                        await self._yield_to_sequential_reader(ref)
                         await self.store.stream(ref, index)
 
                 async with trio.open_nursery() as nursery:

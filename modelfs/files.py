@@ -34,6 +34,8 @@ class OpenFiles:
                  eager: EagerStreamer | None = None) -> None:
         self.store = store
         self.eager = eager
+        if eager is not None:
+            eager.reader_progress = self.sequential_reads
         self.prefetch_defaults = prefetch_defaults
         self.max_prefetch = max_prefetch
         self.random_read_size = random_read_size
@@ -77,6 +79,11 @@ class OpenFiles:
     def max_window_blocks(self) -> int:
         """The largest read-ahead window of any open file, in blocks."""
         return max((c.window for e in self._by_version.values() for c in e.read_ahead.cursors), default=0)
+
+    def sequential_reads(self, ref: ObjectRef) -> int:
+        """How many reads of this open version continued a sequential run (0 if not open)."""
+        entry = self._by_version.get((ref.key, ref.version))
+        return entry.read_ahead.sequential_reads if entry is not None else 0
 
     def ref(self, fh: int) -> ObjectRef:
         return self._handles[fh].ref

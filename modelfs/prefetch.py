@@ -54,6 +54,7 @@ class ReadAhead:
         self.cursors: list[Cursor] = []
         self.resets = 0
         self.last_random = False  # the last read looked random: it started a run after several seeks
+        self.sequential_reads = 0  # reads that continued a run with a window of 2+ blocks
         self._seq = 0
         self._blocks = -(-size // block_size)
 
@@ -87,6 +88,8 @@ class ReadAhead:
                 self.cursors.remove(min(self.cursors, key=lambda c: c.seq))
         else:
             self.last_random = False
+            if cursor.window >= 2:
+                self.sequential_reads += 1
             cursor.seq = self._seq
             if end > cursor.end:
                 cursor.end = end

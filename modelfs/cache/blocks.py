@@ -198,7 +198,11 @@ class BlockStore:
         if self._nursery is None or index >= self.block_count(obj):
             return False
         key: BlockKey = (obj.key, obj.version, index)
-        if self.memory.lookup(key) is not None:
+        existing = self.memory.lookup(key)
+        if existing is not None:
+            # Already here (e.g. fetched by the eager stream): protect it like our own
+            # prefetch, so it is not evicted before the reader that asked gets to it.
+            self.memory.adopt_prefetch(existing)
             return True
         block = self.memory.try_reserve_prefetch(key, self._length(obj, index))
         if block is None:

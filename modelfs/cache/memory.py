@@ -171,6 +171,15 @@ class MemoryCache:
                 return self._insert(key, length, prefetch=False)
             await self._space.park()
 
+    def adopt_prefetch(self, block: Block) -> None:
+        """Protect a cached, not yet read block as a prefetch, if the prefetch share allows."""
+        if block.unread_prefetch or block.state is BlockState.FAILED:
+            return
+        if self.unread_prefetch_bytes + block.length > self.capacity * self.prefetch_share:
+            return
+        block.unread_prefetch = True
+        self.unread_prefetch_bytes += block.length
+
     def __contains__(self, key: BlockKey) -> bool:
         return key in self._blocks
 

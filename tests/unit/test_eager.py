@@ -155,3 +155,33 @@ async def test_not_a_weight_file_or_no_disk_is_not_streamed(make_store: StoreFac
     assert streamer.active == 0
     no_disk = await make_store(backend, memory_blocks=4, disk=False)
     assert not EagerStreamer(no_disk).enabled
+
+
+async def _sequential_read_with_stream(make_store: StoreFactory, nursery: trio.Nursery, *, pause: bool) -> BlockStore:
+    backend = MemoryBackend(latency=0.002)
+    ref, data = put_ramp(backend, "seq.bin", 96 * BS)
+    store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=4)
+    streamer = await _streamer(store, workers=4)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer)
+    if not pause:
+        streamer.reader_progress = lambda ref: 0  # as before the stream yielded to readers
+    fh = files.open(ref)
+    for offset in range(0, len(data), BS // 2):
+        assert bytes(await files.read(fh, offset, BS // 2)) == data[offset : offset + BS // 2]
+    files.release(fh)
+    await streamer.wait(ref)
+    assert backend.read_calls <= 96 + 8
+    return store
+
+
+async def test_stream_yields_to_a_sequential_reader(make_store: StoreFactory, nursery: trio.Nursery) -> None:
+    """While a reader streams the file sequentially, the eager stream pauses instead of
+    racing its read-ahead for the same blocks."""
+    yielding = await _sequential_read_with_stream(make_store, nursery, pause=True)
+    racing = await _sequential_read_with_stream(make_store, nursery, pause=False)
+    # Yielding, the reader's own read-ahead fetches the file; racing, the stream takes a
+    # large share of the blocks (each then written, evicted and maybe read back).
+    assert yielding.stats.streamed_blocks < 24
+    assert racing.stats.streamed_blocks > 2 * yielding.stats.streamed_blocks
+    assert yielding.stats.disk_hits <= 8, yielding.stats
