@@ -24,6 +24,7 @@ class _Open:
     ref: ObjectRef
     read_ahead: ReadAhead
     handles: int = 0
+    streaming: bool = False  # the eager stream was started for this version
 
 
 class OpenFiles:
@@ -53,8 +54,6 @@ class OpenFiles:
             entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_defaults))
             self._by_version[(ref.key, ref.version)] = entry
         entry.handles += 1
-        if self.eager is not None:
-            self.eager.opened(ref)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = entry
@@ -65,7 +64,7 @@ class OpenFiles:
         if entry is None:
             return
         entry.handles -= 1
-        if self.eager is not None:
+        if self.eager is not None and entry.handles == 0 and entry.streaming:
             self.eager.closed(entry.ref)
         if entry.handles == 0:
             del self._by_version[(entry.ref.key, entry.ref.version)]
@@ -100,6 +99,12 @@ class OpenFiles:
             if not self.store.prefetch(ref, index):
                 entry.read_ahead.unschedule(index)
                 break
+        if self.eager is not None and not entry.streaming and entry.read_ahead.resets:
+            # The first seek: an mmap loader jumping between tensors, say. A reader that
+            # only streams from the start is served by read-ahead alone, which fetches as
+            # fast and writes through to the disk cache without the stream's second copy.
+            entry.streaming = True
+            self.eager.opened(ref)
         bs = self.store.block_size
         first, last = offset // bs, (offset + size - 1) // bs
         if entry.read_ahead.last_random and 0 < self.random_read_size < bs and size <= self.random_read_size:

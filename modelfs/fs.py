@@ -206,6 +206,8 @@ class ModelFS(pyfuse3.Operations):
             "streamed_blocks": store.stats.streamed_blocks,
             "eager_streams_active": self.eager.active if self.eager is not None else 0,
             "eager_streams_completed": self.eager.completed if self.eager is not None else 0,
+            "eager_pauses": self.eager.pauses if self.eager is not None else 0,
+            "sequential_reads": sum(e.read_ahead.sequential_reads for e in self.files._by_version.values()),
             "retries": store.stats.retry.retries,
             "errors": store.stats.errors,
             "memory_capacity": memory.capacity,
