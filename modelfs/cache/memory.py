@@ -129,7 +129,8 @@ class MemoryCache:
         else:
             # An anonymous mapping, not a bytearray: freeing it always returns the pages to
             # the kernel, where glibc's malloc could keep large freed chunks in its heap.
-            buf = mmap.mmap(-1, length)
+            # MAP_PRIVATE: plain anonymous memory (a shared mapping is counted as shmem).
+            buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
             # A fresh buffer adds to used + pooled: give back pooled buffers the budget no
             # longer has room for (a short last block, or a new one beside a non-empty pool).
             while self._pool and self.used + length + len(self._pool) * self.block_size > self.capacity:
