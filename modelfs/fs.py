@@ -195,6 +195,7 @@ class ModelFS(pyfuse3.Operations):
         memory = store.memory
         out: dict[str, object] = {
             "source": self.namespace.backend.description,
+            "pid": os.getpid(),
             "files": self.namespace.file_count,
             "bytes": self.namespace.total_bytes,
             "open_handles": len(self.files),

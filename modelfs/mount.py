@@ -96,15 +96,49 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"mountpoint {path} is not empty")
 
 
-def unmount(path: Path) -> None:
-    """Unmount a modelfs (or any FUSE) mount, live or dead."""
+def unmount(path: Path, wait: float = 60.0) -> None:
+    """Unmount a modelfs (or any FUSE) mount, live or dead.
+
+    For a live modelfs mount, also wait (up to ``wait`` seconds) for its daemon to exit, so
+    the cache dir is free for the next mount when this returns.
+    """
     if not is_mounted(path):
         raise MountError(f"{path} is not mounted")
+    pid = _daemon_pid(path)
     result = _fusermount(["-u", str(path)])
     if result.returncode != 0:
         result = _fusermount(["-uz", str(path)])
         if result.returncode != 0:
             raise MountError(f"cannot unmount {path}: {result.stderr.strip()}")
+    if pid is not None and not wait_for_exit(pid, wait):
+        log.warning("daemon %d still running %.0f s after unmounting %s", pid, wait, path)
+
+
+def _daemon_pid(path: Path) -> int | None:
+    """The pid a live modelfs daemon reports in its stats xattr (None for a dead or other mount)."""
+    import json
+
+    try:
+        return int(json.loads(os.getxattr(path, "user.modelfs.stats"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Poll until process ``pid`` is gone (or a zombie); False on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _raise_read_ahead(path: Path, kb: int) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from modelfs.mount import is_mounted
+from modelfs.mount import is_mounted, wait_for_exit
 
 __all__ = ["mounted", "run_modelfs", "daemon_pid", "peak_rss_kib", "force_unmount"]
 
@@ -57,24 +57,11 @@ def mounted(source: str, mountpoint: Path, cache_dir: Path, *options: str,
             _wait_gone(cache_dir)
 
 
-def _wait_gone(cache_dir: Path, timeout: float = 10.0) -> None:
+def _wait_gone(cache_dir: Path, timeout: float = 120.0) -> None:
     """Wait for the daemon to exit after unmount, so the next mount can lock the cache dir."""
-    import time
-
     try:
         pid = daemon_pid(cache_dir)
     except (OSError, ValueError, IndexError):
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        try:
-            # A zombie of ours counts as gone.
-            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                return
-        except OSError:
-            return
-        time.sleep(0.05)
+    if not wait_for_exit(pid, timeout):
+        raise RuntimeError(f"modelfs daemon {pid} still running {timeout:.0f} s after unmount")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.mount import is_mounted
+from modelfs.mount import is_mounted, wait_for_exit
 from modelfs.testing.fakegcs import FakeGCS
 from modelfs.testing.mounts import daemon_pid, mounted, run_modelfs
 
@@ -166,16 +166,7 @@ def test_unmount_leaves_nothing(seeded: str, gcs: FakeGCS, tmp_path: Path) -> No
 
 
 def _wait_exit(pid: int, timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"daemon {pid} still running after unmount")
+    assert wait_for_exit(pid, timeout), f"daemon {pid} still running after unmount"
 
 
 def test_single_object_source(seeded: str, mount: MountFn) -> None:
