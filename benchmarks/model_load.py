@@ -11,8 +11,8 @@ faulted in) through each path:
 
   download        google-cloud-storage ``Blob.download_to_filename`` of every file to a local
                   dir, then the load from there; the time is the sum ("download, then load")
-  modelfs         cold (fresh cache dir) with the default options (eager streaming of an opened
-                  weight file into the disk cache), with ``--no-eager``, and with
+  modelfs         cold (fresh cache dir) with the default options (eager streaming of a weight
+                  file being read into the disk cache), with ``--no-eager``, and with
                   ``--eager-model`` (every weight file streamed from mount time; loaded as soon
                   as the mount is up)
   rclone          ``rclone mount gcs:bench/model --read-only --vfs-cache-mode full``, cold
@@ -62,7 +62,7 @@ MODEL_FORMAT = 1  # bump when write_model's output changes, so a kept model is r
 # key -> (label, group), in table order
 PATHS: dict[str, tuple[str, str]] = {
     "download": ("download all (google-cloud-storage), then load", "download"),
-    "modelfs": ("modelfs cold, default (eager on open)", "modelfs"),
+    "modelfs": ("modelfs cold, default (eager on)", "modelfs"),
     "modelfs-no-eager": ("modelfs cold, --no-eager", "modelfs"),
     "modelfs-eager-model": ("modelfs cold, --eager-model", "modelfs"),
     "rclone": ("rclone mount, vfs-cache-mode full, cold", "rclone"),
