@@ -13,6 +13,7 @@ budget lets it, so the window here is an upper bound, never a memory commitment.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["ReadAhead", "Cursor", "PrefetchDefaults"]
@@ -31,6 +32,9 @@ class PrefetchDefaults:
     # After this many seeks, a read that starts a new run is served by a small ranged GET
     # instead of a whole block (gcsfuse switches after 2 seeks too).
     random_after_seeks: int = 2
+    # Only seeks among the last this many reads count: a loader that seeks, then streams
+    # for a long while, is sequential again.
+    seek_memory: int = 64
 
 
 @dataclass
@@ -56,6 +60,7 @@ class ReadAhead:
         self.last_random = False  # the last read looked random: it started a run after several seeks
         self.sequential_reads = 0  # reads that continued a run with a window of 2+ blocks
         self._seq = 0
+        self._recent_seeks: deque[int] = deque()  # read numbers of recent seeks
         self._blocks = -(-size // block_size)
 
     def _find(self, offset: int) -> Cursor | None:
@@ -81,7 +86,10 @@ class ReadAhead:
             window = min(1, self.max_window_blocks) if offset == 0 else 0
             if self.cursors:
                 self.resets += 1
-            self.last_random = self.resets >= self.defaults.random_after_seeks
+                self._recent_seeks.append(self._seq)
+            while self._recent_seeks and self._recent_seeks[0] <= self._seq - self.defaults.seek_memory:
+                self._recent_seeks.popleft()
+            self.last_random = len(self._recent_seeks) >= self.defaults.random_after_seeks
             cursor = Cursor(end=end, block=last_block, window=window, scheduled=last_block + 1, seq=self._seq)
             self.cursors.append(cursor)
             if len(self.cursors) > self.defaults.max_cursors:

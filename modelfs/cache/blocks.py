@@ -221,7 +221,7 @@ class BlockStore:
         index = block.key[2]
         fetched = False
         try:
-            if self.disk is not None and await self.disk.read_into(block.key, block.view):
+            if self.disk is not None and await self.disk.read_into(block.key, block.view, direct=not demand):
                 self.stats.disk_hits += 1
             else:
                 await self._fetch(obj, index, block.view, demand=demand)

@@ -8,7 +8,7 @@ from modelfs.backends.memory import MemoryBackend
 from modelfs.files import OpenFiles
 from modelfs.prefetch import PrefetchDefaults
 
-from .conftest import StoreFactory, put_ramp
+from .conftest import StoreFactory, put_ramp, wait_until
 
 BLOCK = 64 * 1024
 GRANULE = 4096
@@ -84,3 +84,47 @@ async def test_cached_block_is_used_for_random_reads(make_store: StoreFactory) -
     for offset in (5 * BLOCK + 7, 1 * BLOCK + 99, 6 * BLOCK + 3, 2 * BLOCK):
         assert bytes(await files.read(fh, offset, 100)) == data[offset : offset + 100]
     assert backend.read_calls == calls
+
+
+def test_random_mode_forgets_old_seeks() -> None:
+    """Two seeks long ago do not make a later new run 'random'; two recent ones do."""
+    from modelfs.prefetch import ReadAhead
+
+    ra = ReadAhead(1 << 30, BLOCK, 0, PrefetchDefaults(backward_tolerance=1024, forward_tolerance=1024, seek_memory=16))
+    for offset in (0, 100 * BLOCK, 200 * BLOCK):  # two seeks
+        ra.on_read(offset, 512)
+    assert ra.last_random
+    pos = 200 * BLOCK + 512
+    for _ in range(40):  # a long sequential run
+        ra.on_read(pos, 4096)
+        pos += 4096
+    ra.on_read(500 * BLOCK, 512)  # one new seek: only one seek in memory
+    assert not ra.last_random
+    ra.on_read(700 * BLOCK, 512)  # and a second one
+    assert ra.last_random
+
+
+async def test_demand_disk_reads_use_the_page_cache(make_store: StoreFactory) -> None:
+    """Disk-cache hits for demand reads go through the page cache; read-ahead uses O_DIRECT."""
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "w.bin", 16 * BLOCK, seed=8)
+    store = await make_store(backend, block_size=BLOCK, memory_blocks=4, disk=True)
+    assert store.disk is not None
+    for index in range(16):
+        await store.get(ref, index)
+    await store.drain()
+    calls: list[bool] = []
+    original = store.disk._read_file
+
+    def spy(rel: str, key: object, dest: memoryview, direct: bool = True) -> str:
+        calls.append(direct)
+        return original(rel, key, dest, direct)  # type: ignore[arg-type]
+
+    store.disk._read_file = spy  # type: ignore[method-assign]
+    block = await store.get(ref, 0)  # evicted from memory: a demand disk hit
+    assert bytes(block.view) == data[:BLOCK]
+    assert calls == [False]
+    assert store.prefetch(ref, 1)
+    await wait_until(lambda: len(calls) == 2)
+    assert calls == [False, True]
+    assert backend.read_calls == 16
