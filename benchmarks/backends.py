@@ -26,7 +26,7 @@ reads (fresh cache dir), and ``rclone mount`` of nginx's HTML index (rclone's ht
 Prints median MB/s (10^6 bytes/s) with min-max, and writes JSON to ``--out``. Timings are
 reported, never checked.
 
-    /tmp/venv/bin/python benchmarks/backends.py [--size 1G] [--rounds 3] [--mount] [--moto]
+    .venv/bin/python benchmarks/backends.py [--size 1G] [--rounds 3] [--mount] [--moto]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ it checks every byte (sha256 of what was read against the source).
 Exit status: 1 if any byte read was wrong (or the run failed), 0 otherwise; with ``--strict``
 also 2 when an acceptance bound (RSS, pass-2 GETs) is not met. Timings are never checked.
 
-    /tmp/venv/bin/python benchmarks/memory_bound.py [--objects 256M,2G] [--out FILE]
+    .venv/bin/python benchmarks/memory_bound.py [--objects 256M,2G] [--out FILE]
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Before the timed rounds, a verify pass loads through every remote path once more
 checks each tensor's sha256 against the digests ``write_model`` returned: a wrong byte makes
 the exit status 1. Timings are reported, never checked.
 
-    /tmp/venv/bin/python benchmarks/model_load.py [--size 2G] [--shards 4] [--rounds 3] [--only modelfs,rclone]
+    .venv/bin/python benchmarks/model_load.py [--size 2G] [--shards 4] [--rounds 3] [--only modelfs,rclone]
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ bytes fio read.
 
 Exit status 1 if the run failed, 0 otherwise; numbers are reported, never checked.
 
-    /tmp/venv/bin/python benchmarks/random_read.py [--size 1G] [--runtime 15] [--detector 1M,64K,0]
+    .venv/bin/python benchmarks/random_read.py [--size 1G] [--runtime 15] [--detector 1M,64K,0]
 """
 
 from __future__ import annotations

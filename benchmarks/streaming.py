@@ -27,7 +27,7 @@ curl, rclone and download-then-read, and writes everything to ``--out`` as JSON.
 Exit status: 1 if a verified read returned wrong bytes (or the run failed), 0 otherwise;
 timings are reported, never checked.
 
-    /tmp/venv/bin/python benchmarks/streaming.py [--size 4G] [--rounds 3] [--only modelfs,curl]
+    .venv/bin/python benchmarks/streaming.py [--size 4G] [--rounds 3] [--only modelfs,curl]
 """
 
 from __future__ import annotations
