@@ -443,3 +443,28 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - t0
+
+
+def run_main(name: str, args: argparse.Namespace, body: Callable[["Cleanup"], int]) -> int:
+    """The scripts' shared main(): root check, signal handling, cleanup of every mount,
+    server and work dir however the run ends, and exit codes (130 interrupted, 1 broken)."""
+    import traceback
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        print(f"{name}: needs root (drop_caches, /proc/PID/clear_refs, the FUSE bdi) and /dev/fuse",
+              file=sys.stderr)
+        return 1
+    install_signal_handlers()
+    cleanup = Cleanup()
+    try:
+        return body(cleanup)
+    except (KeyboardInterrupt, _Terminated):
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        cleanup.run()
+        if not args.keep_data:
+            shutil.rmtree(args.workdir, ignore_errors=True)

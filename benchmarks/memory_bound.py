@@ -22,10 +22,8 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -189,23 +187,7 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("memory_bound: needs root (drop_caches, /proc/PID/clear_refs) and /dev/fuse", file=sys.stderr)
-        return 1
-    C.install_signal_handlers()
-    cleanup = C.Cleanup()
-    try:
-        return run(args, cleanup)
-    except (KeyboardInterrupt, C._Terminated):
-        print("memory_bound: interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        cleanup.run()
-        if not args.keep_data:
-            shutil.rmtree(args.workdir, ignore_errors=True)
+    return C.run_main("memory_bound", args, lambda c: run(args, c))
 
 
 if __name__ == "__main__":

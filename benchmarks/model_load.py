@@ -42,7 +42,6 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -572,23 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_child"]:
         return child_main(argv[1:])
     args = parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("model_load: needs root (drop_caches) and /dev/fuse", file=sys.stderr)
-        return 1
-    C.install_signal_handlers()
-    cleanup = C.Cleanup()
-    try:
-        return Bench(args, cleanup).run()
-    except (KeyboardInterrupt, C._Terminated):
-        print("model_load: interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        cleanup.run()
-        if not args.keep_data:
-            shutil.rmtree(args.workdir, ignore_errors=True)
+    return C.run_main("model_load", args, lambda c: Bench(args, c).run())
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -233,26 +232,10 @@ def _version(cmd: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("random_read: needs root (drop_caches) and /dev/fuse", file=sys.stderr)
-        return 1
     if not shutil.which("fio"):
         print("random_read: needs fio (apt-get install -y fio)", file=sys.stderr)
         return 1
-    C.install_signal_handlers()
-    cleanup = C.Cleanup()
-    try:
-        return run(args, cleanup)
-    except (KeyboardInterrupt, C._Terminated):
-        print("random_read: interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        cleanup.run()
-        if not args.keep_data:
-            shutil.rmtree(args.workdir, ignore_errors=True)
+    return C.run_main("random_read", args, lambda c: run(args, c))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -543,23 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("streaming: needs root (drop_caches) and /dev/fuse", file=sys.stderr)
-        return 1
-    C.install_signal_handlers()
-    cleanup = C.Cleanup()
-    try:
-        return Bench(args, cleanup).run()
-    except (KeyboardInterrupt, C._Terminated):
-        print("streaming: interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        cleanup.run()
-        if not args.keep_data:
-            shutil.rmtree(args.workdir, ignore_errors=True)
+    return C.run_main("streaming", args, lambda c: Bench(args, c).run())
 
 
 if __name__ == "__main__":

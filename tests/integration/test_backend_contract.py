@@ -23,7 +23,7 @@ from modelfs.backends.memory import MemoryBackend
 from modelfs.config import Source, parse_source
 from modelfs.errors import AccessDenied, BackendError, NotFound, VersionChanged
 from modelfs.testing.fakegcs import FakeGCS
-from modelfs.testing.nginx import TOKEN, Nginx
+from modelfs.testing.nginx import Nginx
 from modelfs.testing.s3server import S3Server
 
 BS = 64 * 1024
