@@ -468,3 +468,43 @@ def run_main(name: str, args: argparse.Namespace, body: Callable[["Cleanup"], in
         cleanup.run()
         if not args.keep_data:
             shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """Percent of all CPUs busy over ``seconds`` (200 = both cores of a 2-core machine), sampled
+    while the benchmark is idle: how much other work competes with the measurement."""
+    def sample() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+
+    a = sample()
+    time.sleep(seconds)
+    d = [y - x for x, y in zip(a, sample())]
+    total = sum(d) or 1
+    return round((total - d[3] - d[4]) / total * 100 * (os.cpu_count() or 1), 0)
+
+
+def wait_daemon_exit(pid: int, timeout: float = 60.0) -> None:
+    """Wait for a modelfs daemon we started to exit after its unmount (it holds the cache dir's lock)."""
+    from modelfs.mount import wait_for_exit
+
+    if not wait_for_exit(pid, timeout):
+        print(f"    note: modelfs daemon {pid} still running {timeout:.0f} s after its unmount", flush=True)
+
+
+def stop_fuse_process(proc: "subprocess.Popen[bytes]", mnt: Path) -> None:
+    """Unmount a FUSE mount served by ``proc`` (rclone) and make sure both are gone."""
+    from modelfs.mount import is_mounted
+
+    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if is_mounted(mnt):
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)

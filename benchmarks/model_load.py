@@ -165,33 +165,6 @@ def child_main(argv: list[str]) -> int:
 # --- the harness
 
 
-def machine_busy(seconds: float = 1.0) -> float:
-    """Percent of all CPUs busy over ``seconds`` (200 = both cores of a 2-core machine). Sampled
-    while this benchmark is idle, it shows how much other work competes with the measurement."""
-    def sample() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-
-    a = sample()
-    time.sleep(seconds)
-    d = [y - x for x, y in zip(a, sample())]
-    total = sum(d) or 1
-    return round((total - d[3] - d[4]) / total * 100 * (os.cpu_count() or 1), 0)
-
-
-def _wait_exit(pid: int, timeout: float = 60.0) -> None:
-    """Wait for a daemon we started to exit after its unmount (it holds the cache dir's lock)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                return
-        except OSError:
-            return
-        time.sleep(0.05)
-    print(f"    note: modelfs daemon {pid} still running {timeout:.0f} s after its unmount", flush=True)
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, cleanup: C.Cleanup) -> None:
         self.args = args
@@ -299,7 +272,7 @@ class Bench:
                 yield mnt, pid
         finally:
             if pid is not None:
-                _wait_exit(pid)
+                C.wait_daemon_exit(pid)
             shutil.rmtree(cache, ignore_errors=True)
 
     @contextmanager
@@ -326,18 +299,7 @@ class Bench:
                 time.sleep(0.1)
             yield mnt, proc.pid
         finally:
-            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if is_mounted(mnt):
-                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+            C.stop_fuse_process(proc, mnt)
             shutil.rmtree(cache, ignore_errors=True)
 
     def write_rclone_conf(self) -> None:
@@ -351,7 +313,7 @@ class Bench:
 
     def measure(self, key: str, tag: str, *, verify: bool) -> dict[str, Any]:
         """One load of ``key``; the sample (seconds, RSS, GETs...)."""
-        sample: dict[str, Any] = {"busy_before_pct": machine_busy()}
+        sample: dict[str, Any] = {"busy_before_pct": C.machine_busy()}
         if key in MODELFS_FLAGS:
             with self.modelfs(key, tag) as (mnt, pid):
                 out = self.child("load", mnt, verify=verify)

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
                             shutil.rmtree(cache, ignore_errors=True)
                             mnt = cleanup.mountpoint(workdir / "mnt-modelfs")
                             pid = None
-                            busy = machine_busy()
+                            busy = C.machine_busy()
                             try:
                                 C.drop_caches()
                                 with mounted(f"gs://{BUCKET}", mnt, cache, *base_options, "--random-read-size", detector,
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
                                                memory_hits=stats["memory_hits"], memory_misses=stats["memory_misses"])
                             finally:
                                 if pid is not None:
-                                    _wait_exit(pid)
+                                    C.wait_daemon_exit(pid)
                                 shutil.rmtree(cache, ignore_errors=True)
                             out["busy_before_pct"] = busy
                             out["amplification"] = round(out["backend_bytes"] / out["io_bytes"], 2) if out["io_bytes"] else None
@@ -194,33 +194,6 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
     })
     print(f"results written to {args.out}")
     return 130 if interrupted else 0
-
-
-def machine_busy(seconds: float = 1.0) -> float:
-    """Percent of all CPUs busy over ``seconds`` (200 = both cores of a 2-core machine), sampled
-    while this benchmark is idle: how much other work competes with the measurement."""
-    def sample() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-
-    a = sample()
-    time.sleep(seconds)
-    d = [y - x for x, y in zip(a, sample())]
-    total = sum(d) or 1
-    return round((total - d[3] - d[4]) / total * 100 * (os.cpu_count() or 1), 0)
-
-
-def _wait_exit(pid: int, timeout: float = 60.0) -> None:
-    """Wait for a daemon we started to exit after its unmount."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                return
-        except OSError:
-            return
-        time.sleep(0.05)
-    print(f"    note: modelfs daemon {pid} still running {timeout:.0f} s after its unmount", flush=True)
 
 
 def _version(cmd: list[str]) -> str | None:

@@ -215,18 +215,7 @@ class Bench:
                 time.sleep(0.1)
             yield mnt, proc.pid
         finally:
-            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if is_mounted(mnt):
-                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+            C.stop_fuse_process(proc, mnt)
 
     def write_rclone_conf(self) -> None:
         assert self.gcs is not None
