@@ -1,0 +1,187 @@
+"""Ranged media GETs on plain ``http.client`` connections, for the GCS backend's data path.
+
+google-cloud-storage's authorized ``requests`` session costs ~1.6 ms of CPU per GET before a
+byte moves (adapters, hooks, cookie jar, urllib3 pool); a bare ``http.client`` request on a
+kept-alive connection costs ~0.25 ms (measured on this machine against fake-gcs-server:
+1 MiB GETs 295 → 737 MB/s on one thread, 8 MiB GETs 0.73 → 0.46 CPU-s/GiB). That fixed cost
+is what bounds random-read IOPS and a good part of the streaming CPU, so the byte-moving GET
+gets its own small transport. Auth is still google-auth's: the client's credentials sign
+every request (refreshing the token when it expires, and once more on a 401).
+
+Every method blocks; the GCS backend calls them from trio worker threads. Connections are
+pooled LIFO and used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import select
+import socket
+import ssl
+import threading
+import urllib.request
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
+
+__all__ = ["MediaTransport", "plain_transport_applies"]
+
+CheckResponse = Callable[[int, Mapping[str, str]], None]
+
+
+def plain_transport_applies(base_url: str) -> bool:
+    """False when requests would do something we do not: go through a proxy, or mutual TLS.
+
+    Then the backend keeps using the client's own session, so such setups behave as before.
+    """
+    if os.environ.get("GOOGLE_API_USE_CLIENT_CERTIFICATE", "").lower() == "true":
+        return False
+    parts = urlsplit(base_url)
+    proxies = urllib.request.getproxies()
+    if parts.scheme in proxies or "all" in proxies:
+        return bool(urllib.request.proxy_bypass(parts.hostname or ""))
+    return True
+
+
+class MediaTransport:
+    """GETs of byte ranges from one ``http(s)://host[:port]``, read straight into a buffer."""
+
+    def __init__(self, base_url: str, credentials: object | None, *, connect_timeout: float,
+                 read_timeout: float, max_idle: int) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        from google.auth.credentials import AnonymousCredentials
+
+        # Anonymous access (public buckets, the emulator) sends no Authorization at all.
+        self._credentials = None if isinstance(credentials, AnonymousCredentials) else credentials
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_idle = max_idle
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._auth_lock = threading.Lock()
+        self._auth_request: object | None = None
+        self._ssl: ssl.SSLContext | None = self._ssl_context() if self._https else None
+        self._closed = False
+
+    @staticmethod
+    def _ssl_context() -> ssl.SSLContext:
+        """The CA bundle requests would use (REQUESTS_CA_BUNDLE, else certifi), for parity."""
+        cafile = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if not cafile:
+            try:
+                import certifi
+
+                cafile = certifi.where()
+            except ImportError:  # pragma: no cover - certifi comes with requests
+                cafile = None
+        return ssl.create_default_context(cafile=cafile)
+
+    # --- auth
+
+    def _sign(self, url: str, headers: dict[str, str], *, force_refresh: bool) -> None:
+        if self._credentials is None:
+            return
+        before_request = self._credentials.before_request  # type: ignore[attr-defined]
+        with self._auth_lock:  # google-auth credentials are not safe to refresh concurrently
+            if self._auth_request is None:
+                from google.auth.transport.requests import Request
+
+                self._auth_request = Request()
+            if force_refresh:
+                self._credentials.refresh(self._auth_request)  # type: ignore[attr-defined]
+            before_request(self._auth_request, "GET", url, headers)
+
+    # --- connections
+
+    @staticmethod
+    def _dropped(conn: http.client.HTTPConnection) -> bool:
+        """True if the server closed this idle connection (its socket reads EOF or has junk)."""
+        if conn.sock is None:
+            return True
+        readable, _, _ = select.select([conn.sock], [], [], 0)
+        return bool(readable)
+
+    def _take(self) -> http.client.HTTPConnection:
+        """An idle connection the server has not closed, else a new one."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if not self._dropped(conn):
+                return conn
+            conn.close()
+        if self._https:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._connect_timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self._read_timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and conn.sock is not None and len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    # --- the GET
+
+    def get_into(self, path: str, offset: int, dest: memoryview, check: CheckResponse) -> None:
+        """Fill ``dest`` with bytes [offset, offset + len(dest)) of the resource at ``path``.
+
+        ``check(status, headers)`` raises for any response that is not exactly this range;
+        network failures surface as OSError or http.client.HTTPException, and a short body
+        as EOFError. The connection is reused only after a complete, checked body.
+        """
+        length = len(dest)
+        url = self._origin + path
+        refreshed = False
+        while True:
+            headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+            self._sign(url, headers, force_refresh=refreshed)
+            conn = self._take()
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                if resp.status == 401 and not refreshed and self._credentials is not None:
+                    resp.read()
+                    self._give_back(conn)
+                    refreshed = True
+                    continue
+                check(resp.status, resp.headers)
+                got = 0
+                while got < length:
+                    n = resp.readinto(dest[got:])
+                    if not n:
+                        raise EOFError(f"body ended after {got} of {length} bytes")
+                    got += n
+            except BaseException:
+                conn.close()
+                raise
+            if resp.isclosed():
+                self._give_back(conn)
+            else:  # more body than asked for: the connection is not at a message boundary
+                conn.close()
+            return

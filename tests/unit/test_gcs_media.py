@@ -1,0 +1,176 @@
+"""The GCS data path's plain http.client transport, against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator, Mapping
+
+import pytest
+
+from modelfs.backends.gcs_media import MediaTransport, plain_transport_applies
+
+DATA = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB, no two 32-byte runs alike in order
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.requests.append((self.headers.get("Authorization"), self.client_address[1]))
+        if self.server.want_token and self.headers.get("Authorization") != self.server.want_token:
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start, end = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
+        body = DATA[start : end + 1]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(DATA)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if self.server.close_after_response:
+            self.close_connection = True  # drop the kept-alive connection without saying so
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[tuple[str | None, int]] = []
+        self.want_token: str | None = None
+        self.close_after_response = False
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    srv = _Server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+class _Credentials:
+    """google-auth's credentials surface that the transport uses: sign, and refresh on a 401."""
+
+    def __init__(self) -> None:
+        self.token = 0
+        self.refreshes = 0
+
+    def before_request(self, request: object, method: str, url: str, headers: dict[str, str]) -> None:
+        headers["Authorization"] = f"Bearer t{self.token}"
+
+    def refresh(self, request: object) -> None:
+        self.refreshes += 1
+        self.token += 1
+
+
+def _ok(status: int, headers: Mapping[str, str]) -> None:
+    assert status == 206, status
+
+
+def _transport(server: _Server, credentials: object | None = None) -> MediaTransport:
+    return MediaTransport(f"http://127.0.0.1:{server.server_address[1]}", credentials,
+                          connect_timeout=5, read_timeout=5, max_idle=4)
+
+
+def test_ranges_arrive_exactly_and_the_connection_is_reused(server: _Server) -> None:
+    media = _transport(server)
+    try:
+        for offset, length in [(0, 1), (1000, 65536), (len(DATA) - 7, 7), (12345, 40000)]:
+            dest = memoryview(bytearray(length))
+            media.get_into("/o", offset, dest, _ok)
+            assert hashlib.sha256(dest).digest() == hashlib.sha256(DATA[offset : offset + length]).digest()
+    finally:
+        media.close()
+    assert [auth for auth, _ in server.requests] == [None] * 4
+    assert len({port for _, port in server.requests}) == 1
+
+
+def test_expired_token_is_refreshed_once_on_401(server: _Server) -> None:
+    credentials = _Credentials()
+    server.want_token = "Bearer t1"
+    media = _transport(server, credentials)
+    dest = memoryview(bytearray(100))
+    try:
+        media.get_into("/o", 50, dest, _ok)
+    finally:
+        media.close()
+    assert bytes(dest) == DATA[50:150]
+    assert credentials.refreshes == 1
+    assert [auth for auth, _ in server.requests] == ["Bearer t0", "Bearer t1"]
+
+
+def test_a_401_after_refresh_goes_to_the_check(server: _Server) -> None:
+    server.want_token = "Bearer never"
+    seen: list[int] = []
+
+    def check(status: int, headers: Mapping[str, str]) -> None:
+        seen.append(status)
+        raise PermissionError(status)
+
+    media = _transport(server, _Credentials())
+    try:
+        with pytest.raises(PermissionError):
+            media.get_into("/o", 0, memoryview(bytearray(10)), check)
+    finally:
+        media.close()
+    assert seen == [401]
+
+
+def test_idle_connection_closed_by_the_server_is_not_reused(server: _Server) -> None:
+    server.close_after_response = True
+    media = _transport(server)
+    try:
+        first = memoryview(bytearray(10))
+        media.get_into("/o", 0, first, _ok)
+        # Wait until the server has really closed its end, then read again: the transport must
+        # notice the dead idle connection and open a new one rather than fail the GET.
+        for _ in range(200):
+            if media._idle and media._dropped(media._idle[-1]):
+                break
+            threading.Event().wait(0.01)
+        second = memoryview(bytearray(10))
+        media.get_into("/o", 10, second, _ok)
+    finally:
+        media.close()
+    assert bytes(first) + bytes(second) == DATA[:20]
+    assert len({port for _, port in server.requests}) == 2
+
+
+def test_short_body_raises_and_is_never_reused(server: _Server) -> None:
+    media = _transport(server)
+    try:
+        # Asking for more than the object holds: the server sends a shorter 206 body.
+        with pytest.raises((EOFError, OSError)):
+            media.get_into("/o", len(DATA) - 10, memoryview(bytearray(20)), lambda s, h: None)
+        assert media._idle == []
+    finally:
+        media.close()
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, True),
+    ({"HTTPS_PROXY": "http://proxy.invalid:3128"}, False),
+    ({"HTTPS_PROXY": "http://proxy.invalid:3128", "NO_PROXY": "storage.googleapis.com"}, True),
+    ({"GOOGLE_API_USE_CLIENT_CERTIFICATE": "true"}, False),
+])
+def test_proxy_and_mtls_setups_keep_the_client_session(monkeypatch: pytest.MonkeyPatch,
+                                                       env: dict[str, str], expected: bool) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                 "NO_PROXY", "no_proxy", "GOOGLE_API_USE_CLIENT_CERTIFICATE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert plain_transport_applies("https://storage.googleapis.com/download/storage/v1/b/x/o/") is expected
