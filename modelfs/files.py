@@ -107,10 +107,12 @@ class OpenFiles:
             self.eager.opened(ref)
         bs = self.store.block_size
         first, last = offset // bs, (offset + size - 1) // bs
-        if entry.read_ahead.last_random and 0 < self.random_read_size < bs and size <= self.random_read_size:
+        if (entry.read_ahead.last_random and 0 < self.random_read_size < bs and size <= self.random_read_size
+                and not entry.read_ahead.wants_whole_block(first)):
             # A random read of an uncached block: fetch a small aligned range, not the block.
             small = await self.store.read_small(ref, offset, size, self.random_read_size)
             if small is not None:
+                entry.read_ahead.small_get(first)
                 return small
         if first == last:
             block = await self.store.get(ref, first)

@@ -35,6 +35,9 @@ class PrefetchDefaults:
     # Only seeks among the last this many reads count: a loader that seeks, then streams
     # for a long while, is sequential again.
     seek_memory: int = 64
+    # After this many small GETs in one block, the next random read there fetches the whole
+    # block (which is cached): reads keep landing in it, and small GETs are never cached.
+    small_gets_per_block: int = 2
 
 
 @dataclass
@@ -62,12 +65,25 @@ class ReadAhead:
         self._seq = 0
         self._recent_seeks: deque[int] = deque()  # read numbers of recent seeks
         self._blocks = -(-size // block_size)
+        self._small_gets: dict[int, int] = {}  # block index -> small GETs served from it
+
+    @property
+    def random_mode(self) -> bool:
+        """Several recent seeks: reads are scattered (an mmap loader, a random-read job)."""
+        return len(self._recent_seeks) >= self.defaults.random_after_seeks
 
     def _find(self, offset: int) -> Cursor | None:
         best: Cursor | None = None
+        random_mode = self.random_mode
         for c in self.cursors:
-            ahead = c.window * self.block_size + self.defaults.forward_tolerance
-            if c.end - self.defaults.backward_tolerance <= offset <= c.end + ahead:
+            if random_mode:
+                # Scattered reads: only a read that starts right at a run's end continues it;
+                # one that merely lands near it would otherwise fetch whole blocks for nothing.
+                behind = ahead = min(self.defaults.forward_tolerance, self.defaults.backward_tolerance)
+            else:
+                behind = self.defaults.backward_tolerance
+                ahead = c.window * self.block_size + self.defaults.forward_tolerance
+            if c.end - behind <= offset <= c.end + ahead:
                 if best is None or abs(c.end - offset) < abs(best.end - offset):
                     best = c
         return best
@@ -110,6 +126,14 @@ class ReadAhead:
             return range(0)
         cursor.scheduled = stop
         return range(start, stop)
+
+    def wants_whole_block(self, index: int) -> bool:
+        """True once random reads have taken enough small GETs from block ``index``."""
+        return self._small_gets.get(index, 0) >= self.defaults.small_gets_per_block
+
+    def small_get(self, index: int) -> None:
+        """A random read in block ``index`` was served by a small GET."""
+        self._small_gets[index] = self._small_gets.get(index, 0) + 1
 
     def unschedule(self, index: int) -> None:
         """A prefetch of ``index`` was refused (no budget): let a later read ask again."""

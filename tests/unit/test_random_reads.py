@@ -32,7 +32,8 @@ async def test_random_reads_fetch_small_ranges(make_store: StoreFactory) -> None
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 64 * BLOCK, seed=5)
     store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
-    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_defaults=TIGHT)
+    never_whole = PrefetchDefaults(backward_tolerance=1024, forward_tolerance=1024, small_gets_per_block=1000)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_defaults=never_whole)
     fh = files.open(ref)
     read = await _random_reads(files, fh, data, 50)
     assert store.stats.small_gets >= 45  # the first reads, before two seeks, take whole blocks
@@ -84,6 +85,51 @@ async def test_cached_block_is_used_for_random_reads(make_store: StoreFactory) -
     for offset in (5 * BLOCK + 7, 1 * BLOCK + 99, 6 * BLOCK + 3, 2 * BLOCK):
         assert bytes(await files.read(fh, offset, 100)) == data[offset : offset + 100]
     assert backend.read_calls == calls
+
+
+async def test_block_with_several_small_gets_is_fetched_whole(make_store: StoreFactory) -> None:
+    """Random reads that keep landing in one block: after two small GETs the block is fetched
+    whole (and cached), and later reads there need no GET at all."""
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "w.bin", 32 * BLOCK, seed=9)
+    store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_defaults=TIGHT)
+    fh = files.open(ref)
+    for offset in (20 * BLOCK, 3 * BLOCK):  # two seeks: random mode from the next new run
+        assert bytes(await files.read(fh, offset, 512)) == data[offset : offset + 512]
+    base = 11 * BLOCK
+    for k, offset in enumerate((base + 40_000, base + 8_000, base + 24_000, base + 56_000, base + 100)):
+        gets = backend.read_calls
+        assert bytes(await files.read(fh, offset, 512)) == data[offset : offset + 512]
+        if k < 2:
+            assert store.stats.small_gets == k + 1 and backend.read_calls == gets + 1
+        elif k == 2:
+            assert backend.reads[(ref.name, base)] == 1 and backend.read_calls == gets + 1  # the whole block
+        else:
+            assert backend.read_calls == gets  # cached
+    assert store.stats.small_gets == 2
+
+
+def test_in_random_mode_only_a_read_at_a_run_end_continues_it() -> None:
+    """Among scattered reads, landing a few MiB behind a run's end is a new run (a seek), where
+    in sequential mode the kernel's reordering tolerance would have continued the run and
+    fetched whole blocks for it."""
+    from modelfs.prefetch import ReadAhead
+
+    mib = 1 << 20
+    sequential = ReadAhead(1 << 30, 8 * mib, 0)
+    sequential.on_read(100 * mib, 4096)
+    sequential.on_read(100 * mib - 3 * mib, 4096)  # 3 MiB back: reordering, same run
+    assert sequential.resets == 0
+
+    scattered = ReadAhead(1 << 30, 8 * mib, 0)
+    for offset in (700 * mib, 300 * mib, 100 * mib):  # two seeks: random mode
+        scattered.on_read(offset, 4096)
+    resets = scattered.resets
+    scattered.on_read(100 * mib - 3 * mib, 4096)
+    assert scattered.resets == resets + 1 and scattered.last_random
+    scattered.on_read(100 * mib - 3 * mib + 4096, 4096)  # contiguous: continues that run
+    assert scattered.resets == resets + 1 and not scattered.last_random
 
 
 def test_random_mode_forgets_old_seeks() -> None:
