@@ -90,7 +90,11 @@ class DiskCache:
         self._current_version: dict[str, str] = {}  # object hash -> version hash last written
         self._lock_fd: int | None = None
         self._warned_write = False
-        self._limiter = trio.CapacityLimiter(4)
+        # Reads get a deeper queue than writes: this VM's virtual disk served 8 MiB O_DIRECT
+        # reads of block files at 703 MB/s with 4 in flight, 1,006 with 8 and 1,149 with 16.
+        # How many are really in flight is bounded by the memory budget's prefetch share.
+        self._read_limiter = trio.CapacityLimiter(16)
+        self._limiter = trio.CapacityLimiter(4)  # writes, unlinks
         self._direct_io = True
 
     # --- lifetime
@@ -232,7 +236,8 @@ class DiskCache:
         """
         rel = self._relpath(key)
         try:
-            result = await trio.to_thread.run_sync(self._read_file, rel, key, dest, direct, limiter=self._limiter)
+            result = await trio.to_thread.run_sync(self._read_file, rel, key, dest, direct,
+                                                   limiter=self._read_limiter)
         except OSError as exc:
             result = f"read error: {exc.strerror}"
         if result == "hit":
