@@ -24,7 +24,11 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
+from modelfs import __version__
+
 __all__ = ["MediaTransport", "plain_transport_applies"]
+
+_USER_AGENT = f"modelfs/{__version__} (python http.client)"
 
 CheckResponse = Callable[[int, Mapping[str, str]], None]
 
@@ -155,7 +159,8 @@ class MediaTransport:
         url = self._origin + path
         refreshed = False
         while True:
-            headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+            headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity",
+                       "User-Agent": _USER_AGENT}
             self._sign(url, headers, force_refresh=refreshed)
             conn = self._take()
             try:

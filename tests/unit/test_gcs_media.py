@@ -23,6 +23,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.requests.append((self.headers.get("Authorization"), self.client_address[1]))
+        self.server.agents.add(self.headers.get("User-Agent"))
         if self.server.want_token and self.headers.get("Authorization") != self.server.want_token:
             self.send_response(401)
             self.send_header("Content-Length", "0")
@@ -45,6 +46,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[tuple[str | None, int]] = []
+        self.agents: set[str | None] = set()
         self.want_token: str | None = None
         self.close_after_response = False
 
@@ -96,6 +98,7 @@ def test_ranges_arrive_exactly_and_the_connection_is_reused(server: _Server) -> 
         media.close()
     assert [auth for auth, _ in server.requests] == [None] * 4
     assert len({port for _, port in server.requests}) == 1
+    assert len(server.agents) == 1 and next(iter(server.agents)).startswith("modelfs/")
 
 
 def test_expired_token_is_refreshed_once_on_401(server: _Server) -> None:
