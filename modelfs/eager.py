@@ -10,7 +10,10 @@ per GiB (blocks fetched, written, evicted and read back from disk). Demand reads
 waiting for, and memory that holds no unread data.
 
 For ``.safetensors`` the JSON header is parsed first and the tensor data is streamed in the
-order of the tensors' offsets, after the header's own blocks.
+order of the tensors' offsets, after the header's own blocks. A GGUF file needs no parsing
+for the same order: its header (metadata, then the tensor infos) comes first and the tensor
+data follows in ascending offsets (llama.cpp's writer lays it out so), so file order is
+header first, then tensors by offset.
 """
 
 from __future__ import annotations
