@@ -27,7 +27,7 @@ from modelfs.testing.nginx import Nginx
 from modelfs.testing.s3server import S3Server
 
 BS = 64 * 1024
-KINDS = ["memory", "local", "gcs", "http", "https", "http-manifest", "s3"]
+KINDS = ["memory", "local", "gcs", "gcs-session", "http", "https", "http-manifest", "s3"]
 
 
 def _data(size: int, seed: int) -> bytes:
@@ -82,15 +82,26 @@ def _local(tmp_path: Path) -> Harness:
     )
 
 
-def _gcs(gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch) -> Harness:
+def _gcs(gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch, *, session: bool = False) -> Harness:
+    """``session``: media GETs through the client's requests session, the path modelfs takes
+    behind an HTTP(S) proxy or with mutual TLS, instead of its own http.client connections."""
     from modelfs.backends.gcs import GCSBackend
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
     bucket = f"c-{uuid.uuid4().hex[:12]}"
     gcs.create_bucket(bucket)
+
+    def make() -> GCSBackend:
+        backend = GCSBackend(parse_source(f"gs://{bucket}/root"), anonymous=True)
+        assert backend._media is not None  # no proxy here: the plain transport is the default
+        if session:
+            backend._media.close()
+            backend._media = None
+        return backend
+
     return Harness(
         "gcs",
-        lambda: GCSBackend(parse_source(f"gs://{bucket}/root"), anonymous=True),
+        make,
         lambda name, data: gcs.upload(bucket, f"root/{name}", data) and None,
         lambda name: gcs.delete(bucket, f"root/{name}"),
         put_outside=lambda name, data: gcs.upload(bucket, f"rootx/{name}", data) and None,
@@ -167,8 +178,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path,
         harness = _memory(tmp_path)
     elif kind == "local":
         harness = _local(tmp_path)
-    elif kind == "gcs":
-        harness = _gcs(request.getfixturevalue("gcs"), monkeypatch)
+    elif kind in ("gcs", "gcs-session"):
+        harness = _gcs(request.getfixturevalue("gcs"), monkeypatch, session=kind == "gcs-session")
     elif kind in ("http", "https", "http-manifest"):
         harness = _http(request.getfixturevalue("web"), tmp_path, tls=kind == "https", manifest=kind == "http-manifest")
     else:
