@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 import trio
 
 from modelfs.backends.base import ObjectInfo
+from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.gcs_media import MediaTransport, plain_transport_applies
 from modelfs.config import Source
 from modelfs.errors import (
@@ -206,17 +207,7 @@ class GCSBackend:
             raise self._classify(exc, what) from None
         try:
             self._check_response(resp.status_code, resp.headers, what, version, offset, length)
-            raw = resp.raw
-            # http.client's readinto fills our buffer from the socket with no copy; urllib3's
-            # own readinto reads into a temporary first. Fall back to it if the layout changes.
-            body = getattr(raw, "_fp", None) or raw
-            got = 0
-            while got < length:
-                n = body.readinto(dest[got:])
-                if not n:
-                    raise TransientError(f"{what}: body ended after {got} of {length} bytes")
-                got += n
-            raw.release_conn()
+            read_urllib3_body(resp.raw, dest, what)
         except (requests.RequestException, OSError) as exc:
             resp.close()
             raise TransientError(f"{what}: {_short(exc)}") from None

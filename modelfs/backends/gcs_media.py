@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 from modelfs import __version__
+from modelfs.backends.body import read_exactly
 
 __all__ = ["MediaTransport", "plain_transport_applies"]
 
@@ -176,13 +177,14 @@ class MediaTransport:
                     refreshed = True
                     continue
                 check(resp.status, resp.headers)
-                got = 0
-                while got < length:
-                    n = resp.readinto(dest[got:])
-                    if not n:
-                        raise EOFError(f"body ended after {got} of {length} bytes")
-                    got += n
+                got = read_exactly(resp.readinto, dest)
+                if got < length:
+                    raise EOFError(f"body ended after {got} of {length} bytes")
             except BaseException:
+                # Close the response too: after a "Connection: close" answer http.client has
+                # handed the socket to the response alone, and conn.close() would leave it
+                # open until the exception's traceback (which holds ``resp``) is collected.
+                resp.close()
                 conn.close()
                 raise
             if resp.isclosed():

@@ -26,8 +26,16 @@ from typing import Any
 import trio
 
 from modelfs.backends.base import ObjectInfo
+from modelfs.backends.body import read_urllib3_body
 from modelfs.config import Source
-from modelfs.errors import AccessDenied, BackendError, ConfigError, NotFound, TransientError, VersionChanged
+from modelfs.errors import (
+    AccessDenied,
+    BackendError,
+    ConfigError,
+    NotFound,
+    TransientError,
+    VersionChanged,
+)
 
 __all__ = ["S3Backend"]
 
@@ -183,16 +191,7 @@ class S3Backend:
                 raise TransientError(f"{what}: wrong Content-Range {resp.get('ContentRange')!r}")
             if resp.get("ContentLength") != length:
                 raise TransientError(f"{what}: Content-Length {resp.get('ContentLength')}, expected {length}")
-            # http.client's readinto fills our buffer from the socket with no copy; urllib3's own
-            # readinto reads into a temporary first. Fall back to it if the layout changes.
-            body = getattr(raw, "_fp", None) or raw
-            got = 0
-            while got < length:
-                n = body.readinto(dest[got:])
-                if not n:
-                    raise TransientError(f"{what}: body ended after {got} of {length} bytes")
-                got += n
-            raw.release_conn()
+            read_urllib3_body(raw, dest, what)
         except Exception as exc:
             raw.close()
             raise self._classify(exc, what, reading=True) from None

@@ -31,6 +31,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         start, end = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
         body = DATA[start : end + 1]
+        if self.server.stall:
+            self._stall(start, end, body)
+            return
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{end}/{len(DATA)}")
         self.send_header("Content-Length", str(len(body)))
@@ -38,6 +41,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
         if self.server.close_after_response:
             self.close_connection = True  # drop the kept-alive connection without saying so
+
+
+    def _stall(self, start: int, end: int, body: bytes) -> None:
+        """Headers (Connection: close, as a faulty proxy sends) and half the body, then
+        silence until the client closes its end: records whether it did within 10 s."""
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(DATA)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.connection.settimeout(10)
+        try:
+            self.server.client_closed.append(self.connection.recv(1) == b"")
+        except OSError:
+            self.server.client_closed.append(False)
+        self.close_connection = True
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -49,6 +70,8 @@ class _Server(http.server.ThreadingHTTPServer):
         self.agents: set[str | None] = set()
         self.want_token: str | None = None
         self.close_after_response = False
+        self.stall = False
+        self.client_closed: list[bool] = []
 
 
 @pytest.fixture
@@ -150,6 +173,29 @@ def test_idle_connection_closed_by_the_server_is_not_reused(server: _Server) -> 
         media.close()
     assert bytes(first) + bytes(second) == DATA[:20]
     assert len({port for _, port in server.requests}) == 2
+
+
+def test_a_timed_out_read_closes_its_socket_at_once(server: _Server) -> None:
+    """A read timeout mid-body (after a "Connection: close" response) must close the socket
+    then, not when the exception, which holds the response, is garbage-collected: a stalled
+    server would otherwise hold the connection (and the fault proxy's stall) open."""
+    server.stall = True
+    media = MediaTransport(f"http://127.0.0.1:{server.server_address[1]}", None,
+                           connect_timeout=5, read_timeout=0.5, max_idle=4)
+    caught: list[BaseException] = []
+    try:
+        try:
+            media.get_into("/o", 0, memoryview(bytearray(1000)), _ok)
+        except OSError as exc:
+            caught.append(exc)  # kept alive on purpose, as a caller's retry bookkeeping might
+        assert caught and isinstance(caught[0], TimeoutError)
+        for _ in range(1200):  # bounded wait for the server's verdict (its own 10 s limit)
+            if server.client_closed:
+                break
+            threading.Event().wait(0.01)
+        assert server.client_closed == [True]
+    finally:
+        media.close()
 
 
 def test_short_body_raises_and_is_never_reused(server: _Server) -> None:
