@@ -190,5 +190,6 @@ class MediaTransport:
             if resp.isclosed():
                 self._give_back(conn)
             else:  # more body than asked for: the connection is not at a message boundary
+                resp.close()
                 conn.close()
             return
