@@ -464,6 +464,14 @@ class Bench:
                 r = t_rclone / t
                 goals.update(faster_than_rclone=round(r, 3), faster_than_rclone_ok=r >= 3)
                 print(f"{PATHS[key][0]}: {r:.2f}x faster than rclone (goal >= 3x): {'met' if r >= 3 else 'NOT MET'}")
+                rclone_best = min(s["seconds"] for s in self.samples["rclone"])
+                if t_rclone > 1.5 * rclone_best:
+                    # rclone is bimodal here (some rounds 4-7x slower at several GiB of RSS): a
+                    # median of few rounds can land on its slow mode. Say so, with its best round.
+                    best = rclone_best / t
+                    goals.update(faster_than_rclone_best_round=round(best, 3))
+                    print(f"  note: rclone's rounds spread {rclone_best:.1f}-{max(s['seconds'] for s in self.samples['rclone']):.1f} s; "
+                          f"against its fastest round this path is {best:.2f}x faster")
             rss = max(s["peak_rss_kib"] for s in self.samples[key] + ([self.verify[key]] if key in self.verify else []))
             goals.update(peak_rss_mib=round(rss / 1024, 1), peak_rss_bound_mib=bound_mib, peak_rss_ok=rss / 1024 <= bound_mib)
             print(f"{PATHS[key][0]}: peak RSS {rss / 1024:.0f} MiB (bound {bound_mib:.0f} MiB): "

@@ -149,10 +149,12 @@ def fake_gcs(backend: str = "memory", root: Path | None = None) -> Iterator[Fake
             "-backend", backend, "-log-level", "error"]
     if backend == "filesystem":
         args += ["-filesystem-root", str(root)]
+    log_path: Path | None = None
     if owned:
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     else:
-        with open(root.parent / f"fakegcs-{port}.log", "wb") as log:  # the child keeps its own descriptor
+        log_path = root.parent / f"fakegcs-{port}.log"
+        with open(log_path, "wb") as log:  # the child keeps its own descriptor
             process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     server = FakeGCS(port, root, backend, process)
     try:
@@ -170,3 +172,5 @@ def fake_gcs(backend: str = "memory", root: Path | None = None) -> Iterator[Fake
         server.stop()
         if owned:
             shutil.rmtree(root, ignore_errors=True)
+        if log_path is not None and log_path.exists() and log_path.stat().st_size == 0:
+            log_path.unlink()  # nothing to read: do not leave one empty file per run behind
