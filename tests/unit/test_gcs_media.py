@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import ssl
 import threading
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
 from modelfs.backends.gcs_media import MediaTransport, plain_transport_applies
+from modelfs.testing.nginx import make_ca
 
 DATA = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB, no two 32-byte runs alike in order
 
@@ -76,7 +79,22 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
+    yield from _serve(_Server())
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[_Server, Path]]:
+    """The same server behind TLS, with a certificate from a throwaway CA: (server, ca.pem)."""
+    ca, cert, key = make_ca(tmp_path / "tls")
     srv = _Server()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    for running in _serve(srv):
+        yield running, ca
+
+
+def _serve(srv: _Server) -> Iterator[_Server]:
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -207,6 +225,38 @@ def test_short_body_raises_and_is_never_reused(server: _Server) -> None:
         assert media._idle == []
     finally:
         media.close()
+
+
+def test_https_ranges_with_the_ca_bundle_requests_would_use(tls_server: tuple[_Server, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over TLS, verified against REQUESTS_CA_BUNDLE (as the client library's session is)."""
+    server, ca = tls_server
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
+    media = MediaTransport(f"https://127.0.0.1:{server.server_address[1]}", None,
+                           connect_timeout=5, read_timeout=5, max_idle=4)
+    try:
+        for offset, length in [(0, 4096), (70_000, 50_000)]:
+            dest = memoryview(bytearray(length))
+            media.get_into("/o", offset, dest, _ok)
+            assert bytes(dest) == DATA[offset : offset + length]
+    finally:
+        media.close()
+    assert len({port for _, port in server.requests}) == 1
+
+
+def test_https_refuses_a_certificate_it_cannot_verify(tls_server: tuple[_Server, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ca = tls_server
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    media = MediaTransport(f"https://127.0.0.1:{server.server_address[1]}", None,
+                           connect_timeout=5, read_timeout=5, max_idle=4)
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            media.get_into("/o", 0, memoryview(bytearray(10)), _ok)
+    finally:
+        media.close()
+    assert server.requests == []
 
 
 @pytest.mark.parametrize(("env", "expected"), [
