@@ -182,14 +182,19 @@ class Cleanup:
                 print(f"warning: cannot unmount {mnt}: {exc}", file=sys.stderr)
         for proc in reversed(self.processes):
             if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                terminate(proc)
         for path in reversed(self.paths):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def terminate(proc: "subprocess.Popen[Any]", grace: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL if it is still there after ``grace`` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def unmount_leftovers(workdir: Path) -> None:
@@ -567,11 +572,6 @@ def stop_fuse_process(proc: "subprocess.Popen[bytes]", mnt: Path) -> None:
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
     if is_mounted(mnt):
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)

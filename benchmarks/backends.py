@@ -50,6 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 from modelfs.config import parse_size, parse_source  # noqa: E402
 from modelfs.testing.mounts import force_unmount, mounted  # noqa: E402
 from modelfs.testing.nginx import Nginx, nginx  # noqa: E402
@@ -173,26 +176,12 @@ def read_file(path: Path, chunk: int = 1 << 20) -> float:  # MB/s
     return total / (time.perf_counter() - start) / MB
 
 
-def _pid_serving(mountpoint: Path) -> int:
-    """The modelfs daemon whose command line names ``mountpoint`` (no lock file without a disk cache)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"modelfs" in argv and str(mountpoint).encode() in argv and b"--foreground" in argv:
-            return int(entry.name)
-    raise RuntimeError(f"no daemon found for {mountpoint}")
-
-
 def mount_read(source: str, name: str, options: list[str], work: Path, tag: str) -> tuple[float, float]:
     mnt, cache = work / f"mnt-{tag}", work / f"cache-{tag}"
     shutil.rmtree(cache, ignore_errors=True)
     try:
         with mounted(source, mnt, cache, "--memory-cache", "256M", "--disk-cache", "0", *options) as m:
-            pid = _pid_serving(m)
+            pid = C.modelfs_daemon_pid(m, cache)
             before = cpu_of(pid)
             mbps = read_file(m / name)
             return mbps, cpu_of(pid) - before
