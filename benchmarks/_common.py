@@ -258,6 +258,17 @@ def wait_exit(pid: int, timeout: float = 120.0) -> float:
     return time.monotonic() - t0
 
 
+def prepare_dirs(args: argparse.Namespace, name: str, need: int, cleanup: "Cleanup") -> Path:
+    """Every script's start: unmount what a killed earlier run left, create ``--workdir``, and
+    pick the server dir (removed at exit unless ``--keep-data``). Returns the server dir."""
+    unmount_leftovers(args.workdir)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    server_dir = choose_server_dir(args, name, need)
+    if not args.keep_data:
+        cleanup.remove_later(server_dir)
+    return server_dir
+
+
 def choose_server_dir(args: argparse.Namespace, name: str, need: int) -> Path:
     if args.server_dir is not None:
         return args.server_dir

@@ -166,16 +166,6 @@ def s3_boto3_read(endpoint: str, key: str, size: int, block: int) -> float:
     return size / (time.perf_counter() - start) / MB
 
 
-def read_file(path: Path, chunk: int = 1 << 20) -> float:  # MB/s
-    buf = bytearray(chunk)
-    total = 0
-    start = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            total += n
-    return total / (time.perf_counter() - start) / MB
-
-
 def mount_read(source: str, name: str, options: list[str], work: Path, tag: str) -> tuple[float, float]:
     mnt, cache = work / f"mnt-{tag}", work / f"cache-{tag}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -183,7 +173,7 @@ def mount_read(source: str, name: str, options: list[str], work: Path, tag: str)
         with mounted(source, mnt, cache, "--memory-cache", "256M", "--disk-cache", "0", *options) as m:
             pid = C.modelfs_daemon_pid(m, cache)
             before = cpu_of(pid)
-            mbps = read_file(m / name)
+            mbps = C.read_file(m / name, verify=False).mb_s
             return mbps, cpu_of(pid) - before
     finally:
         force_unmount(mnt)
@@ -205,7 +195,7 @@ def rclone_read(web: Nginx, rel: str, work: Path) -> tuple[float, float]:
                 raise RuntimeError("rclone mount did not come up")
             time.sleep(0.2)
         before = cpu_of(proc.pid)
-        mbps = read_file(mnt / name)
+        mbps = C.read_file(mnt / name, verify=False).mb_s
         return mbps, cpu_of(proc.pid) - before
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)

@@ -62,11 +62,7 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
     chunk = C.parse_size(args.chunk)
 
     workdir: Path = args.workdir
-    C.unmount_leftovers(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    server_dir = C.choose_server_dir(args, "memory_bound", sum(sizes))
-    if not args.keep_data:
-        cleanup.remove_later(server_dir)
+    server_dir = C.prepare_dirs(args, "memory_bound", sum(sizes), cleanup)
     print(f"memory_bound: objects {', '.join(human(s) for s in sizes)}; --memory-cache {args.memory_cache} "
           f"--disk-cache {args.disk_cache} {' '.join(args.mount_option)}".rstrip())
     print(f"  server objects in {server_dir}; caches and mountpoints in {workdir}", flush=True)

@@ -370,11 +370,7 @@ class Bench:
 
     def run(self) -> int:
         args = self.args
-        C.unmount_leftovers(self.workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        server_dir = C.choose_server_dir(args, "model_load", self.size)
-        if not args.keep_data:
-            self.cleanup.remove_later(server_dir)
+        server_dir = C.prepare_dirs(args, "model_load", self.size, self.cleanup)
         print(f"model_load: {self.size / C.GiB:.2f} GiB model, {args.shards} shards, {args.rounds} round(s); "
               f"modelfs --memory-cache {args.memory_cache} --disk-cache {args.disk_cache} "
               f"{' '.join(args.mount_option)}; groups: {', '.join(g for g in GROUPS if g in self.only)}")

@@ -95,11 +95,7 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
     for d in detectors:
         C.parse_size(d)  # fail early on a typo
     workdir: Path = args.workdir
-    C.unmount_leftovers(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    server_dir = C.choose_server_dir(args, "random_read", size)
-    if not args.keep_data:
-        cleanup.remove_later(server_dir)
+    server_dir = C.prepare_dirs(args, "random_read", size, cleanup)
     base_options = ["--anonymous", "--no-eager", "--memory-cache", args.memory_cache, "--disk-cache", args.disk_cache,
                     *args.mount_option]
     print(f"random_read: {size / C.GiB:.2f} GiB object {OBJECT}, fio randread bs {','.join(block_sizes)}, "

@@ -354,11 +354,7 @@ class Bench:
 
     def run(self) -> int:
         args = self.args
-        C.unmount_leftovers(self.workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        server_dir = C.choose_server_dir(args, "streaming", self.size)
-        if not args.keep_data:
-            self.cleanup.remove_later(server_dir)
+        server_dir = C.prepare_dirs(args, "streaming", self.size, self.cleanup)
         print(f"streaming: {self.size / C.GiB:.2f} GiB object, {args.rounds} round(s); modelfs "
               f"{' '.join(self.modelfs_options()[1:])}; groups: {', '.join(g for g in GROUPS if g in self.only)}")
         print(f"  server objects in {server_dir}; caches and mountpoints in {self.workdir}", flush=True)
