@@ -180,21 +180,12 @@ class Cleanup:
                     subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
             except Exception as exc:  # keep cleaning the rest
                 print(f"warning: cannot unmount {mnt}: {exc}", file=sys.stderr)
+        from modelfs.testing.processes import stop_process
+
         for proc in reversed(self.processes):
-            if proc.poll() is None:
-                terminate(proc)
+            stop_process(proc)
         for path in reversed(self.paths):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def terminate(proc: "subprocess.Popen[Any]", grace: float = 10.0) -> None:
-    """SIGTERM, and SIGKILL if it is still there after ``grace`` seconds; reaped either way."""
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def unmount_leftovers(workdir: Path) -> None:
@@ -583,6 +574,8 @@ def stop_fuse_process(proc: "subprocess.Popen[bytes]", mnt: Path) -> None:
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        terminate(proc)
+        from modelfs.testing.processes import stop_process
+
+        stop_process(proc)
     if is_mounted(mnt):
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import crc32c
 
+from modelfs.testing.processes import stop_process
+
 __all__ = ["FakeGCS", "fake_gcs", "binary_path", "free_port"]
 
 
@@ -129,13 +131,7 @@ class FakeGCS:
         return self._generation
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelfs.testing.fakegcs import free_port
+from modelfs.testing.processes import stop_process
 
 __all__ = ["Nginx", "nginx", "make_ca", "nginx_binary", "TOKEN"]
 
@@ -155,13 +156,7 @@ class Nginx:
         return self.work / "error.log"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: fast shutdown of master and workers
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)  # SIGTERM: a fast shutdown of master and workers
 
 
 @contextmanager

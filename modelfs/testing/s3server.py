@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfs.testing.fakegcs import free_port
+from modelfs.testing.processes import stop_process
 
 __all__ = ["S3Server", "s3_server", "Credentials"]
 
@@ -98,13 +99,7 @@ class S3Server:
         self.client().delete_object(Bucket=bucket, Key=key)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def _policy(*statements: dict[str, Any]) -> str:
