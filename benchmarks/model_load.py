@@ -323,7 +323,8 @@ class Bench:
                               streamed_blocks=stats["streamed_blocks"], prefetch_gets=stats["prefetch_gets"],
                               demand_gets=stats["demand_gets"], disk_hits=stats["disk_hits"],
                               memory_peak=stats["memory_peak"], eager_completed=stats["eager_streams_completed"],
-                              errors=stats["errors"], retries=stats["retries"])
+                              errors=stats["errors"], retries=stats["retries"], fuse_reads=stats["reads"],
+                              fuse_read_bytes=stats["read_bytes"])
         elif key == "rclone":
             with self.rclone(tag) as (mnt, pid):
                 out = self.child("load", mnt, verify=verify)
@@ -358,7 +359,8 @@ class Bench:
             extra += f", peak RSS {sample['peak_rss_kib'] / 1024:.0f} MiB"
         if "backend_bytes" in sample:
             extra += (f", {sample['backend_gets']} GETs / {sample['backend_bytes'] / C.MiB:,.0f} MiB "
-                      f"({sample['small_gets']} small, {sample['streamed_blocks']} streamed)")
+                      f"({sample['small_gets']} small, {sample['streamed_blocks']} streamed), "
+                      f"{sample['fuse_reads']} FUSE reads of {sample['fuse_read_bytes'] / max(1, sample['fuse_reads']) / 1024:.0f} KiB")
         if "download_seconds" in sample:
             extra += f" (download {sample['download_seconds']:.2f} s + load {sample['load_seconds']:.2f} s)"
         if "sha256_ok" in sample:

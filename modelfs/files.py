@@ -8,10 +8,11 @@ versions. Handles of the same version share one :class:`~modelfs.prefetch.ReadAh
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.eager import EagerStreamer
+from modelfs.pagecache import PageCacheFiller
 from modelfs.prefetch import PrefetchDefaults, ReadAhead
 
 __all__ = ["OpenFiles"]
@@ -23,8 +24,10 @@ log = logging.getLogger(__name__)
 class _Open:
     ref: ObjectRef
     read_ahead: ReadAhead
+    inode: int = 0  # the kernel's inode (0: none, e.g. in tests without a kernel)
     handles: int = 0
     streaming: bool = False  # the eager stream was started for this version
+    pushed: set[int] = field(default_factory=set)  # blocks handed to the page cache whole
 
 
 class OpenFiles:
@@ -44,14 +47,16 @@ class OpenFiles:
         self._by_version: dict[tuple[str, str], _Open] = {}
         self._next_fh = 1
         self._closed_resets = 0
+        self.filler: PageCacheFiller | None = None
 
     def __len__(self) -> int:
         return len(self._handles)
 
-    def open(self, ref: ObjectRef) -> int:
+    def open(self, ref: ObjectRef, inode: int = 0) -> int:
         entry = self._by_version.get((ref.key, ref.version))
         if entry is None:
-            entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_defaults))
+            entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_defaults),
+                          inode=inode)
             self._by_version[(ref.key, ref.version)] = entry
         entry.handles += 1
         fh = self._next_fh
@@ -87,7 +92,7 @@ class OpenFiles:
     def ref(self, fh: int) -> ObjectRef:
         return self._handles[fh].ref
 
-    async def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
+    async def read(self, fh: int, offset: int, size: int) -> memoryview | bytes | bytearray:
         """Up to ``size`` bytes from ``offset``; a memoryview into the block when it fits in one."""
         entry = self._handles[fh]
         ref = entry.ref
@@ -117,11 +122,17 @@ class OpenFiles:
         if first == last:
             block = await self.store.get(ref, first)
             start = offset - first * bs
+            if self.filler is not None and entry.read_ahead.last_backward and first not in entry.pushed:
+                # A backward walk: the kernel reads ahead of none of it, so the rest of the
+                # block below this read goes to the page cache now (see modelfs.pagecache).
+                entry.pushed.add(first)
+                await self.filler.fill_below(entry.inode, ref.version, first * bs, block, start)
             return block.view[start : start + size]
-        pieces: list[bytes] = []
+        out = bytearray(size)  # across a block boundary: one copy, taken before the next await
         for index in range(first, last + 1):
             block = await self.store.get(ref, index)
             lo = max(offset, index * bs) - index * bs
             hi = min(offset + size, (index + 1) * bs) - index * bs
-            pieces.append(bytes(block.view[lo:hi]))
-        return b"".join(pieces)
+            at = index * bs + lo - offset
+            out[at : at + hi - lo] = block.view[lo:hi]
+        return out

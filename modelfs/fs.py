@@ -90,6 +90,7 @@ class ModelFS(pyfuse3.Operations):
         self.errors: Counter[str] = Counter()
         self.eager: EagerStreamer | None = None
         self.read_latency = LatencyHistogram()
+        self.read_bytes = 0  # bytes returned by read(): with read_latency.count, the kernel's read size
 
     # --- attributes
 
@@ -159,6 +160,10 @@ class ModelFS(pyfuse3.Operations):
 
     # --- files
 
+    def opened_version(self, inode: int) -> str | None:
+        """The version whose bytes the kernel's page cache for ``inode`` holds (None: never opened)."""
+        return self._opened_version.get(inode)
+
     @_mapped
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
@@ -171,13 +176,19 @@ class ModelFS(pyfuse3.Operations):
         # The page cache may be kept only while the version is the one it was filled from.
         keep = self._opened_version.get(inode) == info.version
         self._opened_version[inode] = info.version
-        return pyfuse3.FileInfo(fh=self.files.open(ref), keep_cache=keep, direct_io=False)
+        if not keep and self.files.filler is not None:
+            # The kernel drops the page cache when this reply says so: a push of the old
+            # version's bytes must not land after that (pushes check the version first).
+            await self.files.filler.settle(inode)
+        return pyfuse3.FileInfo(fh=self.files.open(ref, inode), keep_cache=keep, direct_io=False)
 
     @_mapped
     async def read(self, fh: int, off: int, size: int) -> bytes:
         start = trio.current_time()
         try:
-            return await self.files.read(fh, off, size)  # type: ignore[return-value]  # memoryview is fine
+            data = await self.files.read(fh, off, size)
+            self.read_bytes += len(data)
+            return data  # type: ignore[return-value]  # memoryview is fine
         finally:
             self.read_latency.observe(trio.current_time() - start)
 
@@ -199,6 +210,8 @@ class ModelFS(pyfuse3.Operations):
             "files": self.namespace.file_count,
             "bytes": self.namespace.total_bytes,
             "open_handles": len(self.files),
+            "reads": self.read_latency.count,
+            "read_bytes": self.read_bytes,
             "backend_gets": store.stats.backend_gets,
             "backend_bytes": store.stats.backend_bytes,
             "demand_gets": store.stats.demand_gets,
@@ -222,6 +235,8 @@ class ModelFS(pyfuse3.Operations):
             "prefetch_resets": self.files.resets(),
             "errors_by_errno": dict(self.errors),
             "disk_hits": store.stats.disk_hits,
+            "page_cache_pushes": self.files.filler.stats.pushes if self.files.filler is not None else 0,
+            "page_cache_pushed_bytes": self.files.filler.stats.pushed_bytes if self.files.filler is not None else 0,
         }
         if store.disk is not None:
             disk = store.disk

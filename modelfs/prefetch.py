@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 __all__ = ["ReadAhead", "Cursor", "PrefetchDefaults"]
 
+PAGE = 4096
+
 
 @dataclass(frozen=True)
 class PrefetchDefaults:
@@ -38,6 +40,9 @@ class PrefetchDefaults:
     # After this many small GETs in one block, the next random read there fetches the whole
     # block (which is cached): reads keep landing in it, and small GETs are never cached.
     small_gets_per_block: int = 2
+    # A read that ends at most this far below the start of the read before it (and not
+    # above it) continues a backward walk.
+    backward_step: int = 1 << 20
 
 
 @dataclass
@@ -61,6 +66,9 @@ class ReadAhead:
         self.cursors: list[Cursor] = []
         self.resets = 0
         self.last_random = False  # the last read looked random: it started a run after several seeks
+        self.last_backward = False  # the last read ended where the one before it began
+        self._previous: tuple[int, int] = (-1, -1)  # offset and end of the last read
+        self._backward_steps = 0  # consecutive reads that each ended where the last began
         self.sequential_reads = 0  # reads that continued a run with a window of 2+ blocks
         self._seq = 0
         self._recent_seeks: deque[int] = deque()  # read numbers of recent seeks
@@ -95,6 +103,17 @@ class ReadAhead:
         end = min(offset + size, self.size)
         last_block = (end - 1) // self.block_size
         self._seq += 1
+        # A walk down the file (an mmap'd copy running backward): each fault reads the
+        # pages just below the previous read, and the kernel reads ahead of none of them.
+        # Two such steps in a row: one alone is often just two read-ahead requests of a
+        # forward run handled out of order.
+        previous = self._previous[0]
+        if offset < previous and previous - self.defaults.backward_step <= end <= previous + PAGE:
+            self._backward_steps += 1
+        else:
+            self._backward_steps = 0
+        self.last_backward = self._backward_steps >= 2
+        self._previous = (offset, end)
         cursor = self._find(offset)
         if cursor is None:
             # A new run: from the start of the file it is probably a full read, so it gets a
