@@ -1,8 +1,9 @@
 """Eager streaming: copy whole weight files into the disk cache in the background.
 
 mmap'd loaders (safetensors, torch.load(mmap=True), llama.cpp) fault pages in their own
-order, which over a network filesystem turns into slow scattered reads. When a reader of a
-weight file first seeks (or, with ``--eager-model``, for every weight file at mount time),
+order, which over a network filesystem turns into slow scattered reads. Once a reader of a
+weight file reads at random — two seeks among its last 64 reads — (or, with
+``--eager-model``, for every weight file at mount time),
 the file's blocks are fetched with parallel ranged GETs in file order into the disk cache,
 so the loader's faults find them local. A reader that only reads from start to end never
 starts a stream: its read-ahead is as fast, and a stream beside it measured 2-2.6x the CPU

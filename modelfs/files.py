@@ -104,10 +104,13 @@ class OpenFiles:
             if not self.store.prefetch(ref, index):
                 entry.read_ahead.unschedule(index)
                 break
-        if self.eager is not None and not entry.streaming and entry.read_ahead.resets:
-            # The first seek: an mmap loader jumping between tensors, say. A reader that
-            # only streams from the start is served by read-ahead alone, which fetches as
-            # fast and writes through to the disk cache without the stream's second copy.
+        if self.eager is not None and not entry.streaming and entry.read_ahead.random_mode:
+            # Reads at random (two seeks among the last 64): a loader touching tensors in its
+            # own order, say. A reader that streams through the file — safetensors' loaders,
+            # whose one jump per big tensor (memmove reads the tail first) stays inside the
+            # read-ahead window — is served by read-ahead alone, which fetches as fast and
+            # writes through to the disk cache without the stream's extra copies (measured
+            # on a 2 GiB mmap load: stream on first seek 3.62-4.19 s, read-ahead 3.46-3.99).
             entry.streaming = True
             self.eager.opened(ref)
         bs = self.store.block_size

@@ -73,6 +73,24 @@ async def test_absent_block_is_a_plain_miss(disk: DiskCache) -> None:
     assert disk.stats.misses == 1 and disk.stats.corrupt == 0
 
 
+async def test_after_the_scan_only_indexed_blocks_are_looked_up(tmp_path: Path) -> None:
+    """Once the scan has run the index is the whole truth: a block it does not know is a miss
+    without a look at the disk, and every block written or found is still served."""
+    disk = DiskCache(tmp_path / "c", 1 << 30)
+    disk.open()
+    try:
+        await disk.write(key(0), page_buffer(block_data(0)))
+        await disk.scan()
+        await disk.write(key(1), page_buffer(block_data(1)))
+        stray = path_of(disk, key(2))  # a file the index never heard of (not written by this cache)
+        stray.write_bytes(path_of(disk, key(1)).read_bytes())
+        assert await read(disk, key(0)) == block_data(0)
+        assert await read(disk, key(1)) == block_data(1)
+        assert await read(disk, key(2)) is None and disk.stats.corrupt == 0  # not even opened
+    finally:
+        disk.close()
+
+
 async def test_survives_restart_after_scan(tmp_path: Path) -> None:
     """A new DiskCache on the same dir serves the blocks an earlier one wrote; scan re-accounts them."""
     first = DiskCache(tmp_path / "c", 1 << 30)

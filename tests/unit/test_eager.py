@@ -87,13 +87,15 @@ async def test_stream_fills_disk_cache_and_then_reads_need_no_gets(
     fh = files.open(ref)
     assert streamer.active == 0  # opening alone starts nothing ...
     assert bytes(await files.read(fh, 0, 8)) == data[:8]
-    assert bytes(await files.read(fh, len(data) - 8, 8)) == data[-8:]  # ... the first seek does
+    assert bytes(await files.read(fh, len(data) - 8, 8)) == data[-8:]  # a seek ...
+    assert streamer.active == 0
+    assert bytes(await files.read(fh, 3 * BS, 8)) == data[3 * BS : 3 * BS + 8]  # ... and another: reads at random
     assert streamer.active == 1
     await streamer.wait(ref)
     assert streamer.completed == 1
     await store.drain()
     blocks = store.block_count(ref)
-    assert store.stats.streamed_blocks >= blocks - 2  # the header's blocks were read as demand
+    assert store.stats.streamed_blocks >= blocks - 3  # the three blocks read before it were demand reads
     assert store.disk is not None
     missing = [i for i in range(blocks) if not store.disk.contains((ref.key, ref.version, i))]
     assert missing == [], (missing, store.disk.stats, store.stats)
@@ -121,7 +123,8 @@ async def test_demand_reads_overtake_the_stream(
     files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
     fh = files.open(ref)
     await files.read(fh, 0, 1)
-    await files.read(fh, 20 * BS, 1)  # a seek: the stream starts
+    await files.read(fh, 20 * BS, 1)
+    await files.read(fh, 10 * BS, 1)  # two seeks: reads at random, the stream starts
     await wait_until(lambda: store.slots.in_use == 1)  # the stream holds the only slot ...
     await wait_until(lambda: store.slots.waiting_prefetches >= 1)  # ... and more blocks wait behind it
     logged = len(backend.read_log)  # including the GET in flight
@@ -144,7 +147,8 @@ async def test_stream_stays_in_budget_and_close_cancels(
     files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
     fh = files.open(ref)
     await files.read(fh, 0, 1)
-    await files.read(fh, 100 * BS, 1)  # a seek: the stream starts
+    await files.read(fh, 100 * BS, 1)
+    await files.read(fh, 50 * BS, 1)  # two seeks: reads at random, the stream starts
     with trio.fail_after(60):
         while backend.read_calls < 12:
             await trio.sleep(0.01)
@@ -183,7 +187,8 @@ async def _sequential_read_with_stream(make_store: StoreFactory, nursery: trio.N
     if not pause:
         streamer.reader_progress = lambda ref: 0  # as before the stream yielded to readers
     fh = files.open(ref)
-    assert bytes(await files.read(fh, len(data) - 10, 10)) == data[-10:]  # one seek starts the stream
+    assert bytes(await files.read(fh, len(data) - 10, 10)) == data[-10:]
+    assert bytes(await files.read(fh, BS, 10)) == data[BS : BS + 10]  # two seeks start the stream
     for offset in range(0, len(data), BS // 2):
         assert bytes(await files.read(fh, offset, BS // 2)) == data[offset : offset + BS // 2]
     files.release(fh)
