@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -58,7 +59,7 @@ def safetensors_block_order(header: bytes, header_len: int, block_size: int, siz
     return order
 
 
-@dataclass
+@dataclass(eq=False)
 class _Stream:
     ref: ObjectRef
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -66,6 +67,7 @@ class _Stream:
     pinned: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     reader_seen: int = 0  # the reader's sequential-read count when the stream last looked
+    deferred: bool = False  # model stream: put off behind the other files (a reader streamed it)
 
 
 class EagerStreamer:
@@ -78,6 +80,7 @@ class EagerStreamer:
         self.workers = max(1, workers)
         self.enabled = enabled and store.disk is not None
         self._streams: dict[tuple[str, str], _Stream] = {}
+        self._model_queue: deque[_Stream] = deque()  # --eager-model files not started yet
         self._nursery: trio.Nursery | None = None
         self.completed = 0
         self.cancelled = 0
@@ -99,11 +102,46 @@ class EagerStreamer:
     def active(self) -> int:
         return len(self._streams)
 
+    def stream_model(self, refs: Iterable[ObjectRef]) -> int:
+        """--eager-model: stream these weight files one after another, in name order.
+
+        One file at a time, all workers on it, rather than every file at once: a model
+        server loads its shards in name order, so the first shard is complete first and
+        the stream's blocks are still in memory when the loader gets there (all files at
+        once, each finished only near the end, and the loader read nearly every block back
+        from disk). A file a reader streams through itself is put off until the rest are
+        done; a queued file that a reader starts reading at random is moved to the front.
+        Returns how many files were queued.
+        """
+        if self._nursery is None:
+            return 0
+        disk = self.store.disk
+        room = disk.capacity * 0.9 if disk is not None else 0
+        queue: deque[_Stream] = deque()
+        for ref in sorted(refs, key=lambda r: r.name):
+            if not self.wants(ref.name) or ref.size == 0 or (ref.key, ref.version) in self._streams:
+                continue
+            if ref.size > room:
+                log.info("not streaming %s: the disk cache has no room left for it", ref.name)
+                continue
+            room -= ref.size
+            stream = _Stream(ref, pinned=True)
+            self._streams[(ref.key, ref.version)] = stream
+            queue.append(stream)
+        if queue:
+            self._model_queue = queue
+            self._nursery.start_soon(self._run_model, queue)
+        return len(queue)
+
     def opened(self, ref: ObjectRef, *, pinned: bool = False) -> None:
         """A handle on ``ref`` opened (or, pinned, the mount asks for it): stream it if needed."""
         if not self.wants(ref.name) or self._nursery is None or ref.size == 0:
             return
         stream = self._streams.get((ref.key, ref.version))
+        if stream is not None and stream in self._model_queue:
+            # Waiting its turn in the model stream while a reader needs it now: next.
+            self._model_queue.remove(stream)
+            self._model_queue.appendleft(stream)
         if stream is None:
             disk = self.store.disk
             if disk is not None and ref.size > disk.capacity * 0.9:
@@ -167,6 +205,68 @@ class EagerStreamer:
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             log.info("%s: not a readable safetensors header (%s); streaming in file order", ref.name, exc)
             return list(range(blocks))
+
+    def _reader_streams(self, stream: _Stream) -> bool:
+        """Whether a reader has made sequential progress through this file since we last looked."""
+        progress = self.reader_progress(stream.ref)
+        moved = progress != stream.reader_seen
+        stream.reader_seen = progress
+        return moved
+
+    async def _run_model(self, queue: deque[_Stream]) -> None:
+        later: deque[tuple[_Stream, list[int]]] = deque()  # put off: a reader was streaming them
+        current: tuple[_Stream, Iterator[int]] | None = None
+        lock = trio.Lock()
+
+        async def take() -> tuple[_Stream, int] | None:
+            nonlocal current
+            async with lock:  # the workers share one position: each block once, in order
+                while True:
+                    if current is not None:
+                        stream, blocks = current
+                        if not stream.deferred and self._reader_streams(stream):
+                            stream.deferred = True
+                            later.append((stream, list(blocks)))
+                            current = None
+                            continue
+                        index = next(blocks, None)
+                        if index is not None:
+                            return stream, index
+                        current = None
+                    if queue:
+                        stream = queue.popleft()
+                        try:
+                            current = (stream, iter(await self._order(stream.ref)))
+                        except Exception as exc:  # its reader will see the error, if it reads
+                            log.info("not streaming %s: %s", stream.ref.name, exc)
+                    elif later:
+                        stream, rest = later.popleft()
+                        current = (stream, iter(rest))
+                    else:
+                        return None
+
+        async def worker() -> None:
+            while (item := await take()) is not None:
+                stream, index = item
+                if stream.deferred:
+                    await self._yield_to_sequential_reader(stream.ref)
+                try:
+                    await self.store.stream(stream.ref, index)
+                except Exception as exc:  # the reader's own reads report errors; this file stops
+                    log.info("stopped streaming %s: %s", stream.ref.name, exc)
+                    stream.deferred = True
+
+        streams = list(queue)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.workers):
+                    nursery.start_soon(worker)
+            self.completed += len(streams)
+            log.debug("streamed the model (%d files)", len(streams))
+        finally:
+            for stream in streams:
+                self._streams.pop((stream.ref.key, stream.ref.version), None)
+                stream.done.set()
 
     async def _run_stream(self, stream: _Stream) -> None:
         ref = stream.ref

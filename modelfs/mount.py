@@ -222,15 +222,10 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
 def _stream_model(ops: ModelFS) -> None:
     """--eager-model: stream every weight file now, before anyone opens it."""
     assert ops.eager is not None
-    count = 0
-    for node in ops.namespace.files():
-        info = node.info
-        assert info is not None
-        if ops.eager.wants(info.name):
-            ops.eager.opened(ObjectRef(ops.namespace.backend.object_key(info.name), info.name, info.version,
-                                       info.size), pinned=True)
-            count += 1
-    log.info("streaming %d weight file(s) into the disk cache", count)
+    refs = [ObjectRef(ops.namespace.backend.object_key(info.name), info.name, info.version, info.size)
+            for node in ops.namespace.files() if (info := node.info) is not None]
+    count = ops.eager.stream_model(refs)
+    log.info("streaming %d weight file(s) into the disk cache, in name order", count)
 
 
 def _start_metrics(config: Config, ops: ModelFS) -> object | None:

@@ -223,3 +223,88 @@ async def test_stream_yields_to_a_sequential_reader(make_store: StoreFactory, nu
     assert yielding.stats.streamed_blocks < 48  # measured 7-24 of 96
     assert racing.stats.streamed_blocks > yielding.stats.streamed_blocks + 8  # measured 63-81
     assert yielding.stats.disk_hits <= 8, yielding.stats
+
+
+# --- --eager-model: the whole model, one file after another
+
+
+async def test_model_stream_goes_file_by_file_in_name_order(
+        make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock) -> None:
+    """Every weight file ends up on disk; each file's GETs come before the next file's (bar the
+    workers' overlap at the boundary), and non-weight files are left alone."""
+    backend = MemoryBackend(latency=0.01)
+    names = ["m/model-00003-of-00003.safetensors", "m/model-00001-of-00003.safetensors",
+             "m/model-00002-of-00003.safetensors", "m/config.json"]
+    refs = {}
+    for n, name in enumerate(names):
+        refs[name] = put_ramp(backend, name, 12 * BS + n, seed=n)[0]
+    store = await make_store(backend, memory_blocks=4, disk=True, max_concurrency=2)
+    streamer = await _streamer(store, workers=2)
+    await nursery.start(streamer.run)
+    assert streamer.stream_model(refs.values()) == 3
+    for ref in refs.values():
+        await streamer.wait(ref)
+    await store.drain()
+    assert streamer.completed == 3 and streamer.active == 0
+    assert store.disk is not None
+    for name, ref in refs.items():
+        on_disk = [store.disk.contains((ref.key, ref.version, i)) for i in range(store.block_count(ref))]
+        assert all(on_disk) == name.endswith(".safetensors"), (name, on_disk)
+    order = [name for name, _, _ in backend.read_log]
+    firsts = [order.index(n) for n in sorted(names[:3])]
+    lasts = [len(order) - 1 - order[::-1].index(n) for n in sorted(names[:3])]
+    assert firsts == sorted(firsts)
+    for file in range(2):  # the next file starts only when this one's last blocks are in flight
+        assert firsts[file + 1] >= lasts[file] - 2, (order, firsts, lasts)
+
+
+async def test_model_stream_moves_on_from_a_file_a_reader_streams(
+        make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock) -> None:
+    """While a reader streams the first file itself, the model stream moves on to the next
+    file instead of racing its read-ahead, and comes back for what is left afterwards."""
+    backend = MemoryBackend(latency=0.05)
+    ref_a, data_a = put_ramp(backend, "m/a.safetensors", 48 * BS, seed=1)
+    ref_b, _ = put_ramp(backend, "m/b.safetensors", 16 * BS, seed=2)
+    store = await make_store(backend, memory_blocks=16, disk=True, max_concurrency=4)
+    streamer = await _streamer(store, workers=2)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer, prefetch_defaults=TIGHT)
+    fh = files.open(ref_a)
+    for offset in range(0, 8 * BS, BS):  # the reader is streaming a.safetensors ...
+        assert bytes(await files.read(fh, offset, BS)) == data_a[offset : offset + BS]
+    streamer.stream_model([ref_b, ref_a])  # ... when the model stream starts
+    for offset in range(8 * BS, len(data_a), BS):
+        assert bytes(await files.read(fh, offset, BS)) == data_a[offset : offset + BS]
+    files.release(fh)
+    await streamer.wait(ref_a)
+    await store.drain()
+    order = [name for name, _, _ in backend.read_log]
+    assert order.count("m/b.safetensors") == 16  # b was streamed whole ...
+    last_a = len(order) - 1 - order[::-1].index("m/a.safetensors")
+    assert order.index("m/b.safetensors") < last_a  # ... while the reader was still on a
+    assert store.disk is not None
+    assert all(store.disk.contains((ref_a.key, ref_a.version, i)) for i in range(48))
+    assert backend.read_calls <= 48 + 16 + 2  # a's blocks were not fetched twice
+
+
+async def test_a_random_reader_moves_its_file_to_the_front(make_store: StoreFactory, nursery: trio.Nursery) -> None:
+    """A queued file that a reader starts reading at random is streamed next, whole."""
+    backend = MemoryBackend(latency=0.01)
+    refs = [put_ramp(backend, f"m/s{n}.safetensors", (48 if n == 0 else 24) * BS, seed=n)[0] for n in range(3)]
+    store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=1)
+    streamer = await _streamer(store, workers=1)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
+    streamer.stream_model(refs)
+    await wait_until(lambda: backend.read_calls >= 2)  # s0 under way
+    fh = files.open(refs[2])
+    for offset in (20 * BS, 3 * BS, 11 * BS):  # s2 read at random: it goes next
+        await files.read(fh, offset, 1)
+    await streamer.wait(refs[2])
+    order = [name for name, _, _ in backend.read_log]
+    assert order.index("m/s2.safetensors") < order.index("m/s1.safetensors")
+    last_s2 = len(order) - 1 - order[::-1].index("m/s2.safetensors")
+    first_s1 = order.index("m/s1.safetensors")
+    s2_after_s1_began = [n for n in order[first_s1:last_s2] if n == "m/s2.safetensors"]
+    assert not s2_after_s1_began, order  # s2 whole, then s1
+    files.release(fh)
