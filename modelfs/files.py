@@ -129,7 +129,8 @@ class OpenFiles:
                 # A backward walk: the kernel reads ahead of none of it, so the rest of the
                 # block below this read goes to the page cache now (see modelfs.pagecache).
                 entry.pushed.add(first)
-                await self.filler.fill_below(entry.inode, ref.version, first * bs, block, start)
+                if await self.filler.fill_below(entry.inode, ref.version, first * bs, block, start):
+                    entry.read_ahead.walked_down_to(first * bs)
             return block.view[start : start + size]
         out = bytearray(size)  # across a block boundary: one copy, taken before the next await
         for index in range(first, last + 1):

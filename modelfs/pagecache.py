@@ -5,7 +5,7 @@ runs from the top down — glibc's memmove copies backward whenever the destinat
 the source, which happens to some of the tensors safetensors copies out of its map, depending
 on where the allocator put them — gets one synchronous FUSE round trip of ~512 KiB per fault:
 with every block in memory, a backward page walk over a 384 MiB file ran at 0.5-1.05 GB/s
-against 2.0-2.6 GB/s forward. Once two reads in a row each ended where the one before began,
+against 2.0-2.6 GB/s forward. Once three reads in a row each ended where the one before began,
 the part of the block below the current read is handed to the kernel before that read is
 answered, so the reader's next faults in the block never leave the kernel (same walk:
 1.15-1.17 GB/s, 96-144 FUSE reads instead of 763). Pushing before the reply matters: pushed
@@ -64,26 +64,28 @@ class PageCacheFiller:
         self._in_flight: Counter[int] = Counter()  # inode -> pushes running
         self._settled = trio.lowlevel.ParkingLot()
 
-    async def fill_below(self, inode: int, version: str, offset: int, block: Block, below: int) -> None:
+    async def fill_below(self, inode: int, version: str, offset: int, block: Block, below: int) -> bool:
         """Put the bytes of ``block`` (at file ``offset``) below ``below`` into the page cache.
 
         ``below`` is relative to the block. The caller awaits this before it replies to the
         read that asked, so the reader cannot fault below it before the pages are there. The
         main loop keeps serving meanwhile: a page being pushed may be locked by another
-        pending read, which must get its reply for the push to go on.
+        pending read, which must get its reply for the push to go on. True if the bytes
+        were handed over.
         """
         lo = below - below % PAGE
         if not self.enabled or inode <= 0 or lo <= 0:
-            return
+            return False
         if self.current_version(inode) != version:
             self.stats.skipped_stale += 1
-            return
+            return False
         block.pins += 1  # the buffer must outlive the thread's copy
         self._in_flight[inode] += 1
         try:
             await trio.to_thread.run_sync(self._push_sync, inode, offset, block.view, lo, limiter=self._limiter)
             self.stats.pushes += 1
             self.stats.pushed_bytes += lo
+            return True
         except OSError as exc:
             self.stats.errors += 1
             if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
@@ -91,6 +93,7 @@ class PageCacheFiller:
                 log.info("the kernel does not take page cache pushes (%s): reads only", exc.strerror)
             else:  # e.g. ENOENT: the kernel already forgot the inode
                 log.debug("page cache push to inode %d failed: %s", inode, exc)
+            return False
         finally:
             self.memory.unpin(block)
             self._in_flight[inode] -= 1

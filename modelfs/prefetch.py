@@ -40,9 +40,6 @@ class PrefetchDefaults:
     # After this many small GETs in one block, the next random read there fetches the whole
     # block (which is cached): reads keep landing in it, and small GETs are never cached.
     small_gets_per_block: int = 2
-    # A read that ends at most this far below the start of the read before it (and not
-    # above it) continues a backward walk.
-    backward_step: int = 1 << 20
 
 
 @dataclass
@@ -68,7 +65,8 @@ class ReadAhead:
         self.last_random = False  # the last read looked random: it started a run after several seeks
         self.last_backward = False  # the last read ended where the one before it began
         self._previous: tuple[int, int] = (-1, -1)  # offset and end of the last read
-        self._backward_steps = 0  # consecutive reads that each ended where the last began
+        self._backward_steps = 0  # consecutive reads that each ended where the one before began
+        self._walk_fetched_below = 0  # a backward walk has asked for every block from here up
         self.sequential_reads = 0  # reads that continued a run with a window of 2+ blocks
         self._seq = 0
         self._recent_seeks: deque[int] = deque()  # read numbers of recent seeks
@@ -104,16 +102,26 @@ class ReadAhead:
         last_block = (end - 1) // self.block_size
         self._seq += 1
         # A walk down the file (an mmap'd copy running backward): each fault reads the
-        # pages just below the previous read, and the kernel reads ahead of none of them.
-        # Two such steps in a row: one alone is often just two read-ahead requests of a
+        # pages just below the previous read (ending within a page of where it began), and
+        # the kernel reads ahead of none of them.
+        # Three such steps in a row: one or two are often just read-ahead requests of a
         # forward run handled out of order.
         previous = self._previous[0]
-        if offset < previous and previous - self.defaults.backward_step <= end <= previous + PAGE:
+        if offset < previous and previous - PAGE <= end <= previous + PAGE:
             self._backward_steps += 1
         else:
             self._backward_steps = 0
-        self.last_backward = self._backward_steps >= 2
+            self._walk_fetched_below = self._blocks
+        self.last_backward = self._backward_steps >= 3
         self._previous = (offset, end)
+        if self.last_backward:
+            # Neither a seek nor random: whole blocks, and the next block down fetched ahead.
+            self.last_random = False
+            below = offset // self.block_size - 1
+            if 0 <= below < self._walk_fetched_below and self.max_window_blocks:
+                self._walk_fetched_below = below
+                return range(below, below + 1)
+            return range(0)
         cursor = self._find(offset)
         if cursor is None:
             # A new run: from the start of the file it is probably a full read, so it gets a
@@ -145,6 +153,12 @@ class ReadAhead:
             return range(0)
         cursor.scheduled = stop
         return range(start, stop)
+
+    def walked_down_to(self, offset: int) -> None:
+        """A backward walk's bytes from ``offset`` up were handed to the kernel (page cache
+        fill): the walk's next read ends there, and still continues the walk."""
+        if self.last_backward:
+            self._previous = (offset, self._previous[1])
 
     def wants_whole_block(self, index: int) -> bool:
         """True once random reads have taken enough small GETs from block ``index``."""

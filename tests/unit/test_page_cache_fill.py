@@ -45,13 +45,13 @@ class Recorder:
         self.calls.append((inode, offset, bytes(data)))
 
 
-def test_backward_walk_is_detected_after_two_steps() -> None:
+def test_backward_walk_is_detected_after_three_steps() -> None:
     ra = ReadAhead(64 * BLOCK, BLOCK, 0)
     seen = []
     for offset, size in _walk_down(8 * BLOCK)[:6]:
         ra.on_read(offset, size)
         seen.append(ra.last_backward)
-    assert seen == [False, False, True, True, True, True]
+    assert seen == [False, False, False, True, True, True]
 
 
 def test_forward_runs_reordered_pairs_and_seeks_are_not_backward() -> None:
@@ -136,7 +136,7 @@ async def test_settle_waits_for_a_running_push(make_store: StoreFactory, nursery
     walk = _walk_down(len(data))
 
     async def reader() -> None:
-        for offset, size in walk[:3]:  # the third read starts a push, which waits on the gate
+        for offset, size in walk[:4]:  # the fourth read starts a push, which waits on the gate
             await files.read(fh, offset, size)
 
     nursery.start_soon(reader)

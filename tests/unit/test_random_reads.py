@@ -174,3 +174,43 @@ async def test_demand_disk_reads_use_the_page_cache(make_store: StoreFactory) ->
     await wait_until(lambda: len(calls) == 2)
     assert calls == [False, True]
     assert backend.read_calls == 16
+
+
+async def test_a_backward_walk_after_seeks_gets_whole_blocks_and_the_one_below(make_store: StoreFactory) -> None:
+    """An mmap'd copy running backward (each read just below the last) is not random, even
+    after seeks: whole blocks, each fetched once, the next one down asked for ahead."""
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "w.bin", 16 * BLOCK, seed=8)
+    store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
+    files = OpenFiles(store, max_prefetch=4 * BLOCK, random_read_size=GRANULE, prefetch_defaults=TIGHT)
+    fh = files.open(ref)
+    for offset in (13 * BLOCK, 2 * BLOCK):  # two seeks: reads at random from here
+        await files.read(fh, offset, 100)
+    step = 4 * GRANULE
+    top = 10 * BLOCK
+    for end in range(top, 0, -step):
+        assert bytes(await files.read(fh, end - step, step)) == data[end - step : end]
+        if end - step == 9 * BLOCK:  # the walk has just entered block 9 ...
+            await wait_until(lambda: backend.reads[("w.bin", 8 * BLOCK)] >= 1)  # ... and block 8 is on its way
+    small_before_walk = 2  # the two seeks themselves were served by small GETs
+    assert store.stats.small_gets <= small_before_walk + 2  # the walk's first steps, at most
+    walked = [offset for (name, offset) in backend.reads if offset < top and offset % BLOCK == 0]
+    assert all(backend.reads[("w.bin", o)] == 1 for o in walked)  # every block fetched once
+    assert len(walked) >= 10
+
+
+async def test_a_backward_walk_without_read_ahead_still_gets_whole_blocks(make_store: StoreFactory) -> None:
+    """Without read-ahead (--max-prefetch 0) the walk's reads still fetch whole blocks: no
+    small GET once the walk is recognised, however many seeks came before it."""
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "w.bin", 16 * BLOCK, seed=9)
+    store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=8 * GRANULE, prefetch_defaults=TIGHT)
+    fh = files.open(ref)
+    for offset in (13 * BLOCK, 2 * BLOCK, 7 * BLOCK + 5):  # seeks: reads at random from here
+        await files.read(fh, offset, 100)
+    step = 4 * GRANULE
+    gets_before = store.stats.small_gets
+    for end in range(12 * BLOCK, 0, -step):
+        assert bytes(await files.read(fh, end - step, step)) == data[end - step : end]
+    assert store.stats.small_gets - gets_before <= 3  # the three steps before the walk is recognised
