@@ -189,8 +189,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("eager-suffixes", _parse_suffixes, ".safetensors,.gguf,.bin,.pt,.pth,.onnx",
            "comma-separated name endings that mark weight files"),
     Option("read-ahead-kb", _parse_int, 1024, "kernel read-ahead of the mount (root only); 0 leaves it alone"),
-    Option("fill-page-cache", _parse_bool, True,
-           "after a backward or random read, hand the rest of its block to the kernel's page cache", flag=True),
     Option("retry-deadline", _parse_float, 60.0, "seconds a failing read is retried before it fails with EIO"),
     Option("read-timeout", _parse_float, 30.0, "seconds without a byte before a response counts as stalled"),
     Option("anonymous", _parse_bool, False, "use no credentials (public buckets, emulators)", flag=True),
@@ -317,7 +315,6 @@ class Config:
     eager: bool = True
     eager_model: bool = False
     eager_suffixes: str = ".safetensors,.gguf,.bin,.pt,.pth,.onnx"
-    fill_page_cache: bool = True
     metrics_addr: str | None = None
     manifest: Path | None = None
     ca_cert: Path | None = None

@@ -8,11 +8,10 @@ versions. Handles of the same version share one :class:`~modelfs.prefetch.ReadAh
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.eager import EagerStreamer
-from modelfs.pagecache import PageCacheFiller
 from modelfs.prefetch import PrefetchDefaults, ReadAhead
 
 __all__ = ["OpenFiles"]
@@ -24,10 +23,8 @@ log = logging.getLogger(__name__)
 class _Open:
     ref: ObjectRef
     read_ahead: ReadAhead
-    inode: int = 0  # the kernel's inode (0: none, e.g. in tests without a kernel)
     handles: int = 0
     streaming: bool = False  # the eager stream was started for this version
-    pushed: set[int] = field(default_factory=set)  # blocks handed to the page cache whole
 
 
 class OpenFiles:
@@ -47,16 +44,14 @@ class OpenFiles:
         self._by_version: dict[tuple[str, str], _Open] = {}
         self._next_fh = 1
         self._closed_resets = 0
-        self.filler: PageCacheFiller | None = None
 
     def __len__(self) -> int:
         return len(self._handles)
 
-    def open(self, ref: ObjectRef, inode: int = 0) -> int:
+    def open(self, ref: ObjectRef) -> int:
         entry = self._by_version.get((ref.key, ref.version))
         if entry is None:
-            entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_defaults),
-                          inode=inode)
+            entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_defaults))
             self._by_version[(ref.key, ref.version)] = entry
         entry.handles += 1
         fh = self._next_fh
@@ -125,12 +120,6 @@ class OpenFiles:
         if first == last:
             block = await self.store.get(ref, first)
             start = offset - first * bs
-            if self.filler is not None and entry.read_ahead.last_backward and first not in entry.pushed:
-                # A backward walk: the kernel reads ahead of none of it, so the rest of the
-                # block below this read goes to the page cache now (see modelfs.pagecache).
-                entry.pushed.add(first)
-                if await self.filler.fill_below(entry.inode, ref.version, first * bs, block, start):
-                    entry.read_ahead.walked_down_to(first * bs)
             return block.view[start : start + size]
         out = bytearray(size)  # across a block boundary: one copy, taken before the next await
         for index in range(first, last + 1):

@@ -160,10 +160,6 @@ class ModelFS(pyfuse3.Operations):
 
     # --- files
 
-    def opened_version(self, inode: int) -> str | None:
-        """The version whose bytes the kernel's page cache for ``inode`` holds (None: never opened)."""
-        return self._opened_version.get(inode)
-
     @_mapped
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
@@ -176,11 +172,7 @@ class ModelFS(pyfuse3.Operations):
         # The page cache may be kept only while the version is the one it was filled from.
         keep = self._opened_version.get(inode) == info.version
         self._opened_version[inode] = info.version
-        if not keep and self.files.filler is not None:
-            # The kernel drops the page cache when this reply says so: a push of the old
-            # version's bytes must not land after that (pushes check the version first).
-            await self.files.filler.settle(inode)
-        return pyfuse3.FileInfo(fh=self.files.open(ref, inode), keep_cache=keep, direct_io=False)
+        return pyfuse3.FileInfo(fh=self.files.open(ref), keep_cache=keep, direct_io=False)
 
     @_mapped
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -235,8 +227,6 @@ class ModelFS(pyfuse3.Operations):
             "prefetch_resets": self.files.resets(),
             "errors_by_errno": dict(self.errors),
             "disk_hits": store.stats.disk_hits,
-            "page_cache_pushes": self.files.filler.stats.pushes if self.files.filler is not None else 0,
-            "page_cache_pushed_bytes": self.files.filler.stats.pushed_bytes if self.files.filler is not None else 0,
         }
         if store.disk is not None:
             disk = store.disk

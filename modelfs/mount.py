@@ -24,7 +24,6 @@ from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
 from modelfs.eager import EagerStreamer
-from modelfs.pagecache import PageCacheFiller
 from modelfs.errors import MountError
 from modelfs.files import OpenFiles
 from modelfs.fs import ModelFS
@@ -168,8 +167,6 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
                       eager=eager if config.eager else None)
     ops = ModelFS(namespace, files, ttl=config.metadata_ttl, block_size=config.block_size)
     ops.eager = eager
-    if config.fill_page_cache:
-        files.filler = PageCacheFiller(memory, pyfuse3.notify_store, ops.opened_version)
     return ops, store, disk
 
 

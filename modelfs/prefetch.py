@@ -154,12 +154,6 @@ class ReadAhead:
         cursor.scheduled = stop
         return range(start, stop)
 
-    def walked_down_to(self, offset: int) -> None:
-        """A backward walk's bytes from ``offset`` up were handed to the kernel (page cache
-        fill): the walk's next read ends there, and still continues the walk."""
-        if self.last_backward:
-            self._previous = (offset, self._previous[1])
-
     def wants_whole_block(self, index: int) -> bool:
         """True once random reads have taken enough small GETs from block ``index``."""
         return self._small_gets.get(index, 0) >= self.defaults.small_gets_per_block

@@ -158,3 +158,41 @@ def test_empty_and_out_of_range_reads() -> None:
     assert list(ra.on_read(0, 0)) == []
     assert list(ra.on_read(4 * BS, 100)) == []
     assert ra.cursors == []
+
+
+def _walk_down(top: int, step: int) -> list[tuple[int, int]]:
+    """The reads of an mmap'd copy running from ``top`` down to 0 in ``step`` pieces."""
+    return [(max(0, end - step), end - max(0, end - step)) for end in range(top, 0, -step)]
+
+
+def test_backward_walk_is_recognised_after_three_steps() -> None:
+    """Reads each ending where the last began: a walk from the third step on, asking for the
+    next block down as it enters each block, and never counted as seeks."""
+    ra = ReadAhead(100 * BS, BS, 8 * BS)
+    ra.on_read(60 * BS, 100)  # a run elsewhere first, so later new runs would count as seeks
+    seen, asked = [], []
+    for offset, size in _walk_down(10 * BS, BS // 4):
+        asked += list(ra.on_read(offset, size))
+        seen.append(ra.last_backward)
+        if ra.last_backward:
+            assert not ra.last_random
+    assert seen[:4] == [False, False, False, True] and all(seen[3:])
+    assert asked == list(range(8, -1, -1))  # each block below, once, as the walk entered the one above
+    assert ra.resets <= 3  # only the steps before the walk was recognised
+
+
+def test_forward_reordering_and_scattered_seeks_are_no_walk() -> None:
+    ra = ReadAhead(100 * BS, BS, 8 * BS)
+    step = BS // 4
+    for offset in (0, step, 3 * step, 2 * step, 4 * step, 6 * step, 5 * step, 7 * step):  # out of order
+        ra.on_read(offset, step)
+        assert not ra.last_backward, offset
+    for offset in (90 * BS, 70 * BS, 50 * BS, 30 * BS, 10 * BS):  # downwards, but not contiguous
+        ra.on_read(offset, step)
+        assert not ra.last_backward, offset
+
+
+def test_no_block_below_without_read_ahead() -> None:
+    ra = ReadAhead(100 * BS, BS, 0)
+    asked = [i for offset, size in _walk_down(10 * BS, BS // 4) for i in ra.on_read(offset, size)]
+    assert asked == [] and ra.last_backward
