@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 __all__ = ["ReadAhead", "Cursor", "PrefetchDefaults"]
 
-PAGE = 4096
-
 
 @dataclass(frozen=True)
 class PrefetchDefaults:
@@ -102,21 +100,27 @@ class ReadAhead:
         last_block = (end - 1) // self.block_size
         self._seq += 1
         # A walk down the file (an mmap'd copy running backward): each fault reads the
-        # pages just below the previous read (ending within a page of where it began), and
-        # the kernel reads ahead of none of them.
+        # pages just below the previous read (the kernel's read-around stops at the first
+        # cached page, so the read ends exactly where the last one began), and the kernel
+        # reads ahead of none of them.
         # Three such steps in a row: one or two are often just read-ahead requests of a
         # forward run handled out of order.
         previous = self._previous[0]
-        if offset < previous and previous - PAGE <= end <= previous + PAGE:
+        if offset < previous == end:
             self._backward_steps += 1
         else:
             self._backward_steps = 0
             self._walk_fetched_below = self._blocks
         self.last_backward = self._backward_steps >= 3
         self._previous = (offset, end)
-        if self.last_backward:
-            # Neither a seek nor random: whole blocks, and the next block down fetched ahead.
+        if self._backward_steps:
+            # A step down is neither a seek nor random (so it neither starts the eager
+            # stream nor takes a small GET); once it is a walk it counts as sequential
+            # progress (the stream yields to it), and the next block down is fetched ahead.
             self.last_random = False
+            if not self.last_backward:
+                return range(0)
+            self.sequential_reads += 1
             below = offset // self.block_size - 1
             if 0 <= below < self._walk_fetched_below and self.max_window_blocks:
                 self._walk_fetched_below = below
