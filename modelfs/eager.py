@@ -106,11 +106,11 @@ class EagerStreamer:
         """--eager-model: stream these weight files one after another, in name order.
 
         One file at a time, all workers on it, rather than every file at once: a model
-        server loads its shards in name order, so the first shard is complete first and
-        the stream's blocks are still in memory when the loader gets there (all files at
-        once, each finished only near the end, and the loader read nearly every block back
-        from disk). A file a reader streams through itself is put off until the rest are
-        done; a queued file that a reader starts reading at random is moved to the front.
+        server loads its shards in name order, so a server that starts while the stream
+        runs finds its first shards complete (all files at once, each finished only near
+        the end). A file a reader streams through itself is put off until the rest are
+        done (its read-ahead already fetches it); a queued file that a reader starts reading
+        at random is moved to the front.
         Returns how many files were queued.
         """
         if self._nursery is None:

@@ -61,7 +61,7 @@ class ReadAhead:
         self.cursors: list[Cursor] = []
         self.resets = 0
         self.last_random = False  # the last read looked random: it started a run after several seeks
-        self.last_backward = False  # the last read ended where the one before it began
+        self.last_backward = False  # the last read continued a backward walk (3+ steps down)
         self._previous: tuple[int, int] = (-1, -1)  # offset and end of the last read
         self._backward_steps = 0  # consecutive reads that each ended where the one before began
         self._walk_fetched_below = 0  # a backward walk has asked for every block from here up
