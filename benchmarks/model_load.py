@@ -24,6 +24,12 @@ stops after the last tensor). Cold means a fresh cache dir and ``sync; echo 3 >
 /proc/sys/vm/drop_caches`` before the mount (or the download). For each modelfs run it records
 the daemon's peak RSS (VmHWM) and the backend GETs and bytes (``user.modelfs.stats``).
 
+``--copy-order top-down`` copies each tensor out of the map from its last MiB to its first
+instead (what glibc's memmove does when the destination lies above the source, which a real
+safetensors load meets for some tensors, depending on where the allocator put them: the
+kernel reads ahead of none of it). The default loads show it as runs with more, smaller
+FUSE reads (2114 reads of ~956 KiB for a load that copies forward).
+
 Before the timed rounds, a verify pass loads through every remote path once more (cold) and
 checks each tensor's sha256 against the digests ``write_model`` returned: a wrong byte makes
 the exit status 1. Timings are reported, never checked.
@@ -56,6 +62,7 @@ from modelfs.testing.mounts import daemon_pid, mounted, peak_rss_kib  # noqa: E4
 
 BUCKET = "bench"
 PREFIX = "model"
+COPY_ORDERS = ("safetensors", "top-down")
 MODEL_FORMAT = 1  # bump when write_model's output changes, so a kept model is regenerated
 
 # key -> (label, group), in table order
@@ -80,32 +87,67 @@ REMOTE = ("download", "modelfs", "modelfs-no-eager", "modelfs-eager-model", "rcl
 # --- the child: one load (or download + load) in its own process
 
 
-def _child_load(directory: Path, digests_file: Path | None) -> dict[str, Any]:
-    """Load every tensor of every shard in ``directory``; with digests, check each one."""
+def _top_down_tensors(path: Path) -> Iterator[tuple[str, Any]]:
+    """(name, uint8 copy) of each tensor, copied out of an mmap of ``path`` from its last MiB to
+    its first: what glibc's memmove does when the destination lies above the source, which
+    a safetensors load meets for some tensors depending on where the allocator put them."""
+    import mmap
+    import struct
+
+    import numpy as np
+
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    try:
+        src = np.frombuffer(mapped, dtype=np.uint8)
+        for name in sorted(k for k in header if k != "__metadata__"):
+            begin, end = (8 + header_len + o for o in header[name]["data_offsets"])
+            out = np.empty(end - begin, dtype=np.uint8)
+            top = end
+            while top > begin:
+                low = max(begin, top - (1 << 20))
+                out[low - begin : top - begin] = src[low:top]
+                top = low
+            yield name, out
+        del src
+    finally:
+        mapped.close()
+
+
+def _forward_tensors(path: Path) -> Iterator[tuple[str, Any]]:
+    """(name, uint8 view) of each tensor, by safetensors' own get_tensor (numpy)."""
     import numpy as np
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+            array = f.get_tensor(name)  # copies the tensor out of the mmap: every page faulted in
+            yield name, array.reshape(-1).view(np.uint8)
+
+
+def _child_load(directory: Path, digests_file: Path | None, copy_order: str = "safetensors") -> dict[str, Any]:
+    """Load every tensor of every shard in ``directory``; with digests, check each one."""
     want: dict[str, str] = json.loads(digests_file.read_text()) if digests_file else {}
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         raise RuntimeError(f"no .safetensors files in {directory}")
+    tensors_of = _top_down_tensors if copy_order == "top-down" else _forward_tensors
     tensors = nbytes = touch = 0
     bad: list[str] = []
     seen: set[str] = set()
     t0 = time.perf_counter()
     for path in shards:
-        with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():
-                array = f.get_tensor(name)  # copies the tensor out of the mmap: every page faulted in
-                raw = array.reshape(-1).view(np.uint8)
-                touch += int(raw[::4096].sum())  # use the copy (one byte per page)
-                nbytes += raw.nbytes
-                tensors += 1
-                if want:
-                    seen.add(name)
-                    if hashlib.sha256(raw).hexdigest() != want.get(name):
-                        bad.append(name)
-                del array, raw
+        for name, raw in tensors_of(path):
+            touch += int(raw[::4096].sum())  # use the copy (one byte per page)
+            nbytes += raw.nbytes
+            tensors += 1
+            if want:
+                seen.add(name)
+                if hashlib.sha256(raw).hexdigest() != want.get(name):
+                    bad.append(name)
+            del raw
     seconds = time.perf_counter() - t0
     out: dict[str, Any] = {"seconds": seconds, "bytes": nbytes, "tensors": tensors, "shards": len(shards),
                            "touch": touch}
@@ -115,7 +157,7 @@ def _child_load(directory: Path, digests_file: Path | None) -> dict[str, Any]:
     return out
 
 
-def _child_download(dest: Path, digests_file: Path | None, threads: int) -> dict[str, Any]:
+def _child_download(dest: Path, digests_file: Path | None, threads: int, copy_order: str) -> dict[str, Any]:
     """Download every object under gs://BUCKET/PREFIX/ to ``dest``, then load from there."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -141,7 +183,7 @@ def _child_download(dest: Path, digests_file: Path | None, threads: int) -> dict
     else:
         downloaded = sum(fetch(b) for b in blobs)
     download_seconds = time.perf_counter() - t0
-    out = _child_load(dest, digests_file)
+    out = _child_load(dest, digests_file, copy_order)
     out.update(download_seconds=download_seconds, load_seconds=out["seconds"],
                seconds=download_seconds + out["seconds"], downloaded_bytes=downloaded)
     return out
@@ -153,8 +195,10 @@ def child_main(argv: list[str]) -> int:
     p.add_argument("directory", type=Path)
     p.add_argument("--digests", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--copy-order", choices=COPY_ORDERS, default="safetensors")
     a = p.parse_args(argv)
-    out = _child_load(a.directory, a.digests) if a.mode == "load" else _child_download(a.directory, a.digests, a.threads)
+    out = (_child_load(a.directory, a.digests, a.copy_order) if a.mode == "load"
+           else _child_download(a.directory, a.digests, a.threads, a.copy_order))
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             out["peak_rss_kib"] = int(line.split()[1])
@@ -236,7 +280,7 @@ class Bench:
 
     def child(self, mode: str, directory: Path, *, verify: bool) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "_child", mode, str(directory),
-               "--threads", str(self.args.download_threads)]
+               "--threads", str(self.args.download_threads), "--copy-order", self.args.copy_order]
         if verify:
             cmd += ["--digests", str(self.digests_file)]
         env = self.gcs.env() if self.gcs is not None else None
@@ -375,7 +419,8 @@ class Bench:
         server_dir = C.prepare_dirs(args, "model_load", self.size, self.cleanup)
         print(f"model_load: {self.size / C.GiB:.2f} GiB model, {args.shards} shards, {args.rounds} round(s); "
               f"modelfs --memory-cache {args.memory_cache} --disk-cache {args.disk_cache} "
-              f"{' '.join(args.mount_option)}; groups: {', '.join(g for g in GROUPS if g in self.only)}")
+              f"{' '.join(args.mount_option)}; tensors copied: {args.copy_order}; "
+              f"groups: {', '.join(g for g in GROUPS if g in self.only)}")
         print(f"  model and caches in {self.workdir}; server objects in {server_dir}", flush=True)
         self.ensure_model()
         self.describe_model()
@@ -490,7 +535,8 @@ class Bench:
                        "file_bytes": self.file_bytes, "rounds": args.rounds, "rounds_done": self.rounds_done,
                        "memory_cache": args.memory_cache, "disk_cache": args.disk_cache,
                        "mount_options": args.mount_option, "rclone_options": args.rclone_option,
-                       "download_threads": args.download_threads, "groups": sorted(self.only)},
+                       "download_threads": args.download_threads, "copy_order": args.copy_order,
+                       "groups": sorted(self.only)},
             "median_seconds": {k: self.med(k) for k in self.keys if k in self.samples},
             "acceptance": acceptance, "verify": self.verify, "samples": self.samples,
             "seconds": round(elapsed, 1),
@@ -526,6 +572,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--disk-cache", default="8G", help="modelfs --disk-cache; must hold the model (default: %(default)s)")
     p.add_argument("--download-threads", type=int, default=1,
                    help="files downloaded at once by download-then-load (default: %(default)s)")
+    p.add_argument("--copy-order", choices=COPY_ORDERS, default="safetensors",
+                   help="how each load copies tensors out of the map: safetensors' get_tensor, or "
+                        "top-down (each tensor from its last MiB to its first, as glibc's memmove does "
+                        "when the destination lies above the source) (default: %(default)s)")
     p.add_argument("--mount-option", action="append", default=[], metavar="OPT",
                    help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)")
     p.add_argument("--rclone-option", action="append", default=[], metavar="OPT",
