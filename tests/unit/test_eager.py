@@ -308,3 +308,35 @@ async def test_a_random_reader_moves_its_file_to_the_front(make_store: StoreFact
     s2_after_s1_began = [n for n in order[first_s1:last_s2] if n == "m/s2.safetensors"]
     assert not s2_after_s1_began, order  # s2 whole, then s1
     files.release(fh)
+
+
+async def test_several_files_stream_at_once_within_the_concurrency_bound(
+        make_store: StoreFactory, nursery: trio.Nursery) -> None:
+    """Two weight files read at random stream side by side, and never more GETs are in
+    flight than --max-concurrency allows, over both."""
+    backend = MemoryBackend(latency=0.005)
+    refs = [put_ramp(backend, f"m/{n}.safetensors", 40 * BS, seed=20 + n) for n in range(2)]
+    store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=3)
+    streamer = await _streamer(store, workers=4)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
+    handles = []
+    for ref, data in refs:
+        fh = files.open(ref)
+        handles.append(fh)
+        for offset in (30 * BS, 5 * BS, 17 * BS):  # at random: the stream starts
+            assert bytes(await files.read(fh, offset, 10)) == data[offset : offset + 10]
+    assert streamer.active == 2
+    for ref, _ in refs:
+        await streamer.wait(ref)
+    assert streamer.completed == 2
+    order = [name for name, _, _ in backend.read_log]
+    first_done = min(len(order) - 1 - order[::-1].index(f"m/{n}.safetensors") for n in range(2))
+    assert {"m/0.safetensors", "m/1.safetensors"} <= set(order[:first_done])  # side by side
+    assert backend.max_in_flight <= 3
+    await store.drain()
+    assert store.disk is not None
+    for ref, _ in refs:
+        assert all(store.disk.contains((ref.key, ref.version, i)) for i in range(40))
+    for fh in handles:
+        files.release(fh)
