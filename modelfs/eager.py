@@ -63,8 +63,8 @@ def safetensors_block_order(header: bytes, header_len: int, block_size: int, siz
 class _Stream:
     ref: ObjectRef
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    users: int = 0  # open handles; 0 with pinned=True: started at mount, not tied to handles
-    pinned: bool = False
+    users: int = 0  # open handles whose reads started or joined it
+    pinned: bool = False  # started at mount (--eager-model): no close cancels it
     done: trio.Event = field(default_factory=trio.Event)
     reader_seen: int = 0  # the reader's sequential-read count when the stream last looked
     deferred: bool = False  # model stream: put off behind the other files (a reader streamed it)
@@ -133,8 +133,8 @@ class EagerStreamer:
             self._nursery.start_soon(self._run_model, queue)
         return len(queue)
 
-    def opened(self, ref: ObjectRef, *, pinned: bool = False) -> None:
-        """A handle on ``ref`` opened (or, pinned, the mount asks for it): stream it if needed."""
+    def opened(self, ref: ObjectRef) -> None:
+        """A reader of ``ref`` reads it at random: stream it if it is not streaming already."""
         if not self.wants(ref.name) or self._nursery is None or ref.size == 0:
             return
         stream = self._streams.get((ref.key, ref.version))
@@ -147,12 +147,10 @@ class EagerStreamer:
             if disk is not None and ref.size > disk.capacity * 0.9:
                 log.info("not streaming %s: larger than the disk cache", ref.name)
                 return
-            stream = _Stream(ref, pinned=pinned)
+            stream = _Stream(ref)
             self._streams[(ref.key, ref.version)] = stream
             self._nursery.start_soon(self._run_stream, stream)
-        stream.pinned = stream.pinned or pinned
-        if not pinned:
-            stream.users += 1
+        stream.users += 1
 
     def closed(self, ref: ObjectRef) -> None:
         """A handle closed: the last one cancels a stream the mount did not ask for."""
