@@ -89,8 +89,13 @@ def download(bucket: str, name: str, size: int, dest: Path) -> dict[str, object]
     t2 = time.perf_counter()
     if total != size:
         raise RuntimeError(f"downloaded {total} bytes, expected {size}")
-    return {"bytes": total, "seconds": t2 - t0, "download_seconds": t1 - t0, "read_seconds": t2 - t1,
-            "peak_rss_kib": peak_rss_kib()}
+    return {
+        "bytes": total,
+        "seconds": t2 - t0,
+        "download_seconds": t1 - t0,
+        "read_seconds": t2 - t1,
+        "peak_rss_kib": peak_rss_kib(),
+    }
 
 
 def main() -> int:

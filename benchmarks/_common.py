@@ -29,9 +29,33 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "MiB", "GiB", "ROOT", "Cleanup", "ReadResult", "add_common_args", "choose_server_dir", "drop_caches",
-    "ensure_object", "fmt_table", "mb_per_s", "median", "parse_size", "read_file", "reset_peak_rss",
-    "rss_kib", "cpu_seconds", "children_cpu_seconds", "mount_stats", "git_rev", "unmount_leftovers", "wait_exit", "modelfs_daemon_pid", "install_signal_handlers", "write_json", "run_dd", "run_fio",
+    "MiB",
+    "GiB",
+    "ROOT",
+    "Cleanup",
+    "ReadResult",
+    "add_common_args",
+    "choose_server_dir",
+    "drop_caches",
+    "ensure_object",
+    "fmt_table",
+    "mb_per_s",
+    "median",
+    "parse_size",
+    "read_file",
+    "reset_peak_rss",
+    "rss_kib",
+    "cpu_seconds",
+    "children_cpu_seconds",
+    "mount_stats",
+    "git_rev",
+    "unmount_leftovers",
+    "wait_exit",
+    "modelfs_daemon_pid",
+    "install_signal_handlers",
+    "write_json",
+    "run_dd",
+    "run_fio",
 ]
 
 MiB = 1 << 20
@@ -59,19 +83,35 @@ def median(values: Iterable[float]) -> float:
 
 
 def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/modelfs-bench") / name,
-                        help="scratch dir for caches, mountpoints, logs (default: %(default)s)")
-    parser.add_argument("--server-dir", type=Path, default=None,
-                        help="where the fake-gcs-server root and the source objects live (default: a "
-                             "dir under /dev/shm when it has room, so dropping page caches never "
-                             "makes the 'wire' a disk read; else under --workdir)")
-    parser.add_argument("--keep-data", action="store_true",
-                        help="keep the generated objects (reused by the next run) and the work dir")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / f"results-{name}.json",
-                        help="JSON results file (default: %(default)s, git-ignored)")
-    parser.add_argument("--keep-page-reporting", action="store_true",
-                        help="leave the VM's free page reporting (virtio-balloon) on during the run; by "
-                             "default it is paused and 8 GiB of memory pre-faulted (see benchmarks/README.md)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp/modelfs-bench") / name,
+        help="scratch dir for caches, mountpoints, logs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--server-dir",
+        type=Path,
+        default=None,
+        help="where the fake-gcs-server root and the source objects live (default: a "
+        "dir under /dev/shm when it has room, so dropping page caches never "
+        "makes the 'wire' a disk read; else under --workdir)",
+    )
+    parser.add_argument(
+        "--keep-data", action="store_true", help="keep the generated objects (reused by the next run) and the work dir"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / f"results-{name}.json",
+        help="JSON results file (default: %(default)s, git-ignored)",
+    )
+    parser.add_argument(
+        "--keep-page-reporting",
+        action="store_true",
+        help="leave the VM's free page reporting (virtio-balloon) on during the run; by "
+        "default it is paused and 8 GiB of memory pre-faulted (see benchmarks/README.md)",
+    )
 
 
 # --- the VM's memory: free page reporting
@@ -102,8 +142,11 @@ def page_reporting_paused(keep: bool, prefault: int = 8 * GiB) -> Iterator[None]
         else:
             size = max(0, min(prefault, _mem_available() - 4 * GiB))
             _, seconds = timed(lambda: _touch_memory(size))
-            print(f"  free page reporting paused (page_reporting_order {old} -> 11, restored at exit); "
-                  f"pre-faulted {size / GiB:.1f} GiB in {seconds:.1f} s", flush=True)
+            print(
+                f"  free page reporting paused (page_reporting_order {old} -> 11, restored at exit); "
+                f"pre-faulted {size / GiB:.1f} GiB in {seconds:.1f} s",
+                flush=True,
+            )
     try:
         yield
     finally:
@@ -270,18 +313,26 @@ def choose_server_dir(args: argparse.Namespace, name: str, need: int) -> Path:
             return shm / f"modelfs-bench-{name}"
     except OSError:
         pass
-    print(f"note: /dev/shm lacks room; the server's objects go under {args.workdir} (dropping page "
-          "caches then also makes the server read from disk)", file=sys.stderr)
+    print(
+        f"note: /dev/shm lacks room; the server's objects go under {args.workdir} (dropping page "
+        "caches then also makes the server read from disk)",
+        file=sys.stderr,
+    )
     return args.workdir / "server"
 
 
 def git_rev() -> str:
     """The checkout's commit, with +dirty when modelfs/ has uncommitted changes."""
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "modelfs"],
-                               capture_output=True, text=True, check=False).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "modelfs"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -404,8 +455,9 @@ class ReadResult:
         return mb_per_s(self.nbytes, self.seconds)
 
 
-def read_file(path: Path, *, chunk: int = MiB, verify: bool = True, buffers: int = 4,
-              buffer_size: int = 8 * MiB) -> ReadResult:
+def read_file(
+    path: Path, *, chunk: int = MiB, verify: bool = True, buffers: int = 4, buffer_size: int = 8 * MiB
+) -> ReadResult:
     """Read ``path`` sequentially with ``chunk``-sized read() calls. With ``verify`` the
     sha256 runs in a second thread over filled buffers (hashlib and readinto both release
     the GIL), so hashing overlaps the reads instead of adding to them."""
@@ -458,8 +510,7 @@ def read_file(path: Path, *, chunk: int = MiB, verify: bool = True, buffers: int
 
 def run_dd(path: Path, bs: str = "1M") -> ReadResult:
     t0 = time.perf_counter()
-    proc = subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={bs}"], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={bs}"], capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"dd {path} failed: {proc.stderr.strip()}")
@@ -472,8 +523,20 @@ def run_fio(path: Path, size: int, bs: str = "1M") -> ReadResult:
     """One fio sequential-read job over the whole file (psync, buffered, 1 MiB requests)."""
     # --iomem=mmap: with its default malloc buffers fio reads page-cache hits at ~1.7 GB/s
     # here where dd gets ~8 GB/s; with mmap buffers it matches dd.
-    cmd = ["fio", "--name=seqread", f"--filename={path}", "--rw=read", f"--bs={bs}", "--ioengine=psync", "--iomem=mmap",
-           f"--size={size}", "--readonly", "--invalidate=0", "--numjobs=1", "--output-format=json"]
+    cmd = [
+        "fio",
+        "--name=seqread",
+        f"--filename={path}",
+        "--rw=read",
+        f"--bs={bs}",
+        "--ioengine=psync",
+        "--iomem=mmap",
+        f"--size={size}",
+        "--readonly",
+        "--invalidate=0",
+        "--numjobs=1",
+        "--output-format=json",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
@@ -493,6 +556,7 @@ def run_fio(path: Path, size: int, bs: str = "1M") -> ReadResult:
 
 def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     """A plain text table; ``align`` is one char per column, 'l' or 'r' (default: first left)."""
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             if v != v:
@@ -524,8 +588,7 @@ def run_main(name: str, args: argparse.Namespace, body: Callable[["Cleanup"], in
     import traceback
 
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print(f"{name}: needs root (drop_caches, /proc/PID/clear_refs, the FUSE bdi) and /dev/fuse",
-              file=sys.stderr)
+        print(f"{name}: needs root (drop_caches, /proc/PID/clear_refs, the FUSE bdi) and /dev/fuse", file=sys.stderr)
         return 1
     install_signal_handlers()
     cleanup = Cleanup()
@@ -547,6 +610,7 @@ def run_main(name: str, args: argparse.Namespace, body: Callable[["Cleanup"], in
 def machine_busy(seconds: float = 1.0) -> float:
     """Percent of all CPUs busy over ``seconds`` (200 = both cores of a 2-core machine), sampled
     while the benchmark is idle: how much other work competes with the measurement."""
+
     def sample() -> list[int]:
         with open("/proc/stat") as f:
             return [int(x) for x in f.readline().split()[1:]]

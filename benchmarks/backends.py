@@ -137,6 +137,7 @@ async def s3_httpx_presigned(endpoint: str, key: str, size: int, block: int, con
     client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
     etag = client.head_object(Bucket=BUCKET, Key=key)["ETag"]
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=conc + 2), timeout=30) as http:
+
         async def read(offset: int, buf: memoryview) -> None:
             url = client.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=600)
             headers = {"Range": f"bytes={offset}-{offset + len(buf) - 1}", "If-Match": etag}
@@ -185,9 +186,23 @@ def rclone_read(web: Nginx, rel: str, work: Path) -> tuple[float, float]:
     shutil.rmtree(cache, ignore_errors=True)
     mnt.mkdir(exist_ok=True)
     directory, _, name = rel.rpartition("/")
-    proc = subprocess.Popen(["rclone", "mount", ":http:", str(mnt), "--http-url", web.url(f"html/{directory}/"),
-                             "--read-only", "--vfs-cache-mode", "full", "--cache-dir", str(cache)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "rclone",
+            "mount",
+            ":http:",
+            str(mnt),
+            "--http-url",
+            web.url(f"html/{directory}/"),
+            "--read-only",
+            "--vfs-cache-mode",
+            "full",
+            "--cache-dir",
+            str(cache),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while not (mnt / name).exists():
@@ -217,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size, block = parse_size(args.size), parse_size(args.block)
     concs = [int(c) for c in args.conc.split(",")]
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    )
     shm = Path("/dev/shm") if shutil.disk_usage("/dev/shm").free > 2 * size else Path(tempfile.gettempdir())
     docroot = Path(tempfile.mkdtemp(prefix="modelfs-bench-www-", dir=shm))
     work = Path(tempfile.mkdtemp(prefix="modelfs-bench-"))
@@ -253,20 +273,32 @@ def main(argv: list[str] | None = None) -> int:
                 record("curl-http", lambda: curl(web.url(rel)))
                 record("curl-https", lambda: curl(web.url(rel, tls=True), web.ca_cert))
                 for conc in concs:
-                    record(f"http-backend c={conc}", lambda: trio.run(http_backend, web.url(rel), None, size, block, conc))
-                    record(f"https-backend c={conc}",
-                           lambda: trio.run(http_backend, web.url(rel, tls=True), web.ca_cert, size, block, conc))
+                    record(
+                        f"http-backend c={conc}", lambda: trio.run(http_backend, web.url(rel), None, size, block, conc)
+                    )
+                    record(
+                        f"https-backend c={conc}",
+                        lambda: trio.run(http_backend, web.url(rel, tls=True), web.ca_cert, size, block, conc),
+                    )
                 for conc in concs:
-                    record(f"s3-boto3-readinto c={conc}", lambda: trio.run(s3_backend, web.url(), key, size, block, conc))
-                    record(f"s3-httpx-presigned c={conc}",
-                           lambda: trio.run(s3_httpx_presigned, web.url(), key, size, block, conc))
+                    record(
+                        f"s3-boto3-readinto c={conc}", lambda: trio.run(s3_backend, web.url(), key, size, block, conc)
+                    )
+                    record(
+                        f"s3-httpx-presigned c={conc}",
+                        lambda: trio.run(s3_httpx_presigned, web.url(), key, size, block, conc),
+                    )
                 record("s3-boto3-read c=1", lambda: s3_boto3_read(web.url(), key, size, block))
                 record("curl-s3-path", lambda: curl(web.url(rel)))
                 if args.mount:
                     opts = ["--block-size", args.block]
                     record("modelfs-mount-http", lambda: mount_read(web.url(rel), "big.bin", opts, work, "http"))
-                    record("modelfs-mount-https", lambda: mount_read(web.url(rel, tls=True), "big.bin",
-                                                                     [*opts, "--ca-cert", str(web.ca_cert)], work, "https"))
+                    record(
+                        "modelfs-mount-https",
+                        lambda: mount_read(
+                            web.url(rel, tls=True), "big.bin", [*opts, "--ca-cert", str(web.ca_cert)], work, "https"
+                        ),
+                    )
                     if shutil.which("rclone"):
                         record("rclone-mount-http", lambda: rclone_read(web, rel, work))
         if args.moto:
@@ -277,13 +309,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'path':34s} {'median':>8s} {'min':>8s} {'max':>8s}  MB/s   CPU s/GB (median)")
     summary: dict[str, Any] = {}
     for key, values in results.items():
-        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values,
-                        "cpu_s_per_gb": statistics.median(cpu[key])}
-        print(f"{key:34s} {summary[key]['median']:8.0f} {min(values):8.0f} {max(values):8.0f}"
-              f"   {summary[key]['cpu_s_per_gb']:6.2f}")
+        summary[key] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "runs": values,
+            "cpu_s_per_gb": statistics.median(cpu[key]),
+        }
+        print(
+            f"{key:34s} {summary[key]['median']:8.0f} {min(values):8.0f} {max(values):8.0f}"
+            f"   {summary[key]['cpu_s_per_gb']:6.2f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"size": size, "block": block, "results": summary,
-                                    "load": os.getloadavg()}, indent=1))
+    args.out.write_text(
+        json.dumps({"size": size, "block": block, "results": summary, "load": os.getloadavg()}, indent=1)
+    )
     print(f"\nwrote {args.out}")
     return 0
 
@@ -299,10 +339,16 @@ def run_moto(args: argparse.Namespace, record: Callable[..., None], block: int, 
         for rnd in range(args.rounds):
             print(f"moto round {rnd + 1}/{args.rounds}", flush=True)
             for conc in concs:
-                record(f"moto s3-boto3-readinto c={conc}",
-                       lambda: trio.run(s3_backend, s3.url, "models/small.bin", size, block, conc), size)
-                record(f"moto s3-httpx-presigned c={conc}",
-                       lambda: trio.run(s3_httpx_presigned, s3.url, "models/small.bin", size, block, conc), size)
+                record(
+                    f"moto s3-boto3-readinto c={conc}",
+                    lambda: trio.run(s3_backend, s3.url, "models/small.bin", size, block, conc),
+                    size,
+                )
+                record(
+                    f"moto s3-httpx-presigned c={conc}",
+                    lambda: trio.run(s3_httpx_presigned, s3.url, "models/small.bin", size, block, conc),
+                    size,
+                )
             record("moto s3-boto3-read c=1", lambda: s3_boto3_read(s3.url, "models/small.bin", size, block), size)
 
 

@@ -41,15 +41,21 @@ def human(size: int) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--objects", default="256M,2G", help="comma-separated object sizes (default: %(default)s)")
     p.add_argument("--memory-cache", default="64M", help="modelfs --memory-cache (default: %(default)s)")
     p.add_argument("--disk-cache", default="4G", help="modelfs --disk-cache (default: %(default)s)")
-    p.add_argument("--rss-slack", default="64M",
-                   help="allowed peak RSS above the memory budget (default: %(default)s)")
+    p.add_argument("--rss-slack", default="64M", help="allowed peak RSS above the memory budget (default: %(default)s)")
     p.add_argument("--chunk", default="1M", help="size of each read() call (default: %(default)s)")
-    p.add_argument("--mount-option", action="append", default=[], metavar="OPT",
-                   help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)")
+    p.add_argument(
+        "--mount-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 2 when an acceptance bound is not met")
     C.add_common_args(p, "memory_bound")
     return p.parse_args(argv)
@@ -63,8 +69,10 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
 
     workdir: Path = args.workdir
     server_dir = C.prepare_dirs(args, "memory_bound", sum(sizes), cleanup)
-    print(f"memory_bound: objects {', '.join(human(s) for s in sizes)}; --memory-cache {args.memory_cache} "
-          f"--disk-cache {args.disk_cache} {' '.join(args.mount_option)}".rstrip())
+    print(
+        f"memory_bound: objects {', '.join(human(s) for s in sizes)}; --memory-cache {args.memory_cache} "
+        f"--disk-cache {args.disk_cache} {' '.join(args.mount_option)}".rstrip()
+    )
     print(f"  server objects in {server_dir}; caches and mountpoints in {workdir}", flush=True)
 
     objects: list[tuple[str, int, Path, str]] = []
@@ -86,8 +94,14 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
             cache = workdir / f"cache-{name}"
             shutil.rmtree(cache, ignore_errors=True)
             mnt = cleanup.mountpoint(workdir / f"mnt-{name}")
-            options = ["--anonymous", "--memory-cache", args.memory_cache, "--disk-cache", args.disk_cache,
-                       *args.mount_option]
+            options = [
+                "--anonymous",
+                "--memory-cache",
+                args.memory_cache,
+                "--disk-cache",
+                args.disk_cache,
+                *args.mount_option,
+            ]
             with mounted(f"gs://{BUCKET}", mnt, cache, *options, env=gcs.env()):
                 pid = daemon_pid(cache)
                 startup_peak = C.rss_kib(pid)
@@ -106,19 +120,33 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
                         return int(after.get(key, 0)) - int(before.get(key, 0))
 
                     rec = {
-                        "object": name, "size": size, "pass": n, "bytes_read": result.nbytes,
-                        "seconds": round(result.seconds, 3), "mb_s": round(result.mb_s, 1),
-                        "backend_gets": delta("backend_gets"), "backend_bytes": delta("backend_bytes"),
-                        "disk_hits": delta("disk_hits"), "memory_hits": delta("memory_hits"),
-                        "prefetch_refused": delta("prefetch_refused"), "errors": delta("errors"),
-                        "retries": delta("retries"), "memory_peak_bytes": after.get("memory_peak"),
-                        "peak_rss_kib": peak, "startup_peak_rss_kib": startup_peak, "idle_rss_kib": idle,
-                        "sha256_ok": ok, "sha256": result.sha256,
+                        "object": name,
+                        "size": size,
+                        "pass": n,
+                        "bytes_read": result.nbytes,
+                        "seconds": round(result.seconds, 3),
+                        "mb_s": round(result.mb_s, 1),
+                        "backend_gets": delta("backend_gets"),
+                        "backend_bytes": delta("backend_bytes"),
+                        "disk_hits": delta("disk_hits"),
+                        "memory_hits": delta("memory_hits"),
+                        "prefetch_refused": delta("prefetch_refused"),
+                        "errors": delta("errors"),
+                        "retries": delta("retries"),
+                        "memory_peak_bytes": after.get("memory_peak"),
+                        "peak_rss_kib": peak,
+                        "startup_peak_rss_kib": startup_peak,
+                        "idle_rss_kib": idle,
+                        "sha256_ok": ok,
+                        "sha256": result.sha256,
                     }
                     records.append(rec)
-                    print(f"  {name} pass {n}: {rec['mb_s']:,.0f} MB/s, {rec['backend_gets']} GETs, "
-                          f"{rec['disk_hits']} disk hits, peak RSS {peak / 1024:.1f} MiB, "
-                          f"bytes {'ok' if ok else 'WRONG'}", flush=True)
+                    print(
+                        f"  {name} pass {n}: {rec['mb_s']:,.0f} MB/s, {rec['backend_gets']} GETs, "
+                        f"{rec['disk_hits']} disk hits, peak RSS {peak / 1024:.1f} MiB, "
+                        f"bytes {'ok' if ok else 'WRONG'}",
+                        flush=True,
+                    )
                 final = C.mount_stats(mnt)
                 records[-1]["final_stats"] = final
             waited = C.wait_exit(pid)  # so the next object's daemon does not run beside this one
@@ -128,18 +156,49 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
     # --- the table and the acceptance verdicts
     rows = []
     for r in records:
-        rows.append([r["object"], human(r["size"]), r["pass"], f"{r['mb_s']:,.0f}", r["backend_gets"],
-                     f"{r['backend_bytes'] / C.MiB:,.0f}", r["disk_hits"], r["memory_hits"],
-                     f"{r['idle_rss_kib'] / 1024:.1f}", f"{r['peak_rss_kib'] / 1024:.1f}",
-                     "ok" if r["sha256_ok"] else "WRONG"])
+        rows.append(
+            [
+                r["object"],
+                human(r["size"]),
+                r["pass"],
+                f"{r['mb_s']:,.0f}",
+                r["backend_gets"],
+                f"{r['backend_bytes'] / C.MiB:,.0f}",
+                r["disk_hits"],
+                r["memory_hits"],
+                f"{r['idle_rss_kib'] / 1024:.1f}",
+                f"{r['peak_rss_kib'] / 1024:.1f}",
+                "ok" if r["sha256_ok"] else "WRONG",
+            ]
+        )
     print()
-    print(f"memory_bound results (--memory-cache {args.memory_cache}, --disk-cache {args.disk_cache}; "
-          f"MB = 10^6 bytes; reads of {args.chunk} with sha256 in a second thread; page cache dropped before each pass)")
-    print(C.fmt_table(["object", "size", "pass", "MB/s", "GETs", "GET MiB", "disk hits", "mem hits",
-                       "idle RSS MiB", "peak RSS MiB", "sha256"], rows))
+    print(
+        f"memory_bound results (--memory-cache {args.memory_cache}, --disk-cache {args.disk_cache}; "
+        f"MB = 10^6 bytes; reads of {args.chunk} with sha256 in a second thread; page cache dropped before each pass)"
+    )
+    print(
+        C.fmt_table(
+            [
+                "object",
+                "size",
+                "pass",
+                "MB/s",
+                "GETs",
+                "GET MiB",
+                "disk hits",
+                "mem hits",
+                "idle RSS MiB",
+                "peak RSS MiB",
+                "sha256",
+            ],
+            rows,
+        )
+    )
 
-    peaks = {name: max(max(r["peak_rss_kib"], r["startup_peak_rss_kib"]) for r in records if r["object"] == name)
-             for name, *_ in objects}
+    peaks = {
+        name: max(max(r["peak_rss_kib"], r["startup_peak_rss_kib"]) for r in records if r["object"] == name)
+        for name, *_ in objects
+    }
     blocks = {name: -(-size // (8 * C.MiB)) for name, size, *_ in objects}
     pass2 = {r["object"]: r for r in records if r["pass"] == 2}
     rss_ok = all(p < bound_kib for p in peaks.values())
@@ -148,31 +207,47 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
     flat_ok = spread_kib <= 16 * 1024
     acceptance = {
         "bytes_ok": not wrong_bytes,
-        "peak_rss_under_bound": rss_ok, "bound_mib": bound_kib / 1024,
+        "peak_rss_under_bound": rss_ok,
+        "bound_mib": bound_kib / 1024,
         "peak_rss_mib": {k: round(v / 1024, 1) for k, v in peaks.items()},
         "pass2_near_zero_gets": gets_ok,
         "pass2_gets": {k: r["backend_gets"] for k, r in pass2.items()},
-        "peak_flat_across_sizes": flat_ok, "peak_spread_mib": round(spread_kib / 1024, 1),
+        "peak_flat_across_sizes": flat_ok,
+        "peak_spread_mib": round(spread_kib / 1024, 1),
     }
     print()
     print(f"bytes: {'all correct' if not wrong_bytes else 'WRONG BYTES READ'}")
-    print(f"peak RSS (incl. startup) per object: "
-          f"{', '.join(f'{k} {v / 1024:.1f} MiB' for k, v in peaks.items())}; bound {bound_kib / 1024:.0f} MiB "
-          f"(memory cache + {args.rss_slack}): {'met' if rss_ok else 'NOT MET'}")
-    print(f"peak RSS spread across sizes: {spread_kib / 1024:.1f} MiB (<= 16 MiB counts as flat): "
-          f"{'flat' if flat_ok else 'GROWS'}")
+    print(
+        f"peak RSS (incl. startup) per object: "
+        f"{', '.join(f'{k} {v / 1024:.1f} MiB' for k, v in peaks.items())}; bound {bound_kib / 1024:.0f} MiB "
+        f"(memory cache + {args.rss_slack}): {'met' if rss_ok else 'NOT MET'}"
+    )
+    print(
+        f"peak RSS spread across sizes: {spread_kib / 1024:.1f} MiB (<= 16 MiB counts as flat): "
+        f"{'flat' if flat_ok else 'GROWS'}"
+    )
     gets_text = ", ".join(f"{k} {r['backend_gets']}" for k, r in pass2.items())
-    print(f"pass 2 backend GETs: {gets_text} "
-          f"(near zero = served from the disk cache): {'yes' if gets_ok else 'NO'}")
+    print(f"pass 2 backend GETs: {gets_text} (near zero = served from the disk cache): {'yes' if gets_ok else 'NO'}")
 
-    C.write_json(args.out, {
-        "benchmark": "memory_bound", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "modelfs_rev": C.git_rev(),
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "config": {"objects": [human(s) for s in sizes], "memory_cache": args.memory_cache,
-                   "disk_cache": args.disk_cache, "chunk": args.chunk, "mount_options": args.mount_option,
-                   "server_dir": str(server_dir)},
-        "passes": records, "acceptance": acceptance,
-    })
+    C.write_json(
+        args.out,
+        {
+            "benchmark": "memory_bound",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "modelfs_rev": C.git_rev(),
+            "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+            "config": {
+                "objects": [human(s) for s in sizes],
+                "memory_cache": args.memory_cache,
+                "disk_cache": args.disk_cache,
+                "chunk": args.chunk,
+                "mount_options": args.mount_option,
+                "server_dir": str(server_dir),
+            },
+            "passes": records,
+            "acceptance": acceptance,
+        },
+    )
     print(f"results written to {args.out}")
     if wrong_bytes:
         return 1

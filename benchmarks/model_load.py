@@ -149,8 +149,13 @@ def _child_load(directory: Path, digests_file: Path | None, copy_order: str = "s
                     bad.append(name)
             del raw
     seconds = time.perf_counter() - t0
-    out: dict[str, Any] = {"seconds": seconds, "bytes": nbytes, "tensors": tensors, "shards": len(shards),
-                           "touch": touch}
+    out: dict[str, Any] = {
+        "seconds": seconds,
+        "bytes": nbytes,
+        "tensors": tensors,
+        "shards": len(shards),
+        "touch": touch,
+    }
     if want:
         missing = sorted(set(want) - seen)
         out.update(verified=True, bad=bad[:20], bad_count=len(bad), missing=missing[:20], missing_count=len(missing))
@@ -184,8 +189,12 @@ def _child_download(dest: Path, digests_file: Path | None, threads: int, copy_or
         downloaded = sum(fetch(b) for b in blobs)
     download_seconds = time.perf_counter() - t0
     out = _child_load(dest, digests_file, copy_order)
-    out.update(download_seconds=download_seconds, load_seconds=out["seconds"],
-               seconds=download_seconds + out["seconds"], downloaded_bytes=downloaded)
+    out.update(
+        download_seconds=download_seconds,
+        load_seconds=out["seconds"],
+        seconds=download_seconds + out["seconds"],
+        downloaded_bytes=downloaded,
+    )
     return out
 
 
@@ -197,8 +206,11 @@ def child_main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--copy-order", choices=COPY_ORDERS, default="safetensors")
     a = p.parse_args(argv)
-    out = (_child_load(a.directory, a.digests, a.copy_order) if a.mode == "load"
-           else _child_download(a.directory, a.digests, a.threads, a.copy_order))
+    out = (
+        _child_load(a.directory, a.digests, a.copy_order)
+        if a.mode == "load"
+        else _child_download(a.directory, a.digests, a.threads, a.copy_order)
+    )
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             out["peak_rss_kib"] = int(line.split()[1])
@@ -264,8 +276,11 @@ class Bench:
         spec = ModelSpec.for_size(self.size)
         self.model_bytes = sum(2 * _prod(shape) for _, shape in spec.tensors())
         sizes = ", ".join(f"{p.stat().st_size / C.MiB:.0f}" for p in shards)
-        print(f"  model: {len(shards)} shards ({sizes} MiB), {len(digests)} tensors, hidden {spec.hidden}, "
-              f"{spec.layers} layers, {self.model_bytes / C.GiB:.2f} GiB of float16 data", flush=True)
+        print(
+            f"  model: {len(shards)} shards ({sizes} MiB), {len(digests)} tensors, hidden {spec.hidden}, "
+            f"{spec.layers} layers, {self.model_bytes / C.GiB:.2f} GiB of float16 data",
+            flush=True,
+        )
 
     def seed(self, gcs: FakeGCS) -> None:
         gcs.create_bucket(BUCKET)
@@ -273,14 +288,26 @@ class Bench:
         files = sorted(p for p in self.model_dir.iterdir() if p.is_file())
         for path in files:
             gcs.seed_file(BUCKET, f"{PREFIX}/{path.name}", path)
-        print(f"  seeded {len(files)} objects under gs://{BUCKET}/{PREFIX}/ at {gcs.url} in "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"  seeded {len(files)} objects under gs://{BUCKET}/{PREFIX}/ at {gcs.url} in "
+            f"{time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
 
     # --- one load
 
     def child(self, mode: str, directory: Path, *, verify: bool) -> dict[str, Any]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_child", mode, str(directory),
-               "--threads", str(self.args.download_threads), "--copy-order", self.args.copy_order]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "_child",
+            mode,
+            str(directory),
+            "--threads",
+            str(self.args.download_threads),
+            "--copy-order",
+            self.args.copy_order,
+        ]
         if verify:
             cmd += ["--digests", str(self.digests_file)]
         env = self.gcs.env() if self.gcs is not None else None
@@ -289,15 +316,20 @@ class Bench:
             raise RuntimeError(f"loader ({mode} {directory}) failed:\n{proc.stderr.strip()[-3000:]}")
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         if out["bytes"] != self.model_bytes:
-            raise RuntimeError(f"loader ({mode} {directory}) read {out['bytes']} tensor bytes, expected {self.model_bytes}")
+            raise RuntimeError(
+                f"loader ({mode} {directory}) read {out['bytes']} tensor bytes, expected {self.model_bytes}"
+            )
         return out
 
     def check(self, key: str, out: dict[str, Any]) -> bool:
         ok = out.get("bad_count", 0) == 0 and out.get("missing_count", 0) == 0
         if not ok:
             self.wrong_bytes = True
-            print(f"    WRONG BYTES via {key}: {out['bad_count']} tensor(s) differ (e.g. {out['bad'][:3]}), "
-                  f"{out['missing_count']} missing", flush=True)
+            print(
+                f"    WRONG BYTES via {key}: {out['bad_count']} tensor(s) differ (e.g. {out['bad'][:3]}), "
+                f"{out['missing_count']} missing",
+                flush=True,
+            )
         return ok
 
     @contextmanager
@@ -306,8 +338,15 @@ class Bench:
         cache = self.workdir / f"cache-{key}-{tag}"
         shutil.rmtree(cache, ignore_errors=True)
         mnt = self.cleanup.mountpoint(self.workdir / "mnt-modelfs")
-        options = ["--anonymous", "--memory-cache", self.args.memory_cache, "--disk-cache", self.args.disk_cache,
-                   *MODELFS_FLAGS[key], *self.args.mount_option]
+        options = [
+            "--anonymous",
+            "--memory-cache",
+            self.args.memory_cache,
+            "--disk-cache",
+            self.args.disk_cache,
+            *MODELFS_FLAGS[key],
+            *self.args.mount_option,
+        ]
         pid = None
         try:
             C.drop_caches()
@@ -327,13 +366,31 @@ class Bench:
         mnt = self.cleanup.mountpoint(self.workdir / "mnt-rclone")
         mnt.mkdir(parents=True, exist_ok=True)
         log = self.workdir / "rclone.log"
-        cmd = ["rclone", "--config", str(self.workdir / "rclone.conf"), "--bind", "127.0.0.1",
-               "mount", f"gcs:{BUCKET}/{PREFIX}", str(mnt), "--read-only", "--vfs-cache-mode", "full",
-               "--cache-dir", str(cache), "--dir-cache-time", "1h", "--log-file", str(log), "-v",
-               *self.args.rclone_option]
+        cmd = [
+            "rclone",
+            "--config",
+            str(self.workdir / "rclone.conf"),
+            "--bind",
+            "127.0.0.1",
+            "mount",
+            f"gcs:{BUCKET}/{PREFIX}",
+            str(mnt),
+            "--read-only",
+            "--vfs-cache-mode",
+            "full",
+            "--cache-dir",
+            str(cache),
+            "--dir-cache-time",
+            "1h",
+            "--log-file",
+            str(log),
+            "-v",
+            *self.args.rclone_option,
+        ]
         C.drop_caches()
-        proc = self.cleanup.process(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                     stderr=subprocess.DEVNULL))
+        proc = self.cleanup.process(
+            subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
         try:
             deadline = time.monotonic() + 30
             while not (is_mounted(mnt) and any(mnt.glob("*.safetensors"))):
@@ -349,10 +406,7 @@ class Bench:
     def write_rclone_conf(self) -> None:
         assert self.gcs is not None
         (self.workdir / "rclone.conf").write_text(
-            "[gcs]\n"
-            "type = google cloud storage\n"
-            "anonymous = true\n"
-            f"endpoint = {self.gcs.url}/storage/v1/\n"
+            f"[gcs]\ntype = google cloud storage\nanonymous = true\nendpoint = {self.gcs.url}/storage/v1/\n"
         )
 
     def measure(self, key: str, tag: str, *, verify: bool) -> dict[str, Any]:
@@ -362,13 +416,22 @@ class Bench:
             with self.modelfs(key, tag) as (mnt, pid):
                 out = self.child("load", mnt, verify=verify)
                 stats = C.mount_stats(mnt)
-                sample.update(peak_rss_kib=peak_rss_kib(pid), backend_gets=stats["backend_gets"],
-                              backend_bytes=stats["backend_bytes"], small_gets=stats["small_gets"],
-                              streamed_blocks=stats["streamed_blocks"], prefetch_gets=stats["prefetch_gets"],
-                              demand_gets=stats["demand_gets"], disk_hits=stats["disk_hits"],
-                              memory_peak=stats["memory_peak"], eager_completed=stats["eager_streams_completed"],
-                              errors=stats["errors"], retries=stats["retries"], fuse_reads=stats["reads"],
-                              fuse_read_bytes=stats["read_bytes"])
+                sample.update(
+                    peak_rss_kib=peak_rss_kib(pid),
+                    backend_gets=stats["backend_gets"],
+                    backend_bytes=stats["backend_bytes"],
+                    small_gets=stats["small_gets"],
+                    streamed_blocks=stats["streamed_blocks"],
+                    prefetch_gets=stats["prefetch_gets"],
+                    demand_gets=stats["demand_gets"],
+                    disk_hits=stats["disk_hits"],
+                    memory_peak=stats["memory_peak"],
+                    eager_completed=stats["eager_streams_completed"],
+                    errors=stats["errors"],
+                    retries=stats["retries"],
+                    fuse_reads=stats["reads"],
+                    fuse_read_bytes=stats["read_bytes"],
+                )
         elif key == "rclone":
             with self.rclone(tag) as (mnt, pid):
                 out = self.child("load", mnt, verify=verify)
@@ -381,8 +444,11 @@ class Bench:
                 out = self.child("download", dest, verify=verify)
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
-            sample.update(download_seconds=round(out["download_seconds"], 3),
-                          load_seconds=round(out["load_seconds"], 3), client_peak_rss_kib=out.get("peak_rss_kib"))
+            sample.update(
+                download_seconds=round(out["download_seconds"], 3),
+                load_seconds=round(out["load_seconds"], 3),
+                client_peak_rss_kib=out.get("peak_rss_kib"),
+            )
         elif key == "local-cold":
             C.drop_caches()
             out = self.child("load", self.model_dir, verify=verify)
@@ -402,25 +468,31 @@ class Bench:
         if sample.get("peak_rss_kib"):
             extra += f", peak RSS {sample['peak_rss_kib'] / 1024:.0f} MiB"
         if "backend_bytes" in sample:
-            extra += (f", {sample['backend_gets']} GETs / {sample['backend_bytes'] / C.MiB:,.0f} MiB "
-                      f"({sample['small_gets']} small, {sample['streamed_blocks']} streamed), "
-                      f"{sample['fuse_reads']} FUSE reads of {sample['fuse_read_bytes'] / max(1, sample['fuse_reads']) / 1024:.0f} KiB")
+            extra += (
+                f", {sample['backend_gets']} GETs / {sample['backend_bytes'] / C.MiB:,.0f} MiB "
+                f"({sample['small_gets']} small, {sample['streamed_blocks']} streamed), "
+                f"{sample['fuse_reads']} FUSE reads of {sample['fuse_read_bytes'] / max(1, sample['fuse_reads']) / 1024:.0f} KiB"
+            )
         if "download_seconds" in sample:
             extra += f" (download {sample['download_seconds']:.2f} s + load {sample['load_seconds']:.2f} s)"
         if "sha256_ok" in sample:
             extra += ", sha256 " + ("ok" if sample["sha256_ok"] else "WRONG")
         extra += f"; CPU busy before: {sample['busy_before_pct']:.0f}%"
-        print(f"    {prefix}{PATHS[key][0]:<48} {sample['seconds']:7.2f} s {sample['mb_s']:7,.0f} MB/s{extra}", flush=True)
+        print(
+            f"    {prefix}{PATHS[key][0]:<48} {sample['seconds']:7.2f} s {sample['mb_s']:7,.0f} MB/s{extra}", flush=True
+        )
 
     # --- the run
 
     def run(self) -> int:
         args = self.args
         server_dir = C.prepare_dirs(args, "model_load", self.size, self.cleanup)
-        print(f"model_load: {self.size / C.GiB:.2f} GiB model, {args.shards} shards, {args.rounds} round(s); "
-              f"modelfs --memory-cache {args.memory_cache} --disk-cache {args.disk_cache} "
-              f"{' '.join(args.mount_option)}; tensors copied: {args.copy_order}; "
-              f"groups: {', '.join(g for g in GROUPS if g in self.only)}")
+        print(
+            f"model_load: {self.size / C.GiB:.2f} GiB model, {args.shards} shards, {args.rounds} round(s); "
+            f"modelfs --memory-cache {args.memory_cache} --disk-cache {args.disk_cache} "
+            f"{' '.join(args.mount_option)}; tensors copied: {args.copy_order}; "
+            f"groups: {', '.join(g for g in GROUPS if g in self.only)}"
+        )
         print(f"  model and caches in {self.workdir}; server objects in {server_dir}", flush=True)
         self.ensure_model()
         self.describe_model()
@@ -470,30 +542,59 @@ class Bench:
             rss = [s["peak_rss_kib"] for s in samples if s.get("peak_rss_kib")]
             is_modelfs = key in MODELFS_FLAGS
             ok = self.verify.get(key, {}).get("sha256_ok")
-            rows.append([
-                PATHS[key][0], f"{t:.2f}", f"{min(secs):.2f}", f"{max(secs):.2f}",
-                f"{C.mb_per_s(self.model_bytes, t):,.0f}",
-                f"{t / t_download:.2f}" if t_download == t_download else "-",
-                f"{t_rclone / t:.2f}" if t_rclone == t_rclone else "-",
-                f"{max(rss) / 1024:.0f}" if rss else "-",
-                f"{bound_mib:.0f}" if is_modelfs else "-",
-                f"{self.med(key, 'backend_bytes') / C.MiB:,.0f}" if is_modelfs else "-",
-                f"{self.med(key, 'backend_gets'):.0f}" if is_modelfs else "-",
-                "-" if ok is None else "ok" if ok else "WRONG",
-            ])
+            rows.append(
+                [
+                    PATHS[key][0],
+                    f"{t:.2f}",
+                    f"{min(secs):.2f}",
+                    f"{max(secs):.2f}",
+                    f"{C.mb_per_s(self.model_bytes, t):,.0f}",
+                    f"{t / t_download:.2f}" if t_download == t_download else "-",
+                    f"{t_rclone / t:.2f}" if t_rclone == t_rclone else "-",
+                    f"{max(rss) / 1024:.0f}" if rss else "-",
+                    f"{bound_mib:.0f}" if is_modelfs else "-",
+                    f"{self.med(key, 'backend_bytes') / C.MiB:,.0f}" if is_modelfs else "-",
+                    f"{self.med(key, 'backend_gets'):.0f}" if is_modelfs else "-",
+                    "-" if ok is None else "ok" if ok else "WRONG",
+                ]
+            )
         done = f"{self.rounds_done} of {args.rounds}" if self.rounds_done != args.rounds else f"{args.rounds}"
         print()
-        print(f"model_load results: {self.model_bytes / C.GiB:.2f} GiB of tensors in {args.shards} shards, "
-              f"{done} round(s), median seconds (MB/s = tensor bytes / s, MB = 10^6 bytes); modelfs "
-              f"--memory-cache {args.memory_cache}")
-        print(C.fmt_table(["path", "s", "min", "max", "MB/s", "x download", "rclone/this", "peak RSS MiB",
-                           "RSS bound", "GET MiB", "GETs", "sha256"], rows, align="lrrrrrrrrrrl"))
-        print("  x download: this path's time / download-then-load's (lower is better); rclone/this: how many "
-              "times faster than rclone; RSS bound: --memory-cache + 64 MiB")
+        print(
+            f"model_load results: {self.model_bytes / C.GiB:.2f} GiB of tensors in {args.shards} shards, "
+            f"{done} round(s), median seconds (MB/s = tensor bytes / s, MB = 10^6 bytes); modelfs "
+            f"--memory-cache {args.memory_cache}"
+        )
+        print(
+            C.fmt_table(
+                [
+                    "path",
+                    "s",
+                    "min",
+                    "max",
+                    "MB/s",
+                    "x download",
+                    "rclone/this",
+                    "peak RSS MiB",
+                    "RSS bound",
+                    "GET MiB",
+                    "GETs",
+                    "sha256",
+                ],
+                rows,
+                align="lrrrrrrrrrrl",
+            )
+        )
+        print(
+            "  x download: this path's time / download-then-load's (lower is better); rclone/this: how many "
+            "times faster than rclone; RSS bound: --memory-cache + 64 MiB"
+        )
 
         acceptance: dict[str, Any] = {"bytes_ok": not self.wrong_bytes, "verified": sorted(self.verify)}
         print()
-        print(f"bytes: {'WRONG BYTES READ' if self.wrong_bytes else 'every verified load correct' if self.verify else 'not verified (--no-verify)'}")
+        print(
+            f"bytes: {'WRONG BYTES READ' if self.wrong_bytes else 'every verified load correct' if self.verify else 'not verified (--no-verify)'}"
+        )
         for key in MODELFS_FLAGS:
             t = self.med(key)
             if t != t:
@@ -502,7 +603,9 @@ class Bench:
             if t_download == t_download:
                 r = t / t_download
                 goals.update(vs_download=round(r, 3), vs_download_ok=r <= 0.8)
-                print(f"{PATHS[key][0]}: {r:.2f}x download-then-load time (goal <= 0.8x): {'met' if r <= 0.8 else 'NOT MET'}")
+                print(
+                    f"{PATHS[key][0]}: {r:.2f}x download-then-load time (goal <= 0.8x): {'met' if r <= 0.8 else 'NOT MET'}"
+                )
             if t_rclone == t_rclone:
                 r = t_rclone / t
                 goals.update(faster_than_rclone=round(r, 3), faster_than_rclone_ok=r >= 3)
@@ -513,34 +616,61 @@ class Bench:
                     # median of few rounds can land on its slow mode. Say so, with its best round.
                     best = rclone_best / t
                     goals.update(faster_than_rclone_best_round=round(best, 3))
-                    print(f"  note: rclone's rounds spread {rclone_best:.1f}-{max(s['seconds'] for s in self.samples['rclone']):.1f} s; "
-                          f"against its fastest round this path is {best:.2f}x faster")
+                    print(
+                        f"  note: rclone's rounds spread {rclone_best:.1f}-{max(s['seconds'] for s in self.samples['rclone']):.1f} s; "
+                        f"against its fastest round this path is {best:.2f}x faster"
+                    )
             rss = max(s["peak_rss_kib"] for s in self.samples[key] + ([self.verify[key]] if key in self.verify else []))
-            goals.update(peak_rss_mib=round(rss / 1024, 1), peak_rss_bound_mib=bound_mib, peak_rss_ok=rss / 1024 <= bound_mib)
-            print(f"{PATHS[key][0]}: peak RSS {rss / 1024:.0f} MiB (bound {bound_mib:.0f} MiB): "
-                  f"{'met' if rss / 1024 <= bound_mib else 'NOT MET'}")
+            goals.update(
+                peak_rss_mib=round(rss / 1024, 1), peak_rss_bound_mib=bound_mib, peak_rss_ok=rss / 1024 <= bound_mib
+            )
+            print(
+                f"{PATHS[key][0]}: peak RSS {rss / 1024:.0f} MiB (bound {bound_mib:.0f} MiB): "
+                f"{'met' if rss / 1024 <= bound_mib else 'NOT MET'}"
+            )
             acceptance[key] = goals
         busy = [s["busy_before_pct"] for ss in self.samples.values() for s in ss]
         if busy:
-            print(f"other work on the machine: CPU busy {C.median(busy):.0f}% (median; max {max(busy):.0f}%) of "
-                  f"{100 * (os.cpu_count() or 1)}% in the second before each timed load (this benchmark idle); "
-                  "anything far above 0 means the timings are contended")
+            print(
+                f"other work on the machine: CPU busy {C.median(busy):.0f}% (median; max {max(busy):.0f}%) of "
+                f"{100 * (os.cpu_count() or 1)}% in the second before each timed load (this benchmark idle); "
+                "anything far above 0 means the timings are contended"
+            )
         print(f"total time {elapsed:.0f} s")
 
-        C.write_json(args.out, {
-            "benchmark": "model_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "modelfs_rev": C.git_rev(),
-            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                        "rclone": _version(["rclone", "version"])},
-            "config": {"size": self.size, "shards": args.shards, "model_bytes": self.model_bytes,
-                       "file_bytes": self.file_bytes, "rounds": args.rounds, "rounds_done": self.rounds_done,
-                       "memory_cache": args.memory_cache, "disk_cache": args.disk_cache,
-                       "mount_options": args.mount_option, "rclone_options": args.rclone_option,
-                       "download_threads": args.download_threads, "copy_order": args.copy_order,
-                       "groups": sorted(self.only)},
-            "median_seconds": {k: self.med(k) for k in self.keys if k in self.samples},
-            "acceptance": acceptance, "verify": self.verify, "samples": self.samples,
-            "seconds": round(elapsed, 1),
-        })
+        C.write_json(
+            args.out,
+            {
+                "benchmark": "model_load",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "modelfs_rev": C.git_rev(),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "kernel": platform.release(),
+                    "rclone": _version(["rclone", "version"]),
+                },
+                "config": {
+                    "size": self.size,
+                    "shards": args.shards,
+                    "model_bytes": self.model_bytes,
+                    "file_bytes": self.file_bytes,
+                    "rounds": args.rounds,
+                    "rounds_done": self.rounds_done,
+                    "memory_cache": args.memory_cache,
+                    "disk_cache": args.disk_cache,
+                    "mount_options": args.mount_option,
+                    "rclone_options": args.rclone_option,
+                    "download_threads": args.download_threads,
+                    "copy_order": args.copy_order,
+                    "groups": sorted(self.only),
+                },
+                "median_seconds": {k: self.med(k) for k in self.keys if k in self.samples},
+                "acceptance": acceptance,
+                "verify": self.verify,
+                "samples": self.samples,
+                "seconds": round(elapsed, 1),
+            },
+        )
         print(f"results written to {args.out}")
         return 1 if self.wrong_bytes else 0
 
@@ -560,26 +690,52 @@ def _version(cmd: list[str]) -> str | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", default="2G", help="model size (default: %(default)s)")
     p.add_argument("--shards", type=int, default=4, help="safetensors shards (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; the table shows medians (default: %(default)s)")
     p.add_argument("--only", default=None, help=f"comma-separated groups to run, of: {', '.join(GROUPS)}")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                   help="a cold load through each remote path with every tensor's sha256 checked, before "
-                        "the timed rounds (default: on)")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a cold load through each remote path with every tensor's sha256 checked, before "
+        "the timed rounds (default: on)",
+    )
     p.add_argument("--memory-cache", default="256M", help="modelfs --memory-cache (default: %(default)s)")
-    p.add_argument("--disk-cache", default="8G", help="modelfs --disk-cache; must hold the model (default: %(default)s)")
-    p.add_argument("--download-threads", type=int, default=1,
-                   help="files downloaded at once by download-then-load (default: %(default)s)")
-    p.add_argument("--copy-order", choices=COPY_ORDERS, default="safetensors",
-                   help="how each load copies tensors out of the map: safetensors' get_tensor, or "
-                        "top-down (each tensor from its last MiB to its first, as glibc's memmove does "
-                        "when the destination lies above the source) (default: %(default)s)")
-    p.add_argument("--mount-option", action="append", default=[], metavar="OPT",
-                   help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)")
-    p.add_argument("--rclone-option", action="append", default=[], metavar="OPT",
-                   help="extra rclone mount option, e.g. --rclone-option=--vfs-read-ahead=256M (repeatable)")
+    p.add_argument(
+        "--disk-cache", default="8G", help="modelfs --disk-cache; must hold the model (default: %(default)s)"
+    )
+    p.add_argument(
+        "--download-threads",
+        type=int,
+        default=1,
+        help="files downloaded at once by download-then-load (default: %(default)s)",
+    )
+    p.add_argument(
+        "--copy-order",
+        choices=COPY_ORDERS,
+        default="safetensors",
+        help="how each load copies tensors out of the map: safetensors' get_tensor, or "
+        "top-down (each tensor from its last MiB to its first, as glibc's memmove does "
+        "when the destination lies above the source) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mount-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)",
+    )
+    p.add_argument(
+        "--rclone-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra rclone mount option, e.g. --rclone-option=--vfs-read-ahead=256M (repeatable)",
+    )
     C.add_common_args(p, "model_load")
     return p.parse_args(argv)
 

@@ -118,8 +118,9 @@ class Bench:
                 if k == "modelfs-cold-fio":
                     for name, extra in args.variant:
                         LABELS[f"modelfs-cold-dd[{name}]"] = f"modelfs cold, dd, {' '.join(extra)}"
-                        RATIOS.append((f"modelfs cold {name} / modelfs cold", f"modelfs-cold-dd[{name}]",
-                                       "modelfs-cold-dd"))
+                        RATIOS.append(
+                            (f"modelfs cold {name} / modelfs cold", f"modelfs-cold-dd[{name}]", "modelfs-cold-dd")
+                        )
         unknown = self.only - set(GROUPS)
         if unknown:
             raise SystemExit(f"--only: unknown group(s) {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
@@ -165,8 +166,15 @@ class Bench:
     # --- setup
 
     def modelfs_options(self, extra: list[str] | None = None) -> list[str]:
-        return ["--anonymous", "--memory-cache", self.args.memory_cache, "--disk-cache", self.args.disk_cache,
-                *self.args.mount_option, *(extra or [])]
+        return [
+            "--anonymous",
+            "--memory-cache",
+            self.args.memory_cache,
+            "--disk-cache",
+            self.args.disk_cache,
+            *self.args.mount_option,
+            *(extra or []),
+        ]
 
     @contextmanager
     def modelfs(self, cache_name: str, *, fresh: bool, extra: list[str] | None = None) -> Iterator[tuple[Path, int]]:
@@ -200,12 +208,30 @@ class Bench:
         mnt = self.cleanup.mountpoint(self.workdir / "mnt-rclone")
         mnt.mkdir(parents=True, exist_ok=True)
         log = self.workdir / "rclone.log"
-        cmd = ["rclone", "--config", str(self.workdir / "rclone.conf"), "--bind", "127.0.0.1",
-               "mount", f"gcs:{BUCKET}", str(mnt), "--read-only", "--vfs-cache-mode", mode,
-               "--cache-dir", str(cache), "--dir-cache-time", "1h", "--log-file", str(log), "-v",
-               *self.args.rclone_option]
-        proc = self.cleanup.process(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                     stderr=subprocess.DEVNULL))
+        cmd = [
+            "rclone",
+            "--config",
+            str(self.workdir / "rclone.conf"),
+            "--bind",
+            "127.0.0.1",
+            "mount",
+            f"gcs:{BUCKET}",
+            str(mnt),
+            "--read-only",
+            "--vfs-cache-mode",
+            mode,
+            "--cache-dir",
+            str(cache),
+            "--dir-cache-time",
+            "1h",
+            "--log-file",
+            str(log),
+            "-v",
+            *self.args.rclone_option,
+        ]
+        proc = self.cleanup.process(
+            subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
         try:
             deadline = time.monotonic() + 30
             while not (is_mounted(mnt) and (mnt / OBJECT).exists()):
@@ -220,10 +246,7 @@ class Bench:
     def write_rclone_conf(self) -> None:
         assert self.gcs is not None
         (self.workdir / "rclone.conf").write_text(
-            "[gcs]\n"
-            "type = google cloud storage\n"
-            "anonymous = true\n"
-            f"endpoint = {self.gcs.url}/storage/v1/\n"
+            f"[gcs]\ntype = google cloud storage\nanonymous = true\nendpoint = {self.gcs.url}/storage/v1/\n"
         )
 
     # --- the measurements
@@ -238,8 +261,14 @@ class Bench:
                 stats = C.mount_stats(mnt)
                 ok = result.sha256 == self.sha256
                 self.wrong_bytes |= not ok
-                self.record(f"modelfs-{state}-sha256", result, peak_rss_kib=C.rss_kib(pid),
-                            backend_gets=stats["backend_gets"], sha256_ok=ok, **cpu)
+                self.record(
+                    f"modelfs-{state}-sha256",
+                    result,
+                    peak_rss_kib=C.rss_kib(pid),
+                    backend_gets=stats["backend_gets"],
+                    sha256_ok=ok,
+                    **cpu,
+                )
                 if not ok:
                     print(f"    WRONG BYTES: sha256 {result.sha256} != source {self.sha256}", flush=True)
 
@@ -248,8 +277,12 @@ class Bench:
         url = f"{self.gcs.url}/download/storage/v1/b/{BUCKET}/o/{OBJECT}?alt=media"
         C.drop_caches()
         with self.cpu() as cpu:
-            proc = subprocess.run(["curl", "-sS", "-f", "--noproxy", "*", "-o", "/dev/null", "-w",
-                                   "%{size_download} %{time_total}", url], capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                ["curl", "-sS", "-f", "--noproxy", "*", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         if proc.returncode != 0:
             raise RuntimeError(f"curl failed: {proc.stderr.strip()}")
         nbytes, seconds = proc.stdout.split()
@@ -259,18 +292,24 @@ class Bench:
         assert self.gcs is not None
         C.drop_caches()
         with self.cpu() as cpu:
-            proc = subprocess.run([sys.executable, str(CLIENTS), *cmd], capture_output=True, text=True,
-                                  env=self.gcs.env(), check=False)
+            proc = subprocess.run(
+                [sys.executable, str(CLIENTS), *cmd], capture_output=True, text=True, env=self.gcs.env(), check=False
+            )
         if proc.returncode != 0:
             raise RuntimeError(f"{key} failed: {proc.stderr.strip()[-2000:]}")
         return dict(json.loads(proc.stdout.strip().splitlines()[-1]), cpu=cpu)
 
     def gcs_ranged(self) -> None:
         for threads in self.args.threads:
-            out = self.client(f"gcs-ranged-{threads}", "ranged", BUCKET, OBJECT, str(self.size),
-                              "--threads", str(threads))
-            self.record(f"gcs-ranged-{threads}", C.ReadResult(out["bytes"], out["seconds"], None),
-                        peak_rss_kib=out["peak_rss_kib"], **out["cpu"])
+            out = self.client(
+                f"gcs-ranged-{threads}", "ranged", BUCKET, OBJECT, str(self.size), "--threads", str(threads)
+            )
+            self.record(
+                f"gcs-ranged-{threads}",
+                C.ReadResult(out["bytes"], out["seconds"], None),
+                peak_rss_kib=out["peak_rss_kib"],
+                **out["cpu"],
+            )
 
     def download(self) -> None:
         dest = self.workdir / "downloaded.bin"
@@ -278,10 +317,15 @@ class Bench:
             out = self.client("download-then-read", "download", BUCKET, OBJECT, str(self.size), "--dest", str(dest))
         finally:
             dest.unlink(missing_ok=True)
-        self.record("download-then-read", C.ReadResult(out["bytes"], out["seconds"], None),
-                    peak_rss_kib=out["peak_rss_kib"], download_seconds=round(out["download_seconds"], 3),
-                    read_seconds=round(out["read_seconds"], 3),
-                    download_mb_s=round(C.mb_per_s(out["bytes"], out["download_seconds"]), 1), **out["cpu"])
+        self.record(
+            "download-then-read",
+            C.ReadResult(out["bytes"], out["seconds"], None),
+            peak_rss_kib=out["peak_rss_kib"],
+            download_seconds=round(out["download_seconds"], 3),
+            read_seconds=round(out["read_seconds"], 3),
+            download_mb_s=round(C.mb_per_s(out["bytes"], out["download_seconds"]), 1),
+            **out["cpu"],
+        )
 
     def modelfs_runs(self, tool: str, reader: Callable[[Path], C.ReadResult]) -> None:
         """cold (fresh cache dir), then warm (remount) and hot (same mount, page cache kept)."""
@@ -291,23 +335,42 @@ class Bench:
             with self.cpu(pid) as cpu:
                 result = reader(mnt / OBJECT)
             stats = C.mount_stats(mnt)
-            self.record(f"modelfs-cold-{tool}", result, peak_rss_kib=C.rss_kib(pid),
-                        backend_gets=stats["backend_gets"], stats=stats, **cpu)
+            self.record(
+                f"modelfs-cold-{tool}",
+                result,
+                peak_rss_kib=C.rss_kib(pid),
+                backend_gets=stats["backend_gets"],
+                stats=stats,
+                **cpu,
+            )
         with self.modelfs(cache, fresh=False) as (mnt, pid):
             C.drop_caches()
             with self.cpu(pid) as cpu:
                 result = reader(mnt / OBJECT)
             stats = C.mount_stats(mnt)
-            self.record(f"modelfs-warm-{tool}", result, peak_rss_kib=C.rss_kib(pid),
-                        backend_gets=stats["backend_gets"], stats=stats, **cpu)
+            self.record(
+                f"modelfs-warm-{tool}",
+                result,
+                peak_rss_kib=C.rss_kib(pid),
+                backend_gets=stats["backend_gets"],
+                stats=stats,
+                **cpu,
+            )
             before = stats
             with self.cpu(pid) as cpu:
                 result = reader(mnt / OBJECT)
             stats = C.mount_stats(mnt)
-            self.record(f"modelfs-hot-{tool}", result, peak_rss_kib=C.rss_kib(pid),
-                        backend_gets=stats["backend_gets"] - before["backend_gets"],
-                        daemon_reads=stats["memory_hits"] + stats["memory_misses"]
-                        - before["memory_hits"] - before["memory_misses"], **cpu)
+            self.record(
+                f"modelfs-hot-{tool}",
+                result,
+                peak_rss_kib=C.rss_kib(pid),
+                backend_gets=stats["backend_gets"] - before["backend_gets"],
+                daemon_reads=stats["memory_hits"]
+                + stats["memory_misses"]
+                - before["memory_hits"]
+                - before["memory_misses"],
+                **cpu,
+            )
 
     def variants(self) -> None:
         """Cold dd reads with extra mount options (--variant NAME=OPTS), for tuning comparisons."""
@@ -319,8 +382,9 @@ class Bench:
                     with self.cpu(pid) as cpu:
                         result = C.run_dd(mnt / OBJECT)
                     stats = C.mount_stats(mnt)
-                    self.record(key, result, peak_rss_kib=C.rss_kib(pid), backend_gets=stats["backend_gets"],
-                                stats=stats, **cpu)
+                    self.record(
+                        key, result, peak_rss_kib=C.rss_kib(pid), backend_gets=stats["backend_gets"], stats=stats, **cpu
+                    )
             except RuntimeError as exc:
                 print(f"    variant {name} ({' '.join(extra)}) failed: {exc}", flush=True)
 
@@ -355,8 +419,10 @@ class Bench:
     def run(self) -> int:
         args = self.args
         server_dir = C.prepare_dirs(args, "streaming", self.size, self.cleanup)
-        print(f"streaming: {self.size / C.GiB:.2f} GiB object, {args.rounds} round(s); modelfs "
-              f"{' '.join(self.modelfs_options()[1:])}; groups: {', '.join(g for g in GROUPS if g in self.only)}")
+        print(
+            f"streaming: {self.size / C.GiB:.2f} GiB object, {args.rounds} round(s); modelfs "
+            f"{' '.join(self.modelfs_options()[1:])}; groups: {', '.join(g for g in GROUPS if g in self.only)}"
+        )
         print(f"  server objects in {server_dir}; caches and mountpoints in {self.workdir}", flush=True)
         self.source, self.sha256 = C.ensure_object(server_dir / "src", OBJECT, self.size, tag=7)
         t_start = time.perf_counter()
@@ -375,8 +441,10 @@ class Bench:
                     if r and args.max_minutes is not None:
                         per_round = (time.perf_counter() - t_rounds) / r
                         if time.perf_counter() - t_start + per_round > args.max_minutes * 60:
-                            print(f"  stopping after {r} round(s): another would pass --max-minutes "
-                                  f"{args.max_minutes:g}", flush=True)
+                            print(
+                                f"  stopping after {r} round(s): another would pass --max-minutes {args.max_minutes:g}",
+                                flush=True,
+                            )
                             break
                     print(f"  round {r + 1}/{args.rounds}", flush=True)
                     self.round(r)
@@ -424,15 +492,32 @@ class Bench:
                 note = f"download alone {C.median(s['download_mb_s'] for s in samples):,.0f} MB/s"
             if key.endswith("sha256"):
                 note = "bytes ok" if all(s["sha256_ok"] for s in samples) else "WRONG BYTES"
-            rows.append([label, f"{C.median(speeds):,.0f}", f"{min(speeds):,.0f}", f"{max(speeds):,.0f}",
-                         len(speeds), f"{max(rss) / 1024:.0f}" if rss else "-",
-                         f"{C.median(gets):.0f}" if gets else "-", f"{C.median(cpu):.2f}" if cpu else "-", note])
+            rows.append(
+                [
+                    label,
+                    f"{C.median(speeds):,.0f}",
+                    f"{min(speeds):,.0f}",
+                    f"{max(speeds):,.0f}",
+                    len(speeds),
+                    f"{max(rss) / 1024:.0f}" if rss else "-",
+                    f"{C.median(gets):.0f}" if gets else "-",
+                    f"{C.median(cpu):.2f}" if cpu else "-",
+                    note,
+                ]
+            )
         print()
         done = f"{self.rounds_done} of {args.rounds}" if self.rounds_done != args.rounds else f"{args.rounds}"
-        print(f"streaming results: {self.size / C.GiB:.2f} GiB object, {done} round(s), median MB/s "
-              f"(MB = 10^6 bytes); modelfs {' '.join(self.modelfs_options()[1:])}")
-        print(C.fmt_table(["path", "MB/s", "min", "max", "n", "peak RSS MiB", "GETs", "CPU s/GiB", "note"], rows,
-                          align="lrrrrrrrl"))
+        print(
+            f"streaming results: {self.size / C.GiB:.2f} GiB object, {done} round(s), median MB/s "
+            f"(MB = 10^6 bytes); modelfs {' '.join(self.modelfs_options()[1:])}"
+        )
+        print(
+            C.fmt_table(
+                ["path", "MB/s", "min", "max", "n", "peak RSS MiB", "GETs", "CPU s/GiB", "note"],
+                rows,
+                align="lrrrrrrrl",
+            )
+        )
         print("(peak RSS and CPU: of the modelfs daemon / rclone for mounts, else of the reading process)")
 
         ratios: dict[str, float] = {}
@@ -446,18 +531,27 @@ class Bench:
             print()
             print(C.fmt_table(["ratio (of medians)", "x"], ratio_rows))
 
-        acceptance: dict[str, Any] = {"bytes_ok": not self.wrong_bytes,
-                                      "verified": any(k.endswith("sha256") for k in self.samples)}
+        acceptance: dict[str, Any] = {
+            "bytes_ok": not self.wrong_bytes,
+            "verified": any(k.endswith("sha256") for k in self.samples),
+        }
         bound_kib = (self.memory_cache + 64 * C.MiB) // 1024
         cold = self.samples.get("modelfs-cold-dd", []) + self.samples.get("modelfs-cold-fio", [])
         print()
-        print(f"bytes: {'WRONG BYTES READ' if self.wrong_bytes else 'all verified reads correct' if acceptance['verified'] else 'not verified (--only without verify)'}")
+        print(
+            f"bytes: {'WRONG BYTES READ' if self.wrong_bytes else 'all verified reads correct' if acceptance['verified'] else 'not verified (--only without verify)'}"
+        )
         if cold:
             peak = max(s["peak_rss_kib"] for s in cold)
-            acceptance.update(cold_peak_rss_mib=round(peak / 1024, 1), cold_peak_rss_bound_mib=bound_kib // 1024,
-                              cold_peak_rss_ok=peak < bound_kib)
-            print(f"modelfs cold peak RSS {peak / 1024:.0f} MiB; bound {bound_kib // 1024} MiB "
-                  f"(--memory-cache {args.memory_cache} + 64 MiB): {'met' if peak < bound_kib else 'NOT MET'}")
+            acceptance.update(
+                cold_peak_rss_mib=round(peak / 1024, 1),
+                cold_peak_rss_bound_mib=bound_kib // 1024,
+                cold_peak_rss_ok=peak < bound_kib,
+            )
+            print(
+                f"modelfs cold peak RSS {peak / 1024:.0f} MiB; bound {bound_kib // 1024} MiB "
+                f"(--memory-cache {args.memory_cache} + 64 MiB): {'met' if peak < bound_kib else 'NOT MET'}"
+            )
         r = ratios.get("modelfs cold / rclone full cold")
         if r is not None:
             acceptance.update(cold_vs_rclone=r, cold_vs_rclone_goal=1.5)
@@ -467,23 +561,46 @@ class Bench:
             acceptance["cold_vs_download_then_read"] = r
             print(f"modelfs cold vs download-then-read: {r:.2f}x (goal > 1x): {'met' if r > 1 else 'NOT MET'}")
         if self.exit_seconds:
-            print(f"modelfs mount took {C.median(self.mount_seconds):.1f} s (median), unmount until the daemon "
-                  f"exited {C.median(self.exit_seconds):.1f} s (median, max {max(self.exit_seconds):.1f} s)")
+            print(
+                f"modelfs mount took {C.median(self.mount_seconds):.1f} s (median), unmount until the daemon "
+                f"exited {C.median(self.exit_seconds):.1f} s (median, max {max(self.exit_seconds):.1f} s)"
+            )
         print(f"total time {elapsed:.0f} s")
 
-        C.write_json(args.out, {
-            "benchmark": "streaming", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "modelfs_rev": C.git_rev(), "modelfs_rev_at_start": self.rev_at_start,
-            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                        "rclone": _version(["rclone", "version"]), "fio": _version(["fio", "--version"])},
-            "config": {"size": self.size, "rounds": args.rounds, "rounds_done": self.rounds_done, "memory_cache": args.memory_cache,
-                       "disk_cache": args.disk_cache, "mount_options": args.mount_option,
-                       "rclone_options": args.rclone_option,
-                       "variants": {name: extra for name, extra in args.variant}, "groups": sorted(self.only),
-                       "threads": args.threads},
-            "medians_mb_s": {k: self.median(k) for k in LABELS if k in self.samples},
-            "ratios": ratios, "acceptance": acceptance, "samples": self.samples, "seconds": round(elapsed, 1),
-            "modelfs_mount_seconds": self.mount_seconds, "modelfs_unmount_exit_seconds": self.exit_seconds,
-        })
+        C.write_json(
+            args.out,
+            {
+                "benchmark": "streaming",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "modelfs_rev": C.git_rev(),
+                "modelfs_rev_at_start": self.rev_at_start,
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "kernel": platform.release(),
+                    "rclone": _version(["rclone", "version"]),
+                    "fio": _version(["fio", "--version"]),
+                },
+                "config": {
+                    "size": self.size,
+                    "rounds": args.rounds,
+                    "rounds_done": self.rounds_done,
+                    "memory_cache": args.memory_cache,
+                    "disk_cache": args.disk_cache,
+                    "mount_options": args.mount_option,
+                    "rclone_options": args.rclone_option,
+                    "variants": {name: extra for name, extra in args.variant},
+                    "groups": sorted(self.only),
+                    "threads": args.threads,
+                },
+                "medians_mb_s": {k: self.median(k) for k in LABELS if k in self.samples},
+                "ratios": ratios,
+                "acceptance": acceptance,
+                "samples": self.samples,
+                "seconds": round(elapsed, 1),
+                "modelfs_mount_seconds": self.mount_seconds,
+                "modelfs_unmount_exit_seconds": self.exit_seconds,
+            },
+        )
         print(f"results written to {args.out}")
         return 1 if self.wrong_bytes else 0
 
@@ -503,24 +620,53 @@ def _variant(text: str) -> tuple[str, list[str]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", default="4G", help="object size (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the table shows medians (default: %(default)s)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="start no new round when it would end past this many minutes (default: no limit)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no new round when it would end past this many minutes (default: no limit)",
+    )
     p.add_argument("--only", default=None, help=f"comma-separated groups to run, of: {', '.join(GROUPS)}")
     p.add_argument("--memory-cache", default="128M", help="modelfs --memory-cache (default: %(default)s)")
-    p.add_argument("--disk-cache", default="8G",
-                   help="modelfs --disk-cache; must hold the whole object for the warm run (default: %(default)s)")
-    p.add_argument("--mount-option", action="append", default=[], metavar="OPT",
-                   help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTS", type=_variant,
-                   help="also run a cold dd read with extra modelfs options, e.g. "
-                        "--variant 'bs16=--block-size 16M' (repeatable; a row per variant)")
-    p.add_argument("--rclone-option", action="append", default=[], metavar="OPT",
-                   help="extra rclone mount option, e.g. --rclone-option=--buffer-size=64M (repeatable)")
-    p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
-                   help="thread counts of the google-cloud-storage ranged GETs (default: 1,4)")
+    p.add_argument(
+        "--disk-cache",
+        default="8G",
+        help="modelfs --disk-cache; must hold the whole object for the warm run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mount-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OPTS",
+        type=_variant,
+        help="also run a cold dd read with extra modelfs options, e.g. "
+        "--variant 'bs16=--block-size 16M' (repeatable; a row per variant)",
+    )
+    p.add_argument(
+        "--rclone-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra rclone mount option, e.g. --rclone-option=--buffer-size=64M (repeatable)",
+    )
+    p.add_argument(
+        "--threads",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 4],
+        help="thread counts of the google-cloud-storage ranged GETs (default: 1,4)",
+    )
     C.add_common_args(p, "streaming")
     return p.parse_args(argv)
 

@@ -33,8 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"modelfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    mount = commands.add_parser("mount", help="mount SOURCE at MOUNTPOINT",
-                                description="Mount SOURCE (gs://BUCKET[/PREFIX], s3://BUCKET[/PREFIX], https://HOST/PATH or file:///DIR) read-only at MOUNTPOINT.")
+    mount = commands.add_parser(
+        "mount",
+        help="mount SOURCE at MOUNTPOINT",
+        description="Mount SOURCE (gs://BUCKET[/PREFIX], s3://BUCKET[/PREFIX], https://HOST/PATH or file:///DIR) read-only at MOUNTPOINT.",
+    )
     mount.add_argument("source", metavar="SOURCE")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     add_options(mount)
@@ -42,9 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     unmount = commands.add_parser("unmount", help="unmount MOUNTPOINT (also a dead one)")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
 
-    warm = commands.add_parser("warm", help="fill the disk cache for SOURCE and verify every object",
-                               description="Fetch every object of SOURCE into the disk cache that a later "
-                                           "'modelfs mount SOURCE' uses, verifying each against its stored checksum.")
+    warm = commands.add_parser(
+        "warm",
+        help="fill the disk cache for SOURCE and verify every object",
+        description="Fetch every object of SOURCE into the disk cache that a later "
+        "'modelfs mount SOURCE' uses, verifying each against its stored checksum.",
+    )
     warm.add_argument("source", metavar="SOURCE")
     add_options(warm, WARM_OPTIONS)
 
@@ -54,9 +60,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-WARM_OPTIONS = {"cache-dir", "memory-cache", "disk-cache", "block-size", "max-prefetch", "max-concurrency",
-                "retry-deadline", "read-timeout", "anonymous", "log-level", "log-format",
-                "manifest", "ca-cert", "header", "endpoint-url"}
+WARM_OPTIONS = {
+    "cache-dir",
+    "memory-cache",
+    "disk-cache",
+    "block-size",
+    "max-prefetch",
+    "max-concurrency",
+    "retry-deadline",
+    "read-timeout",
+    "anonymous",
+    "log-level",
+    "log-format",
+    "manifest",
+    "ca-cert",
+    "header",
+    "endpoint-url",
+}
 
 
 def _warm(config: Config) -> int:
@@ -94,11 +114,15 @@ def _stats(mountpoint: Path, as_json: bool) -> int:
         f"{stats['memory_evictions']} evictions",
     ]
     if "disk_capacity" in stats:
-        lines.append(f"disk cache        {stats['disk_used'] / mib:,.1f} / {stats['disk_capacity'] / mib:,.0f} MiB, "
-                     f"{stats['disk_hits']} hits, {stats['disk_writes']} writes, {stats['disk_evictions']} evictions, "
-                     f"{stats['disk_corrupt']} corrupt")
-    lines.append(f"prefetch          window {stats['prefetch_window_bytes'] / mib:,.0f} MiB, "
-                 f"{stats['prefetch_resets']} resets, {stats['prefetch_refused']} refused for budget")
+        lines.append(
+            f"disk cache        {stats['disk_used'] / mib:,.1f} / {stats['disk_capacity'] / mib:,.0f} MiB, "
+            f"{stats['disk_hits']} hits, {stats['disk_writes']} writes, {stats['disk_evictions']} evictions, "
+            f"{stats['disk_corrupt']} corrupt"
+        )
+    lines.append(
+        f"prefetch          window {stats['prefetch_window_bytes'] / mib:,.0f} MiB, "
+        f"{stats['prefetch_resets']} resets, {stats['prefetch_refused']} refused for budget"
+    )
     errors = stats.get("errors_by_errno") or {}
     lines.append("errors            " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none"))
     print("\n".join(lines))
@@ -165,8 +189,12 @@ def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
     argv = _headers_to_env(argv, config, env)
     child = subprocess.Popen(
         [sys.executable, "-m", "modelfs", *argv, "--foreground"],
-        stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out, env=env,
-        pass_fds=(write_fd,), start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=log_out,
+        stderr=log_out,
+        env=env,
+        pass_fds=(write_fd,),
+        start_new_session=True,
     )
     os.close(write_fd)
     log_out.close()

@@ -93,8 +93,18 @@ def _parse_suffixes(text: Any) -> str:
 
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers modelfs sets itself on every ranged GET; a user value would break reads or pinning.
-_RESERVED_HEADERS = {"range", "if-match", "if-none-match", "if-range", "if-modified-since",
-                     "if-unmodified-since", "accept-encoding", "content-length", "transfer-encoding", "connection"}
+_RESERVED_HEADERS = {
+    "range",
+    "if-match",
+    "if-none-match",
+    "if-range",
+    "if-modified-since",
+    "if-unmodified-since",
+    "accept-encoding",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+}
 
 
 def _parse_headers(items: Any) -> tuple[str, ...]:
@@ -175,7 +185,14 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("foreground", _parse_bool, False, "stay in the foreground (default: daemonize once mounted)", short="-f", flag=True),
+    Option(
+        "foreground",
+        _parse_bool,
+        False,
+        "stay in the foreground (default: daemonize once mounted)",
+        short="-f",
+        flag=True,
+    ),
     Option("cache-dir", _parse_str, None, "disk cache directory (default: ~/.cache/modelfs/<source hash>)"),
     Option("memory-cache", parse_size, 256 << 20, "memory block cache budget, e.g. 256M"),
     Option("disk-cache", parse_size, 10 << 30, "disk cache size cap, e.g. 10G; 0 disables the disk cache"),
@@ -183,11 +200,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("metadata-ttl", _parse_float, 60.0, "seconds a listing and attributes stay valid; -1 = never expire"),
     Option("max-prefetch", parse_size, 256 << 20, "largest read-ahead window per sequential reader"),
     Option("max-concurrency", _parse_int, 8, "ranged GETs in flight at once, over all files"),
-    Option("random-read-size", parse_size, 1 << 20, "GET size for reads that look random (after 2 seeks); 0 = whole blocks"),
+    Option(
+        "random-read-size", parse_size, 1 << 20, "GET size for reads that look random (after 2 seeks); 0 = whole blocks"
+    ),
     Option("eager", _parse_bool, True, "stream a weight file whole into the disk cache when it is opened", flag=True),
     Option("eager-model", _parse_bool, False, "at mount time, stream every weight file into the disk cache", flag=True),
-    Option("eager-suffixes", _parse_suffixes, ".safetensors,.gguf,.bin,.pt,.pth,.onnx",
-           "comma-separated name endings that mark weight files"),
+    Option(
+        "eager-suffixes",
+        _parse_suffixes,
+        ".safetensors,.gguf,.bin,.pt,.pth,.onnx",
+        "comma-separated name endings that mark weight files",
+    ),
     Option("read-ahead-kb", _parse_int, 1024, "kernel read-ahead of the mount (root only); 0 leaves it alone"),
     Option("retry-deadline", _parse_float, 60.0, "seconds a failing read is retried before it fails with EIO"),
     Option("read-timeout", _parse_float, 30.0, "seconds without a byte before a response counts as stalled"),
@@ -197,10 +220,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-file", _parse_str, None, "log file of a daemonized mount (default: <cache-dir>/modelfs.log)"),
     Option("log-format", _parse_log_format, "text", "text (human-readable) or json (one object per line)"),
     Option("metrics-addr", _parse_addr, None, "serve Prometheus metrics on HOST:PORT (default: off)"),
-    Option("manifest", _parse_str, None, "http(s) directory URL: a file listing relative paths (optionally 'path size'), one a line"),
-    Option("ca-cert", _parse_str, None, "PEM file of extra CA certificates trusted for https:// (and an https S3 endpoint)"),
-    Option("header", _parse_headers, (), "http(s): 'Name: value' sent with every request (repeatable; @FILE reads them from FILE); never logged", multiple=True),
-    Option("endpoint-url", _parse_endpoint_url, None, "s3: the S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS)"),
+    Option(
+        "manifest",
+        _parse_str,
+        None,
+        "http(s) directory URL: a file listing relative paths (optionally 'path size'), one a line",
+    ),
+    Option(
+        "ca-cert", _parse_str, None, "PEM file of extra CA certificates trusted for https:// (and an https S3 endpoint)"
+    ),
+    Option(
+        "header",
+        _parse_headers,
+        (),
+        "http(s): 'Name: value' sent with every request (repeatable; @FILE reads them from FILE); never logged",
+        multiple=True,
+    ),
+    Option(
+        "endpoint-url",
+        _parse_endpoint_url,
+        None,
+        "s3: the S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS)",
+    ),
 )
 
 _BY_ATTR = {opt.attr: opt for opt in OPTIONS}
@@ -238,8 +279,10 @@ def _parse_http_source(url: str) -> Source:
     if not parts.hostname:
         raise ConfigError(f"no host in {url!r}")
     if parts.username is not None or parts.password is not None:
-        raise ConfigError("credentials in the URL are not accepted (they would show in logs): "
-                          "pass --header 'Authorization: ...' instead")
+        raise ConfigError(
+            "credentials in the URL are not accepted (they would show in logs): "
+            "pass --header 'Authorization: ...' instead"
+        )
     path = unquote(parts.path or "/")
     if "\0" in path or any(part in (".", "..") for part in path.split("/")):
         raise ConfigError(f"invalid path in {parts.scheme}://{parts.netloc}{parts.path}")
@@ -333,10 +376,13 @@ def add_options(parser: argparse.ArgumentParser, names: set[str] | None = None) 
             continue
         flags = [f"--{opt.name}"] + ([opt.short] if opt.short else [])
         if opt.flag:
-            parser.add_argument(*flags, dest=opt.attr, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
+            parser.add_argument(
+                *flags, dest=opt.attr, action=argparse.BooleanOptionalAction, default=None, help=opt.help
+            )
         elif opt.multiple:
-            parser.add_argument(*flags, dest=opt.attr, action="append", default=None, metavar=opt.attr.upper(),
-                                help=opt.help)
+            parser.add_argument(
+                *flags, dest=opt.attr, action="append", default=None, metavar=opt.attr.upper(), help=opt.help
+            )
         else:
             parser.add_argument(*flags, dest=opt.attr, default=None, metavar=opt.attr.upper(), help=opt.help)
 
@@ -377,8 +423,9 @@ def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     return values
 
 
-def build_config(source_url: str, mountpoint: str | None, args: argparse.Namespace,
-                 environ: Mapping[str, str] | None = None) -> Config:
+def build_config(
+    source_url: str, mountpoint: str | None, args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Config:
     """Validate everything a command needs into one frozen Config (raises ConfigError)."""
     environ = os.environ if environ is None else environ
     source = parse_source(source_url)

@@ -45,7 +45,8 @@ def safetensors_block_order(header: bytes, header_len: int, block_size: int, siz
     meta = json.loads(header)
     data_start = 8 + header_len
     spans = sorted(
-        tuple(entry["data_offsets"]) for name, entry in meta.items()
+        tuple(entry["data_offsets"])
+        for name, entry in meta.items()
         if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
     )
     for begin, end in spans:
@@ -73,8 +74,9 @@ class _Stream:
 class EagerStreamer:
     """Starts, tracks and cancels the background stream of each weight file."""
 
-    def __init__(self, store: BlockStore, *, suffixes: Iterable[str] = WEIGHT_SUFFIXES,
-                 workers: int = 4, enabled: bool = True) -> None:
+    def __init__(
+        self, store: BlockStore, *, suffixes: Iterable[str] = WEIGHT_SUFFIXES, workers: int = 4, enabled: bool = True
+    ) -> None:
         self.store = store
         self.suffixes = tuple(s.lower() for s in suffixes)
         self.workers = max(1, workers)

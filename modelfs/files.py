@@ -30,9 +30,15 @@ class _Open:
 class OpenFiles:
     """File handles → pinned objects; ``read`` turns a byte range into block reads."""
 
-    def __init__(self, store: BlockStore, *, max_prefetch: int, random_read_size: int = 0,
-                 prefetch_defaults: PrefetchDefaults = PrefetchDefaults(),
-                 eager: EagerStreamer | None = None) -> None:
+    def __init__(
+        self,
+        store: BlockStore,
+        *,
+        max_prefetch: int,
+        random_read_size: int = 0,
+        prefetch_defaults: PrefetchDefaults = PrefetchDefaults(),
+        eager: EagerStreamer | None = None,
+    ) -> None:
         self.store = store
         self.eager = eager
         if eager is not None:
@@ -110,8 +116,12 @@ class OpenFiles:
             self.eager.opened(ref)
         bs = self.store.block_size
         first, last = offset // bs, (offset + size - 1) // bs
-        if (entry.read_ahead.last_random and 0 < self.random_read_size < bs and size <= self.random_read_size
-                and not entry.read_ahead.wants_whole_block(first)):
+        if (
+            entry.read_ahead.last_random
+            and 0 < self.random_read_size < bs
+            and size <= self.random_read_size
+            and not entry.read_ahead.wants_whole_block(first)
+        ):
             # A random read of an uncached block: fetch a small aligned range, not the block.
             small = await self.store.read_small(ref, offset, size, self.random_read_size)
             if small is not None:

@@ -230,10 +230,15 @@ class ModelFS(pyfuse3.Operations):
         }
         if store.disk is not None:
             disk = store.disk
-            out.update(disk_capacity=disk.capacity, disk_used=disk.used, disk_writes=disk.stats.writes,
-                       disk_misses=disk.stats.misses,
-                       disk_evictions=disk.stats.evictions, disk_corrupt=disk.stats.corrupt,
-                       disk_write_errors=disk.stats.write_errors)
+            out.update(
+                disk_capacity=disk.capacity,
+                disk_used=disk.used,
+                disk_writes=disk.stats.writes,
+                disk_misses=disk.stats.misses,
+                disk_evictions=disk.stats.evictions,
+                disk_corrupt=disk.stats.corrupt,
+                disk_write_errors=disk.stats.write_errors,
+            )
         return out
 
     # --- the rest of a read-only file system

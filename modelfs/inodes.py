@@ -76,15 +76,15 @@ class Namespace:
             if not force and not self._stale():
                 return
             try:
-                objects = await retry_transient(self.backend.list_objects, deadline=self.retry_deadline,
-                                                what=f"listing {self.backend.description}")
+                objects = await retry_transient(
+                    self.backend.list_objects, deadline=self.retry_deadline, what=f"listing {self.backend.description}"
+                )
             except TransientError as exc:
                 if force or self._listed_at is None:
                     raise
                 # The backend is unreachable: what is cached stays readable under the last
                 # listing rather than every lookup failing; try again after another TTL.
-                log.warning("cannot refresh the listing (%s); serving the last listing for another %gs",
-                            exc, self.ttl)
+                log.warning("cannot refresh the listing (%s); serving the last listing for another %gs", exc, self.ttl)
                 self._listed_at = trio.current_time()
                 return
             self._apply(objects)

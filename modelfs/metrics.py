@@ -55,8 +55,13 @@ def parse_addr(addr: str) -> tuple[str, int]:
 class ModelfsCollector:
     """A prometheus-client collector over a stats snapshot function."""
 
-    def __init__(self, snapshot: Callable[[], Mapping[str, Any]], latency: LatencyHistogram,
-                 errors: Callable[[], Mapping[str, int]], backend: str) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Mapping[str, Any]],
+        latency: LatencyHistogram,
+        errors: Callable[[], Mapping[str, int]],
+        backend: str,
+    ) -> None:
         self._snapshot = snapshot
         self._latency = latency
         self._errors = errors
@@ -90,14 +95,20 @@ class ModelfsCollector:
                 family.add_metric(["disk"], s["disk_evictions"])
             yield family
         if "disk_capacity" in s:
-            yield counter("modelfs_disk_cache_corrupt_blocks", "Disk blocks that failed their checks", s["disk_corrupt"])
+            yield counter(
+                "modelfs_disk_cache_corrupt_blocks", "Disk blocks that failed their checks", s["disk_corrupt"]
+            )
             yield GaugeMetricFamily("modelfs_disk_cache_bytes", "Disk cache bytes in use", value=s["disk_used"])
             yield GaugeMetricFamily("modelfs_disk_cache_capacity_bytes", "Disk cache cap", value=s["disk_capacity"])
-        yield GaugeMetricFamily("modelfs_memory_cache_bytes", "Memory block bytes in use (cached, in flight)",
-                                value=s["memory_used"])
+        yield GaugeMetricFamily(
+            "modelfs_memory_cache_bytes", "Memory block bytes in use (cached, in flight)", value=s["memory_used"]
+        )
         yield GaugeMetricFamily("modelfs_memory_cache_capacity_bytes", "Memory budget", value=s["memory_capacity"])
-        yield GaugeMetricFamily("modelfs_prefetch_window_bytes", "Largest read-ahead window of an open file",
-                                value=s["prefetch_window_bytes"])
+        yield GaugeMetricFamily(
+            "modelfs_prefetch_window_bytes",
+            "Largest read-ahead window of an open file",
+            value=s["prefetch_window_bytes"],
+        )
         yield counter("modelfs_prefetch_resets", "Read-ahead runs restarted by a seek", s["prefetch_resets"])
         yield counter("modelfs_prefetch_refused", "Prefetches refused for lack of budget", s["prefetch_refused"])
         yield counter("modelfs_retries", "Backend calls retried after a transient failure", s["retries"])

@@ -83,8 +83,9 @@ def check_mountpoint(path: Path) -> None:
         log.warning("mountpoint %s is a dead mount (transport endpoint is not connected): unmounting it", path)
         result = _fusermount(["-uz", str(path)])
         if result.returncode != 0:
-            raise MountError(f"mountpoint {path} is a dead mount and cannot be unmounted: "
-                             f"{result.stderr.strip()}") from None
+            raise MountError(
+                f"mountpoint {path} is a dead mount and cannot be unmounted: {result.stderr.strip()}"
+            ) from None
     if not path.is_dir():
         raise MountError(f"mountpoint {path} is not a directory")
     # Mounting over a mount of another kind is fine (a container's volume, an emptyDir, a bind
@@ -159,12 +160,26 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     namespace = Namespace(backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline)
     disk = DiskCache(config.cache_dir, config.disk_cache) if config.disk_cache > 0 else None
     memory = MemoryCache(config.memory_cache, config.block_size)
-    store = BlockStore(backend, memory, disk, block_size=config.block_size,
-                       max_concurrency=config.max_concurrency, retry_deadline=config.retry_deadline)
-    eager = EagerStreamer(store, suffixes=[s for s in config.eager_suffixes.split(",") if s],
-                          workers=max(1, config.max_concurrency // 2), enabled=config.eager or config.eager_model)
-    files = OpenFiles(store, max_prefetch=config.max_prefetch, random_read_size=config.random_read_size,
-                      eager=eager if config.eager else None)
+    store = BlockStore(
+        backend,
+        memory,
+        disk,
+        block_size=config.block_size,
+        max_concurrency=config.max_concurrency,
+        retry_deadline=config.retry_deadline,
+    )
+    eager = EagerStreamer(
+        store,
+        suffixes=[s for s in config.eager_suffixes.split(",") if s],
+        workers=max(1, config.max_concurrency // 2),
+        enabled=config.eager or config.eager_model,
+    )
+    files = OpenFiles(
+        store,
+        max_prefetch=config.max_prefetch,
+        random_read_size=config.random_read_size,
+        eager=eager if config.eager else None,
+    )
     ops = ModelFS(namespace, files, ttl=config.metadata_ttl, block_size=config.block_size)
     ops.eager = eager
     return ops, store, disk
@@ -192,8 +207,13 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
             if metrics is not None:
                 metrics.shutdown()
             raise MountError(f"cannot mount {mountpoint}: {exc}") from None
-        log.info("mounted %s at %s (%d files, %d bytes)", config.source.url, mountpoint,
-                 ops.namespace.file_count, ops.namespace.total_bytes)
+        log.info(
+            "mounted %s at %s (%d files, %d bytes)",
+            config.source.url,
+            mountpoint,
+            ops.namespace.file_count,
+            ops.namespace.total_bytes,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
@@ -219,8 +239,11 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
 def _stream_model(ops: ModelFS) -> None:
     """--eager-model: stream every weight file now, before anyone opens it."""
     assert ops.eager is not None
-    refs = [ObjectRef(ops.namespace.backend.object_key(info.name), info.name, info.version, info.size)
-            for node in ops.namespace.files() if (info := node.info) is not None]
+    refs = [
+        ObjectRef(ops.namespace.backend.object_key(info.name), info.name, info.version, info.size)
+        for node in ops.namespace.files()
+        if (info := node.info) is not None
+    ]
     count = ops.eager.stream_model(refs)
     log.info("streaming %d weight file(s) into the disk cache, in name order", count)
 

@@ -52,8 +52,9 @@ class Cursor:
 class ReadAhead:
     """Which blocks of one object to prefetch after each read."""
 
-    def __init__(self, size: int, block_size: int, max_window: int,
-                 defaults: PrefetchDefaults = PrefetchDefaults()) -> None:
+    def __init__(
+        self, size: int, block_size: int, max_window: int, defaults: PrefetchDefaults = PrefetchDefaults()
+    ) -> None:
         self.size = size
         self.block_size = block_size
         self.max_window_blocks = max(0, max_window // block_size)

@@ -60,8 +60,10 @@ class _Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"{self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB ({pct:.0f}%) "
-                f"{rate / 1e6:,.0f} MB/s ETA {eta:,.0f}s")
+        return (
+            f"{self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB ({pct:.0f}%) "
+            f"{rate / 1e6:,.0f} MB/s ETA {eta:,.0f}s"
+        )
 
     def add(self, n: int) -> None:
         self.done += n
@@ -132,17 +134,27 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     disk = DiskCache(config.cache_dir, config.disk_cache)
     window = max(1, min(config.max_concurrency * 2, config.max_prefetch // config.block_size))
     memory = MemoryCache(max(config.memory_cache, (window + 2) * config.block_size), config.block_size)
-    store = BlockStore(backend, memory, disk, block_size=config.block_size,
-                       max_concurrency=config.max_concurrency, retry_deadline=config.retry_deadline)
+    store = BlockStore(
+        backend,
+        memory,
+        disk,
+        block_size=config.block_size,
+        max_concurrency=config.max_concurrency,
+        retry_deadline=config.retry_deadline,
+    )
     result = WarmResult(mismatched=[])
     try:
-        objects = await retry_transient(backend.list_objects, deadline=config.retry_deadline,
-                                        what=f"listing {backend.description}")
+        objects = await retry_transient(
+            backend.list_objects, deadline=config.retry_deadline, what=f"listing {backend.description}"
+        )
         files = [o for o in objects if isinstance(parse_object_name(o.name), ParsedName) and not o.name.endswith("/")]
         total = sum(o.size for o in files)
         if total > config.disk_cache:
-            log.warning("the source (%d bytes) is larger than --disk-cache (%d): the first objects will be "
-                        "evicted again", total, config.disk_cache)
+            log.warning(
+                "the source (%d bytes) is larger than --disk-cache (%d): the first objects will be evicted again",
+                total,
+                config.disk_cache,
+            )
         disk.open()
         progress = _Progress(total, out)
         async with trio.open_nursery() as nursery:

@@ -18,8 +18,9 @@ def open_backend(config: "Config") -> Backend:
     if source.scheme == "gs":
         from modelfs.backends.gcs import GCSBackend
 
-        return GCSBackend(source, anonymous=config.anonymous, read_timeout=config.read_timeout,
-                          max_concurrency=config.max_concurrency)
+        return GCSBackend(
+            source, anonymous=config.anonymous, read_timeout=config.read_timeout, max_concurrency=config.max_concurrency
+        )
     if source.scheme == "file":
         from modelfs.backends.local import LocalBackend
 
@@ -27,12 +28,23 @@ def open_backend(config: "Config") -> Backend:
     if source.scheme in ("http", "https"):
         from modelfs.backends.http import HTTPBackend
 
-        return HTTPBackend(source, manifest=config.manifest, ca_cert=config.ca_cert, headers=config.header,
-                           read_timeout=config.read_timeout, max_concurrency=config.max_concurrency)
+        return HTTPBackend(
+            source,
+            manifest=config.manifest,
+            ca_cert=config.ca_cert,
+            headers=config.header,
+            read_timeout=config.read_timeout,
+            max_concurrency=config.max_concurrency,
+        )
     if source.scheme == "s3":
         from modelfs.backends.s3 import S3Backend
 
-        return S3Backend(source, endpoint_url=config.endpoint_url, anonymous=config.anonymous,
-                         ca_cert=config.ca_cert, read_timeout=config.read_timeout,
-                         max_concurrency=config.max_concurrency)
+        return S3Backend(
+            source,
+            endpoint_url=config.endpoint_url,
+            anonymous=config.anonymous,
+            ca_cert=config.ca_cert,
+            read_timeout=config.read_timeout,
+            max_concurrency=config.max_concurrency,
+        )
     raise AssertionError(f"unknown scheme {source.scheme}")

@@ -65,8 +65,15 @@ def _mtime(updated: datetime | None) -> float:
 class GCSBackend:
     """Objects below ``gs://bucket/prefix``; names are relative to the prefix."""
 
-    def __init__(self, source: Source, *, anonymous: bool, read_timeout: float = 30.0,
-                 max_concurrency: int = 8, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        anonymous: bool,
+        read_timeout: float = 30.0,
+        max_concurrency: int = 8,
+        connect_timeout: float = 10.0,
+    ) -> None:
         from google.auth.exceptions import DefaultCredentialsError
         from google.cloud import storage
 
@@ -86,8 +93,13 @@ class GCSBackend:
         self._media_base = f"{base.rstrip('/')}/download/storage/v1/b/{quote(source.bucket, safe='')}/o/"
         self._media: MediaTransport | None = None
         if plain_transport_applies(self._media_base):
-            self._media = MediaTransport(base, self._client._credentials, connect_timeout=connect_timeout,
-                                         read_timeout=read_timeout, max_idle=max_concurrency + 1)
+            self._media = MediaTransport(
+                base,
+                self._client._credentials,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_idle=max_concurrency + 1,
+            )
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         self._limiter = trio.CapacityLimiter(max_concurrency + 1)
 
@@ -137,8 +149,9 @@ class GCSBackend:
                     return [self._stat(self._single)]
                 except NotFound:
                     return []
-            blobs = self._client.list_blobs(self._bucket, prefix=self._prefix or None, fields=_LIST_FIELDS,
-                                            timeout=self._timeout, retry=None)
+            blobs = self._client.list_blobs(
+                self._bucket, prefix=self._prefix or None, fields=_LIST_FIELDS, timeout=self._timeout, retry=None
+            )
             found = [self._to_info(b) for b in blobs if b.name != self._prefix]
             if not found and self._source.prefix and self._single is None:
                 # gs://bucket/path/model.safetensors: one object, shown in a directory of its own.
@@ -216,8 +229,9 @@ class GCSBackend:
             raise self._classify(exc, what) from None
 
     @staticmethod
-    def _check_response(status: int, headers: Mapping[str, str], what: str, version: str, offset: int,
-                        length: int) -> None:
+    def _check_response(
+        status: int, headers: Mapping[str, str], what: str, version: str, offset: int, length: int
+    ) -> None:
         if status == 404:
             raise VersionChanged(f"{what}: this version of the object is gone (overwritten or deleted)")
         if status in (401, 403):

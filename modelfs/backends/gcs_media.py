@@ -51,8 +51,9 @@ def plain_transport_applies(base_url: str) -> bool:
 class MediaTransport:
     """GETs of byte ranges from one ``http(s)://host[:port]``, read straight into a buffer."""
 
-    def __init__(self, base_url: str, credentials: object | None, *, connect_timeout: float,
-                 read_timeout: float, max_idle: int) -> None:
+    def __init__(
+        self, base_url: str, credentials: object | None, *, connect_timeout: float, read_timeout: float, max_idle: int
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -124,7 +125,8 @@ class MediaTransport:
             conn.close()
         if self._https:
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self._connect_timeout, context=self._ssl)
+                self._host, self._port, timeout=self._connect_timeout, context=self._ssl
+            )
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
         conn.connect()
@@ -160,8 +162,11 @@ class MediaTransport:
         url = self._origin + path
         refreshed = False
         while True:
-            headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity",
-                       "User-Agent": _USER_AGENT}
+            headers = {
+                "Range": f"bytes={offset}-{offset + length - 1}",
+                "Accept-Encoding": "identity",
+                "User-Agent": _USER_AGENT,
+            }
             self._sign(url, headers, force_refresh=refreshed)
             conn = self._take()
             try:

@@ -144,9 +144,17 @@ def _split_header(line: str) -> tuple[str, str]:
 class HTTPBackend:
     """Files below one http(s) URL; names are relative to the URL's directory."""
 
-    def __init__(self, source: Source, *, manifest: Path | None = None, ca_cert: Path | None = None,
-                 headers: Sequence[str] = (), read_timeout: float = 30.0, connect_timeout: float = 10.0,
-                 max_concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        manifest: Path | None = None,
+        ca_cert: Path | None = None,
+        headers: Sequence[str] = (),
+        read_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        max_concurrency: int = 8,
+    ) -> None:
         self._source = source
         self._manifest = manifest
         # The directory every name is relative to, with its path as the user spelled it.
@@ -209,8 +217,9 @@ class HTTPBackend:
         cert = _find_cause(exc, ssl.SSLCertVerificationError)
         if cert is not None:
             reason = getattr(cert, "verify_message", None) or "certificate verify failed"
-            return BackendError(f"{what}: TLS certificate verification failed ({reason}); "
-                                "pass --ca-cert FILE to trust a private CA")
+            return BackendError(
+                f"{what}: TLS certificate verification failed ({reason}); pass --ca-cert FILE to trust a private CA"
+            )
         if isinstance(exc, (httpx.TooManyRedirects, httpx.UnsupportedProtocol, httpx.InvalidURL)):
             return BackendError(f"{what}: {type(exc).__name__}: {exc}")
         if isinstance(exc, (httpx.TransportError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
@@ -232,8 +241,10 @@ class HTTPBackend:
         return BackendError(f"{what}: unexpected HTTP {status}")
 
     def _no_ranges(self, what: str) -> BackendError:
-        return BackendError(f"{what}: the server does not support Range requests (it sent the whole file "
-                            "for a ranged GET); modelfs needs a server that honours Range")
+        return BackendError(
+            f"{what}: the server does not support Range requests (it sent the whole file "
+            "for a ranged GET); modelfs needs a server that honours Range"
+        )
 
     # --- metadata
 
@@ -258,11 +269,20 @@ class HTTPBackend:
                 if size > 0 and headers.get("accept-ranges", "").strip().lower() != "bytes":
                     await self._probe(name, what)  # raises if the server ignores Range
         if etag is None or etag.startswith("W/"):
-            self._warn_once(f"etag:{name}", "%s has no strong ETag: changes are detected by %s only", what,
-                            "Last-Modified and size" if last_modified else "size")
+            self._warn_once(
+                f"etag:{name}",
+                "%s has no strong ETag: changes are detected by %s only",
+                what,
+                "Last-Modified and size" if last_modified else "size",
+            )
         if listed_size is not None and listed_size != size:
-            self._warn_once(f"size:{name}", "%s: the manifest says %d bytes, the server %d: using the server's",
-                            what, listed_size, size)
+            self._warn_once(
+                f"size:{name}",
+                "%s: the manifest says %d bytes, the server %d: using the server's",
+                what,
+                listed_size,
+                size,
+            )
         return ObjectInfo(name, size, _mtime(last_modified), make_version(size, etag, last_modified))
 
     async def _probe(self, name: str, what: str) -> tuple[int, str | None, str | None]:
@@ -275,8 +295,10 @@ class HTTPBackend:
                 if status == 206:
                     match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", ""))
                     if not match or match.group(3) == "*":
-                        raise BackendError(f"{what}: the server does not tell the file's size "
-                                           f"(Content-Range {headers.get('content-range')!r})")
+                        raise BackendError(
+                            f"{what}: the server does not tell the file's size "
+                            f"(Content-Range {headers.get('content-range')!r})"
+                        )
                     await resp.aread()  # one byte: keeps the connection reusable
                     return int(match.group(3)), etag, last_modified
                 if status == 416:
@@ -339,8 +361,9 @@ class HTTPBackend:
         async def walk(rel: str, depth: int) -> None:
             what = self._base + rel
             try:
-                resp = await self._client.get(self._base + quote(rel, safe=_PCHAR_SAFE),
-                                              headers={"Accept": "application/json"})
+                resp = await self._client.get(
+                    self._base + quote(rel, safe=_PCHAR_SAFE), headers={"Accept": "application/json"}
+                )
             except Exception as exc:
                 raise self._classify(exc, what) from None
             error = self._status_error(resp.status_code, what)
@@ -351,8 +374,10 @@ class HTTPBackend:
             except ValueError:
                 entries = None
             if not isinstance(entries, list):
-                raise BackendError(f"{what}: the server sends no JSON directory index (nginx 'autoindex_format "
-                                   "json') for this URL: list the files with --manifest FILE")
+                raise BackendError(
+                    f"{what}: the server sends no JSON directory index (nginx 'autoindex_format "
+                    "json') for this URL: list the files with --manifest FILE"
+                )
             if not entries and rel:
                 placeholders.append(ObjectInfo(rel, 0, 0.0, "0/lm:"))
             for entry in entries:
@@ -364,8 +389,9 @@ class HTTPBackend:
                 kind = entry.get("type")
                 if kind == "directory":
                     if depth >= _MAX_INDEX_DEPTH:
-                        self._warn_once(f"depth:{rel}", "%s: deeper than %d directories: not listed", what,
-                                        _MAX_INDEX_DEPTH)
+                        self._warn_once(
+                            f"depth:{rel}", "%s: deeper than %d directories: not listed", what, _MAX_INDEX_DEPTH
+                        )
                         continue
                     await walk(f"{rel}{name}/", depth + 1)
                 elif kind == "file":
@@ -405,8 +431,16 @@ class HTTPBackend:
         except Exception as exc:
             raise self._classify(exc, what) from None
 
-    def _check_read(self, resp: httpx.Response, what: str, size: int, etag: str | None,
-                    last_modified: str | None, offset: int, length: int) -> None:
+    def _check_read(
+        self,
+        resp: httpx.Response,
+        what: str,
+        size: int,
+        etag: str | None,
+        last_modified: str | None,
+        offset: int,
+        length: int,
+    ) -> None:
         status = resp.status_code
         headers = resp.headers
         if status == 412:

@@ -43,18 +43,48 @@ log = logging.getLogger(__name__)
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
-_DENIED = {"401", "403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-           "ExpiredToken", "InvalidToken", "AllAccessDisabled", "AccountProblem"}
-_THROTTLED = {"429", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-              "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+_DENIED = {
+    "401",
+    "403",
+    "AccessDenied",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+    "AccountProblem",
+}
+_THROTTLED = {
+    "429",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+    "502",
+    "504",
+}
 
 
 class S3Backend:
     """Objects below ``s3://bucket/prefix``; names are relative to the prefix."""
 
-    def __init__(self, source: Source, *, endpoint_url: str | None = None, anonymous: bool = False,
-                 ca_cert: Path | None = None, read_timeout: float = 30.0, connect_timeout: float = 10.0,
-                 max_concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        endpoint_url: str | None = None,
+        anonymous: bool = False,
+        ca_cert: Path | None = None,
+        read_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        max_concurrency: int = 8,
+    ) -> None:
         import boto3
         from botocore import UNSIGNED
         from botocore.config import Config as BotoConfig
@@ -63,8 +93,10 @@ class S3Backend:
         self._prefix = source.prefix + "/" if source.prefix else ""
         session = boto3.session.Session()
         if not anonymous and session.get_credentials() is None:
-            raise ConfigError("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                              "AWS_PROFILE, or pass --anonymous for a public bucket")
+            raise ConfigError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or pass --anonymous for a public bucket"
+            )
         options: dict[str, Any] = dict(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -79,9 +111,13 @@ class S3Backend:
         if endpoint_url is not None:
             options["s3"] = {"addressing_style": "path"}
         region = session.region_name or ("us-east-1" if endpoint_url else None)
-        self._client = session.client("s3", endpoint_url=endpoint_url, region_name=region,
-                                      verify=str(ca_cert) if ca_cert is not None else None,
-                                      config=BotoConfig(**options))
+        self._client = session.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            verify=str(ca_cert) if ca_cert is not None else None,
+            config=BotoConfig(**options),
+        )
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         self._limiter = trio.CapacityLimiter(max_concurrency + 1)
 
@@ -123,8 +159,16 @@ class S3Backend:
             return AccessDenied(f"{what}: no AWS credentials found (or pass --anonymous)")
         if isinstance(exc, bexc.SSLError):
             return BackendError(f"{what}: TLS failed ({str(exc)[:200]}); pass --ca-cert FILE to trust a private CA")
-        if isinstance(exc, (bexc.ConnectionError, bexc.HTTPClientError, OSError, http.client.HTTPException,
-                            urllib3.exceptions.HTTPError)):
+        if isinstance(
+            exc,
+            (
+                bexc.ConnectionError,
+                bexc.HTTPClientError,
+                OSError,
+                http.client.HTTPException,
+                urllib3.exceptions.HTTPError,
+            ),
+        ):
             # EndpointConnectionError, ConnectTimeout, ReadTimeout, ConnectionClosedError, resets
             text = str(exc).lower()
             return TransientError(f"{what}: {'timed out' if 'timeout' in text else str(exc)[:200]}")
@@ -133,14 +177,19 @@ class S3Backend:
     # --- listing and metadata
 
     def _info(self, key: str, size: int, modified: Any, etag: str) -> ObjectInfo:
-        return ObjectInfo(name=key[len(self._prefix) :], size=int(size),
-                          mtime=modified.timestamp() if modified is not None else 0.0, version=etag)
+        return ObjectInfo(
+            name=key[len(self._prefix) :],
+            size=int(size),
+            mtime=modified.timestamp() if modified is not None else 0.0,
+            version=etag,
+        )
 
     def _list(self) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
         try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self._source.bucket,
-                                                                            Prefix=self._prefix)
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self._source.bucket, Prefix=self._prefix
+            )
             for page in pages:
                 for item in page.get("Contents", ()):
                     if item["Key"] == self._prefix:
@@ -172,8 +221,12 @@ class S3Backend:
         length = len(dest)
         what = f"{name}@{version} [{offset}, +{length}]"
         try:
-            resp = self._client.get_object(Bucket=self._source.bucket, Key=self._prefix + name,
-                                           Range=f"bytes={offset}-{offset + length - 1}", IfMatch=version)
+            resp = self._client.get_object(
+                Bucket=self._source.bucket,
+                Key=self._prefix + name,
+                Range=f"bytes={offset}-{offset + length - 1}",
+                IfMatch=version,
+            )
         except Exception as exc:
             raise self._classify(exc, what, reading=True) from None
         raw = resp["Body"]._raw_stream  # urllib3's HTTPResponse

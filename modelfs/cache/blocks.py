@@ -86,8 +86,16 @@ class StoreStats:
 class BlockStore:
     """Blocks of pinned objects, from memory, disk or the backend."""
 
-    def __init__(self, backend: Backend, memory: MemoryCache, disk: DiskCache | None, *,
-                 block_size: int, max_concurrency: int, retry_deadline: float) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        memory: MemoryCache,
+        disk: DiskCache | None,
+        *,
+        block_size: int,
+        max_concurrency: int,
+        retry_deadline: float,
+    ) -> None:
         self.backend = backend
         self.memory = memory
         self.disk = disk
@@ -171,8 +179,9 @@ class BlockStore:
                 self.slots.release()
 
         try:
-            await retry_transient(attempt, deadline=self.retry_deadline, stats=self.stats.retry,
-                                  what=f"{obj.name} [{start}, {end})")
+            await retry_transient(
+                attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=f"{obj.name} [{start}, {end})"
+            )
         except Exception:
             self.stats.errors += 1
             raise
@@ -272,5 +281,6 @@ class BlockStore:
             finally:
                 self.slots.release()
 
-        await retry_transient(attempt, deadline=self.retry_deadline, stats=self.stats.retry,
-                              what=f"{obj.name} block {index}")
+        await retry_transient(
+            attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=f"{obj.name} block {index}"
+        )

@@ -114,8 +114,9 @@ class DiskCache:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise MountError(f"cache dir {self.root} is in use by another modelfs process "
-                             "(give this mount its own --cache-dir)") from None
+            raise MountError(
+                f"cache dir {self.root} is in use by another modelfs process (give this mount its own --cache-dir)"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
@@ -243,8 +244,7 @@ class DiskCache:
             self.stats.misses += 1
             return False
         try:
-            result = await trio.to_thread.run_sync(self._read_file, rel, key, dest, direct,
-                                                   limiter=self._read_limiter)
+            result = await trio.to_thread.run_sync(self._read_file, rel, key, dest, direct, limiter=self._read_limiter)
         except OSError as exc:
             result = f"read error: {exc.strerror}"
         if result == "hit":
@@ -277,8 +277,9 @@ class DiskCache:
         key_bytes = _key_bytes(key)
         data_offset = -(-(HEADER.size + len(key_bytes)) // PAGE) * PAGE
         head = mmap.mmap(-1, data_offset, flags=mmap.MAP_PRIVATE)  # page-aligned, as O_DIRECT wants
-        head[: HEADER.size] = HEADER.pack(MAGIC, FORMAT_VERSION, 0, key[2], len(data), crc32c.crc32c(data),
-                                          len(key_bytes), data_offset)
+        head[: HEADER.size] = HEADER.pack(
+            MAGIC, FORMAT_VERSION, 0, key[2], len(data), crc32c.crc32c(data), len(key_bytes), data_offset
+        )
         head[HEADER.size : HEADER.size + len(key_bytes)] = key_bytes
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC

@@ -30,8 +30,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
-    "ContainerError", "Podman", "PACKAGES", "BASE_IMAGE", "ensure_tools", "apt_mirror",
-    "shared_mount", "is_mount_point", "exclusive",
+    "ContainerError",
+    "Podman",
+    "PACKAGES",
+    "BASE_IMAGE",
+    "ensure_tools",
+    "apt_mirror",
+    "shared_mount",
+    "is_mount_point",
+    "exclusive",
 ]
 
 #: Debian packages the recipe needs (as root; rootless podman would need uidmap and more).
@@ -58,20 +65,27 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def run(args: Sequence[str], *, timeout: float, env: dict[str, str] | None = None, what: str | None = None,
-        check: bool = True, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    args: Sequence[str],
+    *,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    what: str | None = None,
+    check: bool = True,
+    stdin: bytes | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a command with a timeout; on failure or timeout raise ContainerError with its output."""
     label = what or " ".join(args[:3])
     try:
-        result = subprocess.run(list(args), env=env, capture_output=True, timeout=timeout, check=False,
-                                input=stdin)
+        result = subprocess.run(list(args), env=env, capture_output=True, timeout=timeout, check=False, input=stdin)
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
         raise ContainerError(f"{label}: timed out after {timeout:.0f} s\n{_tail(out)}") from None
     except FileNotFoundError:
         raise ContainerError(f"{label}: {args[0]} is not installed") from None
-    done = subprocess.CompletedProcess(result.args, result.returncode,
-                                       result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"))
+    done = subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+    )
     if check and done.returncode != 0:
         raise ContainerError(f"{label}: exit {done.returncode}\n{_tail(done.stdout + done.stderr)}")
     return done
@@ -86,8 +100,12 @@ def ensure_tools(packages: Sequence[str] = PACKAGES) -> None:
         raise ContainerError(f"need root to install {' '.join(missing)} (apt-get install {' '.join(missing)})")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     run(["apt-get", "update", "-qq"], timeout=300, env=env, what="apt-get update")
-    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], timeout=900, env=env,
-        what=f"apt-get install {' '.join(missing)}")
+    run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        timeout=900,
+        env=env,
+        what=f"apt-get install {' '.join(missing)}",
+    )
 
 
 def _apt_source_files() -> list[Path]:
@@ -109,8 +127,11 @@ def apt_mirror(suite: str = SUITE) -> str:
                     if ":" in line and not line.startswith((" ", "#")):
                         key, _, value = line.partition(":")
                         fields[key.strip().lower()] = value.strip()
-                if ("deb" in fields.get("types", "").split() and suite in fields.get("suites", "").split()
-                        and fields.get("enabled", "yes").lower() != "no"):
+                if (
+                    "deb" in fields.get("types", "").split()
+                    and suite in fields.get("suites", "").split()
+                    and fields.get("enabled", "yes").lower() != "no"
+                ):
                     return fields["uris"].split()[0].rstrip("/")
         else:
             for line in text.splitlines():
@@ -154,10 +175,10 @@ class Podman:
         self.state_dir = state_dir
         self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
 
-    def __call__(self, *args: str, timeout: float = 120, check: bool = True,
-                 stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        return run(["podman", *args], timeout=timeout, env=self.env, what=f"podman {args[0]}", check=check,
-                   stdin=stdin)
+    def __call__(
+        self, *args: str, timeout: float = 120, check: bool = True, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run(["podman", *args], timeout=timeout, env=self.env, what=f"podman {args[0]}", check=check, stdin=stdin)
 
     def image_id(self, ref: str) -> str | None:
         result = self("image", "inspect", "--format", "{{.Id}}", ref, check=False, timeout=60)
@@ -172,8 +193,11 @@ class Podman:
         work = Path(tempfile.mkdtemp(prefix="modelfs-rootfs-", dir="/var/tmp"))
         try:
             rootfs = work / "rootfs"
-            run(["debootstrap", "--variant=minbase", suite, str(rootfs), mirror], timeout=900,
-                what=f"debootstrap {suite} from {mirror}")
+            run(
+                ["debootstrap", "--variant=minbase", suite, str(rootfs), mirror],
+                timeout=900,
+                what=f"debootstrap {suite} from {mirror}",
+            )
             # apt's package lists and downloaded .debs are ~80 MB the image does not need.
             for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for entry in (rootfs / junk).glob("*"):
@@ -181,15 +205,23 @@ class Podman:
                         entry.unlink()
             tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
             try:
-                result = subprocess.run(["podman", "import", "-", ref], stdin=tar.stdout, capture_output=True,
-                                        env=self.env, timeout=600, check=False)
+                result = subprocess.run(
+                    ["podman", "import", "-", ref],
+                    stdin=tar.stdout,
+                    capture_output=True,
+                    env=self.env,
+                    timeout=600,
+                    check=False,
+                )
             finally:
                 assert tar.stdout is not None
                 tar.stdout.close()
                 tar.wait(60)
             if result.returncode != 0 or tar.returncode != 0:
-                raise ContainerError(f"podman import {ref}: exit {result.returncode} (tar {tar.returncode})\n"
-                                     + _tail(result.stderr.decode(errors="replace")))
+                raise ContainerError(
+                    f"podman import {ref}: exit {result.returncode} (tar {tar.returncode})\n"
+                    + _tail(result.stderr.decode(errors="replace"))
+                )
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return True
@@ -221,14 +253,14 @@ class Podman:
         assert image is not None
         return image
 
-
     def _build(self, args: list[str], log_name: str, timeout: float) -> None:
         result = self(*args, timeout=timeout, check=False)
         log = self.state_dir / log_name
         log.write_text(result.stdout + result.stderr)
         if result.returncode != 0:
-            raise ContainerError(f"podman build: exit {result.returncode} (whole log: {log})\n"
-                                 + _tail(result.stdout + result.stderr))
+            raise ContainerError(
+                f"podman build: exit {result.returncode} (whole log: {log})\n" + _tail(result.stdout + result.stderr)
+            )
 
 
 def is_mount_point(path: Path, fstype_prefix: str = "") -> bool:
@@ -237,8 +269,11 @@ def is_mount_point(path: Path, fstype_prefix: str = "") -> bool:
     with open("/proc/self/mounts") as f:
         for line in f:
             fields = line.split()
-            if (len(fields) > 2 and fields[1].encode().decode("unicode_escape") == target
-                    and fields[2].startswith(fstype_prefix)):
+            if (
+                len(fields) > 2
+                and fields[1].encode().decode("unicode_escape") == target
+                and fields[2].startswith(fstype_prefix)
+            ):
                 return True
     return False
 

@@ -60,9 +60,13 @@ def main() -> int:
                 elapsed = time.monotonic() - start
                 stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
                 rss = peak_rss_kib(daemon_pid(cache)) / 1024
-            print(f"loaded {loaded} tensors ({nbytes / 2**20:.0f} MiB) through the mount in {elapsed:.2f} s "
-                  f"({nbytes / elapsed / 1e6:.0f} MB/s)")
-            print(f"fetched from the bucket: {stats['backend_bytes'] / 2**20:.0f} MiB in {stats['backend_gets']} ranged GETs")
+            print(
+                f"loaded {loaded} tensors ({nbytes / 2**20:.0f} MiB) through the mount in {elapsed:.2f} s "
+                f"({nbytes / elapsed / 1e6:.0f} MB/s)"
+            )
+            print(
+                f"fetched from the bucket: {stats['backend_bytes'] / 2**20:.0f} MiB in {stats['backend_gets']} ranged GETs"
+            )
             print(f"daemon peak RSS: {rss:.0f} MiB (memory cache budget {args.memory_cache})")
             print("unmounted.")
         if wrong or loaded != len(digests):

@@ -66,8 +66,9 @@ class FakeGCS:
     def env(self) -> dict[str, str]:
         return dict(os.environ, STORAGE_EMULATOR_HOST=self.url)
 
-    def _request(self, method: str, path: str, data: bytes | None = None,
-                 headers: dict[str, str] | None = None) -> bytes:
+    def _request(
+        self, method: str, path: str, data: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> bytes:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.read()
@@ -120,12 +121,24 @@ class FakeGCS:
         self._generation += 1
         now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
         metadata = {
-            "StorageClass": "STANDARD", "ContentType": "application/octet-stream", "ContentEncoding": "",
-            "ContentDisposition": "", "ContentLanguage": "", "CacheControl": "", "Crc32c": crc,
-            "Md5Hash": md5, "Etag": md5 or f"g{self._generation}", "ACL": [], "Metadata": None,
-            "Created": now, "Deleted": "0001-01-01T00:00:00Z", "Updated": now,
-            "CustomTime": "0001-01-01T00:00:00Z", "Generation": self._generation,
-            "RetentionMode": "", "RetentionRetainUntil": "",
+            "StorageClass": "STANDARD",
+            "ContentType": "application/octet-stream",
+            "ContentEncoding": "",
+            "ContentDisposition": "",
+            "ContentLanguage": "",
+            "CacheControl": "",
+            "Crc32c": crc,
+            "Md5Hash": md5,
+            "Etag": md5 or f"g{self._generation}",
+            "ACL": [],
+            "Metadata": None,
+            "Created": now,
+            "Deleted": "0001-01-01T00:00:00Z",
+            "Updated": now,
+            "CustomTime": "0001-01-01T00:00:00Z",
+            "Generation": self._generation,
+            "RetentionMode": "",
+            "RetentionRetainUntil": "",
         }
         os.setxattr(dest, "user.metadata", json.dumps(metadata).encode())
         return self._generation
@@ -141,8 +154,19 @@ def fake_gcs(backend: str = "memory", root: Path | None = None) -> Iterator[Fake
     root = Path(tempfile.mkdtemp(prefix="fakegcs-")) if root is None else root
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    args = [str(binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-            "-backend", backend, "-log-level", "error"]
+    args = [
+        str(binary_path()),
+        "-scheme",
+        "http",
+        "-host",
+        "127.0.0.1",
+        "-port",
+        str(port),
+        "-backend",
+        backend,
+        "-log-level",
+        "error",
+    ]
     if backend == "filesystem":
         args += ["-filesystem-root", str(root)]
     log_path: Path | None = None

@@ -58,8 +58,18 @@ __all__ = ["FaultProxy", "fault_proxy", "FAULT_KINDS"]
 
 FAULT_KINDS: tuple[str, ...] = ("503", "429", "reset_before_body", "reset_mid_body", "stall", "truncate")
 
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-               "trailers", "transfer-encoding", "upgrade", "proxy-connection"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+}
 _CHUNK = 256 * 1024
 
 
@@ -129,8 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _upstream_conn(self) -> http.client.HTTPConnection:
         if self._upstream is None:
             proxy = self.server.proxy
-            self._upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
-                                                        timeout=proxy.upstream_timeout)
+            self._upstream = http.client.HTTPConnection(
+                proxy.upstream_host, proxy.upstream_port, timeout=proxy.upstream_timeout
+            )
         return self._upstream
 
     def _forward(self, body: bytes | None) -> http.client.HTTPResponse:
@@ -306,9 +317,19 @@ class _Server(ThreadingHTTPServer):
 class FaultProxy:
     """A running proxy. Every attribute below may be changed while it runs."""
 
-    def __init__(self, upstream: str, *, rate: float = 0.0, kinds: Iterable[str] = FAULT_KINDS,
-                 seed: int | None = None, fault_listings: bool = False, stall_seconds: float = 3.0,
-                 port: int = 0, upstream_timeout: float = 60.0, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        rate: float = 0.0,
+        kinds: Iterable[str] = FAULT_KINDS,
+        seed: int | None = None,
+        fault_listings: bool = False,
+        stall_seconds: float = 3.0,
+        port: int = 0,
+        upstream_timeout: float = 60.0,
+        verbose: bool = False,
+    ) -> None:
         parts = urlsplit(upstream if "://" in upstream else f"http://{upstream}")
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be http://HOST:PORT, not {upstream!r}")
@@ -328,8 +349,9 @@ class FaultProxy:
         self._stop = threading.Event()
         self._connections: set[socket.socket] = set()
         self._server = _Server(("127.0.0.1", port), self)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="faultproxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="faultproxy", daemon=True
+        )
         self._check_kinds(self.kinds)
 
     @staticmethod
@@ -369,9 +391,15 @@ class FaultProxy:
 
     # --- controls
 
-    def configure(self, *, rate: float | None = None, kinds: Iterable[str] | None = None,
-                  fault_listings: bool | None = None, stall_seconds: float | None = None,
-                  seed: int | None = None) -> None:
+    def configure(
+        self,
+        *,
+        rate: float | None = None,
+        kinds: Iterable[str] | None = None,
+        fault_listings: bool | None = None,
+        stall_seconds: float | None = None,
+        seed: int | None = None,
+    ) -> None:
         with self._lock:
             if rate is not None:
                 self.rate = rate
@@ -399,8 +427,15 @@ class FaultProxy:
             out = dict(self._counts)
         for kind in FAULT_KINDS:
             out.setdefault(f"fault_{kind}", 0)
-        for name in ("requests", "media_requests", "faults", "stall_client_gave_up", "refused_down",
-                     "upstream_errors", "bytes"):
+        for name in (
+            "requests",
+            "media_requests",
+            "faults",
+            "stall_client_gave_up",
+            "refused_down",
+            "upstream_errors",
+            "bytes",
+        ):
             out.setdefault(name, 0)
         return out
 
@@ -475,8 +510,10 @@ def fault_proxy(upstream: str, **options: object) -> Iterator[FaultProxy]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modelfs.testing.faultproxy",
-                                     description="Fault-injecting HTTP proxy on 127.0.0.1 (for tests and benchmarks).")
+    parser = argparse.ArgumentParser(
+        prog="python -m modelfs.testing.faultproxy",
+        description="Fault-injecting HTTP proxy on 127.0.0.1 (for tests and benchmarks).",
+    )
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of the real server")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free one)")
     parser.add_argument("--rate", type=float, default=0.0, help="probability of a fault per eligible request")
@@ -487,9 +524,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
-        proxy = FaultProxy(args.upstream, rate=args.rate, kinds=[k for k in args.kinds.split(",") if k],
-                           seed=args.seed, fault_listings=args.fault_listings, stall_seconds=args.stall_seconds,
-                           port=args.port, verbose=args.verbose)
+        proxy = FaultProxy(
+            args.upstream,
+            rate=args.rate,
+            kinds=[k for k in args.kinds.split(",") if k],
+            seed=args.seed,
+            fault_listings=args.fault_listings,
+            stall_seconds=args.stall_seconds,
+            port=args.port,
+            verbose=args.verbose,
+        )
     except (ValueError, OSError) as exc:
         print(f"faultproxy: {exc}", file=sys.stderr)
         return 2

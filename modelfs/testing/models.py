@@ -86,11 +86,22 @@ def write_model(directory: Path, total_bytes: int, shards: int = 4, seed: int = 
             weight_map[tensor_name] = name
         save_file(arrays, str(directory / name), metadata={"format": "pt"})
         del arrays
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    (directory / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
-        "num_hidden_layers": spec.layers, "vocab_size": spec.vocab, "torch_dtype": "float16",
-    }, indent=1))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+    )
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": spec.hidden,
+                "intermediate_size": spec.intermediate,
+                "num_hidden_layers": spec.layers,
+                "vocab_size": spec.vocab,
+                "torch_dtype": "float16",
+            },
+            indent=1,
+        )
+    )
     return digests
 
 

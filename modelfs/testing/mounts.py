@@ -13,9 +13,17 @@ from modelfs.mount import is_mounted, wait_for_exit
 __all__ = ["mounted", "run_modelfs", "daemon_pid", "peak_rss_kib", "force_unmount"]
 
 
-def run_modelfs(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "modelfs", *args], capture_output=True, text=True,
-                          env=dict(env) if env is not None else None, timeout=timeout, check=False)
+def run_modelfs(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "modelfs", *args],
+        capture_output=True,
+        text=True,
+        env=dict(env) if env is not None else None,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def force_unmount(mountpoint: Path) -> None:
@@ -38,8 +46,9 @@ def peak_rss_kib(pid: int) -> int:
 
 
 @contextmanager
-def mounted(source: str, mountpoint: Path, cache_dir: Path, *options: str,
-            env: Mapping[str, str] | None = None) -> Iterator[Path]:
+def mounted(
+    source: str, mountpoint: Path, cache_dir: Path, *options: str, env: Mapping[str, str] | None = None
+) -> Iterator[Path]:
     """``modelfs mount SOURCE MOUNTPOINT --cache-dir DIR OPTIONS``; unmounted on exit, whatever happens."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     result = run_modelfs("mount", source, str(mountpoint), "--cache-dir", str(cache_dir), *options, env=env)

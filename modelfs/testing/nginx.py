@@ -64,14 +64,43 @@ def make_ca(directory: Path, *, host: str = "127.0.0.1") -> tuple[Path, Path, Pa
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca_pem), "-days", "3",
-            "-subj", "/CN=modelfs test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            "-addext", "subjectKeyIdentifier=hash")
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_pem),
+        "-days",
+        "3",
+        "-subj",
+        "/CN=modelfs test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext",
+        "subjectKeyIdentifier=hash",
+    )
     openssl("req", "-new", *ec, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={host}")
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_pem), "-CAkey", str(ca_key), "-CAcreateserial",
-            "-out", str(pem), "-days", "3", "-extfile", str(ext))
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_pem),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(pem),
+        "-days",
+        "3",
+        "-extfile",
+        str(ext),
+    )
     return ca_pem, pem, key
 
 
@@ -175,11 +204,26 @@ def nginx(root: Path | None = None, *, workers: int = 1, access_log: bool = Fals
     conf = work / "nginx.conf"
     # As root, workers would switch to 'nobody' and could not read a 0700 temp dir.
     user = "user root root;" if os.geteuid() == 0 else ""
-    conf.write_text(_CONF.format(workers=workers, user=user, work=work, port=port, tls_port=tls_port,
-                                 cert=cert, key=key, root=root, token=TOKEN,
-                                 access_log=f"{work}/access.log" if access_log else "off"))
-    process = subprocess.Popen([binary, "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    conf.write_text(
+        _CONF.format(
+            workers=workers,
+            user=user,
+            work=work,
+            port=port,
+            tls_port=tls_port,
+            cert=cert,
+            key=key,
+            root=root,
+            token=TOKEN,
+            access_log=f"{work}/access.log" if access_log else "off",
+        )
+    )
+    process = subprocess.Popen(
+        [binary, "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     server = Nginx(root, work, port, tls_port, ca_cert, process)
     try:
         deadline = time.monotonic() + 20

@@ -80,9 +80,14 @@ class S3Server:
         from botocore.config import Config
 
         creds = credentials or self.admin
-        return boto3.client("s3", endpoint_url=self.url, region_name=REGION, aws_access_key_id=creds.access_key,
-                            aws_secret_access_key=creds.secret_key,
-                            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 3}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=REGION,
+            aws_access_key_id=creds.access_key,
+            aws_secret_access_key=creds.secret_key,
+            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 3}),
+        )
 
     def create_bucket(self, name: str) -> None:
         client = self.client()
@@ -117,8 +122,13 @@ def s3_server() -> Iterator[S3Server]:
     log_path = workdir / "moto.log"
     log = open(log_path, "wb")
     env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        env=env,
+    )
     log.close()
     url = f"http://127.0.0.1:{port}"
     server: S3Server | None = None
@@ -133,14 +143,23 @@ def s3_server() -> Iterator[S3Server]:
                     raise RuntimeError(f"moto server did not start; see {log_path}") from None
                 time.sleep(0.1)
         # Before auth is on, any keys do: make the two users.
-        iam = boto3.client("iam", endpoint_url=url, region_name=REGION, aws_access_key_id="setup",
-                           aws_secret_access_key="setup", config=Config(retries={"total_max_attempts": 3}))
+        iam = boto3.client(
+            "iam",
+            endpoint_url=url,
+            region_name=REGION,
+            aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+            config=Config(retries={"total_max_attempts": 3}),
+        )
         users: dict[str, Credentials] = {}
         policies = {
             "admin": _policy({"Effect": "Allow", "Action": "*", "Resource": "*"}),
             "reader": _policy(
-                {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"],
-                 "Resource": "*"},
+                {
+                    "Effect": "Allow",
+                    "Action": ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"],
+                    "Resource": "*",
+                },
                 {"Effect": "Deny", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::*/denied/*"},
             ),
         }
@@ -149,8 +168,9 @@ def s3_server() -> Iterator[S3Server]:
             iam.put_user_policy(UserName=user, PolicyName=f"{user}-policy", PolicyDocument=policy)
             key = iam.create_access_key(UserName=user)["AccessKey"]
             users[user] = Credentials(key["AccessKeyId"], key["SecretAccessKey"])
-        request = urllib.request.Request(url + "/moto-api/reset-auth", data=b"0", method="POST",
-                                         headers={"Content-Type": "text/plain"})
+        request = urllib.request.Request(
+            url + "/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+        )
         urllib.request.urlopen(request, timeout=10).close()
         server = S3Server(port, process, users["admin"], users["reader"], log_path)
         yield server

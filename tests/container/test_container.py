@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.testing.container import (ContainerError, Podman, ensure_tools, exclusive, is_mount_point,
-                                       shared_mount)
+from modelfs.testing.container import ContainerError, Podman, ensure_tools, exclusive, is_mount_point, shared_mount
 from modelfs.testing.fakegcs import FakeGCS, fake_gcs
 from modelfs.testing.models import tensor_digests, write_model
 
@@ -99,16 +98,39 @@ class Sidecar:
         self.mount = self.shared / subdir if subdir else self.shared
         env = [f"MODELFS_MOUNTPOINT=/mnt/models/{subdir}"] if subdir else []
         self.podman(
-            "run", "-d", "--name", self.name, "--privileged", "--device", "/dev/fuse", "--network", "host",
-            "-e", f"STORAGE_EMULATOR_HOST={self.gcs.url}", "-e", f"MODELFS_SOURCE=gs://{BUCKET}/{PREFIX}",
-            "-e", "MODELFS_ANONYMOUS=true", "-e", f"MODELFS_MEMORY_CACHE={MEMORY_CACHE}",
-            "-e", "MODELFS_BLOCK_SIZE=4M", "--memory", str(MEMORY_LIMIT), *(a for e in env for a in ("-e", e)),
-            "-v", f"{self.shared}:/mnt/models:rshared", self.image, timeout=120)
+            "run",
+            "-d",
+            "--name",
+            self.name,
+            "--privileged",
+            "--device",
+            "/dev/fuse",
+            "--network",
+            "host",
+            "-e",
+            f"STORAGE_EMULATOR_HOST={self.gcs.url}",
+            "-e",
+            f"MODELFS_SOURCE=gs://{BUCKET}/{PREFIX}",
+            "-e",
+            "MODELFS_ANONYMOUS=true",
+            "-e",
+            f"MODELFS_MEMORY_CACHE={MEMORY_CACHE}",
+            "-e",
+            "MODELFS_BLOCK_SIZE=4M",
+            "--memory",
+            str(MEMORY_LIMIT),
+            *(a for e in env for a in ("-e", e)),
+            "-v",
+            f"{self.shared}:/mnt/models:rshared",
+            self.image,
+            timeout=120,
+        )
 
     def state(self) -> str:
         """``running 0``, ``exited 0``...; ``OOM`` is appended if the memory limit killed it."""
-        fields = self.podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}",
-                             self.name, timeout=60).stdout.split()
+        fields = self.podman(
+            "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}", self.name, timeout=60
+        ).stdout.split()
         return " ".join(fields[:2]) + (" OOM" if fields[2] == "true" else "")
 
     def logs(self) -> str:
@@ -127,8 +149,7 @@ class Sidecar:
             if not self.state().startswith("running"):
                 break
             time.sleep(0.1)
-        pytest.fail(f"the host did not see the mount (container {self.state()}); logs:\n{self.logs()}",
-                    pytrace=False)
+        pytest.fail(f"the host did not see the mount (container {self.state()}); logs:\n{self.logs()}", pytrace=False)
 
     def remove(self) -> None:
         self.podman("rm", "-f", "-t", "5", self.name, check=False, timeout=60)
@@ -203,9 +224,16 @@ def test_image_is_slim_and_says_what_is_missing(podman: Podman, image: str) -> N
     assert version.stdout.startswith("modelfs ")
     # No compiler or build headers in the final image (pyfuse3 was compiled in the build stage).
     # What the probes and `modelfs unmount` use is there.
-    tools = podman(*run, "--entrypoint", "sh", image, "-c",
-                   "for t in gcc cc x86_64-linux-gnu-gcc pkg-config fusermount3 mountpoint; do command -v $t; done;"
-                   " ls /usr/include/fuse3 2>/dev/null; true", timeout=60)
+    tools = podman(
+        *run,
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "for t in gcc cc x86_64-linux-gnu-gcc pkg-config fusermount3 mountpoint; do command -v $t; done;"
+        " ls /usr/include/fuse3 2>/dev/null; true",
+        timeout=60,
+    )
     assert tools.stdout.split() == ["/usr/bin/fusermount3", "/usr/bin/mountpoint"]
     # No MODELFS_SOURCE and no arguments: one clear line, non-zero exit.
     bare = podman(*run, image, check=False, timeout=60)

@@ -15,9 +15,7 @@ from modelfs.testing.mounts import force_unmount, mounted
 from modelfs.testing.nginx import Nginx, nginx
 from modelfs.testing.s3server import S3Server, s3_server
 
-needs_fuse = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"
-)
+needs_fuse = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -46,15 +44,21 @@ def mount(tmp_path: Path, gcs: FakeGCS) -> Iterator[MountFn]:
     with ExitStack() as stack:
         count = 0
 
-        def do_mount(source: str, *options: str, mountpoint: Path | None = None, cache_dir: Path | None = None,
-                     env: Mapping[str, str] | None = None) -> Path:
+        def do_mount(
+            source: str,
+            *options: str,
+            mountpoint: Path | None = None,
+            cache_dir: Path | None = None,
+            env: Mapping[str, str] | None = None,
+        ) -> Path:
             nonlocal count
             count += 1
             mnt = mountpoint or tmp_path / f"mnt{count}"
             cache = cache_dir or tmp_path / f"cache{count}"
             stack.callback(force_unmount, mnt)
-            return stack.enter_context(mounted(source, mnt, cache, "--anonymous", *options,
-                                               env=gcs.env() if env is None else env))
+            return stack.enter_context(
+                mounted(source, mnt, cache, "--anonymous", *options, env=gcs.env() if env is None else env)
+            )
 
         yield do_mount
 

@@ -122,8 +122,10 @@ def _http(web: Nginx, tmp_path: Path, *, tls: bool, manifest: bool) -> Harness:
         if not manifest:
             return HTTPBackend(source, ca_cert=ca)
         # Sizes on some lines: a manifest may carry them (the server's answer wins).
-        lines = [f"{name} {(web.root / top / name).stat().st_size}" if i % 2 else name
-                 for i, name in enumerate(sorted(names))]
+        lines = [
+            f"{name} {(web.root / top / name).stat().st_size}" if i % 2 else name
+            for i, name in enumerate(sorted(names))
+        ]
         manifest_path.write_text("# made by the contract test\n" + "\n".join(lines) + "\n")
         return HTTPBackend(source, ca_cert=ca, manifest=manifest_path)
 
@@ -139,7 +141,10 @@ def _http(web: Nginx, tmp_path: Path, *, tls: bool, manifest: bool) -> Harness:
         return HTTPBackend(parse_source(web.url(f"private/{top}/", tls=tls)), ca_cert=ca), "secret.bin"
 
     return Harness(
-        "http", make, put, delete,
+        "http",
+        make,
+        put,
+        delete,
         put_outside=lambda name, data: web.put(f"{top}x/{name}", data) and None,
         missing_root=lambda: HTTPBackend(parse_source(web.url(f"{top}-missing/", tls=tls)), ca_cert=ca),
         denied=denied,
@@ -171,8 +176,9 @@ def _s3(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Harness:
 
 
 @pytest.fixture(params=KINDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path,
-                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Harness]:
     kind = request.param
     if kind == "memory":
         harness = _memory(tmp_path)

@@ -46,22 +46,43 @@ def test_bad_source(mnt: Path, gcs: FakeGCS) -> None:
 def test_bad_options(mnt: Path, gcs: FakeGCS, bucket: str) -> None:
     src = f"gs://{bucket}"
     _fails(run_modelfs("mount", src, str(mnt), "--memory-cache", "lots", env=gcs.env()), 2, "--memory-cache")
-    _fails(run_modelfs("mount", src, str(mnt), "--memory-cache", "1M", "--block-size", "1M", env=gcs.env()), 2,
-           "two blocks")
+    _fails(
+        run_modelfs("mount", src, str(mnt), "--memory-cache", "1M", "--block-size", "1M", env=gcs.env()),
+        2,
+        "two blocks",
+    )
     assert not is_mounted(mnt)
 
 
 def test_missing_bucket(mnt: Path, gcs: FakeGCS, tmp_path: Path) -> None:
-    result = run_modelfs("mount", "gs://no-such-bucket-here/models", str(mnt), "--anonymous",
-                         "--cache-dir", str(tmp_path / "c"), "--retry-deadline", "2", env=gcs.env())
+    result = run_modelfs(
+        "mount",
+        "gs://no-such-bucket-here/models",
+        str(mnt),
+        "--anonymous",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--retry-deadline",
+        "2",
+        env=gcs.env(),
+    )
     _fails(result, 1, "no-such-bucket-here", "not found")
     assert not is_mounted(mnt)
 
 
 def test_dead_server(mnt: Path, tmp_path: Path) -> None:
     env = dict(os.environ, STORAGE_EMULATOR_HOST="http://127.0.0.1:9")  # nothing listens on port 9
-    result = run_modelfs("mount", "gs://some-bucket", str(mnt), "--anonymous", "--cache-dir", str(tmp_path / "c"),
-                         "--retry-deadline", "1", env=env)
+    result = run_modelfs(
+        "mount",
+        "gs://some-bucket",
+        str(mnt),
+        "--anonymous",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--retry-deadline",
+        "1",
+        env=env,
+    )
     _fails(result, 1)
     assert not is_mounted(mnt)
 
@@ -70,19 +91,26 @@ def test_bad_mountpoints(gcs: FakeGCS, bucket: str, tmp_path: Path, mount: Mount
     gcs.upload(bucket, "a.bin", b"a")
     src = f"gs://{bucket}"
     cache = str(tmp_path / "c")
-    _fails(run_modelfs("mount", src, str(tmp_path / "missing"), "--anonymous", "--cache-dir", cache, env=gcs.env()),
-           1, "does not exist")
+    _fails(
+        run_modelfs("mount", src, str(tmp_path / "missing"), "--anonymous", "--cache-dir", cache, env=gcs.env()),
+        1,
+        "does not exist",
+    )
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
     _fails(run_modelfs("mount", src, str(full), "--anonymous", "--cache-dir", cache, env=gcs.env()), 1, "not empty")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    _fails(run_modelfs("mount", src, str(afile), "--anonymous", "--cache-dir", cache, env=gcs.env()), 1,
-           "not a directory")
+    _fails(
+        run_modelfs("mount", src, str(afile), "--anonymous", "--cache-dir", cache, env=gcs.env()), 1, "not a directory"
+    )
     mounted_at = mount(src)
-    _fails(run_modelfs("mount", src, str(mounted_at), "--anonymous", "--cache-dir", cache, env=gcs.env()), 1,
-           "already mounted")
+    _fails(
+        run_modelfs("mount", src, str(mounted_at), "--anonymous", "--cache-dir", cache, env=gcs.env()),
+        1,
+        "already mounted",
+    )
     assert (mounted_at / "a.bin").read_bytes() == b"a"  # the first mount still works
     _fails(run_modelfs("unmount", str(tmp_path / "full"), env=gcs.env()), 1, "not mounted")
 
@@ -93,8 +121,7 @@ def test_cache_dir_in_use(gcs: FakeGCS, bucket: str, tmp_path: Path, mount: Moun
     mount(f"gs://{bucket}", cache_dir=cache)
     other = tmp_path / "other"
     other.mkdir()
-    result = run_modelfs("mount", f"gs://{bucket}", str(other), "--anonymous", "--cache-dir", str(cache),
-                         env=gcs.env())
+    result = run_modelfs("mount", f"gs://{bucket}", str(other), "--anonymous", "--cache-dir", str(cache), env=gcs.env())
     _fails(result, 1, "in use")
     assert not is_mounted(other)
 
@@ -102,9 +129,22 @@ def test_cache_dir_in_use(gcs: FakeGCS, bucket: str, tmp_path: Path, mount: Moun
 def test_sigterm_unmounts_cleanly(gcs: FakeGCS, bucket: str, mnt: Path, tmp_path: Path) -> None:
     gcs.upload(bucket, "m/a.bin", b"abc")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelfs", "mount", f"gs://{bucket}/m", str(mnt), "--foreground", "--anonymous",
-         "--cache-dir", str(tmp_path / "c")],
-        env=gcs.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "modelfs",
+            "mount",
+            f"gs://{bucket}/m",
+            str(mnt),
+            "--foreground",
+            "--anonymous",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        env=gcs.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30

@@ -113,14 +113,25 @@ FAULT_FILES = {
 }
 
 
-def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mount: MountFn,
-                                  tmp_path: Path) -> None:
+def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mount: MountFn, tmp_path: Path) -> None:
     for name, data in FAULT_FILES.items():
         gcs.upload(bucket, f"m/{name}", data)
     cache = tmp_path / "cache"
     # No disk cache and 8 blocks of memory: re-reads go back to the backend.
-    mnt = mount(f"gs://{bucket}/m", *BASE, "--memory-cache", "512K", "--disk-cache", "0",
-                "--retry-deadline", "15", "--metadata-ttl", "1", cache_dir=cache, env=_via(proxy))
+    mnt = mount(
+        f"gs://{bucket}/m",
+        *BASE,
+        "--memory-cache",
+        "512K",
+        "--disk-cache",
+        "0",
+        "--retry-deadline",
+        "15",
+        "--metadata-ttl",
+        "1",
+        cache_dir=cache,
+        env=_via(proxy),
+    )
     for kind in FAULT_KINDS:  # every kind at least once, whatever the dice say
         proxy.force(kind)
     # A stall far longer than --read-timeout: only the client's timeout ends it in time.
@@ -185,20 +196,33 @@ def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, 
     assert counts["media_requests"] >= 100, counts  # 120 ranged reads and 3 whole files
     assert counts["faults"] >= 0.1 * counts["media_requests"], counts
     # Every stall was abandoned by the client (its read timeout), not ended by the proxy.
-    _wait_for("stalled connections to be closed by the client",
-              lambda: proxy.counters()["stall_client_gave_up"] == proxy.counters()["fault_stall"])
+    _wait_for(
+        "stalled connections to be closed by the client",
+        lambda: proxy.counters()["stall_client_gave_up"] == proxy.counters()["fault_stall"],
+    )
     assert _stats(mnt)["errors"] == 0
     _no_traceback(cache)
 
 
-def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mount: MountFn,
-                                tmp_path: Path) -> None:
+def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mount: MountFn, tmp_path: Path) -> None:
     cached, uncached = _data(5 * BLOCK + 99, 21), _data(5 * BLOCK + 1, 22)
     gcs.upload(bucket, "m/cached.bin", cached)
     gcs.upload(bucket, "m/uncached.bin", uncached)
     cache = tmp_path / "cache"
-    mnt = mount(f"gs://{bucket}/m", *BASE, "--memory-cache", "256K", "--disk-cache", "4M",
-                "--retry-deadline", "3", "--metadata-ttl", "1", cache_dir=cache, env=_via(proxy))
+    mnt = mount(
+        f"gs://{bucket}/m",
+        *BASE,
+        "--memory-cache",
+        "256K",
+        "--disk-cache",
+        "4M",
+        "--retry-deadline",
+        "3",
+        "--metadata-ttl",
+        "1",
+        cache_dir=cache,
+        env=_via(proxy),
+    )
     assert _read_whole(mnt / "cached.bin") == cached  # into the disk cache (memory holds only 4 blocks)
     (mnt / "uncached.bin").stat()
 
@@ -228,8 +252,18 @@ def test_overwrite_while_open_is_estale(gcs: FakeGCS, bucket: str, mount: MountF
     old, new = _data(8 * BLOCK, 31), _data(6 * BLOCK + 5, 32)
     gcs.upload(bucket, "m/w.bin", old)
     gcs.upload(bucket, "m/other.bin", b"x")
-    mnt = mount(f"gs://{bucket}/m", *BASE, "--memory-cache", "256K", "--disk-cache", "0", "--max-prefetch", "0",
-                "--metadata-ttl", "1")
+    mnt = mount(
+        f"gs://{bucket}/m",
+        *BASE,
+        "--memory-cache",
+        "256K",
+        "--disk-cache",
+        "0",
+        "--max-prefetch",
+        "0",
+        "--metadata-ttl",
+        "1",
+    )
     fd = os.open(mnt / "w.bin", os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -268,8 +302,18 @@ def test_delete_while_open_is_estale_then_enoent(gcs: FakeGCS, bucket: str, moun
     data = _data(4 * BLOCK, 41)
     gcs.upload(bucket, "m/gone.bin", data)
     gcs.upload(bucket, "m/stays.bin", b"y")
-    mnt = mount(f"gs://{bucket}/m", *BASE, "--memory-cache", "256K", "--disk-cache", "0", "--max-prefetch", "0",
-                "--metadata-ttl", "1")
+    mnt = mount(
+        f"gs://{bucket}/m",
+        *BASE,
+        "--memory-cache",
+        "256K",
+        "--disk-cache",
+        "0",
+        "--max-prefetch",
+        "0",
+        "--metadata-ttl",
+        "1",
+    )
     fd = os.open(mnt / "gone.bin", os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -356,8 +400,10 @@ def test_kill_9_mid_read_then_remount_warm(gcs: FakeGCS, bucket: str, tmp_path: 
                 got += os.read(fd, min(BLOCK, half - len(got)))
             assert got == data[:half]
             # Every block fetched so far (the half and some read-ahead) reached the disk.
-            _wait_for("disk writes", lambda: _stats(mnt)["disk_writes"] >= 8
-                      and _stats(mnt)["disk_writes"] == _stats(mnt)["backend_gets"])
+            _wait_for(
+                "disk writes",
+                lambda: _stats(mnt)["disk_writes"] >= 8 and _stats(mnt)["disk_writes"] == _stats(mnt)["backend_gets"],
+            )
             os.kill(pids[0], signal.SIGKILL)  # the reader still holds the file open, mid-file
             _wait_dead(pids[0])
             with pytest.raises(OSError) as info:
@@ -467,8 +513,17 @@ def test_concurrent_readers_small_budget(gcs: FakeGCS, bucket: str, mount: Mount
     for name, data in files.items():
         gcs.upload(bucket, f"m/{name}", data)
     cache = tmp_path / "cache"
-    mnt = mount(f"gs://{bucket}/m", *BASE, "--memory-cache", "512K", "--disk-cache", "1M",
-                "--max-concurrency", "4", cache_dir=cache)
+    mnt = mount(
+        f"gs://{bucket}/m",
+        *BASE,
+        "--memory-cache",
+        "512K",
+        "--disk-cache",
+        "1M",
+        "--max-concurrency",
+        "4",
+        cache_dir=cache,
+    )
     names = sorted(files)
     errors: list[str] = []
     start = threading.Barrier(16)
@@ -519,13 +574,16 @@ def test_concurrent_readers_small_budget(gcs: FakeGCS, bucket: str, mount: Mount
 # --- bad input: one line, no traceback
 
 
-@pytest.mark.parametrize("args", [
-    ["mount", "gs://bkt/p", "/nonexistent-mnt", "--read-timeout", "0"],
-    ["mount", "gs://bkt/p", "/nonexistent-mnt", "--retry-deadline", "-1"],
-    ["mount", "gs://bkt/p", "/nonexistent-mnt", "--retry-deadline", "soon"],
-    ["mount", "gs://bkt/p", "/nonexistent-mnt", "--anonymous", "--retry-deadline", "1"],
-    ["unmount", "/nonexistent-mnt"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["mount", "gs://bkt/p", "/nonexistent-mnt", "--read-timeout", "0"],
+        ["mount", "gs://bkt/p", "/nonexistent-mnt", "--retry-deadline", "-1"],
+        ["mount", "gs://bkt/p", "/nonexistent-mnt", "--retry-deadline", "soon"],
+        ["mount", "gs://bkt/p", "/nonexistent-mnt", "--anonymous", "--retry-deadline", "1"],
+        ["unmount", "/nonexistent-mnt"],
+    ],
+)
 def test_bad_input_has_no_traceback(args: list[str], gcs: FakeGCS, tmp_path: Path) -> None:
     if args[0] == "mount":
         args = [*args, "--cache-dir", str(tmp_path / "c")]

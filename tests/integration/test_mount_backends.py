@@ -29,11 +29,31 @@ from modelfs.testing.nginx import TOKEN, Nginx
 from modelfs.testing.s3server import S3Server
 
 BLOCK = 64 * 1024
-OPTIONS = ("--block-size", "64K", "--memory-cache", "512K", "--disk-cache", "8M", "--read-ahead-kb", "128",
-           "--max-prefetch", "128K")
+OPTIONS = (
+    "--block-size",
+    "64K",
+    "--memory-cache",
+    "512K",
+    "--disk-cache",
+    "8M",
+    "--read-ahead-kb",
+    "128",
+    "--max-prefetch",
+    "128K",
+)
 # No disk cache for the replacement test: nothing may fetch the file ahead of the reads it makes.
-STALE_OPTIONS = ("--block-size", "64K", "--memory-cache", "512K", "--disk-cache", "0", "--read-ahead-kb", "128",
-                 "--max-prefetch", "128K")
+STALE_OPTIONS = (
+    "--block-size",
+    "64K",
+    "--memory-cache",
+    "512K",
+    "--disk-cache",
+    "0",
+    "--read-ahead-kb",
+    "128",
+    "--max-prefetch",
+    "128K",
+)
 BIG = "m.safetensors"
 BIG_BLOCKS = 24
 
@@ -43,8 +63,10 @@ def _safetensors(seed: int, nbytes: int) -> bytes:
     from safetensors.numpy import save
 
     rng = np.random.default_rng(seed)
-    tensors = {"a.weight": rng.integers(0, 256, size=(nbytes // 2 // 256, 256), dtype=np.uint8),
-               "b.weight": rng.integers(0, 256, size=(nbytes // 2,), dtype=np.uint8)}
+    tensors = {
+        "a.weight": rng.integers(0, 256, size=(nbytes // 2 // 256, 256), dtype=np.uint8),
+        "b.weight": rng.integers(0, 256, size=(nbytes // 2,), dtype=np.uint8),
+    }
     return save(tensors)
 
 
@@ -101,8 +123,11 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         put("unlisted.bin", b"in the directory, not in the manifest")
         if kind.endswith("-manifest"):
             manifest = tmp_path / "files.txt"
-            manifest.write_text("".join(f"{name} {len(data)}\n" if i % 2 else f"{name}\n"
-                                        for i, (name, data) in enumerate(files.items())))
+            manifest.write_text(
+                "".join(
+                    f"{name} {len(data)}\n" if i % 2 else f"{name}\n" for i, (name, data) in enumerate(files.items())
+                )
+            )
             return Remote(kind, files, put, web.url(f"{top}/", tls=tls), (*ca, "--manifest", str(manifest)), None)
         files["unlisted.bin"] = b"in the directory, not in the manifest"
         return Remote(kind, files, put, web.url(f"{top}/", tls=tls), ca, None)
@@ -113,15 +138,27 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         for name, data in MANY.items():
             s3.put(bucket, f"{top}/{name}", data)
         s3.put(bucket, f"{top}x/neighbour.bin", b"beside the prefix")
-        return Remote(kind, dict(MANY), lambda name, data: s3.put(bucket, f"{top}/{name}", data) and None,
-                      f"s3://{bucket}/{top}", ("--endpoint-url", s3.url), s3.env())
+        return Remote(
+            kind,
+            dict(MANY),
+            lambda name, data: s3.put(bucket, f"{top}/{name}", data) and None,
+            f"s3://{bucket}/{top}",
+            ("--endpoint-url", s3.url),
+            s3.env(),
+        )
     gcs: FakeGCS = request.getfixturevalue("gcs")
     bucket = f"b-{uuid.uuid4().hex[:10]}"
     gcs.create_bucket(bucket)
     for name, data in MANY.items():
         gcs.upload(bucket, f"{top}/{name}", data)
-    return Remote(kind, dict(MANY), lambda name, data: gcs.upload(bucket, f"{top}/{name}", data) and None,
-                  f"gs://{bucket}/{top}", ("--anonymous",), gcs.env())
+    return Remote(
+        kind,
+        dict(MANY),
+        lambda name, data: gcs.upload(bucket, f"{top}/{name}", data) and None,
+        f"gs://{bucket}/{top}",
+        ("--anonymous",),
+        gcs.env(),
+    )
 
 
 @pytest.fixture
@@ -217,15 +254,38 @@ def test_header_values_are_never_logged(web: Nginx, tmp_path: Path) -> None:
     log = tmp_path / "modelfs.log"
     source = web.url(f"private/{top}/weights.bin", tls=True)
     cache = tmp_path / "cache"
-    with mounted(source, tmp_path / "mnt", cache, "--ca-cert", str(web.ca_cert), "--header", f"@{headers}",
-                 "--log-level", "debug", "--log-file", str(log), *OPTIONS) as mnt:
+    with mounted(
+        source,
+        tmp_path / "mnt",
+        cache,
+        "--ca-cert",
+        str(web.ca_cert),
+        "--header",
+        f"@{headers}",
+        "--log-level",
+        "debug",
+        "--log-file",
+        str(log),
+        *OPTIONS,
+    ) as mnt:
         assert (mnt / "weights.bin").read_bytes() == data
         cmdline = Path(f"/proc/{daemon_pid(cache)}/cmdline").read_bytes()
         assert TOKEN.encode() not in cmdline  # @FILE keeps it out of the process list
     # Given on the command line, the daemon still gets it through its environment, not its argv.
-    with mounted(source, tmp_path / "mnt", cache, "--ca-cert", str(web.ca_cert),
-                 "--header", f"Authorization: Bearer {TOKEN}", "--log-level", "debug", "--log-file", str(log),
-                 *OPTIONS) as mnt:
+    with mounted(
+        source,
+        tmp_path / "mnt",
+        cache,
+        "--ca-cert",
+        str(web.ca_cert),
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
+        "--log-level",
+        "debug",
+        "--log-file",
+        str(log),
+        *OPTIONS,
+    ) as mnt:
         assert (mnt / "weights.bin").read_bytes() == data
         cmdline = Path(f"/proc/{daemon_pid(cache)}/cmdline").read_bytes()
         assert TOKEN.encode() not in cmdline
@@ -235,8 +295,19 @@ def test_header_values_are_never_logged(web: Nginx, tmp_path: Path) -> None:
     # A refused token: the mount fails with one line that names the refusal, not the token.
     wrong = f"Authorization: Bearer wrong-{TOKEN}"
     (tmp_path / "mnt2").mkdir()
-    result = run_modelfs("mount", source, str(tmp_path / "mnt2"), "--cache-dir", str(tmp_path / "cache2"),
-                         "--ca-cert", str(web.ca_cert), "--header", wrong, "--log-file", str(tmp_path / "log2"))
+    result = run_modelfs(
+        "mount",
+        source,
+        str(tmp_path / "mnt2"),
+        "--cache-dir",
+        str(tmp_path / "cache2"),
+        "--ca-cert",
+        str(web.ca_cert),
+        "--header",
+        wrong,
+        "--log-file",
+        str(tmp_path / "log2"),
+    )
     force_unmount(tmp_path / "mnt2")
     assert result.returncode == 1, result.stderr
     assert "access denied (401)" in result.stderr
@@ -249,8 +320,9 @@ def test_server_without_range_support_fails_clearly(web: Nginx, tmp_path: Path) 
     web.put(f"noranges/{top}/m.bin", _data(3 * BLOCK, 4))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    result = run_modelfs("mount", web.url(f"noranges/{top}/m.bin"), str(mnt), "--cache-dir", str(tmp_path / "c"),
-                         *OPTIONS)
+    result = run_modelfs(
+        "mount", web.url(f"noranges/{top}/m.bin"), str(mnt), "--cache-dir", str(tmp_path / "c"), *OPTIONS
+    )
     force_unmount(mnt)
     assert result.returncode == 1
     assert "does not support Range requests" in result.stderr
@@ -277,9 +349,9 @@ def test_manifest_entry_missing_on_the_server_fails_the_mount(web: Nginx, tmp_pa
     manifest.write_text("here.bin\nmissing.bin\n")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    result = run_modelfs("mount", web.url(f"{top}/"), str(mnt), "--cache-dir", str(tmp_path / "c"),
-                         "--manifest", str(manifest))
+    result = run_modelfs(
+        "mount", web.url(f"{top}/"), str(mnt), "--cache-dir", str(tmp_path / "c"), "--manifest", str(manifest)
+    )
     force_unmount(mnt)
     assert result.returncode == 1
     assert "missing.bin" in result.stderr and "not on the server" in result.stderr
-

@@ -148,8 +148,16 @@ def test_missing_file_is_enoent(seeded: str, mount: MountFn) -> None:
 def test_unmount_leaves_nothing(seeded: str, gcs: FakeGCS, tmp_path: Path) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     mnt.mkdir()
-    result = run_modelfs("mount", f"gs://{seeded}/{PREFIX}", str(mnt), "--anonymous", "--cache-dir", str(cache),
-                         *GCS_OPTIONS, env=gcs.env())
+    result = run_modelfs(
+        "mount",
+        f"gs://{seeded}/{PREFIX}",
+        str(mnt),
+        "--anonymous",
+        "--cache-dir",
+        str(cache),
+        *GCS_OPTIONS,
+        env=gcs.env(),
+    )
     try:
         assert result.returncode == 0, result.stderr
         assert is_mounted(mnt)
@@ -179,8 +187,18 @@ def test_single_object_source(seeded: str, mount: MountFn) -> None:
 def test_prefix_with_nothing_is_an_error(seeded: str, gcs: FakeGCS, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    result = run_modelfs("mount", f"gs://{seeded}/models/no-such-model", str(mnt), "--anonymous",
-                         "--cache-dir", str(tmp_path / "c"), env=gcs.env())
+    result = run_modelfs(
+        "mount",
+        f"gs://{seeded}/models/no-such-model",
+        str(mnt),
+        "--anonymous",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        env=gcs.env(),
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == f"modelfs: nothing found at gs://{seeded}/models/no-such-model (no object with that name or prefix)"
+    assert (
+        result.stderr.strip()
+        == f"modelfs: nothing found at gs://{seeded}/models/no-such-model (no object with that name or prefix)"
+    )
     assert not is_mounted(mnt)

@@ -32,8 +32,16 @@ def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) ->
     data = random.Random(7).randbytes(10 * 65536)
     gcs.upload(bucket, "m/w.bin", data)
     port = free_port()
-    mnt = mount(f"gs://{bucket}/m", "--no-eager", "--block-size", "64K", "--memory-cache", "256K", "--metrics-addr",
-                f"127.0.0.1:{port}")
+    mnt = mount(
+        f"gs://{bucket}/m",
+        "--no-eager",
+        "--block-size",
+        "64K",
+        "--memory-cache",
+        "256K",
+        "--metrics-addr",
+        f"127.0.0.1:{port}",
+    )
     before = _metrics(port)
     assert before['modelfs_backend_bytes_total{backend="gs"}'] == 0
     with open(mnt / "w.bin", "rb") as f:
@@ -73,8 +81,17 @@ def test_metrics_port_in_use(gcs: FakeGCS, bucket: str, tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        result = run_modelfs("mount", f"gs://{bucket}", str(mnt), "--anonymous", "--cache-dir", str(tmp_path / "c"),
-                             "--metrics-addr", f"127.0.0.1:{port}", env=gcs.env())
+        result = run_modelfs(
+            "mount",
+            f"gs://{bucket}",
+            str(mnt),
+            "--anonymous",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--metrics-addr",
+            f"127.0.0.1:{port}",
+            env=gcs.env(),
+        )
     assert result.returncode == 1
     assert "metrics" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.ismount(mnt)
@@ -100,8 +117,9 @@ def test_warm_then_mount_reads_no_gets(fs_gcs: FakeGCS, tmp_path: Path) -> None:
     result = run_modelfs("warm", "gs://warm-bucket/model", *options, env=fs_gcs.env())
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("checksum ok") == 3
-    with mounted("gs://warm-bucket/model", tmp_path / "mnt", cache, *options[1:], "--anonymous",
-                 env=fs_gcs.env()) as mnt:
+    with mounted(
+        "gs://warm-bucket/model", tmp_path / "mnt", cache, *options[1:], "--anonymous", env=fs_gcs.env()
+    ) as mnt:
         for name, data in sources.items():
             assert hashlib.sha256((mnt / name).read_bytes()).digest() == hashlib.sha256(data).digest()
         stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
@@ -123,8 +141,9 @@ def test_warm_fails_on_corrupt_object(fs_gcs: FakeGCS, tmp_path: Path) -> None:
         f.seek(123_456)
         f.write(bytes([byte[0] ^ 0x01]))
     cache = tmp_path / "cache"
-    result = run_modelfs("warm", "gs://warm-bad/m", "--anonymous", "--cache-dir", str(cache), "--block-size", "64K",
-                         env=fs_gcs.env())
+    result = run_modelfs(
+        "warm", "gs://warm-bad/m", "--anonymous", "--cache-dir", str(cache), "--block-size", "64K", env=fs_gcs.env()
+    )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("modelfs: checksum mismatch") and "bad.bin" in last and "good.bin" not in last

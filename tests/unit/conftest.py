@@ -46,17 +46,30 @@ async def make_store(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Sto
     """
     disks: list[DiskCache] = []
 
-    async def make(backend: MemoryBackend, *, memory_blocks: int = 64, disk: bool = False,
-                   disk_capacity: int = 1 << 30, max_concurrency: int = 4, retry_deadline: float = 5.0,
-                   block_size: int = BS) -> BlockStore:
+    async def make(
+        backend: MemoryBackend,
+        *,
+        memory_blocks: int = 64,
+        disk: bool = False,
+        disk_capacity: int = 1 << 30,
+        max_concurrency: int = 4,
+        retry_deadline: float = 5.0,
+        block_size: int = BS,
+    ) -> BlockStore:
         memory = MemoryCache(memory_blocks * block_size, block_size)
         disk_cache = None
         if disk:
             disk_cache = DiskCache(tmp_path / f"cache{len(disks)}", disk_capacity)
             disk_cache.open()
             disks.append(disk_cache)
-        store = BlockStore(backend, memory, disk_cache, block_size=block_size,
-                           max_concurrency=max_concurrency, retry_deadline=retry_deadline)
+        store = BlockStore(
+            backend,
+            memory,
+            disk_cache,
+            block_size=block_size,
+            max_concurrency=max_concurrency,
+            retry_deadline=retry_deadline,
+        )
         await nursery.start(store.run)
         return store
 

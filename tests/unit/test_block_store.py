@@ -83,7 +83,9 @@ async def test_without_disk_evicted_block_is_refetched(make_store: StoreFactory)
     assert store.stats.disk_hits == 0
 
 
-async def test_demand_read_overtakes_queued_prefetches(make_store: StoreFactory, autojump_clock: trio.testing.MockClock) -> None:
+async def test_demand_read_overtakes_queued_prefetches(
+    make_store: StoreFactory, autojump_clock: trio.testing.MockClock
+) -> None:
     """With one GET slot busy, a demand read waiting for it goes before every queued prefetch."""
     backend = MemoryBackend(latency=1.0)
     ref, data = put_ramp(backend, "m.bin", 10 * BS)
@@ -118,7 +120,9 @@ async def test_concurrency_cap_is_respected(make_store: StoreFactory, autojump_c
     await wait_until(lambda: store.slots.in_use == 0)
 
 
-async def test_cancelled_fetch_releases_its_slot_and_block(make_store: StoreFactory, autojump_clock: trio.testing.MockClock) -> None:
+async def test_cancelled_fetch_releases_its_slot_and_block(
+    make_store: StoreFactory, autojump_clock: trio.testing.MockClock
+) -> None:
     """A demand read cancelled mid-GET frees its slot and budget; a later read succeeds."""
     backend = MemoryBackend(latency=10.0)
     ref, data = put_ramp(backend, "m.bin", 2 * BS)
@@ -224,7 +228,9 @@ async def test_version_changed_propagates(make_store: StoreFactory) -> None:
     assert bytes((await store.get(new, 0)).view) == b"new contents"
 
 
-async def test_gives_up_after_retry_deadline_with_transient_error(make_store: StoreFactory, autojump_clock: trio.testing.MockClock) -> None:
+async def test_gives_up_after_retry_deadline_with_transient_error(
+    make_store: StoreFactory, autojump_clock: trio.testing.MockClock
+) -> None:
     """A GET that keeps failing is retried until the deadline, then fails with TransientError."""
     backend = MemoryBackend()
     ref, _ = put_ramp(backend, "m.bin", BS)
@@ -297,8 +303,9 @@ async def test_prefetched_block_serves_demand_read(make_store: StoreFactory) -> 
 
 def test_block_count_and_lengths() -> None:
     """BlockStore block arithmetic: count and lengths, no I/O."""
-    store = BlockStore(MemoryBackend(), MemoryCache(2 * BS, BS), None, block_size=BS,
-                       max_concurrency=1, retry_deadline=1.0)
+    store = BlockStore(
+        MemoryBackend(), MemoryCache(2 * BS, BS), None, block_size=BS, max_concurrency=1, retry_deadline=1.0
+    )
     ref = ObjectRef("k", "n", "1", 2 * BS + 1)
     assert store.block_count(ref) == 3
     assert [store._length(ref, i) for i in range(3)] == [BS, BS, 1]

@@ -132,8 +132,7 @@ def write_toml(tmp_path: Path, text: str) -> str:
 
 def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
     """Each layer overrides the ones below it, option by option."""
-    cfg_file = write_toml(tmp_path, 'memory-cache = "64M"\nblock-size = "1M"\nmax-concurrency = 3\n'
-                                    'metadata-ttl = 5\n')
+    cfg_file = write_toml(tmp_path, 'memory-cache = "64M"\nblock-size = "1M"\nmax-concurrency = 3\nmetadata-ttl = 5\n')
     env = {"MODELFS_MEMORY_CACHE": "128M", "MODELFS_BLOCK_SIZE": "2M"}
     cfg = config("--config", cfg_file, "--memory-cache", "512M", env=env)
     assert cfg.memory_cache == 512 << 20  # flag beats env and file

@@ -25,12 +25,20 @@ def config(source: str, *argv: str, env: dict[str, str] | None = None):  # type:
     [
         ("s3://bucket", Source("s3", "bucket", "", "s3://bucket")),
         ("s3://my.bucket/models/llama/", Source("s3", "my.bucket", "models/llama", "s3://my.bucket/models/llama/")),
-        ("https://host/models/m.safetensors",
-         Source("https", "host", "models", "https://host/models/m.safetensors", file="m.safetensors")),
-        ("http://127.0.0.1:8080/m.bin", Source("http", "127.0.0.1:8080", "", "http://127.0.0.1:8080/m.bin", file="m.bin")),
+        (
+            "https://host/models/m.safetensors",
+            Source("https", "host", "models", "https://host/models/m.safetensors", file="m.safetensors"),
+        ),
+        (
+            "http://127.0.0.1:8080/m.bin",
+            Source("http", "127.0.0.1:8080", "", "http://127.0.0.1:8080/m.bin", file="m.bin"),
+        ),
         ("https://host/models/", Source("https", "host", "models", "https://host/models/")),
         ("https://host", Source("https", "host", "", "https://host/")),
-        ("https://host/a%20b/c%2Bd.bin", Source("https", "host", "a b", "https://host/a%20b/c%2Bd.bin", file="c+d.bin")),
+        (
+            "https://host/a%20b/c%2Bd.bin",
+            Source("https", "host", "a b", "https://host/a%20b/c%2Bd.bin", file="c+d.bin"),
+        ),
     ],
 )
 def test_sources(url: str, expected: Source) -> None:
@@ -80,8 +88,9 @@ def test_header_from_file_and_hidden_in_repr(tmp_path: Path) -> None:
     assert SECRET not in repr(cfg)
 
 
-@pytest.mark.parametrize("bad", [f"Authorization {SECRET}", f"Bad Name: {SECRET}", f"Range: {SECRET}",
-                                 f"If-Match: {SECRET}"])
+@pytest.mark.parametrize(
+    "bad", [f"Authorization {SECRET}", f"Bad Name: {SECRET}", f"Range: {SECRET}", f"If-Match: {SECRET}"]
+)
 def test_bad_header_messages_never_echo_the_value(bad: str) -> None:
     with pytest.raises(ConfigError) as info:
         config("https://host/m.bin", "--header", bad)

@@ -38,11 +38,13 @@ def _safetensors(tensors: list[tuple[str, int]], header_pad: int = 0) -> tuple[b
 
 def test_safetensors_order_header_first_then_by_offset() -> None:
     """Header blocks come first; data follows the tensors' offsets, each block once; all blocks listed."""
-    header = json.dumps({
-        "b": {"dtype": "U8", "shape": [10], "data_offsets": [3 * BS, 3 * BS + 10]},
-        "a": {"dtype": "U8", "shape": [10], "data_offsets": [0, 2 * BS]},
-        "__metadata__": {"k": "v"},
-    }).encode()
+    header = json.dumps(
+        {
+            "b": {"dtype": "U8", "shape": [10], "data_offsets": [3 * BS, 3 * BS + 10]},
+            "a": {"dtype": "U8", "shape": [10], "data_offsets": [0, 2 * BS]},
+            "__metadata__": {"k": "v"},
+        }
+    ).encode()
     # A header of 1.5 blocks: blocks 0 and 1 hold it.
     hlen = BS + BS // 2 - 8
     padded = header + b" " * (hlen - len(header))
@@ -74,7 +76,8 @@ async def _streamer(store: BlockStore, workers: int = 2) -> EagerStreamer:
 
 
 async def test_stream_fills_disk_cache_and_then_reads_need_no_gets(
-        make_store: StoreFactory, nursery: trio.Nursery) -> None:
+    make_store: StoreFactory, nursery: trio.Nursery
+) -> None:
     """Opening a .safetensors streams every block to disk; reading it afterwards makes no GET."""
     backend = MemoryBackend()
     data, _ = _safetensors([("x", 5 * BS), ("y", 7 * BS + 3)])
@@ -113,7 +116,8 @@ def patient_clock() -> trio.testing.MockClock:
 
 
 async def test_demand_reads_overtake_the_stream(
-        make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock) -> None:
+    make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock
+) -> None:
     """With the stream holding every GET slot, a demand read for the file's end is fetched next."""
     backend = MemoryBackend(latency=1.0)
     ref, data = put_ramp(backend, "w.bin", 40 * BS)
@@ -137,7 +141,8 @@ async def test_demand_reads_overtake_the_stream(
 
 
 async def test_stream_stays_in_budget_and_close_cancels(
-        make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock) -> None:
+    make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock
+) -> None:
     """The stream never takes more than the memory budget, and the last close stops it cleanly."""
     backend = MemoryBackend(latency=0.1)
     ref, _ = put_ramp(backend, "big.gguf", 200 * BS)
@@ -229,12 +234,17 @@ async def test_stream_yields_to_a_sequential_reader(make_store: StoreFactory, nu
 
 
 async def test_model_stream_goes_file_by_file_in_name_order(
-        make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock) -> None:
+    make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock
+) -> None:
     """Every weight file ends up on disk; each file's GETs come before the next file's (bar the
     workers' overlap at the boundary), and non-weight files are left alone."""
     backend = MemoryBackend(latency=0.01)
-    names = ["m/model-00003-of-00003.safetensors", "m/model-00001-of-00003.safetensors",
-             "m/model-00002-of-00003.safetensors", "m/config.json"]
+    names = [
+        "m/model-00003-of-00003.safetensors",
+        "m/model-00001-of-00003.safetensors",
+        "m/model-00002-of-00003.safetensors",
+        "m/config.json",
+    ]
     refs = {}
     for n, name in enumerate(names):
         refs[name] = put_ramp(backend, name, 12 * BS + n, seed=n)[0]
@@ -259,7 +269,8 @@ async def test_model_stream_goes_file_by_file_in_name_order(
 
 
 async def test_model_stream_moves_on_from_a_file_a_reader_streams(
-        make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock) -> None:
+    make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock
+) -> None:
     """While a reader streams the first file itself, the model stream moves on to the next
     file instead of racing its read-ahead, and comes back for what is left afterwards."""
     backend = MemoryBackend(latency=0.05)
@@ -311,7 +322,8 @@ async def test_a_random_reader_moves_its_file_to_the_front(make_store: StoreFact
 
 
 async def test_several_files_stream_at_once_within_the_concurrency_bound(
-        make_store: StoreFactory, nursery: trio.Nursery) -> None:
+    make_store: StoreFactory, nursery: trio.Nursery
+) -> None:
     """Two weight files read at random stream side by side, and never more GETs are in
     flight than --max-concurrency allows, over both."""
     backend = MemoryBackend(latency=0.005)

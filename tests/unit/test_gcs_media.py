@@ -45,7 +45,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.server.close_after_response:
             self.close_connection = True  # drop the kept-alive connection without saying so
 
-
     def _stall(self, start: int, end: int, body: bytes) -> None:
         """Headers (Connection: close, as a faulty proxy sends) and half the body, then
         silence until the client closes its end: records whether it did within 10 s."""
@@ -124,8 +123,9 @@ def _ok(status: int, headers: Mapping[str, str]) -> None:
 
 
 def _transport(server: _Server, credentials: object | None = None) -> MediaTransport:
-    return MediaTransport(f"http://127.0.0.1:{server.server_address[1]}", credentials,
-                          connect_timeout=5, read_timeout=5, max_idle=4)
+    return MediaTransport(
+        f"http://127.0.0.1:{server.server_address[1]}", credentials, connect_timeout=5, read_timeout=5, max_idle=4
+    )
 
 
 def test_ranges_arrive_exactly_and_the_connection_is_reused(server: _Server) -> None:
@@ -198,8 +198,9 @@ def test_a_timed_out_read_closes_its_socket_at_once(server: _Server) -> None:
     then, not when the exception, which holds the response, is garbage-collected: a stalled
     server would otherwise hold the connection (and the fault proxy's stall) open."""
     server.stall = True
-    media = MediaTransport(f"http://127.0.0.1:{server.server_address[1]}", None,
-                           connect_timeout=5, read_timeout=0.5, max_idle=4)
+    media = MediaTransport(
+        f"http://127.0.0.1:{server.server_address[1]}", None, connect_timeout=5, read_timeout=0.5, max_idle=4
+    )
     caught: list[BaseException] = []
     try:
         try:
@@ -227,13 +228,15 @@ def test_short_body_raises_and_is_never_reused(server: _Server) -> None:
         media.close()
 
 
-def test_https_ranges_with_the_ca_bundle_requests_would_use(tls_server: tuple[_Server, Path],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_https_ranges_with_the_ca_bundle_requests_would_use(
+    tls_server: tuple[_Server, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Over TLS, verified against REQUESTS_CA_BUNDLE (as the client library's session is)."""
     server, ca = tls_server
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
-    media = MediaTransport(f"https://127.0.0.1:{server.server_address[1]}", None,
-                           connect_timeout=5, read_timeout=5, max_idle=4)
+    media = MediaTransport(
+        f"https://127.0.0.1:{server.server_address[1]}", None, connect_timeout=5, read_timeout=5, max_idle=4
+    )
     try:
         for offset, length in [(0, 4096), (70_000, 50_000)]:
             dest = memoryview(bytearray(length))
@@ -244,13 +247,15 @@ def test_https_ranges_with_the_ca_bundle_requests_would_use(tls_server: tuple[_S
     assert len({port for _, port in server.requests}) == 1
 
 
-def test_https_refuses_a_certificate_it_cannot_verify(tls_server: tuple[_Server, Path],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_https_refuses_a_certificate_it_cannot_verify(
+    tls_server: tuple[_Server, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, _ca = tls_server
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
-    media = MediaTransport(f"https://127.0.0.1:{server.server_address[1]}", None,
-                           connect_timeout=5, read_timeout=5, max_idle=4)
+    media = MediaTransport(
+        f"https://127.0.0.1:{server.server_address[1]}", None, connect_timeout=5, read_timeout=5, max_idle=4
+    )
     try:
         with pytest.raises(ssl.SSLCertVerificationError):
             media.get_into("/o", 0, memoryview(bytearray(10)), _ok)
@@ -259,16 +264,29 @@ def test_https_refuses_a_certificate_it_cannot_verify(tls_server: tuple[_Server,
     assert server.requests == []
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({}, True),
-    ({"HTTPS_PROXY": "http://proxy.invalid:3128"}, False),
-    ({"HTTPS_PROXY": "http://proxy.invalid:3128", "NO_PROXY": "storage.googleapis.com"}, True),
-    ({"GOOGLE_API_USE_CLIENT_CERTIFICATE": "true"}, False),
-])
-def test_proxy_and_mtls_setups_keep_the_client_session(monkeypatch: pytest.MonkeyPatch,
-                                                       env: dict[str, str], expected: bool) -> None:
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
-                 "NO_PROXY", "no_proxy", "GOOGLE_API_USE_CLIENT_CERTIFICATE"):
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, True),
+        ({"HTTPS_PROXY": "http://proxy.invalid:3128"}, False),
+        ({"HTTPS_PROXY": "http://proxy.invalid:3128", "NO_PROXY": "storage.googleapis.com"}, True),
+        ({"GOOGLE_API_USE_CLIENT_CERTIFICATE": "true"}, False),
+    ],
+)
+def test_proxy_and_mtls_setups_keep_the_client_session(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: bool
+) -> None:
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "GOOGLE_API_USE_CLIENT_CERTIFICATE",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

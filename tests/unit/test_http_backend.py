@@ -42,8 +42,15 @@ def response(status: int, data: bytes = b"", headers: dict[str, str] | None = No
     return httpx.Response(status, stream=_Body(data), headers=headers)
 
 
-def serve(data: bytes = DATA, *, etag: str | None = ETAG, last_modified: str | None = LM, head_status: int = 200,
-          ranges: bool = True, accept_ranges: bool = True) -> tuple[Handler, list[httpx.Request]]:
+def serve(
+    data: bytes = DATA,
+    *,
+    etag: str | None = ETAG,
+    last_modified: str | None = LM,
+    head_status: int = 200,
+    ranges: bool = True,
+    accept_ranges: bool = True,
+) -> tuple[Handler, list[httpx.Request]]:
     """A static-file server in a function; ``requests`` records what it was asked."""
     requests: list[httpx.Request] = []
 
@@ -67,8 +74,9 @@ def serve(data: bytes = DATA, *, etag: str | None = ETAG, last_modified: str | N
         if rng and ranges:
             start, end = (int(x) for x in rng.removeprefix("bytes=").split("-"))
             end = min(end, len(data) - 1)
-            return response(206, data[start : end + 1],
-                            {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+            return response(
+                206, data[start : end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
+            )
         return response(200, data, headers)
 
     return handler, requests
@@ -76,8 +84,9 @@ def serve(data: bytes = DATA, *, etag: str | None = ETAG, last_modified: str | N
 
 def backend(handler: Handler, url: str = "https://example.test/models/m.bin", **kwargs: object) -> HTTPBackend:
     b = HTTPBackend(parse_source(url), **kwargs)  # type: ignore[arg-type]
-    b._client = httpx.AsyncClient(transport=httpx.MockTransport(handler), headers=b._client.headers,
-                                  follow_redirects=True)
+    b._client = httpx.AsyncClient(
+        transport=httpx.MockTransport(handler), headers=b._client.headers, follow_redirects=True
+    )
     return b
 
 
@@ -158,8 +167,18 @@ async def test_changed_etag_or_total_is_version_changed() -> None:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(404, VersionChanged), (410, VersionChanged), (416, VersionChanged), (401, AccessDenied), (403, AccessDenied),
-     (429, TransientError), (500, TransientError), (503, TransientError), (408, TransientError), (418, BackendError)],
+    [
+        (404, VersionChanged),
+        (410, VersionChanged),
+        (416, VersionChanged),
+        (401, AccessDenied),
+        (403, AccessDenied),
+        (429, TransientError),
+        (500, TransientError),
+        (503, TransientError),
+        (408, TransientError),
+        (418, BackendError),
+    ],
 )
 async def test_read_status_classification(status: int, error: type[Exception]) -> None:
     b = backend(lambda request: httpx.Response(status))
@@ -223,7 +242,7 @@ async def test_query_string_is_sent_but_not_shown() -> None:
 async def test_json_index_is_walked_and_html_is_a_clear_error() -> None:
     index = {
         "/models/": b'[{"name":"sub","type":"directory"},{"name":"a.bin","type":"file","size":3},'
-                    b'{"name":"../x","type":"file"},{"name":"empty","type":"directory"}]',
+        b'{"name":"../x","type":"file"},{"name":"empty","type":"directory"}]',
         "/models/sub/": b'[{"name":"b.bin","type":"file","size":2}]',
         "/models/empty/": b"[]",
     }
@@ -234,8 +253,9 @@ async def test_json_index_is_walked_and_html_is_a_clear_error() -> None:
         if request.method == "GET" and path in index:
             return response(200, index[path], {"Content-Type": "application/json"})
         if request.method == "HEAD" and path in sizes:
-            return httpx.Response(200, headers={"Content-Length": str(sizes[path]), "ETag": f'"{path}"',
-                                                "Accept-Ranges": "bytes"})
+            return httpx.Response(
+                200, headers={"Content-Length": str(sizes[path]), "ETag": f'"{path}"', "Accept-Ranges": "bytes"}
+            )
         return httpx.Response(404)
 
     listed = await backend(handler, url="https://example.test/models/").list_objects()
@@ -248,8 +268,12 @@ async def test_json_index_is_walked_and_html_is_a_clear_error() -> None:
 
 def test_parse_manifest() -> None:
     text = "# model\n\nconfig.json\n./weights/model-1.safetensors 123\nname with spaces.bin\nname 12 x\n"
-    assert parse_manifest(text, "m") == [("config.json", None), ("weights/model-1.safetensors", 123),
-                                         ("name with spaces.bin", None), ("name 12 x", None)]
+    assert parse_manifest(text, "m") == [
+        ("config.json", None),
+        ("weights/model-1.safetensors", 123),
+        ("name with spaces.bin", None),
+        ("name 12 x", None),
+    ]
     for bad in ("/abs.bin", "a/../b.bin", "dir/", "a//b"):
         with pytest.raises(ConfigError):
             parse_manifest(bad + "\n", "m")

@@ -43,8 +43,15 @@ async def test_tree_from_listing_with_nested_prefixes() -> None:
     backend = backend_with("config.json", "sub/deeper/model.bin", "sub/tok.json", "sub/deeper/x/y.bin")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
     await ns.refresh()
-    assert tree(ns.root) == ["config.json", "sub/", "sub/deeper/", "sub/deeper/model.bin",
-                             "sub/deeper/x/", "sub/deeper/x/y.bin", "sub/tok.json"]
+    assert tree(ns.root) == [
+        "config.json",
+        "sub/",
+        "sub/deeper/",
+        "sub/deeper/model.bin",
+        "sub/deeper/x/",
+        "sub/deeper/x/y.bin",
+        "sub/tok.json",
+    ]
     model = await walk(ns, "sub/deeper/model.bin")
     assert not model.is_dir
     assert model.size == len(b"sub/deeper/model.bin") * 3
@@ -187,7 +194,7 @@ async def test_ttl_minus_one_never_relists(autojump_clock: trio.testing.MockCloc
     backend = backend_with("a")
     ns = Namespace(backend, ttl=-1, retry_deadline=1)
     await ns.lookup(ROOT_INODE, b"a")
-    await trio.sleep(10 ** 6)
+    await trio.sleep(10**6)
     await ns.lookup(ROOT_INODE, b"a")
     await ns.refresh()
     assert backend.list_calls == 1
@@ -214,7 +221,9 @@ async def test_concurrent_refreshes_list_once(autojump_clock: trio.testing.MockC
     assert backend.list_calls == 1
 
 
-async def test_transient_listing_failure_is_retried(autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_transient_listing_failure_is_retried(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A listing that fails transiently is retried; the tree appears."""
     backend = backend_with("a")
     real = backend.list_objects
@@ -233,8 +242,9 @@ async def test_transient_listing_failure_is_retried(autojump_clock: trio.testing
     assert failures == 0
 
 
-async def test_unreachable_backend_keeps_the_last_listing(autojump_clock: trio.testing.MockClock,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unreachable_backend_keeps_the_last_listing(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A refresh that fails past the retry deadline keeps the last listing (cached data stays
     reachable) and tries again one TTL later; the first listing still has to succeed."""
     backend = backend_with("a.bin")

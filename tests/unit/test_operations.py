@@ -25,8 +25,9 @@ CTX = pyfuse3.RequestContext()
 MODEL = ramp(5 * BS + 123, seed=11)
 
 
-async def build(make_store: StoreFactory, backend: MemoryBackend, *, ttl: float = 60.0,
-                retry_deadline: float = 5.0) -> ModelFS:
+async def build(
+    make_store: StoreFactory, backend: MemoryBackend, *, ttl: float = 60.0, retry_deadline: float = 5.0
+) -> ModelFS:
     """The layers as mount.build() wires them, over a MemoryBackend and without a disk cache."""
     store = await make_store(backend, memory_blocks=8, retry_deadline=retry_deadline)
     namespace = Namespace(backend, ttl=ttl, retry_deadline=retry_deadline)
@@ -124,7 +125,9 @@ async def test_write_side_operations_are_erofs(make_store: StoreFactory, backend
     assert set(backend.objects) == {"config.json", "sub/model.bin", "sub/empty.bin"}
 
 
-async def test_open_directory_is_eisdir_and_opendir_file_is_enotdir(make_store: StoreFactory, backend: MemoryBackend) -> None:
+async def test_open_directory_is_eisdir_and_opendir_file_is_enotdir(
+    make_store: StoreFactory, backend: MemoryBackend
+) -> None:
     """Opening a directory as a file, or a file as a directory, fails with the right errno."""
     ops = await build(make_store, backend)
     sub = await ops.lookup(ROOT_INODE, b"sub", CTX)
@@ -196,8 +199,9 @@ async def test_unexpected_exception_becomes_eio(make_store: StoreFactory, backen
     assert bytes(await ops.read(info.fh, 0, 10)) == MODEL[:10]
 
 
-async def test_transient_errors_past_the_deadline_are_eio(make_store: StoreFactory, backend: MemoryBackend,
-                                                          autojump_clock: trio.testing.MockClock) -> None:
+async def test_transient_errors_past_the_deadline_are_eio(
+    make_store: StoreFactory, backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+) -> None:
     """A read that keeps failing transiently fails with EIO once the retry deadline passes."""
     ops = await build(make_store, backend, retry_deadline=3.0)
 

@@ -25,8 +25,17 @@ MANIFESTS = sorted(KUBERNETES.glob("*.yaml"))
 #: libraries (~60 MiB), socket and kernel buffers, page cache of disk-cache I/O, headroom.
 OVERHEAD = 192 << 20
 
-_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-          "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+_UNITS = {
+    "": 1,
+    "k": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+}
 
 
 def quantity(text: str | int) -> int:
@@ -78,8 +87,11 @@ class Pod:
     def model_mount(self) -> dict[str, Any]:
         """The sidecar's volumeMount that holds the modelfs mountpoint."""
         mountpoint = str(self.config.mountpoint)
-        holding = [m for m in self.sidecar["volumeMounts"]
-                   if mountpoint == m["mountPath"] or mountpoint.startswith(m["mountPath"].rstrip("/") + "/")]
+        holding = [
+            m
+            for m in self.sidecar["volumeMounts"]
+            if mountpoint == m["mountPath"] or mountpoint.startswith(m["mountPath"].rstrip("/") + "/")
+        ]
         assert len(holding) == 1, f"{mountpoint} is not on a volume of the sidecar"
         return holding[0]
 
@@ -124,7 +136,8 @@ def test_memory_limit_follows_the_budget(pod: Pod) -> None:
     resources = pod.sidecar["resources"]
     limit = quantity(resources["limits"]["memory"])
     assert limit >= pod.config.memory_cache + OVERHEAD, (
-        f"memory limit {limit >> 20} MiB < --memory-cache {pod.config.memory_cache >> 20} MiB + {OVERHEAD >> 20} MiB")
+        f"memory limit {limit >> 20} MiB < --memory-cache {pod.config.memory_cache >> 20} MiB + {OVERHEAD >> 20} MiB"
+    )
     assert limit <= pod.config.memory_cache + 4 * OVERHEAD, "a limit far above the budget hides leaks"
     assert quantity(resources["requests"]["memory"]) == limit
     assert "cpu" not in resources["limits"], "CPU throttling stalls FUSE replies"

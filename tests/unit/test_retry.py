@@ -74,7 +74,9 @@ async def test_gives_up_at_the_deadline_with_transient_error(autojump_clock: tri
     assert stats.gave_up == 1 and stats.retries == op.calls - 1
 
 
-async def test_zero_deadline_means_one_attempt(autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_zero_deadline_means_one_attempt(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With deadline 0 a transient failure is not retried (any positive backoff crosses it)."""
     monkeypatch.setattr("modelfs.backends.retry.random.uniform", lambda a, b: b)
     op = Flaky(1, TransientError("503"))

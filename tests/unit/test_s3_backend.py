@@ -68,10 +68,12 @@ def scripted(backend: S3Backend, status: int, body: bytes = b"", headers: dict[s
     return sent
 
 
-LIST_XML = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>bkt</Name><Prefix>m/</Prefix>'
-            b"<KeyCount>1</KeyCount><IsTruncated>false</IsTruncated><Contents><Key>m/a.bin</Key>"
-            b"<LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>&quot;0123456789abcdef0123456789abcdef&quot;"
-            b"</ETag><Size>10</Size></Contents></ListBucketResult>")
+LIST_XML = (
+    b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>bkt</Name><Prefix>m/</Prefix>'
+    b"<KeyCount>1</KeyCount><IsTruncated>false</IsTruncated><Contents><Key>m/a.bin</Key>"
+    b"<LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>&quot;0123456789abcdef0123456789abcdef&quot;"
+    b"</ETag><Size>10</Size></Contents></ListBucketResult>"
+)
 
 
 async def test_anonymous_requests_are_unsigned(aws_env: None) -> None:
@@ -97,11 +99,17 @@ async def test_signed_ranged_get_with_if_match(aws_env: None) -> None:
     assert request.url == "http://127.0.0.1:9/bkt/m/a.bin"
 
 
-@pytest.mark.parametrize(("status", "code", "error"), [(412, "PreconditionFailed", VersionChanged),
-                                                        (404, "NoSuchKey", VersionChanged),
-                                                        (503, "SlowDown", TransientError)])
-async def test_errors_are_classified_and_not_retried_by_boto3(aws_env: None, status: int, code: str,
-                                                              error: type[Exception]) -> None:
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        (412, "PreconditionFailed", VersionChanged),
+        (404, "NoSuchKey", VersionChanged),
+        (503, "SlowDown", TransientError),
+    ],
+)
+async def test_errors_are_classified_and_not_retried_by_boto3(
+    aws_env: None, status: int, code: str, error: type[Exception]
+) -> None:
     backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9")
     body = f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode()
     sent = scripted(backend, status, body)
@@ -111,9 +119,15 @@ async def test_errors_are_classified_and_not_retried_by_boto3(aws_env: None, sta
 
 
 def test_no_credentials_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN",
-                "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+    for key in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
