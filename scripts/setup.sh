@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 PACKAGES=(fuse3 libfuse3-dev pkg-config nginx openssl)
+# The fleet tests (tests/integration/test_fleet.py, benchmarks/fleet.py; issue 16): network
+# namespaces and veth pairs (iproute2), and njs for the cache tier's per-block digests.
+PACKAGES+=(iproute2 libnginx-mod-http-js)
 # The container tests (tests/container) build and run the image with podman; they need root
 # anyway, so a non-root setup does not ask for these.
 [ "$(id -u)" != 0 ] || PACKAGES+=(podman runc debootstrap)
