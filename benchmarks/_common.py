@@ -292,7 +292,7 @@ def wait_exit(pid: int, timeout: float = 120.0) -> float:
     return time.monotonic() - t0
 
 
-def prepare_dirs(args: argparse.Namespace, name: str, need: int, cleanup: "Cleanup") -> Path:
+def prepare_dirs(args: argparse.Namespace, name: str, need: int, cleanup: Cleanup) -> Path:
     """Every script's start: unmount what a killed earlier run left, create ``--workdir``, and
     pick the server dir (removed at exit unless ``--keep-data``). Returns the server dir."""
     unmount_leftovers(args.workdir)
@@ -569,7 +569,9 @@ def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str 
     widths = [max(len(h), *(len(r[i]) for r in text_rows)) if text_rows else len(h) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(values, widths, align)).rstrip()
+        return "  ".join(
+            v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(values, widths, align, strict=False)
+        ).rstrip()
 
     out = [line(list(headers)), line(["-" * w for w in widths])]
     out += [line(r) for r in text_rows]
@@ -582,7 +584,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return value, time.perf_counter() - t0
 
 
-def run_main(name: str, args: argparse.Namespace, body: Callable[["Cleanup"], int]) -> int:
+def run_main(name: str, args: argparse.Namespace, body: Callable[[Cleanup], int]) -> int:
     """The scripts' shared main(): root check, signal handling, cleanup of every mount,
     server and work dir however the run ends, and exit codes (130 interrupted, 1 broken)."""
     import traceback
@@ -617,7 +619,7 @@ def machine_busy(seconds: float = 1.0) -> float:
 
     a = sample()
     time.sleep(seconds)
-    d = [y - x for x, y in zip(a, sample())]
+    d = [y - x for x, y in zip(a, sample(), strict=True)]
     total = sum(d) or 1
     return round((total - d[3] - d[4]) / total * 100 * (os.cpu_count() or 1), 0)
 
@@ -630,7 +632,7 @@ def wait_daemon_exit(pid: int, timeout: float = 60.0) -> None:
         print(f"    note: modelfs daemon {pid} still running {timeout:.0f} s after its unmount", flush=True)
 
 
-def stop_fuse_process(proc: "subprocess.Popen[bytes]", mnt: Path) -> None:
+def stop_fuse_process(proc: subprocess.Popen[bytes], mnt: Path) -> None:
     """Unmount a FUSE mount served by ``proc`` (rclone) and make sure both are gone."""
     from modelfs.mount import is_mounted
 

@@ -274,28 +274,34 @@ def main(argv: list[str] | None = None) -> int:
                 record("curl-https", lambda: curl(web.url(rel, tls=True), web.ca_cert))
                 for conc in concs:
                     record(
-                        f"http-backend c={conc}", lambda: trio.run(http_backend, web.url(rel), None, size, block, conc)
+                        f"http-backend c={conc}",
+                        lambda conc=conc: trio.run(http_backend, web.url(rel), None, size, block, conc),
                     )
                     record(
                         f"https-backend c={conc}",
-                        lambda: trio.run(http_backend, web.url(rel, tls=True), web.ca_cert, size, block, conc),
+                        lambda conc=conc: trio.run(
+                            http_backend, web.url(rel, tls=True), web.ca_cert, size, block, conc
+                        ),
                     )
                 for conc in concs:
                     record(
-                        f"s3-boto3-readinto c={conc}", lambda: trio.run(s3_backend, web.url(), key, size, block, conc)
+                        f"s3-boto3-readinto c={conc}",
+                        lambda conc=conc: trio.run(s3_backend, web.url(), key, size, block, conc),
                     )
                     record(
                         f"s3-httpx-presigned c={conc}",
-                        lambda: trio.run(s3_httpx_presigned, web.url(), key, size, block, conc),
+                        lambda conc=conc: trio.run(s3_httpx_presigned, web.url(), key, size, block, conc),
                     )
                 record("s3-boto3-read c=1", lambda: s3_boto3_read(web.url(), key, size, block))
                 record("curl-s3-path", lambda: curl(web.url(rel)))
                 if args.mount:
                     opts = ["--block-size", args.block]
-                    record("modelfs-mount-http", lambda: mount_read(web.url(rel), "big.bin", opts, work, "http"))
+                    record(
+                        "modelfs-mount-http", lambda opts=opts: mount_read(web.url(rel), "big.bin", opts, work, "http")
+                    )
                     record(
                         "modelfs-mount-https",
-                        lambda: mount_read(
+                        lambda opts=opts: mount_read(
                             web.url(rel, tls=True), "big.bin", [*opts, "--ca-cert", str(web.ca_cert)], work, "https"
                         ),
                     )
@@ -341,12 +347,12 @@ def run_moto(args: argparse.Namespace, record: Callable[..., None], block: int, 
             for conc in concs:
                 record(
                     f"moto s3-boto3-readinto c={conc}",
-                    lambda: trio.run(s3_backend, s3.url, "models/small.bin", size, block, conc),
+                    lambda conc=conc: trio.run(s3_backend, s3.url, "models/small.bin", size, block, conc),
                     size,
                 )
                 record(
                     f"moto s3-httpx-presigned c={conc}",
-                    lambda: trio.run(s3_httpx_presigned, s3.url, "models/small.bin", size, block, conc),
+                    lambda conc=conc: trio.run(s3_httpx_presigned, s3.url, "models/small.bin", size, block, conc),
                     size,
                 )
             record("moto s3-boto3-read c=1", lambda: s3_boto3_read(s3.url, "models/small.bin", size, block), size)

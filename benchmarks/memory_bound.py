@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
                     ok = result.sha256 == sha and result.nbytes == size
                     wrong_bytes |= not ok
 
-                    def delta(key: str) -> int:
+                    def delta(key: str, after: dict[str, Any] = after, before: dict[str, Any] = before) -> int:
                         return int(after.get(key, 0)) - int(before.get(key, 0))
 
                     rec = {

@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     mount = commands.add_parser(
         "mount",
         help="mount SOURCE at MOUNTPOINT",
-        description="Mount SOURCE (gs://BUCKET[/PREFIX], s3://BUCKET[/PREFIX], https://HOST/PATH or file:///DIR) read-only at MOUNTPOINT.",
+        description=(
+            "Mount SOURCE (gs://BUCKET[/PREFIX], s3://BUCKET[/PREFIX], https://HOST/PATH or file:///DIR)"
+            " read-only at MOUNTPOINT."
+        ),
     )
     mount.add_argument("source", metavar="SOURCE")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -85,7 +88,6 @@ def _warm(config: Config) -> int:
     from modelfs.warm import warm
 
     result = trio.run(warm, config)
-    assert result.mismatched is not None
     if result.mismatched:
         names = ", ".join(result.mismatched)
         raise ModelfsError(f"checksum mismatch in {len(result.mismatched)} object(s): {names}")

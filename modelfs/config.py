@@ -364,7 +364,7 @@ class Config:
     header: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # may hold tokens: never shown
     endpoint_url: str | None = None
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 

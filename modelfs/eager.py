@@ -6,9 +6,10 @@ weight file reads at random — two seeks among its last 64 reads — (or, with
 ``--eager-model``, for every weight file at mount time),
 the file's blocks are fetched with parallel ranged GETs in file order into the disk cache,
 so the loader's faults find them local. A reader that only reads from start to end never
-starts a stream: its read-ahead is as fast, and a stream beside it measured 2-2.6x the CPU
-per GiB (blocks fetched, written, evicted and read back from disk). Demand reads still go first: the stream only takes GET slots nobody is
-waiting for, and memory that holds no unread data.
+starts a stream: its read-ahead is as fast, and a stream beside it costs more CPU per GiB
+(blocks fetched, written, evicted and read back from disk; see benchmarks/README.md). Demand
+reads still go first: the stream only takes GET slots nobody is waiting for, and memory that
+holds no unread data.
 
 For ``.safetensors`` the JSON header is parsed first and the tensor data is streamed in the
 order of the tensors' offsets, after the header's own blocks. A GGUF file needs no parsing

@@ -14,15 +14,15 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from modelfs.cache.blocks import ObjectRef
-from modelfs.errors import ModelfsError, NotFound, errno_for
 from modelfs.eager import EagerStreamer
+from modelfs.errors import ModelfsError, NotFound, errno_for
 from modelfs.files import OpenFiles
 from modelfs.inodes import ROOT_INODE, Namespace, Node
 from modelfs.metrics import LatencyHistogram
@@ -38,7 +38,7 @@ STATS_XATTR = b"user.modelfs.stats"
 _NEVER = 365 * 24 * 3600.0  # the kernel's TTL when --metadata-ttl is -1
 
 
-def _mapped(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _mapped(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -294,5 +294,5 @@ class ModelFS(pyfuse3.Operations):
         return not mode & os.W_OK
 
     # Everything that would change the tree or a file.
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only  # type: ignore[assignment]
-    write = create = setxattr = removexattr = fsync = fsyncdir = _read_only  # type: ignore[assignment]
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = create = setxattr = removexattr = fsync = fsyncdir = _read_only

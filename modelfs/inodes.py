@@ -34,7 +34,7 @@ class Node:
     is_dir: bool
     info: ObjectInfo | None = None  # files only
     mtime: float = 0.0
-    children: dict[bytes, "Node"] = field(default_factory=dict)  # directories only
+    children: dict[bytes, Node] = field(default_factory=dict)  # directories only
     lookups: int = 0  # the kernel's references (lookup and readdirplus replies)
 
     @property

@@ -12,6 +12,7 @@ import bisect
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 __all__ = ["LatencyHistogram", "ModelfsCollector", "serve_metrics", "parse_addr"]
 
@@ -37,7 +38,7 @@ class LatencyHistogram:
     def cumulative(self) -> list[tuple[str, int]]:
         out: list[tuple[str, int]] = []
         total = 0
-        for bound, n in zip(self.buckets, self.counts):
+        for bound, n in zip(self.buckets, self.counts[:-1], strict=True):
             total += n
             out.append((repr(bound), total))
         out.append(("+Inf", total + self.counts[-1]))
@@ -122,13 +123,13 @@ class ModelfsCollector:
         yield latency
 
 
-def serve_metrics(addr: str, collector: ModelfsCollector) -> Any:
+def serve_metrics(addr: str, collector: ModelfsCollector) -> WSGIServer:
     """Serve ``/metrics`` on ``addr`` from a daemon thread; returns the server (call shutdown())."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     host, port = parse_addr(addr)
     registry = CollectorRegistry()
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, port)
     return server

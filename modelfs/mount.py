@@ -14,6 +14,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import pyfuse3
 import trio
@@ -248,7 +249,7 @@ def _stream_model(ops: ModelFS) -> None:
     log.info("streaming %d weight file(s) into the disk cache, in name order", count)
 
 
-def _start_metrics(config: Config, ops: ModelFS) -> object | None:
+def _start_metrics(config: Config, ops: ModelFS) -> WSGIServer | None:
     if not config.metrics_addr:
         return None
     from modelfs.metrics import ModelfsCollector, serve_metrics

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 import crc32c
@@ -40,7 +40,7 @@ class WarmResult:
     objects: int = 0
     bytes: int = 0
     fetched_bytes: int = 0
-    mismatched: list[str] | None = None
+    mismatched: list[str] = field(default_factory=list)
     unverified: int = 0
 
 
@@ -142,7 +142,7 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
         max_concurrency=config.max_concurrency,
         retry_deadline=config.retry_deadline,
     )
-    result = WarmResult(mismatched=[])
+    result = WarmResult()
     try:
         objects = await retry_transient(
             backend.list_objects, deadline=config.retry_deadline, what=f"listing {backend.description}"

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "ObjectInfo", "open_backend"]
 
 
-def open_backend(config: "Config") -> Backend:
+def open_backend(config: Config) -> Backend:
     """The backend for ``config.source``; imports a store's client only when it is used."""
     source = config.source
     if source.scheme == "gs":

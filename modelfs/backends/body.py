@@ -4,6 +4,7 @@ thread-based backend (GCS, S3) uses to fill a block without an intermediate copy
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from modelfs.errors import TransientError
 
@@ -28,8 +29,8 @@ def read_urllib3_body(raw: object, dest: memoryview, what: str) -> None:
     no copy; urllib3's own reads into a temporary first, so it is only the fallback if that
     layout ever changes. A short body is a TransientError (the caller retries).
     """
-    body = getattr(raw, "_fp", None) or raw
-    got = read_exactly(body.readinto, dest)  # type: ignore[attr-defined]
+    body: Any = getattr(raw, "_fp", None) or raw
+    got = read_exactly(body.readinto, dest)
     if got < len(dest):
         raise TransientError(f"{what}: body ended after {got} of {len(dest)} bytes")
     raw.release_conn()  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ import ssl
 import threading
 import urllib.request
 from collections.abc import Callable, Mapping
+from typing import cast
 from urllib.parse import urlsplit
 
 from modelfs import __version__
@@ -115,6 +116,7 @@ class MediaTransport:
 
     def _take(self) -> http.client.HTTPConnection:
         """An idle connection the server has not closed, else a new one."""
+        conn: http.client.HTTPConnection
         while True:
             with self._lock:
                 if not self._idle:
@@ -124,9 +126,7 @@ class MediaTransport:
                 return conn
             conn.close()
         if self._https:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self._connect_timeout, context=self._ssl
-            )
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._connect_timeout, context=self._ssl)
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
         conn.connect()
@@ -181,7 +181,8 @@ class MediaTransport:
                     self._give_back(conn)
                     refreshed = True
                     continue
-                check(resp.status, resp.headers)
+                # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
+                check(resp.status, cast(Mapping[str, str], resp.headers))
                 got = read_exactly(resp.readinto, dest)
                 if got < length:
                     raise EOFError(f"body ended after {got} of {length} bytes")

@@ -105,7 +105,7 @@ class MemoryCache:
             self._space.unpark_all()
 
     def _evict_one(self, *, keep_unread: bool) -> bool:
-        for key, block in self._blocks.items():
+        for block in self._blocks.values():
             if block.pins or block.state is not BlockState.READY:
                 continue
             if keep_unread and block.unread_prefetch:

@@ -65,7 +65,8 @@ def main() -> int:
                 f"({nbytes / elapsed / 1e6:.0f} MB/s)"
             )
             print(
-                f"fetched from the bucket: {stats['backend_bytes'] / 2**20:.0f} MiB in {stats['backend_gets']} ranged GETs"
+                f"fetched from the bucket: {stats['backend_bytes'] / 2**20:.0f} MiB"
+                f" in {stats['backend_gets']} ranged GETs"
             )
             print(f"daemon peak RSS: {rss:.0f} MiB (memory cache budget {args.memory_cache})")
             print("unmounted.")

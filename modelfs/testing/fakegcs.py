@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import crc32c
 
@@ -71,7 +72,8 @@ class FakeGCS:
     ) -> bytes:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.read()
+            body: bytes = resp.read()
+            return body
 
     def create_bucket(self, name: str) -> None:
         if self.backend == "filesystem":
@@ -120,7 +122,7 @@ class FakeGCS:
             md5 = base64.b64encode(md5_hash.digest()).decode()
         self._generation += 1
         now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-        metadata = {
+        metadata: dict[str, Any] = {
             "StorageClass": "STANDARD",
             "ContentType": "application/octet-stream",
             "ContentEncoding": "",

@@ -52,6 +52,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["FaultProxy", "fault_proxy", "FAULT_KINDS"]
@@ -88,7 +89,7 @@ class _Aborted(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     def setup(self) -> None:
         super().setup()
@@ -298,7 +299,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], proxy: "FaultProxy") -> None:
+    def __init__(self, address: tuple[str, int], proxy: FaultProxy) -> None:
         self.proxy = proxy
         super().__init__(address, _Handler)
 
@@ -309,7 +310,7 @@ class _Server(ThreadingHTTPServer):
             return False
         return True
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
         if self.proxy.verbose:
             super().handle_error(request, client_address)
 
@@ -371,7 +372,7 @@ class FaultProxy:
         """What STORAGE_EMULATOR_HOST should be for clients to go through the proxy."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._thread.start()
         return self
 
@@ -492,7 +493,7 @@ class FaultProxy:
         with self._lock:
             return self._rng.randrange(1, total)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,7 @@ class ModelSpec:
     vocab: int
 
     @classmethod
-    def for_size(cls, total_bytes: int) -> "ModelSpec":
+    def for_size(cls, total_bytes: int) -> ModelSpec:
         """A float16 model of roughly ``total_bytes``: widen until the layer count is sane."""
         hidden = 256
         while True:

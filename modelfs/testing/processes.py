@@ -8,7 +8,7 @@ from typing import Any
 __all__ = ["stop_process"]
 
 
-def stop_process(process: "subprocess.Popen[Any]", grace: float = 10.0) -> None:
+def stop_process(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if it is still there after ``grace`` seconds; reaped either way."""
     if process.poll() is not None:
         return

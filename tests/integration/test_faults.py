@@ -158,7 +158,7 @@ def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, 
                 got = _pread_uncached(fds[name], length, offset)
                 if _sha(got) != _sha(data[offset : offset + length]):
                     exp = data[offset : offset + length]
-                    diff = next((i for i, (a, b) in enumerate(zip(got, exp)) if a != b), None)
+                    diff = next((i for i, (a, b) in enumerate(zip(got, exp, strict=False)) if a != b), None)
                     errors.append(f"{name} [{offset}, +{length}]: wrong bytes (got {len(got)}, first diff {diff})")
         except OSError as exc:
             errors.append(f"read failed: {exc}")

@@ -17,7 +17,6 @@ from modelfs.prefetch import PrefetchDefaults
 
 from .conftest import BS, StoreFactory, put_ramp, ref_for, wait_until
 
-
 # Cursor tolerances scaled to these small files (the defaults suit multi-GB files).
 TIGHT = PrefetchDefaults(backward_tolerance=BS, forward_tolerance=BS)
 

@@ -42,7 +42,7 @@ async def test_backoff_waits_grow_within_their_caps(autojump_clock: trio.testing
     """Each wait is at most first_delay * 2**attempt (capped at max_delay): full jitter below that."""
     op = Flaky(6, TransientError("503"))
     await retry_transient(op, deadline=600, what="x", first_delay=0.5, max_delay=3.0)
-    waits = [b - a for a, b in zip(op.times, op.times[1:])]
+    waits = [b - a for a, b in zip(op.times, op.times[1:], strict=False)]
     assert len(waits) == 6
     for attempt, wait in enumerate(waits, start=1):
         assert 0 <= wait <= min(3.0, 0.5 * 2**attempt) + 1e-9
