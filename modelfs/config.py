@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +32,45 @@ __all__ = [
     "add_options",
     "build_config",
     "default_cache_dir",
+    "MAX_CONCURRENCY",
+    "MAX_SIZE",
 ]
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,30}(?:\.\d{1,30})?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_SIZE = 1 << 60  # 1 EiB: far above any real cache, far below what C and struct fields hold
+_INT_RE = re.compile(r"^\s*[+-]?\d{1,18}\s*$")
+
+
+def _shown(value: object) -> str:
+    """A value for an error message: repr (no raw control characters), cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from ``"256M"``-style text (K/M/G/T are powers of 1024); ints pass through."""
-    if isinstance(text, bool):
-        raise ConfigError(f"not a size: {text!r}")
+    """Bytes from ``"256M"``-style text (K/M/G/T are powers of 1024); ints pass through.
+
+    A fraction must come out as whole bytes (``1.5G`` is fine, ``0.9`` is not: it would
+    silently become 0, which turns the disk cache off). Floats (a TOML ``0.9``) are refused.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ConfigError(f"not a size: {_shown(text)} (use a whole number of bytes, or text like '256M')")
     if isinstance(text, int):
-        if text < 0:
-            raise ConfigError(f"size must not be negative: {text}")
-        return text
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise ConfigError(f"not a size: {text!r} (use a number with an optional K, M, G or T suffix)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        value = text
+        if value < 0:
+            raise ConfigError(f"size must not be negative: {_shown(text)}")
+    else:
+        match = _SIZE_RE.match(text)
+        if not match:
+            raise ConfigError(f"not a size: {_shown(text)} (use a number with an optional K, M, G or T suffix)")
+        exact = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        if exact.denominator != 1:
+            raise ConfigError(f"not a whole number of bytes: {_shown(text)}")
+        value = int(exact)
+    if value > MAX_SIZE:
+        raise ConfigError(f"size too large: {_shown(text)} (at most {MAX_SIZE >> 60}E)")
+    return value
 
 
 def _parse_bool(text: str | bool) -> bool:
@@ -58,25 +81,40 @@ def _parse_bool(text: str | bool) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"not a boolean: {text!r}")
+    raise ConfigError(f"not a boolean: {_shown(text)}")
 
 
 def _parse_float(text: str | float) -> float:
+    """A finite number of seconds; ``nan`` and ``inf`` would pass every range check."""
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ConfigError(f"not a number: {_shown(text)}")
     try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"not a number: {text!r}") from None
+        value = float(text)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"not a number: {_shown(text)}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"not a finite number: {_shown(text)}")
+    return value
 
 
 def _parse_int(text: str | int) -> int:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"not a whole number: {text!r}") from None
+    """A whole number; a TOML float (``8.5`` or ``8.0``) or boolean is refused, not truncated."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ConfigError(f"not a whole number: {_shown(text)}")
+    if isinstance(text, str) and not _INT_RE.match(text):
+        raise ConfigError(f"not a whole number: {_shown(text)}")
+    value = int(text)
+    if abs(value) > MAX_SIZE:
+        raise ConfigError(f"number too large: {_shown(text)}")
+    return value
 
 
 def _parse_str(text: Any) -> str:
-    return str(text)
+    if not isinstance(text, str):
+        raise ConfigError(f"expected a string, not {_shown(text)}")
+    if "\0" in text:
+        raise ConfigError("a NUL character is not allowed")
+    return text
 
 
 def _parse_log_level(text: Any) -> str:
@@ -92,6 +130,8 @@ def _parse_suffixes(text: Any) -> str:
 
 
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HEADER_VALUE_RE = re.compile(r"^[\t\x20-\x7e]*$")
+_MAX_HEADER_BYTES = 16 << 10
 # Headers modelfs sets itself on every ranged GET; a user value would break reads or pinning.
 _RESERVED_HEADERS = {
     "range",
@@ -131,8 +171,12 @@ def _parse_headers(items: Any) -> tuple[str, ...]:
         name, value = name.strip(), value.strip()
         if not sep or not _HEADER_NAME_RE.match(name):
             raise ConfigError(f"header #{number} is not of the form 'Name: value'")
-        if any(c in value for c in "\r\n\0"):
-            raise ConfigError(f"header {name!r} has a line break or NUL in its value")
+        # RFC 9110 field values, restricted to ASCII: anything else is refused here, by name
+        # only, before an HTTP library refuses it with a message that quotes the value.
+        if not _HEADER_VALUE_RE.match(value):
+            raise ConfigError(f"header {name!r} has a character not allowed in a header value (printable ASCII only)")
+        if len(line) > _MAX_HEADER_BYTES:
+            raise ConfigError(f"header {name!r} is longer than {_MAX_HEADER_BYTES} bytes")
         if name.lower() in _RESERVED_HEADERS:
             raise ConfigError(f"header {name!r} is set by modelfs itself and cannot be given")
         out.append(f"{name}: {value}")
@@ -423,6 +467,14 @@ def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     return values
 
 
+# Upper bounds: a value past them is a typo or an attack on the daemon, never a tuning.
+MAX_CONCURRENCY = 256  # GETs in flight; each holds a block buffer, a connection and maybe a thread
+_MAX_TTL = 365 * 24 * 3600.0  # a year; -1 means forever
+_MAX_RETRY_DEADLINE = 24 * 3600.0
+_MAX_READ_TIMEOUT = 3600.0
+_MAX_READ_AHEAD_KB = 1 << 20
+
+
 def build_config(
     source_url: str, mountpoint: str | None, args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -434,12 +486,16 @@ def build_config(
         raise ConfigError("--block-size must be between 4K and 256M")
     if values["memory_cache"] < 2 * values["block_size"]:
         raise ConfigError("--memory-cache must hold at least two blocks (2 x --block-size)")
-    if values["max_concurrency"] < 1:
-        raise ConfigError("--max-concurrency must be at least 1")
-    if values["metadata_ttl"] < 0 and values["metadata_ttl"] != -1:
-        raise ConfigError("--metadata-ttl must be >= 0, or -1 for never")
-    if values["retry_deadline"] < 0 or values["read_timeout"] <= 0:
-        raise ConfigError("--retry-deadline must be >= 0 and --read-timeout > 0")
+    if not 1 <= values["max_concurrency"] <= MAX_CONCURRENCY:
+        raise ConfigError(f"--max-concurrency must be between 1 and {MAX_CONCURRENCY}")
+    if not (0 <= values["metadata_ttl"] <= _MAX_TTL or values["metadata_ttl"] == -1):
+        raise ConfigError(f"--metadata-ttl must be between 0 and {_MAX_TTL:.0f} seconds, or -1 for never")
+    if not 0 <= values["retry_deadline"] <= _MAX_RETRY_DEADLINE:
+        raise ConfigError(f"--retry-deadline must be between 0 and {_MAX_RETRY_DEADLINE:.0f} seconds")
+    if not 0 < values["read_timeout"] <= _MAX_READ_TIMEOUT:
+        raise ConfigError(f"--read-timeout must be more than 0 and at most {_MAX_READ_TIMEOUT:.0f} seconds")
+    if not 0 <= values["read_ahead_kb"] <= _MAX_READ_AHEAD_KB:
+        raise ConfigError(f"--read-ahead-kb must be between 0 and {_MAX_READ_AHEAD_KB}")
     cache_dir_value = values.pop("cache_dir")
     cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)
     log_file = values.pop("log_file")

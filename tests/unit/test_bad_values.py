@@ -1,0 +1,105 @@
+"""Hostile or mistyped option values: one line on stderr and exit 2, never a traceback or a
+silently truncated value (issue 13, "Inputs")."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from modelfs.cli import main
+from modelfs.config import MAX_CONCURRENCY, add_options, build_config, parse_size
+from modelfs.errors import ConfigError
+
+SRC = "gs://my-bucket/models"
+
+
+def _exit_2_one_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert main(["mount", SRC, "/nonexistent-mnt", *argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelfs: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--memory-cache", "1" * 400),  # float() of it is inf, int(inf) an OverflowError
+        ("--disk-cache", "1" * 400 + "G"),
+        ("--disk-cache", "0.9"),  # would be 0 bytes: the disk cache silently off
+        ("--block-size", "4096.5"),
+        ("--max-prefetch", "2E"),
+        ("--metadata-ttl", "nan"),
+        ("--metadata-ttl", "inf"),
+        ("--retry-deadline", "nan"),
+        ("--read-timeout", "inf"),
+        ("--read-timeout=-inf",),
+        ("--retry-deadline", "1" * 400),
+        ("--max-concurrency", "1000000"),
+        ("--max-concurrency", "1" * 400),
+        ("--max-concurrency", "8.0"),
+        ("--read-ahead-kb", "99999999999"),
+        ("--metadata-ttl", "1e300"),
+    ],
+)
+def test_bad_flag_values(argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    line = _exit_2_one_line(capsys, *argv)
+    assert argv[0].split("=")[0] in line
+    assert len(line) < 300  # a 400-digit value is not echoed whole
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "max-concurrency = 8.5",  # a float where an integer belongs: refused, not truncated to 8
+        "max-concurrency = 8.0",
+        "max-concurrency = true",  # int(True) would be 1
+        "block-size = 8388608.0",
+        "disk-cache = 0.9",
+        "memory-cache = true",
+        "metadata-ttl = nan",
+        "retry-deadline = inf",
+        "read-timeout = true",
+        "cache-dir = 5",
+        'log-file = ["a", "b"]',
+        'cache-dir = "a\\u0000b"',
+        "memory-cache = " + "9" * 30,  # TOML refuses integers past 64 bits itself
+    ],
+)
+def test_bad_config_file_values(toml: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")
+    line = _exit_2_one_line(capsys, "--config", str(path))
+    assert str(path) in line
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MODELFS_DISK_CACHE": "0.9"},
+        {"MODELFS_METADATA_TTL": "NaN"},
+        {"MODELFS_MAX_CONCURRENCY": "1000000"},
+    ],
+)
+def test_bad_environment_values(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _exit_2_one_line(capsys)
+
+
+def test_edges_still_accepted() -> None:
+    """Whole-byte fractions and the largest allowed concurrency still parse."""
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("0.5K") == 512
+    assert parse_size("1.0") == 1
+    with pytest.raises(ConfigError):
+        parse_size(0.5)  # type: ignore[arg-type]
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    ns = parser.parse_args(["--max-concurrency", str(MAX_CONCURRENCY), "--metadata-ttl", "-1"])
+    assert build_config(SRC, None, ns, environ={}).max_concurrency == MAX_CONCURRENCY
