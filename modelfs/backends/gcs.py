@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import http.client
 import logging
-import re
-from collections.abc import Mapping
 from datetime import datetime
 from urllib.parse import quote, urlsplit
 
-import trio
-
 from modelfs.backends.base import ObjectInfo
 from modelfs.backends.body import read_urllib3_body
-from modelfs.backends.gcs_media import MediaTransport, plain_transport_applies
+from modelfs.backends.gcs_media import CheckResponse, MediaTransport, plain_transport_applies
+from modelfs.backends.private import gcs_client
+from modelfs.backends.responses import Headers, RangeRequest, check_range_response, short_reason
+from modelfs.backends.skeleton import ThreadedBackend
 from modelfs.config import Source
 from modelfs.errors import (
     AccessDenied,
@@ -39,30 +38,13 @@ __all__ = ["GCSBackend"]
 log = logging.getLogger(__name__)
 
 _LIST_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),nextPageToken"
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-
-
-_ERRNO_RE = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
-
-
-def _short(exc: BaseException) -> str:
-    """A one-line reason for a network error: requests nests the useful part deep inside."""
-    import requests
-
-    text = str(exc)
-    match = _ERRNO_RE.search(text)
-    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
-        return "timed out"
-    if match:
-        return match.group(1).strip().lower()
-    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def _mtime(updated: datetime | None) -> float:
     return updated.timestamp() if updated is not None else 0.0
 
 
-class GCSBackend:
+class GCSBackend(ThreadedBackend):
     """Objects below ``gs://bucket/prefix``; names are relative to the prefix."""
 
     def __init__(
@@ -77,7 +59,8 @@ class GCSBackend:
         from google.auth.exceptions import DefaultCredentialsError
         from google.cloud import storage
 
-        self._source = source
+        # One extra thread beyond the GETs so a listing never waits behind a full pipe.
+        super().__init__(source, threads=max_concurrency + 1)
         self._prefix = source.prefix + "/" if source.prefix else ""
         self._single: str | None = None  # set when the source names one object, not a prefix
         try:
@@ -89,30 +72,21 @@ class GCSBackend:
             ) from None
         self._bucket = self._client.bucket(source.bucket)
         self._timeout = (connect_timeout, read_timeout)
-        base = getattr(self._client, "api_endpoint", None) or self._client._connection.API_BASE_URL
+        base = gcs_client.api_base_url(self._client)
         self._media_base = f"{base.rstrip('/')}/download/storage/v1/b/{quote(source.bucket, safe='')}/o/"
         self._media: MediaTransport | None = None
         if plain_transport_applies(self._media_base):
             self._media = MediaTransport(
                 base,
-                self._client._credentials,
+                gcs_client.credentials(self._client),
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
                 max_idle=max_concurrency + 1,
             )
-        # One extra thread beyond the GETs so a listing never waits behind a full pipe.
-        self._limiter = trio.CapacityLimiter(max_concurrency + 1)
-
-    @property
-    def description(self) -> str:
-        return self._source.url
-
-    def object_key(self, name: str) -> str:
-        return self._source.object_key(name)
 
     # --- error classification: the only place that knows google/requests exception types.
 
-    def _classify(self, exc: BaseException, what: str) -> BackendError:
+    def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
         import requests
         from google.api_core import exceptions as gexc
         from google.auth.exceptions import TransportError
@@ -120,14 +94,19 @@ class GCSBackend:
         if isinstance(exc, BackendError):
             return exc
         if isinstance(exc, gexc.NotFound):
+            if reading:
+                return VersionChanged(f"{what}: this version of the object is gone (overwritten or deleted)")
             return NotFound(f"{what}: not found")
         if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
             return AccessDenied(f"{what}: access denied ({exc.code})")
-        if isinstance(exc, (gexc.TooManyRequests, gexc.ServerError, gexc.RequestRangeNotSatisfiable)):
+        if isinstance(exc, (gexc.TooManyRequests, gexc.ServerError)):
             return TransientError(f"{what}: HTTP {exc.code}")
-        if isinstance(exc, (requests.RequestException, TransportError, OSError, ConnectionError)):
-            return TransientError(f"{what}: {_short(exc)}")
-        return BackendError(f"{what}: {type(exc).__name__}: {exc}")
+        if isinstance(
+            exc,
+            (requests.RequestException, TransportError, OSError, EOFError, http.client.HTTPException),
+        ):
+            return TransientError(f"{what}: {short_reason(exc)}")
+        return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
 
     # --- listing and metadata
 
@@ -165,96 +144,59 @@ class GCSBackend:
         except NotFound:
             raise
         except Exception as exc:
-            err = self._classify(exc, self._source.url)
+            err = self.classify(exc, self._source.url)
             if isinstance(err, NotFound):
                 raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
             raise err from None
 
     async def list_objects(self) -> list[ObjectInfo]:
-        return await trio.to_thread.run_sync(self._list, limiter=self._limiter)
+        return await self.run_blocking(self._list)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:
             blob = self._bucket.get_blob(self._prefix + name, timeout=self._timeout, retry=None)
         except Exception as exc:
-            raise self._classify(exc, name) from None
+            raise self.classify(exc, name) from None
         if blob is None:
             raise NotFound(f"{name}: not found")
         return self._to_info(blob)
 
     async def stat(self, name: str) -> ObjectInfo:
-        return await trio.to_thread.run_sync(self._stat, name, limiter=self._limiter)
+        return await self.run_blocking(self._stat, name)
 
     # --- the data path
 
-    def _read(self, name: str, version: str, offset: int, dest: memoryview) -> None:
-        length = len(dest)
+    def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
         url = f"{self._media_base}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
-        what = f"{name}@{version} [{offset}, +{length}]"
-        if self._media is None:
-            self._read_by_session(url, what, version, offset, dest)
-            return
 
-        def check(status: int, headers: Mapping[str, str]) -> None:
-            self._check_response(status, headers, what, version, offset, length)
+        def pinned(headers: Headers) -> None:
+            generation = headers.get("x-goog-generation")
+            if generation is not None and generation != version:
+                raise VersionChanged(f"{request.what}: server sent generation {generation}")
 
-        parts = urlsplit(url)
+        def check(status: int, headers: Headers) -> None:
+            check_range_response(status, headers, request, pinned=pinned)
+
         try:
-            self._media.get_into(f"{parts.path}?{parts.query}", offset, dest, check)
-        except BackendError:
-            raise
-        except (OSError, EOFError, http.client.HTTPException) as exc:
-            raise TransientError(f"{what}: {_short(exc)}") from None
+            if self._media is None:
+                self._read_by_session(url, request, check, dest)
+            else:
+                parts = urlsplit(url)
+                self._media.get_into(f"{parts.path}?{parts.query}", request.offset, dest, check)
         except Exception as exc:
-            raise self._classify(exc, what) from None
+            raise self.classify(exc, request.what, reading=True) from None
 
-    def _read_by_session(self, url: str, what: str, version: str, offset: int, dest: memoryview) -> None:
+    def _read_by_session(self, url: str, request: RangeRequest, check: CheckResponse, dest: memoryview) -> None:
         """The same GET through the client's authorized requests session (proxies, mTLS)."""
-        import requests
-
-        length = len(dest)
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        headers = {"Range": request.header, "Accept-Encoding": "identity"}
+        session = gcs_client.authorized_session(self._client)
+        resp = session.request("GET", url, headers=headers, stream=True, timeout=self._timeout)
         try:
-            resp = self._client._http.request("GET", url, headers=headers, stream=True, timeout=self._timeout)
-        except Exception as exc:
-            raise self._classify(exc, what) from None
-        try:
-            self._check_response(resp.status_code, resp.headers, what, version, offset, length)
-            read_urllib3_body(resp.raw, dest, what)
-        except (requests.RequestException, OSError) as exc:
+            check(resp.status_code, resp.headers)
+            read_urllib3_body(resp.raw, dest, request.what)
+        except BaseException:
             resp.close()
-            raise TransientError(f"{what}: {_short(exc)}") from None
-        except Exception as exc:
-            resp.close()
-            raise self._classify(exc, what) from None
-
-    @staticmethod
-    def _check_response(
-        status: int, headers: Mapping[str, str], what: str, version: str, offset: int, length: int
-    ) -> None:
-        if status == 404:
-            raise VersionChanged(f"{what}: this version of the object is gone (overwritten or deleted)")
-        if status in (401, 403):
-            raise AccessDenied(f"{what}: access denied ({status})")
-        if status == 429 or status >= 500 or status == 416:
-            raise TransientError(f"{what}: HTTP {status}")
-        if status not in (200, 206):
-            raise BackendError(f"{what}: unexpected HTTP {status}")
-        generation = headers.get("x-goog-generation")
-        if generation is not None and generation != version:
-            raise VersionChanged(f"{what}: server sent generation {generation}")
-        if status == 206:
-            match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", ""))
-            if not match or int(match.group(1)) != offset or int(match.group(2)) != offset + length - 1:
-                raise TransientError(f"{what}: wrong Content-Range {headers.get('content-range')!r}")
-        content_length = headers.get("content-length")
-        if status == 200 and (offset != 0 or (content_length is not None and int(content_length) != length)):
-            raise BackendError(f"{what}: the server ignored the Range header")
-        if content_length is not None and int(content_length) != length:
-            raise TransientError(f"{what}: Content-Length {content_length}, expected {length}")
-
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
-        await trio.to_thread.run_sync(self._read, name, version, offset, dest, limiter=self._limiter)
+            raise
 
     async def aclose(self) -> None:
         if self._media is not None:

@@ -21,18 +21,18 @@ import socket
 import ssl
 import threading
 import urllib.request
-from collections.abc import Callable, Mapping
-from typing import cast
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from modelfs import __version__
 from modelfs.backends.body import read_exactly
+from modelfs.backends.responses import Headers
 
-__all__ = ["MediaTransport", "plain_transport_applies"]
+__all__ = ["CheckResponse", "MediaTransport", "plain_transport_applies"]
 
 _USER_AGENT = f"modelfs/{__version__} (python http.client)"
 
-CheckResponse = Callable[[int, Mapping[str, str]], None]
+CheckResponse = Callable[[int, Headers], None]
 
 
 def plain_transport_applies(base_url: str) -> bool:
@@ -182,7 +182,7 @@ class MediaTransport:
                     refreshed = True
                     continue
                 # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
-                check(resp.status, cast(Mapping[str, str], resp.headers))
+                check(resp.status, resp.headers)
                 got = read_exactly(resp.readinto, dest)
                 if got < length:
                     raise EOFError(f"body ended after {got} of {length} bytes")

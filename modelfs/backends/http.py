@@ -37,9 +37,18 @@ import trio
 
 from modelfs import __version__
 from modelfs.backends.base import ObjectInfo
+from modelfs.backends.private.httpcore_read_size import raise_read_size
+from modelfs.backends.responses import (
+    Headers,
+    RangeRequest,
+    check_range_response,
+    metadata_status_error,
+    no_range_support,
+    parse_content_range,
+)
+from modelfs.backends.skeleton import BackendSkeleton
 from modelfs.config import Source
 from modelfs.errors import (
-    AccessDenied,
     BackendError,
     ConfigError,
     NotFound,
@@ -47,7 +56,7 @@ from modelfs.errors import (
     VersionChanged,
 )
 
-__all__ = ["HTTPBackend", "parse_manifest", "parse_version", "make_version"]
+__all__ = ["HTTPBackend", "make_version", "parse_manifest", "parse_version"]
 
 log = logging.getLogger(__name__)
 # httpx logs every request's URL at INFO (with its query string, a signature for presigned
@@ -55,23 +64,11 @@ log = logging.getLogger(__name__)
 for _name in ("httpx", "httpcore"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
 _PCHAR_SAFE = "/:@!$&'()*+,;=~"  # left as they are in a path (RFC 3986 pchar)
 _MAX_INDEX_DEPTH = 32
-# httpcore reads a response 64 KiB at a time, and each read costs a trip through h11 and two
-# async generators: ~4 s of CPU per GB on plain HTTP here. 512 KiB reads cut that to ~1.2 s/GB
-# (benchmarks/backends.py); the extra transient memory is at most this much per connection.
+# Larger socket reads than httpcore's 64 KiB: see private/httpcore_read_size.py.
 _READ_SIZE = 512 << 10
-
-
-def _tune_httpcore() -> None:
-    try:
-        from httpcore._async.http11 import AsyncHTTP11Connection
-    except ImportError:  # a future layout: keep the library's default
-        return
-    if getattr(AsyncHTTP11Connection, "READ_NUM_BYTES", _READ_SIZE) < _READ_SIZE:
-        AsyncHTTP11Connection.READ_NUM_BYTES = _READ_SIZE
 
 
 # --- versions: what a read pins
@@ -141,7 +138,7 @@ def _split_header(line: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-class HTTPBackend:
+class HTTPBackend(BackendSkeleton):
     """Files below one http(s) URL; names are relative to the URL's directory."""
 
     def __init__(
@@ -155,13 +152,12 @@ class HTTPBackend:
         connect_timeout: float = 10.0,
         max_concurrency: int = 8,
     ) -> None:
-        self._source = source
+        super().__init__(source, threads=max_concurrency)
         self._manifest = manifest
         # The directory every name is relative to, with its path as the user spelled it.
         self._base = source.url.rsplit("/", 1)[0] + "/" if source.file else source.url
-        self._limiter = trio.CapacityLimiter(max_concurrency)
         self._warned: set[str] = set()
-        _tune_httpcore()
+        raise_read_size(_READ_SIZE)
         context = self._ssl_context(ca_cert) if source.scheme == "https" else None
         client_headers = [("User-Agent", f"modelfs/{__version__}"), ("Accept-Encoding", "identity")]
         client_headers += [_split_header(line) for line in headers]
@@ -186,13 +182,6 @@ class HTTPBackend:
                 raise ConfigError(f"--ca-cert {ca_cert}: not a readable PEM certificate file ({exc})") from None
         return context
 
-    @property
-    def description(self) -> str:
-        return self._source.url
-
-    def object_key(self, name: str) -> str:
-        return self._source.object_key(name)
-
     def _url(self, name: str) -> str:
         if self._source.file:
             return self._source.url + (f"?{self._source.query}" if self._source.query else "")
@@ -209,7 +198,7 @@ class HTTPBackend:
 
     # --- error classification: the only place that knows httpx's exceptions and HTTP statuses.
 
-    def _classify(self, exc: BaseException, what: str) -> BackendError:
+    def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
         if isinstance(exc, BackendError):
             return exc
         if isinstance(exc, httpx.TimeoutException):
@@ -227,25 +216,6 @@ class HTTPBackend:
             return TransientError(f"{what}: {text[:200]}")
         return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
 
-    @staticmethod
-    def _status_error(status: int, what: str) -> BackendError | None:
-        """The error of a metadata request's status (reads have their own rules), or None for 2xx."""
-        if 200 <= status < 300:
-            return None
-        if status in (404, 410):
-            return NotFound(f"{what}: not found ({status})")
-        if status in (401, 403):
-            return AccessDenied(f"{what}: access denied ({status})")
-        if status in (408, 429) or status >= 500:
-            return TransientError(f"{what}: HTTP {status}")
-        return BackendError(f"{what}: unexpected HTTP {status}")
-
-    def _no_ranges(self, what: str) -> BackendError:
-        return BackendError(
-            f"{what}: the server does not support Range requests (it sent the whole file "
-            "for a ranged GET); modelfs needs a server that honours Range"
-        )
-
     # --- metadata
 
     async def _stat(self, name: str, listed_size: int | None = None) -> ObjectInfo:
@@ -254,14 +224,14 @@ class HTTPBackend:
             try:
                 resp = await self._client.head(self._url(name))
             except Exception as exc:
-                raise self._classify(exc, what) from None
+                raise self.classify(exc, what) from None
             headers = resp.headers
             length = headers.get("content-length")
             if resp.status_code in (403, 405, 501) or (resp.status_code == 200 and not (length or "").isdigit()):
                 # HEAD refused (a presigned GET URL answers 403) or no size: the first byte tells.
                 size, etag, last_modified = await self._probe(name, what)
             else:
-                error = self._status_error(resp.status_code, what)
+                error = metadata_status_error(resp.status_code, what)
                 if error is not None:
                     raise error
                 size = int(length or 0)
@@ -293,14 +263,14 @@ class HTTPBackend:
                 status = resp.status_code
                 etag, last_modified = headers.get("etag"), headers.get("last-modified")
                 if status == 206:
-                    match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", ""))
-                    if not match or match.group(3) == "*":
+                    parsed = parse_content_range(headers.get("content-range"))
+                    if parsed is None or parsed[2] is None:
                         raise BackendError(
                             f"{what}: the server does not tell the file's size "
                             f"(Content-Range {headers.get('content-range')!r})"
                         )
                     await resp.aread()  # one byte: keeps the connection reusable
-                    return int(match.group(3)), etag, last_modified
+                    return parsed[2], etag, last_modified
                 if status == 416:
                     match = _UNSATISFIED_RANGE_RE.fullmatch(headers.get("content-range", ""))
                     if match:
@@ -310,11 +280,11 @@ class HTTPBackend:
                     if length in ("0", "1"):  # the whole file is what was asked for
                         await resp.aread()
                         return int(length), etag, last_modified
-                    raise self._no_ranges(what)
-                error = self._status_error(status, what)
+                    raise no_range_support(what)
+                error = metadata_status_error(status, what)
                 raise error if error is not None else BackendError(f"{what}: unexpected HTTP {status}")
         except Exception as exc:
-            raise self._classify(exc, what) from None
+            raise self.classify(exc, what) from None
 
     async def stat(self, name: str) -> ObjectInfo:
         if self._source.file and name != self._source.file:
@@ -365,8 +335,8 @@ class HTTPBackend:
                     self._base + quote(rel, safe=_PCHAR_SAFE), headers={"Accept": "application/json"}
                 )
             except Exception as exc:
-                raise self._classify(exc, what) from None
-            error = self._status_error(resp.status_code, what)
+                raise self.classify(exc, what) from None
+            error = metadata_status_error(resp.status_code, what)
             if error is not None:
                 raise error
             try:
@@ -403,22 +373,32 @@ class HTTPBackend:
 
     # --- the data path
 
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
-        length = len(dest)
-        if length == 0:
-            return
-        size, etag, last_modified = parse_version(version)
-        if offset < 0 or offset + length > size:
-            raise BackendError(f"{self._display(name)}: range [{offset}, +{length}] is beyond the end ({size} bytes)")
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+    def _describe(self, name: str, version: str, offset: int, length: int) -> str:
+        return f"{self._display(name)} [{offset}, +{length}]"
+
+    def _pinned_size(self, version: str) -> int | None:
+        return parse_version(version)[0]
+
+    async def _read_range(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
+        _, etag, last_modified = parse_version(version)
+        what, length = request.what, request.length
+        headers = {"Range": request.header}
         if etag is not None:
             headers["If-Match"] = etag
         elif last_modified is not None:
             headers["If-Unmodified-Since"] = last_modified
-        what = f"{self._display(name)} [{offset}, +{length}]"
+
+        def pinned(sent: Headers) -> None:
+            sent_etag = sent.get("etag")
+            if etag is not None and sent_etag is not None and sent_etag != etag:
+                raise VersionChanged(f"{what}: changed on the server (ETag {etag} is now {sent_etag})")
+            sent_modified = sent.get("last-modified")
+            if etag is None and last_modified is not None and sent_modified not in (None, last_modified):
+                raise VersionChanged(f"{what}: changed on the server (Last-Modified is now {sent_modified})")
+
         try:
             async with self._client.stream("GET", self._url(name), headers=headers) as resp:
-                self._check_read(resp, what, size, etag, last_modified, offset, length)
+                check_range_response(resp.status_code, resp.headers, request, pinned=pinned)
                 got = 0
                 async for chunk in resp.aiter_raw():
                     end = got + len(chunk)
@@ -429,57 +409,7 @@ class HTTPBackend:
                 if got != length:
                     raise TransientError(f"{what}: body ended after {got} of {length} bytes")
         except Exception as exc:
-            raise self._classify(exc, what) from None
-
-    def _check_read(
-        self,
-        resp: httpx.Response,
-        what: str,
-        size: int,
-        etag: str | None,
-        last_modified: str | None,
-        offset: int,
-        length: int,
-    ) -> None:
-        status = resp.status_code
-        headers = resp.headers
-        if status == 412:
-            raise VersionChanged(f"{what}: changed on the server since it was opened (412 Precondition Failed)")
-        if status in (404, 410):
-            raise VersionChanged(f"{what}: gone from the server since it was opened ({status})")
-        if status == 416:
-            raise VersionChanged(f"{what}: shorter on the server than when it was opened (416)")
-        if status in (401, 403):
-            raise AccessDenied(f"{what}: access denied ({status})")
-        if status in (408, 429) or status >= 500:
-            raise TransientError(f"{what}: HTTP {status}")
-        if status not in (200, 206):
-            raise BackendError(f"{what}: unexpected HTTP {status}")
-        encoding = headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("identity", ""):
-            raise BackendError(f"{what}: the server sent a {encoding}-encoded body despite 'Accept-Encoding: identity'")
-        sent_etag = headers.get("etag")
-        if etag is not None and sent_etag is not None and sent_etag != etag:
-            raise VersionChanged(f"{what}: changed on the server (ETag {etag} is now {sent_etag})")
-        sent_modified = headers.get("last-modified")
-        if etag is None and last_modified is not None and sent_modified is not None and sent_modified != last_modified:
-            raise VersionChanged(f"{what}: changed on the server (Last-Modified is now {sent_modified})")
-        content_length = headers.get("content-length")
-        if status == 206:
-            match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", ""))
-            if not match:
-                raise TransientError(f"{what}: bad Content-Range {headers.get('content-range')!r}")
-            if match.group(3) != "*" and int(match.group(3)) != size:
-                raise VersionChanged(f"{what}: changed on the server (size {size} is now {match.group(3)})")
-            if int(match.group(1)) != offset or int(match.group(2)) != offset + length - 1:
-                raise TransientError(f"{what}: wrong Content-Range {headers.get('content-range')!r}")
-        else:  # 200: the whole file, acceptable only when the whole file was asked for
-            if offset != 0 or length != size:
-                raise self._no_ranges(what)
-            if content_length is not None and content_length.isdigit() and int(content_length) != size:
-                raise VersionChanged(f"{what}: changed on the server (size {size} is now {content_length})")
-        if content_length is not None and content_length.isdigit() and int(content_length) != length:
-            raise TransientError(f"{what}: Content-Length {content_length}, expected {length}")
+            raise self.classify(exc, what, reading=True) from None
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -9,11 +9,11 @@ from __future__ import annotations
 import errno
 import os
 
-import trio
-
 from modelfs.backends.base import ObjectInfo
+from modelfs.backends.responses import RangeRequest
+from modelfs.backends.skeleton import ThreadedBackend
 from modelfs.config import Source
-from modelfs.errors import AccessDenied, NotFound, VersionChanged
+from modelfs.errors import AccessDenied, BackendError, NotFound, VersionChanged
 
 __all__ = ["LocalBackend"]
 
@@ -22,20 +22,25 @@ def _version(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
-class LocalBackend:
+class LocalBackend(ThreadedBackend):
     """Serves the files below one directory; blocking calls run in trio worker threads."""
 
     def __init__(self, source: Source, max_concurrency: int = 8) -> None:
-        self._source = source
+        super().__init__(source, threads=max_concurrency)
         self._root = source.bucket
-        self._limiter = trio.CapacityLimiter(max_concurrency)
 
-    @property
-    def description(self) -> str:
-        return self._source.url
-
-    def object_key(self, name: str) -> str:
-        return self._source.object_key(name)
+    def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, FileNotFoundError):
+            if reading:
+                return VersionChanged(f"{what}: deleted since it was opened")
+            return NotFound(f"{what}: no such file")
+        if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EACCES):
+            return AccessDenied(f"{what}: permission denied")
+        if isinstance(exc, OSError):  # a failing disk: retrying will not fix it
+            return BackendError(f"{what}: {exc.strerror or exc}")
+        return super().classify(exc, what, reading=reading)
 
     def _list(self) -> list[ObjectInfo]:
         if not os.path.isdir(self._root):
@@ -59,45 +64,36 @@ class LocalBackend:
         return out
 
     async def list_objects(self) -> list[ObjectInfo]:
-        return await trio.to_thread.run_sync(self._list, limiter=self._limiter)
+        return await self.run_blocking(self._list)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:
             st = os.stat(os.path.join(self._root, name))
-        except FileNotFoundError:
-            raise NotFound(f"{name}: no such file") from None
-        except PermissionError:
-            raise AccessDenied(f"{name}: permission denied") from None
+        except (FileNotFoundError, PermissionError) as exc:
+            raise self.classify(exc, name) from None
         return ObjectInfo(name, st.st_size, st.st_mtime, _version(st))
 
     async def stat(self, name: str) -> ObjectInfo:
-        return await trio.to_thread.run_sync(self._stat, name, limiter=self._limiter)
+        return await self.run_blocking(self._stat, name)
 
-    def _read(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+    def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
         try:
             fd = os.open(os.path.join(self._root, name), os.O_RDONLY)
-        except FileNotFoundError:
-            raise VersionChanged(f"{name}: deleted since it was opened") from None
-        except PermissionError:
-            raise AccessDenied(f"{name}: permission denied") from None
+        except OSError as exc:
+            raise self.classify(exc, name, reading=True) from None
         try:
             if _version(os.fstat(fd)) != version:
                 raise VersionChanged(f"{name}: changed since it was opened")
             got = 0
             while got < len(dest):
-                n = os.preadv(fd, [dest[got:]], offset + got)
+                n = os.preadv(fd, [dest[got:]], request.offset + got)
                 if n == 0:
                     raise VersionChanged(f"{name}: shorter than when it was opened")
                 got += n
         except OSError as exc:
-            if exc.errno == errno.EACCES:
-                raise AccessDenied(f"{name}: permission denied") from None
-            raise
+            raise self.classify(exc, name, reading=True) from None
         finally:
             os.close(fd)
-
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
-        await trio.to_thread.run_sync(self._read, name, version, offset, dest, limiter=self._limiter)
 
     async def aclose(self) -> None:
         pass

@@ -19,14 +19,21 @@ backend, like for every store.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from modelfs.backends.base import ObjectInfo
 from modelfs.backends.body import read_urllib3_body
+from modelfs.backends.private.botocore_raw import raw_stream
+from modelfs.backends.responses import (
+    Headers,
+    RangeRequest,
+    check_range_response,
+    metadata_status_error,
+    read_status_error,
+    short_reason,
+)
+from modelfs.backends.skeleton import ThreadedBackend
 from modelfs.config import Source
 from modelfs.errors import (
     AccessDenied,
@@ -41,7 +48,6 @@ __all__ = ["S3Backend"]
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _DENIED = {
     "401",
@@ -69,9 +75,16 @@ _THROTTLED = {
     "502",
     "504",
 }
+_CODE_STATUS: tuple[tuple[frozenset[str] | set[str], int], ...] = (
+    (frozenset({"PreconditionFailed", "412"}), 412),
+    (frozenset({"InvalidRange", "416"}), 416),
+    (_NOT_FOUND, 404),
+    (_DENIED, 403),
+    (_THROTTLED, 503),
+)
 
 
-class S3Backend:
+class S3Backend(ThreadedBackend):
     """Objects below ``s3://bucket/prefix``; names are relative to the prefix."""
 
     def __init__(
@@ -89,7 +102,8 @@ class S3Backend:
         from botocore import UNSIGNED
         from botocore.config import Config as BotoConfig
 
-        self._source = source
+        # One extra thread beyond the GETs so a listing never waits behind a full pipe.
+        super().__init__(source, threads=max_concurrency + 1)
         self._prefix = source.prefix + "/" if source.prefix else ""
         session = boto3.session.Session()
         if not anonymous and session.get_credentials() is None:
@@ -118,19 +132,10 @@ class S3Backend:
             verify=str(ca_cert) if ca_cert is not None else None,
             config=BotoConfig(**options),
         )
-        # One extra thread beyond the GETs so a listing never waits behind a full pipe.
-        self._limiter = trio.CapacityLimiter(max_concurrency + 1)
-
-    @property
-    def description(self) -> str:
-        return self._source.url
-
-    def object_key(self, name: str) -> str:
-        return self._source.object_key(name)
 
     # --- error classification: the only place that knows botocore's exceptions.
 
-    def _classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
+    def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
         import http.client
 
         import urllib3.exceptions
@@ -142,19 +147,21 @@ class S3Backend:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
             status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            if code in ("PreconditionFailed", "412") or status == "412":
-                return VersionChanged(f"{what}: changed in the store since it was opened (412 Precondition Failed)")
-            if code in ("InvalidRange", "416") or status == "416":
-                return VersionChanged(f"{what}: shorter in the store than when it was opened (416)")
-            if code in _NOT_FOUND or status == "404":
-                if reading:
-                    return VersionChanged(f"{what}: deleted from the store since it was opened")
-                return NotFound(f"{what}: not found ({code or status})")
-            if code in _DENIED or status in ("401", "403"):
-                return AccessDenied(f"{what}: access denied ({code or status})")
-            if code in _THROTTLED or status.startswith("5"):
-                return TransientError(f"{what}: {code or 'HTTP ' + status}")
-            return BackendError(f"{what}: {code or 'HTTP ' + status}: {error.get('Message', '')}"[:300])
+            # S3-compatible stores disagree on statuses more than on error codes: the code
+            # decides, then the status means what it means for every store (responses.py).
+            number = int(status) if status.isdigit() else 0
+            if code.isdigit():
+                number = int(code)
+            else:
+                for codes, meaning in _CODE_STATUS:
+                    if code in codes:
+                        number = meaning
+                        break
+            table = read_status_error if reading else metadata_status_error
+            found = table(number, what) if number else None
+            if found is None or type(found) is BackendError:
+                return BackendError(f"{what}: {code or 'HTTP ' + status}: {error.get('Message', '')}"[:300])
+            return type(found)(f"{found} ({code})" if code and not code.isdigit() else str(found))
         if isinstance(exc, bexc.NoCredentialsError):
             return AccessDenied(f"{what}: no AWS credentials found (or pass --anonymous)")
         if isinstance(exc, bexc.SSLError):
@@ -165,13 +172,13 @@ class S3Backend:
                 bexc.ConnectionError,
                 bexc.HTTPClientError,
                 OSError,
+                EOFError,
                 http.client.HTTPException,
                 urllib3.exceptions.HTTPError,
             ),
         ):
             # EndpointConnectionError, ConnectTimeout, ReadTimeout, ConnectionClosedError, resets
-            text = str(exc).lower()
-            return TransientError(f"{what}: {'timed out' if 'timeout' in text else str(exc)[:200]}")
+            return TransientError(f"{what}: {short_reason(exc)}")
         return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
 
     # --- listing and metadata
@@ -196,63 +203,50 @@ class S3Backend:
                         continue
                     out.append(self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"]))
         except Exception as exc:
-            err = self._classify(exc, self._source.url)
+            err = self.classify(exc, self._source.url)
             if isinstance(err, NotFound):
                 raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
             raise err from None
         return out
 
     async def list_objects(self) -> list[ObjectInfo]:
-        return await trio.to_thread.run_sync(self._list, limiter=self._limiter)
+        return await self.run_blocking(self._list)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:
             head = self._client.head_object(Bucket=self._source.bucket, Key=self._prefix + name)
         except Exception as exc:
-            raise self._classify(exc, name) from None
+            raise self.classify(exc, name) from None
         return self._info(self._prefix + name, head["ContentLength"], head.get("LastModified"), head["ETag"])
 
     async def stat(self, name: str) -> ObjectInfo:
-        return await trio.to_thread.run_sync(self._stat, name, limiter=self._limiter)
+        return await self.run_blocking(self._stat, name)
 
     # --- the data path
 
-    def _read(self, name: str, version: str, offset: int, dest: memoryview) -> None:
-        length = len(dest)
-        what = f"{name}@{version} [{offset}, +{length}]"
+    def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
+        what = request.what
         try:
             resp = self._client.get_object(
-                Bucket=self._source.bucket,
-                Key=self._prefix + name,
-                Range=f"bytes={offset}-{offset + length - 1}",
-                IfMatch=version,
+                Bucket=self._source.bucket, Key=self._prefix + name, Range=request.header, IfMatch=version
             )
         except Exception as exc:
-            raise self._classify(exc, what, reading=True) from None
-        raw = resp["Body"]._raw_stream  # urllib3's HTTPResponse
-        try:
+            raise self.classify(exc, what, reading=True) from None
+        raw = raw_stream(resp["Body"])  # urllib3's HTTPResponse
+
+        def pinned(headers: Headers) -> None:
             etag = resp.get("ETag")
             if etag is not None and etag != version:
                 raise VersionChanged(f"{what}: changed in the store (ETag is now {etag})")
-            match = _CONTENT_RANGE_RE.fullmatch(resp.get("ContentRange") or "")
-            if match is None:
-                if offset != 0 or resp.get("ContentLength") != length:
-                    raise BackendError(f"{what}: the store ignored the Range header")
-            elif int(match.group(1)) != offset or int(match.group(2)) != offset + length - 1:
-                if match.group(3) != "*" and offset + length > int(match.group(3)):
-                    raise BackendError(f"{what}: beyond the end of the object ({match.group(3)} bytes)")
-                raise TransientError(f"{what}: wrong Content-Range {resp.get('ContentRange')!r}")
-            if resp.get("ContentLength") != length:
-                raise TransientError(f"{what}: Content-Length {resp.get('ContentLength')}, expected {length}")
+
+        try:
+            meta = resp.get("ResponseMetadata", {})
+            headers = {key.lower(): value for key, value in meta.get("HTTPHeaders", {}).items()}
+            check_range_response(meta.get("HTTPStatusCode", 0), headers, request, pinned=pinned)
             read_urllib3_body(raw, dest, what)
         except Exception as exc:
-            raw.close()
-            raise self._classify(exc, what, reading=True) from None
-
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
-        if len(dest) == 0:
-            return
-        await trio.to_thread.run_sync(self._read, name, version, offset, dest, limiter=self._limiter)
+            raw.close()  # type: ignore[attr-defined]
+            raise self.classify(exc, what, reading=True) from None
 
     async def aclose(self) -> None:
         try:

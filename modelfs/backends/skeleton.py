@@ -1,0 +1,98 @@
+"""What every backend shares, written once: naming, the thread limiter, the read template.
+
+A backend subclasses :class:`BackendSkeleton` and writes only what is its own: how to build
+a request for its store and how to classify that store's failures (``classify``, the one
+place a backend knows its client library's exception types). Like gcsfuse's ``Bucket``
+interface and mountpoint-s3's ``ObjectClient``, the seam stays narrow (see
+:mod:`modelfs.backends.base`): decorators and test doubles (``memory.py``) stand in for a
+store without knowing which one it is.
+
+Blocking client libraries (google-cloud-storage, boto3, the file system) run in trio worker
+threads through :meth:`BackendSkeleton.run_blocking`, bounded by one CapacityLimiter per
+backend. Those threads only ever fill the buffer they were handed (a block that is pinned and
+FILLING) or build a result nothing else holds; see docs/concurrency.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar, TypeVarTuple, Unpack
+
+import trio
+
+from modelfs.backends.responses import RangeRequest
+from modelfs.config import Source
+from modelfs.errors import BackendError
+
+__all__ = ["BackendSkeleton", "ThreadedBackend"]
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+class BackendSkeleton:
+    """Naming, the worker-thread limiter and the zero-length read, for every store.
+
+    ``threads`` bounds the worker threads this backend may occupy at once: the GETs the block
+    store allows (``--max-concurrency``) plus one, so a listing never waits behind a full
+    pipe of reads.
+    """
+
+    def __init__(self, source: Source, *, threads: int) -> None:
+        self._source = source
+        self._limiter = trio.CapacityLimiter(max(1, threads))
+
+    @property
+    def description(self) -> str:
+        """The source as the user gave it (never with a query string)."""
+        return self._source.url
+
+    def object_key(self, name: str) -> str:
+        """A key unique across backends: names disk-cache entries."""
+        return self._source.object_key(name)
+
+    async def run_blocking(self, fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts]) -> T:
+        """``fn(*args)`` in a worker thread, within this backend's thread limit."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
+        """The BackendError ``exc`` means (``reading``: during a ranged GET of a pinned version).
+
+        Every backend overrides this; the default knows only our own errors.
+        """
+        if isinstance(exc, BackendError):
+            return exc
+        return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+
+    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+        """Fill all of ``dest`` with ``name`` at ``version`` from ``offset`` (the Backend protocol)."""
+        length = len(dest)
+        if length == 0:
+            return
+        size = self._pinned_size(version)
+        request = RangeRequest(self._describe(name, version, offset, length), offset, length, size)
+        if offset < 0 or (size is not None and offset + length > size):
+            raise BackendError(f"{request.what}: the range is beyond the end ({size} bytes)")
+        await self._read_range(name, version, request, dest)
+
+    def _describe(self, name: str, version: str, offset: int, length: int) -> str:
+        """How a read is named in errors and logs."""
+        return f"{name}@{version} [{offset}, +{length}]"
+
+    def _pinned_size(self, version: str) -> int | None:
+        """The object's size if its version says it (HTTP versions do), else None."""
+        return None
+
+    async def _read_range(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
+        raise NotImplementedError
+
+
+class ThreadedBackend(BackendSkeleton):
+    """A backend whose client blocks: ``_read`` runs in a worker thread and fills ``dest``."""
+
+    async def _read_range(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
+        await self.run_blocking(self._read, name, version, request, dest)
+
+    def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
+        """Blocking: fill ``dest`` or raise a classified BackendError. Runs in a worker thread."""
+        raise NotImplementedError
