@@ -51,7 +51,7 @@ class BackendSkeleton:
         """A key unique across backends: names disk-cache entries."""
         return self._source.object_key(name)
 
-    async def run_blocking(self, fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts]) -> T:
+    async def run_blocking(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         """``fn(*args)`` in a worker thread, within this backend's thread limit."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 

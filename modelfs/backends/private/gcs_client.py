@@ -9,6 +9,7 @@ Checked with google-cloud-storage 2.x and 3.x.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from modelfs.backends.private import PrivateAPIChanged
@@ -38,11 +39,12 @@ def verify() -> None:
 
     client = storage.Client.create_anonymous_client()
     try:
-        for name, get in (
+        checks: tuple[tuple[str, Callable[[], object]], ...] = (
             ("_connection.API_BASE_URL", lambda: client._connection.API_BASE_URL),
             ("_credentials", lambda: client._credentials),
             ("_http", lambda: client._http),
-        ):
+        )
+        for name, get in checks:
             try:
                 value = get()
             except AttributeError:
