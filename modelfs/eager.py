@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import trio
 
 from modelfs.cache.blocks import BlockStore, ObjectRef
 
-__all__ = ["EagerStreamer", "WEIGHT_SUFFIXES", "safetensors_block_order"]
+__all__ = ["EagerStreamer", "ReaderActivity", "WEIGHT_SUFFIXES", "safetensors_block_order"]
 
 log = logging.getLogger(__name__)
 
@@ -61,36 +62,98 @@ def safetensors_block_order(header: bytes, header_len: int, block_size: int, siz
     return order
 
 
+class ReaderActivity:
+    """Sequential progress of the readers of one streamed file, signalled by the readers.
+
+    The reader side (``OpenFiles.read``) calls :meth:`progressed` on each read that continues
+    a sequential run; the stream side asks :meth:`moved` (has a reader streamed since I last
+    looked?) and awaits :meth:`quiet` (until no reader has streamed for ``idle`` seconds).
+    A waiting stream sleeps in a cancel scope whose deadline each progress pushes forward, so
+    it wakes once, when the reader stops or seeks, not once per read or per polling period
+    (compare mountpoint-s3's backpressure controller: the consumer signals, the producer waits).
+    """
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self.count = 0  # sequential reads signalled so far
+        self._seen = 0  # ``count`` when the stream last looked
+        self._last = -math.inf  # trio time of the last signal
+        self._waiting: set[trio.CancelScope] = set()
+
+    def progressed(self) -> None:
+        self.count += 1
+        self._last = trio.current_time()
+        for scope in self._waiting:
+            scope.deadline = self._last + self.idle
+
+    def moved(self) -> bool:
+        """Whether a reader made sequential progress since the stream last looked."""
+        moved = self.count != self._seen
+        self._seen = self.count
+        return moved
+
+    async def quiet(self) -> bool:
+        """Wait while readers keep streaming; True if it had to wait (the stream paused)."""
+        if not self.moved() or self._last + self.idle <= trio.current_time():
+            return False
+        with trio.CancelScope(deadline=self._last + self.idle) as scope:
+            self._waiting.add(scope)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._waiting.discard(scope)
+        self._seen = self.count
+        return True
+
+
 @dataclass(eq=False)
 class _Stream:
     ref: ObjectRef
+    activity: ReaderActivity
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     users: int = 0  # open handles whose reads started or joined it
     pinned: bool = False  # started at mount (--eager-model): no close cancels it
     done: trio.Event = field(default_factory=trio.Event)
-    reader_seen: int = 0  # the reader's sequential-read count when the stream last looked
     deferred: bool = False  # model stream: put off behind the other files (a reader streamed it)
+
+
+@dataclass(eq=False)
+class _ModelRun:
+    """The --eager-model stream's shared position: its workers take each block once, in order."""
+
+    queue: deque[_Stream]  # files not started yet (random readers move theirs to the front)
+    later: deque[tuple[_Stream, list[int]]] = field(default_factory=deque)  # put off: a reader streamed them
+    current: tuple[_Stream, Iterator[int]] | None = None  # the file under way and its blocks left
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 class EagerStreamer:
     """Starts, tracks and cancels the background stream of each weight file."""
 
     def __init__(
-        self, store: BlockStore, *, suffixes: Iterable[str] = WEIGHT_SUFFIXES, workers: int = 4, enabled: bool = True
+        self,
+        store: BlockStore,
+        *,
+        suffixes: Iterable[str] = WEIGHT_SUFFIXES,
+        workers: int = 4,
+        enabled: bool = True,
+        reader_idle: float = 0.05,
+        yield_to_readers: bool = True,
     ) -> None:
         self.store = store
         self.suffixes = tuple(s.lower() for s in suffixes)
         self.workers = max(1, workers)
         self.enabled = enabled and store.disk is not None
+        # A stream pauses while a reader streams the file itself, until the reader has made no
+        # sequential progress for ``reader_idle`` seconds (it stopped, or went back to seeking).
+        self.reader_idle = reader_idle
+        self.yield_to_readers = yield_to_readers
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._model_queue: deque[_Stream] = deque()  # --eager-model files not started yet
         self._nursery: trio.Nursery | None = None
         self.completed = 0
         self.cancelled = 0
         self.pauses = 0
-        self.pause_check = 0.05  # seconds between looks at the reader's progress
-        # Sequential reads so far of an open version; OpenFiles plugs in its count.
-        self.reader_progress: Callable[[ObjectRef], int] = lambda ref: 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -128,7 +191,7 @@ class EagerStreamer:
                 log.info("not streaming %s: the disk cache has no room left for it", ref.name)
                 continue
             room -= ref.size
-            stream = _Stream(ref, pinned=True)
+            stream = _Stream(ref, ReaderActivity(self.reader_idle), pinned=True)
             self._streams[(ref.key, ref.version)] = stream
             queue.append(stream)
         if queue:
@@ -136,7 +199,7 @@ class EagerStreamer:
             self._nursery.start_soon(self._run_model, queue)
         return len(queue)
 
-    def opened(self, ref: ObjectRef) -> None:
+    def read_at_random(self, ref: ObjectRef) -> None:
         """A reader of ``ref`` reads it at random: stream it if it is not streaming already."""
         if not self.wants(ref.name) or self._nursery is None or ref.size == 0:
             return
@@ -150,7 +213,7 @@ class EagerStreamer:
             if disk is not None and ref.size > disk.capacity * 0.9:
                 log.info("not streaming %s: larger than the disk cache", ref.name)
                 return
-            stream = _Stream(ref)
+            stream = _Stream(ref, ReaderActivity(self.reader_idle))
             self._streams[(ref.key, ref.version)] = stream
             self._nursery.start_soon(self._run_stream, stream)
         stream.users += 1
@@ -164,25 +227,28 @@ class EagerStreamer:
         if stream.users == 0 and not stream.pinned:
             stream.scope.cancel()
 
+    def reader_progressed(self, ref: ObjectRef) -> None:
+        """A read of ``ref`` continued a sequential run: a stream of it holds back."""
+        stream = self._streams.get((ref.key, ref.version))
+        if stream is not None:
+            stream.activity.progressed()
+
     async def wait(self, ref: ObjectRef) -> None:
         """Wait until the stream of ``ref`` (if any) has ended."""
         stream = self._streams.get((ref.key, ref.version))
         if stream is not None:
             await stream.done.wait()
 
-    async def _yield_to_sequential_reader(self, ref: ObjectRef) -> None:
+    async def _yield_to_sequential_reader(self, stream: _Stream) -> None:
         """Pause while a reader streams this file sequentially.
 
         Its read-ahead already fetches at full speed and writes every block through to the
         disk cache; a stream beside it would only fetch blocks that get evicted and read
-        back from disk before the reader arrives (measured: 2-2.6x the CPU per GiB). The
-        stream goes on when the reader seeks or stops.
+        back from disk before the reader arrives (several times the CPU per GiB, see
+        benchmarks/README.md). The stream goes on when the reader seeks or stops.
         """
-        stream = self._streams[(ref.key, ref.version)]
-        while (progress := self.reader_progress(ref)) != stream.reader_seen:
-            stream.reader_seen = progress
+        if self.yield_to_readers and await stream.activity.quiet():
             self.pauses += 1
-            await trio.sleep(self.pause_check)
 
     async def _order(self, ref: ObjectRef) -> list[int]:
         blocks = self.store.block_count(ref)
@@ -209,59 +275,53 @@ class EagerStreamer:
 
     def _reader_streams(self, stream: _Stream) -> bool:
         """Whether a reader has made sequential progress through this file since we last looked."""
-        progress = self.reader_progress(stream.ref)
-        moved = progress != stream.reader_seen
-        stream.reader_seen = progress
-        return moved
+        return self.yield_to_readers and stream.activity.moved()
+
+    async def _next_model_block(self, run: _ModelRun) -> tuple[_Stream, int] | None:
+        """The next (file, block) of the model stream, or None when every file is done."""
+        async with run.lock:  # the workers share one position: each block once, in order
+            while True:
+                if run.current is not None:
+                    stream, blocks = run.current
+                    if not stream.deferred and self._reader_streams(stream):
+                        stream.deferred = True
+                        run.later.append((stream, list(blocks)))
+                        run.current = None
+                        continue
+                    index = next(blocks, None)
+                    if index is not None:
+                        return stream, index
+                    run.current = None
+                if run.queue:
+                    stream = run.queue.popleft()
+                    try:
+                        run.current = (stream, iter(await self._order(stream.ref)))
+                    except Exception as exc:  # its reader will see the error, if it reads
+                        log.info("not streaming %s: %s", stream.ref.name, exc)
+                elif run.later:
+                    stream, rest = run.later.popleft()
+                    run.current = (stream, iter(rest))
+                else:
+                    return None
+
+    async def _model_worker(self, run: _ModelRun) -> None:
+        while (item := await self._next_model_block(run)) is not None:
+            stream, index = item
+            if stream.deferred:
+                await self._yield_to_sequential_reader(stream)
+            try:
+                await self.store.stream(stream.ref, index)
+            except Exception as exc:  # the reader's own reads report errors; this file stops
+                log.info("stopped streaming %s: %s", stream.ref.name, exc)
+                stream.deferred = True
 
     async def _run_model(self, queue: deque[_Stream]) -> None:
-        later: deque[tuple[_Stream, list[int]]] = deque()  # put off: a reader was streaming them
-        current: tuple[_Stream, Iterator[int]] | None = None
-        lock = trio.Lock()
-
-        async def take() -> tuple[_Stream, int] | None:
-            nonlocal current
-            async with lock:  # the workers share one position: each block once, in order
-                while True:
-                    if current is not None:
-                        stream, blocks = current
-                        if not stream.deferred and self._reader_streams(stream):
-                            stream.deferred = True
-                            later.append((stream, list(blocks)))
-                            current = None
-                            continue
-                        index = next(blocks, None)
-                        if index is not None:
-                            return stream, index
-                        current = None
-                    if queue:
-                        stream = queue.popleft()
-                        try:
-                            current = (stream, iter(await self._order(stream.ref)))
-                        except Exception as exc:  # its reader will see the error, if it reads
-                            log.info("not streaming %s: %s", stream.ref.name, exc)
-                    elif later:
-                        stream, rest = later.popleft()
-                        current = (stream, iter(rest))
-                    else:
-                        return None
-
-        async def worker() -> None:
-            while (item := await take()) is not None:
-                stream, index = item
-                if stream.deferred:
-                    await self._yield_to_sequential_reader(stream.ref)
-                try:
-                    await self.store.stream(stream.ref, index)
-                except Exception as exc:  # the reader's own reads report errors; this file stops
-                    log.info("stopped streaming %s: %s", stream.ref.name, exc)
-                    stream.deferred = True
-
+        run = _ModelRun(queue)
         streams = list(queue)
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(self.workers):
-                    nursery.start_soon(worker)
+                    nursery.start_soon(self._model_worker, run)
             self.completed += len(streams)
             log.debug("streamed the model (%d files)", len(streams))
         finally:
@@ -269,21 +329,20 @@ class EagerStreamer:
                 self._streams.pop((stream.ref.key, stream.ref.version), None)
                 stream.done.set()
 
+    async def _stream_worker(self, stream: _Stream, blocks: Iterator[int]) -> None:
+        for index in blocks:  # the workers share one iterator: each block once, in order
+            await self._yield_to_sequential_reader(stream)
+            await self.store.stream(stream.ref, index)
+
     async def _run_stream(self, stream: _Stream) -> None:
         ref = stream.ref
         try:
             with stream.scope:
                 order = await self._order(ref)
-                queue = iter(order)
-
-                async def worker() -> None:
-                    for index in queue:  # the workers share one iterator: each block once, in order
-                        await self._yield_to_sequential_reader(ref)
-                        await self.store.stream(ref, index)
-
+                blocks = iter(order)
                 async with trio.open_nursery() as nursery:
                     for _ in range(self.workers):
-                        nursery.start_soon(worker)
+                        nursery.start_soon(self._stream_worker, stream, blocks)
                 self.completed += 1
                 log.debug("streamed %s (%d blocks)", ref.name, len(order))
             if stream.scope.cancelled_caught:

@@ -41,8 +41,6 @@ class OpenFiles:
     ) -> None:
         self.store = store
         self.eager = eager
-        if eager is not None:
-            eager.reader_progress = self.sequential_reads
         self.prefetch_defaults = prefetch_defaults
         self.max_prefetch = max_prefetch
         self.random_read_size = random_read_size
@@ -85,10 +83,9 @@ class OpenFiles:
         """The largest read-ahead window of any open file, in blocks."""
         return max((c.window for e in self._by_version.values() for c in e.read_ahead.cursors), default=0)
 
-    def sequential_reads(self, ref: ObjectRef) -> int:
-        """How many reads of this open version continued a sequential run (0 if not open)."""
-        entry = self._by_version.get((ref.key, ref.version))
-        return entry.read_ahead.sequential_reads if entry is not None else 0
+    def sequential_reads(self) -> int:
+        """Reads of the open versions that continued a sequential run."""
+        return sum(e.read_ahead.sequential_reads for e in self._by_version.values())
 
     def ref(self, fh: int) -> ObjectRef:
         return self._handles[fh].ref
@@ -101,10 +98,13 @@ class OpenFiles:
             return b""
         size = min(size, ref.size - offset)
         # Ask for read-ahead before waiting on the demand block, so they fetch in parallel.
+        sequential_before = entry.read_ahead.sequential_reads
         for index in entry.read_ahead.on_read(offset, size):
             if not self.store.prefetch(ref, index):
                 entry.read_ahead.unschedule(index)
                 break
+        if self.eager is not None and entry.read_ahead.sequential_reads != sequential_before:
+            self.eager.reader_progressed(ref)  # a stream of this file holds back
         if self.eager is not None and not entry.streaming and entry.read_ahead.random_mode:
             # Reads at random (two seeks among the last 64): a loader touching tensors in its
             # own order, say. A reader that streams through the file — safetensors' loaders,
@@ -113,7 +113,7 @@ class OpenFiles:
             # writes through to the disk cache without the stream's extra copies (measured
             # on a 2 GiB mmap load: stream on first seek 3.62-4.19 s, read-ahead 3.46-3.99).
             entry.streaming = True
-            self.eager.opened(ref)
+            self.eager.read_at_random(ref)
         bs = self.store.block_size
         first, last = offset // bs, (offset + size - 1) // bs
         if (

@@ -76,7 +76,15 @@ class ModelFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, namespace: Namespace, files: OpenFiles, *, ttl: float, block_size: int) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        files: OpenFiles,
+        *,
+        ttl: float,
+        block_size: int,
+        eager: EagerStreamer | None = None,
+    ) -> None:
         super().__init__()
         self.namespace = namespace
         self.files = files
@@ -88,7 +96,7 @@ class ModelFS(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._opened_version: dict[int, str] = {}
         self.errors: Counter[str] = Counter()
-        self.eager: EagerStreamer | None = None
+        self.eager = eager
         self.read_latency = LatencyHistogram()
         self.read_bytes = 0  # bytes returned by read(): with read_latency.count, the kernel's read size
 
@@ -213,7 +221,7 @@ class ModelFS(pyfuse3.Operations):
             "eager_streams_active": self.eager.active if self.eager is not None else 0,
             "eager_streams_completed": self.eager.completed if self.eager is not None else 0,
             "eager_pauses": self.eager.pauses if self.eager is not None else 0,
-            "sequential_reads": sum(e.read_ahead.sequential_reads for e in self.files._by_version.values()),
+            "sequential_reads": self.files.sequential_reads(),
             "retries": store.stats.retry.retries,
             "errors": store.stats.errors,
             "memory_capacity": memory.capacity,

@@ -181,8 +181,7 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
         random_read_size=config.random_read_size,
         eager=eager if config.eager else None,
     )
-    ops = ModelFS(namespace, files, ttl=config.metadata_ttl, block_size=config.block_size)
-    ops.eager = eager
+    ops = ModelFS(namespace, files, ttl=config.metadata_ttl, block_size=config.block_size, eager=eager)
     return ops, store, disk
 
 

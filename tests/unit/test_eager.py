@@ -175,7 +175,7 @@ async def test_not_a_weight_file_or_no_disk_is_not_streamed(make_store: StoreFac
     store = await make_store(backend, memory_blocks=4, disk=True)
     streamer = await _streamer(store)
     await nursery.start(streamer.run)
-    streamer.opened(ref)
+    streamer.read_at_random(ref)
     assert streamer.active == 0
     no_disk = await make_store(backend, memory_blocks=4, disk=False)
     assert not EagerStreamer(no_disk).enabled
@@ -185,11 +185,9 @@ async def _sequential_read_with_stream(make_store: StoreFactory, nursery: trio.N
     backend = MemoryBackend(latency=0.002)
     ref, data = put_ramp(backend, "seq.bin", 96 * BS)
     store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=4)
-    streamer = await _streamer(store, workers=4)
+    streamer = EagerStreamer(store, workers=4, yield_to_readers=pause)  # not: as before the stream yielded
     await nursery.start(streamer.run)
     files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer, prefetch_defaults=TIGHT)
-    if not pause:
-        streamer.reader_progress = lambda ref: 0  # as before the stream yielded to readers
     fh = files.open(ref)
     assert bytes(await files.read(fh, len(data) - 10, 10)) == data[-10:]
     assert bytes(await files.read(fh, BS, 10)) == data[BS : BS + 10]  # two seeks start the stream
