@@ -115,6 +115,13 @@ def _stats(mountpoint: Path, as_json: bool) -> int:
         f"(peak {stats['memory_peak'] / mib:,.1f}), {stats['memory_hits']} hits, {stats['memory_misses']} misses, "
         f"{stats['memory_evictions']} evictions",
     ]
+    parts = stats.get("memory_parts") or {}
+    if parts:
+        lines.append(
+            "  budget parts    "
+            + ", ".join(f"{name.replace('_', ' ')} {value / mib:,.1f}" for name, value in parts.items())
+            + f" MiB; {stats.get('reads_in_flight', 0)} reads in flight"
+        )
     if "disk_capacity" in stats:
         lines.append(
             f"disk cache        {stats['disk_used'] / mib:,.1f} / {stats['disk_capacity'] / mib:,.0f} MiB, "

@@ -207,6 +207,15 @@ def _parse_addr(text: Any) -> str:
     return str(text)
 
 
+_AUTO = "auto"
+
+
+def _parse_memory_cache(text: str | int) -> int | str:
+    if isinstance(text, str) and text.strip().lower() == _AUTO:
+        return _AUTO
+    return parse_size(text)
+
+
 @dataclass(frozen=True)
 class Option:
     """One option: its long name (``--memory-cache``), parser, default and help."""
@@ -238,7 +247,12 @@ OPTIONS: tuple[Option, ...] = (
         flag=True,
     ),
     Option("cache-dir", _parse_str, None, "disk cache directory (default: ~/.cache/modelfs/<source hash>)"),
-    Option("memory-cache", parse_size, 256 << 20, "memory block cache budget, e.g. 256M"),
+    Option(
+        "memory-cache",
+        _parse_memory_cache,
+        256 << 20,
+        "memory budget of every data buffer, e.g. 256M; 'auto': the cgroup memory limit minus the daemon's overhead",
+    ),
     Option("disk-cache", parse_size, 10 << 30, "disk cache size cap, e.g. 10G; 0 disables the disk cache"),
     Option("block-size", parse_size, 8 << 20, "size of one cached block and of one ranged GET"),
     Option("metadata-ttl", _parse_float, 60.0, "seconds a listing and attributes stay valid; -1 = never expire"),
@@ -484,8 +498,7 @@ def build_config(
     values = resolve_options(args, environ)
     if values["block_size"] < 4096 or values["block_size"] > (256 << 20):
         raise ConfigError("--block-size must be between 4K and 256M")
-    if values["memory_cache"] < 2 * values["block_size"]:
-        raise ConfigError("--memory-cache must hold at least two blocks (2 x --block-size)")
+    _check_memory(values, mount=mountpoint is not None)
     if not 1 <= values["max_concurrency"] <= MAX_CONCURRENCY:
         raise ConfigError(f"--max-concurrency must be between 1 and {MAX_CONCURRENCY}")
     if not (0 <= values["metadata_ttl"] <= _MAX_TTL or values["metadata_ttl"] == -1):
@@ -507,6 +520,38 @@ def build_config(
         log_file=Path(log_file).absolute() if log_file else None,
         **values,
     )
+
+
+def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
+    """--memory-cache: 'auto' resolved from the cgroup limit; the budget must hold two blocks and
+    one FUSE read beside a block; a mount must fit in its cgroup's memory limit with the
+    daemon's fixed overhead (see modelfs.memlimit)."""
+    from modelfs.memlimit import FIXED_OVERHEAD, MAX_REQUEST, auto_budget, cgroup_memory_limit, describe
+
+    block = values["block_size"]
+    least = max(2 * block, block + MAX_REQUEST)
+    limit = cgroup_memory_limit()
+    if values["memory_cache"] == _AUTO:
+        if limit is None:
+            raise ConfigError("--memory-cache auto needs a cgroup memory limit, and this process has none")
+        values["memory_cache"] = auto_budget(limit, block)
+        if values["memory_cache"] < least:
+            raise ConfigError(
+                f"--memory-cache auto: the cgroup memory limit {describe(limit)} leaves "
+                f"{describe(values['memory_cache'])} after the daemon's overhead, less than the "
+                f"{describe(least)} a --block-size of {describe(block)} needs"
+            )
+    if values["memory_cache"] < least:
+        raise ConfigError(
+            f"--memory-cache must hold two blocks and a 1M read beside a block: at least {describe(least)} "
+            f"with --block-size {describe(block)}"
+        )
+    if mount and limit is not None and values["memory_cache"] + FIXED_OVERHEAD > limit:
+        raise ConfigError(
+            f"--memory-cache {describe(values['memory_cache'])} plus the daemon's overhead "
+            f"({describe(FIXED_OVERHEAD)}) exceeds the cgroup memory limit {describe(limit)}: "
+            f"use --memory-cache auto or at most {describe(max(0, limit - FIXED_OVERHEAD))}"
+        )
 
 
 def _check_source_options(source: Source, values: dict[str, Any]) -> None:

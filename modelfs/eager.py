@@ -20,10 +20,8 @@ header first, then tensors by offset.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +29,8 @@ from dataclasses import dataclass, field
 import trio
 
 from modelfs.cache.blocks import BlockStore, ObjectRef
+from modelfs.cache.memory import BufferKind
+from modelfs.safetensors_header import PARSE_OVERHEAD, block_order, header_length, tensor_spans
 
 __all__ = ["EagerStreamer", "ReaderActivity", "WEIGHT_SUFFIXES", "safetensors_block_order"]
 
@@ -41,25 +41,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".onnx")
 
 def safetensors_block_order(header: bytes, header_len: int, block_size: int, size: int) -> list[int]:
     """Blocks of a safetensors file: the header's, then by the offsets of the tensors' data."""
-    blocks = -(-size // block_size)
-    order: list[int] = list(range(min(blocks, -(-(8 + header_len) // block_size))))
-    seen = set(order)
-    meta = json.loads(header)
-    data_start = 8 + header_len
-    spans = sorted(
-        tuple(entry["data_offsets"])
-        for name, entry in meta.items()
-        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
-    )
-    for begin, end in spans:
-        if end <= begin:
-            continue
-        for index in range((data_start + begin) // block_size, min(blocks, -(-(data_start + end) // block_size))):
-            if index not in seen:
-                seen.add(index)
-                order.append(index)
-    order.extend(i for i in range(blocks) if i not in seen)
-    return order
+    return block_order(tensor_spans(header, size - 8 - header_len), header_len, block_size, size)
 
 
 class ReaderActivity:
@@ -255,23 +237,35 @@ class EagerStreamer:
         if not ref.name.lower().endswith(".safetensors") or ref.size < 8:
             return list(range(blocks))
         try:
-            first = await self.store.get(ref, 0)
-            header_len = struct.unpack("<Q", bytes(first.view[:8]))[0]
-            if header_len > min(ref.size - 8, 100 << 20):
-                raise ValueError("header length out of range")
-            header = bytearray()
-            offset = 8
-            while len(header) < header_len:
-                index = offset // self.store.block_size
-                block = await self.store.get(ref, index)
-                start = offset - index * self.store.block_size
-                chunk = block.view[start : start + header_len - len(header)]
-                header += chunk
-                offset += len(chunk)
-            return safetensors_block_order(bytes(header), header_len, self.store.block_size, ref.size)
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            return await self._safetensors_order(ref)
+        except ValueError as exc:
             log.info("%s: not a readable safetensors header (%s); streaming in file order", ref.name, exc)
             return list(range(blocks))
+
+    async def _safetensors_order(self, ref: ObjectRef) -> list[int]:
+        """The header read into a lease of the memory budget (with room for the parser's
+        objects) and parsed in a worker thread; ValueError if it is bad or too large."""
+        bs = self.store.block_size
+        first = await self.store.get(ref, 0)
+        header_len = header_length(first.view[:8], ref.size)
+        memory = self.store.memory
+        extra = header_len * PARSE_OVERHEAD
+        if not memory.can_lease(header_len, extra=extra):
+            raise ValueError(f"a header of {header_len} bytes is too large to parse within the memory budget")
+        with await memory.lease(header_len, BufferKind.HEADER, extra=extra) as lease:
+            header = lease.view
+            offset = 8
+            while offset < 8 + header_len:
+                index = offset // bs
+                block = await self.store.get(ref, index)
+                start = offset - index * bs
+                chunk = block.view[start : start + 8 + header_len - offset]
+                header[offset - 8 : offset - 8 + len(chunk)] = chunk
+                offset += len(chunk)
+            # The lease's buffer belongs to this task alone until it is released: the thread
+            # may read it (and builds the parser's objects, counted as the lease's extra).
+            spans = await trio.to_thread.run_sync(tensor_spans, header, ref.size - 8 - header_len)
+        return block_order(spans, header_len, bs, ref.size)
 
     def _reader_streams(self, stream: _Stream) -> bool:
         """Whether a reader has made sequential progress through this file since we last looked."""

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from modelfs.cache.blocks import BlockStore, ObjectRef
+from modelfs.cache.memory import BufferKind
 from modelfs.eager import EagerStreamer
 from modelfs.prefetch import PrefetchDefaults, ReadAhead
 
@@ -48,6 +49,7 @@ class OpenFiles:
         self._by_version: dict[tuple[str, str], _Open] = {}
         self._next_fh = 1
         self._closed_resets = 0
+        self.reads_in_flight = 0  # read() calls being served now
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -91,7 +93,19 @@ class OpenFiles:
         return self._handles[fh].ref
 
     async def read(self, fh: int, offset: int, size: int) -> memoryview | bytes | bytearray:
-        """Up to ``size`` bytes from ``offset``; a memoryview into the block when it fits in one."""
+        """Up to ``size`` bytes from ``offset``; a memoryview into the block when it fits in one.
+
+        The bytes stay valid until the calling task next yields to trio: a lease's buffer (a
+        small GET, a read across blocks) goes back to the budget as this returns, and a block
+        may be evicted. pyfuse3 copies the reply before that.
+        """
+        self.reads_in_flight += 1
+        try:
+            return await self._read(fh, offset, size)
+        finally:
+            self.reads_in_flight -= 1
+
+    async def _read(self, fh: int, offset: int, size: int) -> memoryview | bytes | bytearray:
         entry = self._handles[fh]
         ref = entry.ref
         if offset >= ref.size or size <= 0:
@@ -131,11 +145,15 @@ class OpenFiles:
             block = await self.store.get(ref, first)
             start = offset - first * bs
             return block.view[start : start + size]
-        out = bytearray(size)  # across a block boundary: one copy, taken before the next await
-        for index in range(first, last + 1):
-            block = await self.store.get(ref, index)
-            lo = max(offset, index * bs) - index * bs
-            hi = min(offset + size, (index + 1) * bs) - index * bs
-            at = index * bs + lo - offset
-            out[at : at + hi - lo] = block.view[lo:hi]
-        return out
+        # Across a block boundary: one copy into a buffer of the memory budget, each block's
+        # part taken before the next await. The lease is given back as this returns: pyfuse3
+        # copies the reply before any other task can take the buffer.
+        with await self.store.memory.lease(size, BufferKind.BOUNDARY) as lease:
+            out = lease.view
+            for index in range(first, last + 1):
+                block = await self.store.get(ref, index)
+                lo = max(offset, index * bs) - index * bs
+                hi = min(offset + size, (index + 1) * bs) - index * bs
+                at = index * bs + lo - offset
+                out[at : at + hi - lo] = block.view[lo:hi]
+            return out

@@ -105,6 +105,17 @@ class ModelfsCollector:
             "modelfs_memory_cache_bytes", "Memory block bytes in use (cached, in flight)", value=s["memory_used"]
         )
         yield GaugeMetricFamily("modelfs_memory_cache_capacity_bytes", "Memory budget", value=s["memory_capacity"])
+        parts = GaugeMetricFamily(
+            "modelfs_memory_budget_bytes",
+            "Memory budget in use by part (blocks, blocks in flight, pooled buffers, request buffers)",
+            labels=["part"],
+        )
+        for part, value in dict(s.get("memory_parts") or {}).items():
+            parts.add_metric([part], value)
+        yield parts
+        yield GaugeMetricFamily(
+            "modelfs_reads_in_flight", "read() requests being served", value=s.get("reads_in_flight", 0)
+        )
         yield GaugeMetricFamily(
             "modelfs_prefetch_window_bytes",
             "Largest read-ahead window of an open file",

@@ -29,6 +29,7 @@ from modelfs.errors import MountError
 from modelfs.files import OpenFiles
 from modelfs.fs import ModelFS
 from modelfs.inodes import Namespace
+from modelfs.memlimit import fuse_tasks, tune_malloc
 
 __all__ = ["serve", "check_mountpoint", "unmount", "is_mounted", "mounted_fstype"]
 
@@ -189,6 +190,7 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     """Mount ``config.source`` at ``config.mountpoint`` and serve until unmounted or signalled."""
     assert config.mountpoint is not None
     mountpoint = config.mountpoint
+    tune_malloc()
     check_mountpoint(mountpoint)
     ops, store, disk = build(config)
     try:
@@ -223,7 +225,8 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                     _stream_model(ops)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
                 nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
-                await pyfuse3.main(max_tasks=64)
+                # Requests beyond what the budget can serve at once wait in the kernel's queue.
+                await pyfuse3.main(max_tasks=fuse_tasks(store.memory.max_lease))
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)

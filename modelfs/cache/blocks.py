@@ -16,7 +16,7 @@ import trio
 from modelfs.backends.base import Backend
 from modelfs.backends.retry import RetryStats, retry_transient
 from modelfs.cache.disk import DiskCache
-from modelfs.cache.memory import Block, BlockKey, BlockState, MemoryCache
+from modelfs.cache.memory import Block, BlockKey, BlockState, BufferKind, MemoryCache
 
 __all__ = ["ObjectRef", "FetchSlots", "BlockStore", "StoreStats"]
 
@@ -156,8 +156,11 @@ class BlockStore:
         """Bytes [offset, offset+size) by one GET of the ``granule``-aligned range around them.
 
         For random reads: fetching a whole block for each would multiply the bytes moved.
-        None when the block is cached (in memory or on disk): the caller reads the block.
-        The small buffer is not cached; the kernel's page cache keeps what was read.
+        None when the block is cached (in memory or on disk), or when the range would not fit
+        in the budget beside a block: the caller reads the block. The small buffer is a lease
+        of the memory budget, not cached (the kernel's page cache keeps what was read); it is
+        given back when the calling task next yields to trio (see :meth:`MemoryCache.lease`),
+        so the caller must hand the bytes on (as a FUSE reply) before awaiting anything.
         """
         index = offset // self.block_size
         key: BlockKey = (obj.key, obj.version, index)
@@ -165,27 +168,30 @@ class BlockStore:
             return None
         start = offset - offset % granule
         end = min(obj.size, -(-(offset + size) // granule) * granule)
-        buf = memoryview(bytearray(end - start))
+        if not self.memory.can_lease(end - start):
+            return None
+        with await self.memory.lease(end - start, BufferKind.SMALL_READ) as lease:
+            buf = lease.view
 
-        async def attempt() -> None:
-            await self.slots.acquire(demand=True)
+            async def attempt() -> None:
+                await self.slots.acquire(demand=True)
+                try:
+                    self.stats.backend_gets += 1
+                    self.stats.small_gets += 1
+                    self.stats.demand_gets += 1
+                    await self.backend.read_range(obj.name, obj.version, start, buf)
+                    self.stats.backend_bytes += len(buf)
+                finally:
+                    self.slots.release()
+
             try:
-                self.stats.backend_gets += 1
-                self.stats.small_gets += 1
-                self.stats.demand_gets += 1
-                await self.backend.read_range(obj.name, obj.version, start, buf)
-                self.stats.backend_bytes += len(buf)
-            finally:
-                self.slots.release()
-
-        try:
-            await retry_transient(
-                attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=f"{obj.name} [{start}, {end})"
-            )
-        except Exception:
-            self.stats.errors += 1
-            raise
-        return buf[offset - start : offset - start + size]
+                await retry_transient(
+                    attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=f"{obj.name} [{start}, {end})"
+                )
+            except Exception:
+                self.stats.errors += 1
+                raise
+            return buf[offset - start : offset - start + size]
 
     async def stream(self, obj: ObjectRef, index: int) -> None:
         """Bring a block into the disk cache in the background (eager streaming).

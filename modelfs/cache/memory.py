@@ -1,9 +1,16 @@
-"""The memory tier: every block buffer the daemon holds, in one byte budget.
+"""The memory tier: every data buffer the daemon holds, in one byte budget.
 
 Blocks being filled, blocks waiting for their disk write and cached blocks all count against
-the same ``capacity``, so the budget is a real bound on block memory, not a soft target.
-Demand reads wait for space when everything is pinned; prefetches never wait and never push
-out a block that was prefetched and not yet read.
+the same ``capacity``, and so do the short-lived buffers of a request (:class:`Lease`): a
+small random-read GET, a read that crosses a block edge, a safetensors header being parsed,
+an HTTP index body. The budget is a real bound on the daemon's data memory, not a soft
+target. Demand reads and leases wait for space when everything is pinned; prefetches never
+wait and never push out a block that was prefetched and not yet read.
+
+Leases together never take more than ``capacity - block_size`` (``max_lease``): a request
+that holds a lease may still wait for a block, and one block always fits beside every lease
+held, so those waits end (pinned blocks are unpinned once their GET or disk write is done,
+neither of which waits for memory).
 
 This is a hand-kept OrderedDict rather than ``cachetools.LRUCache`` because eviction has to
 skip pinned and not-yet-read blocks and account for reservations, which cachetools' fixed
@@ -23,7 +30,11 @@ from dataclasses import dataclass
 
 import trio
 
-__all__ = ["BlockKey", "Block", "BlockState", "MemoryCache", "MemoryStats"]
+from modelfs.memlimit import MAX_REQUEST
+
+__all__ = ["MAX_REQUEST", "Block", "BlockKey", "BlockState", "BufferKind", "Lease", "MemoryCache", "MemoryStats"]
+
+_PAGE = mmap.PAGESIZE
 
 BlockKey = tuple[str, str, int]
 """(object key, version, block index)."""
@@ -38,7 +49,7 @@ class BlockState(enum.Enum):
 class Block:
     """One block's buffer and state. ``view`` is only valid to read once ``state`` is READY."""
 
-    __slots__ = ("key", "length", "view", "state", "ready", "error", "pins", "unread_prefetch", "_buf")
+    __slots__ = ("_buf", "error", "key", "length", "pins", "ready", "state", "unread_prefetch", "view")
 
     def __init__(self, key: BlockKey, length: int, buf: mmap.mmap, *, prefetch: bool) -> None:
         self.key = key
@@ -58,6 +69,51 @@ class Block:
         return buf
 
 
+class BufferKind(enum.Enum):
+    """What a lease's bytes are for; ``modelfs stats`` shows the budget by these parts."""
+
+    SMALL_READ = "small_reads"
+    BOUNDARY = "boundary_reads"
+    HEADER = "headers"
+    INDEX = "index"
+
+
+class Lease:
+    """Bytes of the budget held for one short-lived buffer; :meth:`release` gives them back.
+
+    ``view`` is the buffer (``nbytes`` long). ``charge`` is what the budget counts: the whole
+    mapping plus ``extra`` bytes that stand for memory the holder allocates besides the buffer
+    (the objects a parser builds, say). Use as a context manager or call :meth:`release` once.
+    """
+
+    __slots__ = ("_buf", "_cache", "charge", "kind", "nbytes", "view")
+
+    def __init__(self, cache: MemoryCache, kind: BufferKind, nbytes: int, charge: int, buf: mmap.mmap | None) -> None:
+        self.kind = kind
+        self.nbytes = nbytes
+        self.charge = charge
+        self._buf = buf
+        self._cache: MemoryCache | None = cache
+        self.view = memoryview(buf)[:nbytes] if buf is not None else memoryview(b"")
+
+    def release(self) -> None:
+        """Give the bytes back (idempotent). The buffer may be handed to the next lease at once,
+        so a memoryview of it may be read only until the calling task next yields to trio."""
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            cache._release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _pages(nbytes: int) -> int:
+    return -(-nbytes // _PAGE) * _PAGE
+
+
 @dataclass
 class MemoryStats:
     hits: int = 0
@@ -65,6 +121,8 @@ class MemoryStats:
     evictions: int = 0
     prefetch_refused: int = 0
     peak_bytes: int = 0
+    leases: int = 0
+    lease_waits: int = 0  # leases that had to wait for room
 
 
 class MemoryCache:
@@ -73,7 +131,12 @@ class MemoryCache:
     def __init__(self, capacity: int, block_size: int, on_evict: Callable[[Block], None] | None = None) -> None:
         self.capacity = capacity
         self.block_size = block_size
-        self.used = 0
+        self.used = 0  # blocks + leases
+        self.leased = 0
+        self.leased_by_kind: dict[BufferKind, int] = dict.fromkeys(BufferKind, 0)
+        # Leases together stay below this, so one block always fits beside them.
+        self.max_lease = max(0, capacity - block_size)
+        self._lease_pool: list[mmap.mmap] = []
         # Buffers of removed full-size blocks, reused for new ones: touching fresh pages
         # costs a page fault each (under 1 GB/s on a VM), more than the GET itself. The
         # pool only ever holds what the budget has free, so used + pooled <= capacity.
@@ -123,6 +186,16 @@ class MemoryCache:
                 return False
         return True
 
+    @property
+    def pooled_bytes(self) -> int:
+        """Bytes of idle buffers kept for reuse (touched pages: they count against capacity)."""
+        return len(self._pool) * self.block_size + sum(len(b) for b in self._lease_pool)
+
+    def _trim_pools(self, adding: int) -> None:
+        """Drop pooled buffers until used + ``adding`` + pooled fits the capacity."""
+        while self.used + adding + self.pooled_bytes > self.capacity and (self._lease_pool or self._pool):
+            (self._lease_pool or self._pool).pop()
+
     def _insert(self, key: BlockKey, length: int, prefetch: bool) -> Block:
         if length == self.block_size and self._pool:
             buf = self._pool.pop()
@@ -133,8 +206,7 @@ class MemoryCache:
             buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
             # A fresh buffer adds to used + pooled: give back pooled buffers the budget no
             # longer has room for (a short last block, or a new one beside a non-empty pool).
-            while self._pool and self.used + length + len(self._pool) * self.block_size > self.capacity:
-                self._pool.pop()
+            self._trim_pools(length)
         block = Block(key, length, buf, prefetch=prefetch)
         self._blocks[key] = block
         self.used += length
@@ -229,6 +301,75 @@ class MemoryCache:
             block.unread_prefetch = False
             self.unread_prefetch_bytes -= block.length
         self._space.unpark_all()
+
+    # --- leases: the short-lived buffers of requests
+
+    def can_lease(self, nbytes: int, *, extra: int = 0) -> bool:
+        """Whether a lease of this size can ever be granted (it fits beside one block)."""
+        return _pages(nbytes) + extra <= self.max_lease
+
+    async def lease(self, nbytes: int, kind: BufferKind, *, extra: int = 0) -> Lease:
+        """A buffer of ``nbytes`` from the budget, waiting for room; ``extra`` more bytes counted.
+
+        Room is made by evicting unpinned blocks, unread prefetches last, as for a demand read.
+        Raises ValueError when the lease could never fit (see :meth:`can_lease`).
+        """
+        if nbytes < 0 or extra < 0 or not self.can_lease(nbytes, extra=extra):
+            raise ValueError(f"a {kind.value} buffer of {nbytes + extra} bytes does not fit in the memory budget")
+        waited = False
+        while True:
+            buf = self._pooled_lease_buffer(nbytes) if nbytes else None
+            charge = (len(buf) if buf is not None else _pages(nbytes)) + extra
+            if self.leased + charge <= self.max_lease and (
+                self._make_room(charge, keep_unread=True) or self._make_room(charge, keep_unread=False)
+            ):
+                break
+            if buf is not None:
+                self._lease_pool.append(buf)
+            waited = True
+            await self._space.park()
+        if buf is None and nbytes > 0:
+            self._trim_pools(charge)
+            buf = mmap.mmap(-1, _pages(nbytes), flags=mmap.MAP_PRIVATE)
+        self.used += charge
+        self._trim_pools(0)
+        self.leased += charge
+        self.leased_by_kind[kind] += charge
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+        self.stats.leases += 1
+        self.stats.lease_waits += waited
+        return Lease(self, kind, nbytes, charge, buf)
+
+    def _pooled_lease_buffer(self, nbytes: int) -> mmap.mmap | None:
+        """The smallest pooled buffer that holds ``nbytes`` and is not more than twice that."""
+        best = None
+        for i, buf in enumerate(self._lease_pool):
+            if nbytes <= len(buf) <= 2 * _pages(nbytes) and (best is None or len(buf) < len(self._lease_pool[best])):
+                best = i
+        return self._lease_pool.pop(best) if best is not None else None
+
+    def _release(self, lease: Lease) -> None:
+        self.used -= lease.charge
+        self.leased -= lease.charge
+        self.leased_by_kind[lease.kind] -= lease.charge
+        buf, lease._buf = lease._buf, None
+        lease.view = memoryview(b"")
+        # Keep the buffer for the next lease (fresh pages cost a fault each); a few are enough.
+        if buf is not None and len(self._lease_pool) < 8:
+            self._lease_pool.append(buf)
+            self._trim_pools(0)
+        self._space.unpark_all()
+
+    def parts(self) -> dict[str, int]:
+        """The budget by part: what ``modelfs stats`` and the metrics show."""
+        filling = sum(b.length for b in self._blocks.values() if b.state is BlockState.FILLING)
+        out = {
+            "blocks": self.used - self.leased,
+            "blocks_in_flight": filling,
+            "pooled": self.pooled_bytes,
+        }
+        out.update((kind.value, n) for kind, n in self.leased_by_kind.items())
+        return out
 
     def forget_prefetches(self, object_key: str, version: str) -> None:
         """The object's last handle closed: its unread prefetches no longer hold budget back."""

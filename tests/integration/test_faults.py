@@ -122,7 +122,7 @@ def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, 
         f"gs://{bucket}/m",
         *BASE,
         "--memory-cache",
-        "512K",
+        "1536K",
         "--disk-cache",
         "0",
         "--retry-deadline",
@@ -205,7 +205,7 @@ def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, 
 
 
 def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mount: MountFn, tmp_path: Path) -> None:
-    cached, uncached = _data(5 * BLOCK + 99, 21), _data(5 * BLOCK + 1, 22)
+    cached, uncached = _data(20 * BLOCK + 99, 21), _data(5 * BLOCK + 1, 22)
     gcs.upload(bucket, "m/cached.bin", cached)
     gcs.upload(bucket, "m/uncached.bin", uncached)
     cache = tmp_path / "cache"
@@ -213,7 +213,7 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
         f"gs://{bucket}/m",
         *BASE,
         "--memory-cache",
-        "256K",
+        "1152K",
         "--disk-cache",
         "4M",
         "--retry-deadline",
@@ -223,7 +223,7 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
         cache_dir=cache,
         env=_via(proxy),
     )
-    assert _read_whole(mnt / "cached.bin") == cached  # into the disk cache (memory holds only 4 blocks)
+    assert _read_whole(mnt / "cached.bin") == cached  # into the disk cache (memory holds only 18 blocks)
     (mnt / "uncached.bin").stat()
 
     proxy.down = True
@@ -256,7 +256,7 @@ def test_overwrite_while_open_is_estale(gcs: FakeGCS, bucket: str, mount: MountF
         f"gs://{bucket}/m",
         *BASE,
         "--memory-cache",
-        "256K",
+        "1152K",
         "--disk-cache",
         "0",
         "--max-prefetch",
@@ -306,7 +306,7 @@ def test_delete_while_open_is_estale_then_enoent(gcs: FakeGCS, bucket: str, moun
         f"gs://{bucket}/m",
         *BASE,
         "--memory-cache",
-        "256K",
+        "1152K",
         "--disk-cache",
         "0",
         "--max-prefetch",
@@ -341,7 +341,7 @@ def test_corrupt_disk_block_is_refetched(gcs: FakeGCS, bucket: str, mount: Mount
     data = _data(6 * BLOCK + 10, 51)
     gcs.upload(bucket, "m/c.bin", data)
     cache = tmp_path / "cache"
-    options = (*BASE, "--memory-cache", "256K", "--disk-cache", "8M")
+    options = (*BASE, "--memory-cache", "1152K", "--disk-cache", "8M")
     mnt = mount(f"gs://{bucket}/m", *options, cache_dir=cache)
     assert _read_whole(mnt / "c.bin") == data
     _wait_for("disk writes", lambda: _stats(mnt)["disk_writes"] == 7)
@@ -386,7 +386,7 @@ def test_kill_9_mid_read_then_remount_warm(gcs: FakeGCS, bucket: str, tmp_path: 
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     mnt.mkdir()
     source = f"gs://{bucket}/m"
-    options = ("--anonymous", "--cache-dir", str(cache), *BASE, "--memory-cache", "256K", "--disk-cache", "8M")
+    options = ("--anonymous", "--cache-dir", str(cache), *BASE, "--memory-cache", "1152K", "--disk-cache", "8M")
     pids: list[int] = []
     try:
         result = run_modelfs("mount", source, str(mnt), *options, env=gcs.env())
@@ -517,7 +517,7 @@ def test_concurrent_readers_small_budget(gcs: FakeGCS, bucket: str, mount: Mount
         f"gs://{bucket}/m",
         *BASE,
         "--memory-cache",
-        "512K",
+        "1536K",
         "--disk-cache",
         "1M",
         "--max-concurrency",
@@ -565,7 +565,7 @@ def test_concurrent_readers_small_budget(gcs: FakeGCS, bucket: str, mount: Mount
     assert not any(t.is_alive() for t in threads), "a reader hung"
     assert errors == []
     stats = _stats(mnt)
-    assert stats["memory_peak"] <= stats["memory_capacity"] == 512 * 1024, stats
+    assert stats["memory_peak"] <= stats["memory_capacity"] == 1536 * 1024, stats
     assert stats["errors"] == 0, stats
     assert stats["memory_evictions"] > 0, stats  # the budget really was under pressure
     _no_traceback(cache)

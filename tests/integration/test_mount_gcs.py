@@ -41,7 +41,7 @@ TREE: dict[str, bytes] = {
 }
 FILES = {name: data for name, data in TREE.items() if not name.endswith("/")}
 DIRS = {"sub", "sub/deeper", "placeholder", "withplace"}
-GCS_OPTIONS = ("--block-size", "64K", "--memory-cache", "256K", "--disk-cache", "1M")
+GCS_OPTIONS = ("--block-size", "64K", "--memory-cache", "1152K", "--disk-cache", "1M")
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_random_ranges(seeded: str, mount: MountFn) -> None:
 def test_remount_reads_from_disk_cache(seeded: str, gcs: FakeGCS, tmp_path: Path) -> None:
     """A second mount on the same cache dir serves every block from the disk cache."""
     source = f"gs://{seeded}/{PREFIX}"
-    options = ("--anonymous", "--block-size", "64K", "--memory-cache", "256K", "--disk-cache", "64M")
+    options = ("--anonymous", "--block-size", "64K", "--memory-cache", "1152K", "--disk-cache", "64M")
     cache = tmp_path / "cache"
     name = "sub/deeper/model.safetensors"
     with mounted(source, tmp_path / "mnt", cache, *options, env=gcs.env()) as mnt:

@@ -38,7 +38,7 @@ def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) ->
         "--block-size",
         "64K",
         "--memory-cache",
-        "256K",
+        "1152K",
         "--metrics-addr",
         f"127.0.0.1:{port}",
     )
@@ -53,8 +53,8 @@ def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) ->
     assert after['modelfs_backend_bytes_total{backend="gs"}'] == len(data)
     assert after['modelfs_backend_requests_total{backend="gs"}'] == 10
     assert after["modelfs_read_latency_seconds_count"] > middle["modelfs_read_latency_seconds_count"]
-    assert after["modelfs_memory_cache_capacity_bytes"] == 256 * 1024
-    assert 0 < after["modelfs_memory_cache_bytes"] <= 256 * 1024
+    assert after["modelfs_memory_cache_capacity_bytes"] == 1152 * 1024
+    assert 0 < after["modelfs_memory_cache_bytes"] <= 1152 * 1024
     assert after['modelfs_cache_misses_total{tier="memory"}'] >= 1
 
     result = run_modelfs("stats", str(mnt))
@@ -113,7 +113,7 @@ def test_warm_then_mount_reads_no_gets(fs_gcs: FakeGCS, tmp_path: Path) -> None:
         fs_gcs.seed_file("warm-bucket", f"model/part{i}.safetensors", path)
         sources[f"part{i}.safetensors"] = path.read_bytes()
     cache = tmp_path / "cache"
-    options = ("--anonymous", "--cache-dir", str(cache), "--block-size", "64K", "--memory-cache", "512K")
+    options = ("--anonymous", "--cache-dir", str(cache), "--block-size", "64K", "--memory-cache", "1536K")
     result = run_modelfs("warm", "gs://warm-bucket/model", *options, env=fs_gcs.env())
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("checksum ok") == 3

@@ -1,0 +1,140 @@
+"""The daemon's memory bound: its fixed overhead, and the cgroup memory limit it must fit in.
+
+The bound modelfs keeps is: peak RSS <= ``--memory-cache`` + :data:`FIXED_OVERHEAD`, whatever
+the number of objects, the file sizes and the number of readers. ``--memory-cache`` counts
+every data buffer (blocks, small reads, reads across a block edge, headers being parsed,
+index bodies: see :mod:`modelfs.cache.memory`); the overhead is what is not a data buffer:
+the interpreter and its libraries, the backend's client, the metadata cache, thread stacks
+and malloc arenas. docs/operations.md has the measurements behind the number.
+
+``modelfs mount`` reads the memory limit of its own cgroup (v1 or v2) and refuses to start
+when the budget plus the overhead does not fit; ``--memory-cache auto`` takes the limit
+minus the overhead and :data:`AUTO_HEADROOM` (kernel memory the cgroup is charged for:
+socket buffers, page cache of the disk cache's I/O).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "AUTO_HEADROOM",
+    "FIXED_OVERHEAD",
+    "MAX_FUSE_TASKS",
+    "MAX_REQUEST",
+    "auto_budget",
+    "cgroup_memory_limit",
+    "describe",
+    "fuse_tasks",
+    "tune_malloc",
+]
+
+FIXED_OVERHEAD = 64 << 20
+"""RSS above ``--memory-cache`` that the daemon may reach: interpreter, libraries, metadata."""
+
+AUTO_HEADROOM = 64 << 20
+"""What ``--memory-cache auto`` leaves free below the cgroup limit besides the overhead."""
+
+MAX_REQUEST = 1 << 20
+"""The largest FUSE read the kernel sends (libfuse's request buffer holds 256 pages)."""
+
+MAX_FUSE_TASKS = 64
+"""The most FUSE requests served at once (pyfuse3 worker tasks), however large the budget."""
+
+# cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number.
+_UNLIMITED = 1 << 60
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():  # "max" (v2), or unreadable
+        return None
+    value = int(text)
+    return value if value < _UNLIMITED else None
+
+
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's cgroup in bytes (the smallest of it and its
+    ancestors), or None when there is none.
+
+    v1: the ``memory`` controller's ``memory.limit_in_bytes``; v2: ``memory.max``. Inside a
+    container the cgroup path in /proc/self/cgroup may name a host path the container does
+    not see, while its own cgroup is mounted at the root: the root's file counts too.
+    """
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    v1_path: str | None = None
+    v2_path: str | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if "memory" in controllers.split(","):
+            v1_path = path
+        elif parts[0] == "0" and controllers == "":
+            v2_path = path
+    if v1_path is not None:
+        base, name, cgroup = Path(root) / "memory", "memory.limit_in_bytes", v1_path
+    elif v2_path is not None:
+        base, name, cgroup = Path(root), "memory.max", v2_path
+    else:
+        return None
+    limits: list[int] = []
+    rel = Path(cgroup.lstrip("/"))
+    while True:
+        limit = _read_limit(base / rel / name)
+        if limit is not None:
+            limits.append(limit)
+        if rel == Path("."):
+            break
+        rel = rel.parent
+    return min(limits) if limits else None
+
+
+def auto_budget(limit: int, block_size: int) -> int:
+    """``--memory-cache auto``: the limit minus overhead and headroom, in whole blocks."""
+    room = limit - FIXED_OVERHEAD - AUTO_HEADROOM
+    return max(0, room - room % block_size)
+
+
+def describe(nbytes: int) -> str:
+    """``192M``-style text for messages."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
+            return f"{nbytes >> shift}{unit}"
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.1f}M"
+    return str(nbytes)
+
+
+def fuse_tasks(max_lease: int) -> int:
+    """How many FUSE requests to serve at once: as many 1 MiB reads as the budget's leases can
+    hold beside a block (8 at least, so a small budget still overlaps a few GETs)."""
+    return max(8, min(MAX_FUSE_TASKS, max_lease // MAX_REQUEST))
+
+
+def tune_malloc() -> None:
+    """Make glibc's malloc give freed memory back and keep few arenas (before threads start).
+
+    A fixed mmap threshold (128 KiB) stops glibc from raising it after the first large free,
+    which would put later large buffers (libfuse's 1 MiB request buffers, a client's response
+    bodies) on the heap, where freed memory stays resident; two arenas instead of eight per
+    core stop each worker thread from growing a heap of its own.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_arena_max, m_mmap_threshold = -8, -3
+    mallopt(m_mmap_threshold, 128 << 10)
+    mallopt(m_arena_max, 2)

@@ -1,0 +1,302 @@
+"""Every buffer in the one memory budget: leases beside blocks, checked on the accounting itself.
+
+An instrument checks the budget after every step of every trio task: the bytes the cache
+counts (``used``) are exactly the blocks' lengths plus the live leases' charges, never more
+than the capacity, and the idle pooled buffers fit in what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from modelfs.backends.memory import MemoryBackend, ramp
+from modelfs.cache.memory import BufferKind, Lease, MemoryCache
+from modelfs.eager import EagerStreamer
+from modelfs.files import OpenFiles
+from modelfs.prefetch import PrefetchDefaults
+from modelfs.safetensors_header import MAX_HEADER, block_order, header_length, tensor_spans
+
+from .conftest import BS, StoreFactory, put_ramp, ref_for
+
+BLOCK = 64 * 1024
+TIGHT = PrefetchDefaults(backward_tolerance=1024, forward_tolerance=1024)
+
+
+class BudgetChecker(trio.abc.Instrument):
+    """Asserts the budget's invariants after every task step; remembers the highest ``used``."""
+
+    def __init__(self, memory: MemoryCache) -> None:
+        self.memory = memory
+        self.leases: set[Lease] = set()
+        self.peak = 0
+        self.peak_leased = 0
+        self.steps = 0
+        self.failure: str | None = None
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        m = self.memory
+        self.steps += 1
+        blocks = sum(b.length for b in m._blocks.values())
+        leased = sum(lease.charge for lease in self.leases if lease._cache is not None)
+        self.peak = max(self.peak, m.used)
+        self.peak_leased = max(self.peak_leased, m.leased)
+        problems = []
+        if m.used != blocks + m.leased:
+            problems.append(f"used {m.used} != blocks {blocks} + leased {m.leased}")
+        if m.leased != leased or m.leased != sum(m.leased_by_kind.values()):
+            problems.append(f"leased {m.leased} != live leases {leased} / by kind {m.leased_by_kind}")
+        if m.used > m.capacity or m.used + m.pooled_bytes > m.capacity:
+            problems.append(f"used {m.used} + pooled {m.pooled_bytes} > capacity {m.capacity}")
+        if m.leased > m.max_lease:
+            problems.append(f"leased {m.leased} > max_lease {m.max_lease}")
+        if problems and self.failure is None:
+            self.failure = "; ".join(problems)
+
+
+def track_leases(memory: MemoryCache, checker: BudgetChecker) -> None:
+    """Let the checker see every lease the cache hands out."""
+    original = memory.lease
+
+    async def lease(nbytes: int, kind: BufferKind, *, extra: int = 0) -> Lease:
+        got = await original(nbytes, kind, extra=extra)
+        checker.leases.add(got)
+        return got
+
+    memory.lease = lease  # type: ignore[method-assign]
+
+
+# --- the cache's lease accounting
+
+
+async def test_lease_counts_in_used_and_comes_back() -> None:
+    cache = MemoryCache(4 * BS, BS)
+    lease = await cache.lease(100, BufferKind.SMALL_READ)
+    assert lease.charge == BS  # whole pages: what the mapping can hold resident
+    assert cache.used == cache.leased == BS and cache.leased_by_kind[BufferKind.SMALL_READ] == BS
+    assert len(lease.view) == 100
+    lease.view[:] = b"x" * 100
+    lease.release()
+    lease.release()  # idempotent
+    assert cache.used == cache.leased == 0 and len(lease.view) == 0
+    with await cache.lease(0, BufferKind.HEADER, extra=1000) as extra_only:
+        assert extra_only.charge == 1000 and cache.used == 1000
+    assert cache.used == 0
+    assert cache.stats.leases == 2
+
+
+async def test_lease_evicts_unpinned_blocks() -> None:
+    cache = MemoryCache(4 * BS, BS)
+    for i in range(4):
+        block = await cache.reserve(("o", "v", i), BS)
+        assert block is not None
+        cache.complete(block)
+        cache.unpin(block)
+    assert cache.used == 4 * BS
+    with await cache.lease(2 * BS, BufferKind.BOUNDARY):
+        assert cache.used == 4 * BS and len(cache) == 2  # the two least recently used went
+        assert cache.lookup(("o", "v", 0)) is None and cache.lookup(("o", "v", 3)) is not None
+
+
+async def test_lease_waits_while_the_budget_is_pinned() -> None:
+    """With every byte pinned a lease waits (never allocates past the budget) until a block is unpinned."""
+    cache = MemoryCache(3 * BS, BS)
+    pinned = []
+    for i in range(3):
+        block = await cache.reserve(("o", "v", i), BS)
+        assert block is not None
+        pinned.append(block)
+    got: list[Lease] = []
+
+    async def want() -> None:
+        got.append(await cache.lease(BS, BufferKind.SMALL_READ))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(want)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [] and cache.used == 3 * BS
+        cache.complete(pinned[0])
+        cache.unpin(pinned[0])
+    assert len(got) == 1 and cache.used == 3 * BS and cache.stats.lease_waits == 1
+    got[0].release()
+
+
+async def test_leases_leave_room_for_one_block() -> None:
+    """Leases together stay below capacity - block_size: a lease holder waiting for a block gets one."""
+    cache = MemoryCache(4 * BS, BS)
+    assert cache.max_lease == 3 * BS
+    assert cache.can_lease(3 * BS) and not cache.can_lease(3 * BS + 1)
+    with pytest.raises(ValueError):
+        await cache.lease(3 * BS + 1, BufferKind.BOUNDARY)
+    held = [await cache.lease(BS, BufferKind.BOUNDARY) for _ in range(3)]
+    waiting: list[Lease] = []
+    async with trio.open_nursery() as nursery:
+
+        async def fourth() -> None:
+            waiting.append(await cache.lease(BS, BufferKind.BOUNDARY))
+
+        nursery.start_soon(fourth)
+        await trio.testing.wait_all_tasks_blocked()
+        assert waiting == []  # the fourth waits although a block's worth is free ...
+        block = await cache.reserve(("o", "v", 0), BS)  # ... which a block can always take
+        assert block is not None and cache.used == 4 * BS
+        held.pop().release()
+    assert len(waiting) == 1
+    for lease in [*held, *waiting]:
+        lease.release()
+    cache.complete(block)
+    cache.unpin(block)
+    assert cache.used == BS
+
+
+async def test_pooled_lease_buffers_stay_within_budget() -> None:
+    cache = MemoryCache(4 * BS, BS)
+    for size in (BS, 2 * BS, 100, 3 * BS, BS, 2 * BS):
+        with await cache.lease(size, BufferKind.SMALL_READ):
+            assert cache.used + cache.pooled_bytes <= cache.capacity
+        assert cache.used + cache.pooled_bytes <= cache.capacity
+    # Blocks take back what the pool holds.
+    for i in range(4):
+        block = await cache.reserve(("o", "v", i), BS)
+        assert block is not None
+        assert cache.used + cache.pooled_bytes <= cache.capacity
+    assert cache.parts()["blocks"] == 4 * BS and cache.parts()["blocks_in_flight"] == 4 * BS
+
+
+# --- concurrent small, boundary and block reads, and a header parse, through OpenFiles
+
+
+async def test_concurrent_reads_never_exceed_the_budget(make_store: StoreFactory) -> None:
+    """32 readers (random small reads, reads across block edges, sequential block reads) and an
+    eager header parse share a 6-block budget: the accounting never passes it, bytes are right."""
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "w.bin", 48 * BLOCK + 123, seed=11)
+    tensors = {
+        f"t{i}": {"dtype": "U8", "shape": [BLOCK], "data_offsets": [i * BLOCK, (i + 1) * BLOCK]} for i in range(8)
+    }
+    header = json.dumps(tensors).encode() + b" " * 3000
+    model = struct.pack("<Q", len(header)) + header + ramp(8 * BLOCK, 4)
+    backend.put("m.safetensors", model)
+    store = await make_store(backend, block_size=BLOCK, memory_blocks=6, disk=True, max_concurrency=3)
+    memory = store.memory
+    checker = BudgetChecker(memory)
+    track_leases(memory, checker)
+    streamer = EagerStreamer(store, workers=2)
+    files = OpenFiles(store, max_prefetch=2 * BLOCK, random_read_size=4096, prefetch_defaults=TIGHT, eager=streamer)
+    trio.lowlevel.add_instrument(checker)
+    errors: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(streamer.run)
+
+            async def reader(i: int) -> None:
+                rng = random.Random(i)
+                fh = files.open(ref)
+                try:
+                    for n in range(12):
+                        if i % 3 == 0:  # small random reads (the detector turns them into small GETs)
+                            size = rng.randrange(1, 2048)
+                            offset = rng.randrange(0, len(data) - size)
+                        elif i % 3 == 1:  # across a block edge, up to 1.5 blocks
+                            size = rng.randrange(BLOCK // 2, BLOCK + BLOCK // 2)
+                            offset = rng.randrange(1, 40) * BLOCK - rng.randrange(1, BLOCK // 2)
+                        else:  # sequential through blocks
+                            size = BLOCK // 2
+                            offset = (i * 7 + n) * size % (len(data) - size)
+                        got = bytes(await files.read(fh, offset, size))
+                        if got != data[offset : offset + size]:
+                            errors.append(f"reader {i}: [{offset}, +{size}] wrong")
+                        await trio.sleep(0)
+                finally:
+                    files.release(fh)
+
+            async def header_reader() -> None:
+                model_ref = ref_for(backend, "m.safetensors")
+                fh = files.open(model_ref)
+                try:
+                    for offset in (0, 7 * BLOCK, 2 * BLOCK, 5 * BLOCK):  # seeks: the file streams
+                        got = bytes(await files.read(fh, offset, 100))
+                        assert got == model[offset : offset + 100]
+                    await streamer.wait(model_ref)
+                finally:
+                    files.release(fh)
+
+            async with trio.open_nursery() as readers:
+                for i in range(32):
+                    readers.start_soon(reader, i)
+                readers.start_soon(header_reader)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(checker)
+    assert errors == []
+    assert checker.failure is None, checker.failure
+    assert checker.steps > 100
+    assert checker.peak <= memory.capacity and memory.stats.peak_bytes <= memory.capacity
+    kinds = {lease.kind for lease in checker.leases}
+    assert {BufferKind.SMALL_READ, BufferKind.BOUNDARY, BufferKind.HEADER} <= kinds, kinds
+    assert store.stats.small_gets > 0
+    assert memory.leased == 0 and memory.used <= memory.capacity
+
+
+# --- the safetensors header: bounded, distrustful
+
+
+def test_header_entries_with_bad_offsets_are_ignored() -> None:
+    header = json.dumps(
+        {
+            "ok": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+            "negative": {"data_offsets": [-8, 4]},
+            "past_end": {"data_offsets": [4, 10_000]},
+            "reversed": {"data_offsets": [9, 5]},
+            "bools": {"data_offsets": [False, True]},
+            "floats": {"data_offsets": [0.0, 4.0]},
+            "three": {"data_offsets": [0, 1, 2]},
+            "string": {"data_offsets": "0-4"},
+            "no_offsets": {"dtype": "U8"},
+            "__metadata__": {"format": "pt"},
+            "last": {"data_offsets": [4, 100]},
+        }
+    ).encode()
+    assert tensor_spans(header, 100) == [(0, 4), (4, 100)]
+    assert block_order(tensor_spans(header, 100), len(header), BS, 8 + len(header) + 100)[0] == 0
+
+
+@pytest.mark.parametrize("bad", [b"[1, 2]", b"\xff\xfe{}", b"{", b"nul", b'{"data_offsets": [0, 1]}', b"42"])
+def test_header_that_is_not_an_object_of_tensors_is_refused(bad: bytes) -> None:
+    with pytest.raises(ValueError):
+        tensor_spans(bad, 100)
+
+
+def test_header_with_no_tensors_is_empty() -> None:
+    assert tensor_spans(b'  {"__metadata__": {"a": "b"}}', 10) == []
+    assert tensor_spans(b"{}", 10) == []
+
+
+def test_header_length_is_capped() -> None:
+    assert header_length(struct.pack("<Q", 10), 100) == 10
+    with pytest.raises(ValueError):
+        header_length(struct.pack("<Q", 93), 100)  # longer than the file
+    with pytest.raises(ValueError):
+        header_length(struct.pack("<Q", MAX_HEADER + 1), 1 << 40)
+    with pytest.raises(ValueError):
+        header_length(struct.pack("<Q", 2**63), 1 << 40)
+
+
+async def test_header_too_large_for_the_budget_streams_in_file_order(make_store: StoreFactory) -> None:
+    """A header that could not be parsed within the budget is not read: the file streams in
+    file order, and nothing is allocated for it."""
+    backend = MemoryBackend()
+    header = json.dumps({"t": {"dtype": "U8", "shape": [10], "data_offsets": [0, 10]}}).encode() + b" " * (6 * BS)
+    model = struct.pack("<Q", len(header)) + header + ramp(10, 1)
+    backend.put("m.safetensors", model)
+    ref = ref_for(backend, "m.safetensors")
+    store = await make_store(backend, memory_blocks=8, disk=True)  # leases up to 7 blocks < 5 x header
+    streamer = EagerStreamer(store, workers=1)
+    order = await streamer._order(ref)
+    assert order == list(range(store.block_count(ref)))
+    assert store.memory.stats.leases == 0

@@ -1,0 +1,102 @@
+"""The cgroup memory limit (v1 and v2 layouts), --memory-cache auto and the refusal to start."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from modelfs import memlimit
+from modelfs.config import add_options, build_config
+from modelfs.errors import ConfigError
+from modelfs.memlimit import AUTO_HEADROOM, FIXED_OVERHEAD, auto_budget, cgroup_memory_limit, fuse_tasks
+
+MiB = 1 << 20
+V1_UNLIMITED = "9223372036854771712"
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_v1_limit_of_own_cgroup_and_ancestors(tmp_path: Path) -> None:
+    proc = tmp_path / "cgroup"
+    write(proc, "12:pids:/\n4:memory:/pods/pod1/ctr\n1:cpu,cpuacct:/\n0::/\n")
+    root = tmp_path / "fs"
+    write(root / "memory/memory.limit_in_bytes", V1_UNLIMITED)
+    write(root / "memory/pods/memory.limit_in_bytes", str(512 * MiB))
+    write(root / "memory/pods/pod1/ctr/memory.limit_in_bytes", str(192 * MiB))
+    assert cgroup_memory_limit(str(proc), str(root)) == 192 * MiB
+    write(root / "memory/pods/pod1/ctr/memory.limit_in_bytes", V1_UNLIMITED)
+    assert cgroup_memory_limit(str(proc), str(root)) == 512 * MiB  # the parent's limit binds
+
+
+def test_v1_inside_a_container_reads_the_mounted_root(tmp_path: Path) -> None:
+    """The host path in /proc/self/cgroup is not visible; the container's cgroup is the root."""
+    proc = tmp_path / "cgroup"
+    write(proc, "4:memory:/machine.slice/libpod-abc.scope\n")
+    write(tmp_path / "fs/memory/memory.limit_in_bytes", str(300 * MiB))
+    assert cgroup_memory_limit(str(proc), str(tmp_path / "fs")) == 300 * MiB
+
+
+def test_v2_memory_max(tmp_path: Path) -> None:
+    proc = tmp_path / "cgroup"
+    write(proc, "0::/system.slice/modelfs.service\n")
+    root = tmp_path / "fs"
+    write(root / "system.slice/modelfs.service/memory.max", f"{256 * MiB}\n")
+    write(root / "system.slice/memory.max", "max\n")
+    assert cgroup_memory_limit(str(proc), str(root)) == 256 * MiB
+    write(root / "system.slice/modelfs.service/memory.max", "max\n")
+    assert cgroup_memory_limit(str(proc), str(root)) is None
+
+
+def test_no_cgroup_no_limit(tmp_path: Path) -> None:
+    assert cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path)) is None
+    write(tmp_path / "cgroup", "4:memory:/a\n")
+    assert cgroup_memory_limit(str(tmp_path / "cgroup"), str(tmp_path / "fs")) is None
+    write(tmp_path / "fs/memory/a/memory.limit_in_bytes", V1_UNLIMITED)
+    assert cgroup_memory_limit(str(tmp_path / "cgroup"), str(tmp_path / "fs")) is None
+
+
+def test_auto_budget_and_fuse_tasks() -> None:
+    limit = 448 * MiB
+    assert auto_budget(limit, 8 * MiB) == limit - FIXED_OVERHEAD - AUTO_HEADROOM
+    assert auto_budget(limit + 3 * MiB, 8 * MiB) % (8 * MiB) == 0
+    assert fuse_tasks(0) == 8 and fuse_tasks(56 * MiB) == 56 and fuse_tasks(1 << 40) == 64
+
+
+def _config(*argv: str, mount: bool = True) -> int:
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    args = parser.parse_args(list(argv))
+    return build_config("gs://bucket/m", "/mnt/x" if mount else None, args, environ={}).memory_cache
+
+
+def test_mount_refuses_a_budget_the_cgroup_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: 192 * MiB)
+    assert _config("--memory-cache", "64M") == 64 * MiB
+    assert _config("--memory-cache", "128M") == 128 * MiB  # exactly budget + overhead
+    with pytest.raises(ConfigError, match="exceeds the cgroup memory limit 192M"):
+        _config("--memory-cache", "129M")
+    with pytest.raises(ConfigError, match="at most 128M"):
+        _config()  # the default 256M
+    assert _config(mount=False) == 256 * MiB  # warm does not mount: no check
+    assert _config("--memory-cache", "auto") == 192 * MiB - FIXED_OVERHEAD - AUTO_HEADROOM
+
+
+def test_auto_needs_a_limit_that_leaves_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: None)
+    with pytest.raises(ConfigError, match="needs a cgroup memory limit"):
+        _config("--memory-cache", "auto")
+    monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: 140 * MiB)
+    with pytest.raises(ConfigError, match="auto"):
+        _config("--memory-cache", "AUTO")
+
+
+def test_budget_must_hold_a_request_beside_a_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: None)
+    assert _config("--block-size", "64K", "--memory-cache", "1088K") == 1088 << 10
+    with pytest.raises(ConfigError, match="at least 1088K"):
+        _config("--block-size", "64K", "--memory-cache", "1M")
