@@ -7,6 +7,7 @@ Errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import select
@@ -19,7 +20,7 @@ from pathlib import Path
 from modelfs import __version__
 from modelfs.config import Config, add_options, build_config
 from modelfs.errors import ConfigError, ModelfsError
-from modelfs.logs import setup_logging
+from modelfs.logs import escape, setup_logging
 
 __all__ = ["main"]
 
@@ -156,32 +157,83 @@ def _mount_foreground(config: Config) -> int:
     except ModelfsError as exc:
         if ready_fd is not None:
             try:
-                os.write(int(ready_fd), f"error: {exc}\n".encode())
+                os.write(int(ready_fd), f"error: {escape(str(exc))}\n".encode())
             except OSError:
                 pass
         raise
     return 0
 
 
-def _headers_to_env(argv: Sequence[str], config: Config, env: dict[str, str]) -> list[str]:
-    """``--header`` values (tokens) go to the daemon in its environment, which only its user can
-    read, not in its command line, which every user's ``ps`` shows."""
+_ARGV_ENV = "MODELFS_ARGV"  # the real argv of a mount re-executed with secrets hidden (JSON)
+_HIDDEN = "<hidden>"
+
+
+def _is_header_flag(flag: str) -> bool:
+    return len(flag) > 3 and "--header".startswith(flag)  # argparse accepts abbreviations
+
+
+def _without_secrets(argv: Sequence[str], source: str | None) -> list[str]:
+    """``argv`` as every local user may see it in ``ps`` and /proc/PID/cmdline: the query string
+    of SOURCE (a presigned URL's signature) and ``--header`` values replaced by ``<hidden>``.
+    ``--header @FILE`` stays: a path is no secret."""
     out: list[str] = []
-    skip = False
-    found = False
+    value_next = False
     for arg in argv:
-        if skip:
-            skip = False
+        if value_next:
+            value_next = False
+            out.append(arg if arg.startswith("@") else _HIDDEN)
             continue
-        flag = arg.split("=", 1)[0]
-        if len(flag) > 3 and "--header".startswith(flag):  # argparse accepts abbreviations
-            found = True
-            skip = "=" not in arg
+        flag, eq, value = arg.partition("=")
+        if _is_header_flag(flag):
+            if not eq:
+                value_next = True
+                out.append(arg)
+            else:
+                out.append(arg if value.startswith("@") else f"{flag}={_HIDDEN}")
+            continue
+        if source is not None and arg == source and "?" in arg:
+            out.append(arg.split("?", 1)[0] + "?" + _HIDDEN)
             continue
         out.append(arg)
-    if found:
-        env["MODELFS_HEADER"] = "\n".join(config.header)
     return out
+
+
+def _source_of(argv: Sequence[str]) -> str | None:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit:
+        return None
+    return getattr(args, "source", None)
+
+
+def _restore_argv(shown: list[str]) -> list[str]:
+    """The real argv of a process started by :func:`_hide_secrets` or :func:`_mount_daemon`:
+    taken from the environment (readable by its user only) when what ``ps`` shows is exactly
+    its redacted form; otherwise ``shown`` as it is."""
+    raw = os.environ.pop(_ARGV_ENV, None)
+    if raw is None:
+        return shown
+    try:
+        real = json.loads(raw)
+    except ValueError:
+        return shown
+    if not isinstance(real, list) or not all(isinstance(a, str) for a in real):
+        return shown
+    return real if _without_secrets(real, _source_of(real)) == shown else shown
+
+
+def _hide_secrets(argv: list[str], source: str) -> None:
+    """Re-execute this process (same pid: systemd and a container runtime keep tracking it)
+    with the secrets of ``argv`` out of its command line and in its environment instead.
+    Returns only when there is nothing to hide or the exec fails."""
+    shown = _without_secrets(argv, source)
+    if shown == argv or not sys.executable:
+        return
+    env = dict(os.environ, **{_ARGV_ENV: json.dumps(argv)})
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "modelfs", *shown], env)
+    except OSError as exc:
+        log.warning("cannot re-execute without secrets in the command line (%s): they stay visible", exc.strerror)
 
 
 def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
@@ -195,9 +247,12 @@ def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
         raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_fd, write_fd = os.pipe()
     env = dict(os.environ, **{_READY_FD_ENV: str(write_fd)})
-    argv = _headers_to_env(argv, config, env)
+    argv = [*argv, "--foreground"]
+    shown = _without_secrets(argv, _source_of(argv))
+    if shown != argv:  # secrets go to the daemon in its environment, which only its user reads
+        env[_ARGV_ENV] = json.dumps(argv)
     child = subprocess.Popen(
-        [sys.executable, "-m", "modelfs", *argv, "--foreground"],
+        [sys.executable, "-m", "modelfs", *shown],
         stdin=subprocess.DEVNULL,
         stdout=log_out,
         stderr=log_out,
@@ -231,8 +286,11 @@ def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from_command_line = argv is None
+    argv = _restore_argv(sys.argv[1:]) if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    if from_command_line and args.command in ("mount", "warm") and argv == sys.argv[1:]:
+        _hide_secrets(argv, args.source)  # not yet hidden: re-executes with them out of argv
     try:
         if args.command == "mount":
             config = build_config(args.source, args.mountpoint, args)
@@ -253,10 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stats":
             return _stats(Path(args.mountpoint), args.json)
     except ConfigError as exc:
-        print(f"modelfs: {exc}", file=sys.stderr)
+        print(f"modelfs: {escape(str(exc))}", file=sys.stderr)
         return 2
     except ModelfsError as exc:
-        print(f"modelfs: {exc}", file=sys.stderr)
+        print(f"modelfs: {escape(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

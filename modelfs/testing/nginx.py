@@ -136,6 +136,10 @@ http {{
         location /private/ {{
             if ($http_authorization != "Bearer {token}") {{ return 401; }}
         }}
+        location /signed/ {{
+            if ($arg_sig != "{token}") {{ return 403; }}
+            if ($http_x_api_key != "{token}") {{ return 401; }}
+        }}
         location /noranges/ {{
             max_ranges 0;
         }}

@@ -4,6 +4,8 @@ silently truncated value (issue 13, "Inputs")."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,47 @@ def test_edges_still_accepted() -> None:
     add_options(parser)
     ns = parser.parse_args(["--max-concurrency", str(MAX_CONCURRENCY), "--metadata-ttl", "-1"])
     assert build_config(SRC, None, ns, environ={}).max_concurrency == MAX_CONCURRENCY
+
+
+@pytest.mark.parametrize(
+    "value", ["abc\x0bSECRET-VALUE", "SECRET-VALUE\x7f", "caf\u00e9 SECRET-VALUE", "\x1b[2J SECRET-VALUE"]
+)
+def test_header_value_never_echoed(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An illegal byte in a header value is refused by name; h11 would quote the value."""
+    assert main(["mount", "https://host/m.bin", "/nonexistent-mnt", "--header", f"X-Api-Key: {value}"]) == 2
+    err = capsys.readouterr().err
+    assert "SECRET-VALUE" not in err and "X-Api-Key" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_hidden_argv_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ps shows has no secret; the process gets the real argv back from its environment."""
+    from modelfs import cli
+
+    argv = [
+        "mount",
+        "https://h/m.bin?sig=SECRET",
+        "/mnt",
+        "--header",
+        "A: SECRET",
+        "--head=B: SECRET",
+        "--header",
+        "@/f",
+    ]
+    shown = cli._without_secrets(argv, cli._source_of(argv))
+    assert not any("SECRET" in a for a in shown)
+    assert shown == [
+        "mount",
+        "https://h/m.bin?<hidden>",
+        "/mnt",
+        "--header",
+        "<hidden>",
+        "--head=<hidden>",
+        "--header",
+        "@/f",
+    ]
+    monkeypatch.setenv(cli._ARGV_ENV, json.dumps(argv))
+    assert cli._restore_argv(shown) == argv
+    assert cli._ARGV_ENV not in os.environ  # not passed on to anything the daemon starts
+    monkeypatch.setenv(cli._ARGV_ENV, json.dumps(argv))
+    assert cli._restore_argv(["mount", "gs://other/x", "/mnt"]) == ["mount", "gs://other/x", "/mnt"]

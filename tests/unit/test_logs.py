@@ -39,3 +39,23 @@ def test_text_lines() -> None:
     line = out.getvalue().strip()
     assert line.endswith("DEBUG modelfs.x: hello 3")
     assert not line.startswith("{")
+
+
+def test_text_lines_cannot_be_forged() -> None:
+    """An object name with a newline (legal in GCS and on Linux) stays inside its own record."""
+    out = io.StringIO()
+    setup_logging("info", "text", out)
+    name = "a\n2026-01-01 00:00:00,000 ERROR modelfs: forged\r\x1b[2J\u2028z"
+    try:
+        logging.getLogger("modelfs.x").warning("read of %s failed", name)
+        try:
+            raise ValueError(f"bad {name}")
+        except ValueError:
+            logging.getLogger("modelfs.x").exception("failed on %s", name)
+    finally:
+        setup_logging("warning", "text")
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(r"read of a\n2026-01-01 00:00:00,000 ERROR modelfs: forged\r\x1b[2J\u2028z failed")
+    assert lines[1].endswith(r"failed on a\n2026-01-01 00:00:00,000 ERROR modelfs: forged\r\x1b[2J\u2028z")
+    assert all(line.startswith("    ") for line in lines[2:]), lines  # the traceback, indented
+    assert not any(line.startswith("2026-01-01") for line in lines)
