@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from modelfs import __version__
 from modelfs.config import Config, add_options, build_config
@@ -133,10 +134,26 @@ def _stats(mountpoint: Path, as_json: bool) -> int:
         f"prefetch          window {stats['prefetch_window_bytes'] / mib:,.0f} MiB, "
         f"{stats['prefetch_resets']} resets, {stats['prefetch_refused']} refused for budget"
     )
+    lines.append(_cpu_line(stats))
     errors = stats.get("errors_by_errno") or {}
     lines.append("errors            " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none"))
     print("\n".join(lines))
     return 0
+
+
+def _cpu_line(stats: dict[str, Any]) -> str:
+    """Daemon and event-loop CPU, per GiB read, and the single-mount ceiling the loop's share implies."""
+    from modelfs.loopcpu import ceiling_bytes_per_s
+
+    loop, total, read = stats.get("loop_cpu_s", 0.0), stats.get("daemon_cpu_s", 0.0), stats.get("read_bytes", 0)
+    line = f"CPU               {total:,.2f} s daemon, {loop:,.2f} s event loop (serialized)"
+    ceiling = ceiling_bytes_per_s(loop, read)
+    if ceiling is not None:
+        gib = read / (1 << 30)
+        line += (
+            f"; per GiB read: {total / gib:.2f} / {loop / gib:.2f} s; one mount's ceiling ~{ceiling / 1e6:,.0f} MB/s"
+        )
+    return line
 
 
 def _mount_foreground(config: Config) -> int:

@@ -25,6 +25,7 @@ from modelfs.eager import EagerStreamer
 from modelfs.errors import ModelfsError, NotFound, errno_for
 from modelfs.files import OpenFiles
 from modelfs.inodes import ROOT_INODE, Namespace, Node
+from modelfs.loopcpu import LoopClock
 from modelfs.metrics import LatencyHistogram
 
 __all__ = ["ModelFS"]
@@ -99,6 +100,7 @@ class ModelFS(pyfuse3.Operations):
         self.eager = eager
         self.read_latency = LatencyHistogram()
         self.read_bytes = 0  # bytes returned by read(): with read_latency.count, the kernel's read size
+        self.loop_clock = LoopClock()  # built on the trio thread (mount.build runs inside trio.run)
 
     # --- attributes
 
@@ -238,6 +240,9 @@ class ModelFS(pyfuse3.Operations):
             "prefetch_resets": self.files.resets(),
             "errors_by_errno": dict(self.errors),
             "disk_hits": store.stats.disk_hits,
+            # CPU seconds since start: of the event-loop thread (serialized) and the whole daemon
+            "loop_cpu_s": round(self.loop_clock.loop_seconds(), 3),
+            "daemon_cpu_s": round(self.loop_clock.process_seconds(), 3),
         }
         if store.disk is not None:
             disk = store.disk

@@ -129,6 +129,10 @@ class ModelfsCollector:
             errors.add_metric([name], n)
         yield errors
         yield GaugeMetricFamily("modelfs_open_handles", "Open file handles", value=s["open_handles"])
+        yield counter("modelfs_read_bytes", "Bytes returned to FUSE read requests", s["read_bytes"])
+        # rate(loop CPU) / rate(read bytes): the serialized CPU per byte, whose inverse is one mount's ceiling
+        yield counter("modelfs_event_loop_cpu_seconds", "CPU time of the event-loop (trio) thread", s["loop_cpu_s"])
+        yield counter("modelfs_daemon_cpu_seconds", "CPU time of the whole daemon (all threads)", s["daemon_cpu_s"])
         latency = HistogramMetricFamily("modelfs_read_latency_seconds", "Latency of read() requests")
         latency.add_metric([], self._latency.cumulative(), sum_value=self._latency.sum)
         yield latency

@@ -56,11 +56,16 @@ def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) ->
     assert after["modelfs_memory_cache_capacity_bytes"] == 1152 * 1024
     assert 0 < after["modelfs_memory_cache_bytes"] <= 1152 * 1024
     assert after['modelfs_cache_misses_total{tier="memory"}'] >= 1
+    assert after["modelfs_read_bytes_total"] == len(data)
+    # the loop thread's CPU is part of the daemon's, and both only grow
+    assert 0 < after["modelfs_event_loop_cpu_seconds_total"] <= after["modelfs_daemon_cpu_seconds_total"]
+    assert after["modelfs_event_loop_cpu_seconds_total"] >= before["modelfs_event_loop_cpu_seconds_total"]
 
     result = run_modelfs("stats", str(mnt))
     assert result.returncode == 0, result.stderr
     assert f"gs://{bucket}/m" in result.stdout
     assert "10 GETs" in result.stdout
+    assert "event loop (serialized)" in result.stdout and "one mount's ceiling" in result.stdout
     raw = run_modelfs("stats", "--json", str(mnt))
     assert json.loads(raw.stdout)["backend_bytes"] == len(data)
 
