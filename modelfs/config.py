@@ -1,6 +1,7 @@
 """The one place options are defined and parsed.
 
-Each option is declared once in :data:`OPTIONS`; the command line, ``MODELFS_*`` environment
+Each option is declared once, as a field of :class:`Config` (type, parser, default, help);
+:data:`OPTIONS` is derived from those fields, and the command line, ``MODELFS_*`` environment
 variables and a TOML config file all read that table, with the precedence
 flags > environment > file > default. The result is a frozen :class:`Config`.
 """
@@ -237,74 +238,6 @@ class Option:
         return "MODELFS_" + self.attr.upper()
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "foreground",
-        _parse_bool,
-        False,
-        "stay in the foreground (default: daemonize once mounted)",
-        short="-f",
-        flag=True,
-    ),
-    Option("cache-dir", _parse_str, None, "disk cache directory (default: ~/.cache/modelfs/<source hash>)"),
-    Option(
-        "memory-cache",
-        _parse_memory_cache,
-        256 << 20,
-        "memory budget of every data buffer, e.g. 256M; 'auto': the cgroup memory limit minus the daemon's overhead",
-    ),
-    Option("disk-cache", parse_size, 10 << 30, "disk cache size cap, e.g. 10G; 0 disables the disk cache"),
-    Option("block-size", parse_size, 8 << 20, "size of one cached block and of one ranged GET"),
-    Option("metadata-ttl", _parse_float, 60.0, "seconds a listing and attributes stay valid; -1 = never expire"),
-    Option("max-prefetch", parse_size, 256 << 20, "largest read-ahead window per sequential reader"),
-    Option("max-concurrency", _parse_int, 8, "ranged GETs in flight at once, over all files"),
-    Option(
-        "random-read-size", parse_size, 1 << 20, "GET size for reads that look random (after 2 seeks); 0 = whole blocks"
-    ),
-    Option("eager", _parse_bool, True, "stream a weight file whole into the disk cache when it is opened", flag=True),
-    Option("eager-model", _parse_bool, False, "at mount time, stream every weight file into the disk cache", flag=True),
-    Option(
-        "eager-suffixes",
-        _parse_suffixes,
-        ".safetensors,.gguf,.bin,.pt,.pth,.onnx",
-        "comma-separated name endings that mark weight files",
-    ),
-    Option("read-ahead-kb", _parse_int, 1024, "kernel read-ahead of the mount (root only); 0 leaves it alone"),
-    Option("retry-deadline", _parse_float, 60.0, "seconds a failing read is retried before it fails with EIO"),
-    Option("read-timeout", _parse_float, 30.0, "seconds without a byte before a response counts as stalled"),
-    Option("anonymous", _parse_bool, False, "use no credentials (public buckets, emulators)", flag=True),
-    Option("allow-other", _parse_bool, False, "let users other than the mounting one read the mount", flag=True),
-    Option("log-level", _parse_log_level, "info", "debug, info, warning or error"),
-    Option("log-file", _parse_str, None, "log file of a daemonized mount (default: <cache-dir>/modelfs.log)"),
-    Option("log-format", _parse_log_format, "text", "text (human-readable) or json (one object per line)"),
-    Option("metrics-addr", _parse_addr, None, "serve Prometheus metrics on HOST:PORT (default: off)"),
-    Option(
-        "manifest",
-        _parse_str,
-        None,
-        "http(s) directory URL: a file listing relative paths (optionally 'path size'), one a line",
-    ),
-    Option(
-        "ca-cert", _parse_str, None, "PEM file of extra CA certificates trusted for https:// (and an https S3 endpoint)"
-    ),
-    Option(
-        "header",
-        _parse_headers,
-        (),
-        "http(s): 'Name: value' sent with every request (repeatable; @FILE reads them from FILE); never logged",
-        multiple=True,
-    ),
-    Option(
-        "endpoint-url",
-        _parse_endpoint_url,
-        None,
-        "s3: the S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS)",
-    ),
-)
-
-_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
-
-
 @dataclass(frozen=True)
 class Source:
     """Where objects come from: ``gs://bucket/prefix``, ``s3://bucket/prefix``, ``file:///dir``,
@@ -390,40 +323,94 @@ def default_cache_dir(source: Source) -> Path:
     return Path(base) / "modelfs" / digest
 
 
+def _option(
+    parse: Callable[[Any], Any],
+    default: Any,
+    help: str,
+    *,
+    short: str | None = None,
+    flag: bool = False,
+    multiple: bool = False,
+    repr: bool = True,
+) -> Any:
+    """A :class:`Config` field that is an option: its long name is the field's, with dashes."""
+    spec = Option("", parse, default, help, short=short, flag=flag, multiple=multiple)
+    return dataclasses.field(default=default, repr=repr, metadata={"option": spec})
+
+
 @dataclass(frozen=True)
 class Config:
-    """Everything a mount needs, validated. Sizes in bytes, times in seconds."""
+    """Everything a mount needs, validated. Sizes in bytes, times in seconds.
+
+    Every field after ``mountpoint`` is an option, declared here once with its parser,
+    default and help; :data:`OPTIONS` (flags, ``MODELFS_*`` variables, config-file keys) is
+    derived from these fields, in this order.
+    """
 
     source: Source
     mountpoint: Path | None
-    foreground: bool
-    cache_dir: Path
-    memory_cache: int
-    disk_cache: int
-    block_size: int
-    metadata_ttl: float
-    max_prefetch: int
-    max_concurrency: int
-    read_ahead_kb: int
-    retry_deadline: float
-    read_timeout: float
-    anonymous: bool
-    allow_other: bool
-    log_level: str
-    log_file: Path | None
-    log_format: str = "text"
-    random_read_size: int = 1 << 20
-    eager: bool = True
-    eager_model: bool = False
-    eager_suffixes: str = ".safetensors,.gguf,.bin,.pt,.pth,.onnx"
-    metrics_addr: str | None = None
-    manifest: Path | None = None
-    ca_cert: Path | None = None
-    header: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # may hold tokens: never shown
-    endpoint_url: str | None = None
+    foreground: bool = _option(
+        _parse_bool, False, "stay in the foreground (default: daemonize once mounted)", short="-f", flag=True
+    )
+    # None in the table: build_config puts the per-source default here.
+    cache_dir: Path = _option(_parse_str, None, "disk cache directory (default: ~/.cache/modelfs/<source hash>)")
+    # 'auto' in the table: build_config resolves it from the cgroup memory limit.
+    memory_cache: int = _option(
+        _parse_memory_cache,
+        256 << 20,
+        "memory budget of every data buffer, e.g. 256M; 'auto': the cgroup memory limit minus the daemon's overhead",
+    )
+    disk_cache: int = _option(parse_size, 10 << 30, "disk cache size cap, e.g. 10G; 0 disables the disk cache")
+    block_size: int = _option(parse_size, 8 << 20, "size of one cached block and of one ranged GET")
+    metadata_ttl: float = _option(_parse_float, 60.0, "seconds a listing and attributes stay valid; -1 = never expire")
+    max_prefetch: int = _option(parse_size, 256 << 20, "largest read-ahead window per sequential reader")
+    max_concurrency: int = _option(_parse_int, 8, "ranged GETs in flight at once, over all files")
+    random_read_size: int = _option(
+        parse_size, 1 << 20, "GET size for reads that look random (after 2 seeks); 0 = whole blocks"
+    )
+    eager: bool = _option(
+        _parse_bool, True, "stream a weight file whole into the disk cache when it is opened", flag=True
+    )
+    eager_model: bool = _option(
+        _parse_bool, False, "at mount time, stream every weight file into the disk cache", flag=True
+    )
+    eager_suffixes: str = _option(
+        _parse_suffixes, ".safetensors,.gguf,.bin,.pt,.pth,.onnx", "comma-separated name endings that mark weight files"
+    )
+    read_ahead_kb: int = _option(_parse_int, 1024, "kernel read-ahead of the mount (root only); 0 leaves it alone")
+    retry_deadline: float = _option(_parse_float, 60.0, "seconds a failing read is retried before it fails with EIO")
+    read_timeout: float = _option(_parse_float, 30.0, "seconds without a byte before a response counts as stalled")
+    anonymous: bool = _option(_parse_bool, False, "use no credentials (public buckets, emulators)", flag=True)
+    allow_other: bool = _option(_parse_bool, False, "let users other than the mounting one read the mount", flag=True)
+    log_level: str = _option(_parse_log_level, "info", "debug, info, warning or error")
+    log_file: Path | None = _option(
+        _parse_str, None, "log file of a daemonized mount (default: <cache-dir>/modelfs.log)"
+    )
+    log_format: str = _option(_parse_log_format, "text", "text (human-readable) or json (one object per line)")
+    metrics_addr: str | None = _option(_parse_addr, None, "serve Prometheus metrics on HOST:PORT (default: off)")
+    manifest: Path | None = _option(
+        _parse_str, None, "http(s) directory URL: a file listing relative paths (optionally 'path size'), one a line"
+    )
+    ca_cert: Path | None = _option(
+        _parse_str, None, "PEM file of extra CA certificates trusted for https:// (and an https S3 endpoint)"
+    )
+    header: tuple[str, ...] = _option(
+        _parse_headers,
+        (),
+        "http(s): 'Name: value' sent with every request (repeatable; @FILE reads them from FILE); never logged",
+        multiple=True,
+        repr=False,  # may hold tokens: never shown
+    )
+    endpoint_url: str | None = _option(
+        _parse_endpoint_url, None, "s3: the S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS)"
+    )
 
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
+
+OPTIONS: tuple[Option, ...] = tuple(
+    dataclasses.replace(f.metadata["option"], name=f.name.replace("_", "-"))
+    for f in dataclasses.fields(Config)
+    if "option" in f.metadata
+)
 
 
 def add_options(parser: argparse.ArgumentParser, names: set[str] | None = None) -> None:
@@ -573,8 +560,3 @@ def _check_source_options(source: Source, values: dict[str, Any]) -> None:
         raise ConfigError("--header applies to http(s):// sources")
     if values["endpoint_url"] is not None and source.scheme != "s3":
         raise ConfigError("--endpoint-url applies to s3:// sources")
-
-
-def option(attr: str) -> Option:
-    """The table entry of one option, by attribute name."""
-    return _BY_ATTR[attr]

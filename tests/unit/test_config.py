@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -216,4 +217,4 @@ def test_mountpoint_and_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.M
     assert cfg.mountpoint == tmp_path / "mnt"
     assert cfg.cache_dir == tmp_path / "c"
     assert cfg.log_file == tmp_path / "l.log"
-    assert cfg.replace(max_concurrency=2).max_concurrency == 2
+    assert dataclasses.replace(cfg, max_concurrency=2).max_concurrency == 2
