@@ -130,6 +130,18 @@ def _stats(mountpoint: Path, as_json: bool) -> int:
             f"{stats['disk_hits']} hits, {stats['disk_writes']} writes, {stats['disk_evictions']} evictions, "
             f"{stats['disk_corrupt']} corrupt"
         )
+    tier = stats.get("tier")
+    if tier:
+        replicas = ", ".join(
+            f"{url} {r['bytes'] / mib:,.1f} MiB ({r['failures']} failed, {r['rejected']} rejected)"
+            for url, r in tier["replicas"].items()
+        )
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(tier["fallback_reasons"].items()) if v) or "none"
+        lines.append(f"cache tier        {replicas}")
+        lines.append(
+            f"tier fallbacks    {tier['fallbacks']} blocks from the origin ({tier['origin_bytes'] / mib:,.1f} MiB; "
+            f"{reasons}), {tier['bypass_bytes'] / mib:,.1f} MiB not for the tier"
+        )
     lines.append(
         f"prefetch          window {stats['prefetch_window_bytes'] / mib:,.0f} MiB, "
         f"{stats['prefetch_resets']} resets, {stats['prefetch_refused']} refused for budget"

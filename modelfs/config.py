@@ -148,6 +148,35 @@ _RESERVED_HEADERS = {
 }
 
 
+def _parse_cache_urls(items: Any) -> tuple[str, ...]:
+    """``--cache-url http://HOST[:PORT]`` (repeatable; the environment variable: one a line or
+    comma-separated): each a cache tier replica, checked and normalized, no duplicates."""
+    from urllib.parse import urlsplit
+
+    if isinstance(items, str):
+        items = items.replace(",", "\n").split()
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError("--cache-url: expected a list of http://HOST[:PORT] URLs")
+    out: list[str] = []
+    for item in items:
+        text = str(item).strip().rstrip("/")
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"--cache-url: not a URL: {text!r}") from None
+        if parts.scheme != "http" or not parts.hostname or parts.path or parts.query or parts.fragment:
+            raise ConfigError(f"--cache-url must be http://HOST[:PORT], not {text!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError("--cache-url must not carry credentials")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        url = f"http://{host}:{port or 80}"
+        if url in out:
+            raise ConfigError(f"--cache-url: {url} is given twice")
+        out.append(url)
+    return tuple(out)
+
+
 def _parse_headers(items: Any) -> tuple[str, ...]:
     """``Name: value`` lines (``--header``, repeatable); ``@FILE`` reads one header per line from
     FILE, which keeps tokens out of the process list. Errors never echo a header's value."""
@@ -404,6 +433,12 @@ class Config:
     endpoint_url: str | None = _option(
         _parse_endpoint_url, None, "s3: the S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS)"
     )
+    cache_url: tuple[str, ...] = _option(
+        _parse_cache_urls,
+        (),
+        "a shared cache tier replica, http://HOST:PORT, for block reads (repeatable; docs/operations.md)",
+        multiple=True,
+    )
 
 
 OPTIONS: tuple[Option, ...] = tuple(
@@ -560,3 +595,5 @@ def _check_source_options(source: Source, values: dict[str, Any]) -> None:
         raise ConfigError("--header applies to http(s):// sources")
     if values["endpoint_url"] is not None and source.scheme != "s3":
         raise ConfigError("--endpoint-url applies to s3:// sources")
+    if values["cache_url"] and source.scheme == "file":
+        raise ConfigError("--cache-url applies to gs://, s3:// and http(s):// sources")

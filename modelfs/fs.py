@@ -244,6 +244,9 @@ class ModelFS(pyfuse3.Operations):
             "loop_cpu_s": round(self.loop_clock.loop_seconds(), 3),
             "daemon_cpu_s": round(self.loop_clock.process_seconds(), 3),
         }
+        tier = getattr(self.namespace.backend, "tier_stats", None)
+        if tier is not None:  # --cache-url: block bytes by tier replica, origin fallbacks
+            out["tier"] = tier.snapshot()
         if store.disk is not None:
             disk = store.disk
             out.update(

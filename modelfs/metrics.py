@@ -85,6 +85,24 @@ class ModelfsCollector:
         fetches.add_metric([b, "demand"], s["demand_gets"])
         fetches.add_metric([b, "prefetch"], s["prefetch_gets"])
         yield fetches
+        tier = s.get("tier")
+        if tier:  # --cache-url: where block bytes came from, and why the tier was skipped
+            source = CounterMetricFamily(
+                "modelfs_tier_bytes",
+                "Block bytes by where they came from (a tier replica or the origin)",
+                labels=["source"],
+            )
+            for url, replica in tier["replicas"].items():
+                source.add_metric([url], replica["bytes"])
+            source.add_metric(["origin-fallback"], tier["origin_bytes"])
+            source.add_metric(["origin-bypass"], tier["bypass_bytes"])
+            yield source
+            fallbacks = CounterMetricFamily(
+                "modelfs_tier_fallbacks", "Blocks read from the origin because the tier failed them", labels=["reason"]
+            )
+            for reason, n in sorted(tier["fallback_reasons"].items()):
+                fallbacks.add_metric([reason], n)
+            yield fallbacks
         for kind in ("hits", "misses", "evictions"):
             family = CounterMetricFamily(f"modelfs_cache_{kind}", f"Block cache {kind} per tier", labels=["tier"])
             family.add_metric(["memory"], s[f"memory_{kind}"])

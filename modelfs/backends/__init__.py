@@ -13,6 +13,22 @@ __all__ = ["Backend", "ObjectInfo", "open_backend"]
 
 
 def open_backend(config: Config) -> Backend:
+    """The backend for ``config.source`` (through the cache tier with ``--cache-url``)."""
+    backend = _open_origin(config)
+    if not config.cache_url:
+        return backend
+    from modelfs.backends.tiered import TieredBackend
+
+    return TieredBackend(
+        backend,
+        config.cache_url,
+        block_size=config.block_size,
+        read_timeout=config.read_timeout,
+        max_concurrency=config.max_concurrency,
+    )
+
+
+def _open_origin(config: Config) -> Backend:
     """The backend for ``config.source``; imports a store's client only when it is used."""
     source = config.source
     if source.scheme == "gs":

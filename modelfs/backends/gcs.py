@@ -23,6 +23,7 @@ from modelfs.backends.gcs_media import CheckResponse, MediaTransport, plain_tran
 from modelfs.backends.private import gcs_client
 from modelfs.backends.responses import Headers, RangeRequest, check_range_response, short_reason
 from modelfs.backends.skeleton import ThreadedBackend
+from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.config import Source
 from modelfs.errors import (
     AccessDenied,
@@ -197,6 +198,11 @@ class GCSBackend(ThreadedBackend):
         except BaseException:
             resp.close()
             raise
+
+    def tier_target(self, name: str, version: str) -> TierTarget:
+        """The media GET a cache tier serves for ``name`` at ``version`` (--cache-url)."""
+        path = f"{urlsplit(self._media_base).path}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
+        return TierTarget(path, {}, header_pinned("x-goog-generation", version, "generation"))
 
     async def aclose(self) -> None:
         if self._media is not None:

@@ -30,7 +30,7 @@ import re
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import trio
@@ -47,6 +47,7 @@ from modelfs.backends.responses import (
     parse_content_range,
 )
 from modelfs.backends.skeleton import BackendSkeleton
+from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.config import Source
 from modelfs.errors import (
     BackendError,
@@ -410,6 +411,16 @@ class HTTPBackend(BackendSkeleton):
                     raise TransientError(f"{what}: body ended after {got} of {length} bytes")
         except Exception as exc:
             raise self.classify(exc, what, reading=True) from None
+
+    def tier_target(self, name: str, version: str) -> TierTarget | None:
+        """The GET a cache tier serves for ``name`` at ``version`` (--cache-url): keyed by path
+        and strong ETag; a file without one is read from the origin."""
+        etag = parse_version(version)[1]
+        if etag is None:
+            return None
+        parts = urlsplit(self._url(name))
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        return TierTarget(path, {"If-Match": etag}, header_pinned("etag", etag, "ETag"))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from modelfs.backends.base import ObjectInfo
 from modelfs.backends.body import read_urllib3_body
@@ -34,6 +35,7 @@ from modelfs.backends.responses import (
     short_reason,
 )
 from modelfs.backends.skeleton import ThreadedBackend
+from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.config import Source
 from modelfs.errors import (
     AccessDenied,
@@ -247,6 +249,11 @@ class S3Backend(ThreadedBackend):
         except Exception as exc:
             raw.close()  # type: ignore[attr-defined]
             raise self.classify(exc, what, reading=True) from None
+
+    def tier_target(self, name: str, version: str) -> TierTarget:
+        """The path-style GET a cache tier serves for ``name`` at ``version`` (--cache-url)."""
+        path = f"/{quote(self._source.bucket, safe='')}/{quote(self._prefix + name, safe='/~')}"
+        return TierTarget(path, {"If-Match": version}, header_pinned("etag", version, "ETag"))
 
     async def aclose(self) -> None:
         try:

@@ -220,3 +220,99 @@ def test_entrypoint_script() -> None:
     text = script.read_text()
     assert 'exec modelfs "$@"' in text
     assert '"$MODELFS_SOURCE" "$mountpoint" --foreground' in text
+
+
+# --- the cache tier (issue 16): one source in modelfs/tierconf/, rendered into packaging/tier/
+
+TIER = ROOT / "packaging" / "tier"
+
+
+def test_tier_files_are_rendered_from_the_one_source() -> None:
+    from modelfs.tierconf import TierSettings, render_kubernetes, render_nginx, settings_for_source, tier_js
+
+    settings = settings_for_source("gs://my-bucket")
+    assert (TIER / "nginx.conf").read_text() == render_nginx(settings), "run: python -m modelfs.tierconf nginx"
+    assert (TIER / "tier.js").read_text() == tier_js(), "run: python -m modelfs.tierconf js"
+    assert (TIER / "kubernetes.yaml").read_text() == render_kubernetes(settings), (
+        "run: python -m modelfs.tierconf kubernetes"
+    )
+    assert settings.slice == "8m" and TierSettings(origin="", allow=()).slice == "8m"
+
+
+def test_tier_kubernetes_objects_carry_the_rendered_config() -> None:
+    docs = {d["kind"]: d for d in yaml.safe_load_all((TIER / "kubernetes.yaml").read_text()) if d}
+    assert set(docs) == {"ConfigMap", "Service", "StatefulSet", "NetworkPolicy"}
+    assert docs["ConfigMap"]["data"]["nginx.conf"] == (TIER / "nginx.conf").read_text()
+    assert docs["ConfigMap"]["data"]["tier.js"] == (TIER / "tier.js").read_text()
+    nginx_conf = (TIER / "nginx.conf").read_text()
+    port = int(re.search(r"listen (\d+) reuseport;", nginx_conf).group(1))  # type: ignore[union-attr]
+    assert docs["Service"]["spec"]["ports"][0]["port"] == port
+    assert docs["Service"]["spec"]["clusterIP"] == "None"  # each replica addressable by name
+    spec = docs["StatefulSet"]["spec"]
+    nginx = spec["template"]["spec"]["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in nginx["volumeMounts"]}
+    assert nginx["command"][:3] == ["nginx", "-c", f"{mounts['config']}/nginx.conf"]
+    assert f"js_path {mounts['config']};" in nginx_conf
+    assert f"proxy_cache_path {mounts['cache']} " in nginx_conf
+    assert re.search(rf"js_var \$tier_token_file \"{re.escape(mounts['token'])}/token\";", nginx_conf)
+    assert spec["volumeClaimTemplates"][0]["metadata"]["name"] == "cache"
+    max_size = re.search(r"max_size=(\d+)g", nginx_conf).group(1)  # type: ignore[union-attr]
+    claim = spec["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert quantity(claim) > int(max_size) << 30
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert policy["ingress"][0]["ports"] == [{"port": port}]
+
+
+def test_tier_config_is_what_the_issue_asks_for() -> None:
+    conf = (TIER / "nginx.conf").read_text()
+    for directive in (
+        "slice 8m;",
+        'proxy_cache_key "$uri?$args|$modelfs_version|$slice_range";',
+        "proxy_cache_valid 200 206 3650d;",
+        "proxy_cache_lock on;",
+        "proxy_set_header Range $slice_range;",
+        'proxy_set_header Authorization "";',
+        "max_size=100g",
+        "location ~ ^(/download/storage/v1/b/my\\-bucket/o/|/storage/v1/b/my\\-bucket/o/)",
+    ):
+        assert directive in conf, directive
+
+
+@pytest.mark.skipif(not Path("/usr/lib/nginx/modules/ngx_http_js_module.so").exists(), reason="needs njs")
+def test_tier_config_passes_nginx_t(tmp_path: Path) -> None:
+    from modelfs.tierconf import render_nginx, settings_for_source, tier_js
+
+    for source in ("gs://b", "s3://b", "https://127.0.0.1:8443/models/"):
+        settings = settings_for_source(
+            source,
+            origin="https://127.0.0.1:9" if source.startswith("s3") else None,
+            cache_dir=str(tmp_path / "cache"),
+            run_dir=str(tmp_path),
+            js_dir=str(tmp_path),
+            error_log=str(tmp_path / "error.log"),
+            access_log=str(tmp_path / "access.log"),
+        )
+        if source.startswith("gs"):
+            settings = settings.__class__(**{**vars(settings), "origin": "http://127.0.0.1:9"})
+        (tmp_path / "tier.js").write_text(tier_js())
+        (tmp_path / "nginx.conf").write_text(render_nginx(settings))
+        done = subprocess.run(
+            ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "e.log")],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_tier_config_refuses_what_it_cannot_serve() -> None:
+    from modelfs.errors import ConfigError
+    from modelfs.tierconf import settings_for_source
+    from modelfs.tierconf.__main__ import main
+
+    for bad in ("file:///x", "gs://", "s3://b"):  # s3 needs --origin
+        with pytest.raises(ConfigError):
+            settings_for_source(bad)
+    with pytest.raises(ConfigError):
+        settings_for_source("gs://b", origin="ftp://x")
+    assert main(["nginx", "--source", "s3://b"]) == 2

@@ -1,0 +1,406 @@
+"""Block GETs through a shared cache tier (``--cache-url``), the origin as the authority.
+
+:class:`TieredBackend` is a decorator over any backend that can say how its store addresses
+one pinned version (:class:`TierTarget`): listing and metadata go to the origin as before;
+a whole-block read goes to one tier replica, picked by rendezvous (highest-random-weight)
+hashing on (object, version, offset), so every node asks the same replica for the same
+block, and adding or removing a replica moves only that replica's share of blocks.
+
+The tier's answer is trusted no more than the origin's: status, Content-Range, Content-Length,
+the version header (generation or ETag) and a body of exactly the range are checked as for
+the origin, and the body's SHA-256 must equal the ``X-Modelfs-Digest`` the tier computed when
+it fetched the slice from the origin (modelfs/tierconf/tier.js) and that covers exactly this
+range. Anything else — an error, a refused connection, a stall longer than --read-timeout, a
+wrong header, a damaged body — skips the tier for that block and reads it from the origin, so
+a dead or faulty replica costs time, never bytes. A replica that failed is left alone for a
+while (doubling from 1 s to 30 s) so a dead one does not cost a connect per block.
+
+Reads that are not whole, block-aligned slices (random small reads) and versions the tier
+cannot key (a web file without a strong ETag) go straight to the origin. The GET runs in a
+worker thread on the block's own buffer; every counter and the replicas' health change only
+in trio tasks (docs/concurrency.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import re
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+import trio
+
+from modelfs import __version__
+from modelfs.backends.base import Backend, ObjectInfo
+from modelfs.backends.body import read_exactly
+from modelfs.errors import BackendError, ConfigError, VersionChanged
+
+__all__ = [
+    "ReplicaStats",
+    "TierAddressable",
+    "TierStats",
+    "TierTarget",
+    "TieredBackend",
+    "header_pinned",
+    "rendezvous_order",
+]
+
+log = logging.getLogger(__name__)
+
+DIGEST_HEADER = "x-modelfs-digest"
+_DIGEST_RE = re.compile(r"sha256=([0-9a-f]{64}); range=(\d+)-(\d+)")
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_USER_AGENT = f"modelfs/{__version__} (tier)"
+_FIRST_BACKOFF = 1.0
+FALLBACK_REASONS = (
+    "unreachable",
+    "error",
+    "stalled",
+    "short_body",
+    "status",
+    "content_range",
+    "content_length",
+    "encoding",
+    "version",
+    "no_digest",
+    "digest_range",
+    "digest",
+    "all_benched",
+)
+_MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True)
+class TierTarget:
+    """How the origin names one pinned version: the raw path (and query) of its ranged GET,
+    the headers that pin it, and ``pinned(headers)``, which raises when a response's version
+    headers show another version (the same check the backend makes of the origin)."""
+
+    path: str
+    headers: Mapping[str, str]
+    pinned: Callable[[Mapping[str, str]], None]
+
+
+@runtime_checkable
+class TierAddressable(Protocol):
+    """A backend whose reads a cache tier can serve: one method beside the Backend protocol."""
+
+    def tier_target(self, name: str, version: str) -> TierTarget | None:
+        """The target of ``name`` at ``version``, or None if the tier cannot key it."""
+        ...
+
+
+class TierRejected(Exception):
+    """The tier's answer cannot be used; ``reason`` counts it, ``replica_down`` benches the replica."""
+
+    def __init__(self, reason: str, detail: str, *, replica_down: bool) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.replica_down = replica_down
+
+
+@dataclass
+class ReplicaStats:
+    gets: int = 0
+    bytes: int = 0
+    failures: int = 0  # errors, refused connections, stalls: the replica is benched
+    rejected: int = 0  # answers that failed a check (headers, digest): that block only
+
+
+@dataclass
+class TierStats:
+    """Counters of the tier routing; changed only in trio tasks, read by stats and metrics."""
+
+    replicas: dict[str, ReplicaStats] = field(default_factory=dict)
+    origin_gets: int = 0  # block reads that went to the origin after the tier failed them
+    origin_bytes: int = 0
+    bypass_gets: int = 0  # reads the tier cannot serve (small random reads, weak versions)
+    bypass_bytes: int = 0
+    # reason -> blocks; every reason is there from the start, so the dict never changes size
+    # while the metrics thread copies it.
+    fallbacks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FALLBACK_REASONS, 0))
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "replicas": {url: vars(s).copy() for url, s in self.replicas.items()},
+            "tier_bytes": sum(s.bytes for s in self.replicas.values()),
+            "origin_gets": self.origin_gets,
+            "origin_bytes": self.origin_bytes,
+            "bypass_gets": self.bypass_gets,
+            "bypass_bytes": self.bypass_bytes,
+            "fallbacks": sum(self.fallbacks.values()),
+            "fallback_reasons": dict(self.fallbacks),
+        }
+
+
+def rendezvous_order(replicas: Sequence[str], key: str) -> list[int]:
+    """Indexes of ``replicas`` best first for ``key`` (highest random weight)."""
+
+    def weight(i: int) -> bytes:
+        return hashlib.blake2b(f"{replicas[i]}\0{key}".encode(), digest_size=8).digest()
+
+    return sorted(range(len(replicas)), key=weight, reverse=True)
+
+
+def _parse_cache_url(url: str) -> tuple[str, int, str]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"--cache-url must be http://HOST[:PORT], not {url!r}")
+    return parts.hostname, port or 80, f"http://{parts.netloc}"
+
+
+class _Replica:
+    """One tier replica: a LIFO pool of kept-alive connections, used by one thread at a time."""
+
+    def __init__(self, url: str, *, connect_timeout: float, read_timeout: float, max_idle: int) -> None:
+        self.host, self.port, self.url = _parse_cache_url(url)
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_idle = max_idle
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.benched_until = 0.0  # trio clock; only trio tasks read or write it
+        self.backoff = _FIRST_BACKOFF
+
+    def _take(self) -> http.client.HTTPConnection:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is not None:
+            return conn
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self._connect_timeout)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self._read_timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def get_into(self, target: TierTarget, offset: int, dest: memoryview) -> None:
+        """Blocking: fill ``dest`` from the tier and verify it, or raise TierRejected."""
+        length = len(dest)
+        headers = dict(target.headers)
+        headers.update({"Range": f"bytes={offset}-{offset + length - 1}", "User-Agent": _USER_AGENT})
+        headers["Accept-Encoding"] = "identity"
+        for attempt in (0, 1):  # a kept-alive connection the tier closed meanwhile: once more
+            try:
+                conn = self._take()
+            except OSError as exc:
+                raise TierRejected("unreachable", str(exc), replica_down=True) from None
+            try:
+                conn.request("GET", target.path, headers=headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                conn.close()
+                if attempt == 0:
+                    continue
+                raise TierRejected("error", str(exc) or type(exc).__name__, replica_down=True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                reason = "stalled" if isinstance(exc, TimeoutError) else "error"
+                raise TierRejected(reason, str(exc) or type(exc).__name__, replica_down=True) from None
+            try:
+                response_headers = {k.lower(): v for k, v in resp.headers.items()}
+                digest = self._check(resp.status, response_headers, target, offset, length)
+                got = read_exactly(resp.readinto, dest)
+                if got < length:
+                    raise TierRejected("short_body", f"{got} of {length} bytes", replica_down=True)
+            except TierRejected:
+                resp.close()
+                conn.close()
+                raise
+            except http.client.IncompleteRead as exc:
+                resp.close()
+                conn.close()
+                raise TierRejected("short_body", str(exc), replica_down=True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                resp.close()
+                conn.close()
+                reason = "stalled" if isinstance(exc, TimeoutError) else "error"
+                raise TierRejected(reason, str(exc) or type(exc).__name__, replica_down=True) from None
+            if resp.isclosed():
+                self._give_back(conn)
+            else:  # more body than announced: not at a message boundary
+                resp.close()
+                conn.close()
+            # hashlib releases the GIL for large buffers: this thread checks while others read.
+            if hashlib.sha256(dest).hexdigest() != digest:
+                raise TierRejected("digest", "the body does not match the tier's digest", replica_down=False)
+            return
+
+    @staticmethod
+    def _check(status: int, headers: Mapping[str, str], target: TierTarget, offset: int, length: int) -> str:
+        """The digest the response announces for exactly this range, or TierRejected."""
+        if status != 206:
+            # A 404/412 from the tier is not the origin's word: the origin decides.
+            raise TierRejected("status", f"HTTP {status}", replica_down=status >= 500 or status == 429)
+        match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", "").strip())
+        if not match or int(match.group(1)) != offset or int(match.group(2)) != offset + length - 1:
+            raise TierRejected("content_range", f"{headers.get('content-range')!r}", replica_down=False)
+        content_length = headers.get("content-length")
+        if content_length is not None and content_length.strip() != str(length):
+            raise TierRejected("content_length", f"{content_length!r}, expected {length}", replica_down=False)
+        if (headers.get("content-encoding") or "identity").strip().lower() != "identity":
+            raise TierRejected("encoding", f"{headers.get('content-encoding')!r}", replica_down=False)
+        try:
+            target.pinned(headers)
+        except BackendError as exc:
+            raise TierRejected("version", str(exc), replica_down=False) from None
+        found = _DIGEST_RE.fullmatch((headers.get(DIGEST_HEADER) or "").strip())
+        if not found:
+            raise TierRejected("no_digest", "no X-Modelfs-Digest for the body", replica_down=False)
+        if int(found.group(2)) != offset or int(found.group(3)) != offset + length - 1:
+            # The tier's slice is not this block: its --block-size differs from the tier's slice.
+            raise TierRejected("digest_range", f"digest covers {found.group(2)}-{found.group(3)}", replica_down=False)
+        return found.group(1)
+
+
+class TieredBackend:
+    """``inner`` with whole-block reads served by cache tier replicas (see the module doc)."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        cache_urls: Sequence[str],
+        *,
+        block_size: int,
+        read_timeout: float,
+        max_concurrency: int,
+        connect_timeout: float = 5.0,
+        first_backoff: float = _FIRST_BACKOFF,
+    ) -> None:
+        if not isinstance(inner, TierAddressable):
+            raise ConfigError(f"--cache-url does not apply to {inner.description} (gs://, s3:// and https:// only)")
+        if not cache_urls:
+            raise ConfigError("--cache-url: no cache replica given")
+        self._inner = inner
+        self._addressable: TierAddressable = inner
+        self._block_size = block_size
+        self._replicas = [
+            _Replica(
+                url,
+                connect_timeout=min(connect_timeout, read_timeout),
+                read_timeout=read_timeout,
+                max_idle=max_concurrency + 1,
+            )
+            for url in cache_urls
+        ]
+        if len({r.url for r in self._replicas}) != len(self._replicas):
+            raise ConfigError("--cache-url: the same replica is given twice")
+        self._urls = [r.url for r in self._replicas]
+        self._first_backoff = first_backoff
+        for replica in self._replicas:
+            replica.backoff = first_backoff
+        self._limiter = trio.CapacityLimiter(max(1, max_concurrency))
+        self.tier_stats = TierStats(replicas={r.url: ReplicaStats() for r in self._replicas})
+
+    # --- the Backend protocol: everything but whole-block reads is the origin's
+
+    @property
+    def description(self) -> str:
+        return self._inner.description
+
+    def object_key(self, name: str) -> str:
+        return self._inner.object_key(name)
+
+    async def list_objects(self) -> list[ObjectInfo]:
+        return await self._inner.list_objects()
+
+    async def stat(self, name: str) -> ObjectInfo:
+        return await self._inner.stat(name)
+
+    async def aclose(self) -> None:
+        for replica in self._replicas:
+            replica.close()
+        await self._inner.aclose()
+
+    def __getattr__(self, name: str) -> object:
+        # Backend-specific extras (warm's checksums, test counters) are the origin's.
+        return getattr(self._inner, name)
+
+    # --- the data path
+
+    def _pick(self, target: TierTarget, version: str, offset: int) -> _Replica | None:
+        now = trio.current_time()
+        for i in rendezvous_order(self._urls, f"{target.path}\0{version}\0{offset}"):
+            if self._replicas[i].benched_until <= now:
+                return self._replicas[i]
+        return None
+
+    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+        length = len(dest)
+        stats = self.tier_stats
+        target = None
+        if length and offset % self._block_size == 0 and length <= self._block_size:
+            target = self._addressable.tier_target(name, version)
+        replica = self._pick(target, version, offset) if target is not None else None
+        if target is None:
+            stats.bypass_gets += 1
+            await self._inner.read_range(name, version, offset, dest)
+            stats.bypass_bytes += length
+            return
+        if replica is not None:
+            rstats = stats.replicas[replica.url]
+            rstats.gets += 1
+            try:
+                await trio.to_thread.run_sync(replica.get_into, target, offset, dest, limiter=self._limiter)
+            except TierRejected as exc:
+                self._rejected(replica, exc, f"{name}@{version} [{offset}, +{length}]")
+            else:
+                rstats.bytes += length
+                replica.backoff = self._first_backoff
+                return
+        if replica is None:
+            stats.fallbacks["all_benched"] += 1
+        stats.origin_gets += 1
+        await self._inner.read_range(name, version, offset, dest)
+        stats.origin_bytes += length
+
+    def _rejected(self, replica: _Replica, exc: TierRejected, what: str) -> None:
+        stats = self.tier_stats
+        rstats = stats.replicas[replica.url]
+        stats.fallbacks[exc.reason] += 1
+        if exc.replica_down:
+            rstats.failures += 1
+            replica.benched_until = trio.current_time() + replica.backoff
+            log.warning(
+                "cache tier %s failed (%s); reading from the origin for %.0f s", replica.url, exc, replica.backoff
+            )
+            replica.backoff = min(max(_MAX_BACKOFF, self._first_backoff), replica.backoff * 2)
+        else:
+            rstats.rejected += 1
+            log.warning("cache tier %s: %s: %s; read from the origin", replica.url, what, exc)
+
+
+def header_pinned(header: str, version: str, label: str) -> Callable[[Mapping[str, str]], None]:
+    """A TierTarget check: the response's ``header`` must be exactly ``version``."""
+
+    def pinned(headers: Mapping[str, str]) -> None:
+        value = headers.get(header)
+        if value is None or value.strip() != version:
+            raise VersionChanged(f"the tier sent {label} {value!r}, not {version!r}")
+
+    return pinned

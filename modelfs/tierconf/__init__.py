@@ -1,0 +1,155 @@
+"""The cache tier's configuration, written once and rendered for each way it is deployed.
+
+``nginx.conf.in`` and ``tier.js`` are the one source: :func:`render_nginx` fills in the
+settings of a deployment (origin, readable paths, slice size, cache dir and cap), and
+:func:`render_kubernetes` puts the rendered config and the script into a ConfigMap beside the
+StatefulSet, Service and NetworkPolicy that run it. packaging/tier/ holds both rendered with
+the defaults (tests/unit/test_packaging.py fails when they drift), and the fleet tests run the
+same config against a real origin. ``python -m modelfs.tierconf --help`` renders them.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from dataclasses import dataclass, replace
+from importlib import resources
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from modelfs.errors import ConfigError
+
+__all__ = ["GCS_ORIGIN", "TierSettings", "render_kubernetes", "render_nginx", "settings_for_source", "tier_js"]
+
+GCS_ORIGIN = "https://storage.googleapis.com"
+_PLACEHOLDER_RE = re.compile(r"@([A-Z_]+)@")
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    """One tier deployment. Paths are inside the tier's host or container."""
+
+    origin: str  # scheme://host[:port] of the object store or web server
+    allow: tuple[str, ...]  # raw path prefixes the tier serves; everything else is 403
+    listen: str = "8080"
+    fill_addr: str = "127.0.0.1:8081"  # the internal fill stage (tier.js)
+    slice: str = "8m"  # must equal the nodes' --block-size
+    cache_dir: str = "/var/cache/modelfs-tier"
+    max_size: str = "100g"
+    run_dir: str = "/run/modelfs-tier"
+    js_dir: str = "/etc/modelfs-tier"
+    token_file: str = (
+        "/var/run/modelfs-tier-token/token"  # "Bearer <contents>" to the origin; "" or no file = anonymous
+    )
+    error_log: str = "stderr"
+    access_log: str = "/dev/stdout"
+    ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+    js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+
+
+def settings_for_source(source: str, *, origin: str | None = None, **overrides: Any) -> TierSettings:
+    """Settings serving one modelfs SOURCE (``gs://bucket``, ``s3://bucket``, ``https://host/dir/``).
+
+    Only that bucket (or that directory of the web server) is readable through the tier.
+    ``origin`` is the store's endpoint (GCS's by default; required for s3://).
+    """
+    parts = urlsplit(source)
+    if parts.scheme == "gs" and parts.netloc:
+        bucket = quote(parts.netloc, safe="")
+        allow: tuple[str, ...] = (f"/download/storage/v1/b/{bucket}/o/", f"/storage/v1/b/{bucket}/o/")
+        origin = origin or GCS_ORIGIN
+    elif parts.scheme == "s3" and parts.netloc:
+        if not origin:
+            raise ConfigError("an s3:// tier needs --origin (the S3 endpoint, e.g. https://s3.us-east-1.amazonaws.com)")
+        allow = (f"/{quote(parts.netloc, safe='')}/",)
+    elif parts.scheme in ("http", "https") and parts.netloc:
+        directory = parts.path if parts.path.endswith("/") else parts.path.rpartition("/")[0] + "/"
+        allow = (quote(directory, safe="/:@!$&'()*+,;=~%"),)
+        origin = origin or f"{parts.scheme}://{parts.netloc}"
+    else:
+        raise ConfigError(
+            f"not a source the tier can serve: {source!r} (gs://BUCKET, s3://BUCKET or https://HOST/DIR/)"
+        )
+    return replace(TierSettings(origin=_check_origin(origin), allow=allow), **overrides)
+
+
+def _check_origin(origin: str) -> str:
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(f"the origin must be http(s)://HOST[:PORT], not {origin!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _template(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def tier_js() -> str:
+    """The fill stage's script, installed as ``tier.js`` in the settings' ``js_dir``."""
+    return _template("tier.js")
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        return values[match.group(1)]
+
+    return _PLACEHOLDER_RE.sub(one, template)
+
+
+def _nginx_regex(prefix: str) -> str:
+    return re.sub(r"([.\\+*?\[^\]$(){}=!<>|:-])", r"\\\1", prefix)
+
+
+def render_nginx(settings: TierSettings) -> str:
+    """nginx.conf for one tier replica."""
+    origin = urlsplit(settings.origin)
+    port = origin.port or (443 if origin.scheme == "https" else 80)
+    host = origin.hostname or ""
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not settings.allow or any(not p.startswith("/") or re.search(r"[\s\"';{}]", p) for p in settings.allow):
+        raise ConfigError(f"readable paths must be absolute URL paths: {settings.allow!r}")
+    values = {
+        "ORIGIN_URL": settings.origin,
+        "ALLOW_TEXT": " ".join(settings.allow),
+        "ALLOW_RE": "|".join(_nginx_regex(p) for p in settings.allow),
+        "JS_MODULE": settings.js_module,
+        "RUN_DIR": settings.run_dir,
+        "ERROR_LOG": settings.error_log,
+        "ACCESS_LOG": settings.access_log,
+        "CACHE_DIR": settings.cache_dir,
+        "MAX_SIZE": settings.max_size,
+        "JS_DIR": settings.js_dir,
+        "TOKEN_FILE": f'"{settings.token_file}"',
+        "FILL_ADDR": settings.fill_addr,
+        "ORIGIN_ADDR": addr,
+        "LISTEN": settings.listen,
+        "SLICE": settings.slice,
+        "ORIGIN_SCHEME": origin.scheme,
+        "ORIGIN_HOST": origin.netloc,
+        "ORIGIN_SNI": host,
+        "SSL_VERIFY": "on" if origin.scheme == "https" else "off",
+        "CA_FILE": settings.ca_file,
+    }
+    return _fill(_template("nginx.conf.in"), values)
+
+
+def render_kubernetes(settings: TierSettings, *, replicas: int = 2, storage: str = "120Gi") -> str:
+    """A ConfigMap (nginx.conf + tier.js), StatefulSet, headless Service and NetworkPolicy."""
+
+    def block(text: str) -> str:
+        return textwrap.indent(text, "    ").rstrip("\n")
+
+    port = settings.listen.rpartition(":")[2]
+    values = {
+        "NGINX_CONF": block(render_nginx(settings)),
+        "TIER_JS": block(tier_js()),
+        "REPLICAS": str(replicas),
+        "STORAGE": storage,
+        "PORT": port,
+        "CACHE_DIR": settings.cache_dir,
+        "JS_DIR": settings.js_dir,
+        "RUN_DIR": settings.run_dir,
+        "TOKEN_DIR": settings.token_file.rpartition("/")[0] or "/var/run/modelfs-tier-token",
+        "SLICE": settings.slice,
+    }
+    return _fill(_template("kubernetes.yaml.in"), values)

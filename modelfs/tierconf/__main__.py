@@ -1,0 +1,43 @@
+"""``python -m modelfs.tierconf {nginx,js,kubernetes} --source gs://BUCKET [options]``: print a
+cache tier's configuration (see :mod:`modelfs.tierconf` and docs/operations.md)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from modelfs.errors import ConfigError
+from modelfs.tierconf import TierSettings, render_kubernetes, render_nginx, settings_for_source, tier_js
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelfs.tierconf", description=__doc__)
+    parser.add_argument("what", choices=["nginx", "js", "kubernetes"])
+    parser.add_argument("--source", default="gs://my-bucket", help="the bucket (or https directory) the tier serves")
+    parser.add_argument("--origin", help="the store's endpoint (default: GCS; required for s3://)")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--storage", default="120Gi", help="Kubernetes: each replica's cache volume")
+    for field in dataclasses.fields(TierSettings):
+        if field.name not in ("origin", "allow"):
+            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=f"default: {field.default}")
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TierSettings) if getattr(args, f.name, None)}
+    try:
+        settings = settings_for_source(args.source, origin=args.origin, **overrides)
+        if args.what == "nginx":
+            sys.stdout.write(render_nginx(settings))
+        elif args.what == "js":
+            sys.stdout.write(tier_js())
+        else:
+            sys.stdout.write(render_kubernetes(settings, replicas=args.replicas, storage=args.storage))
+    except ConfigError as exc:
+        print(f"modelfs.tierconf: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""TieredBackend against real HTTP "replicas" on loopback: good answers are used, every kind of
+wrong or failed answer is replaced by the origin's bytes, and replicas share blocks by
+rendezvous hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from modelfs.backends.memory import MemoryBackend, ramp
+from modelfs.backends.tiered import TieredBackend, TierTarget, header_pinned, rendezvous_order
+from modelfs.config import Config, add_options, build_config
+from modelfs.errors import ConfigError
+
+BLOCK = 64 << 10
+
+
+@dataclass
+class OriginWithTier(MemoryBackend):
+    """The memory backend, addressable by a tier the way GCS is (path + generation)."""
+
+    def tier_target(self, name: str, version: str) -> TierTarget | None:
+        if name.startswith("weak"):
+            return None
+        return TierTarget(f"/o/{name}?generation={version}", {}, header_pinned("x-goog-generation", version, "gen"))
+
+
+@dataclass
+class Replica:
+    """A tier replica on loopback serving ``origin``'s bytes; ``mode(offset)`` picks a lie."""
+
+    origin: MemoryBackend
+    mode: Callable[[int], str] = lambda offset: "ok"
+    gets: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(self, path: str, range_header: str) -> tuple[int, Mapping[str, str], bytes]:
+        self.gets += 1
+        parts = urlsplit(path)
+        name = parts.path.removeprefix("/o/")
+        version = parse_qs(parts.query)["generation"][0]
+        data = self.origin.objects[name].data
+        first, last = (int(x) for x in range_header.removeprefix("bytes=").split("-"))
+        last = min(last, len(data) - 1)
+        body = data[first : last + 1]
+        headers = {
+            "Content-Range": f"bytes {first}-{last}/{len(data)}",
+            "x-goog-generation": version,
+            "X-Modelfs-Digest": f"sha256={hashlib.sha256(body).hexdigest()}; range={first}-{last}",
+        }
+        mode = self.mode(first)
+        if mode == "corrupt":
+            body = bytes([body[0] ^ 1]) + body[1:]
+        elif mode == "digest_range":
+            headers["X-Modelfs-Digest"] = f"sha256={hashlib.sha256(body).hexdigest()}; range={first}-{last + 1}"
+        elif mode == "no_digest":
+            del headers["X-Modelfs-Digest"]
+        elif mode == "content_range":
+            headers["Content-Range"] = f"bytes {first + 1}-{last + 1}/{len(data)}"
+        elif mode == "version":
+            headers["x-goog-generation"] = "1"
+        elif mode == "short":
+            headers["Content-Length"] = str(len(body))
+            body = body[:-10]
+        elif mode in ("500", "404"):
+            return int(mode), {}, b"no\n"
+        elif mode == "stall":
+            self.release.wait(30)
+        return 206, headers, body
+
+
+@pytest.fixture
+def replicas() -> Iterator[Callable[..., Replica]]:
+    made: list[Replica] = []
+
+    def make(origin: MemoryBackend, mode: Callable[[int], str] = lambda offset: "ok") -> Replica:
+        replica = Replica(origin, mode)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                status, headers, body = replica.answer(self.path, self.headers["Range"])
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                if "Content-Length" in headers:  # a body shorter than announced: hang up
+                    self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        replica.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        replica.server.daemon_threads = True
+        threading.Thread(target=replica.server.serve_forever, daemon=True).start()
+        made.append(replica)
+        return replica
+
+    yield make
+    for replica in made:
+        replica.release.set()
+        assert replica.server is not None
+        replica.server.shutdown()
+        replica.server.server_close()
+
+
+def tiered(origin: MemoryBackend, *urls: str, read_timeout: float = 10.0) -> TieredBackend:
+    # A replica that failed stays benched for the whole test: what goes where is deterministic.
+    return TieredBackend(
+        origin, urls, block_size=BLOCK, read_timeout=read_timeout, max_concurrency=4, first_backoff=3600
+    )
+
+
+async def read_all(backend: TieredBackend, name: str, version: str, size: int) -> bytes:
+    out = bytearray(size)
+    view = memoryview(out)
+    for offset in range(0, size, BLOCK):
+        await backend.read_range(name, version, offset, view[offset : offset + BLOCK])
+    return bytes(out)
+
+
+SIZE = 10 * BLOCK + 1234  # a short last block too
+DATA = ramp(SIZE, seed=7)
+
+
+async def test_blocks_come_from_the_tier(replicas: Callable[..., Replica]) -> None:
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    a, b = replicas(origin), replicas(origin)
+    backend = tiered(origin, a.url, b.url)
+    assert await read_all(backend, "m.bin", version, SIZE) == DATA
+    assert origin.read_calls == 0
+    stats = backend.tier_stats.snapshot()
+    assert stats["tier_bytes"] == SIZE and stats["fallbacks"] == 0
+    assert a.gets > 0 and b.gets > 0 and a.gets + b.gets == 11  # both replicas own some blocks
+    # Every node picks the same replica for a block: a second reader adds no new owner.
+    again = tiered(origin, b.url, a.url)
+    before = (a.gets, b.gets)
+    assert await read_all(again, "m.bin", version, SIZE) == DATA
+    assert (a.gets - before[0], b.gets - before[1]) == before
+    await backend.aclose()
+    await again.aclose()
+
+
+@pytest.mark.parametrize(
+    "lie", ["corrupt", "digest_range", "no_digest", "content_range", "version", "short", "500", "404"]
+)
+async def test_a_lying_replica_costs_one_origin_read_per_bad_block(replicas: Callable[..., Replica], lie: str) -> None:
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    bad_offset = 3 * BLOCK
+    replica = replicas(origin, lambda offset: lie if offset == bad_offset else "ok")
+    backend = tiered(origin, replica.url)
+    assert await read_all(backend, "m.bin", version, SIZE) == DATA
+    stats = backend.tier_stats.snapshot()
+    reasons = {k: v for k, v in stats["fallback_reasons"].items() if v}  # type: ignore[union-attr]
+    expected = {"corrupt": "digest", "500": "status", "404": "status", "short": "short_body"}.get(lie, lie)
+    if lie in ("500", "short"):
+        # A failing replica is benched: the blocks after it come from the origin too.
+        assert origin.reads == {("m.bin", offset): 1 for offset in range(bad_offset, SIZE, BLOCK)}
+        assert reasons == {expected: 1, "all_benched": 7}
+    else:  # a wrong answer costs that block only
+        assert origin.reads == {("m.bin", bad_offset): 1}
+        assert stats["fallbacks"] == 1 and stats["origin_bytes"] == BLOCK
+        assert reasons == {expected: 1}
+    await backend.aclose()
+
+
+async def test_a_dead_replica_is_benched_and_its_blocks_go_elsewhere(replicas: Callable[..., Replica]) -> None:
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    live = replicas(origin)
+    dead = replicas(origin)
+    dead_url = dead.url
+    assert dead.server is not None
+    dead.server.shutdown()
+    dead.server.server_close()
+    backend = tiered(origin, live.url, dead_url)
+    assert await read_all(backend, "m.bin", version, SIZE) == DATA
+    # One block found the dead replica and came from the origin; then the replica was benched
+    # and the blocks it owns went to the next replica in their order.
+    assert origin.read_calls == 1
+    stats = backend.tier_stats.snapshot()
+    assert stats["fallback_reasons"]["unreachable"] == 1  # type: ignore[index]
+    assert live.gets == 10
+    await backend.aclose()
+
+
+async def test_a_stalled_replica_times_out_and_the_origin_answers(replicas: Callable[..., Replica]) -> None:
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    replica = replicas(origin, lambda offset: "stall" if offset == 0 else "ok")
+    backend = tiered(origin, replica.url, read_timeout=0.5)
+    dest = bytearray(BLOCK)
+    await backend.read_range("m.bin", version, 0, memoryview(dest))
+    assert bytes(dest) == DATA[:BLOCK]
+    assert backend.tier_stats.fallbacks["stalled"] == 1
+    assert origin.read_calls == 1
+    await backend.aclose()
+
+
+async def test_reads_the_tier_cannot_key_or_check_go_to_the_origin(replicas: Callable[..., Replica]) -> None:
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    weak = origin.put("weak.bin", DATA)
+    replica = replicas(origin)
+    backend = tiered(origin, replica.url)
+    small = bytearray(1000)
+    await backend.read_range("m.bin", version, 100, memoryview(small))  # not a whole block
+    assert bytes(small) == DATA[100:1100]
+    assert await read_all(backend, "weak.bin", weak, SIZE) == DATA  # no strong version
+    assert replica.gets == 0
+    assert backend.tier_stats.bypass_bytes == 1000 + SIZE
+    await backend.aclose()
+
+
+def test_rendezvous_moves_only_the_new_replicas_share() -> None:
+    keys = [f"o\0{v}\0{i * BLOCK}" for v in range(3) for i in range(200)]
+    two = ["http://a:1", "http://b:1"]
+    three = [*two, "http://c:1"]
+    before = {k: two[rendezvous_order(two, k)[0]] for k in keys}
+    after = {k: three[rendezvous_order(three, k)[0]] for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(after[k] == "http://c:1" for k in moved)
+    assert 0.2 < len(moved) / len(keys) < 0.45
+    assert 0.4 < sum(1 for k in keys if before[k] == "http://a:1") / len(keys) < 0.6
+
+
+def config(*argv: str, source: str = "gs://bucket/m") -> Config:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    return build_config(source, "/mnt", parser.parse_args(list(argv)), environ={})
+
+
+def test_cache_url_option() -> None:
+    assert config("--cache-url", "http://10.0.0.1:8080/", "--cache-url", "http://tier").cache_url == (
+        "http://10.0.0.1:8080",
+        "http://tier:80",
+    )
+    for bad in ("https://tier:1", "http://tier:1/path", "tier:80", "http://u:p@tier:1", "http://tier:99999"):
+        with pytest.raises(ConfigError, match="cache-url"):
+            config("--cache-url", bad)
+    with pytest.raises(ConfigError, match="twice"):
+        config("--cache-url", "http://t:1", "--cache-url", "http://t:1/")
+    with pytest.raises(ConfigError, match="cache-url"):
+        config("--cache-url", "http://t:1", source="file:///tmp")
