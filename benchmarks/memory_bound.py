@@ -14,6 +14,18 @@ Exit status: 1 if any byte read was wrong (or the run failed), 0 otherwise; with
 also 2 when an acceptance bound (RSS, pass-2 GETs) is not met. Timings are never checked.
 
     .venv/bin/python benchmarks/memory_bound.py [--objects 256M,2G] [--out FILE]
+
+``--workload random`` is the whole-process bound instead (issue 12): the daemon runs in a
+memory cgroup (v1 or v2) of ``--cgroup-limit`` over a bucket of ``--count`` small objects in
+``--dirs`` directories and one ``--safetensors``-sized safetensors file, while ``--readers``
+threads do unaligned ``--read-size`` preads at random offsets for ``--duration`` seconds
+(each read's pages dropped from the page cache, so reads reach the daemon) and another
+thread walks the directories. It prints the mount time, the daemon's peak RSS (VmHWM) against
+``--memory-cache`` + 64M, the cgroup's OOM kills and whether the daemon is alive, and checks
+every byte. The seeded bucket is kept in the server dir for the next run with ``--keep-data``.
+
+    flock /tmp/modelfs-bench.lock .venv/bin/python benchmarks/memory_bound.py --workload random \
+        --count 200000 --dirs 2000 --keep-data
 """
 
 from __future__ import annotations
@@ -57,6 +69,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)",
     )
     p.add_argument("--strict", action="store_true", help="exit 2 when an acceptance bound is not met")
+    p.add_argument(
+        "--workload",
+        choices=("sequential", "random"),
+        default="sequential",
+        help="sequential: whole-object reads per size; random: the cgroup run described above",
+    )
+    p.add_argument("--count", type=int, default=20000, help="random: small objects (default: %(default)s)")
+    p.add_argument(
+        "--dirs", type=int, default=200, help="random: directories they are spread over (default: %(default)s)"
+    )
+    p.add_argument("--safetensors", default="256M", help="random: size of the safetensors file (default: %(default)s)")
+    p.add_argument("--readers", type=int, default=32, help="random: reader threads (default: %(default)s)")
+    p.add_argument("--read-size", default="1M", help="random: bytes per pread (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=20.0, help="random: seconds of reading (default: %(default)s)")
+    p.add_argument(
+        "--cgroup-limit",
+        default="192M",
+        help="random: the daemon's cgroup memory limit; 0 = none (default: %(default)s)",
+    )
     C.add_common_args(p, "memory_bound")
     return p.parse_args(argv)
 
@@ -256,8 +287,186 @@ def run(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
     return 0
 
 
+def run_random(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
+    """The whole-process bound under a cgroup limit: many objects, random readers, a walker."""
+    import json
+    import subprocess
+    import threading
+    from contextlib import nullcontext
+
+    from modelfs.testing.cgroups import MemoryCgroup
+    from modelfs.testing.mounts import force_unmount, run_modelfs
+    from modelfs.testing.workload import (
+        ReadStats,
+        random_readers,
+        seed_object,
+        seed_small_objects,
+        walk_tree,
+        write_safetensors,
+    )
+
+    memory_cache = C.parse_size(args.memory_cache)
+    bound = memory_cache + C.parse_size(args.rss_slack)
+    limit = C.parse_size(args.cgroup_limit)
+    model_size = C.parse_size(args.safetensors)
+    read_size = C.parse_size(args.read_size)
+    workdir: Path = args.workdir
+    server_dir = C.prepare_dirs(args, "memory_bound", model_size, cleanup)
+    tag = f"{args.count}-{args.dirs}-{args.safetensors}"
+    gcs_root = server_dir / f"gcs-{tag}"
+    source = server_dir / f"model-{args.safetensors}.safetensors"
+    done = gcs_root / ".seeded"
+    if not done.exists():
+        shutil.rmtree(gcs_root, ignore_errors=True)
+        (gcs_root / BUCKET).mkdir(parents=True)
+        t0 = time.perf_counter()
+        if not source.exists():
+            write_safetensors(source, model_size)
+        seed_small_objects(gcs_root, BUCKET, "small", args.count, args.dirs)
+        seed_object(gcs_root, BUCKET, "model/model.safetensors", None, 1, path=source)
+        done.write_text("ok\n")
+        print(
+            f"  seeded {args.count:,} objects and a {args.safetensors} safetensors file in {time.perf_counter() - t0:.1f} s"
+        )
+    print(
+        f"memory_bound --workload random: {args.count:,} objects in {args.dirs:,} dirs, {args.readers} readers of "
+        f"{args.read_size} for {args.duration:.0f} s, a walker, --memory-cache {args.memory_cache}, cgroup limit "
+        f"{args.cgroup_limit} {' '.join(args.mount_option)}".rstrip(),
+        flush=True,
+    )
+    mnt = cleanup.mountpoint(workdir / "mnt-random")
+    mnt.mkdir(parents=True, exist_ok=True)
+    cache = workdir / "cache-random"
+    shutil.rmtree(cache, ignore_errors=True)
+    stats = ReadStats()
+    record: dict[str, Any] = {}
+    with (
+        fake_gcs(backend="filesystem", root=gcs_root) as gcs,
+        MemoryCgroup(limit, prefix="modelfs-bench") if limit else nullcontext() as cg,
+    ):
+        argv = [sys.executable, "-m", "modelfs", "mount", f"gs://{BUCKET}", str(mnt), "--cache-dir", str(cache)]
+        argv += [
+            "--anonymous",
+            "--memory-cache",
+            args.memory_cache,
+            "--disk-cache",
+            args.disk_cache,
+            *args.mount_option,
+        ]
+        t0 = time.perf_counter()
+        result = subprocess.run(
+            cg.wrap(argv) if cg else argv, capture_output=True, text=True, env=gcs.env(), check=False
+        )
+        mount_s = time.perf_counter() - t0
+        if result.returncode != 0:
+            print(f"  mount failed ({result.returncode}): {result.stderr.strip()}")
+            return 1
+        pid = C.modelfs_daemon_pid(mnt, cache)
+        try:
+            after_mount = C.rss_kib(pid)
+            t0 = time.perf_counter()
+            first_ls = len(os.listdir(mnt / "small" / "d00000"))
+            ls_s = time.perf_counter() - t0
+            stop = threading.Event()
+            walker = threading.Thread(target=walk_tree, args=(mnt, stats, stop), daemon=True)
+            walker.start()
+            t0 = time.perf_counter()
+            readers = random_readers(
+                mnt / "model" / "model.safetensors",
+                source,
+                threads=args.readers,
+                read_size=read_size,
+                stats=stats,
+                until=time.monotonic() + args.duration,
+            )
+            for t in readers:
+                t.join(args.duration + 300)
+            seconds = time.perf_counter() - t0
+            stop.set()
+            walker.join(120)
+            alive = C.rss_kib(pid, peak=False) > 0 and (cg is None or pid in cg.pids())
+            daemon = C.mount_stats(mnt)
+            peak = C.rss_kib(pid)
+            record = {
+                "objects": args.count,
+                "dirs": args.dirs,
+                "mount_seconds": round(mount_s, 2),
+                "first_ls_seconds": round(ls_s, 3),
+                "first_ls_entries": first_ls,
+                "rss_after_mount_mib": round(after_mount / 1024, 1),
+                "peak_rss_mib": round(peak / 1024, 1),
+                "bound_mib": bound / C.MiB,
+                "reads": stats.reads,
+                "mb_s": round(stats.bytes / seconds / 1e6, 1),
+                "walks": stats.walks,
+                "entries_walked": stats.entries,
+                "wrong": stats.wrong[:10],
+                "errors": stats.errors[:10],
+                "daemon_alive": alive,
+                "cgroup": None
+                if cg is None
+                else {
+                    "version": cg.version,
+                    "limit_mib": limit / C.MiB,
+                    "oom_kills": cg.oom_kills(),
+                    "failcnt": cg.failcnt(),
+                    "peak_mib": round((cg.peak() or 0) / C.MiB, 1),
+                },
+                "budget_peak_bytes": daemon.get("memory_peak"),
+                "budget_parts": daemon.get("memory_parts"),
+                "lease_waits": daemon.get("memory_lease_waits"),
+                "small_gets": daemon.get("small_gets"),
+                "backend_gets": daemon.get("backend_gets"),
+                "streamed_blocks": daemon.get("streamed_blocks"),
+            }
+        finally:
+            try:
+                run_modelfs("unmount", str(mnt), env=gcs.env(), timeout=120)
+            finally:
+                force_unmount(mnt)
+        if cg is not None:
+            record["cgroup"]["oom_kills"] = cg.oom_kills()
+    ok_bytes = not stats.wrong and not stats.errors
+    rss_ok = record["peak_rss_mib"] * C.MiB <= bound
+    oom_ok = record["cgroup"] is None or (record["cgroup"]["oom_kills"] == 0 and record["daemon_alive"])
+    print(json.dumps(record, indent=1))
+    print()
+    print(f"mount returned after {record['mount_seconds']} s; first ls of a directory {record['first_ls_seconds']} s")
+    print(
+        f"peak RSS {record['peak_rss_mib']} MiB (after mount {record['rss_after_mount_mib']} MiB); bound "
+        f"{bound / C.MiB:.0f} MiB (--memory-cache + {args.rss_slack}): {'met' if rss_ok else 'NOT MET'}"
+    )
+    if record["cgroup"] is not None:
+        print(
+            f"cgroup v{record['cgroup']['version']} limit {args.cgroup_limit}: {record['cgroup']['oom_kills']} OOM kills, "
+            f"daemon {'alive' if record['daemon_alive'] else 'GONE'}: {'met' if oom_ok else 'NOT MET'}"
+        )
+    print(
+        f"reads: {stats.reads} ({record['mb_s']} MB/s), walks {stats.walks}; bytes {'all correct' if ok_bytes else 'WRONG'}"
+    )
+    C.write_json(
+        args.out,
+        {
+            "benchmark": "memory_bound",
+            "workload": "random",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "modelfs_rev": C.git_rev(),
+            "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+            "config": {k: str(v) for k, v in vars(args).items()},
+            "result": record,
+        },
+    )
+    if not ok_bytes:
+        return 1
+    if args.strict and not (rss_ok and oom_ok):
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workload == "random":
+        return C.run_main("memory_bound", args, lambda c: run_random(args, c))
     return C.run_main("memory_bound", args, lambda c: run(args, c))
 
 
