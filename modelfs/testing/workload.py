@@ -53,7 +53,7 @@ def seed_object(
         dest.write_bytes(data)
         crc = crc32c.crc32c(data)
         md5 = hashlib.md5(data).digest()
-    metadata = {
+    metadata: dict[str, object] = {
         "StorageClass": "STANDARD",
         "ContentType": "application/octet-stream",
         "ContentEncoding": "",
