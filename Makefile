@@ -1,23 +1,23 @@
-# The two commands a fresh machine needs: `make demo` and `make test`.
+# Shorthands for machines that have make; the README's commands are `sh run.sh demo|test`
+# (a bare Debian root has no make).
 VENV ?= .venv
-PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test serve bench clean
 
-setup: $(VENV)/.installed
+setup:
+	sh scripts/setup.sh test $(VENV)
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh $(VENV)
-	touch $@
+demo:
+	sh run.sh demo
 
-demo: setup
-	$(PY) -m modelfs.testing.demo
+test:
+	sh run.sh test
 
-test: setup
-	$(PY) -m pytest
+serve:
+	sh run.sh serve
 
 bench: setup
-	$(PY) benchmarks/streaming.py
+	$(VENV)/bin/python benchmarks/streaming.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

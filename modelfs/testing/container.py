@@ -11,6 +11,12 @@ v1/v2 host) and sets ulimits. Containers run ``--privileged --device /dev/fuse -
 Every subprocess has a timeout; a failure raises :class:`ContainerError` with the command's
 last lines of output, so a broken build reads as one clear error.
 
+The debootstrapped root is kept as a tarball (``/var/cache/modelfs/``), so a machine whose
+podman storage was reset imports it again in seconds; the fresh-root test (tests/fresh) runs
+the same base as a bare Debian machine. Under nested podman (this recipe run inside a
+container, whose /var/lib/containers is on overlayfs, where the overlay driver cannot work)
+the storage driver is ``vfs``.
+
 ``python -m modelfs.testing.container`` builds the image (``--tag``, default
 ``localhost/modelfs:test``) the same way the container tests do.
 """
@@ -30,19 +36,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
+    "BASE_IMAGE",
+    "PACKAGES",
     "ContainerError",
     "Podman",
-    "PACKAGES",
-    "BASE_IMAGE",
-    "ensure_tools",
     "apt_mirror",
-    "shared_mount",
-    "is_mount_point",
+    "base_tarball",
+    "ca_bundle",
+    "ensure_tools",
     "exclusive",
+    "is_mount_point",
+    "shared_mount",
+    "storage_driver",
 ]
 
 #: Debian packages the recipe needs (as root; rootless podman would need uidmap and more).
 PACKAGES = ("podman", "runc", "debootstrap")
+#: Where the debootstrapped base is kept between runs on one machine.
+TARBALL_DIR = Path("/var/cache/modelfs")
+GRAPH_ROOT = Path("/var/lib/containers/storage")
 BASE_IMAGE = "localhost/debian:bookworm"
 SUITE = "bookworm"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -141,6 +153,67 @@ def apt_mirror(suite: str = SUITE) -> str:
     return "http://deb.debian.org/debian"
 
 
+def _mount_fstype(path: Path) -> str:
+    """The filesystem type of the mount holding ``path`` (or its nearest existing ancestor)."""
+    target = Path(os.path.realpath(path))
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    best, fstype = "", ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            point = left.split()[4].encode().decode("unicode_escape")
+            inside = str(target) == point or str(target).startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, fstype = point, right.split()[0]
+    return fstype
+
+
+def storage_driver(graph_root: Path = GRAPH_ROOT) -> str | None:
+    """``vfs`` when podman's storage would lie on overlayfs (podman run inside a container: the
+    overlay driver cannot stack on it), else None (podman's own choice)."""
+    return "vfs" if _mount_fstype(graph_root) == "overlay" else None
+
+
+def ca_bundle() -> Path | None:
+    """The CA bundle pip uses on this machine (PIP_CERT, else the system bundle), for the build."""
+    for candidate in (os.environ.get("PIP_CERT"), str(CA_BUNDLE)):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def base_tarball(suite: str = SUITE, directory: Path = TARBALL_DIR) -> Path:
+    """A tar of a ``debootstrap --variant=minbase`` root of ``suite`` (apt's lists and .debs
+    removed), made once per machine and kept in ``directory``. Callers hold :func:`exclusive`."""
+    arch = run(["dpkg", "--print-architecture"], timeout=30).stdout.strip()
+    tarball = directory / f"debian-{suite}-minbase-{arch}.tar"
+    if tarball.is_file():
+        return tarball
+    ensure_tools()
+    mirror = apt_mirror(suite)
+    directory.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="modelfs-rootfs-", dir="/var/tmp"))
+    try:
+        rootfs = work / "rootfs"
+        run(
+            ["debootstrap", "--variant=minbase", suite, str(rootfs), mirror],
+            timeout=900,
+            what=f"debootstrap {suite} from {mirror}",
+        )
+        # apt's package lists and downloaded .debs are ~80 MB a fresh machine does not have.
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for entry in (rootfs / junk).glob("*"):
+                if entry.is_file():
+                    entry.unlink()
+        partial = directory / f".{tarball.name}.{os.getpid()}"
+        run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], timeout=600, what="tar the debootstrapped root")
+        partial.rename(tarball)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return tarball
+
+
 LOCK_FILE = Path("/var/tmp/modelfs-podman.lock")
 
 
@@ -174,6 +247,13 @@ class Podman:
         conf.write_text(CONTAINERS_CONF)
         self.state_dir = state_dir
         self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
+        driver = storage_driver()
+        if driver:  # every call the same driver: podman's database remembers the first one
+            storage = state_dir / "storage.conf"
+            storage.write_text(
+                f'[storage]\ndriver = "{driver}"\nrunroot = "/run/containers/storage"\ngraphroot = "{GRAPH_ROOT}"\n'
+            )
+            self.env["CONTAINERS_STORAGE_CONF"] = str(storage)
 
     def __call__(
         self, *args: str, timeout: float = 120, check: bool = True, stdin: bytes | None = None
@@ -185,45 +265,12 @@ class Podman:
         return result.stdout.strip() if result.returncode == 0 else None
 
     def ensure_base_image(self, ref: str = BASE_IMAGE, suite: str = SUITE) -> bool:
-        """Debootstrap and import the Debian base unless podman already has it. True if built now."""
+        """Import the debootstrapped Debian base (:func:`base_tarball`) unless podman already has
+        it. True if imported now."""
         if self("image", "exists", ref, check=False, timeout=60).returncode == 0:
             return False
-        ensure_tools()
-        mirror = apt_mirror(suite)
-        work = Path(tempfile.mkdtemp(prefix="modelfs-rootfs-", dir="/var/tmp"))
-        try:
-            rootfs = work / "rootfs"
-            run(
-                ["debootstrap", "--variant=minbase", suite, str(rootfs), mirror],
-                timeout=900,
-                what=f"debootstrap {suite} from {mirror}",
-            )
-            # apt's package lists and downloaded .debs are ~80 MB the image does not need.
-            for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for entry in (rootfs / junk).glob("*"):
-                    if entry.is_file():
-                        entry.unlink()
-            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-            try:
-                result = subprocess.run(
-                    ["podman", "import", "-", ref],
-                    stdin=tar.stdout,
-                    capture_output=True,
-                    env=self.env,
-                    timeout=600,
-                    check=False,
-                )
-            finally:
-                assert tar.stdout is not None
-                tar.stdout.close()
-                tar.wait(60)
-            if result.returncode != 0 or tar.returncode != 0:
-                raise ContainerError(
-                    f"podman import {ref}: exit {result.returncode} (tar {tar.returncode})\n"
-                    + _tail(result.stderr.decode(errors="replace"))
-                )
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        tarball = base_tarball(suite)
+        self("import", str(tarball), ref, timeout=600)
         return True
 
     def build(self, context: Path, tag: str, base: str = BASE_IMAGE, timeout: float = 1800) -> str:
@@ -241,8 +288,9 @@ class Podman:
             if source.exists():  # the build's apt uses the machine's mirrors
                 volumes += ["-v", f"{source}:{source}:ro"]
         args = ["build", "--network", "host", "--jobs", "2", "--build-arg", f"BASE_IMAGE={base}", *volumes]
-        if CA_BUNDLE.is_file():
-            args += ["-v", f"{CA_BUNDLE}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"]
+        bundle = ca_bundle()
+        if bundle is not None:
+            args += ["-v", f"{bundle}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"]
         self._build([*args, "-t", tag, str(context)], "build.log", timeout)
         # Same arguments, last stage = build: all cached, only names the build stage.
         self._build([*args, "--target", "build", "-t", build_tag, str(context)], "build-stage.log", timeout)

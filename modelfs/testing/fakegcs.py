@@ -150,12 +150,12 @@ class FakeGCS:
 
 
 @contextmanager
-def fake_gcs(backend: str = "memory", root: Path | None = None) -> Iterator[FakeGCS]:
-    """Start fake-gcs-server on a free loopback port; stop it on exit."""
+def fake_gcs(backend: str = "memory", root: Path | None = None, port: int = 0) -> Iterator[FakeGCS]:
+    """Start fake-gcs-server on ``port`` of 127.0.0.1 (0: a free one); stop it on exit."""
     owned = root is None
     root = Path(tempfile.mkdtemp(prefix="fakegcs-")) if root is None else root
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     args = [
         str(binary_path()),
         "-scheme",
