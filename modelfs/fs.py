@@ -26,7 +26,7 @@ from modelfs.errors import ModelfsError, NotFound, errno_for
 from modelfs.files import OpenFiles
 from modelfs.inodes import ROOT_INODE, Namespace, Node
 from modelfs.loopcpu import LoopClock
-from modelfs.metrics import LatencyHistogram
+from modelfs.metrics import LatencyHistogram, MetricsSnapshot
 
 __all__ = ["ModelFS"]
 
@@ -202,8 +202,15 @@ class ModelFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         return None
 
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """What a /metrics scrape reports; call on the trio thread (see metrics.on_trio_thread)."""
+        return MetricsSnapshot(self.stats(), self.read_latency.cumulative(), self.read_latency.sum)
+
     def stats(self) -> dict[str, object]:
-        """Counters of the running daemon; ``modelfs stats`` and tests read them via an xattr."""
+        """Counters of the running daemon; ``modelfs stats`` and tests read them via an xattr.
+
+        Runs on the trio thread only: it iterates live dicts. Everything returned is a copy.
+        """
         store = self.files.store
         memory = store.memory
         out: dict[str, object] = {

@@ -2,8 +2,10 @@
 
 Nothing on the read path talks to prometheus-client: the layers keep plain counters (see
 ``ModelFS.stats()``) and this collector turns a snapshot of them into metric families when
-``/metrics`` is scraped. The HTTP server is prometheus-client's, in its own thread; it only
-reads integers the trio thread writes, never changes them.
+``/metrics`` is scraped. The HTTP server is prometheus-client's, in its own threads; they
+never read the daemon's live state (dicts that trio tasks change while a scrape iterates
+them): a scrape asks the trio thread for a :class:`MetricsSnapshot` (:func:`on_trio_thread`)
+and formats that copy. See docs/concurrency.md.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
-__all__ = ["LatencyHistogram", "ModelfsCollector", "serve_metrics", "parse_addr"]
+import trio
+
+__all__ = ["LatencyHistogram", "MetricsSnapshot", "ModelfsCollector", "on_trio_thread", "serve_metrics", "parse_addr"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +60,46 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-class ModelfsCollector:
-    """A prometheus-client collector over a stats snapshot function."""
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """Everything one scrape reports, copied on the trio thread (``ModelFS.metrics_snapshot``)."""
 
-    def __init__(
-        self,
-        snapshot: Callable[[], Mapping[str, Any]],
-        latency: LatencyHistogram,
-        errors: Callable[[], Mapping[str, int]],
-        backend: str,
-    ) -> None:
+    stats: Mapping[str, Any]  # ModelFS.stats(): plain values and fresh dicts, nothing shared
+    latency_buckets: list[tuple[str, int]]  # cumulative counts of read() latency, by upper bound
+    latency_sum: float
+
+
+def on_trio_thread(fn: Callable[[], T]) -> Callable[[], T | None]:
+    """``fn`` made callable from any thread: it runs on the trio thread this is called on.
+
+    The caller blocks until trio runs it (between two of its tasks' steps, so it sees a
+    consistent state); None once the trio run is over (a scrape during unmount).
+    """
+    token = trio.lowlevel.current_trio_token()
+
+    def call() -> T | None:
+        try:
+            return trio.from_thread.run_sync(fn, trio_token=token)
+        except trio.RunFinishedError:
+            return None
+
+    return call
+
+
+class ModelfsCollector:
+    """A prometheus-client collector over a snapshot function (called in the metrics thread)."""
+
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot | None], backend: str) -> None:
         self._snapshot = snapshot
-        self._latency = latency
-        self._errors = errors
         self._backend = backend
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        s = dict(self._snapshot())
+        snap = self._snapshot()
+        if snap is None:
+            return
+        s = snap.stats
         b = self._backend
 
         def counter(name: str, doc: str, value: float, **labels: str) -> Any:
@@ -143,7 +171,7 @@ class ModelfsCollector:
         yield counter("modelfs_prefetch_refused", "Prefetches refused for lack of budget", s["prefetch_refused"])
         yield counter("modelfs_retries", "Backend calls retried after a transient failure", s["retries"])
         errors = CounterMetricFamily("modelfs_errors", "Failed FUSE requests by errno", labels=["errno"])
-        for name, n in sorted(dict(self._errors()).items()):
+        for name, n in sorted(dict(s["errors_by_errno"]).items()):
             errors.add_metric([name], n)
         yield errors
         yield GaugeMetricFamily("modelfs_open_handles", "Open file handles", value=s["open_handles"])
@@ -152,7 +180,7 @@ class ModelfsCollector:
         yield counter("modelfs_event_loop_cpu_seconds", "CPU time of the event-loop (trio) thread", s["loop_cpu_s"])
         yield counter("modelfs_daemon_cpu_seconds", "CPU time of the whole daemon (all threads)", s["daemon_cpu_s"])
         latency = HistogramMetricFamily("modelfs_read_latency_seconds", "Latency of read() requests")
-        latency.add_metric([], self._latency.cumulative(), sum_value=self._latency.sum)
+        latency.add_metric([], snap.latency_buckets, sum_value=snap.latency_sum)
         yield latency
 
 

@@ -254,9 +254,10 @@ def _stream_model(ops: ModelFS) -> None:
 def _start_metrics(config: Config, ops: ModelFS) -> WSGIServer | None:
     if not config.metrics_addr:
         return None
-    from modelfs.metrics import ModelfsCollector, serve_metrics
+    from modelfs.metrics import ModelfsCollector, on_trio_thread, serve_metrics
 
-    collector = ModelfsCollector(ops.stats, ops.read_latency, lambda: dict(ops.errors), config.source.scheme)
+    # Scrapes run in prometheus-client's threads; the snapshot itself is taken on the trio thread.
+    collector = ModelfsCollector(on_trio_thread(ops.metrics_snapshot), config.source.scheme)
     try:
         return serve_metrics(config.metrics_addr, collector)
     except OSError as exc:
