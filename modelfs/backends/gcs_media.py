@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from modelfs import __version__
 from modelfs.backends.body import read_exactly
+from modelfs.backends.private import httpclient_body
 from modelfs.backends.responses import Headers
 
 __all__ = ["CheckResponse", "MediaTransport", "plain_transport_applies"]
@@ -183,7 +184,10 @@ class MediaTransport:
                     continue
                 # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
                 check(resp.status, resp.headers)
-                got = read_exactly(resp.readinto, dest)
+                if httpclient_body.applies(conn.sock, resp):
+                    got = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout)
+                else:
+                    got = read_exactly(resp.readinto, dest)
                 if got < length:
                     raise EOFError(f"body ended after {got} of {length} bytes")
             except BaseException:

@@ -16,9 +16,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from modelfs.backends.private import PrivateAPIChanged, botocore_raw, gcs_client, httpcore_read_size, urllib3_fp
+from modelfs.backends.private import (
+    PrivateAPIChanged,
+    botocore_raw,
+    gcs_client,
+    httpclient_body,
+    httpcore_read_size,
+    urllib3_fp,
+)
 
-SHIMS = ["botocore_raw", "gcs_client", "httpcore_read_size", "urllib3_fp"]
+SHIMS = ["botocore_raw", "gcs_client", "httpclient_body", "httpcore_read_size", "urllib3_fp"]
 
 
 @pytest.mark.parametrize("name", SHIMS)
@@ -111,3 +118,118 @@ def test_gcs_client_internals(monkeypatch: pytest.MonkeyPatch) -> None:
         assert hasattr(gcs_client.authorized_session(client), "request")
     finally:
         client.close()
+
+
+def _serve(responses: list[bytes], *, stall_after: int | None = None) -> Iterator[int]:
+    """Answer each request on one kept-alive connection with the next raw response; with
+    ``stall_after``, send only that many bytes of the last one and then hold the connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for i, raw in enumerate(responses):
+                conn.recv(65536)
+                if stall_after is not None and i == len(responses) - 1:
+                    conn.sendall(raw[:stall_after])
+                    done.wait(10)
+                    return
+                conn.sendall(raw)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    done.set()
+    thread.join(timeout=10)
+    listener.close()
+
+
+def _response(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+BODY = bytes(range(256)) * 40_000  # 10 MB: several socket buffers' worth
+
+
+@pytest.fixture
+def two_bodies() -> Iterator[int]:
+    yield from _serve([_response(BODY), _response(BODY[:1000])])
+
+
+def test_http_client_body_by_recv_waitall(two_bodies: int) -> None:
+    """The body lands whole in our buffer and the connection serves the next request."""
+    conn = http.client.HTTPConnection("127.0.0.1", two_bodies, timeout=10)
+    for body in (BODY, BODY[:1000]):
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert conn.sock is not None and httpclient_body.applies(conn.sock, resp)
+        buf = bytearray(len(body))
+        assert httpclient_body.recv_body_into(conn.sock, resp, memoryview(buf), 10.0) == len(body)
+        assert bytes(buf) == body
+        assert resp.isclosed()  # complete: http.client considers the message done
+        assert conn.sock.gettimeout() == 10.0  # back to the timeout the headers are read with
+    conn.close()
+
+
+def test_http_client_body_stall_times_out() -> None:
+    """A server that stops sending mid-body: TimeoutError, not a hang."""
+    for port in _serve([_response(BODY)], stall_after=200_000):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert conn.sock is not None
+        buf = bytearray(len(BODY))
+        with pytest.raises(TimeoutError):
+            httpclient_body.recv_body_into(conn.sock, resp, memoryview(buf), 0.3)
+        assert bytes(buf[:100_000]) == BODY[:100_000]
+        conn.close()
+
+
+def test_http_client_body_ends_early() -> None:
+    """The peer closes after part of the body: the count read so far, no exception."""
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + BODY[:5000]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(raw)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    conn = http.client.HTTPConnection("127.0.0.1", listener.getsockname()[1], timeout=10)
+    conn.request("GET", "/")
+    resp = conn.getresponse()
+    assert conn.sock is not None
+    buf = bytearray(100_000)
+    assert httpclient_body.recv_body_into(conn.sock, resp, memoryview(buf), 5.0) == 5000
+    assert bytes(buf[:5000]) == BODY[:5000]
+    assert not resp.isclosed()  # incomplete: the caller must close the connection
+    conn.close()
+    thread.join(timeout=10)
+    listener.close()
+
+
+def test_http_client_body_not_for_tls_or_chunked() -> None:
+    plain = socket.socket()
+    resp = http.client.HTTPResponse(plain)
+    try:
+        resp.chunked = False
+        resp.length = 10
+        assert httpclient_body.applies(plain, resp)
+        resp.chunked = True
+        assert not httpclient_body.applies(plain, resp)
+        resp.chunked = False
+        resp.length = None
+        assert not httpclient_body.applies(plain, resp)
+        resp.length = 10
+        assert not httpclient_body.applies(object(), resp)  # an SSLSocket is not a plain socket
+    finally:
+        resp.close()
+        plain.close()
