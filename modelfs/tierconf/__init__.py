@@ -45,6 +45,7 @@ class TierSettings:
     access_log: str = "/dev/stdout"
     ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+    user: str = "www-data"  # the workers' user (Debian's nginx package makes it)
 
 
 def settings_for_source(source: str, *, origin: str | None = None, **overrides: Any) -> TierSettings:
@@ -113,6 +114,7 @@ def render_nginx(settings: TierSettings) -> str:
         "ALLOW_TEXT": " ".join(settings.allow),
         "ALLOW_RE": "|".join(_nginx_regex(p) for p in settings.allow),
         "JS_MODULE": settings.js_module,
+        "USER": settings.user,
         "RUN_DIR": settings.run_dir,
         "ERROR_LOG": settings.error_log,
         "ACCESS_LOG": settings.access_log,
