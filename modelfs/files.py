@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.memory import BufferKind
 from modelfs.eager import EagerStreamer
-from modelfs.prefetch import PrefetchDefaults, ReadAhead
+from modelfs.prefetch import PrefetchConfig, ReadAhead
 
 __all__ = ["OpenFiles"]
 
@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Open:
+class _OpenVersion:
+    """One open object version: what all its handles share."""
+
     ref: ObjectRef
     read_ahead: ReadAhead
     handles: int = 0
@@ -37,16 +39,16 @@ class OpenFiles:
         *,
         max_prefetch: int,
         random_read_size: int = 0,
-        prefetch_defaults: PrefetchDefaults = PrefetchDefaults(),
+        prefetch_config: PrefetchConfig = PrefetchConfig(),
         eager: EagerStreamer | None = None,
     ) -> None:
         self.store = store
         self.eager = eager
-        self.prefetch_defaults = prefetch_defaults
+        self.prefetch_config = prefetch_config
         self.max_prefetch = max_prefetch
         self.random_read_size = random_read_size
-        self._handles: dict[int, _Open] = {}
-        self._by_version: dict[tuple[str, str], _Open] = {}
+        self._handles: dict[int, _OpenVersion] = {}
+        self._by_version: dict[tuple[str, str], _OpenVersion] = {}
         self._next_fh = 1
         self._closed_resets = 0
         self.reads_in_flight = 0  # read() calls being served now
@@ -57,7 +59,8 @@ class OpenFiles:
     def open(self, ref: ObjectRef) -> int:
         entry = self._by_version.get((ref.key, ref.version))
         if entry is None:
-            entry = _Open(ref, ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_defaults))
+            read_ahead = ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_config)
+            entry = _OpenVersion(ref, read_ahead)
             self._by_version[(ref.key, ref.version)] = entry
         entry.handles += 1
         fh = self._next_fh
@@ -88,9 +91,6 @@ class OpenFiles:
     def sequential_reads(self) -> int:
         """Reads of the open versions that continued a sequential run."""
         return sum(e.read_ahead.sequential_reads for e in self._by_version.values())
-
-    def ref(self, fh: int) -> ObjectRef:
-        return self._handles[fh].ref
 
     async def read(self, fh: int, offset: int, size: int) -> memoryview | bytes | bytearray:
         """Up to ``size`` bytes from ``offset``; a memoryview into the block when it fits in one.
@@ -124,8 +124,8 @@ class OpenFiles:
             # own order, say. A reader that streams through the file — safetensors' loaders,
             # whose one jump per big tensor (memmove reads the tail first) stays inside the
             # read-ahead window — is served by read-ahead alone, which fetches as fast and
-            # writes through to the disk cache without the stream's extra copies (measured
-            # on a 2 GiB mmap load: stream on first seek 3.62-4.19 s, read-ahead 3.46-3.99).
+            # writes through to the disk cache without the stream's extra copies (numbers in
+            # benchmarks/README.md, "When the eager stream runs").
             entry.streaming = True
             self.eager.read_at_random(ref)
         bs = self.store.block_size
@@ -139,7 +139,7 @@ class OpenFiles:
             # A random read of an uncached block: fetch a small aligned range, not the block.
             small = await self.store.read_small(ref, offset, size, self.random_read_size)
             if small is not None:
-                entry.read_ahead.small_get(first)
+                entry.read_ahead.record_small_get(first)
                 return small
         if first == last:
             block = await self.store.get(ref, first)

@@ -27,6 +27,7 @@ from modelfs.files import OpenFiles
 from modelfs.inodes import ROOT_INODE, Namespace, Node
 from modelfs.loopcpu import LoopClock
 from modelfs.metrics import LatencyHistogram, MetricsSnapshot
+from modelfs.units import ceil_div
 
 __all__ = ["ModelFS"]
 
@@ -121,7 +122,7 @@ class ModelFS(pyfuse3.Operations):
         attr.st_uid = self.uid
         attr.st_gid = self.gid
         attr.st_blksize = self.block_size
-        attr.st_blocks = -(-attr.st_size // 512)
+        attr.st_blocks = ceil_div(attr.st_size, 512)
         mtime_ns = int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
         return attr
@@ -274,7 +275,7 @@ class ModelFS(pyfuse3.Operations):
         st = pyfuse3.StatvfsData()
         st.f_bsize = self.block_size
         st.f_frsize = 512
-        st.f_blocks = -(-self.namespace.total_bytes // 512)
+        st.f_blocks = ceil_div(self.namespace.total_bytes, 512)
         st.f_bfree = st.f_bavail = 0
         st.f_files = self.namespace.file_count
         st.f_ffree = st.f_favail = 0

@@ -17,6 +17,7 @@ from modelfs.backends.base import Backend
 from modelfs.backends.retry import RetryStats, retry_transient
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import Block, BlockKey, BlockState, BufferKind, MemoryCache
+from modelfs.units import ceil_div, round_up
 
 __all__ = ["ObjectRef", "FetchSlots", "BlockStore", "StoreStats"]
 
@@ -117,7 +118,7 @@ class BlockStore:
             await trio.sleep_forever()
 
     def block_count(self, obj: ObjectRef) -> int:
-        return -(-obj.size // self.block_size)
+        return ceil_div(obj.size, self.block_size)
 
     def _length(self, obj: ObjectRef, index: int) -> int:
         return min(self.block_size, obj.size - index * self.block_size)
@@ -167,7 +168,7 @@ class BlockStore:
         if self.memory.lookup(key) is not None or (self.disk is not None and self.disk.contains(key)):
             return None
         start = offset - offset % granule
-        end = min(obj.size, -(-(offset + size) // granule) * granule)
+        end = min(obj.size, round_up(offset + size, granule))
         if not self.memory.can_lease(end - start):
             return None
         with await self.memory.lease(end - start, BufferKind.SMALL_READ) as lease:

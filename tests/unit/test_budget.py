@@ -19,13 +19,13 @@ from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.cache.memory import BufferKind, Lease, MemoryCache
 from modelfs.eager import EagerStreamer
 from modelfs.files import OpenFiles
-from modelfs.prefetch import PrefetchDefaults
+from modelfs.prefetch import PrefetchConfig
 from modelfs.safetensors_header import MAX_HEADER, block_order, header_length, tensor_spans
 
 from .conftest import BS, StoreFactory, put_ramp, ref_for
 
 BLOCK = 64 * 1024
-TIGHT = PrefetchDefaults(backward_tolerance=1024, forward_tolerance=1024)
+TIGHT = PrefetchConfig(backward_tolerance=1024, forward_tolerance=1024)
 
 
 class BudgetChecker(trio.abc.Instrument):
@@ -187,7 +187,7 @@ async def test_concurrent_reads_never_exceed_the_budget(make_store: StoreFactory
     checker = BudgetChecker(memory)
     track_leases(memory, checker)
     streamer = EagerStreamer(store, workers=2)
-    files = OpenFiles(store, max_prefetch=2 * BLOCK, random_read_size=4096, prefetch_defaults=TIGHT, eager=streamer)
+    files = OpenFiles(store, max_prefetch=2 * BLOCK, random_read_size=4096, prefetch_config=TIGHT, eager=streamer)
     trio.lowlevel.add_instrument(checker)
     errors: list[str] = []
     try:

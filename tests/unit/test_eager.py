@@ -13,12 +13,12 @@ from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.cache.blocks import BlockStore
 from modelfs.eager import EagerStreamer, safetensors_block_order
 from modelfs.files import OpenFiles
-from modelfs.prefetch import PrefetchDefaults
+from modelfs.prefetch import PrefetchConfig
 
 from .conftest import BS, StoreFactory, put_ramp, ref_for, wait_until
 
 # Cursor tolerances scaled to these small files (the defaults suit multi-GB files).
-TIGHT = PrefetchDefaults(backward_tolerance=BS, forward_tolerance=BS)
+TIGHT = PrefetchConfig(backward_tolerance=BS, forward_tolerance=BS)
 
 
 def _safetensors(tensors: list[tuple[str, int]], header_pad: int = 0) -> tuple[bytes, dict[str, tuple[int, int]]]:
@@ -85,7 +85,7 @@ async def test_stream_fills_disk_cache_and_then_reads_need_no_gets(
     store = await make_store(backend, memory_blocks=4, disk=True)
     streamer = await _streamer(store)
     await nursery.start(streamer.run)
-    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_config=TIGHT)
     fh = files.open(ref)
     assert streamer.active == 0  # opening alone starts nothing ...
     assert bytes(await files.read(fh, 0, 8)) == data[:8]
@@ -124,7 +124,7 @@ async def test_demand_reads_overtake_the_stream(
     store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=1)
     streamer = await _streamer(store, workers=4)
     await nursery.start(streamer.run)
-    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_config=TIGHT)
     fh = files.open(ref)
     await files.read(fh, 0, 1)
     await files.read(fh, 20 * BS, 1)
@@ -149,7 +149,7 @@ async def test_stream_stays_in_budget_and_close_cancels(
     store = await make_store(backend, memory_blocks=4, disk=True, max_concurrency=4)
     streamer = await _streamer(store, workers=4)
     await nursery.start(streamer.run)
-    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_config=TIGHT)
     fh = files.open(ref)
     await files.read(fh, 0, 1)
     await files.read(fh, 100 * BS, 1)
@@ -188,7 +188,7 @@ async def _sequential_read_with_stream(make_store: StoreFactory, nursery: trio.N
     store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=4)
     streamer = EagerStreamer(store, workers=4, yield_to_readers=pause)  # not: as before the stream yielded
     await nursery.start(streamer.run)
-    files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer, prefetch_config=TIGHT)
     fh = files.open(ref)
     assert bytes(await files.read(fh, len(data) - 10, 10)) == data[-10:]
     assert bytes(await files.read(fh, BS, 10)) == data[BS : BS + 10]  # two seeks start the stream
@@ -207,7 +207,7 @@ async def test_a_reader_from_the_start_starts_no_stream(make_store: StoreFactory
     store = await make_store(backend, memory_blocks=8, disk=True)
     streamer = await _streamer(store)
     await nursery.start(streamer.run)
-    files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer, prefetch_config=TIGHT)
     fh = files.open(ref)
     for offset in range(0, len(data), BS):
         assert bytes(await files.read(fh, offset, BS)) == data[offset : offset + BS]
@@ -277,7 +277,7 @@ async def test_model_stream_moves_on_from_a_file_a_reader_streams(
     store = await make_store(backend, memory_blocks=16, disk=True, max_concurrency=4)
     streamer = await _streamer(store, workers=2)
     await nursery.start(streamer.run)
-    files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=4 * BS, eager=streamer, prefetch_config=TIGHT)
     fh = files.open(ref_a)
     for offset in range(0, 8 * BS, BS):  # the reader is streaming a.safetensors ...
         assert bytes(await files.read(fh, offset, BS)) == data_a[offset : offset + BS]
@@ -303,7 +303,7 @@ async def test_a_random_reader_moves_its_file_to_the_front(make_store: StoreFact
     store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=1)
     streamer = await _streamer(store, workers=1)
     await nursery.start(streamer.run)
-    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_config=TIGHT)
     streamer.stream_model(refs)
     await wait_until(lambda: backend.read_calls >= 2)  # s0 under way
     fh = files.open(refs[2])
@@ -329,7 +329,7 @@ async def test_several_files_stream_at_once_within_the_concurrency_bound(
     store = await make_store(backend, memory_blocks=8, disk=True, max_concurrency=3)
     streamer = await _streamer(store, workers=4)
     await nursery.start(streamer.run)
-    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_config=TIGHT)
     handles = []
     for ref, data in refs:
         fh = files.open(ref)

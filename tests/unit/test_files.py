@@ -84,7 +84,7 @@ async def test_handles_of_one_version_share_read_ahead(make_store: StoreFactory)
     assert a != b and len(files) == 2
     assert files._handles[a] is files._handles[b]
     files.release(a)
-    assert len(files) == 1 and files.ref(b) == ref
+    assert len(files) == 1 and files._handles[b].ref == ref
     files.release(b)
     files.release(b)  # a second release is harmless
     assert len(files) == 0 and not files._by_version

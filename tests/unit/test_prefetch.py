@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelfs.prefetch import PrefetchDefaults, ReadAhead
+from modelfs.prefetch import PrefetchConfig, ReadAhead
 
 BS = 1 << 20  # 1 MiB blocks: the default 4 MiB backward tolerance is 4 blocks
 
@@ -80,7 +80,7 @@ def test_small_reordering_keeps_the_window() -> None:
 
 def test_backwards_beyond_tolerance_is_a_new_run() -> None:
     """A read further behind than backward_tolerance starts a new cursor."""
-    ra = ReadAhead(100 * BS, BS, 8 * BS, PrefetchDefaults(backward_tolerance=BS))
+    ra = ReadAhead(100 * BS, BS, 8 * BS, PrefetchConfig(backward_tolerance=BS))
     read_blocks(ra, 0, 6)
     ra.on_read(2 * BS, 4096)
     assert ra.resets == 1 and len(ra.cursors) == 2
@@ -145,7 +145,7 @@ def test_unschedule_ignores_indices_not_scheduled() -> None:
 
 def test_cursor_count_is_bounded() -> None:
     """Many random reads keep at most max_cursors cursors."""
-    ra = ReadAhead(1000 * BS, BS, 8 * BS, PrefetchDefaults(max_cursors=3))
+    ra = ReadAhead(1000 * BS, BS, 8 * BS, PrefetchConfig(max_cursors=3))
     for i in range(10):
         ra.on_read(i * 50 * BS, 4096)
     assert len(ra.cursors) == 3

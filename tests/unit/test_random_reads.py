@@ -6,14 +6,14 @@ import random
 
 from modelfs.backends.memory import MemoryBackend
 from modelfs.files import OpenFiles
-from modelfs.prefetch import PrefetchDefaults
+from modelfs.prefetch import PrefetchConfig
 
 from .conftest import StoreFactory, put_ramp, wait_until
 
 BLOCK = 64 * 1024
 GRANULE = 4096
 # Cursor tolerances scaled to this small file (the defaults suit multi-GB files and 8 MiB blocks).
-TIGHT = PrefetchDefaults(backward_tolerance=1024, forward_tolerance=1024)
+TIGHT = PrefetchConfig(backward_tolerance=1024, forward_tolerance=1024)
 
 
 async def _random_reads(files: OpenFiles, fh: int, data: bytes, count: int) -> int:
@@ -32,8 +32,8 @@ async def test_random_reads_fetch_small_ranges(make_store: StoreFactory) -> None
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 64 * BLOCK, seed=5)
     store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
-    never_whole = PrefetchDefaults(backward_tolerance=1024, forward_tolerance=1024, small_gets_per_block=1000)
-    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_defaults=never_whole)
+    never_whole = PrefetchConfig(backward_tolerance=1024, forward_tolerance=1024, small_gets_per_block=1000)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_config=never_whole)
     fh = files.open(ref)
     read = await _random_reads(files, fh, data, 50)
     assert store.stats.small_gets >= 45  # the first reads, before two seeks, take whole blocks
@@ -46,7 +46,7 @@ async def test_without_detector_random_reads_fetch_blocks(make_store: StoreFacto
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 64 * BLOCK, seed=5)
     store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
-    files = OpenFiles(store, max_prefetch=0, random_read_size=0, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=0, prefetch_config=TIGHT)
     fh = files.open(ref)
     read = await _random_reads(files, fh, data, 50)
     assert store.stats.small_gets == 0
@@ -58,7 +58,7 @@ async def test_sequential_run_after_seeks_gets_blocks(make_store: StoreFactory) 
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 32 * BLOCK, seed=6)
     store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
-    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_config=TIGHT)
     fh = files.open(ref)
     for offset in (20 * BLOCK, 3 * BLOCK, 11 * BLOCK):  # seeks: the third read is "random"
         assert bytes(await files.read(fh, offset, 1024)) == data[offset : offset + 1024]
@@ -77,7 +77,7 @@ async def test_cached_block_is_used_for_random_reads(make_store: StoreFactory) -
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 8 * BLOCK, seed=7)
     store = await make_store(backend, block_size=BLOCK, memory_blocks=16)
-    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_config=TIGHT)
     fh = files.open(ref)
     for index in range(8):  # sequential: every block cached
         await files.read(fh, index * BLOCK, BLOCK)
@@ -93,7 +93,7 @@ async def test_block_with_several_small_gets_is_fetched_whole(make_store: StoreF
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 32 * BLOCK, seed=9)
     store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
-    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=GRANULE, prefetch_config=TIGHT)
     fh = files.open(ref)
     for offset in (20 * BLOCK, 3 * BLOCK):  # two seeks: random mode from the next new run
         assert bytes(await files.read(fh, offset, 512)) == data[offset : offset + 512]
@@ -136,7 +136,7 @@ def test_random_mode_forgets_old_seeks() -> None:
     """Two seeks long ago do not make a later new run 'random'; two recent ones do."""
     from modelfs.prefetch import ReadAhead
 
-    ra = ReadAhead(1 << 30, BLOCK, 0, PrefetchDefaults(backward_tolerance=1024, forward_tolerance=1024, seek_memory=16))
+    ra = ReadAhead(1 << 30, BLOCK, 0, PrefetchConfig(backward_tolerance=1024, forward_tolerance=1024, seek_memory=16))
     for offset in (0, 100 * BLOCK, 200 * BLOCK):  # two seeks
         ra.on_read(offset, 512)
     assert ra.last_random
@@ -182,7 +182,7 @@ async def test_a_backward_walk_after_seeks_gets_whole_blocks_and_the_one_below(m
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 16 * BLOCK, seed=8)
     store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
-    files = OpenFiles(store, max_prefetch=4 * BLOCK, random_read_size=GRANULE, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=4 * BLOCK, random_read_size=GRANULE, prefetch_config=TIGHT)
     fh = files.open(ref)
     for offset in (13 * BLOCK, 2 * BLOCK):  # two seeks: reads at random from here
         await files.read(fh, offset, 100)
@@ -205,7 +205,7 @@ async def test_a_backward_walk_without_read_ahead_still_gets_whole_blocks(make_s
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 16 * BLOCK, seed=9)
     store = await make_store(backend, block_size=BLOCK, memory_blocks=8)
-    files = OpenFiles(store, max_prefetch=0, random_read_size=8 * GRANULE, prefetch_defaults=TIGHT)
+    files = OpenFiles(store, max_prefetch=0, random_read_size=8 * GRANULE, prefetch_config=TIGHT)
     fh = files.open(ref)
     for offset in (13 * BLOCK, 2 * BLOCK, 7 * BLOCK + 5):  # seeks: reads at random from here
         await files.read(fh, offset, 100)
