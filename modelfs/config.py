@@ -392,6 +392,9 @@ class Config:
     disk_cache: int = _option(parse_size, 10 << 30, "disk cache size cap, e.g. 10G; 0 disables the disk cache")
     block_size: int = _option(parse_size, 8 << 20, "size of one cached block and of one ranged GET")
     metadata_ttl: float = _option(_parse_float, 60.0, "seconds a listing and attributes stay valid; -1 = never expire")
+    metadata_cache: int = _option(
+        parse_size, 16 << 20, "memory for cached directory listings and attributes (estimated bytes), e.g. 16M"
+    )
     max_prefetch: int = _option(parse_size, 256 << 20, "largest read-ahead window per sequential reader")
     max_concurrency: int = _option(_parse_int, 8, "ranged GETs in flight at once, over all files")
     random_read_size: int = _option(
@@ -531,6 +534,8 @@ def build_config(
         raise ConfigError(f"--read-timeout must be more than 0 and at most {_MAX_READ_TIMEOUT:.0f} seconds")
     if not 0 <= values["read_ahead_kb"] <= _MAX_READ_AHEAD_KB:
         raise ConfigError(f"--read-ahead-kb must be between 0 and {_MAX_READ_AHEAD_KB}")
+    if not (64 << 10) <= values["metadata_cache"] <= (1 << 40):
+        raise ConfigError("--metadata-cache must be between 64K and 1T")
     cache_dir_value = values.pop("cache_dir")
     cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)
     log_file = values.pop("log_file")

@@ -24,7 +24,7 @@ from modelfs.cache.blocks import ObjectRef
 from modelfs.eager import EagerStreamer
 from modelfs.errors import ModelfsError, NotFound, errno_for
 from modelfs.files import OpenFiles
-from modelfs.inodes import ROOT_INODE, Namespace, Node
+from modelfs.inodes import ROOT_INODE, Listing, Namespace, Node
 from modelfs.loopcpu import LoopClock
 from modelfs.metrics import LatencyHistogram, MetricsSnapshot
 from modelfs.units import ceil_div
@@ -94,9 +94,8 @@ class ModelFS(pyfuse3.Operations):
         self.block_size = block_size
         self.uid = os.getuid()
         self.gid = os.getgid()
-        self._dir_handles: dict[int, list[tuple[bytes, Node]]] = {}
+        self._dir_handles: dict[int, Listing] = {}
         self._next_dir_fh = 1
-        self._opened_version: dict[int, str] = {}
         self.errors: Counter[str] = Counter()
         self.eager = eager
         self.read_latency = LatencyHistogram()
@@ -130,7 +129,7 @@ class ModelFS(pyfuse3.Operations):
     @_mapped
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = await self.namespace.lookup(parent_inode, name)
-        node.lookups += 1
+        self.namespace.remember(node)
         return self._attrs(node)
 
     @_mapped
@@ -146,24 +145,27 @@ class ModelFS(pyfuse3.Operations):
 
     @_mapped
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        await self.namespace.refresh()
         node = self.namespace.get(inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        # The handle reads the listing object itself, not a copy: a refresh swaps in a new
+        # one, so this handle neither skips nor repeats entries.
+        listing = await self.namespace.open_listing(node)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
-        # A snapshot, so a refresh during a listing neither skips nor repeats entries.
-        self._dir_handles[fh] = sorted(node.children.items())
+        self._dir_handles[fh] = listing
         return fh
 
     @_mapped
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dir_handles[fh]
-        for i in range(start_id, len(entries)):
-            name, node = entries[i]
-            if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
+        listing = self._dir_handles[fh]
+        index = start_id
+        while (entry := await self.namespace.entry(listing, index)) is not None:
+            name, node = entry
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node), index + 1):
                 return
-            node.lookups += 1
+            self.namespace.remember(node)
+            index += 1
 
     @_mapped
     async def releasedir(self, fh: int) -> None:
@@ -180,9 +182,10 @@ class ModelFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         info = node.info
         ref = ObjectRef(self.namespace.backend.object_key(info.name), info.name, info.version, info.size)
-        # The page cache may be kept only while the version is the one it was filled from.
-        keep = self._opened_version.get(inode) == info.version
-        self._opened_version[inode] = info.version
+        # The page cache may be kept only while the version is the one it was filled from
+        # (the node's, which never changes; forgetting the inode clears it).
+        keep = node.opened_version == info.version
+        node.opened_version = info.version
         return pyfuse3.FileInfo(fh=self.files.open(ref), keep_cache=keep, direct_io=False)
 
     @_mapped
@@ -219,6 +222,16 @@ class ModelFS(pyfuse3.Operations):
             "pid": os.getpid(),
             "files": self.namespace.file_count,
             "bytes": self.namespace.total_bytes,
+            "metadata_bytes": self.namespace.metadata_bytes,
+            "metadata_capacity": self.namespace.metadata_capacity,
+            "cached_dirs": self.namespace.cached_dirs,
+            "inodes": self.namespace.inodes,
+            "dir_handles": len(self._dir_handles),
+            "listing_pages": self.namespace.pages,
+            "name_lookups": self.namespace.name_lookups,
+            "stale_served": self.namespace.stale_served,
+            "dir_refreshes": self.namespace.refreshes,
+            "dir_refresh_failures": self.namespace.refresh_failures,
             "open_handles": len(self.files),
             "reads": self.read_latency.count,
             "read_bytes": self.read_bytes,

@@ -1,192 +1,573 @@
-"""The namespace: object listing → a tree of inodes, refreshed when its TTL runs out.
+"""The namespace: one directory listed at a time, kept in a bounded cache, served stale-while-revalidate.
 
-The whole listing below the root is read at once (model prefixes hold tens to thousands of
-objects) and turned into directories and files by :mod:`modelfs.names`. A path keeps its
-inode number for as long as it exists with the same kind (and, for a file, the same object
-version), so the kernel's cached entries stay valid across refreshes; a file whose object
-was overwritten gets a new inode, and the old one serves its open handles until forgotten.
+Nothing is listed until it is asked for. A directory's listing is read page by page with a
+delimiter (``Backend.list_dir``) when it is first opened, as far as ``readdir`` reads it; a
+lookup in a directory that has no complete listing asks for that one name (object metadata,
+and a one-result listing below ``name/`` to tell a directory) instead of listing anything.
+Listings are held in an LRU bounded in (estimated) bytes; an evicted listing is listed again
+when next needed. Past the TTL a complete listing still answers at once, and the directory is
+listed again in the background (one refresh per directory at a time); a refresh that fails
+keeps the old listing, so an outage never makes a lookup wait for the retry deadline. Only a
+directory never listed waits for the backend.
+
+Inodes: a node keeps its inode while it is in a cached listing or the kernel holds it. A file
+whose object changed version is a new node (new inode): the kernel's page cache is per inode,
+and an open handle must never be served pages of another version. ``_by_inode`` holds only
+the nodes the kernel references (lookup and readdirplus replies, minus forgets) and the root:
+those are the only inodes the kernel can ask about, and a forgotten node is freed there.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
+import cachetools
 import trio
 
-from modelfs.backends.base import Backend, ObjectInfo
+from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.retry import retry_transient
 from modelfs.errors import NotFound, TransientError
-from modelfs.names import ParsedName, parse_object_name
+from modelfs.names import NAME_MAX, ParsedName, parse_object_name
 
-__all__ = ["Node", "Namespace", "ROOT_INODE"]
+__all__ = ["Node", "Listing", "Namespace", "ROOT_INODE", "DEFAULT_METADATA_CACHE", "ENTRY_BYTES"]
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+DEFAULT_METADATA_CACHE = 16 << 20
+# What one listed entry costs in memory besides its name, estimated from sys.getsizeof of a
+# node, its ObjectInfo, its strings, its dict slot and list slot (benchmarks/namespace.py
+# measures the real figure).
+ENTRY_BYTES = 640
+_MAX_WARNINGS = 1000
 
 
-@dataclass(eq=False)
 class Node:
-    inode: int
-    path: str  # '' for the root, else 'a/b'
-    is_dir: bool
-    info: ObjectInfo | None = None  # files only
-    mtime: float = 0.0
-    children: dict[bytes, Node] = field(default_factory=dict)  # directories only
-    lookups: int = 0  # the kernel's references (lookup and readdirplus replies)
+    """A file or directory. Directories carry their listing (if cached) and looked-up names."""
+
+    __slots__ = (
+        "inode",
+        "name",
+        "path",
+        "parent",
+        "is_dir",
+        "info",
+        "mtime",
+        "lookups",
+        "checked_at",
+        "opened_version",
+        "listing",
+        "extra",
+        "refreshing",
+    )
+
+    def __init__(
+        self,
+        inode: int,
+        name: bytes,
+        path: str,
+        parent: "Node | None",
+        is_dir: bool,
+        info: ObjectInfo | None = None,
+        mtime: float = 0.0,
+    ) -> None:
+        self.inode = inode
+        self.name = name  # the last path component; b'' for the root
+        self.path = path  # '' for the root, else 'a/b'
+        self.parent = parent
+        self.is_dir = is_dir
+        self.info = info  # files only; never changes (a new version is a new node)
+        self.mtime = mtime
+        self.lookups = 0  # the kernel's references (lookup and readdirplus replies)
+        self.checked_at = 0.0  # trio time the backend last confirmed it (looked-up nodes)
+        self.opened_version: str | None = None  # the version last opened: the kernel's page cache holds it
+        self.listing: Listing | None = None  # directories: the cached listing
+        self.extra: dict[bytes, Node] | None = None  # directories: names found by lookup, outside a listing
+        self.refreshing = False  # directories: a background listing is running
 
     @property
     def size(self) -> int:
         return self.info.size if self.info is not None else 0
 
+    @property
+    def prefix(self) -> str:
+        """The backend's name of this directory: '' or 'a/b/'."""
+        return self.path + "/" if self.path else ""
+
+    @property
+    def children(self) -> dict[bytes, "Node"]:
+        """The entries known now: the listing's, else those found by lookup."""
+        if self.listing is not None:
+            return self.listing.by_name
+        return dict(self.extra or {})
+
+    def __repr__(self) -> str:
+        return f"Node({self.inode}, {self.path!r}, {'dir' if self.is_dir else 'file'})"
+
+
+class Listing:
+    """One directory's entries in listing order, filled page by page.
+
+    ``readdir`` offsets index ``names``; a refresh builds a new Listing and swaps it in, so an
+    open directory handle keeps reading the one it started with (no copy is made).
+    """
+
+    __slots__ = ("directory", "names", "by_name", "token", "complete", "started_at", "cost", "files", "bytes", "lock")
+
+    def __init__(self, directory: Node, started_at: float) -> None:
+        self.directory = directory
+        self.names: list[bytes] = []
+        self.by_name: dict[bytes, Node] = {}
+        self.token: str | None = None
+        self.complete = False
+        self.started_at = started_at
+        self.cost = ENTRY_BYTES
+        self.files = 0
+        self.bytes = 0
+        self.lock = trio.Lock()
+
+
+class _ListingCache(cachetools.LRUCache[int, Listing]):
+    """Directory inode → listing, bounded by the listings' estimated bytes."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[Listing], None]) -> None:
+        super().__init__(maxsize, getsizeof=lambda listing: listing.cost)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[int, Listing]:
+        key, listing = super().popitem()
+        self._on_evict(listing)
+        return key, listing
+
 
 class Namespace:
-    """Path ↔ inode, with the listing cached for ``ttl`` seconds (-1: never refreshed)."""
+    """Path ↔ inode over a lazily listed backend; listings valid for ``ttl`` seconds (-1: forever)."""
 
-    def __init__(self, backend: Backend, *, ttl: float, retry_deadline: float) -> None:
+    def __init__(
+        self, backend: Backend, *, ttl: float, retry_deadline: float, cache_bytes: int = DEFAULT_METADATA_CACHE
+    ) -> None:
         self.backend = backend
         self.ttl = ttl
         self.retry_deadline = retry_deadline
-        self.root = Node(ROOT_INODE, "", True, mtime=time.time())
+        self.root = Node(ROOT_INODE, b"", "", None, True, mtime=time.time())
+        self.root.lookups = 1
         self._by_inode: dict[int, Node] = {ROOT_INODE: self.root}
-        self._by_path: dict[tuple[str, bool], Node] = {("", True): self.root}
         self._next_inode = ROOT_INODE + 1
-        self._listed_at: float | None = None
-        self._lock = trio.Lock()
+        self._listings = _ListingCache(max(cache_bytes, 1), self._evicted)
+        self._nursery: trio.Nursery | None = None
         self._warned: set[str] = set()
-        self.file_count = 0
-        self.total_bytes = 0
+        self.pages = 0  # directory pages read
+        self.name_lookups = 0  # lookups answered by asking the backend for one name
+        self.refreshes = 0  # background refreshes finished
+        self.stale_served = 0  # lookups and opendirs answered from a listing past its TTL
+        self.refresh_failures = 0
 
-    # --- refresh
+    # --- the background nursery
 
-    def _stale(self) -> bool:
-        if self._listed_at is None:
-            return True
-        if self.ttl < 0:
-            return False
-        return trio.current_time() - self._listed_at >= self.ttl
-
-    async def refresh(self, *, force: bool = False) -> None:
-        """Re-list the backend if the listing is older than the TTL (one listing at a time)."""
-        if not force and not self._stale():
-            return
-        async with self._lock:
-            if not force and not self._stale():
-                return
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve background refreshes until cancelled (without it, stale listings refresh inline)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
             try:
-                objects = await retry_transient(
-                    self.backend.list_objects, deadline=self.retry_deadline, what=f"listing {self.backend.description}"
-                )
-            except TransientError as exc:
-                if force or self._listed_at is None:
-                    raise
-                # The backend is unreachable: what is cached stays readable under the last
-                # listing rather than every lookup failing; try again after another TTL.
-                log.warning("cannot refresh the listing (%s); serving the last listing for another %gs", exc, self.ttl)
-                self._listed_at = trio.current_time()
-                return
-            self._apply(objects)
-            self._listed_at = trio.current_time()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    # --- figures for statfs and stats: what the cached listings hold, not the whole source
+
+    @property
+    def file_count(self) -> int:
+        """Files in the cached directory listings (the source's total is never listed)."""
+        return sum(listing.files for listing in self._listings.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the files in the cached directory listings."""
+        return sum(listing.bytes for listing in self._listings.values())
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Estimated bytes the cached listings hold (bounded by ``metadata_capacity``)."""
+        return int(self._listings.currsize)
+
+    @property
+    def metadata_capacity(self) -> int:
+        return int(self._listings.maxsize)
+
+    @property
+    def cached_dirs(self) -> int:
+        return len(self._listings)
+
+    @property
+    def inodes(self) -> int:
+        """Nodes the kernel holds references to (plus the root)."""
+        return len(self._by_inode)
+
+    # --- state helpers
+
+    def _now(self) -> float:
+        return trio.current_time()
+
+    def _fresh(self, since: float) -> bool:
+        return self.ttl < 0 or self._now() - since < self.ttl
 
     def _warn_once(self, name: str, why: str) -> None:
-        if name not in self._warned:
+        if len(self._warned) < _MAX_WARNINGS and name not in self._warned:
             self._warned.add(name)
             log.warning("object %r is not shown: %s", name, why)
 
-    def _node(self, path: str, is_dir: bool) -> Node:
-        node = self._by_path.get((path, is_dir))
-        if node is None:
-            node = Node(self._next_inode, path, is_dir)
-            self._next_inode += 1
-            self._by_path[(path, is_dir)] = node
-            self._by_inode[node.inode] = node
+    def _new_node(self, directory: Node, name: bytes, is_dir: bool, info: ObjectInfo | None) -> Node:
+        inode = self._next_inode
+        self._next_inode += 1
+        if info is not None and not is_dir:
+            path = info.name  # the same string: no second copy per file
+        else:
+            path = directory.prefix + name.decode()
+        mtime = info.mtime if info is not None else self.root.mtime
+        return Node(inode, name, path, directory, is_dir, info, mtime)
+
+    def _known(self, directory: Node, name: bytes, previous: Listing | None) -> Node | None:
+        node = previous.by_name.get(name) if previous is not None else None
+        if node is None and directory.extra is not None:
+            node = directory.extra.get(name)
+        if node is None and directory.listing is not None and directory.listing is not previous:
+            node = directory.listing.by_name.get(name)
         return node
 
-    def _apply(self, objects: list[ObjectInfo]) -> None:
-        dirs: dict[str, float] = {"": self.root.mtime}
-        files: dict[str, ObjectInfo] = {}
-        for obj in objects:
-            parsed = parse_object_name(obj.name)
-            if not isinstance(parsed, ParsedName):
-                self._warn_once(obj.name, parsed)
+    def _reuse(
+        self, directory: Node, name: bytes, is_dir: bool, info: ObjectInfo | None, previous: Listing | None
+    ) -> Node:
+        """The node for this entry: the known one if kind and version are the same, else a new one."""
+        old = self._known(directory, name, previous)
+        if old is not None and old.is_dir == is_dir:
+            if is_dir or (old.info is not None and info is not None and old.info.version == info.version):
+                return old
+        return self._new_node(directory, name, is_dir, info)
+
+    def _component(self, directory: Node, full: str, is_dir: bool) -> bytes | None:
+        """The entry name of ``full`` (an object name or prefix) in ``directory``; None if it cannot be one."""
+        parsed = parse_object_name(full)
+        if not isinstance(parsed, ParsedName):
+            self._warn_once(full, parsed)
+            return None
+        depth = directory.path.count("/") + 1 if directory.path else 0
+        if len(parsed.parts) != depth + 1 or parsed.is_dir != is_dir:
+            return None
+        return parsed.parts[-1].encode()
+
+    def _add_page(self, listing: Listing, page: ListPage, previous: Listing | None) -> None:
+        directory = listing.directory
+        entries: list[tuple[bytes, bool, ObjectInfo | None]] = []
+        for obj in page.objects:
+            if obj.name == directory.prefix:
+                continue  # the directory's own placeholder
+            if obj.name.endswith("/"):
+                name = self._component(directory, obj.name, True)
+                if name is not None:
+                    entries.append((name, True, None))
                 continue
-            for depth in range(1, len(parsed.parts)):
-                dirs.setdefault("/".join(parsed.parts[:depth]), obj.mtime)
-            path = "/".join(parsed.parts)
-            if parsed.is_dir:
-                dirs[path] = obj.mtime
-            else:
-                files[path] = obj
-        for path in [p for p in files if p in dirs]:
-            self._warn_once(files[path].name, "a directory of the same name exists (the directory wins)")
-            del files[path]
+            name = self._component(directory, obj.name, False)
+            if name is not None:
+                entries.append((name, False, obj))
+        for prefix in page.prefixes:
+            name = self._component(directory, prefix, True)
+            if name is not None:
+                entries.append((name, True, None))
+        # A page is one contiguous run of names: sorted, pages follow each other in readdir.
+        entries.sort(key=lambda entry: entry[0])
+        for name, is_dir, info in entries:
+            have = listing.by_name.get(name)
+            if have is not None:
+                if have.is_dir or not is_dir:
+                    if not have.is_dir and info is not None:
+                        self._warn_once(info.name, "listed twice")
+                    continue
+                # A file 'a' beside objects under 'a/': the directory wins, so every path below stays reachable.
+                assert have.info is not None
+                self._warn_once(have.info.name, "a directory of the same name exists (the directory wins)")
+                listing.files -= 1
+                listing.bytes -= have.size
+                listing.by_name[name] = self._reuse(directory, name, True, None, previous)
+                continue
+            node = self._reuse(directory, name, is_dir, info, previous)
+            listing.names.append(name)
+            listing.by_name[name] = node
+            listing.cost += ENTRY_BYTES + 2 * len(name) + len(directory.path)
+            if info is not None:
+                listing.files += 1
+                listing.bytes += info.size
+        listing.token = page.next_token
+        listing.complete = page.next_token is None
+        self.pages += 1
 
-        live: set[tuple[str, bool]] = {(p, True) for p in dirs} | {(p, False) for p in files}
-        for key in [k for k in self._by_path if k not in live]:
-            node = self._by_path.pop(key)
-            node.children = {}
-            # Kept in _by_inode until the kernel forgets it; open handles keep their ref.
+    async def _page(self, directory: Node, token: str | None) -> ListPage:
+        what = f"listing {self.backend.description}{'/' if directory.path else ''}{directory.path}"
+        return await retry_transient(
+            lambda: self.backend.list_dir(directory.prefix, token), deadline=self.retry_deadline, what=what
+        )
 
-        for node in self._by_path.values():
-            if node.is_dir:
-                node.children = {}
-        for path in sorted(dirs):
-            node = self._node(path, True)
-            node.mtime = dirs[path]
-            if path:
-                parent_path, _, name = path.rpartition("/")
-                self._by_path[(parent_path, True)].children[name.encode()] = node
-        for path, obj in files.items():
-            old = self._by_path.get((path, False))
-            if old is not None and old.info is not None and old.info.version != obj.version:
-                # An overwritten object is a new file to the kernel, as after a rename over
-                # it: the kernel's page cache is per inode, and an old handle must never be
-                # served pages read from the new version. The old inode lives on for its
-                # open handles until the kernel forgets it.
-                del self._by_path[(path, False)]
-                if old.lookups == 0:
-                    del self._by_inode[old.inode]
-            node = self._node(path, False)
-            node.info = obj
-            node.mtime = obj.mtime
-            parent_path, _, name = path.rpartition("/")
-            self._by_path[(parent_path, True)].children[name.encode()] = node
-        self.file_count = len(files)
-        self.total_bytes = sum(obj.size for obj in files.values())
+    def _cache(self, listing: Listing) -> None:
+        """Install (or re-size) ``listing`` as its directory's cached listing."""
+        directory = listing.directory
+        old = directory.listing
+        if old is not None and old is not listing:
+            self._replaced(old, listing)
+        # Out and in again: re-sizing an entry in place may evict the entry itself.
+        self._listings.pop(directory.inode, None)
+        try:
+            self._listings[directory.inode] = listing
+        except ValueError:
+            # Larger than the whole cache: it lives only while a readdir handle holds it, and
+            # lookups in that directory ask for their one name.
+            directory.listing = None
+            return
+        directory.listing = listing
+        if listing.complete:
+            directory.extra = None  # every name it knows is in the listing now
+
+    def _dropped_dirs(self, nodes: list[Node]) -> None:
+        """Free the cached listings below directories that left the tree."""
+        stack = [node for node in nodes if node.is_dir]
+        while stack:
+            node = stack.pop()
+            listing = node.listing
+            if listing is None:
+                continue
+            node.listing = None
+            self._listings.pop(node.inode, None)
+            stack.extend(child for child in listing.by_name.values() if child.is_dir)
+
+    def _replaced(self, old: Listing, new: Listing) -> None:
+        gone = [node for name, node in old.by_name.items() if new.by_name.get(name) is not node]
+        if new.complete:
+            self._dropped_dirs(gone)
+
+    def _evicted(self, listing: Listing) -> None:
+        """An LRU eviction: nodes the kernel holds stay findable by name; the rest are freed."""
+        directory = listing.directory
+        if directory.listing is not listing:
+            return
+        directory.listing = None
+        held = {name: node for name, node in listing.by_name.items() if node.lookups > 0}
+        now = self._now()
+        for node in held.values():
+            node.checked_at = listing.started_at if listing.complete else now
+        if held:
+            directory.extra = {**(directory.extra or {}), **held}
+        self._dropped_dirs([node for node in listing.by_name.values() if node.lookups == 0])
+
+    # --- listing a directory
+
+    async def start(self) -> None:
+        """List the first page of the root: a missing bucket or root raises NotFound here."""
+        await self.open_listing(self.root)
+
+    async def open_listing(self, directory: Node) -> Listing:
+        """The listing an ``opendir`` reads: the cached one (refreshed behind if stale), or a new one.
+
+        A new listing has its first page read before this returns; ``entry`` reads the rest
+        as ``readdir`` gets to it.
+        """
+        listing = directory.listing
+        if listing is not None:
+            self._listings.get(directory.inode)  # mark it recently used
+            if listing.complete:
+                if not self._fresh(listing.started_at):
+                    self.stale_served += 1
+                    await self._revalidate(directory)
+                return directory.listing or listing
+            if self._fresh(listing.started_at):
+                return listing
+        listing = Listing(directory, self._now())
+        await self._more(listing, None)
+        return listing
+
+    async def _more(self, listing: Listing, previous: Listing | None) -> None:
+        """Read the next page of ``listing`` (one page at a time: readers queue on its lock)."""
+        async with listing.lock:
+            if listing.complete:
+                return
+            page = await self._page(listing.directory, listing.token)
+            self._add_page(listing, page, previous if previous is not None else listing.directory.listing)
+            current = listing.directory.listing
+            if previous is None and (current is None or current is listing or current.started_at < listing.started_at):
+                self._cache(listing)
+
+    async def entry(self, listing: Listing, index: int) -> tuple[bytes, Node] | None:
+        """The ``index``-th entry of ``listing``, reading pages as far as needed; None past the end."""
+        while index >= len(listing.names):
+            if listing.complete:
+                return None
+            await self._more(listing, None)
+        name = listing.names[index]
+        return name, listing.by_name[name]
+
+    async def _list_whole(self, directory: Node) -> Listing:
+        previous = directory.listing
+        listing = Listing(directory, self._now())
+        while not listing.complete:
+            await self._more(listing, previous)
+        return listing
+
+    async def _revalidate(self, directory: Node) -> None:
+        """List ``directory`` again behind the stale listing (inline when no nursery runs)."""
+        if directory.refreshing:
+            return
+        if self._nursery is None:
+            await self._refresh_dir(directory)
+        else:
+            directory.refreshing = True
+            self._nursery.start_soon(self._refresh_dir, directory)
+
+    async def _refresh_dir(self, directory: Node) -> None:
+        directory.refreshing = True
+        try:
+            listing = await self._list_whole(directory)
+        except (TransientError, NotFound) as exc:
+            self.refresh_failures += 1
+            # Unreachable (or gone): what is cached stays readable rather than every lookup
+            # failing; try again after another TTL.
+            log.warning(
+                "cannot refresh %s (%s); serving the last listing for another %gs", directory.path or "/", exc, self.ttl
+            )
+            old = directory.listing
+            if old is not None:
+                old.started_at = self._now()
+            return
+        except Exception:
+            log.exception("refreshing %s failed", directory.path or "/")
+            return
+        finally:
+            directory.refreshing = False
+        self.refreshes += 1
+        self._cache(listing)
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """List the root if it never was; with ``force``, list every cached directory again now."""
+        if not force:
+            if self.root.listing is None:
+                await self.start()
+            return
+        for directory in [listing.directory for listing in list(self._listings.values())] or [self.root]:
+            listing = await self._list_whole(directory)
+            self._cache(listing)
 
     # --- queries
 
-    def files(self) -> list[Node]:
-        """Every file node in the current tree."""
-        return [node for (_, is_dir), node in self._by_path.items() if not is_dir and node.info is not None]
-
     def get(self, inode: int) -> Node:
+        """A node the kernel holds (or the root)."""
         try:
             return self._by_inode[inode]
         except KeyError:
             raise NotFound(f"inode {inode} is unknown") from None
 
+    def remember(self, node: Node) -> None:
+        """The kernel got a reference to ``node`` (a lookup or readdirplus reply)."""
+        node.lookups += 1
+        self._by_inode[node.inode] = node
+
     async def lookup(self, parent: int, name: bytes) -> Node:
-        await self.refresh()
         directory = self.get(parent)
+        if not directory.is_dir:
+            raise NotFound(f"inode {parent} is not a directory")
         if name == b".":
             return directory
         if name == b"..":
-            if not directory.path:
-                return directory
-            return self._by_path.get((directory.path.rpartition("/")[0], True), self.root)
-        child = directory.children.get(name)
-        if child is None:
+            return directory.parent or self.root
+        listing = directory.listing
+        if listing is not None:
+            self._listings.get(directory.inode)
+            node = listing.by_name.get(name)
+            if listing.complete:
+                if not self._fresh(listing.started_at):
+                    self.stale_served += 1
+                    await self._revalidate(directory)
+                    if self._nursery is None and directory.listing is not None:
+                        node = directory.listing.by_name.get(name)
+                        listing = directory.listing
+                if node is None:
+                    raise NotFound(f"{name!r} not found")
+                return node
+            if node is not None and self._fresh(listing.started_at):
+                return node
+        node = directory.extra.get(name) if directory.extra is not None else None
+        if node is not None:
+            if self._fresh(node.checked_at):
+                return node
+            if self._nursery is not None:
+                self.stale_served += 1
+                await self._revalidate(directory)
+                return node
+        return await self._lookup_name(directory, name)
+
+    async def _lookup_name(self, directory: Node, name: bytes) -> Node:
+        """Ask the backend for one name: is ``name/`` a directory, else is ``name`` an object."""
+        if not name or len(name) > NAME_MAX or b"/" in name or b"\0" in name:
             raise NotFound(f"{name!r} not found")
-        return child
+        try:
+            text = name.decode()
+        except UnicodeDecodeError:
+            raise NotFound(f"{name!r} not found") from None
+        full = directory.prefix + text
+        if not isinstance(parse_object_name(full), ParsedName):
+            raise NotFound(f"{name!r} not found")
+        self.name_lookups += 1
+        below: ListPage | None = None
+        info: ObjectInfo | None = None
+
+        async def probe() -> None:
+            nonlocal below
+            below = await retry_transient(
+                lambda: self.backend.list_dir(full + "/", limit=1),
+                deadline=self.retry_deadline,
+                what=f"listing {full}/",
+            )
+
+        async def stat() -> None:
+            nonlocal info
+            try:
+                info = await retry_transient(
+                    lambda: self.backend.stat(full), deadline=self.retry_deadline, what=f"metadata of {full}"
+                )
+            except NotFound:
+                info = None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe)
+            nursery.start_soon(stat)
+        is_dir = below is not None and bool(below.objects or below.prefixes)
+        if not is_dir and info is None:
+            raise NotFound(f"{full!r} not found")
+        listing = directory.listing
+        if listing is not None and listing.complete and name in listing.by_name:
+            return listing.by_name[name]  # a listing landed meanwhile: it names the node
+        node = self._reuse(directory, name, is_dir, None if is_dir else info, None)
+        node.checked_at = self._now()
+        if directory.extra is None:
+            directory.extra = {}
+        directory.extra[name] = node
+        return node
 
     def forget(self, inode: int, count: int) -> None:
-        """The kernel dropped ``count`` references; a node gone from the tree is freed at zero."""
+        """The kernel dropped ``count`` references; at zero the node is freed unless a listing holds it."""
         node = self._by_inode.get(inode)
         if node is None or inode == ROOT_INODE:
             return
         node.lookups = max(0, node.lookups - count)
-        if node.lookups == 0 and self._by_path.get((node.path, node.is_dir)) is not node:
-            del self._by_inode[inode]
+        if node.lookups:
+            return
+        del self._by_inode[inode]
+        node.opened_version = None  # the kernel dropped the inode and its page cache with it
+        parent = node.parent
+        if parent is None:
+            return
+        if parent.extra is not None and parent.extra.get(node.name) is node:
+            del parent.extra[node.name]
+            if not parent.extra:
+                parent.extra = None
+        in_listing = parent.listing is not None and parent.listing.by_name.get(node.name) is node
+        if not in_listing:
+            self._dropped_dirs([node])

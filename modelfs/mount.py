@@ -25,11 +25,12 @@ from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
 from modelfs.eager import EagerStreamer
-from modelfs.errors import MountError
+from modelfs.errors import BackendError, MountError
 from modelfs.files import OpenFiles
 from modelfs.fs import ModelFS
 from modelfs.inodes import Namespace
 from modelfs.memlimit import fuse_tasks, tune_malloc
+from modelfs.walk import walk_objects
 
 __all__ = ["serve", "check_mountpoint", "unmount", "is_mounted", "mounted_fstype"]
 
@@ -159,7 +160,9 @@ def _raise_read_ahead(path: Path, kb: int) -> None:
 
 def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     backend = open_backend(config)
-    namespace = Namespace(backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline)
+    namespace = Namespace(
+        backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline, cache_bytes=config.metadata_cache
+    )
     disk = DiskCache(config.cache_dir, config.disk_cache) if config.disk_cache > 0 else None
     memory = MemoryCache(config.memory_cache, config.block_size)
     store = BlockStore(
@@ -194,7 +197,8 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     check_mountpoint(mountpoint)
     ops, store, disk = build(config)
     try:
-        await ops.namespace.refresh(force=True)  # a bad bucket fails here, before mounting
+        # One page of the root, not the whole tree: a bad bucket or prefix fails here, before mounting.
+        await ops.namespace.start()
         if config.source.prefix and not ops.namespace.root.children:
             raise MountError(f"nothing found at {config.source.url} (no object with that name or prefix)")
         if disk is not None:
@@ -209,20 +213,15 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
             if metrics is not None:
                 metrics.shutdown()
             raise MountError(f"cannot mount {mountpoint}: {exc}") from None
-        log.info(
-            "mounted %s at %s (%d files, %d bytes)",
-            config.source.url,
-            mountpoint,
-            ops.namespace.file_count,
-            ops.namespace.total_bytes,
-        )
+        log.info("mounted %s at %s", config.source.url, mountpoint)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
+                await nursery.start(ops.namespace.run)
                 assert ops.eager is not None
                 await nursery.start(ops.eager.run)
                 if config.eager_model:
-                    _stream_model(ops)
+                    nursery.start_soon(_stream_model, ops, config.retry_deadline)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
                 nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
                 # Requests beyond what the budget can serve at once wait in the kernel's queue.
@@ -239,15 +238,22 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
         await ops.namespace.backend.aclose()
 
 
-def _stream_model(ops: ModelFS) -> None:
-    """--eager-model: stream every weight file now, before anyone opens it."""
-    assert ops.eager is not None
-    refs = [
-        ObjectRef(ops.namespace.backend.object_key(info.name), info.name, info.version, info.size)
-        for node in ops.namespace.files()
-        if (info := node.info) is not None
-    ]
-    count = ops.eager.stream_model(refs)
+async def _stream_model(ops: ModelFS, retry_deadline: float) -> None:
+    """--eager-model: stream every weight file now, before anyone opens it.
+
+    The walk lists one directory page at a time and keeps only the weight files it finds.
+    """
+    eager = ops.eager
+    assert eager is not None
+    backend = ops.namespace.backend
+    refs: list[ObjectRef] = []
+    try:
+        async for info in walk_objects(backend, retry_deadline=retry_deadline):
+            if eager.wants(info.name) and info.size > 0:
+                refs.append(ObjectRef(backend.object_key(info.name), info.name, info.version, info.size))
+    except BackendError as exc:
+        log.warning("--eager-model: cannot list %s (%s); streaming what was found", backend.description, exc)
+    count = eager.stream_model(refs)
     log.info("streaming %d weight file(s) into the disk cache, in name order", count)
 
 

@@ -22,17 +22,18 @@ import trio
 
 from modelfs.backends import open_backend
 from modelfs.backends.base import ObjectInfo
-from modelfs.backends.retry import retry_transient
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
 from modelfs.errors import ModelfsError
-from modelfs.names import ParsedName, parse_object_name
+from modelfs.walk import walk_objects
 
 __all__ = ["warm", "WarmResult"]
 
 log = logging.getLogger(__name__)
+
+_WALK_AHEAD = 1000  # objects the walk may list ahead of the fetches
 
 
 @dataclass
@@ -144,22 +145,35 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     )
     result = WarmResult()
     try:
-        objects = await retry_transient(
-            backend.list_objects, deadline=config.retry_deadline, what=f"listing {backend.description}"
-        )
-        files = [o for o in objects if isinstance(parse_object_name(o.name), ParsedName) and not o.name.endswith("/")]
-        total = sum(o.size for o in files)
-        if total > config.disk_cache:
-            log.warning(
-                "the source (%d bytes) is larger than --disk-cache (%d): the first objects will be evicted again",
-                total,
-                config.disk_cache,
-            )
         disk.open()
-        progress = _Progress(total, out)
+        # The walk runs ahead of the fetches through a bounded channel: the total grows as it
+        # finds objects, and only the queued ones are held, never the whole listing.
+        progress = _Progress(0, out)
+        send, receive = trio.open_memory_channel[ObjectInfo](_WALK_AHEAD)
+
+        failed: list[BaseException] = []
+
+        async def produce() -> None:
+            warned = False
+            async with send:
+                try:
+                    async for info in walk_objects(backend, retry_deadline=config.retry_deadline):
+                        progress.total += info.size
+                        if progress.total > config.disk_cache and not warned:
+                            warned = True
+                            log.warning(
+                                "the source is larger than --disk-cache (%d bytes): "
+                                "the first objects will be evicted again",
+                                config.disk_cache,
+                            )
+                        await send.send(info)
+                except ModelfsError as exc:
+                    failed.append(exc)  # raised below as itself, not inside an exception group
+
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
-            for info in files:
+            nursery.start_soon(produce)
+            async for info in receive:
                 ok = await _warm_object(store, info, backend.object_key(info.name), window, progress)
                 result.objects += 1
                 result.bytes += info.size
@@ -173,6 +187,8 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
                     progress.object_done(info.name, "cached, checksum ok")
             await store.drain()
             nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
         progress.finish()
         result.fetched_bytes = store.stats.backend_bytes
         return result

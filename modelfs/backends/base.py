@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ObjectInfo", "Backend"]
+__all__ = ["ObjectInfo", "ListPage", "Backend"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,21 @@ class ObjectInfo:
     md5: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of one directory's listing (a delimiter listing: nothing below a subdirectory).
+
+    ``objects`` are the objects directly in the directory, named like :class:`ObjectInfo`
+    (relative to the root); the directory's own placeholder object (name == the prefix) may
+    be among them. ``prefixes`` are its subdirectories, relative to the root, each ending in
+    '/'. ``next_token`` continues the listing; None on the last page.
+    """
+
+    objects: list[ObjectInfo]
+    prefixes: list[str]
+    next_token: str | None = None
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What modelfs needs of an object store. Every method may raise a BackendError."""
@@ -45,6 +60,15 @@ class Backend(Protocol):
 
     async def list_objects(self) -> list[ObjectInfo]:
         """Every object below the root (recursively). NotFound if the bucket or root is missing."""
+        ...
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        """One page of the directory ``prefix`` ('' for the root, else ending in '/').
+
+        ``token`` is the previous page's ``next_token``; ``limit`` caps the entries of this
+        page (objects plus prefixes), e.g. 1 to ask whether anything lies below a prefix.
+        NotFound if the bucket or root is missing (a missing subdirectory is an empty page).
+        """
         ...
 
     async def stat(self, name: str) -> ObjectInfo:

@@ -17,7 +17,7 @@ import logging
 from datetime import datetime
 from urllib.parse import quote, urlsplit
 
-from modelfs.backends.base import ObjectInfo
+from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.gcs_media import CheckResponse, MediaTransport, plain_transport_applies
 from modelfs.backends.private import gcs_client
@@ -39,6 +39,7 @@ __all__ = ["GCSBackend"]
 log = logging.getLogger(__name__)
 
 _LIST_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),nextPageToken"
+_DIR_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),prefixes,nextPageToken"
 
 
 def _mtime(updated: datetime | None) -> float:
@@ -152,6 +153,44 @@ class GCSBackend(ThreadedBackend):
 
     async def list_objects(self) -> list[ObjectInfo]:
         return await self.run_blocking(self._list)
+
+    def _list_dir(self, prefix: str, token: str | None, limit: int | None) -> ListPage:
+        try:
+            if self._single is not None:
+                return ListPage([self._stat(self._single)] if not prefix else [], [])
+            iterator = self._client.list_blobs(
+                self._bucket,
+                prefix=self._prefix + prefix or None,
+                delimiter="/",
+                page_token=token,
+                max_results=limit,
+                fields=_DIR_FIELDS,
+                timeout=self._timeout,
+                retry=None,
+            )
+            page = next(iterator.pages)
+            objects = [self._to_info(blob) for blob in page]
+            prefixes = [p[len(self._prefix) :] for p in page.prefixes]
+            next_token = iterator.next_page_token if limit is None else None
+            if not prefix and token is None and not objects and not prefixes and self._source.prefix:
+                # gs://bucket/path/model.safetensors: one object, shown in a directory of its own.
+                blob = self._bucket.get_blob(self._source.prefix, timeout=self._timeout, retry=None)
+                if blob is not None:
+                    parent, _, name = self._source.prefix.rpartition("/")
+                    self._prefix = parent + "/" if parent else ""
+                    self._single = name
+                    return ListPage([self._to_info(blob)], [])
+            return ListPage(objects, prefixes, next_token)
+        except NotFound:
+            raise
+        except Exception as exc:
+            err = self.classify(exc, self._source.url)
+            if isinstance(err, NotFound):
+                raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
+            raise err from None
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        return await self.run_blocking(self._list_dir, prefix, token, limit)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:

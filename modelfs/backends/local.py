@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 
-from modelfs.backends.base import ObjectInfo
+from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.responses import RangeRequest
 from modelfs.backends.skeleton import ThreadedBackend
 from modelfs.config import Source
@@ -65,6 +65,37 @@ class LocalBackend(ThreadedBackend):
 
     async def list_objects(self) -> list[ObjectInfo]:
         return await self.run_blocking(self._list)
+
+    def _list_dir(self, prefix: str, limit: int | None) -> ListPage:
+        """One directory in one page; a subdirectory's own entry stands for its placeholder."""
+        path = os.path.join(self._root, prefix)
+        if not os.path.isdir(self._root):
+            raise NotFound(f"{self._source.url}: no such directory")
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        try:
+            if prefix:
+                objects.append(ObjectInfo(prefix, 0, os.stat(path).st_mtime, "0"))
+            with os.scandir(path) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    if limit is not None and len(objects) + len(prefixes) >= limit:
+                        break
+                    try:
+                        if entry.is_dir():
+                            prefixes.append(prefix + entry.name + "/")
+                        elif entry.is_file():
+                            st = entry.stat()
+                            objects.append(ObjectInfo(prefix + entry.name, st.st_size, st.st_mtime, _version(st)))
+                    except OSError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            return ListPage([], [])
+        except PermissionError:
+            raise AccessDenied(f"{prefix}: permission denied") from None
+        return ListPage(objects, prefixes)
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        return await self.run_blocking(self._list_dir, prefix, limit)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:

@@ -6,6 +6,7 @@ VersionChanged) and counts what was asked of it, so tests can assert "N readers,
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from modelfs.backends.base import ObjectInfo
+from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.errors import NotFound, VersionChanged
 
 __all__ = ["MemoryBackend", "ramp"]
@@ -35,7 +36,14 @@ class _Stored:
 
 @dataclass
 class MemoryBackend:
-    """Objects held in a dict. ``fault(name, offset, length)`` may raise to inject failures."""
+    """Objects held in a dict. ``fault(name, offset, length)`` may raise to inject failures.
+
+    Listing and metadata calls are counted apart: ``list_calls`` whole-tree listings,
+    ``page_calls`` directory pages, ``probe_calls`` one-result listings (is there anything
+    below ``name/``?), ``stat_calls`` object metadata. ``meta_fault(op, name)`` may raise to
+    fail them (an outage); while ``list_gate`` is set to an unset event, directory pages wait
+    for it (a slow listing).
+    """
 
     objects: dict[str, _Stored] = field(default_factory=dict)
     latency: float = 0.0
@@ -46,18 +54,28 @@ class MemoryBackend:
     in_flight: int = 0
     max_in_flight: int = 0
     read_log: list[tuple[str, int, int]] = field(default_factory=list)
+    page_size: int = 1000
+    page_calls: int = 0
+    probe_calls: int = 0
+    stat_calls: int = 0
+    meta_fault: Callable[[str, str], None] | None = None
+    list_gate: trio.Event | None = None
     _next_version: int = 1
+    _sorted: list[str] | None = None
 
     description: str = "memory://"
 
     def put(self, name: str, data: bytes) -> str:
         """Create or overwrite an object; returns its new version."""
         self._next_version += 1
+        if name not in self.objects:
+            self._sorted = None
         self.objects[name] = _Stored(bytes(data), self._next_version, time.time())
         return str(self._next_version)
 
     def delete(self, name: str) -> None:
         del self.objects[name]
+        self._sorted = None
 
     def object_key(self, name: str) -> str:
         return f"memory:///{name}"
@@ -74,8 +92,51 @@ class MemoryBackend:
         await trio.sleep(0)
         return [self._info(name, obj) for name, obj in sorted(self.objects.items())]
 
-    async def stat(self, name: str) -> ObjectInfo:
+    def _keys(self) -> list[str]:
+        if self._sorted is None:
+            self._sorted = sorted(self.objects)
+        return self._sorted
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        if limit == 1:
+            self.probe_calls += 1
+        else:
+            self.page_calls += 1
+            if self.list_gate is not None:
+                await self.list_gate.wait()
         await trio.sleep(0)
+        if self.meta_fault is not None:
+            self.meta_fault("list", prefix)
+        keys = self._keys()
+        if token is None:
+            i = bisect.bisect_left(keys, prefix)
+        elif token.endswith("/"):
+            i = bisect.bisect_left(keys, token[:-1] + "0")  # '0' follows '/': past everything below it
+        else:
+            i = bisect.bisect_right(keys, token)
+        room = min(limit or self.page_size, self.page_size)
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        last: str | None = None
+        while i < len(keys) and keys[i].startswith(prefix):
+            if len(objects) + len(prefixes) >= room:
+                return ListPage(objects, prefixes, last)
+            rest = keys[i][len(prefix) :]
+            if "/" in rest:
+                last = prefix + rest.split("/", 1)[0] + "/"
+                prefixes.append(last)
+                i = bisect.bisect_left(keys, last[:-1] + "0")
+            else:
+                last = keys[i]
+                objects.append(self._info(last, self.objects[last]))
+                i += 1
+        return ListPage(objects, prefixes, None)
+
+    async def stat(self, name: str) -> ObjectInfo:
+        self.stat_calls += 1
+        await trio.sleep(0)
+        if self.meta_fault is not None:
+            self.meta_fault("stat", name)
         try:
             return self._info(name, self.objects[name])
         except KeyError:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from modelfs.backends.base import ObjectInfo
+from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.private.botocore_raw import raw_stream
 from modelfs.backends.responses import (
@@ -213,6 +213,30 @@ class S3Backend(ThreadedBackend):
 
     async def list_objects(self) -> list[ObjectInfo]:
         return await self.run_blocking(self._list)
+
+    def _list_dir(self, prefix: str, token: str | None, limit: int | None) -> ListPage:
+        params: dict[str, Any] = {"Bucket": self._source.bucket, "Prefix": self._prefix + prefix, "Delimiter": "/"}
+        if token is not None:
+            params["ContinuationToken"] = token
+        if limit is not None:
+            params["MaxKeys"] = limit
+        try:
+            resp = self._client.list_objects_v2(**params)
+        except Exception as exc:
+            err = self._classify(exc, self._source.url)
+            if isinstance(err, NotFound):
+                raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
+            raise err from None
+        objects = [
+            self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"])
+            for item in resp.get("Contents", ())
+        ]
+        prefixes = [item["Prefix"][len(self._prefix) :] for item in resp.get("CommonPrefixes", ())]
+        truncated = resp.get("IsTruncated") and limit is None
+        return ListPage(objects, prefixes, resp.get("NextContinuationToken") if truncated else None)
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        return await trio.to_thread.run_sync(self._list_dir, prefix, token, limit, limiter=self._limiter)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:

@@ -1,4 +1,5 @@
-"""Namespace over a MemoryBackend: tree building, name conflicts, stable inodes, TTL."""
+"""The lazy namespace over a MemoryBackend: per-directory listings, lookups by name, stale-while-
+revalidate, bounded listing cache, freed nodes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import trio.testing
 
 from modelfs.backends.memory import MemoryBackend
 from modelfs.errors import NotFound, TransientError
-from modelfs.inodes import ROOT_INODE, Namespace, Node
+from modelfs.inodes import ENTRY_BYTES, ROOT_INODE, Namespace, Node
+from modelfs.walk import walk_objects
 
 
 def backend_with(*names: str) -> MemoryBackend:
@@ -18,32 +20,49 @@ def backend_with(*names: str) -> MemoryBackend:
     return backend
 
 
-async def walk(ns: Namespace, path: str) -> Node:
+async def walk(ns: Namespace, path: str, *, hold: bool = False) -> Node:
+    """Look ``path`` up component by component, holding each directory as the kernel does;
+    ``hold``: the last component too."""
     node = ns.root
-    for part in path.split("/"):
+    parts = path.split("/")
+    for i, part in enumerate(parts):
         node = await ns.lookup(node.inode, part.encode())
+        if hold or i < len(parts) - 1:
+            ns.remember(node)
     return node
 
 
-def tree(node: Node, prefix: str = "") -> list[str]:
-    """Every path below ``node``; directories end in '/'."""
+async def names(ns: Namespace, directory: Node) -> list[str]:
+    """What readdir would return, in its order (directories end in '/')."""
+    listing = await ns.open_listing(directory)
     out: list[str] = []
-    for name, child in sorted(node.children.items()):
-        path = prefix + name.decode()
-        if child.is_dir:
-            out.append(path + "/")
-            out += tree(child, path + "/")
-        else:
-            out.append(path)
+    index = 0
+    while (entry := await ns.entry(listing, index)) is not None:
+        name, node = entry
+        out.append(name.decode() + ("/" if node.is_dir else ""))
+        index += 1
     return out
 
 
-async def test_tree_from_listing_with_nested_prefixes() -> None:
-    """Nested names become nested directories; sizes and versions come from the listing."""
+async def tree(ns: Namespace, directory: Node, prefix: str = "") -> list[str]:
+    """Every path below ``directory``, by listing each directory."""
+    out: list[str] = []
+    for name in await names(ns, directory):
+        out.append(prefix + name)
+        if name.endswith("/"):
+            child = await ns.lookup(directory.inode, name[:-1].encode())
+            ns.remember(child)
+            out += await tree(ns, child, prefix + name)
+    return out
+
+
+async def test_tree_from_per_directory_listings() -> None:
+    """Nested names become nested directories, each listed on its own; sizes and versions from the listing."""
     backend = backend_with("config.json", "sub/deeper/model.bin", "sub/tok.json", "sub/deeper/x/y.bin")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
-    await ns.refresh()
-    assert tree(ns.root) == [
+    await ns.start()
+    assert backend.page_calls == 1 and backend.list_calls == 0
+    assert await tree(ns, ns.root) == [
         "config.json",
         "sub/",
         "sub/deeper/",
@@ -52,57 +71,111 @@ async def test_tree_from_listing_with_nested_prefixes() -> None:
         "sub/deeper/x/y.bin",
         "sub/tok.json",
     ]
+    assert backend.page_calls == 4  # one page per directory, never the whole tree
     model = await walk(ns, "sub/deeper/model.bin")
-    assert not model.is_dir
+    assert not model.is_dir and model.path == "sub/deeper/model.bin"
     assert model.size == len(b"sub/deeper/model.bin") * 3
     assert model.info is not None and model.info.version == str(backend.objects["sub/deeper/model.bin"].version)
     assert ns.file_count == 4
     assert ns.total_bytes == sum(len(o.data) for o in backend.objects.values())
     sub = await walk(ns, "sub")
     assert sub.is_dir and (await ns.lookup(sub.inode, b"..")) is ns.root
-    deeper = await walk(ns, "sub/deeper")
+    ns.remember(sub)
+    deeper = await ns.lookup(sub.inode, b"deeper")
+    ns.remember(deeper)
     assert await ns.lookup(deeper.inode, b"..") is sub
     assert await ns.lookup(deeper.inode, b".") is deeper
     assert await ns.lookup(ROOT_INODE, b"..") is ns.root
+    assert backend.stat_calls == 0 and backend.probe_calls == 0
 
 
 async def test_placeholder_directory_objects() -> None:
     """A 'dir/' object is an (empty) directory; a placeholder next to real children merges."""
     backend = backend_with("empty/", "withplace/", "withplace/file.txt")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
-    await ns.refresh()
-    assert tree(ns.root) == ["empty/", "withplace/", "withplace/file.txt"]
+    assert await tree(ns, ns.root) == ["empty/", "withplace/", "withplace/file.txt"]
     empty = await walk(ns, "empty")
-    assert empty.is_dir and empty.children == {}
-    assert ns.file_count == 1
+    assert empty.is_dir and await names(ns, empty) == []
+    fresh = Namespace(backend, ttl=60, retry_deadline=1)
+    assert (await walk(fresh, "empty")).is_dir  # found by name: the placeholder answers the probe
 
 
 async def test_object_beside_directory_of_same_name_is_hidden() -> None:
-    """Object 'a' and object 'a/b': the directory wins, 'a/b' stays reachable."""
+    """Object 'a' and object 'a/b': the directory wins, 'a/b' stays reachable (listed or looked up)."""
     backend = backend_with("a", "a/b", "p", "p/")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
-    await ns.refresh()
-    assert tree(ns.root) == ["a/", "a/b", "p/"]
+    assert await tree(ns, ns.root) == ["a/", "a/b", "p/"]
     assert (await walk(ns, "a")).is_dir
     assert not (await walk(ns, "a/b")).is_dir
     assert ns.file_count == 1
+    fresh = Namespace(backend, ttl=60, retry_deadline=1)
+    assert (await walk(fresh, "a")).is_dir and (await walk(fresh, "p")).is_dir
+    assert not (await walk(fresh, "a/b")).is_dir
+
+
+async def test_object_beside_directory_across_pages() -> None:
+    """'a' on one page and 'a/' on the next: one entry, the directory (a readdir that got to
+    'a' before the next page came shows what it knew then)."""
+    backend = backend_with("a", "a/b")
+    backend.page_size = 1
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    await tree(ns, ns.root)
+    assert await tree(ns, ns.root) == ["a/", "a/b"]
+    assert (await walk(ns, "a")).is_dir
 
 
 async def test_invalid_names_are_skipped() -> None:
-    """Objects whose names cannot be paths are left out, the rest is shown."""
+    """Objects whose names cannot be paths are left out, the rest is shown (a directory that
+    holds only such names is shown empty: it is not listed before it is opened)."""
     backend = backend_with("ok.bin", "a//b", "x/../y", "nul\0", "x" * 300)
     ns = Namespace(backend, ttl=60, retry_deadline=1)
-    await ns.refresh()
-    assert tree(ns.root) == ["ok.bin"]
+    assert await tree(ns, ns.root) == ["a/", "ok.bin", "x/"]
+    fresh = Namespace(backend, ttl=60, retry_deadline=1)
+    for bad in (b"x" * 300, b"nul\0", b"a/b", b"\xff"):
+        with pytest.raises(NotFound):
+            await fresh.lookup(ROOT_INODE, bad)
 
 
 async def test_lookup_of_missing_name_and_inode_raise_not_found() -> None:
-    """Unknown names and inodes are NotFound (ENOENT above)."""
+    """Unknown names and inodes are NotFound (ENOENT above), listed or not."""
     ns = Namespace(backend_with("a"), ttl=60, retry_deadline=1)
+    with pytest.raises(NotFound):
+        await ns.lookup(ROOT_INODE, b"missing")
+    await ns.start()
     with pytest.raises(NotFound):
         await ns.lookup(ROOT_INODE, b"missing")
     with pytest.raises(NotFound):
         ns.get(9999)
+
+
+async def test_unknown_name_costs_one_metadata_request_not_a_listing() -> None:
+    """In a directory never listed, a lookup asks for that name: one stat and one one-result probe."""
+    backend = backend_with(*(f"d{i}/f{j}.bin" for i in range(20) for j in range(20)), "top.bin")
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    with pytest.raises(NotFound):
+        await ns.lookup(ROOT_INODE, b"nothing-here")
+    assert (backend.stat_calls, backend.probe_calls, backend.page_calls, backend.list_calls) == (1, 1, 0, 0)
+    top = await ns.lookup(ROOT_INODE, b"top.bin")
+    assert not top.is_dir and top.size == len(b"top.bin") * 3
+    d7 = await walk(ns, "d7", hold=True)
+    f3 = await ns.lookup(d7.inode, b"f3.bin")
+    assert d7.is_dir and f3.path == "d7/f3.bin"
+    assert backend.page_calls == 0 and backend.list_calls == 0
+    assert backend.stat_calls == 4 and backend.probe_calls == 4
+    assert await ns.lookup(ROOT_INODE, b"top.bin") is top  # within the TTL: no new request
+    assert backend.stat_calls == 4
+
+
+async def test_name_lookup_then_listing_keeps_the_inode() -> None:
+    """A node found by name is the node the directory's listing shows later (same inode)."""
+    backend = backend_with("a/x.bin", "a/y.bin")
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    a = await walk(ns, "a", hold=True)
+    x = await ns.lookup(a.inode, b"x.bin")
+    ns.remember(x)
+    assert await names(ns, a) == ["x.bin", "y.bin"]
+    assert await ns.lookup(a.inode, b"x.bin") is x
+    assert await walk(ns, "a") is a  # the root's listing adopted the looked-up directory
 
 
 async def test_inodes_stable_across_refresh_and_overwrite() -> None:
@@ -111,12 +184,12 @@ async def test_inodes_stable_across_refresh_and_overwrite() -> None:
     inode stays resolvable while the kernel holds it."""
     backend = backend_with("a/b.bin", "c.bin")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
-    await ns.refresh()
-    a = await walk(ns, "a")
-    b = await walk(ns, "a/b.bin")
+    await tree(ns, ns.root)
+    a = await walk(ns, "a", hold=True)
+    b = await ns.lookup(a.inode, b"b.bin")
+    ns.remember(b)  # the kernel holds it, e.g. for an open file
     c = await walk(ns, "c.bin")
     old_version = b.info.version if b.info else None
-    b.lookups = 1  # the kernel holds it, e.g. for an open file
     new_version = backend.put("a/b.bin", b"new and longer contents")
     backend.put("d.bin", b"d")
     await ns.refresh(force=True)
@@ -138,9 +211,9 @@ async def test_deleted_object_disappears_but_inode_lives_until_forgotten() -> No
     """A deleted object leaves the tree; its inode stays resolvable until the kernel forgets it."""
     backend = backend_with("a.bin", "b.bin")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
-    await ns.refresh()
-    a = await walk(ns, "a.bin")
-    a.lookups = 2
+    await ns.start()
+    a = await walk(ns, "a.bin", hold=True)
+    ns.remember(a)
     backend.delete("a.bin")
     await ns.refresh(force=True)
     with pytest.raises(NotFound):
@@ -162,7 +235,7 @@ async def test_kind_change_gets_a_new_inode() -> None:
     """A path that turns from file into directory is a new inode."""
     backend = backend_with("x")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
-    await ns.refresh()
+    await ns.start()
     file_node = await walk(ns, "x")
     backend.delete("x")
     backend.put("x/y", b"y")
@@ -171,109 +244,233 @@ async def test_kind_change_gets_a_new_inode() -> None:
     assert dir_node.is_dir and dir_node.inode != file_node.inode
 
 
-async def test_ttl_no_relisting_before_expiry_and_relisting_after(autojump_clock: trio.testing.MockClock) -> None:
-    """Lookups within the TTL use the cached listing; after it, the next lookup relists."""
-    backend = backend_with("a")
-    ns = Namespace(backend, ttl=10, retry_deadline=1)
-    await ns.lookup(ROOT_INODE, b"a")
-    assert backend.list_calls == 1
-    backend.put("b", b"b")
-    await trio.sleep(9)
-    for _ in range(5):
-        await ns.lookup(ROOT_INODE, b"a")
-    assert backend.list_calls == 1
-    with pytest.raises(NotFound):
-        await ns.lookup(ROOT_INODE, b"b")  # not seen yet
+async def test_forgotten_nodes_are_freed() -> None:
+    """Nodes found by name and then forgotten leave nothing behind; a listing's nodes go with
+    the listing once the kernel holds none of them."""
+    backend = backend_with(*(f"d{i}/f{j}" for i in range(5) for j in range(5)))
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    held: list[Node] = []
+    for i in range(5):
+        d = await walk(ns, f"d{i}", hold=True)
+        f = await ns.lookup(d.inode, b"f1")
+        ns.remember(f)
+        held += [d, f]
+    assert ns.inodes == 11
+    for node in held:
+        ns.forget(node.inode, 1)
+    assert ns.inodes == 1 and ns.root.extra is None
+    assert all(node.extra is None for node in held if node.is_dir)
+    # Listed directories: the listing holds its nodes while cached; a tiny cache drops them.
+    small = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=12 * ENTRY_BYTES)
+    for i in range(5):
+        d = await walk(small, f"d{i}", hold=True)
+        await names(small, d)
+        small.forget(d.inode, 1)
+    assert small.metadata_bytes <= small.metadata_capacity
+    assert small.cached_dirs < 6 and small.inodes == 1
+
+
+async def test_evicted_listing_keeps_held_nodes_findable() -> None:
+    """When a listing is evicted, nodes the kernel still holds keep their inode on the next lookup."""
+    backend = backend_with("a/x", "a/y", "b/x", "b/y", "c/x")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=5 * ENTRY_BYTES)
+    a = await walk(ns, "a", hold=True)
+    await names(ns, a)
+    x = await ns.lookup(a.inode, b"x")
+    ns.remember(x)
+    for other in ("b", "c"):
+        await names(ns, await walk(ns, other, hold=True))
+    assert a.listing is None  # evicted (least recently used)
+    assert await ns.lookup(a.inode, b"x") is x
+    assert await names(ns, a) == ["x", "y"]
+    assert await ns.lookup(a.inode, b"x") is x
+
+
+async def test_readdir_of_a_large_directory_page_by_page() -> None:
+    """A directory of many entries is read page by page as readdir gets to them, in order, once."""
+    backend = MemoryBackend(page_size=100)
+    expected = [f"f{i:05d}" for i in range(1000)] + [f"sub{i}/" for i in range(5)]
+    for name in expected:
+        backend.put(name + ("x" if name.endswith("/") else ""), b"z")
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    listing = await ns.open_listing(ns.root)
+    assert backend.page_calls == 1 and len(listing.names) == 100
+    first = await ns.entry(listing, 99)
+    assert first is not None and first[0] == b"f00099" and backend.page_calls == 1
+    second = await ns.entry(listing, 100)
+    assert second is not None and second[0] == b"f00100" and backend.page_calls == 2
+    assert await names(ns, ns.root) == expected
+    assert backend.page_calls == 11
+    assert len(listing.names) == len(listing.by_name) == len(expected)
+    assert ns.file_count == 1000
+    again = await ns.open_listing(ns.root)
+    assert again is listing and backend.page_calls == 11  # cached, within the TTL
+
+
+async def test_directory_larger_than_the_cache_is_still_listed() -> None:
+    """A listing over the whole cache is read through its handle but not cached; lookups ask by name."""
+    backend = MemoryBackend(page_size=10)
+    for i in range(50):
+        backend.put(f"f{i:02d}", b"z")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=20 * ENTRY_BYTES)
+    assert len(await names(ns, ns.root)) == 50
+    assert ns.metadata_bytes <= ns.metadata_capacity and ns.root.listing is None
+    assert not (await ns.lookup(ROOT_INODE, b"f42")).is_dir
+    assert backend.stat_calls == 1
+
+
+async def test_lookup_after_the_ttl_does_not_wait_for_a_listing(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Past the TTL a lookup answers from the cached listing at once, while the directory is
+    listed again behind it (the listing here blocks until the test lets it go)."""
+    backend = backend_with("a", "b")
+    ns = Namespace(backend, ttl=10, retry_deadline=30)
+    await nursery.start(ns.run)
+    await ns.start()
+    a = await ns.lookup(ROOT_INODE, b"a")
+    backend.put("c", b"c")
+    backend.delete("b")
+    await trio.sleep(11)
+    backend.list_gate = trio.Event()
+    with trio.fail_after(0.5):  # virtual time: a lookup that waited for the gate would time out
+        for _ in range(20):
+            assert await ns.lookup(ROOT_INODE, b"a") is a
+        assert (await ns.lookup(ROOT_INODE, b"b")).size == 3  # stale, but answered at once
+        with pytest.raises(NotFound):
+            await ns.lookup(ROOT_INODE, b"c")
+        listing = await ns.open_listing(ns.root)
+        assert [n for n in listing.names] == [b"a", b"b"]
     await trio.sleep(1)
-    assert (await ns.lookup(ROOT_INODE, b"b")).size == 1
-    assert backend.list_calls == 2
+    assert backend.page_calls == 2  # one refresh for all those stale lookups
+    assert ns.stale_served >= 20
+    backend.list_gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert ns.refreshes == 1
+    assert (await ns.lookup(ROOT_INODE, b"c")).size == 1
+    with pytest.raises(NotFound):
+        await ns.lookup(ROOT_INODE, b"b")
+    assert await ns.lookup(ROOT_INODE, b"a") is a  # same version: same inode
+    assert [n for n in listing.names] == [b"a", b"b"]  # an open handle keeps its listing
+
+
+async def test_stale_name_lookup_is_served_and_refreshed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A name found by lookup (directory never listed) is served stale too; the refresh lists the directory."""
+    backend = backend_with("d/a", "d/b")
+    ns = Namespace(backend, ttl=10, retry_deadline=30)
+    await nursery.start(ns.run)
+    d = await walk(ns, "d", hold=True)
+    a = await ns.lookup(d.inode, b"a")
+    ns.remember(a)
+    await trio.sleep(11)
+    backend.list_gate = trio.Event()
+    with trio.fail_after(0.5):
+        assert await ns.lookup(d.inode, b"a") is a
+    backend.list_gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert d.listing is not None and d.listing.complete and await ns.lookup(d.inode, b"a") is a
+
+
+async def test_outage_serves_stale_without_waiting_for_the_retry_deadline(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With the backend down, stale listings answer at once; the failed refresh keeps them and
+    tries again a TTL later; a directory never listed fails (after the retries)."""
+    backend = backend_with("a.bin", "sub/x.bin", "other/y.bin")
+    down = False
+
+    def outage(op: str, name: str) -> None:
+        if down:
+            raise TransientError("connection refused")
+
+    backend.meta_fault = outage
+    ns = Namespace(backend, ttl=10, retry_deadline=30)
+    await nursery.start(ns.run)
+    await ns.start()
+    a = await walk(ns, "a.bin")
+    sub = await walk(ns, "sub", hold=True)
+    await names(ns, sub)
+    down = True
+    await trio.sleep(11)
+    with trio.fail_after(1):  # far below the 30 s retry deadline
+        assert await walk(ns, "a.bin") is a
+        assert await names(ns, sub) == ["x.bin"]
+    await trio.sleep(40)  # the background refreshes give up
+    assert ns.refresh_failures == 2
+    with trio.fail_after(1):
+        assert await walk(ns, "a.bin") is a
+    other = await ns.lookup(ROOT_INODE, b"other")
+    ns.remember(other)
+    with pytest.raises(TransientError):
+        await ns.open_listing(other)  # never listed: nothing to serve
+    down = False
+    backend.put("b.bin", b"b")
+    await trio.sleep(11)
+    await walk(ns, "a.bin")  # stale: starts a refresh
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await walk(ns, "b.bin")).size == 1
 
 
 async def test_ttl_minus_one_never_relists(autojump_clock: trio.testing.MockClock) -> None:
-    """ttl -1: one listing for the life of the mount (force still relists)."""
+    """ttl -1: one listing per directory for the life of the mount (force still relists)."""
     backend = backend_with("a")
     ns = Namespace(backend, ttl=-1, retry_deadline=1)
+    await ns.start()
     await ns.lookup(ROOT_INODE, b"a")
     await trio.sleep(10**6)
     await ns.lookup(ROOT_INODE, b"a")
-    await ns.refresh()
-    assert backend.list_calls == 1
+    await ns.open_listing(ns.root)
+    assert backend.page_calls == 1
     await ns.refresh(force=True)
-    assert backend.list_calls == 2
+    assert backend.page_calls == 2
 
 
-async def test_ttl_zero_relists_every_time(autojump_clock: trio.testing.MockClock) -> None:
-    """ttl 0: every lookup sees a fresh listing."""
+async def test_ttl_zero_without_a_nursery_relists_inline(autojump_clock: trio.testing.MockClock) -> None:
+    """ttl 0 and no background nursery: every lookup sees a fresh listing."""
     backend = backend_with("a")
     ns = Namespace(backend, ttl=0, retry_deadline=1)
+    await ns.start()
     for _ in range(3):
         await ns.lookup(ROOT_INODE, b"a")
-    assert backend.list_calls == 3
+    assert backend.page_calls == 4
 
 
-async def test_concurrent_refreshes_list_once(autojump_clock: trio.testing.MockClock) -> None:
-    """Many lookups racing on a stale listing cause one listing."""
+async def test_transient_listing_failure_is_retried(autojump_clock: trio.testing.MockClock) -> None:
+    """A first listing that fails transiently is retried; the tree appears."""
     backend = backend_with("a")
-    ns = Namespace(backend, ttl=10, retry_deadline=1)
-    async with trio.open_nursery() as nursery:
-        for _ in range(10):
-            nursery.start_soon(ns.lookup, ROOT_INODE, b"a")
-    assert backend.list_calls == 1
-
-
-async def test_transient_listing_failure_is_retried(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A listing that fails transiently is retried; the tree appears."""
-    backend = backend_with("a")
-    real = backend.list_objects
     failures = 2
 
-    async def flaky() -> list:  # type: ignore[type-arg]
+    def flaky(op: str, name: str) -> None:
         nonlocal failures
         if failures:
             failures -= 1
             raise TransientError("503")
-        return await real()
 
-    monkeypatch.setattr(backend, "list_objects", flaky)
+    backend.meta_fault = flaky
     ns = Namespace(backend, ttl=10, retry_deadline=30)
+    await ns.start()
     assert not (await ns.lookup(ROOT_INODE, b"a")).is_dir
     assert failures == 0
 
 
-async def test_unreachable_backend_keeps_the_last_listing(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A refresh that fails past the retry deadline keeps the last listing (cached data stays
-    reachable) and tries again one TTL later; the first listing still has to succeed."""
-    backend = backend_with("a.bin")
-    real = backend.list_objects
-    down = False
-    calls = 0
+async def test_missing_root_fails_start() -> None:
+    """A missing bucket or root (NotFound from the first page) fails start()."""
+    backend = backend_with("a")
 
-    async def maybe_down() -> list:  # type: ignore[type-arg]
-        nonlocal calls
-        calls += 1
-        if down:
-            raise TransientError("connection refused")
-        return await real()
+    def missing(op: str, name: str) -> None:
+        raise NotFound("memory://: bucket 'x' not found")
 
-    monkeypatch.setattr(backend, "list_objects", maybe_down)
-    ns = Namespace(backend, ttl=10, retry_deadline=2)
-    a = await walk(ns, "a.bin")
-    down = True
-    await trio.sleep(11)
-    assert await walk(ns, "a.bin") is a  # served from the last listing, after the retries
-    failed_calls = calls
-    assert failed_calls > 2
-    assert await walk(ns, "a.bin") is a
-    assert calls == failed_calls  # no new attempt before another TTL
-    down = False
-    backend.put("b.bin", b"b")
-    await trio.sleep(11)
-    assert (await walk(ns, "b.bin")).size == 1
-    fresh = Namespace(backend, ttl=10, retry_deadline=2)
-    down = True
-    with pytest.raises(TransientError):
-        await fresh.refresh()
+    backend.meta_fault = missing
+    with pytest.raises(NotFound):
+        await Namespace(backend, ttl=10, retry_deadline=1).start()
+
+
+async def test_walk_streams_every_file_page_by_page() -> None:
+    """walk_objects yields each file once (no placeholders, no bad names), across pages and depths."""
+    backend = backend_with("a.bin", "d/", "d/e/f.bin", "d/g.bin", "x//y", "z/1", "z/2", "z/3")
+    backend.page_size = 2
+    found = [info.name async for info in walk_objects(backend, retry_deadline=1)]
+    assert sorted(found) == ["a.bin", "d/e/f.bin", "d/g.bin", "z/1", "z/2", "z/3"]
+    assert backend.list_calls == 0

@@ -135,7 +135,7 @@ async def test_open_directory_is_eisdir_and_opendir_file_is_enotdir(
     assert await fuse_errno(ops.open(sub.st_ino, os.O_RDONLY, CTX)) == errno.EISDIR
     assert await fuse_errno(ops.opendir(conf.st_ino, CTX)) == errno.ENOTDIR
     fh = await ops.opendir(sub.st_ino, CTX)
-    assert [name for name, _ in ops._dir_handles[fh]] == [b"empty.bin", b"model.bin"]
+    assert ops._dir_handles[fh].names == [b"empty.bin", b"model.bin"]
     await ops.releasedir(fh)
     assert fh not in ops._dir_handles
 
@@ -219,7 +219,12 @@ async def test_stats_xattr_on_root(make_store: StoreFactory, backend: MemoryBack
     """user.modelfs.stats on the root is JSON whose counters follow the reads."""
     ops = await build(make_store, backend)
     stats = json.loads(await ops.getxattr(ROOT_INODE, b"user.modelfs.stats", CTX))
-    assert stats["backend_gets"] == 0 and stats["files"] == 3 and stats["bytes"] == len(MODEL) + 8
+    assert stats["backend_gets"] == 0 and stats["files"] == 1 and stats["bytes"] == 8  # the root's listing
+    assert stats["cached_dirs"] == 1 and 0 < stats["metadata_bytes"] <= stats["metadata_capacity"]
+    sub = await ops.lookup(ROOT_INODE, b"sub", CTX)
+    await ops.releasedir(await ops.opendir(sub.st_ino, CTX))
+    stats = json.loads(await ops.getxattr(ROOT_INODE, b"user.modelfs.stats", CTX))
+    assert stats["files"] == 3 and stats["bytes"] == len(MODEL) + 8 and stats["listing_pages"] == 2
     attr = await lookup_path(ops, "config.json")
     info = await ops.open(attr.st_ino, os.O_RDONLY, CTX)
     await ops.read(info.fh, 0, 100)
@@ -247,12 +252,32 @@ async def test_file_xattrs(make_store: StoreFactory, backend: MemoryBackend) -> 
 
 
 async def test_statfs_reports_totals(make_store: StoreFactory, backend: MemoryBackend) -> None:
-    """statfs: file count, total size in 512-byte units, nothing free."""
+    """statfs: files and their size in 512-byte units over the listed directories, nothing free."""
     ops = await build(make_store, backend)
+    sub = await ops.lookup(ROOT_INODE, b"sub", CTX)
+    await ops.releasedir(await ops.opendir(sub.st_ino, CTX))
     st = await ops.statfs(CTX)
     assert st.f_files == 3
     assert st.f_blocks == -(-(len(MODEL) + 8) // 512)
     assert st.f_bfree == 0 and st.f_namemax == 255
+
+
+async def test_forget_frees_nodes_and_dir_handles_free_listings(make_store: StoreFactory, backend: MemoryBackend) -> None:
+    """Looked-up nodes leave the inode table when forgotten; a reopen after that starts a fresh
+    page cache (keep_cache off); releasedir drops the handle."""
+    ops = await build(make_store, backend)
+    sub = await ops.lookup(ROOT_INODE, b"sub", CTX)
+    model = await ops.lookup(sub.st_ino, b"model.bin", CTX)
+    first = await ops.open(model.st_ino, os.O_RDONLY, CTX)
+    await ops.release(first.fh)
+    fh = await ops.opendir(sub.st_ino, CTX)
+    assert ops.namespace.inodes == 3
+    await ops.releasedir(fh)
+    await ops.forget([(model.st_ino, 1), (sub.st_ino, 1)])
+    assert ops.namespace.inodes == 1 and not ops._dir_handles
+    sub = await ops.lookup(ROOT_INODE, b"sub", CTX)
+    model = await ops.lookup(sub.st_ino, b"model.bin", CTX)
+    assert (await ops.open(model.st_ino, os.O_RDONLY, CTX)).keep_cache is False
 
 
 async def test_forget_releases_deleted_inodes(make_store: StoreFactory, backend: MemoryBackend) -> None:

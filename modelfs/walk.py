@@ -1,0 +1,51 @@
+"""A streaming walk of every object below a backend's root, one directory page at a time.
+
+``modelfs warm`` and ``--eager-model`` need every file, but not the tree at once: the walk
+holds the page it is reading and the prefixes of the directories still to list, so its
+memory follows the widest directory, not the object count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from modelfs.backends.base import Backend, ListPage, ObjectInfo
+from modelfs.backends.retry import retry_transient
+from modelfs.names import ParsedName, parse_object_name
+
+__all__ = ["walk_objects"]
+
+log = logging.getLogger(__name__)
+
+
+async def walk_objects(backend: Backend, *, retry_deadline: float) -> AsyncIterator[ObjectInfo]:
+    """Every file object below the root (no placeholders, no names that cannot be paths).
+
+    Depth first; within a directory its files come before its subdirectories, each in the
+    store's order. Transient failures are retried up to ``retry_deadline`` per page.
+    """
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        token: str | None = None
+        subdirs: list[str] = []
+        while True:
+            page: ListPage = await retry_transient(
+                lambda: backend.list_dir(prefix, token),
+                deadline=retry_deadline,
+                what=f"listing {backend.description} {prefix}",
+            )
+            for info in page.objects:
+                if info.name.endswith("/"):
+                    continue
+                parsed = parse_object_name(info.name)
+                if isinstance(parsed, ParsedName):
+                    yield info
+                else:
+                    log.debug("skipping %r: %s", info.name, parsed)
+            subdirs.extend(p for p in page.prefixes if isinstance(parse_object_name(p), ParsedName))
+            token = page.next_token
+            if token is None:
+                break
+        pending.extend(reversed(subdirs))
