@@ -108,8 +108,10 @@ class ModelFS(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.generation = 0
-        attr.entry_timeout = self.ttl
-        attr.attr_timeout = self.ttl
+        # What is left of the TTL of the listing that vouches for the node: an answer served
+        # stale (while its directory is listed again) is asked for again soon.
+        valid = self.namespace.valid_for(node)
+        attr.entry_timeout = attr.attr_timeout = self.ttl if valid < 0 else min(self.ttl, valid)
         if node.is_dir:
             attr.st_mode = stat.S_IFDIR | 0o555
             attr.st_nlink = 2

@@ -68,7 +68,7 @@ class Node:
         inode: int,
         name: bytes,
         path: str,
-        parent: "Node | None",
+        parent: Node | None,
         is_dir: bool,
         info: ObjectInfo | None = None,
         mtime: float = 0.0,
@@ -97,7 +97,7 @@ class Node:
         return self.path + "/" if self.path else ""
 
     @property
-    def children(self) -> dict[bytes, "Node"]:
+    def children(self) -> dict[bytes, Node]:
         """The entries known now: the listing's, else those found by lookup."""
         if self.listing is not None:
             return self.listing.by_name
@@ -214,10 +214,13 @@ class Namespace:
     def _fresh(self, since: float) -> bool:
         return self.ttl < 0 or self._now() - since < self.ttl
 
-    def _warn_once(self, name: str, why: str) -> None:
+    def _warn_once(self, name: str, why: str, *, below: bool = False) -> None:
         if len(self._warned) < _MAX_WARNINGS and name not in self._warned:
             self._warned.add(name)
-            log.warning("object %r is not shown: %s", name, why)
+            if below:  # a prefix ('a//', 'x/../'): every object under it is left out
+                log.warning("objects below %r are not shown: %s", name, why)
+            else:
+                log.warning("object %r is not shown: %s", name, why)
 
     def _new_node(self, directory: Node, name: bytes, is_dir: bool, info: ObjectInfo | None) -> Node:
         inode = self._next_inode
@@ -251,7 +254,7 @@ class Namespace:
         """The entry name of ``full`` (an object name or prefix) in ``directory``; None if it cannot be one."""
         parsed = parse_object_name(full)
         if not isinstance(parsed, ParsedName):
-            self._warn_once(full, parsed)
+            self._warn_once(full, parsed, below=is_dir)
             return None
         depth = directory.path.count("/") + 1 if directory.path else 0
         if len(parsed.parts) != depth + 1 or parsed.is_dir != is_dir:
@@ -463,6 +466,25 @@ class Namespace:
             return self._by_inode[inode]
         except KeyError:
             raise NotFound(f"inode {inode} is unknown") from None
+
+    def valid_for(self, node: Node) -> float:
+        """Seconds the kernel may trust ``node``'s entry: what is left of the TTL of the listing
+        (or name lookup) that vouches for it; 0 once stale, so a refreshed answer is asked for
+        soon. -1 when the TTL is -1 (never expires)."""
+        if self.ttl < 0:
+            return -1.0
+        parent = node.parent
+        if parent is None:
+            return self.ttl
+        since: float | None = None
+        listing = parent.listing
+        if listing is not None and listing.by_name.get(node.name) is node:
+            since = listing.started_at
+        elif parent.extra is not None and parent.extra.get(node.name) is node:
+            since = node.checked_at
+        if since is None:
+            return 0.0
+        return max(0.0, self.ttl - (self._now() - since))
 
     def remember(self, node: Node) -> None:
         """The kernel got a reference to ``node`` (a lookup or readdirplus reply)."""

@@ -7,6 +7,7 @@ memory follows the widest directory, not the object count.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -32,7 +33,7 @@ async def walk_objects(backend: Backend, *, retry_deadline: float) -> AsyncItera
         subdirs: list[str] = []
         while True:
             page: ListPage = await retry_transient(
-                lambda: backend.list_dir(prefix, token),
+                functools.partial(backend.list_dir, prefix, token),
                 deadline=retry_deadline,
                 what=f"listing {backend.description} {prefix}",
             )

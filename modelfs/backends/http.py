@@ -36,7 +36,7 @@ import httpx
 import trio
 
 from modelfs import __version__
-from modelfs.backends.base import ObjectInfo
+from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.private.httpcore_read_size import raise_read_size
 from modelfs.backends.responses import (
     Headers,
@@ -324,6 +324,114 @@ class HTTPBackend(BackendSkeleton):
         if errors:
             raise errors[0]
         return [info for info in results if info is not None] + placeholders
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        """One directory: the manifest's entries below ``prefix``, or the server's JSON index of it.
+
+        Each file of the directory is HEADed for its size and version (within the connection
+        limit); a probe (``limit``) only tells whether the directory exists, with a
+        placeholder, and HEADs nothing.
+        """
+        if self._source.file:
+            return ListPage([await self._stat(self._source.file)] if not prefix else [], [])
+        if self._manifest is not None:
+            files, prefixes = await self._manifest_dir(prefix)
+            exists = bool(files or prefixes)
+        else:
+            listed = await self._index_dir(prefix)
+            if listed is None:
+                return ListPage([], [])
+            files, prefixes = listed
+            exists = True
+        if limit is not None:
+            return ListPage([ObjectInfo(prefix, 0, 0.0, "0/lm:")] if exists and prefix else [], [])
+        results: list[ObjectInfo | None] = [None] * len(files)
+        errors: list[BaseException] = []
+
+        async def one(index: int, name: str, size: int | None) -> None:
+            try:
+                results[index] = await self._stat(name, size)
+            except NotFound as exc:
+                if self._manifest is not None:
+                    errors.append(NotFound(f"{self._display(name)}: in the manifest but not on the server"))
+                    nursery.cancel_scope.cancel()
+                else:
+                    log.debug("%s: gone since the index was read: %s", name, exc)
+            except BackendError as exc:
+                errors.append(exc)
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for index, (name, size) in enumerate(files):
+                nursery.start_soon(one, index, name, size)
+        if errors:
+            raise errors[0]
+        return ListPage([info for info in results if info is not None], prefixes)
+
+    async def _manifest_dir(self, prefix: str) -> tuple[list[tuple[str, int | None]], list[str]]:
+        assert self._manifest is not None
+        try:
+            text = await trio.Path(self._manifest).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read manifest {self._manifest}: {exc.strerror}") from None
+        files: list[tuple[str, int | None]] = []
+        prefixes: dict[str, None] = {}
+        for name, size in parse_manifest(text, str(self._manifest)):
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if "/" in rest:
+                prefixes[prefix + rest.split("/", 1)[0] + "/"] = None
+            elif rest:
+                files.append((name, size))
+        return files, list(prefixes)
+
+    async def _index_dir(self, rel: str) -> tuple[list[tuple[str, int | None]], list[str]] | None:
+        """The files and subdirectories of one JSON index; None if a subdirectory is missing."""
+        what = self._base + rel
+        try:
+            resp = await self._client.get(
+                self._base + quote(rel, safe=_PCHAR_SAFE), headers={"Accept": "application/json"}
+            )
+        except Exception as exc:
+            raise self.classify(exc, what) from None
+        if resp.status_code == 404 and rel:
+            return None
+        error = metadata_status_error(resp.status_code, what)
+        if error is not None:
+            raise error
+        try:
+            entries = json.loads(resp.content)
+        except ValueError:
+            entries = None
+        if not isinstance(entries, list):
+            if rel:
+                return None  # a file, not a directory: nothing below it
+            raise BackendError(
+                f"{what}: the server sends no JSON directory index (nginx 'autoindex_format "
+                "json') for this URL: list the files with --manifest FILE"
+            )
+        files: list[tuple[str, int | None]] = []
+        prefixes: list[str] = []
+        deep = rel.count("/") >= _MAX_INDEX_DEPTH
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                continue
+            name = entry["name"]
+            if not name or "/" in name or name in (".", ".."):
+                continue
+            kind = entry.get("type")
+            if kind == "directory":
+                if deep:
+                    self._warn_once(
+                        f"depth:{rel}", "%s: deeper than %d directories: not listed", what, _MAX_INDEX_DEPTH
+                    )
+                    continue
+                prefixes.append(f"{rel}{name}/")
+            elif kind == "file":
+                size = entry.get("size")
+                files.append((rel + name, size if isinstance(size, int) else None))
+        return files, prefixes
 
     async def _walk_index(self, placeholders: list[ObjectInfo]) -> list[tuple[str, int | None]]:
         """Files of the server's JSON directory index below the base URL, recursively."""
