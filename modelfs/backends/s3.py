@@ -223,7 +223,7 @@ class S3Backend(ThreadedBackend):
         try:
             resp = self._client.list_objects_v2(**params)
         except Exception as exc:
-            err = self._classify(exc, self._source.url)
+            err = self.classify(exc, self._source.url)
             if isinstance(err, NotFound):
                 raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
             raise err from None
@@ -236,7 +236,7 @@ class S3Backend(ThreadedBackend):
         return ListPage(objects, prefixes, resp.get("NextContinuationToken") if truncated else None)
 
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
-        return await trio.to_thread.run_sync(self._list_dir, prefix, token, limit, limiter=self._limiter)
+        return await self.run_blocking(self._list_dir, prefix, token, limit)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import trio
 
 from modelfs import __version__
-from modelfs.backends.base import Backend, ObjectInfo
+from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.body import read_exactly
 from modelfs.errors import BackendError, ConfigError, VersionChanged
 
@@ -328,6 +328,9 @@ class TieredBackend:
 
     async def list_objects(self) -> list[ObjectInfo]:
         return await self._inner.list_objects()
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        return await self._inner.list_dir(prefix, token, limit=limit)
 
     async def stat(self, name: str) -> ObjectInfo:
         return await self._inner.stat(name)
