@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfs import __version__
+from modelfs.cache.disk_dir import open_log_file
 from modelfs.config import Config, add_options, build_config
 from modelfs.errors import ConfigError, ModelfsError
 from modelfs.logs import escape, setup_logging
@@ -270,8 +271,7 @@ def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
     assert config.mountpoint is not None
     log_file = config.log_file or config.cache_dir / "modelfs.log"
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log_out = open(log_file, "ab")
+        log_out = open_log_file(log_file, config.cache_dir)  # the cache dir's checks, O_NOFOLLOW
     except OSError as exc:
         raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_fd, write_fd = os.pipe()

@@ -62,6 +62,7 @@ class OpenFiles:
             read_ahead = ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_config)
             entry = _OpenVersion(ref, read_ahead)
             self._by_version[(ref.key, ref.version)] = entry
+            self.store.opened(ref)
         entry.handles += 1
         fh = self._next_fh
         self._next_fh += 1
@@ -77,6 +78,7 @@ class OpenFiles:
             self.eager.closed(entry.ref)
         if entry.handles == 0:
             del self._by_version[(entry.ref.key, entry.ref.version)]
+            self.store.closed(entry.ref)
             self._closed_resets += entry.read_ahead.resets
             self.store.memory.forget_prefetches(entry.ref.key, entry.ref.version)
 

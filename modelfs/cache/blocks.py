@@ -113,9 +113,19 @@ class BlockStore:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.disk is not None:
-                nursery.start_soon(self.disk.scan)
+                nursery.start_soon(self.disk.run)
             task_status.started()
             await trio.sleep_forever()
+
+    def opened(self, obj: ObjectRef) -> None:
+        """A file opened this version: its disk blocks stay while it is open (see disk_index.py)."""
+        if self.disk is not None:
+            self.disk.pin(obj.key, obj.version)
+
+    def closed(self, obj: ObjectRef) -> None:
+        """The last file open at this version closed."""
+        if self.disk is not None:
+            self.disk.unpin(obj.key, obj.version)
 
     def block_count(self, obj: ObjectRef) -> int:
         return ceil_div(obj.size, self.block_size)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+import modelfs.cache.disk as disk_module
 from modelfs.backends.memory import MemoryBackend
+from modelfs.cache.disk_format import ReadResult
 from modelfs.files import OpenFiles
 from modelfs.prefetch import PrefetchConfig
 
@@ -150,7 +154,7 @@ def test_random_mode_forgets_old_seeks() -> None:
     assert ra.last_random
 
 
-async def test_demand_disk_reads_use_the_page_cache(make_store: StoreFactory) -> None:
+async def test_demand_disk_reads_use_the_page_cache(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Disk-cache hits for demand reads go through the page cache; read-ahead uses O_DIRECT."""
     backend = MemoryBackend()
     ref, data = put_ramp(backend, "w.bin", 16 * BLOCK, seed=8)
@@ -160,13 +164,13 @@ async def test_demand_disk_reads_use_the_page_cache(make_store: StoreFactory) ->
         await store.get(ref, index)
     await store.drain()
     calls: list[bool] = []
-    original = store.disk._read_file
+    original = disk_module.read_block
 
-    def spy(rel: str, key: object, dest: memoryview, direct: bool = True) -> str:
+    def spy(path: str, key_bytes: bytes, index: int, dest: memoryview, *, direct: bool) -> ReadResult:
         calls.append(direct)
-        return original(rel, key, dest, direct)  # type: ignore[arg-type]
+        return original(path, key_bytes, index, dest, direct=direct)
 
-    store.disk._read_file = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(disk_module, "read_block", spy)
     block = await store.get(ref, 0)  # evicted from memory: a demand disk hit
     assert bytes(block.view) == data[:BLOCK]
     assert calls == [False]

@@ -1,0 +1,209 @@
+"""The cache directory: made safe to use, locked by one daemon, recreated if it disappears.
+
+modelfs usually runs as root, so a cache dir another user can write to could be turned
+against the host: a lock or log file planted as a symlink to ``/etc/shadow`` would have it
+truncated, and a block file planted under an object's name would be served. So, before
+anything is created or opened in it:
+
+- every directory from ``/`` down to the cache dir must be owned by root or by the daemon's
+  user, and none may be writable by others unless it has the sticky bit (``/tmp``); a
+  symlink on the way is followed only if root owns it (``/var/run``);
+- the cache dir itself must be a real directory (not a symlink) owned by the daemon's user.
+  It is made 0700; one that was writable by others is accepted only if it is empty (a fresh
+  Kubernetes ``emptyDir`` is 0777), since anything in it may have been planted;
+- the lock file, the log file and every block and temporary file are opened with
+  ``O_NOFOLLOW`` (see disk_format.py), so a planted symlink fails instead of being followed.
+
+Every refusal is a one-line MountError naming the path and the reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+from modelfs.errors import MountError
+
+__all__ = ["CacheDir", "check_dir_chain", "open_log_file", "prepare_dir"]
+
+_MAX_SYMLINKS = 40
+
+
+def _refuse(path: Path | str, why: str) -> MountError:
+    return MountError(f"refusing cache dir {path}: {why}")
+
+
+def _check_ancestor(path: str, st: os.stat_result, uid: int) -> None:
+    if st.st_uid not in (0, uid):
+        raise _refuse(path, f"owned by uid {st.st_uid}, not by root or the daemon's user (uid {uid})")
+    if not stat.S_ISDIR(st.st_mode):
+        raise _refuse(path, "not a directory")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise _refuse(path, "writable by every user and not sticky")
+
+
+def check_dir_chain(path: Path, uid: int | None = None, _depth: int = 0) -> Path:
+    """Check every existing directory from ``/`` down to ``path``; the real path checked.
+
+    Components below the first missing one are not checked (they will be created 0700 by
+    the daemon's user). Root-owned symlinks are followed and their targets checked the same
+    way; any other symlink is refused.
+    """
+    uid = os.geteuid() if uid is None else uid
+    if _depth > _MAX_SYMLINKS:
+        raise _refuse(path, "too many levels of symbolic links")
+    parts = Path(os.path.abspath(path)).parts
+    current = Path(parts[0])
+    for position, name in enumerate(parts[1:], 1):
+        candidate = current / name
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            return current.joinpath(*parts[position:])
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid != 0:
+                raise _refuse(path, f"{candidate} is a symlink")
+            target = current / os.readlink(candidate)
+            current = check_dir_chain(target, uid, _depth + 1)
+            continue
+        _check_ancestor(str(candidate), st, uid)
+        current = candidate
+    return current
+
+
+def prepare_dir(root: Path) -> None:
+    """Create ``root`` (0700) if needed and check it and its ancestors; MountError if unsafe."""
+    uid = os.geteuid()
+    check_dir_chain(root.parent, uid)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise MountError(f"cannot use cache dir {root}: {exc.strerror}") from None
+    check_dir_chain(root.parent, uid)  # what was created must pass too
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refuse(root, "a symlink or not a directory") from None
+        raise MountError(f"cannot use cache dir {root}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != uid:
+            raise _refuse(root, f"owned by uid {st.st_uid}, not by the daemon's user (uid {uid})")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            was_open = bool(st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
+            os.fchmod(fd, 0o700)
+            # Tightened first, then looked into: nothing can be planted after the chmod.
+            if was_open and os.listdir(fd):
+                raise _refuse(root, "it was writable by other users and is not empty (anything in it may be planted)")
+    except OSError as exc:
+        raise MountError(f"cannot use cache dir {root}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def open_log_file(path: Path, cache_dir: Path) -> BinaryIO:
+    """The daemon's log file, opened for appending without following a symlink.
+
+    A log file inside the cache dir gets the cache dir's checks first.
+    """
+    if path.parent == cache_dir:
+        prepare_dir(cache_dir)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MountError(f"refusing log file {path}: it is a symlink") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise MountError(f"refusing log file {path}: not a regular file")
+    return os.fdopen(fd, "ab")
+
+
+class CacheDir:
+    """``root`` with its ``blocks`` subdirectory and its lock, held while the daemon runs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blocks = root / "blocks"
+        self._lock_fd: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._lock_fd is not None
+
+    def open(self) -> None:
+        """Check and create the cache dir and lock it, so two daemons never share one.
+
+        MountError (one line) if it is unsafe, unusable or locked by another process.
+        """
+        prepare_dir(self.root)
+        try:
+            os.mkdir(self.blocks, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise MountError(f"cannot use cache dir {self.root}: {exc.strerror}") from None
+        st = os.lstat(self.blocks)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise _refuse(self.root, f"{self.blocks} is not a directory of the daemon's user")
+        self._lock_fd = self._lock()
+
+    def _lock(self) -> int:
+        path = self.root / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _refuse(self.root, f"its lock file {path} is a symlink") from None
+            raise MountError(f"cannot use cache dir {self.root}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                raise _refuse(self.root, f"its lock file {path} is not a private regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise MountError(
+                    f"cache dir {self.root} is in use by another modelfs process (give this mount its own --cache-dir)"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def lost(self) -> bool:
+        """True if the cache dir, its blocks dir or our lock file is no longer there. Blocking."""
+        if self._lock_fd is None:
+            return False
+        try:
+            held = os.fstat(self._lock_fd)
+            now = os.lstat(self.root / "lock")
+            os.lstat(self.blocks)
+        except OSError:
+            return True
+        return (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)
+
+    def reopen(self) -> None:
+        """After the cache dir was deleted: create and lock it again (MountError if that fails)."""
+        self.close()
+        self.open()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

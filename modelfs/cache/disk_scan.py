@@ -1,0 +1,59 @@
+"""The startup scan: what an earlier run left in the blocks directory. Blocking; one thread.
+
+It lists ``blocks/<object>/<file>`` without following a symlink anywhere: a symlink found
+where a directory or a block file belongs is removed (the link, never its target), so
+nothing outside the cache dir is ever listed, counted or deleted. Temporary files of a
+crashed write are deleted (no other process writes here while we hold the lock), except
+our own: the scan runs beside this process's writes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+__all__ = ["scan_blocks"]
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def scan_blocks(blocks_dir: str) -> list[tuple[str, int]]:
+    """``(relative path, size)`` of every block file, least recently used (atime) first."""
+    found: list[tuple[float, str, int]] = []
+    own_tmp = f".{os.getpid()}.tmp"
+    try:
+        objects = list(os.scandir(blocks_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for obj_dir in objects:
+        if obj_dir.is_symlink():
+            _remove(obj_dir.path)
+            continue
+        if not obj_dir.is_dir(follow_symlinks=False):
+            continue
+        try:
+            entries = list(os.scandir(obj_dir.path))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                _remove(entry.path)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if entry.name.endswith(".tmp"):
+                if not entry.name.endswith(own_tmp):  # ours are being written right now
+                    _remove(entry.path)  # left by a crash
+                continue
+            found.append((st.st_atime, f"{obj_dir.name}/{entry.name}", st.st_size))
+    found.sort()
+    return [(rel, size) for _, rel, size in found]
