@@ -114,7 +114,20 @@ class Listing:
     open directory handle keeps reading the one it started with (no copy is made).
     """
 
-    __slots__ = ("directory", "names", "by_name", "token", "complete", "started_at", "cost", "files", "bytes", "lock")
+    __slots__ = (
+        "directory",
+        "names",
+        "by_name",
+        "token",
+        "complete",
+        "started_at",
+        "cost",
+        "files",
+        "bytes",
+        "lock",
+        "base",
+        "streaming",
+    )
 
     def __init__(self, directory: Node, started_at: float) -> None:
         self.directory = directory
@@ -127,6 +140,8 @@ class Listing:
         self.files = 0
         self.bytes = 0
         self.lock = trio.Lock()
+        self.base = 0  # the readdir offset of names[0]: a streaming listing drops what readdir passed
+        self.streaming = False  # too large for the cache: held by its one handle, ahead of readdir only
 
 
 class _ListingCache(cachetools.LRUCache[int, Listing]):
@@ -323,8 +338,10 @@ class Namespace:
         try:
             self._listings[directory.inode] = listing
         except ValueError:
-            # Larger than the whole cache: it lives only while a readdir handle holds it, and
-            # lookups in that directory ask for their one name.
+            # Larger than the whole cache: it lives only while its readdir handle holds it,
+            # keeping only the pages ahead of readdir, and lookups in that directory ask for
+            # their one name.
+            listing.streaming = True
             directory.listing = None
             return
         directory.listing = listing
@@ -396,17 +413,35 @@ class Namespace:
             page = await self._page(listing.directory, listing.token)
             self._add_page(listing, page, previous if previous is not None else listing.directory.listing)
             current = listing.directory.listing
-            if previous is None and (current is None or current is listing or current.started_at < listing.started_at):
+            newer = current is None or current is listing or current.started_at < listing.started_at
+            if previous is None and not listing.streaming and newer:
                 self._cache(listing)
 
     async def entry(self, listing: Listing, index: int) -> tuple[bytes, Node] | None:
         """The ``index``-th entry of ``listing``, reading pages as far as needed; None past the end."""
-        while index >= len(listing.names):
+        while True:
+            i = index - listing.base
+            if i < 0:  # a streaming listing asked to go back (rewinddir): list it again from the start
+                async with listing.lock:
+                    if listing.base:
+                        listing.names.clear()
+                        listing.by_name.clear()
+                        listing.token = None
+                        listing.complete = False
+                        listing.base = 0
+                continue
+            if i < len(listing.names):
+                name = listing.names[i]
+                return name, listing.by_name[name]
             if listing.complete:
                 return None
+            if listing.streaming and i:
+                # Everything before ``index`` was replied already: held once, never the whole directory.
+                for name in listing.names[:i]:
+                    listing.by_name.pop(name, None)
+                del listing.names[:i]
+                listing.base += i
             await self._more(listing, None)
-        name = listing.names[index]
-        return name, listing.by_name[name]
 
     async def _list_whole(self, directory: Node) -> Listing:
         previous = directory.listing

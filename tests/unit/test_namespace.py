@@ -313,8 +313,17 @@ async def test_directory_larger_than_the_cache_is_still_listed() -> None:
     for i in range(50):
         backend.put(f"f{i:02d}", b"z")
     ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=20 * ENTRY_BYTES)
-    assert len(await names(ns, ns.root)) == 50
+    listing = await ns.open_listing(ns.root)
+    seen = []
+    index = 0
+    while (entry := await ns.entry(listing, index)) is not None:
+        seen.append(entry[0].decode())
+        assert len(listing.names) <= 20  # past the cache's size, only the page ahead of readdir is held
+        index += 1
+    assert seen == [f"f{i:02d}" for i in range(50)] and backend.page_calls == 5
     assert ns.metadata_bytes <= ns.metadata_capacity and ns.root.listing is None
+    rewound = await ns.entry(listing, 0)  # rewinddir: listed again from the start
+    assert rewound is not None and rewound[0] == b"f00" and backend.page_calls == 6
     assert not (await ns.lookup(ROOT_INODE, b"f42")).is_dir
     assert backend.stat_calls == 1
 
