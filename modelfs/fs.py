@@ -43,21 +43,33 @@ _NEVER = 365 * 24 * 3600.0  # the kernel's TTL when --metadata-ttl is -1
 def _mapped(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except NotFound:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except ModelfsError as exc:
-            code = errno_for(exc)
-            _count_error(args, code)
-            log.warning("%s failed with %s: %s", fn.__name__, errno.errorcode.get(code, code), exc)
-            raise pyfuse3.FUSEError(code) from None
-        except Exception:
-            _count_error(args, errno.EIO)
-            log.exception("%s failed unexpectedly; returning EIO", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        ops = args[0] if args and isinstance(args[0], ModelFS) else None
+        # Each request runs in a cancel scope the daemon's stop can cancel (see ModelFS.stop).
+        with trio.CancelScope() as scope:
+            if ops is not None:
+                ops._requests.add(scope)
+                if ops._stopping:
+                    scope.cancel()
+            try:
+                return await fn(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except NotFound:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except ModelfsError as exc:
+                code = errno_for(exc)
+                _count_error(args, code)
+                log.warning("%s failed with %s: %s", fn.__name__, errno.errorcode.get(code, code), exc)
+                raise pyfuse3.FUSEError(code) from None
+            except Exception:
+                _count_error(args, errno.EIO)
+                log.exception("%s failed unexpectedly; returning EIO", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                if ops is not None:
+                    ops._requests.discard(scope)
+        _count_error(args, errno.EIO)  # only a cancelled scope gets here: the daemon is stopping
+        raise pyfuse3.FUSEError(errno.EIO)
 
     return wrapper
 
@@ -97,10 +109,24 @@ class ModelFS(pyfuse3.Operations):
         self._dir_handles: dict[int, Listing] = {}
         self._next_dir_fh = 1
         self.errors: Counter[str] = Counter()
+        self._requests: set[trio.CancelScope] = set()  # the requests being served
+        self._stopping = False
         self.eager = eager
         self.read_latency = LatencyHistogram()
         self.read_bytes = 0  # bytes returned by read(): with read_latency.count, the kernel's read size
         self.loop_clock = LoopClock()  # built on the trio thread (mount.build runs inside trio.run)
+
+    def stop(self) -> int:
+        """Fail every request still being served, and any that arrives later, with EIO.
+
+        The daemon calls this a short grace after SIGTERM, so that a read waiting on a dead or
+        stalled backend cannot hold the unmount past the stop timeout of systemd or the pod.
+        Returns the number of requests cancelled.
+        """
+        self._stopping = True
+        for scope in self._requests:
+            scope.cancel()
+        return len(self._requests)
 
     # --- attributes
 

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -32,7 +33,7 @@ from modelfs.inodes import Namespace
 from modelfs.memlimit import fuse_tasks, tune_malloc
 from modelfs.walk import walk_objects
 
-__all__ = ["serve", "check_mountpoint", "unmount", "is_mounted", "mounted_fstype"]
+__all__ = ["serve", "StopWatchdog", "STOP_GRACE", "check_mountpoint", "unmount", "is_mounted", "mounted_fstype"]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     tune_malloc()
     check_mountpoint(mountpoint)
     ops, store, disk = build(config)
+    watchdog = StopWatchdog(mountpoint, 2 * STOP_GRACE)
     try:
         # One page of the root, not the whole tree: a bad bucket or prefix fails here, before mounting.
         await ops.namespace.start()
@@ -214,6 +216,7 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                 metrics.shutdown()
             raise MountError(f"cannot mount {mountpoint}: {exc}") from None
         log.info("mounted %s at %s", config.source.url, mountpoint)
+        closed = False
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
@@ -222,20 +225,27 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                 await nursery.start(ops.eager.run)
                 if config.eager_model:
                     nursery.start_soon(_stream_model, ops, config.retry_deadline)
-                nursery.start_soon(_on_signals, nursery.cancel_scope)
+                nursery.start_soon(_on_signals, ops, watchdog)
                 nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
                 # Requests beyond what the budget can serve at once wait in the kernel's queue.
                 await pyfuse3.main(max_tasks=fuse_tasks(store.memory.max_lease))
+                # Unmount now, not once the tasks below have ended: a GET blocked in a worker
+                # thread on a stalled server must not keep the mount.
+                pyfuse3.close(unmount=True)
+                closed = True
+                log.info("unmounted %s", mountpoint)
                 nursery.cancel_scope.cancel()
         finally:
-            pyfuse3.close(unmount=True)
+            if not closed:
+                pyfuse3.close(unmount=True)
+                log.info("unmounted %s", mountpoint)
             if metrics is not None:
                 metrics.shutdown()
-            log.info("unmounted %s", mountpoint)
     finally:
         if disk is not None:
             disk.close()
         await ops.namespace.backend.aclose()
+        watchdog.cancel()
 
 
 async def _stream_model(ops: ModelFS, retry_deadline: float) -> None:
@@ -276,9 +286,64 @@ async def _announce(mountpoint: Path, read_ahead_kb: int, ready: Callable[[], No
     ready()
 
 
-async def _on_signals(scope: trio.CancelScope) -> None:
+# After SIGTERM (SIGINT, SIGHUP) requests still being served STOP_GRACE seconds later fail
+# with EIO, and the mount goes; whatever still holds the process STOP_GRACE seconds after
+# that (a GET blocked in a worker thread on a stalled server) is cut by StopWatchdog. Both
+# together stay well inside the shipped stop timeouts: systemd TimeoutStopSec=30 and the
+# pods' terminationGracePeriodSeconds=60 (tests/unit/test_packaging.py checks them).
+STOP_GRACE = 5.0
+
+
+class StopWatchdog:
+    """Ends the process ``seconds`` after the stop signal if serve() has not returned by then.
+
+    It detaches the mount (``fusermount3 -uz``) and exits: what a SIGKILL from systemd or the
+    kubelet would do, but with the mount cleaned up instead of left dead. A thread, because
+    the trio loop it guards may be the thing that cannot finish; it only makes blocking calls.
+    """
+
+    def __init__(self, mountpoint: Path, seconds: float) -> None:
+        self.mountpoint = mountpoint
+        self.seconds = seconds
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self.seconds, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        log.warning(
+            "still running %.0f s after the stop signal (a backend request does not end): detaching %s and exiting",
+            self.seconds,
+            self.mountpoint,
+        )
+        if is_mounted(self.mountpoint):
+            try:
+                _fusermount(["-uz", str(self.mountpoint)])
+            except OSError:
+                pass
+        logging.shutdown()
+        os._exit(0)
+
+
+async def _on_signals(ops: ModelFS, watchdog: StopWatchdog) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("got %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+            break
+        watchdog.start()
+        pyfuse3.terminate()
+        with trio.move_on_after(STOP_GRACE):
+            async for signum in signals:  # a second signal: no more grace
+                log.info("got %s again: failing the requests in flight now", signal.Signals(signum).name)
+                break
+        count = ops.stop()
+        if count:
+            log.warning("%d request(s) still running %.0f s after the signal: cancelling them (EIO)", count, STOP_GRACE)
+        await trio.sleep_forever()  # keeps the receiver: later signals do not kill the process mid-stop

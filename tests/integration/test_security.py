@@ -5,10 +5,12 @@ Every test mounts modelfs as a subprocess, the way a user (or systemd, or a pod)
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from modelfs.mount import is_mounted
+from modelfs.testing.fakegcs import FakeGCS
+from modelfs.testing.faultproxy import fault_proxy
 from modelfs.testing.mounts import daemon_pid, force_unmount, mounted
 from modelfs.testing.nginx import TOKEN, Nginx
 
-OPTIONS = ("--block-size", "64K", "--memory-cache", "512K", "--disk-cache", "8M")
+OPTIONS = ("--block-size", "64K", "--memory-cache", "2M", "--disk-cache", "8M")
 
 
 def _wait_for(what: str, predicate: object, timeout: float = 60.0) -> None:
@@ -109,3 +113,77 @@ def test_secrets_not_in_cmdline_daemonized(signed: tuple[str, bytes], tmp_path: 
         assert TOKEN.encode() not in cmdline, cmdline
         assert b"<hidden>" in cmdline
     assert TOKEN not in log.read_text()
+
+
+# --- stop: bounded, whatever the backend does
+
+
+def test_sigterm_with_a_stalled_read_unmounts_cleanly(gcs: FakeGCS, bucket: str, tmp_path: Path) -> None:
+    """A read stuck on a server that stopped sending (read timeout and retry deadline far longer
+    than any stop timeout) fails with EIO after a short grace, and the daemon unmounts and
+    exits: systemd and the kubelet never have to SIGKILL it and leave a dead mount."""
+    data = os.urandom(4 * 65536)
+    gcs.upload(bucket, "m/w.bin", data)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "out.log"
+    with fault_proxy(gcs.url, rate=0.0, stall_seconds=600.0) as proxy, open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "modelfs",
+                "mount",
+                f"gs://{bucket}/m",
+                str(mnt),
+                "--foreground",
+                "--anonymous",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--read-timeout",
+                "600",
+                "--retry-deadline",
+                "600",
+                "--no-eager",
+                *OPTIONS,
+            ],
+            env=dict(os.environ, STORAGE_EMULATOR_HOST=proxy.url),
+            stdout=out,
+            stderr=out,
+        )
+        outcome: dict[str, object] = {}
+
+        def reader() -> None:
+            fd = os.open(mnt / "w.bin", os.O_RDONLY)
+            try:
+                outcome["data"] = os.pread(fd, 4096, 0)
+            except OSError as exc:
+                outcome["errno"] = exc.errno
+            try:
+                os.close(fd)
+            except OSError:  # the mount is gone by now
+                pass
+
+        thread = threading.Thread(target=reader, daemon=True)
+        try:
+            _wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
+            assert proc.poll() is None, log.read_text()
+            proxy.force("stall", 1000)
+            thread.start()
+            _wait_for("the stalled GET", lambda: proxy.counters().get("fault_stall", 0) > 0)
+            proc.send_signal(signal.SIGTERM)
+            # Far longer than the daemon's bound (2 x STOP_GRACE), far shorter than its timeouts.
+            code = proc.wait(timeout=45)
+            thread.join(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            force_unmount(mnt)
+        assert not thread.is_alive()
+        assert code == 0, log.read_text()
+        # EIO when the read was waiting on the block store; ENOTCONN when its own GET was blocked
+        # in a worker thread and the watchdog had to detach the mount (docs/operations.md).
+        assert outcome.get("errno") in (errno.EIO, errno.ENOTCONN), outcome
+        assert not is_mounted(mnt)
+        assert "Traceback" not in log.read_text()

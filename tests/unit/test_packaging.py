@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from modelfs.config import Config, add_options, build_config
+from modelfs.metrics import parse_addr
+from modelfs.mount import STOP_GRACE
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "packaging" / "kubernetes"
@@ -59,6 +61,26 @@ def load(path: Path) -> dict[str, Any]:
     return docs[0]
 
 
+POD_IP = "10.1.2.3"
+
+
+def expand(args: list[str], container: dict[str, Any]) -> list[str]:
+    """``$(VAR)`` in args as the kubelet expands it, from the container's env (fieldRefs get
+    a stand-in value); an undefined variable is an error here, not left as it is."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        elif item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP":
+            env[item["name"]] = POD_IP
+
+    def one(match: re.Match[str]) -> str:
+        assert match.group(1) in env, f"$({match.group(1)}) is not defined in the container's env"
+        return env[match.group(1)]
+
+    return [re.sub(r"\$\((\w+)\)", one, arg) for arg in args]
+
+
 def sidecar_config(args: list[str]) -> Config:
     """The Config the sidecar's ``modelfs mount ...`` arguments produce (no environment)."""
     assert args[0] == "mount", args
@@ -81,7 +103,7 @@ class Pod:
         self.servers = self.spec["containers"]
         assert self.sidecar not in self.servers or len(self.servers) > 1
         self.servers = [c for c in self.servers if c is not self.sidecar]
-        self.config = sidecar_config(self.sidecar["args"])
+        self.config = sidecar_config(expand(self.sidecar["args"], self.sidecar))
         self.volumes = {v["name"]: v for v in self.spec["volumes"]}
 
     def model_mount(self) -> dict[str, Any]:
@@ -188,9 +210,9 @@ def test_systemd_unit() -> None:
     assert values["Type"] == "simple"
     start = shlex.split(values["ExecStart"])
     assert start[1:2] == ["mount"] and "--foreground" in start
-    stop = shlex.split(values["ExecStop"].lstrip("-"))
-    assert stop[0] == start[0] and stop[1] == "unmount"
-    assert stop[2] == start[3], "ExecStop unmounts the mountpoint that ExecStart mounts"
+    # SIGTERM stops it; an ExecStop that waits for the daemon would eat TimeoutStopSec first.
+    assert "ExecStop" not in values
+    assert float(values["TimeoutStopSec"]) > 2 * STOP_GRACE, "modelfs exits within 2 x STOP_GRACE of SIGTERM"
     assert values["Restart"] == "on-failure"
     assert "mountpoint" in values["ExecStartPost"], "active only once the mount answers"
     assert "fusermount3 -uz" in values["ExecStopPost"], "a dead mount is detached after a crash"
@@ -316,3 +338,22 @@ def test_tier_config_refuses_what_it_cannot_serve() -> None:
     with pytest.raises(ConfigError):
         settings_for_source("gs://b", origin="ftp://x")
     assert main(["nginx", "--source", "s3://b"]) == 2
+
+
+def test_metrics_never_on_all_addresses(pod: Pod) -> None:
+    """Metrics listen on the pod's own IP (from the downward API), not 0.0.0.0: with
+    hostNetwork or a node port that would publish them on the host."""
+    assert pod.config.metrics_addr is not None
+    host, _ = parse_addr(pod.config.metrics_addr)
+    assert host in ("127.0.0.1", "::1", POD_IP), pod.config.metrics_addr
+
+
+def test_stop_fits_the_grace_period(pod: Pod) -> None:
+    """modelfs is done 2 x STOP_GRACE after SIGTERM; the pod waits longer before its SIGKILL."""
+    assert pod.spec.get("terminationGracePeriodSeconds", 30) > 2 * STOP_GRACE
+
+
+def test_no_example_binds_all_addresses() -> None:
+    for path in (ROOT / "packaging").rglob("*"):
+        if path.is_file():
+            assert "0.0.0.0" not in path.read_text(), path
