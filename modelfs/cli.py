@@ -82,6 +82,7 @@ WARM_OPTIONS = {
     "ca-cert",
     "header",
     "endpoint-url",
+    "cache-url",
 }
 
 

@@ -29,6 +29,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -58,6 +59,7 @@ _DIGEST_RE = re.compile(r"sha256=([0-9a-f]{64}); range=(\d+)-(\d+)")
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _USER_AGENT = f"modelfs/{__version__} (tier)"
 _FIRST_BACKOFF = 1.0
+_CHUNK = 64 << 10  # the body is read in pieces of this size, checking the block's deadline
 FALLBACK_REASONS = (
     "unreachable",
     "error",
@@ -205,6 +207,9 @@ class _Replica:
         headers = dict(target.headers)
         headers.update({"Range": f"bytes={offset}-{offset + length - 1}", "User-Agent": _USER_AGENT})
         headers["Accept-Encoding"] = "identity"
+        # The whole block within --read-timeout, not just each byte: a replica that drips
+        # bytes slowly is as stalled as one that sends none.
+        deadline = time.monotonic() + self._read_timeout
         for attempt in (0, 1):  # a kept-alive connection the tier closed meanwhile: once more
             try:
                 conn = self._take()
@@ -225,9 +230,7 @@ class _Replica:
             try:
                 response_headers = {k.lower(): v for k, v in resp.headers.items()}
                 digest = self._check(resp.status, response_headers, target, offset, length)
-                got = read_exactly(resp.readinto, dest)
-                if got < length:
-                    raise TierRejected("short_body", f"{got} of {length} bytes", replica_down=True)
+                self._read_body(conn, resp, dest, deadline)
             except TierRejected:
                 resp.close()
                 conn.close()
@@ -250,6 +253,25 @@ class _Replica:
             if hashlib.sha256(dest).hexdigest() != digest:
                 raise TierRejected("digest", "the body does not match the tier's digest", replica_down=False)
             return
+
+    def _read_body(
+        self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, dest: memoryview, deadline: float
+    ) -> None:
+        got = 0
+        while got < len(dest):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TierRejected(
+                    "stalled", f"{got} of {len(dest)} bytes in {self._read_timeout:.0f} s", replica_down=True
+                )
+            if conn.sock is not None:
+                conn.sock.settimeout(min(left, self._read_timeout))
+            n = read_exactly(resp.readinto, dest[got : got + _CHUNK])
+            if n == 0:
+                raise TierRejected("short_body", f"{got} of {len(dest)} bytes", replica_down=True)
+            got += n
+        if conn.sock is not None:
+            conn.sock.settimeout(self._read_timeout)
 
     @staticmethod
     def _check(status: int, headers: Mapping[str, str], target: TierTarget, offset: int, length: int) -> str:

@@ -39,6 +39,7 @@ from modelfs.testing.processes import stop_process
 from modelfs.tierconf import TierSettings, render_nginx, settings_for_source, tier_js
 
 __all__ = [
+    "LOOPBACK",
     "Host",
     "Network",
     "TierReplica",
@@ -73,7 +74,13 @@ class Host:
 
     def command(self, *argv: str) -> list[str]:
         """``argv`` run with this host's network (and the caller's mounts)."""
+        if not self.netns:  # LOOPBACK: this machine's own network
+            return list(argv)
         return ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
+
+
+#: The machine itself, for a tier on 127.0.0.1 in front of a loopback origin.
+LOOPBACK = Host("", "127.0.0.1")
 
 
 @dataclass
@@ -118,6 +125,8 @@ def fleet_network(names: Sequence[str]) -> Iterator[Network]:
 
 def call_in_netns(netns: str, fn: Callable[[], T]) -> T:
     """``fn()`` in a new thread that joined ``netns``: its sockets are that host's."""
+    if not netns:
+        return fn()
     result: list[T] = []
     error: list[BaseException] = []
 
@@ -218,7 +227,15 @@ class TierReplica:
 
 @contextmanager
 def tier_replica(
-    host: Host, workdir: Path, source: str, origin: str, *, slice_size: str = "8m", port: int = 8080
+    host: Host,
+    workdir: Path,
+    source: str,
+    origin: str,
+    *,
+    slice_size: str = "8m",
+    port: int = 8080,
+    fill_port: int = 8081,
+    **overrides: str,
 ) -> Iterator[TierReplica]:
     """The cache tier for ``source`` on ``host``, its config rendered as packaging/ ships it."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +243,7 @@ def tier_replica(
         source,
         origin=origin,
         listen=f"{host.addr}:{port}",
-        fill_addr="127.0.0.1:8081",  # the host's own loopback
+        fill_addr=f"127.0.0.1:{fill_port}",  # the host's own loopback
         slice=slice_size,
         cache_dir=str(workdir / "cache"),
         max_size="4g",
@@ -236,6 +253,7 @@ def tier_replica(
         user="root",  # the workers reach the test's private tmp dir
         error_log=str(workdir / "error.log"),
         access_log=str(workdir / "access.log"),
+        **overrides,
     )
     (workdir / "tier.js").write_text(tier_js())
     (workdir / "nginx.conf").write_text(render_nginx(settings))

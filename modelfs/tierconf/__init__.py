@@ -46,6 +46,7 @@ class TierSettings:
     ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
     user: str = "www-data"  # the workers' user (Debian's nginx package makes it)
+    origin_name: str = ""  # the name the origin's certificate must carry (default: its host)
 
 
 def settings_for_source(source: str, *, origin: str | None = None, **overrides: Any) -> TierSettings:
@@ -128,7 +129,7 @@ def render_nginx(settings: TierSettings) -> str:
         "SLICE": settings.slice,
         "ORIGIN_SCHEME": origin.scheme,
         "ORIGIN_HOST": origin.netloc,
-        "ORIGIN_SNI": host,
+        "ORIGIN_SNI": settings.origin_name or host,
         "SSL_VERIFY": "on" if origin.scheme == "https" else "off",
         "CA_FILE": settings.ca_file,
     }

@@ -99,6 +99,15 @@ def replicas() -> Iterator[Callable[..., Replica]]:
                 if "Content-Length" not in headers:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if replica.mode(int(self.headers["Range"].split("=")[1].split("-")[0])) == "drip":
+                    # Bytes keep coming, each well within the per-byte timeout, the block never
+                    # within the deadline (a fault injected by the server, not a test sleep).
+                    for i in range(0, len(body), 16 << 10):
+                        if replica.release.wait(0.05):
+                            break
+                        self.wfile.write(body[i : i + (16 << 10)])
+                        self.wfile.flush()
+                    return
                 self.wfile.write(body)
                 if "Content-Length" in headers:  # a body shorter than announced: hang up
                     self.close_connection = True
@@ -212,6 +221,21 @@ async def test_a_stalled_replica_times_out_and_the_origin_answers(replicas: Call
     assert bytes(dest) == DATA[:BLOCK]
     assert backend.tier_stats.fallbacks["stalled"] == 1
     assert origin.read_calls == 1
+    await backend.aclose()
+
+
+async def test_a_replica_that_drips_bytes_counts_as_stalled(replicas: Callable[..., Replica]) -> None:
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    replica = replicas(origin, lambda offset: "drip" if offset == 0 else "ok")
+    # 16 KiB every 50 ms: every read of the socket succeeds well within the timeout, and
+    # the 512 KiB block would take 1.6 s, over the 0.5 s the whole block may take.
+    big = 8 * BLOCK
+    backend = TieredBackend(origin, [replica.url], block_size=big, read_timeout=0.5, max_concurrency=1)
+    dest = bytearray(big)
+    await backend.read_range("m.bin", version, 0, memoryview(dest))
+    assert bytes(dest) == DATA[:big]
+    assert backend.tier_stats.fallbacks["stalled"] == 1
     await backend.aclose()
 
 
