@@ -59,7 +59,7 @@ _DIGEST_RE = re.compile(r"sha256=([0-9a-f]{64}); range=(\d+)-(\d+)")
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _USER_AGENT = f"modelfs/{__version__} (tier)"
 _FIRST_BACKOFF = 1.0
-_CHUNK = 64 << 10  # the body is read in pieces of this size, checking the block's deadline
+_CHUNK = 256 << 10  # the body is read (and hashed) in pieces of this size, checking the deadline
 FALLBACK_REASONS = (
     "unreachable",
     "error",
@@ -230,7 +230,7 @@ class _Replica:
             try:
                 response_headers = {k.lower(): v for k, v in resp.headers.items()}
                 digest = self._check(resp.status, response_headers, target, offset, length)
-                self._read_body(conn, resp, dest, deadline)
+                body_digest = self._read_body(conn, resp, dest, deadline)
             except TierRejected:
                 resp.close()
                 conn.close()
@@ -249,14 +249,16 @@ class _Replica:
             else:  # more body than announced: not at a message boundary
                 resp.close()
                 conn.close()
-            # hashlib releases the GIL for large buffers: this thread checks while others read.
-            if hashlib.sha256(dest).hexdigest() != digest:
+            if body_digest != digest:
                 raise TierRejected("digest", "the body does not match the tier's digest", replica_down=False)
             return
 
     def _read_body(
         self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, dest: memoryview, deadline: float
-    ) -> None:
+    ) -> str:
+        """Fill ``dest`` from the body by the deadline; the body's SHA-256, hashed piece by piece
+        while each piece is still in the CPU's cache (hashlib releases the GIL meanwhile)."""
+        sha = hashlib.sha256()
         got = 0
         while got < len(dest):
             left = deadline - time.monotonic()
@@ -269,9 +271,11 @@ class _Replica:
             n = read_exactly(resp.readinto, dest[got : got + _CHUNK])
             if n == 0:
                 raise TierRejected("short_body", f"{got} of {len(dest)} bytes", replica_down=True)
+            sha.update(dest[got : got + n])
             got += n
         if conn.sock is not None:
             conn.sock.settimeout(self._read_timeout)
+        return sha.hexdigest()
 
     @staticmethod
     def _check(status: int, headers: Mapping[str, str], target: TierTarget, offset: int, length: int) -> str:

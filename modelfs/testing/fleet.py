@@ -239,6 +239,7 @@ def tier_replica(
 ) -> Iterator[TierReplica]:
     """The cache tier for ``source`` on ``host``, its config rendered as packaging/ ships it."""
     workdir.mkdir(parents=True, exist_ok=True)
+    overrides = {"token_file": "", "user": "root", **overrides}  # root: workers reach pytest's tmp dir
     settings = settings_for_source(
         source,
         origin=origin,
@@ -249,8 +250,6 @@ def tier_replica(
         max_size="4g",
         run_dir=str(workdir),
         js_dir=str(workdir),
-        token_file="",
-        user="root",  # the workers reach the test's private tmp dir
         error_log=str(workdir / "error.log"),
         access_log=str(workdir / "access.log"),
         **overrides,

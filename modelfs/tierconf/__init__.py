@@ -47,6 +47,8 @@ class TierSettings:
     js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
     user: str = "www-data"  # the workers' user (Debian's nginx package makes it)
     origin_name: str = ""  # the name the origin's certificate must carry (default: its host)
+    auth: str = "bearer"  # bearer (GCS token) | aws-sigv4 (S3 keys) | none: what token_file holds
+    region: str = "us-east-1"  # aws-sigv4: the bucket's region
 
 
 def settings_for_source(source: str, *, origin: str | None = None, **overrides: Any) -> TierSettings:
@@ -64,10 +66,13 @@ def settings_for_source(source: str, *, origin: str | None = None, **overrides: 
         if not origin:
             raise ConfigError("an s3:// tier needs --origin (the S3 endpoint, e.g. https://s3.us-east-1.amazonaws.com)")
         allow = (f"/{quote(parts.netloc, safe='')}/",)
+        overrides.setdefault("auth", "aws-sigv4")
+        overrides.setdefault("token_file", "/var/run/modelfs-tier-token/aws-keys")
     elif parts.scheme in ("http", "https") and parts.netloc:
         directory = parts.path if parts.path.endswith("/") else parts.path.rpartition("/")[0] + "/"
         allow = (quote(directory, safe="/:@!$&'()*+,;=~%"),)
         origin = origin or f"{parts.scheme}://{parts.netloc}"
+        overrides.setdefault("auth", "none")
     else:
         raise ConfigError(
             f"not a source the tier can serve: {source!r} (gs://BUCKET, s3://BUCKET or https://HOST/DIR/)"
@@ -108,6 +113,10 @@ def render_nginx(settings: TierSettings) -> str:
     port = origin.port or (443 if origin.scheme == "https" else 80)
     host = origin.hostname or ""
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if settings.auth not in ("bearer", "aws-sigv4", "none"):
+        raise ConfigError(f"auth must be bearer, aws-sigv4 or none, not {settings.auth!r}")
+    if not re.fullmatch(r"[a-z0-9-]+", settings.region):
+        raise ConfigError(f"not an AWS region: {settings.region!r}")
     if not settings.allow or any(not p.startswith("/") or re.search(r"[\s\"';{}]", p) for p in settings.allow):
         raise ConfigError(f"readable paths must be absolute URL paths: {settings.allow!r}")
     values = {
@@ -130,6 +139,8 @@ def render_nginx(settings: TierSettings) -> str:
         "ORIGIN_SCHEME": origin.scheme,
         "ORIGIN_HOST": origin.netloc,
         "ORIGIN_SNI": settings.origin_name or host,
+        "AUTH": "" if settings.auth == "none" else settings.auth,
+        "REGION": settings.region,
         "SSL_VERIFY": "on" if origin.scheme == "https" else "off",
         "CA_FILE": settings.ca_file,
     }

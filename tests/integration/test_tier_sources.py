@@ -18,6 +18,7 @@ from modelfs.testing.fakegcs import free_port
 from modelfs.testing.fleet import LOOPBACK, TierReplica, tier_replica
 from modelfs.testing.mounts import mounted
 from modelfs.testing.nginx import Nginx
+from modelfs.testing.s3server import S3Server
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/lib/nginx/modules/ngx_http_js_module.so").exists(), reason="needs libnginx-mod-http-js"
@@ -92,3 +93,38 @@ def test_the_tier_serves_only_pinned_reads_of_its_paths(
     assert get(f"/{top}/../private/x", **{"If-Match": '"x"'}) in (400, 403)
     assert get(f"/{top}/%2e%2e/private/x", **{"If-Match": '"x"'}) in (400, 403)
     assert get("/.modelfs-tier/health") == 200
+
+
+def test_s3_source_through_a_tier_that_signs_its_own_requests(s3: S3Server, tmp_path: Path) -> None:
+    """The tier reads the bucket with its own keys (SigV4 in tier.js); the node's stay home."""
+    bucket = f"tier-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(bucket)
+    data = os.urandom(3 * BLOCK + 777)
+    s3.put(bucket, "m/weights.bin", data)
+    keys = tmp_path / "aws-keys"
+    keys.write_text(f"{s3.reader.access_key} {s3.reader.secret_key}\n")
+    with tier_replica(
+        LOOPBACK,
+        tmp_path / "tier",
+        f"s3://{bucket}",
+        s3.url,
+        slice_size="1m",
+        port=free_port(),
+        fill_port=free_port(),
+        token_file=str(keys),
+        auth="aws-sigv4",
+    ) as tier:
+        options = ("--endpoint-url", s3.url, "--block-size", "1M", "--cache-url", tier.url)
+        with mounted(f"s3://{bucket}/m", tmp_path / "mnt", tmp_path / "c", *options, env=s3.env()) as mnt:
+            assert (mnt / "weights.bin").read_bytes() == data
+            tier_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["tier"]
+            assert tier_stats["tier_bytes"] == len(data) and tier_stats["fallbacks"] == 0, tier_stats
+        assert tier.access_log().count("cache=MISS") == 4
+        # With a wrong secret the origin refuses the tier (its signature checked): every block
+        # comes from the origin, and the bytes are still right.
+        keys.write_text(f"{s3.reader.access_key} not-the-secret\n")
+        s3.put(bucket, "m/other.bin", data[::-1])
+        with mounted(f"s3://{bucket}/m", tmp_path / "mnt3", tmp_path / "c3", *options, env=s3.env()) as mnt:
+            assert (mnt / "other.bin").read_bytes() == data[::-1]
+            tier_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["tier"]
+            assert tier_stats["tier_bytes"] == 0 and tier_stats["origin_bytes"] == len(data), tier_stats
