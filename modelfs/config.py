@@ -393,7 +393,7 @@ class Config:
     block_size: int = _option(parse_size, 8 << 20, "size of one cached block and of one ranged GET")
     metadata_ttl: float = _option(_parse_float, 60.0, "seconds a listing and attributes stay valid; -1 = never expire")
     metadata_cache: int = _option(
-        parse_size, 16 << 20, "memory for cached directory listings and attributes (estimated bytes), e.g. 16M"
+        parse_size, 8 << 20, "memory for cached directory listings and attributes (estimated bytes), e.g. 16M"
     )
     max_prefetch: int = _option(parse_size, 256 << 20, "largest read-ahead window per sequential reader")
     max_concurrency: int = _option(_parse_int, 8, "ranged GETs in flight at once, over all files")

@@ -28,7 +28,7 @@ import trio
 
 from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.retry import retry_transient
-from modelfs.errors import NotFound, TransientError
+from modelfs.errors import BackendError, NotFound
 from modelfs.names import NAME_MAX, ParsedName, parse_object_name
 
 __all__ = ["Node", "Listing", "Namespace", "ROOT_INODE", "DEFAULT_METADATA_CACHE", "ENTRY_BYTES"]
@@ -36,7 +36,7 @@ __all__ = ["Node", "Listing", "Namespace", "ROOT_INODE", "DEFAULT_METADATA_CACHE
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-DEFAULT_METADATA_CACHE = 16 << 20
+DEFAULT_METADATA_CACHE = 8 << 20
 # What one listed entry costs in memory besides its name, estimated from sys.getsizeof of a
 # node, its ObjectInfo, its strings, its dict slot and list slot (benchmarks/namespace.py
 # measures the real figure).
@@ -464,7 +464,7 @@ class Namespace:
         directory.refreshing = True
         try:
             listing = await self._list_whole(directory)
-        except (TransientError, NotFound) as exc:
+        except BackendError as exc:
             self.refresh_failures += 1
             # Unreachable (or gone): what is cached stays readable rather than every lookup
             # failing; try again after another TTL.
@@ -574,14 +574,18 @@ class Namespace:
         self.name_lookups += 1
         below: ListPage | None = None
         info: ObjectInfo | None = None
+        failed: list[BackendError] = []
 
         async def probe() -> None:
             nonlocal below
-            below = await retry_transient(
-                lambda: self.backend.list_dir(full + "/", limit=1),
-                deadline=self.retry_deadline,
-                what=f"listing {full}/",
-            )
+            try:
+                below = await retry_transient(
+                    lambda: self.backend.list_dir(full + "/", limit=1),
+                    deadline=self.retry_deadline,
+                    what=f"listing {full}/",
+                )
+            except BackendError as exc:
+                failed.append(exc)
 
         async def stat() -> None:
             nonlocal info
@@ -591,10 +595,15 @@ class Namespace:
                 )
             except NotFound:
                 info = None
+            except BackendError as exc:
+                failed.append(exc)
 
+        # Both at once; a failure is raised as itself (the errno table maps it), not in a group.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(probe)
             nursery.start_soon(stat)
+        if failed:
+            raise failed[0]
         is_dir = below is not None and bool(below.objects or below.prefixes)
         if not is_dir and info is None:
             raise NotFound(f"{full!r} not found")

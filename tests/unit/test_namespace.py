@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from modelfs.backends.memory import MemoryBackend
-from modelfs.errors import NotFound, TransientError
+from modelfs.errors import AccessDenied, NotFound, TransientError
 from modelfs.inodes import ENTRY_BYTES, ROOT_INODE, Namespace, Node
 from modelfs.walk import walk_objects
 
@@ -483,3 +483,21 @@ async def test_walk_streams_every_file_page_by_page() -> None:
     found = [info.name async for info in walk_objects(backend, retry_deadline=1)]
     assert sorted(found) == ["a.bin", "d/e/f.bin", "d/g.bin", "z/1", "z/2", "z/3"]
     assert backend.list_calls == 0
+
+
+async def test_name_lookup_failures_raise_themselves(autojump_clock: trio.testing.MockClock) -> None:
+    """A lookup by name that fails raises the backend's error itself (mapped to an errno above),
+    not an exception group: EACCES for a refusal, EIO after the retries for an outage."""
+    backend = backend_with("a")
+    kind: type[Exception] = AccessDenied
+
+    def refuse(op: str, name: str) -> None:
+        raise kind(f"{name}: no")
+
+    backend.meta_fault = refuse
+    ns = Namespace(backend, ttl=10, retry_deadline=5)
+    with pytest.raises(AccessDenied):
+        await ns.lookup(ROOT_INODE, b"a")
+    kind = TransientError
+    with pytest.raises(TransientError):
+        await ns.lookup(ROOT_INODE, b"a")
