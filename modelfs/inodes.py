@@ -42,6 +42,7 @@ DEFAULT_METADATA_CACHE = 8 << 20
 # measures the real figure).
 ENTRY_BYTES = 640
 _MAX_WARNINGS = 1000
+_MAX_MISSING = 4096
 
 
 class Node:
@@ -172,6 +173,10 @@ class Namespace:
         self._next_inode = ROOT_INODE + 1
         self._listings = _ListingCache(max(cache_bytes, 1), self._evicted)
         self._nursery: trio.Nursery | None = None
+        # Names a lookup found missing in a directory that has no listing, and when: a loader
+        # probing for optional files (config names) asks again and again, and the kernel does
+        # not remember an ENOENT. Bounded in entries (~200 bytes each).
+        self._missing: cachetools.LRUCache[tuple[int, bytes], float] = cachetools.LRUCache(_MAX_MISSING)
         self._warned: set[str] = set()
         self.pages = 0  # directory pages read
         self.name_lookups = 0  # lookups answered by asking the backend for one name
@@ -558,6 +563,9 @@ class Namespace:
                 self.stale_served += 1
                 await self._revalidate(directory)
                 return node
+        missing_since = self._missing.get((directory.inode, name))
+        if missing_since is not None and self._fresh(missing_since):
+            raise NotFound(f"{name!r} not found")
         return await self._lookup_name(directory, name)
 
     async def _lookup_name(self, directory: Node, name: bytes) -> Node:
@@ -606,7 +614,9 @@ class Namespace:
             raise failed[0]
         is_dir = below is not None and bool(below.objects or below.prefixes)
         if not is_dir and info is None:
+            self._missing[(directory.inode, name)] = self._now()
             raise NotFound(f"{full!r} not found")
+        self._missing.pop((directory.inode, name), None)
         listing = directory.listing
         if listing is not None and listing.complete and name in listing.by_name:
             return listing.by_name[name]  # a listing landed meanwhile: it names the node

@@ -164,6 +164,9 @@ async def test_unknown_name_costs_one_metadata_request_not_a_listing() -> None:
     assert backend.stat_calls == 4 and backend.probe_calls == 4
     assert await ns.lookup(ROOT_INODE, b"top.bin") is top  # within the TTL: no new request
     assert backend.stat_calls == 4
+    with pytest.raises(NotFound):  # a miss is remembered for the TTL too
+        await ns.lookup(ROOT_INODE, b"nothing-here")
+    assert backend.stat_calls == 4 and backend.probe_calls == 4
 
 
 async def test_name_lookup_then_listing_keeps_the_inode() -> None:
