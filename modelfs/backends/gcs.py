@@ -143,13 +143,8 @@ class GCSBackend(ThreadedBackend):
                     self._single = name
                     return [self._to_info(blob)]
             return found
-        except NotFound:
-            raise
         except Exception as exc:
-            err = self.classify(exc, self._source.url)
-            if isinstance(err, NotFound):
-                raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
-            raise err from None
+            raise self.listing_error(exc) from None
 
     async def list_objects(self) -> list[ObjectInfo]:
         return await self.run_blocking(self._list)
@@ -181,13 +176,8 @@ class GCSBackend(ThreadedBackend):
                     self._single = name
                     return ListPage([self._to_info(blob)], [])
             return ListPage(objects, prefixes, next_token)
-        except NotFound:
-            raise
         except Exception as exc:
-            err = self.classify(exc, self._source.url)
-            if isinstance(err, NotFound):
-                raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
-            raise err from None
+            raise self.listing_error(exc) from None
 
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
         return await self.run_blocking(self._list_dir, prefix, token, limit)

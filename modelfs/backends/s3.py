@@ -41,7 +41,6 @@ from modelfs.errors import (
     AccessDenied,
     BackendError,
     ConfigError,
-    NotFound,
     TransientError,
     VersionChanged,
 )
@@ -205,10 +204,7 @@ class S3Backend(ThreadedBackend):
                         continue
                     out.append(self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"]))
         except Exception as exc:
-            err = self.classify(exc, self._source.url)
-            if isinstance(err, NotFound):
-                raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
-            raise err from None
+            raise self.listing_error(exc) from None
         return out
 
     async def list_objects(self) -> list[ObjectInfo]:
@@ -223,10 +219,7 @@ class S3Backend(ThreadedBackend):
         try:
             resp = self._client.list_objects_v2(**params)
         except Exception as exc:
-            err = self.classify(exc, self._source.url)
-            if isinstance(err, NotFound):
-                raise NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found") from None
-            raise err from None
+            raise self.listing_error(exc) from None
         objects = [
             self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"])
             for item in resp.get("Contents", ())

@@ -22,7 +22,7 @@ import trio
 
 from modelfs.backends.responses import RangeRequest
 from modelfs.config import Source
-from modelfs.errors import BackendError
+from modelfs.errors import BackendError, NotFound
 
 __all__ = ["BackendSkeleton", "ThreadedBackend"]
 
@@ -63,6 +63,15 @@ class BackendSkeleton:
         if isinstance(exc, BackendError):
             return exc
         return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def listing_error(self, exc: BaseException) -> BackendError:
+        """What a failed listing of the root raises: there, "not found" means the bucket is missing."""
+        if isinstance(exc, BackendError):  # raised by the backend's own code: already says what it means
+            return exc
+        error = self.classify(exc, self._source.url)
+        if isinstance(error, NotFound):
+            return NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found")
+        return error
 
     async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
         """Fill all of ``dest`` with ``name`` at ``version`` from ``offset`` (the Backend protocol)."""

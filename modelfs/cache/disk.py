@@ -88,6 +88,8 @@ class DiskCache:
         self._enabled = True  # False once a lost cache dir could not be recreated
         self._doomed: list[str] = []  # files the version rules dropped, to delete
         self._doomed_added = trio.Event()
+        self._recovering = trio.Lock()  # one recreation of a lost cache dir at a time
+        self._generation = 0  # how many times the cache dir was recreated
 
     # --- lifetime
 
@@ -198,10 +200,11 @@ class DiskCache:
             self._index.touch(rel)
             return
         obj, _, name = rel.partition("/")
+        generation = self._generation
         try:
             result = await self._write_file(obj, name, key, data)
         except OSError as exc:
-            if not await self._recover():
+            if not await self._recover(generation):
                 if self._enabled:  # (if it was turned off just now, that was warned about)
                     self._write_failed(exc)
                 return
@@ -231,23 +234,32 @@ class DiskCache:
             why = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             log.warning("cannot write the disk cache in %s (%s); serving without it", self.root, why)
 
-    async def _recover(self) -> bool:
-        """After a failed write: if the cache dir was deleted, recreate it and its lock (True),
-        or turn the disk tier off with one warning if that fails (False)."""
-        if not self._dir.is_open or not await trio.to_thread.run_sync(self._dir.lost, limiter=self._limiter):
-            return False
-        try:
-            await trio.to_thread.run_sync(self._dir.reopen, limiter=self._limiter)
-        except (MountError, OSError) as exc:
-            self._enabled = False
+    async def _recover(self, generation: int) -> bool:
+        """After a failed write: True if the cache dir was lost and is back (recreated, with
+        its lock, by this task or by another since the write began); False if it was not lost,
+        or cannot be recreated, which turns the disk tier off with one warning."""
+        async with self._recovering:
+            if generation != self._generation:
+                return self._enabled
+            lock_fd = self._dir.lock_fd
+            if not self._enabled or lock_fd is None:
+                return False
+            if not await trio.to_thread.run_sync(self._dir.lost, lock_fd, limiter=self._limiter):
+                return False
+            try:
+                new_fd = await trio.to_thread.run_sync(self._dir.create_and_lock, limiter=self._limiter)
+            except (MountError, OSError) as exc:
+                self._enabled = False
+                self._index.clear()
+                log.warning("cache dir %s was deleted and cannot be recreated (%s): disk cache off", self.root, exc)
+                return False
+            self._dir.adopt(new_fd)
+            self._generation += 1
             self._index.clear()
-            log.warning("cache dir %s was deleted and cannot be recreated (%s): disk cache off", self.root, exc)
-            return False
-        self._index.clear()
-        log.warning(
-            "cache dir %s was deleted while mounted: recreated it and its lock (its blocks are gone)", self.root
-        )
-        return True
+            log.warning(
+                "cache dir %s was deleted while mounted: recreated it and its lock (its blocks are gone)", self.root
+            )
+            return True
 
     # --- deleting
 

@@ -145,10 +145,15 @@ class CacheDir:
         return self._lock_fd is not None
 
     def open(self) -> None:
-        """Check and create the cache dir and lock it, so two daemons never share one.
+        """Check, create and lock the cache dir, so two daemons never share one.
 
         MountError (one line) if it is unsafe, unusable or locked by another process.
         """
+        self.adopt(self.create_and_lock())
+
+    def create_and_lock(self) -> int:
+        """The blocking part of :meth:`open`: the locked lock file's descriptor. Changes no state,
+        so it may run in a worker thread; :meth:`adopt` takes the result on the caller's side."""
         prepare_dir(self.root)
         try:
             os.mkdir(self.blocks, 0o700)
@@ -159,7 +164,12 @@ class CacheDir:
         st = os.lstat(self.blocks)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             raise _refuse(self.root, f"{self.blocks} is not a directory of the daemon's user")
-        self._lock_fd = self._lock()
+        return self._lock()
+
+    def adopt(self, lock_fd: int) -> None:
+        """Hold ``lock_fd`` as the lock (closing the one held before, e.g. of a deleted dir)."""
+        self.close()
+        self._lock_fd = lock_fd
 
     def _lock(self) -> int:
         path = self.root / "lock"
@@ -186,22 +196,22 @@ class CacheDir:
             raise
         return fd
 
-    def lost(self) -> bool:
-        """True if the cache dir, its blocks dir or our lock file is no longer there. Blocking."""
-        if self._lock_fd is None:
-            return False
+    @property
+    def lock_fd(self) -> int | None:
+        return self._lock_fd
+
+    def lost(self, lock_fd: int) -> bool:
+        """True if the cache dir, its blocks dir or the lock file ``lock_fd`` is no longer there.
+
+        Blocking, and reads no state of this object (the caller passes the descriptor).
+        """
         try:
-            held = os.fstat(self._lock_fd)
+            held = os.fstat(lock_fd)
             now = os.lstat(self.root / "lock")
             os.lstat(self.blocks)
         except OSError:
             return True
         return (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)
-
-    def reopen(self) -> None:
-        """After the cache dir was deleted: create and lock it again (MountError if that fails)."""
-        self.close()
-        self.open()
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.cache.disk import HEADER, PAGE, DiskCache
@@ -276,6 +277,28 @@ async def test_a_deleted_cache_dir_is_recreated_with_its_lock(tmp_path: Path, ca
             assert await read(cache, key(i)) == ramp(BS, seed=i)
         assert await read(cache, key(0)) is None
         assert cache.used == 3 * (PAGE + BS)
+    finally:
+        cache.close()
+
+
+async def test_concurrent_writes_into_a_deleted_cache_dir_recreate_it_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "cache"
+    cache = DiskCache(root, 1 << 30)
+    cache.open()
+    try:
+        await cache.write(key(0), page_buffer(ramp(BS)))
+        shutil.rmtree(root)
+        with caplog.at_level(logging.WARNING):
+            async with trio.open_nursery() as nursery:
+                for i in range(1, 9):
+                    nursery.start_soon(cache.write, key(i), page_buffer(ramp(BS, seed=i)))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "recreated" in warnings[0], warnings
+        for i in range(1, 9):
+            assert await read(cache, key(i)) == ramp(BS, seed=i)
+        assert (root / "lock").read_text() == f"{os.getpid()}\n"
     finally:
         cache.close()
 

@@ -1,0 +1,117 @@
+"""The cache dir through the real CLI: planted symlinks and unsafe dirs are refused with one
+line and a non-zero exit, and a cache dir deleted under a running mount comes back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from modelfs.backends.memory import ramp
+from modelfs.mount import is_mounted
+from modelfs.testing.mounts import daemon_pid, force_unmount, mounted, run_modelfs
+
+MiB = 1 << 20
+
+
+def _fails(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode != 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(ramp(3 * MiB, seed=1))
+    (src / "b.bin").write_bytes(ramp(3 * MiB, seed=2))
+    return src
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path)
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    """A copy of /etc/shadow: what a planted symlink points at."""
+    copy = tmp_path / "shadow-copy"
+    try:
+        shutil.copyfile("/etc/shadow", copy)
+    except OSError:
+        copy.write_bytes(b"root:*:19000:0:99999:7:::\n")
+    return copy
+
+
+@pytest.mark.parametrize("planted", ["lock", "modelfs.log"])
+def test_a_planted_symlink_in_the_cache_dir_fails_the_mount(
+    source: Path, mnt: Path, tmp_path: Path, secret: Path, planted: str
+) -> None:
+    before = secret.read_bytes()
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    (cache / planted).symlink_to(secret)
+    result = run_modelfs("mount", f"file://{source}", str(mnt), "--cache-dir", str(cache))
+    _fails(result, "symlink")
+    assert secret.read_bytes() == before
+    assert not is_mounted(mnt)
+
+
+def test_an_unsafe_cache_dir_fails_the_mount(source: Path, mnt: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    result = run_modelfs("mount", f"file://{source}", str(mnt), "--cache-dir", str(shared / "cache"), "--foreground")
+    _fails(result, "writable by every user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 4242, 4242)
+    result = run_modelfs("mount", f"file://{source}", str(mnt), "--cache-dir", str(theirs))
+    _fails(result, "owned by uid 4242")
+    assert not is_mounted(mnt)
+
+
+def _wait_for(cond: object, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_cache_dir_deleted_while_mounted_is_recreated(source: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    log = tmp_path / "daemon.log"
+    opts = ("--block-size", "1M", "--memory-cache", "4M", "--log-file", str(log), "--no-eager")
+    with mounted(f"file://{source}", tmp_path / "mnt", cache, *opts) as mnt:
+        pid = daemon_pid(cache)
+        assert hashlib.sha256((mnt / "a.bin").read_bytes()).digest() == hashlib.sha256(ramp(3 * MiB, 1)).digest()
+        _wait_for(lambda: len([p for p in (cache / "blocks").rglob("*") if p.is_file()]) == 3, "a.bin's blocks")
+        shutil.rmtree(cache)
+        assert (mnt / "b.bin").read_bytes() == ramp(3 * MiB, seed=2)
+        _wait_for(lambda: len([p for p in (cache / "blocks").rglob("*") if p.is_file()]) == 3, "b.bin's blocks")
+        assert (cache / "lock").read_text() == f"{pid}\n"
+        assert oct((cache.stat().st_mode) & 0o777) == "0o700"
+        # The recreated dir is locked again: a second mount on it is refused.
+        other = tmp_path / "mnt2"
+        other.mkdir()
+        try:
+            _fails(run_modelfs("mount", f"file://{source}", str(other), "--cache-dir", str(cache)), "in use")
+        finally:
+            force_unmount(other)
+        assert (mnt / "a.bin").read_bytes() == ramp(3 * MiB, seed=1)
+    text = log.read_text()
+    assert text.count("recreated it and its lock") == 1, text
