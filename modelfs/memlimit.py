@@ -56,7 +56,24 @@ def _read_limit(path: Path) -> int | None:
     return value if value < _UNLIMITED else None
 
 
-def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+def _mounted_cgroup(base: Path, mountinfo: str) -> str | None:
+    """The cgroup path whose hierarchy is mounted at ``base``: ``/`` on a host, the container's
+    own cgroup inside a container that sees only its part of the hierarchy (podman on v1)."""
+    try:
+        lines = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) > 4 and fields[4] == str(base) and right.split()[:1] in (["cgroup"], ["cgroup2"]):
+            return fields[3]
+    return None
+
+
+def cgroup_memory_limit(
+    proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup", mountinfo: str = "/proc/self/mountinfo"
+) -> int | None:
     """The memory limit of this process's cgroup in bytes (the smallest of it and its
     ancestors), or None when there is none.
 
@@ -85,6 +102,10 @@ def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sy
         base, name, cgroup = Path(root), "memory.max", v2_path
     else:
         return None
+    # A child of a container's cgroup (a test's, a pod's sub-group) is seen below the mount's root.
+    mounted = _mounted_cgroup(base, mountinfo)
+    if mounted not in (None, "/") and (cgroup == mounted or cgroup.startswith(f"{mounted}/")):
+        cgroup = cgroup[len(mounted) :] or "/"
     limits: list[int] = []
     rel = Path(cgroup.lstrip("/"))
     while True:

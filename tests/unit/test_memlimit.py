@@ -41,6 +41,30 @@ def test_v1_inside_a_container_reads_the_mounted_root(tmp_path: Path) -> None:
     assert cgroup_memory_limit(str(proc), str(tmp_path / "fs")) == 300 * MiB
 
 
+def test_v1_child_of_a_container_cgroup(tmp_path: Path) -> None:
+    """podman on v1 mounts the container's own cgroup at /sys/fs/cgroup/memory: a child group
+    made inside the container is found below the mount's root, its limit and the root's count."""
+    root = tmp_path / "fs"
+    proc = tmp_path / "cgroup"
+    write(proc, "4:memory:/libpod_parent/libpod-abc/modelfs-test-1\n")
+    mountinfo = tmp_path / "mountinfo"
+    write(
+        mountinfo,
+        f"177 173 0:32 /libpod_parent/libpod-abc {root}/memory rw,nosuid - cgroup cgroup rw,memory\n"
+        f"178 173 0:33 / {root}/cpu rw,nosuid - cgroup cgroup rw,cpu\n",
+    )
+    write(root / "memory/memory.limit_in_bytes", V1_UNLIMITED)
+    write(root / "memory/modelfs-test-1/memory.limit_in_bytes", str(192 * MiB))
+    assert cgroup_memory_limit(str(proc), str(root), str(mountinfo)) == 192 * MiB
+    write(root / "memory/modelfs-test-1/memory.limit_in_bytes", V1_UNLIMITED)
+    write(root / "memory/memory.limit_in_bytes", str(400 * MiB))
+    assert cgroup_memory_limit(str(proc), str(root), str(mountinfo)) == 400 * MiB
+    # Without the mount table the host path is not found: only the mounted root counts.
+    write(root / "memory/memory.limit_in_bytes", V1_UNLIMITED)
+    write(root / "memory/modelfs-test-1/memory.limit_in_bytes", str(192 * MiB))
+    assert cgroup_memory_limit(str(proc), str(root), str(tmp_path / "none")) is None
+
+
 def test_v2_memory_max(tmp_path: Path) -> None:
     proc = tmp_path / "cgroup"
     write(proc, "0::/system.slice/modelfs.service\n")
