@@ -40,6 +40,7 @@ import trio
 from modelfs import __version__
 from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.body import read_exactly
+from modelfs.backends.responses import parse_content_range
 from modelfs.errors import BackendError, ConfigError, VersionChanged
 
 __all__ = [
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 
 DIGEST_HEADER = "x-modelfs-digest"
 _DIGEST_RE = re.compile(r"sha256=([0-9a-f]{64}); range=(\d+)-(\d+)")
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _USER_AGENT = f"modelfs/{__version__} (tier)"
 _FIRST_BACKOFF = 1.0
 _CHUNK = 256 << 10  # the body is read (and hashed) in pieces of this size, checking the deadline
@@ -283,8 +283,8 @@ class _Replica:
         if status != 206:
             # A 404/412 from the tier is not the origin's word: the origin decides.
             raise TierRejected("status", f"HTTP {status}", replica_down=status >= 500 or status == 429)
-        match = _CONTENT_RANGE_RE.fullmatch(headers.get("content-range", "").strip())
-        if not match or int(match.group(1)) != offset or int(match.group(2)) != offset + length - 1:
+        parsed = parse_content_range(headers.get("content-range"))
+        if parsed is None or parsed[:2] != (offset, offset + length - 1):
             raise TierRejected("content_range", f"{headers.get('content-range')!r}", replica_down=False)
         content_length = headers.get("content-length")
         if content_length is not None and content_length.strip() != str(length):
