@@ -83,25 +83,24 @@ def read_status_error(status: int, what: str) -> BackendError | None:
     """The error a ranged GET's status means, or None for 200/206."""
     if status in (200, 206):
         return None
-    if status in (404, 410):
-        return VersionChanged(f"{what}: gone from the store since it was opened ({status})")
     if status == 412:
         return VersionChanged(f"{what}: changed in the store since it was opened (412 Precondition Failed)")
     if status == 416:
         return VersionChanged(f"{what}: shorter in the store than when it was opened (416)")
-    if status in (401, 403):
-        return AccessDenied(f"{what}: access denied ({status})")
-    if status in (408, 429) or status >= 500:
-        return TransientError(f"{what}: HTTP {status}")
-    return BackendError(f"{what}: unexpected HTTP {status}")
+    return _status_error(status, what, VersionChanged(f"{what}: gone from the store since it was opened ({status})"))
 
 
 def metadata_status_error(status: int, what: str) -> BackendError | None:
     """The error of a listing or stat request's status, or None for 2xx."""
     if 200 <= status < 300:
         return None
+    return _status_error(status, what, NotFound(f"{what}: not found ({status})"))
+
+
+def _status_error(status: int, what: str, gone: BackendError) -> BackendError:
+    """What the statuses a read and a metadata request share mean; ``gone`` for 404 and 410."""
     if status in (404, 410):
-        return NotFound(f"{what}: not found ({status})")
+        return gone
     if status in (401, 403):
         return AccessDenied(f"{what}: access denied ({status})")
     if status in (408, 429) or status >= 500:
