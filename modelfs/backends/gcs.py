@@ -42,6 +42,25 @@ _LIST_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),nextPageToken
 _DIR_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),prefixes,nextPageToken"
 
 
+# An object stored with Content-Encoding: gzip (gsutil cp -Z) is served as stored, like
+# gcsfuse does: its size is the stored size, so its bytes must be the stored bytes. Without
+# Accept-Encoding: gzip, GCS (and fake-gcs-server) decompress it and ignore Range. With it,
+# a ranged GET gets the stored bytes; each answer's Content-Encoding must then be the stored
+# encoding (X-Goog-Stored-Content-Encoding), never a decompressed or recompressed body.
+MEDIA_ACCEPT_ENCODING = "gzip"
+_MEDIA_ENCODINGS = ("identity", "", "gzip")
+
+
+def _check_stored_encoding(headers: Headers, what: str) -> None:
+    """BackendError unless the body is the object's bytes as stored (not transcoded)."""
+    stored = (headers.get("x-goog-stored-content-encoding") or "identity").strip().lower()
+    sent = (headers.get("content-encoding") or "identity").strip().lower()
+    if stored != sent and not {stored, sent} <= {"identity", ""}:
+        raise BackendError(
+            f"{what}: stored with Content-Encoding {stored!r} but served as {sent!r}: not the stored bytes"
+        )
+
+
 def _mtime(updated: datetime | None) -> float:
     return updated.timestamp() if updated is not None else 0.0
 
@@ -85,6 +104,7 @@ class GCSBackend(ThreadedBackend):
                 read_timeout=read_timeout,
                 max_idle=max_concurrency + 1,
             )
+            self._media.accept_encoding = MEDIA_ACCEPT_ENCODING
 
     # --- error classification: the only place that knows google/requests exception types.
 
@@ -203,9 +223,10 @@ class GCSBackend(ThreadedBackend):
             generation = headers.get("x-goog-generation")
             if generation is not None and generation != version:
                 raise VersionChanged(f"{request.what}: server sent generation {generation}")
+            _check_stored_encoding(headers, request.what)
 
         def check(status: int, headers: Headers) -> None:
-            check_range_response(status, headers, request, pinned=pinned)
+            check_range_response(status, headers, request, pinned=pinned, encodings=_MEDIA_ENCODINGS)
 
         try:
             if self._media is None:
@@ -218,7 +239,7 @@ class GCSBackend(ThreadedBackend):
 
     def _read_by_session(self, url: str, request: RangeRequest, check: CheckResponse, dest: memoryview) -> None:
         """The same GET through the client's authorized requests session (proxies, mTLS)."""
-        headers = {"Range": request.header, "Accept-Encoding": "identity"}
+        headers = {"Range": request.header, "Accept-Encoding": MEDIA_ACCEPT_ENCODING}
         session = gcs_client.authorized_session(self._client)
         resp = session.request("GET", url, headers=headers, stream=True, timeout=self._timeout)
         try:

@@ -76,6 +76,8 @@ class MediaTransport:
         self._auth_request: object | None = None
         self._ssl: ssl.SSLContext | None = self._ssl_context() if self._https else None
         self._closed = False
+        # The GCS backend sets "gzip": gzip-stored objects are then served as stored (gcs.py).
+        self.accept_encoding = "identity"
 
     @staticmethod
     def _ssl_context() -> ssl.SSLContext:
@@ -165,7 +167,7 @@ class MediaTransport:
         while True:
             headers = {
                 "Range": f"bytes={offset}-{offset + length - 1}",
-                "Accept-Encoding": "identity",
+                "Accept-Encoding": self.accept_encoding,
                 "User-Agent": _USER_AGENT,
             }
             self._sign(url, headers, force_refresh=refreshed)

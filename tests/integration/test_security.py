@@ -6,12 +6,16 @@ Every test mounts modelfs as a subprocess, the way a user (or systemd, or a pod)
 from __future__ import annotations
 
 import errno
+import gzip
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +27,8 @@ from modelfs.testing.fakegcs import FakeGCS
 from modelfs.testing.faultproxy import fault_proxy
 from modelfs.testing.mounts import daemon_pid, force_unmount, mounted
 from modelfs.testing.nginx import TOKEN, Nginx
+
+from .conftest import MountFn
 
 OPTIONS = ("--block-size", "64K", "--memory-cache", "2M", "--disk-cache", "8M")
 
@@ -187,3 +193,53 @@ def test_sigterm_with_a_stalled_read_unmounts_cleanly(gcs: FakeGCS, bucket: str,
         assert outcome.get("errno") in (errno.EIO, errno.ENOTCONN), outcome
         assert not is_mounted(mnt)
         assert "Traceback" not in log.read_text()
+
+
+# --- gzip-encoded GCS objects: served as stored
+
+
+def _upload_gzip_encoded(gcs: FakeGCS, bucket: str, name: str, stored: bytes) -> None:
+    """What ``gsutil cp -Z`` makes: an object whose stored bytes are gzip, with Content-Encoding: gzip."""
+    boundary = "modelfs-boundary"
+    meta = json.dumps({"name": name, "contentEncoding": "gzip", "contentType": "application/json"}).encode()
+    body = (
+        f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n".encode()
+        + meta
+        + f"\r\n--{boundary}\r\nContent-Type: application/json\r\n\r\n".encode()
+        + stored
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{gcs.url}/upload/storage/v1/b/{bucket}/o?uploadType=multipart",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/related; boundary={boundary}"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        assert int(json.loads(resp.read())["size"]) == len(stored)
+
+
+def test_gzip_encoded_gcs_object_reads_as_stored(gcs: FakeGCS, bucket: str, mount: MountFn) -> None:
+    """``tokenizer.json`` uploaded with ``gsutil cp -Z``: stat shows the stored size and every
+    byte read is the stored (gzip) byte at that offset, never decompressed bytes."""
+    plain = json.dumps({"vocab": {f"tok{i}": i for i in range(40_000)}}).encode()
+    stored = gzip.compress(plain)
+    assert len(stored) > 2 * 65536  # several blocks
+    _upload_gzip_encoded(gcs, bucket, "m/tokenizer.json", stored)
+    gcs.upload(bucket, "m/plain.bin", plain[:100_000])
+    mnt = mount(f"gs://{bucket}/m", *OPTIONS)
+    path = mnt / "tokenizer.json"
+    assert path.stat().st_size == len(stored)
+    assert path.read_bytes() == stored
+    assert gzip.decompress(path.read_bytes()) == plain
+    rng = random.Random(5)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(20):
+            offset = rng.randrange(len(stored))
+            length = rng.randrange(1, 100_000)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(fd, length, offset) == stored[offset : offset + length]
+    finally:
+        os.close(fd)
+    assert (mnt / "plain.bin").read_bytes() == plain[:100_000]  # an ordinary object is unchanged

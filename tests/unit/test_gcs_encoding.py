@@ -1,0 +1,45 @@
+"""GCS media GETs: a gzip-stored object is accepted only as its stored bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelfs.backends.gcs import _MEDIA_ENCODINGS, _check_stored_encoding
+from modelfs.backends.responses import RangeRequest, check_range_response
+from modelfs.errors import BackendError
+
+REQ = RangeRequest("obj [10, +10]", 10, 10)
+
+
+def _check(status: int, headers: dict[str, str]) -> None:
+    check_range_response(
+        status, headers, REQ, pinned=lambda h: _check_stored_encoding(h, REQ.what), encodings=_MEDIA_ENCODINGS
+    )
+
+
+def test_stored_gzip_bytes_are_accepted() -> None:
+    _check(
+        206,
+        {
+            "content-encoding": "gzip",
+            "x-goog-stored-content-encoding": "gzip",
+            "content-range": "bytes 10-19/1395",
+            "content-length": "10",
+        },
+    )
+    _check(206, {"content-range": "bytes 10-19/1395", "content-length": "10"})  # an ordinary object
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # decompressed (transcoded): whole, unranged, no Content-Encoding
+        {"x-goog-stored-content-encoding": "gzip", "content-length": "10"},
+        # compressed on the fly although stored plain: not the stored bytes at these offsets
+        {"content-encoding": "gzip", "content-range": "bytes 10-19/1395", "content-length": "10"},
+        {"content-encoding": "br", "x-goog-stored-content-encoding": "br", "content-range": "bytes 10-19/1395"},
+    ],
+)
+def test_anything_but_the_stored_bytes_is_refused(headers: dict[str, str]) -> None:
+    with pytest.raises(BackendError):
+        _check(206 if "content-range" in headers else 200, headers)
