@@ -442,6 +442,19 @@ class Config:
         "a shared cache tier replica, http://HOST:PORT, for block reads (repeatable; docs/operations.md)",
         multiple=True,
     )
+    persist_weak_versions: bool = _option(
+        _parse_bool,
+        False,
+        "keep disk-cache blocks of weakly versioned files (http(s) without a strong ETag, file://) across "
+        "restarts; a replacement with the same size and dates would then read stale",
+        flag=True,
+    )
+    allow_cross_origin_redirects: bool = _option(
+        _parse_bool,
+        False,
+        "http(s): follow a redirect to another host or port (a presigned-URL store), sending it no --header",
+        flag=True,
+    )
 
 
 OPTIONS: tuple[Option, ...] = tuple(

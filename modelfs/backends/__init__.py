@@ -40,7 +40,9 @@ def _open_origin(config: Config) -> Backend:
     if source.scheme == "file":
         from modelfs.backends.local import LocalBackend
 
-        return LocalBackend(source, max_concurrency=config.max_concurrency)
+        return LocalBackend(
+            source, max_concurrency=config.max_concurrency, persist_weak_versions=config.persist_weak_versions
+        )
     if source.scheme in ("http", "https"):
         from modelfs.backends.http import HTTPBackend
 
@@ -51,6 +53,8 @@ def _open_origin(config: Config) -> Backend:
             headers=config.header,
             read_timeout=config.read_timeout,
             max_concurrency=config.max_concurrency,
+            persist_weak_versions=config.persist_weak_versions,
+            cross_origin_redirects=config.allow_cross_origin_redirects,
         )
     if source.scheme == "s3":
         from modelfs.backends.s3 import S3Backend

@@ -28,7 +28,8 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -38,6 +39,7 @@ import trio
 from modelfs import __version__
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.private.httpcore_read_size import raise_read_size
+from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
 from modelfs.backends.responses import (
     Headers,
     RangeRequest,
@@ -48,6 +50,7 @@ from modelfs.backends.responses import (
 )
 from modelfs.backends.skeleton import BackendSkeleton
 from modelfs.backends.tiered import TierTarget, header_pinned
+from modelfs.backends.weak import run_marker, without_run_marker
 from modelfs.config import Source
 from modelfs.errors import (
     BackendError,
@@ -68,6 +71,13 @@ for _name in ("httpx", "httpcore"):
 _UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
 _PCHAR_SAFE = "/:@!$&'()*+,;=~"  # left as they are in a path (RFC 3986 pchar)
 _MAX_INDEX_DEPTH = 32
+# Bounds on what a server or a manifest can make the daemon hold or walk: one index or HEAD
+# response, one manifest file, the entries of one full walk (self-referencing symlinks under
+# nginx autoindex make an index tree without end), and the directories one daemon lists.
+_MAX_INDEX_BYTES = 32 << 20
+_MAX_MANIFEST_BYTES = 64 << 20
+MAX_INDEX_ENTRIES = 1_000_000
+MAX_INDEX_DIRS = 10_000
 # Larger socket reads than httpcore's 64 KiB: see private/httpcore_read_size.py.
 _READ_SIZE = 512 << 10
 
@@ -75,16 +85,17 @@ _READ_SIZE = 512 << 10
 # --- versions: what a read pins
 
 
-def make_version(size: int, etag: str | None, last_modified: str | None) -> str:
-    """``SIZE/"etag"`` for a strong ETag, else ``SIZE/lm:LAST-MODIFIED`` (possibly empty)."""
+def make_version(size: int, etag: str | None, last_modified: str | None, run: str = "") -> str:
+    """``SIZE/"etag"`` for a strong ETag, else ``SIZE/lm:LAST-MODIFIED`` (possibly empty)
+    followed by ``run``, this daemon's marker for weak versions (see weak.py)."""
     if etag and not etag.startswith("W/"):
         return f"{size}/{etag}"
-    return f"{size}/lm:{last_modified or ''}"
+    return f"{size}/lm:{last_modified or ''}{run}"
 
 
 def parse_version(version: str) -> tuple[int, str | None, str | None]:
     """(size, strong ETag or None, Last-Modified or None) of a :func:`make_version` string."""
-    size, _, tag = version.partition("/")
+    size, _, tag = without_run_marker(version).partition("/")
     if tag.startswith("lm:"):
         return int(size), None, tag[3:] or None
     return int(size), tag, None
@@ -152,23 +163,30 @@ class HTTPBackend(BackendSkeleton):
         read_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         max_concurrency: int = 8,
+        persist_weak_versions: bool = False,
+        cross_origin_redirects: bool = False,
     ) -> None:
         super().__init__(source, threads=max_concurrency)
         self._manifest = manifest
+        self._run = run_marker(persist_weak_versions)
         # The directory every name is relative to, with its path as the user spelled it.
         self._base = source.url.rsplit("/", 1)[0] + "/" if source.file else source.url
         self._warned: set[str] = set()
+        self._listed_dirs: set[str] = set()  # directory indexes read, bounded by MAX_INDEX_DIRS
         raise_read_size(_READ_SIZE)
         context = self._ssl_context(ca_cert) if source.scheme == "https" else None
         client_headers = [("User-Agent", f"modelfs/{__version__}"), ("Accept-Encoding", "identity")]
-        client_headers += [_split_header(line) for line in headers]
+        # The user's headers go only to the source's origin (redirects.py), so they are added
+        # per request, not to the client.
+        self._user_headers = [_split_header(line) for line in headers]
+        self._secrets = [value for _, value in self._user_headers if len(value) >= 4]
+        self._redirects = RedirectPolicy(self._base, cross_origin=cross_origin_redirects)
         self._client = httpx.AsyncClient(
             headers=client_headers,
             verify=context if context is not None else True,
             timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None),
             limits=httpx.Limits(max_connections=max_concurrency + 4, max_keepalive_connections=max_concurrency + 4),
-            follow_redirects=True,
-            max_redirects=8,
+            follow_redirects=False,  # followed by _send, by the rules of redirects.py
         )
 
     @staticmethod
@@ -200,6 +218,15 @@ class HTTPBackend(BackendSkeleton):
     # --- error classification: the only place that knows httpx's exceptions and HTTP statuses.
 
     def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
+        error = self._classify(exc, what)
+        text = str(error)
+        if any(secret in text for secret in self._secrets):  # e.g. h11 quoting an illegal header value
+            for secret in self._secrets:
+                text = text.replace(secret, "<hidden>")
+            return type(error)(text)
+        return error
+
+    def _classify(self, exc: BaseException, what: str) -> BackendError:
         if isinstance(exc, BackendError):
             return exc
         if isinstance(exc, httpx.TimeoutException):
@@ -210,12 +237,58 @@ class HTTPBackend(BackendSkeleton):
             return BackendError(
                 f"{what}: TLS certificate verification failed ({reason}); pass --ca-cert FILE to trust a private CA"
             )
-        if isinstance(exc, (httpx.TooManyRedirects, httpx.UnsupportedProtocol, httpx.InvalidURL)):
-            return BackendError(f"{what}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)):
+            return BackendError(f"{what}: {type(exc).__name__}")  # their text may quote a URL or header
         if isinstance(exc, (httpx.TransportError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
             text = str(exc) or type(exc).__name__
             return TransientError(f"{what}: {text[:200]}")
         return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+
+    # --- requests: redirects followed here, by the rules of redirects.py
+
+    async def _send(self, method: str, url: str, headers: dict[str, str], what: str) -> httpx.Response:
+        """A streamed response to ``method url`` after the redirects the policy allows; the
+        caller closes it. ``--header`` values go only to the source's origin."""
+        current = httpx.URL(url)
+        same_origin = True
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            if same_origin:
+                sent.update(self._user_headers)
+            request = self._client.build_request(method, current, headers=sent)
+            resp = await self._client.send(request, stream=True)
+            location = resp.headers.get("location")
+            if resp.status_code not in (301, 302, 303, 307, 308) or location is None:
+                return resp
+            await resp.aclose()
+            try:
+                target = current.join(location)
+            except httpx.InvalidURL:
+                raise BackendError(f"{what}: redirected to an invalid URL") from None
+            same_origin = await self._redirects.check(current, target, what) and same_origin
+            if resp.status_code == 303 and method != "HEAD":
+                method = "GET"
+            current = target
+        raise BackendError(f"{what}: more than {MAX_REDIRECTS} redirects")
+
+    @asynccontextmanager
+    async def _stream(self, method: str, url: str, headers: dict[str, str], what: str) -> AsyncIterator[httpx.Response]:
+        resp = await self._send(method, url, headers, what)
+        try:
+            yield resp
+        finally:
+            await resp.aclose()
+
+    async def _fetch(self, method: str, url: str, headers: dict[str, str], what: str, cap: int) -> httpx.Response:
+        """A whole (small) response: its body is read, at most ``cap`` bytes of it."""
+        async with self._stream(method, url, headers, what) as resp:
+            body = bytearray()
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if len(body) > cap:
+                    raise BackendError(f"{what}: the response is larger than {cap >> 20} MiB; not read")
+            resp._content = bytes(body)  # noqa: SLF001 - httpx keeps a read body here
+            return resp
 
     # --- metadata
 
@@ -223,7 +296,7 @@ class HTTPBackend(BackendSkeleton):
         what = self._display(name)
         async with self._limiter:
             try:
-                resp = await self._client.head(self._url(name))
+                resp = await self._fetch("HEAD", self._url(name), {}, what, cap=_MAX_INDEX_BYTES)
             except Exception as exc:
                 raise self.classify(exc, what) from None
             headers = resp.headers
@@ -242,9 +315,11 @@ class HTTPBackend(BackendSkeleton):
         if etag is None or etag.startswith("W/"):
             self._warn_once(
                 f"etag:{name}",
-                "%s has no strong ETag: changes are detected by %s only",
+                "%s has no strong ETag: changes are detected by %s only, and its blocks are not "
+                "reused from the disk cache after a restart%s",
                 what,
                 "Last-Modified and size" if last_modified else "size",
+                "" if self._run else " (--persist-weak-versions: they are)",
             )
         if listed_size is not None and listed_size != size:
             self._warn_once(
@@ -254,12 +329,12 @@ class HTTPBackend(BackendSkeleton):
                 listed_size,
                 size,
             )
-        return ObjectInfo(name, size, _mtime(last_modified), make_version(size, etag, last_modified))
+        return ObjectInfo(name, size, _mtime(last_modified), make_version(size, etag, last_modified, self._run))
 
     async def _probe(self, name: str, what: str) -> tuple[int, str | None, str | None]:
         """GET the first byte: (size, ETag, Last-Modified); BackendError if Range is ignored."""
         try:
-            async with self._client.stream("GET", self._url(name), headers={"Range": "bytes=0-0"}) as resp:
+            async with self._stream("GET", self._url(name), {"Range": "bytes=0-0"}, what) as resp:
                 headers = resp.headers
                 status = resp.status_code
                 etag, last_modified = headers.get("etag"), headers.get("last-modified")
@@ -299,11 +374,7 @@ class HTTPBackend(BackendSkeleton):
             return [await self._stat(self._source.file)]
         placeholders: list[ObjectInfo] = []
         if self._manifest is not None:
-            try:
-                text = await trio.Path(self._manifest).read_text()
-            except OSError as exc:
-                raise ConfigError(f"cannot read manifest {self._manifest}: {exc.strerror}") from None
-            entries = parse_manifest(text, str(self._manifest))
+            entries = parse_manifest(await self._manifest_text(), str(self._manifest))
         else:
             entries = await self._walk_index(placeholders)
         results: list[ObjectInfo | None] = [None] * len(entries)
@@ -368,12 +439,25 @@ class HTTPBackend(BackendSkeleton):
             raise errors[0]
         return ListPage([info for info in results if info is not None], prefixes)
 
-    async def _manifest_dir(self, prefix: str) -> tuple[list[tuple[str, int | None]], list[str]]:
+    async def _manifest_text(self) -> str:
+        """The manifest file, refused past _MAX_MANIFEST_BYTES or MAX_INDEX_ENTRIES lines."""
         assert self._manifest is not None
         try:
-            text = await trio.Path(self._manifest).read_text()
+            async with await trio.open_file(self._manifest, "rb") as f:
+                data = await f.read(_MAX_MANIFEST_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"cannot read manifest {self._manifest}: {exc.strerror}") from None
+        if len(data) > _MAX_MANIFEST_BYTES:
+            raise ConfigError(f"manifest {self._manifest} is larger than {_MAX_MANIFEST_BYTES >> 20} MiB")
+        if data.count(b"\n") > MAX_INDEX_ENTRIES:
+            raise ConfigError(f"manifest {self._manifest} lists more than {MAX_INDEX_ENTRIES} entries")
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise ConfigError(f"manifest {self._manifest} is not UTF-8 text") from None
+
+    async def _manifest_dir(self, prefix: str) -> tuple[list[tuple[str, int | None]], list[str]]:
+        text = await self._manifest_text()
         files: list[tuple[str, int | None]] = []
         prefixes: dict[str, None] = {}
         for name, size in parse_manifest(text, str(self._manifest)):
@@ -389,9 +473,15 @@ class HTTPBackend(BackendSkeleton):
     async def _index_dir(self, rel: str) -> tuple[list[tuple[str, int | None]], list[str]] | None:
         """The files and subdirectories of one JSON index; None if a subdirectory is missing."""
         what = self._base + rel
+        if rel and rel not in self._listed_dirs and len(self._listed_dirs) >= MAX_INDEX_DIRS:
+            self._warn_once(
+                "dirs", "%s: more than %d directories listed (a symlink loop?): not listing more", what, MAX_INDEX_DIRS
+            )
+            return None
+        self._listed_dirs.add(rel)
         try:
-            resp = await self._client.get(
-                self._base + quote(rel, safe=_PCHAR_SAFE), headers={"Accept": "application/json"}
+            resp = await self._fetch(
+                "GET", self._base + quote(rel, safe=_PCHAR_SAFE), {"Accept": "application/json"}, what, _MAX_INDEX_BYTES
             )
         except Exception as exc:
             raise self.classify(exc, what) from None
@@ -411,6 +501,8 @@ class HTTPBackend(BackendSkeleton):
                 f"{what}: the server sends no JSON directory index (nginx 'autoindex_format "
                 "json') for this URL: list the files with --manifest FILE"
             )
+        if len(entries) > MAX_INDEX_ENTRIES:
+            raise BackendError(f"{what}: the index lists more than {MAX_INDEX_ENTRIES} entries")
         files: list[tuple[str, int | None]] = []
         prefixes: list[str] = []
         deep = rel.count("/") >= _MAX_INDEX_DEPTH
@@ -436,12 +528,23 @@ class HTTPBackend(BackendSkeleton):
     async def _walk_index(self, placeholders: list[ObjectInfo]) -> list[tuple[str, int | None]]:
         """Files of the server's JSON directory index below the base URL, recursively."""
         files: list[tuple[str, int | None]] = []
+        seen = {"entries": 0, "dirs": 0}
 
         async def walk(rel: str, depth: int) -> None:
             what = self._base + rel
+            seen["dirs"] += 1
+            if seen["dirs"] > MAX_INDEX_DIRS:
+                raise BackendError(
+                    f"{self._base}: more than {MAX_INDEX_DIRS} directories in the index (a symlink loop?); "
+                    "list the files with --manifest FILE"
+                )
             try:
-                resp = await self._client.get(
-                    self._base + quote(rel, safe=_PCHAR_SAFE), headers={"Accept": "application/json"}
+                resp = await self._fetch(
+                    "GET",
+                    self._base + quote(rel, safe=_PCHAR_SAFE),
+                    {"Accept": "application/json"},
+                    what,
+                    _MAX_INDEX_BYTES,
                 )
             except Exception as exc:
                 raise self.classify(exc, what) from None
@@ -459,6 +562,9 @@ class HTTPBackend(BackendSkeleton):
                 )
             if not entries and rel:
                 placeholders.append(ObjectInfo(rel, 0, 0.0, "0/lm:"))
+            seen["entries"] += len(entries)
+            if seen["entries"] > MAX_INDEX_ENTRIES:
+                raise BackendError(f"{self._base}: the index lists more than {MAX_INDEX_ENTRIES} entries")
             for entry in entries:
                 if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                     continue
@@ -506,7 +612,7 @@ class HTTPBackend(BackendSkeleton):
                 raise VersionChanged(f"{what}: changed on the server (Last-Modified is now {sent_modified})")
 
         try:
-            async with self._client.stream("GET", self._url(name), headers=headers) as resp:
+            async with self._stream("GET", self._url(name), headers, what) as resp:
                 check_range_response(resp.status_code, resp.headers, request, pinned=pinned)
                 got = 0
                 async for chunk in resp.aiter_raw():

@@ -1,7 +1,8 @@
 """A local directory as a backend (``file:///dir``): for development, demos and tests.
 
-The version of a file is its mtime and size, checked again on every read, so a file changed
-while it is open reads as VersionChanged, like an overwritten object.
+The version of a file is its inode, size, mtime and ctime, checked again on every read, so a
+file changed while it is open reads as VersionChanged, like an overwritten object. It is a
+weak version: see weak.py.
 """
 
 from __future__ import annotations
@@ -12,22 +13,27 @@ import os
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.responses import RangeRequest
 from modelfs.backends.skeleton import ThreadedBackend
+from modelfs.backends.weak import run_marker
 from modelfs.config import Source
 from modelfs.errors import AccessDenied, BackendError, NotFound, VersionChanged
 
 __all__ = ["LocalBackend"]
 
 
-def _version(st: os.stat_result) -> str:
-    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+def _version(st: os.stat_result, run: str) -> str:
+    """Inode, size, mtime and ctime (ns): a replacement by rename has another inode, an
+    in-place rewrite another ctime (which no user can set back). Still a weak version: an
+    inode number can be reused, so ``run`` (weak.py) keeps it from outliving the daemon."""
+    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ctime_ns:x}{run}"
 
 
 class LocalBackend(ThreadedBackend):
     """Serves the files below one directory; blocking calls run in trio worker threads."""
 
-    def __init__(self, source: Source, max_concurrency: int = 8) -> None:
+    def __init__(self, source: Source, max_concurrency: int = 8, *, persist_weak_versions: bool = False) -> None:
         super().__init__(source, threads=max_concurrency)
         self._root = source.bucket
+        self._run = run_marker(persist_weak_versions)
 
     def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
         if isinstance(exc, BackendError):
@@ -60,7 +66,7 @@ class LocalBackend(ThreadedBackend):
                     continue
                 if not os.path.isfile(path):
                     continue
-                out.append(ObjectInfo(rel + filename, st.st_size, st.st_mtime, _version(st)))
+                out.append(ObjectInfo(rel + filename, st.st_size, st.st_mtime, _version(st, self._run)))
         return out
 
     async def list_objects(self) -> list[ObjectInfo]:
@@ -85,7 +91,9 @@ class LocalBackend(ThreadedBackend):
                             prefixes.append(prefix + entry.name + "/")
                         elif entry.is_file():
                             st = entry.stat()
-                            objects.append(ObjectInfo(prefix + entry.name, st.st_size, st.st_mtime, _version(st)))
+                            objects.append(
+                                ObjectInfo(prefix + entry.name, st.st_size, st.st_mtime, _version(st, self._run))
+                            )
                     except OSError:
                         continue
         except (FileNotFoundError, NotADirectoryError):
@@ -102,7 +110,7 @@ class LocalBackend(ThreadedBackend):
             st = os.stat(os.path.join(self._root, name))
         except (FileNotFoundError, PermissionError) as exc:
             raise self.classify(exc, name) from None
-        return ObjectInfo(name, st.st_size, st.st_mtime, _version(st))
+        return ObjectInfo(name, st.st_size, st.st_mtime, _version(st, self._run))
 
     async def stat(self, name: str) -> ObjectInfo:
         return await self.run_blocking(self._stat, name)
@@ -113,7 +121,7 @@ class LocalBackend(ThreadedBackend):
         except OSError as exc:
             raise self.classify(exc, name, reading=True) from None
         try:
-            if _version(os.fstat(fd)) != version:
+            if _version(os.fstat(fd), self._run) != version:
                 raise VersionChanged(f"{name}: changed since it was opened")
             got = 0
             while got < len(dest):

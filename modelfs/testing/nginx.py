@@ -140,6 +140,19 @@ http {{
             if ($arg_sig != "{token}") {{ return 403; }}
             if ($http_x_api_key != "{token}") {{ return 401; }}
         }}
+        location /weak/ {{
+            etag off;
+        }}
+        location /same/ {{
+            absolute_redirect off;
+            rewrite ^/same/(.*)$ /private/$1 redirect;
+        }}
+        location /downgrade/ {{
+            rewrite ^/downgrade/(.*)$ http://127.0.0.1:{port}/plain/$1 redirect;
+        }}
+        location /noapikey/ {{
+            if ($http_x_api_key) {{ return 403; }}
+        }}
         location /noranges/ {{
             max_ranges 0;
         }}

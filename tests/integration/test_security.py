@@ -18,14 +18,17 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import trio
 
 from modelfs.mount import is_mounted
 from modelfs.testing.fakegcs import FakeGCS
 from modelfs.testing.faultproxy import fault_proxy
-from modelfs.testing.mounts import daemon_pid, force_unmount, mounted
+from modelfs.testing.mounts import daemon_pid, force_unmount, mounted, run_modelfs
 from modelfs.testing.nginx import TOKEN, Nginx
 
 from .conftest import MountFn
@@ -243,3 +246,213 @@ def test_gzip_encoded_gcs_object_reads_as_stored(gcs: FakeGCS, bucket: str, moun
     finally:
         os.close(fd)
     assert (mnt / "plain.bin").read_bytes() == plain[:100_000]  # an ordinary object is unchanged
+
+
+# --- redirects: headers stay with the source's origin
+
+
+class _Redirector(ThreadingHTTPServer):
+    """Answers every GET and HEAD with a 302 to ``target`` + the request path's last part."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.seen_api_key: list[str | None] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _redirect(self) -> None:
+                server = self.server
+                assert isinstance(server, _Redirector)
+                server.seen_api_key.append(self.headers.get("X-Api-Key"))
+                self.send_response(302)
+                self.send_header("Location", server.target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = _redirect  # noqa: N815 - http.server's names
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @contextmanager
+    def running(self) -> Iterator[str]:
+        thread = threading.Thread(target=self.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{self.server_address[1]}"
+        finally:
+            self.shutdown()
+            self.server_close()
+
+
+def _fails_with(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+    assert TOKEN not in result.stderr
+
+
+def test_cross_origin_redirect_needs_the_option_and_drops_headers(web: Nginx, tmp_path: Path) -> None:
+    top = f"r-{uuid.uuid4().hex[:10]}"
+    data = os.urandom(150_000)
+    web.put(f"noapikey/{top}/m.bin", data)  # nginx answers 403 to a request that carries X-Api-Key
+    with _Redirector(web.url(f"noapikey/{top}/m.bin")).running() as origin:
+        source = f"{origin}/m.bin"
+        header = f"X-Api-Key: {TOKEN}"
+        (tmp_path / "mnt0").mkdir()
+        result = run_modelfs(
+            "mount", source, str(tmp_path / "mnt0"), "--cache-dir", str(tmp_path / "c0"), "--header", header, *OPTIONS
+        )
+        force_unmount(tmp_path / "mnt0")
+        _fails_with(result, "another origin", "--allow-cross-origin-redirects")
+        with mounted(
+            source,
+            tmp_path / "mnt",
+            tmp_path / "cache",
+            "--header",
+            header,
+            "--allow-cross-origin-redirects",
+            *OPTIONS,
+        ) as mnt:
+            assert (mnt / "m.bin").read_bytes() == data  # the redirected requests had no X-Api-Key
+
+
+def test_same_origin_redirect_keeps_headers(web: Nginx, tmp_path: Path) -> None:
+    top = f"r-{uuid.uuid4().hex[:10]}"
+    data = os.urandom(150_000)
+    web.put(f"private/{top}/m.bin", data)  # needs Authorization: Bearer TOKEN
+    with mounted(
+        web.url(f"same/{top}/m.bin", tls=True),
+        tmp_path / "mnt",
+        tmp_path / "cache",
+        "--ca-cert",
+        str(web.ca_cert),
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
+        *OPTIONS,
+    ) as mnt:
+        assert (mnt / "m.bin").read_bytes() == data
+
+
+def test_https_to_http_redirect_is_refused(web: Nginx, tmp_path: Path) -> None:
+    top = f"r-{uuid.uuid4().hex[:10]}"
+    web.put(f"plain/{top}/m.bin", os.urandom(1000))
+    (tmp_path / "mnt").mkdir()
+    result = run_modelfs(
+        "mount",
+        web.url(f"downgrade/{top}/m.bin", tls=True),
+        str(tmp_path / "mnt"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--ca-cert",
+        str(web.ca_cert),
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
+        "--allow-cross-origin-redirects",
+        *OPTIONS,
+    )
+    force_unmount(tmp_path / "mnt")
+    _fails_with(result, "https to plain http")
+
+
+# --- weak versions: no block of theirs outlives the daemon
+
+
+def _same_size_same_times(path: Path, new: bytes) -> None:
+    """Rewrite ``path`` in place (same inode) with ``new`` (same size) and put its mtime back."""
+    st = path.stat()
+    assert len(new) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_ino == st.st_ino
+
+
+def _stats(mnt: Path) -> dict[str, int]:
+    return json.loads(os.getxattr(mnt, "user.modelfs.stats"))  # type: ignore[no-any-return]
+
+
+def test_file_source_replaced_with_same_size_and_mtime_is_not_served_stale(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    old, new = os.urandom(300_000), os.urandom(300_000)
+    (src / "m.bin").write_bytes(old)
+    cache = tmp_path / "cache"
+    with mounted(f"file://{src}", tmp_path / "mnt", cache, *OPTIONS) as mnt:
+        assert (mnt / "m.bin").read_bytes() == old  # now in the disk cache
+    _same_size_same_times(src / "m.bin", new)
+    with mounted(f"file://{src}", tmp_path / "mnt", cache, *OPTIONS) as mnt:
+        assert (mnt / "m.bin").read_bytes() == new
+    # Opted in, the blocks are reused by the next daemon.
+    with mounted(f"file://{src}", tmp_path / "mnt", cache, "--persist-weak-versions", *OPTIONS) as mnt:
+        assert (mnt / "m.bin").read_bytes() == new
+    with mounted(f"file://{src}", tmp_path / "mnt", cache, "--persist-weak-versions", *OPTIONS) as mnt:
+        assert (mnt / "m.bin").read_bytes() == new
+        assert _stats(mnt)["backend_gets"] == 0
+
+
+def test_http_file_without_etag_replaced_is_not_served_stale(web: Nginx, tmp_path: Path) -> None:
+    top = f"w-{uuid.uuid4().hex[:10]}"
+    old, new = os.urandom(300_000), os.urandom(300_000)
+    path = web.put(f"weak/{top}/m.bin", old)  # nginx sends no ETag here: size + Last-Modified
+    source = web.url(f"weak/{top}/m.bin")
+    cache = tmp_path / "cache"
+    with mounted(source, tmp_path / "mnt", cache, *OPTIONS) as mnt:
+        assert (mnt / "m.bin").read_bytes() == old
+    _same_size_same_times(path, new)
+    with mounted(source, tmp_path / "mnt", cache, *OPTIONS) as mnt:
+        assert (mnt / "m.bin").read_bytes() == new
+
+
+# --- index walks: bounded
+
+
+def _symlink_loop(web: Nginx) -> str:
+    """A directory whose two subdirectories are itself: nginx's autoindex has no end below it."""
+    top = f"loop-{uuid.uuid4().hex[:10]}"
+    root = web.root / top
+    web.put(f"{top}/m.bin", b"x" * 1000)
+    (root / "a").symlink_to(".")
+    (root / "b").symlink_to(".")
+    return top
+
+
+async def test_index_walk_with_symlink_loops_is_bounded(web: Nginx, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfs.backends import http
+    from modelfs.config import parse_source
+    from modelfs.errors import BackendError
+
+    monkeypatch.setattr(http, "MAX_INDEX_DIRS", 50)  # the shipped bound, 10,000, only takes longer
+    backend = http.HTTPBackend(parse_source(web.url(_symlink_loop(web)) + "/"))
+    try:
+        with trio.fail_after(120):  # a hang fails the test instead of blocking it
+            with pytest.raises(BackendError, match="more than 50 directories"):
+                await backend.list_objects()  # 2^32 directories without the bound
+            # The lazy listing: directory by directory, then no more than the bound.
+            listed = 0
+            prefixes = [""]
+            while prefixes:
+                page = await backend.list_dir(prefixes.pop())
+                listed += 1
+                prefixes += page.prefixes
+        assert listed <= 2 * 50 + 1
+    finally:
+        await backend.aclose()
+
+
+async def test_oversized_manifest_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfs.backends import http
+    from modelfs.config import parse_source
+    from modelfs.errors import ConfigError
+
+    manifest = tmp_path / "files.txt"
+    manifest.write_text("".join(f"f{i}.bin\n" for i in range(30)))
+    monkeypatch.setattr(http, "MAX_INDEX_ENTRIES", 20)
+    backend = http.HTTPBackend(parse_source("http://127.0.0.1:9/models/"), manifest=manifest)
+    try:
+        with pytest.raises(ConfigError, match="more than 20 entries"):
+            await backend.list_objects()
+    finally:
+        await backend.aclose()
