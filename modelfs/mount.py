@@ -160,12 +160,12 @@ def _raise_read_ahead(path: Path, kb: int) -> None:
 
 
 def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
-    backend = open_backend(config)
+    memory = MemoryCache(config.memory_cache, config.block_size)
+    backend = open_backend(config, memory)
     namespace = Namespace(
         backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline, cache_bytes=config.metadata_cache
     )
     disk = DiskCache(config.cache_dir, config.disk_cache) if config.disk_cache > 0 else None
-    memory = MemoryCache(config.memory_cache, config.block_size)
     store = BlockStore(
         backend,
         memory,

@@ -7,14 +7,16 @@ from typing import TYPE_CHECKING
 from modelfs.backends.base import Backend, ObjectInfo
 
 if TYPE_CHECKING:
+    from modelfs.cache.memory import MemoryCache
     from modelfs.config import Config
 
 __all__ = ["Backend", "ObjectInfo", "open_backend"]
 
 
-def open_backend(config: Config) -> Backend:
-    """The backend for ``config.source`` (through the cache tier with ``--cache-url``)."""
-    backend = _open_origin(config)
+def open_backend(config: Config, budget: MemoryCache | None = None) -> Backend:
+    """The backend for ``config.source`` (through the cache tier with ``--cache-url``); response
+    bodies it holds whole (directory indexes) take their bytes from ``budget``."""
+    backend = _open_origin(config, budget)
     if not config.cache_url:
         return backend
     from modelfs.backends.tiered import TieredBackend
@@ -28,7 +30,7 @@ def open_backend(config: Config) -> Backend:
     )
 
 
-def _open_origin(config: Config) -> Backend:
+def _open_origin(config: Config, budget: MemoryCache | None) -> Backend:
     """The backend for ``config.source``; imports a store's client only when it is used."""
     source = config.source
     if source.scheme == "gs":
@@ -55,6 +57,7 @@ def _open_origin(config: Config) -> Backend:
             max_concurrency=config.max_concurrency,
             persist_weak_versions=config.persist_weak_versions,
             cross_origin_redirects=config.allow_cross_origin_redirects,
+            budget=budget,
         )
     if source.scheme == "s3":
         from modelfs.backends.s3 import S3Backend

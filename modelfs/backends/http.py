@@ -23,14 +23,16 @@ string (a signature, for presigned URLs).
 
 from __future__ import annotations
 
+import codecs
 import email.utils
 import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -60,7 +62,10 @@ from modelfs.errors import (
     VersionChanged,
 )
 
-__all__ = ["HTTPBackend", "make_version", "parse_manifest", "parse_version"]
+if TYPE_CHECKING:
+    from modelfs.cache.memory import Lease, MemoryCache
+
+__all__ = ["HTTPBackend", "make_version", "parse_index", "parse_manifest", "parse_version"]
 
 log = logging.getLogger(__name__)
 # httpx logs every request's URL at INFO (with its query string, a signature for presigned
@@ -78,6 +83,16 @@ _MAX_INDEX_BYTES = 32 << 20
 _MAX_MANIFEST_BYTES = 64 << 20
 MAX_INDEX_ENTRIES = 1_000_000
 MAX_INDEX_DIRS = 10_000
+# An index body is read into leases of the memory budget that grow with it from this size.
+_INDEX_FIRST_LEASE = 256 << 10
+# Bytes of Python objects alive while an index is parsed, per byte of it (the decoded text and
+# one (name, type, size) tuple per entry), counted in the budget beside the body.
+_INDEX_PARSE_OVERHEAD = 4
+# A probe's body is one byte; a server that sends more is read no further than this.
+_PROBE_BODY_LIMIT = 64 << 10
+
+IndexEntry = tuple[str, str | None, int | None]
+"""One entry of a JSON directory index: (name, type, size)."""
 # Larger socket reads than httpcore's 64 KiB: see private/httpcore_read_size.py.
 _READ_SIZE = 512 << 10
 
@@ -165,9 +180,11 @@ class HTTPBackend(BackendSkeleton):
         max_concurrency: int = 8,
         persist_weak_versions: bool = False,
         cross_origin_redirects: bool = False,
+        budget: MemoryCache | None = None,
     ) -> None:
         super().__init__(source, threads=max_concurrency)
         self._manifest = manifest
+        self._budget = budget  # directory index bodies take their bytes from it
         self._run = run_marker(persist_weak_versions)
         # The directory every name is relative to, with its path as the user spelled it.
         self._base = source.url.rsplit("/", 1)[0] + "/" if source.file else source.url
@@ -345,7 +362,7 @@ class HTTPBackend(BackendSkeleton):
                             f"{what}: the server does not tell the file's size "
                             f"(Content-Range {headers.get('content-range')!r})"
                         )
-                    await resp.aread()  # one byte: keeps the connection reusable
+                    await _drain(resp)  # one byte: keeps the connection reusable
                     return parsed[2], etag, last_modified
                 if status == 416:
                     match = _UNSATISFIED_RANGE_RE.fullmatch(headers.get("content-range", ""))
@@ -354,7 +371,7 @@ class HTTPBackend(BackendSkeleton):
                 if status == 200:
                     length = headers.get("content-length", "")
                     if length in ("0", "1"):  # the whole file is what was asked for
-                        await resp.aread()
+                        await _drain(resp)
                         return int(length), etag, last_modified
                     raise no_range_support(what)
                 error = metadata_status_error(status, what)
@@ -479,22 +496,13 @@ class HTTPBackend(BackendSkeleton):
             )
             return None
         self._listed_dirs.add(rel)
-        try:
-            resp = await self._fetch(
-                "GET", self._base + quote(rel, safe=_PCHAR_SAFE), {"Accept": "application/json"}, what, _MAX_INDEX_BYTES
-            )
-        except Exception as exc:
-            raise self.classify(exc, what) from None
-        if resp.status_code == 404 and rel:
+        status, entries = await self._get_index(rel, what)
+        if status == 404 and rel:
             return None
-        error = metadata_status_error(resp.status_code, what)
+        error = metadata_status_error(status, what)
         if error is not None:
             raise error
-        try:
-            entries = json.loads(resp.content)
-        except ValueError:
-            entries = None
-        if not isinstance(entries, list):
+        if entries is None:
             if rel:
                 return None  # a file, not a directory: nothing below it
             raise BackendError(
@@ -506,13 +514,9 @@ class HTTPBackend(BackendSkeleton):
         files: list[tuple[str, int | None]] = []
         prefixes: list[str] = []
         deep = rel.count("/") >= _MAX_INDEX_DEPTH
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                continue
-            name = entry["name"]
+        for name, kind, size in entries:
             if not name or "/" in name or name in (".", ".."):
                 continue
-            kind = entry.get("type")
             if kind == "directory":
                 if deep:
                     self._warn_once(
@@ -521,8 +525,7 @@ class HTTPBackend(BackendSkeleton):
                     continue
                 prefixes.append(f"{rel}{name}/")
             elif kind == "file":
-                size = entry.get("size")
-                files.append((rel + name, size if isinstance(size, int) else None))
+                files.append((rel + name, size))
         return files, prefixes
 
     async def _walk_index(self, placeholders: list[ObjectInfo]) -> list[tuple[str, int | None]]:
@@ -538,24 +541,11 @@ class HTTPBackend(BackendSkeleton):
                     f"{self._base}: more than {MAX_INDEX_DIRS} directories in the index (a symlink loop?); "
                     "list the files with --manifest FILE"
                 )
-            try:
-                resp = await self._fetch(
-                    "GET",
-                    self._base + quote(rel, safe=_PCHAR_SAFE),
-                    {"Accept": "application/json"},
-                    what,
-                    _MAX_INDEX_BYTES,
-                )
-            except Exception as exc:
-                raise self.classify(exc, what) from None
-            error = metadata_status_error(resp.status_code, what)
+            status, entries = await self._get_index(rel, what)
+            error = metadata_status_error(status, what)
             if error is not None:
                 raise error
-            try:
-                entries = json.loads(resp.content)
-            except ValueError:
-                entries = None
-            if not isinstance(entries, list):
+            if entries is None:
                 raise BackendError(
                     f"{what}: the server sends no JSON directory index (nginx 'autoindex_format "
                     "json') for this URL: list the files with --manifest FILE"
@@ -565,13 +555,9 @@ class HTTPBackend(BackendSkeleton):
             seen["entries"] += len(entries)
             if seen["entries"] > MAX_INDEX_ENTRIES:
                 raise BackendError(f"{self._base}: the index lists more than {MAX_INDEX_ENTRIES} entries")
-            for entry in entries:
-                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                    continue
-                name = entry["name"]
+            for name, kind, size in entries:
                 if not name or "/" in name or name in (".", ".."):
                     continue
-                kind = entry.get("type")
                 if kind == "directory":
                     if depth >= _MAX_INDEX_DEPTH:
                         self._warn_once(
@@ -580,11 +566,68 @@ class HTTPBackend(BackendSkeleton):
                         continue
                     await walk(f"{rel}{name}/", depth + 1)
                 elif kind == "file":
-                    size = entry.get("size")
-                    files.append((rel + name, size if isinstance(size, int) else None))
+                    files.append((rel + name, size))
 
         await walk("", 0)
         return files
+
+    async def _get_index(self, rel: str, what: str) -> tuple[int, list[IndexEntry] | None]:
+        """GET one JSON directory index: its status and entries (None: not a JSON list).
+
+        The body goes into leases of the memory budget that grow with it (at most
+        _MAX_INDEX_BYTES; more is a BackendError) and is parsed in a worker thread, with the
+        parser's objects counted too. Without a budget (``modelfs warm``) the same bounds hold.
+        """
+        url = self._base + quote(rel, safe=_PCHAR_SAFE)
+        leases: list[Lease] = []
+        try:
+            async with self._stream("GET", url, {"Accept": "application/json"}, what) as resp:
+                if resp.status_code != 200:
+                    return resp.status_code, None
+                declared = resp.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > _MAX_INDEX_BYTES:
+                    raise BackendError(f"{what}: the directory index is larger than {_MAX_INDEX_BYTES >> 20} MiB")
+                size = int(declared) if declared.isdigit() else _INDEX_FIRST_LEASE
+                buf = await self._index_buffer(max(size, 1), leases, what)
+                used = 0
+                async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_bytes())) as chunks:
+                    async for chunk in chunks:
+                        if used + len(chunk) > len(buf):
+                            if used + len(chunk) > _MAX_INDEX_BYTES:
+                                raise BackendError(
+                                    f"{what}: the directory index is larger than {_MAX_INDEX_BYTES >> 20} MiB"
+                                )
+                            bigger = await self._index_buffer(
+                                min(_MAX_INDEX_BYTES, max(2 * len(buf), used + len(chunk))), leases, what
+                            )
+                            bigger[:used] = buf[:used]
+                            buf = bigger
+                            if len(leases) > 1:
+                                leases.pop(0).release()
+                        buf[used : used + len(chunk)] = chunk
+                        used += len(chunk)
+            await self._index_buffer(0, leases, what, extra=used * _INDEX_PARSE_OVERHEAD)
+            # The leased buffer is this task's alone until released: the thread may parse it.
+            return 200, await trio.to_thread.run_sync(parse_index, buf[:used])
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise self.classify(exc, what) from None
+        finally:
+            for lease in leases:
+                lease.release()
+
+    async def _index_buffer(self, size: int, leases: list[Lease], what: str, *, extra: int = 0) -> memoryview:
+        """A buffer of ``size`` bytes (and ``extra`` more counted) from the budget, kept in ``leases``."""
+        if self._budget is None:
+            return memoryview(bytearray(size))
+        from modelfs.cache.memory import BufferKind
+
+        if not self._budget.can_lease(size + sum(lease.charge for lease in leases), extra=extra):
+            raise BackendError(f"{what}: the directory index does not fit in the memory budget (raise --memory-cache)")
+        lease = await self._budget.lease(size, BufferKind.INDEX, extra=extra)
+        leases.append(lease)
+        return lease.view
 
     # --- the data path
 
@@ -638,3 +681,40 @@ class HTTPBackend(BackendSkeleton):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _drain(resp: httpx.Response) -> None:
+    """Read what is left of a small body (a probe's one byte), at most _PROBE_BODY_LIMIT: a
+    server that sends more is not read further (the connection is then not reused)."""
+    seen = 0
+    async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_raw())) as chunks:
+        async for chunk in chunks:
+            seen += len(chunk)
+            if seen > _PROBE_BODY_LIMIT:
+                break
+
+
+def parse_index(body: bytes | memoryview) -> list[IndexEntry] | None:
+    """The entries of a JSON directory index (nginx ``autoindex_format json``): a list of
+    objects with ``name``, ``type`` and ``size``. Each object becomes a (name, type, size)
+    tuple as it is parsed, so the other fields are never kept. None when the body is not a
+    JSON list; entries without a string name are left out."""
+
+    def entry(pairs: list[tuple[str, Any]]) -> IndexEntry | None:
+        fields = dict(pairs)
+        name, kind, size = fields.get("name"), fields.get("type"), fields.get("size")
+        if not isinstance(name, str):
+            return None
+        return (
+            name,
+            kind if isinstance(kind, str) else None,
+            size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
+        )
+
+    try:
+        parsed = json.loads(codecs.decode(body, "utf-8"), object_pairs_hook=entry)
+    except ValueError:
+        return None
+    if not isinstance(parsed, list):
+        return None
+    return [item for item in parsed if isinstance(item, tuple)]

@@ -204,6 +204,8 @@ def walk_tree(
     while not stop.is_set() and (max_walks is None or stats.walks < max_walks):
         try:
             for dirpath, _dirnames, filenames in os.walk(root):
+                if stop.is_set():
+                    return
                 for filename in filenames:
                     path = Path(dirpath) / filename
                     path.stat()

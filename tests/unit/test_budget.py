@@ -300,3 +300,117 @@ async def test_header_too_large_for_the_budget_streams_in_file_order(make_store:
     order = await streamer._order(ref)
     assert order == list(range(store.block_count(ref)))
     assert store.memory.stats.leases == 0
+
+
+# --- HTTP directory index bodies and probe bodies
+
+# Stopping an httpx body early leaves its (and the mock stream's) async generators to the
+# garbage collector, which trio reports as a ResourceWarning: that is httpx's, not a leak.
+_EARLY_STOP = pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _index_backend(pages: dict[str, bytes], budget: MemoryCache | None, chunked: bool = False) -> object:
+    import httpx
+
+    from modelfs.backends.http import HTTPBackend
+    from modelfs.config import parse_source
+
+    class Chunks(httpx.AsyncByteStream):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            for i in range(0, len(self.data), 1000):
+                yield self.data[i : i + 1000]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = pages.get(request.url.path)
+        if body is None:
+            return httpx.Response(404)
+        headers = {"Content-Type": "application/json"}
+        if not chunked:
+            headers["Content-Length"] = str(len(body))
+        return httpx.Response(200, stream=Chunks(body), headers=headers)
+
+    b = HTTPBackend(parse_source("https://example.test/models/"), budget=budget)
+    b._client = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=True)
+    return b
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_index_body_is_read_into_the_budget(chunked: bool) -> None:
+    """A directory index of ~300 KiB is read into INDEX leases (growing when no length is sent)
+    and parsed with its objects counted: the budget never passes its capacity."""
+    entries = [
+        {"name": f"f{i:06d}.bin", "type": "file", "size": i, "mtime": "Sat, 01 Jan 2026 00:00:00 GMT"}
+        for i in range(3000)
+    ]
+    entries.append({"name": "sub", "type": "directory"})
+    body = json.dumps(entries).encode()
+    cache = MemoryCache(8 << 20, 1 << 20)
+    checker = BudgetChecker(cache)
+    track_leases(cache, checker)
+    b = _index_backend({"/models/": body}, cache, chunked)
+    trio.lowlevel.add_instrument(checker)
+    try:
+        files, prefixes = await b._index_dir("")  # type: ignore[attr-defined]
+    finally:
+        trio.lowlevel.remove_instrument(checker)
+    assert len(files) == 3000 and files[7] == ("f000007.bin", 7) and prefixes == ["sub/"]
+    assert checker.failure is None, checker.failure
+    assert {lease.kind for lease in checker.leases} == {BufferKind.INDEX}
+    assert checker.peak_leased >= len(body) * 4  # body + the parser's objects were counted
+    assert cache.leased == 0
+
+
+@_EARLY_STOP
+async def test_index_larger_than_the_budget_allows_is_a_clear_error() -> None:
+    from modelfs.errors import BackendError
+
+    body = json.dumps([{"name": f"f{i:06d}.bin", "type": "file", "size": i} for i in range(20000)]).encode()
+    cache = MemoryCache(2 << 20, 1 << 20)  # leases up to 1 MiB: not enough for ~900 KiB + parsing
+    b = _index_backend({"/models/": body}, cache, chunked=True)
+    with pytest.raises(BackendError, match="memory budget"):
+        await b._index_dir("")  # type: ignore[attr-defined]
+    assert cache.leased == 0
+
+
+def test_parse_index_keeps_name_type_size_only() -> None:
+    from modelfs.backends.http import parse_index
+
+    body = (
+        b'[{"name":"a","type":"file","size":3,"mtime":"x"},{"name":5},{"type":"file"},"x",'
+        b'{"name":"b","size":true},{"name":"c","size":-1}]'
+    )
+    assert parse_index(body) == [("a", "file", 3), ("b", None, None), ("c", None, None)]
+    assert parse_index(b'{"name": "a"}') is None
+    assert parse_index(b"<html>") is None
+    assert parse_index(b"\xff") is None
+
+
+@_EARLY_STOP
+async def test_probe_body_is_read_no_further_than_a_bound() -> None:
+    """A server that answers a one-byte probe with a huge body is not read to its end."""
+    import httpx
+
+    from modelfs.backends.http import HTTPBackend
+    from modelfs.config import parse_source
+
+    sent = [0]
+
+    class Endless(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            while sent[0] < 1 << 30:
+                sent[0] += 1 << 16
+                yield b"x" * (1 << 16)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD":
+            return httpx.Response(405)
+        return httpx.Response(206, stream=Endless(), headers={"Content-Range": "bytes 0-0/5000", "ETag": '"e"'})
+
+    b = HTTPBackend(parse_source("https://example.test/models/m.bin"))
+    b._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    info = await b.stat("m.bin")
+    assert info.size == 5000
+    assert sent[0] <= 1 << 18
