@@ -25,6 +25,7 @@ target throughput leaves on this machine (every process shares the same cores).
 
     .venv/bin/python benchmarks/peers.py --setup-runai          # once: the throwaway venv
     flock /tmp/modelfs-bench.lock .venv/bin/python benchmarks/peers.py [--size 2G] [--rounds 3]
+        [--baseline CHECKOUT]    # also cold reads by an older commit's modelfs, same rounds
 
 Exit status 1 if any verified read returned wrong bytes or the run failed; timings are never checked.
 """
@@ -124,6 +125,13 @@ class Peers:
         self.source: Path | None = None
         self.tensor_bytes = 0
         self.digests_file: Path | None = None
+        self.baseline_rev = ""
+        if args.baseline is not None:
+            if not (args.baseline / "modelfs" / "__init__.py").exists():
+                raise SystemExit(f"--baseline {args.baseline}: not a modelfs checkout")
+            self.baseline_rev = subprocess.run(
+                ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
 
     # --- bookkeeping
 
@@ -172,13 +180,18 @@ class Peers:
         return ["--anonymous", "--memory-cache", self.args.memory_cache, *self.args.mount_option, *extra]
 
     @contextmanager
-    def modelfs(self, cache_name: str, *, fresh: bool, extra: list[str] | None = None) -> Iterator[tuple[Path, int]]:
+    def modelfs(
+        self, cache_name: str, *, fresh: bool, extra: list[str] | None = None, baseline: bool = False
+    ) -> Iterator[tuple[Path, int]]:
         assert self.gcs is not None
         cache = self.workdir / cache_name
         if fresh:
             shutil.rmtree(cache, ignore_errors=True)
         mnt = self.cleanup.mountpoint(self.workdir / "mnt-modelfs")
-        with mounted(f"gs://{BUCKET}", mnt, cache, *self.options(extra or []), env=self.gcs.env()):
+        env = self.gcs.env()
+        if baseline:  # `python -m modelfs` imports the other checkout's package (the cwd is the work dir)
+            env["PYTHONPATH"] = str(self.args.baseline)
+        with mounted(f"gs://{BUCKET}", mnt, cache, *self.options(extra or []), env=env):
             yield mnt, C.modelfs_daemon_pid(mnt, cache)
 
     def dd_sample(self, key: str, label: str, mnt: Path, pid: int) -> dict[str, Any]:
@@ -214,6 +227,14 @@ class Peers:
         if "nodisk" in self.only:
             with self.modelfs("cache-nodisk", fresh=True, extra=["--disk-cache", "0"]) as (mnt, pid):
                 self.dd_sample("nodisk", "modelfs cold, --disk-cache 0, dd bs=1M", mnt, pid)
+        if self.args.baseline is not None:
+            rev = self.baseline_rev
+            if "cold" in self.only:
+                with self.modelfs("cache-base", fresh=True, baseline=True) as (mnt, pid):
+                    self.dd_sample("cold-base", f"modelfs {rev} (baseline) cold, dd bs=1M", mnt, pid)
+            if "nodisk" in self.only:
+                with self.modelfs("cache-base", fresh=True, extra=["--disk-cache", "0"], baseline=True) as (mnt, pid):
+                    self.dd_sample("nodisk-base", f"modelfs {rev} (baseline) cold, --disk-cache 0", mnt, pid)
 
     def verify(self) -> None:
         """Whole-object sha256 through a cold and a warm mount, and a checked streamer load."""
@@ -333,6 +354,7 @@ class Peers:
     def run(self) -> int:
         args = self.args
         server_dir = C.prepare_dirs(args, "peers", self.size, self.cleanup)
+        os.chdir(self.workdir)  # so `python -m modelfs` imports the installed package, or --baseline's
         self.prepare(server_dir)
         print(
             f"peers: {OBJECT} {self.size / C.GiB:.2f} GiB, {args.rounds} round(s); modelfs "
@@ -419,7 +441,7 @@ class Peers:
         if not math.isnan(best):
             print()
             print(f"ratios to the streamer's best setting here, {best_name} ({best:,.0f} MB/s):")
-            for key in ("cold", "nodisk", "warm", "load"):
+            for key in ("cold", "nodisk", "warm", "load", "cold-base", "nodisk-base"):
                 if key in self.samples:
                     ratios[key] = self.med(key, "mb_s") / best
                     print(f"  {self.labels[key]:<44} {ratios[key]:.2f}x")
@@ -491,6 +513,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--setup-runai", action="store_true", help="create --runai-venv and exit")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 checks before the rounds")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="CHECKOUT",
+        help="also measure cold reads with the modelfs of another checkout (e.g. a `git worktree add DIR COMMIT`) "
+        "in the same rounds: before/after in one run",
+    )
     return p.parse_args(argv)
 
 
