@@ -472,25 +472,38 @@ class Peers:
         return 1 if self.wrong_bytes else 0
 
     def budget(self, best: float) -> None:
-        """What a target throughput leaves each process: on N shared cores the CPU-s per GiB of
-        every process moving the bytes add up to at most N / (GiB/s)."""
+        """What a target throughput leaves each process. All the processes moving the bytes share
+        the cores; on a shared machine only part of them is ours, so the cores this run actually
+        got are estimated from the streamer's best setting (its MB/s times its CPU-s per GiB, all
+        processes): CPU-s per GiB of every process add up to at most cores / (GiB/s)."""
         if not ("cold" in self.samples and not math.isnan(best)):
             return
         ncpu = os.cpu_count() or 1
+        best_key = max((k for k in self.samples if k.startswith("runai[")), key=lambda k: self.med(k, "mb_s"))
+        runai_total = sum(self.per_gib(best_key, p) for p in ("emulator", "streamer"))
+        cores = min(ncpu, best * 1e6 / C.GiB * runai_total)
+        em, rd = self.per_gib("cold", "emulator"), self.per_gib("cold", "reader")
         print()
-        print(f"CPU budget on {ncpu} cores (all processes' CPU-s per GiB add up to at most {ncpu} / GiB/s):")
+        print(
+            f"CPU budget: the streamer's best used {runai_total:.2f} CPU-s/GiB (emulator + streamer) at {best:,.0f} MB/s, "
+            f"so this run had ~{cores:.2f} of the {ncpu} cores (the rest went to other work on the machine)"
+        )
         for factor in (0.7, 0.8, 1.0):
             target = factor * best
-            allowed = ncpu / (target * 1e6 / C.GiB)
-            em, rd = self.per_gib("cold", "emulator"), self.per_gib("cold", "reader")
-            daemon = self.per_gib("cold", "daemon")
-            print(
-                f"  {factor:.1f}x the streamer = {target:,.0f} MB/s: {allowed:.2f} CPU-s/GiB in all; emulator {em:.2f} + "
-                f"reader {rd:.2f} leave the daemon {allowed - em - rd:.2f} (measured cold: {daemon:.2f})"
-            )
-        for key in ("cold", "nodisk"):
-            total = sum(self.per_gib(key, p) for p in ("emulator", "daemon", "reader"))
-            print(f"  {self.labels.get(key, key)}: CPU-bound ceiling {ncpu / total * C.GiB / 1e6:,.0f} MB/s")
+            for label, have in (("the cores this run had", cores), (f"all {ncpu} cores", float(ncpu))):
+                allowed = have / (target * 1e6 / C.GiB)
+                print(
+                    f"  {factor:.1f}x the streamer = {target:,.0f} MB/s on {label}: {allowed:.2f} CPU-s/GiB in all; "
+                    f"emulator {em:.2f} + reader {rd:.2f} leave the daemon {allowed - em - rd:.2f}"
+                )
+        for key in ("cold", "nodisk", "warm"):
+            if key in self.samples:
+                total = sum(self.per_gib(key, p) for p in ("emulator", "daemon", "reader"))
+                print(
+                    f"  {self.labels[key]}: daemon {self.per_gib(key, 'daemon'):.2f}, all processes {total:.2f} CPU-s/GiB: "
+                    f"CPU-bound at ~{cores / total * C.GiB / 1e6:,.0f} MB/s on this run's cores, "
+                    f"{ncpu / total * C.GiB / 1e6:,.0f} on {ncpu} idle cores"
+                )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
