@@ -24,6 +24,7 @@ import mmap
 import os
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 
 import crc32c
@@ -39,7 +40,9 @@ __all__ = [
     "ReadResult",
     "WriteResult",
     "data_offset_for",
+    "is_own_temp",
     "read_block",
+    "temp_name",
     "write_block",
 ]
 
@@ -76,6 +79,16 @@ class ReadResult:
 class WriteResult:
     size: int  # bytes on disk: header page(s) plus data
     direct_failed: bool = False
+
+
+def temp_name(name: str) -> str:
+    """The temporary a write of ``name`` goes to: ``.NAME.PID-THREAD.tmp``."""
+    return f".{name}.{os.getpid()}-{threading.get_ident()}.tmp"
+
+
+def is_own_temp(name: str) -> bool:
+    """Whether a temporary file is being written by this process (the scan leaves it alone)."""
+    return name.endswith(".tmp") and f".{os.getpid()}-" in name
 
 
 def data_offset_for(key_bytes: bytes) -> int:
@@ -258,7 +271,8 @@ def write_block(
     head = mmap.mmap(-1, header.data_offset, flags=mmap.MAP_PRIVATE)  # page-aligned, as O_DIRECT wants
     head[: HEADER.size] = header.pack()
     head[HEADER.size : HEADER.size + len(key_bytes)] = key_bytes
-    tmp = f".{name}.{os.getpid()}.tmp"
+    # Unique per process and thread (see temp_name): two writes never share a temporary.
+    tmp = temp_name(name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
     direct = direct and len(data) % PAGE == 0
     direct_failed = False

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import stat
 
+from modelfs.cache.disk_format import is_own_temp
+
 __all__ = ["scan_blocks"]
 
 
@@ -25,7 +27,6 @@ def _remove(path: str) -> None:
 def scan_blocks(blocks_dir: str) -> list[tuple[str, int]]:
     """``(relative path, size)`` of every block file, least recently used (atime) first."""
     found: list[tuple[float, str, int]] = []
-    own_tmp = f".{os.getpid()}.tmp"
     try:
         objects = list(os.scandir(blocks_dir))
     except (FileNotFoundError, NotADirectoryError):
@@ -51,7 +52,7 @@ def scan_blocks(blocks_dir: str) -> list[tuple[str, int]]:
             if not stat.S_ISREG(st.st_mode):
                 continue
             if entry.name.endswith(".tmp"):
-                if not entry.name.endswith(own_tmp):  # ours are being written right now
+                if not is_own_temp(entry.name):  # ours are being written right now
                     _remove(entry.path)  # left by a crash
                 continue
             found.append((st.st_atime, f"{obj_dir.name}/{entry.name}", st.st_size))

@@ -114,3 +114,17 @@ def test_index_lru_keeps_order_across_pins() -> None:
     assert index.add("f/1-0", 2) == ["a/1-0"]
     assert index.set_current("a", "2") == ["a/1-1"]  # another version became current
     assert index.used == 8 and len(index) == 4
+
+
+def test_the_scan_removes_only_temporaries_of_other_processes(tmp_path: Path) -> None:
+    from modelfs.cache.disk_format import temp_name
+    from modelfs.cache.disk_scan import scan_blocks
+
+    obj = tmp_path / "blocks" / "obj"
+    obj.mkdir(parents=True)
+    ours, crashed = obj / temp_name("v-0"), obj / ".v-1.999999999-1.tmp"
+    ours.write_bytes(b"being written")
+    crashed.write_bytes(b"left by a crash")
+    (obj / "v-2").write_bytes(b"x" * 10)
+    assert scan_blocks(str(tmp_path / "blocks")) == [("obj/v-2", 10)]
+    assert ours.exists() and not crashed.exists()
