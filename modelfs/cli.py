@@ -83,6 +83,8 @@ WARM_OPTIONS = {
     "header",
     "endpoint-url",
     "cache-url",
+    "persist-weak-versions",
+    "allow-cross-origin-redirects",
 }
 
 

@@ -344,6 +344,11 @@ async def _on_signals(ops: ModelFS, watchdog: StopWatchdog) -> None:
                 log.info("got %s again: failing the requests in flight now", signal.Signals(signum).name)
                 break
         count = ops.stop()
+        # A request whose own GET blocks in a worker thread is cancelled only once the thread
+        # returns: a backend that can, ends those GETs now (GCS shuts their sockets down).
+        abort = getattr(ops.namespace.backend, "abort", None)
+        if callable(abort):
+            abort()
         if count:
             log.warning("%d request(s) still running %.0f s after the signal: cancelling them (EIO)", count, STOP_GRACE)
         await trio.sleep_forever()  # keeps the receiver: later signals do not kill the process mid-stop

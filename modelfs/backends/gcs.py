@@ -254,6 +254,11 @@ class GCSBackend(ThreadedBackend):
         path = f"{urlsplit(self._media_base).path}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
         return TierTarget(path, {}, header_pinned("x-goog-generation", version, "generation"))
 
+    def abort(self) -> None:
+        """The daemon is stopping: end the media GETs blocked in worker threads now."""
+        if self._media is not None:
+            self._media.abort()
+
     async def aclose(self) -> None:
         if self._media is not None:
             self._media.close()

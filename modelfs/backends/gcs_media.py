@@ -76,6 +76,9 @@ class MediaTransport:
         self._auth_request: object | None = None
         self._ssl: ssl.SSLContext | None = self._ssl_context() if self._https else None
         self._closed = False
+        # Sockets of the GETs in flight (the socket, not the connection: after a "Connection:
+        # close" answer http.client drops conn.sock and only the response holds it).
+        self._active: set[socket.socket] = set()
         # The GCS backend sets "gzip": gzip-stored objects are then served as stored (gcs.py).
         self.accept_encoding = "identity"
 
@@ -152,6 +155,32 @@ class MediaTransport:
         for conn in idle:
             conn.close()
 
+    def abort(self) -> None:
+        """The daemon is stopping: shut down the sockets of the GETs in flight, so the worker
+        threads blocked on them return (with an error) now instead of at the read timeout,
+        and start no new GET."""
+        with self._lock:
+            self._closed = True
+            active = list(self._active)
+        for sock in active:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.close()
+
+    def _track(self, conn: http.client.HTTPConnection, sock: socket.socket | None, active: bool) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            if not active:
+                self._active.discard(sock)
+                return
+            if self._closed:
+                conn.close()
+                raise ConnectionAbortedError("the daemon is stopping")
+            self._active.add(sock)
+
     # --- the GET
 
     def get_into(self, path: str, offset: int, dest: memoryview, check: CheckResponse) -> None:
@@ -172,36 +201,56 @@ class MediaTransport:
             }
             self._sign(url, headers, force_refresh=refreshed)
             conn = self._take()
+            sock = conn.sock
+            self._track(conn, sock, True)
             try:
-                conn.request("GET", path, headers=headers)
-                resp = conn.getresponse()
-            except BaseException:
-                conn.close()
-                raise
-            try:
-                if resp.status == 401 and not refreshed and self._credentials is not None:
-                    resp.read()
-                    self._give_back(conn)
-                    refreshed = True
-                    continue
-                # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
-                check(resp.status, resp.headers)
-                if httpclient_body.applies(conn.sock, resp):
-                    got = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout)
-                else:
-                    got = read_exactly(resp.readinto, dest)
-                if got < length:
-                    raise EOFError(f"body ended after {got} of {length} bytes")
-            except BaseException:
-                # Close the response too: after a "Connection: close" answer http.client has
-                # handed the socket to the response alone, and conn.close() would leave it
-                # open until the exception's traceback (which holds ``resp``) is collected.
-                resp.close()
-                conn.close()
-                raise
-            if resp.isclosed():
+                if self._get_once(conn, path, headers, dest, check, retry_auth=not refreshed):
+                    return
+                refreshed = True
+            finally:
+                self._track(conn, sock, False)
+
+    def _get_once(
+        self,
+        conn: http.client.HTTPConnection,
+        path: str,
+        headers: dict[str, str],
+        dest: memoryview,
+        check: CheckResponse,
+        *,
+        retry_auth: bool,
+    ) -> bool:
+        """One GET on ``conn``; False if it answered 401 and a fresh token should be tried."""
+        length = len(dest)
+        try:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            if resp.status == 401 and retry_auth and self._credentials is not None:
+                resp.read()
                 self._give_back(conn)
-            else:  # more body than asked for: the connection is not at a message boundary
-                resp.close()
-                conn.close()
-            return
+                return False
+            # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
+            check(resp.status, resp.headers)
+            if httpclient_body.applies(conn.sock, resp):
+                got = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout)
+            else:
+                got = read_exactly(resp.readinto, dest)
+            if got < length:
+                raise EOFError(f"body ended after {got} of {length} bytes")
+        except BaseException:
+            # Close the response too: after a "Connection: close" answer http.client has
+            # handed the socket to the response alone, and conn.close() would leave it
+            # open until the exception's traceback (which holds ``resp``) is collected.
+            resp.close()
+            conn.close()
+            raise
+        if resp.isclosed():
+            self._give_back(conn)
+        else:  # more body than asked for: the connection is not at a message boundary
+            resp.close()
+            conn.close()
+        return True
