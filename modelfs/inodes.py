@@ -305,8 +305,13 @@ class Namespace:
             have = listing.by_name.get(name)
             if have is not None:
                 if have.is_dir or not is_dir:
-                    if not have.is_dir and info is not None:
-                        self._warn_once(info.name, "listed twice")
+                    if info is not None:
+                        why = (
+                            "a directory of the same name exists (the directory wins)"
+                            if have.is_dir
+                            else "listed twice"
+                        )
+                        self._warn_once(info.name, why)
                     continue
                 # A file 'a' beside objects under 'a/': the directory wins, so every path below stays reachable.
                 assert have.info is not None

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _LIST_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),nextPageToken"
 _DIR_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),prefixes,nextPageToken"
+_PAGE_SIZE = 1000
 
 
 # An object stored with Content-Encoding: gzip (gsutil cp -Z) is served as stored, like
@@ -179,6 +180,7 @@ class GCSBackend(ThreadedBackend):
                 delimiter="/",
                 page_token=token,
                 max_results=limit,
+                page_size=_PAGE_SIZE,  # GCS's own default; some servers send everything otherwise
                 fields=_DIR_FIELDS,
                 timeout=self._timeout,
                 retry=None,

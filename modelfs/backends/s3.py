@@ -214,8 +214,7 @@ class S3Backend(ThreadedBackend):
         params: dict[str, Any] = {"Bucket": self._source.bucket, "Prefix": self._prefix + prefix, "Delimiter": "/"}
         if token is not None:
             params["ContinuationToken"] = token
-        if limit is not None:
-            params["MaxKeys"] = limit
+        params["MaxKeys"] = limit if limit is not None else 1000  # S3's own default, asked for explicitly
         try:
             resp = self._client.list_objects_v2(**params)
         except Exception as exc:

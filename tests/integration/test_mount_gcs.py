@@ -202,3 +202,32 @@ def test_prefix_with_nothing_is_an_error(seeded: str, gcs: FakeGCS, tmp_path: Pa
         == f"modelfs: nothing found at gs://{seeded}/models/no-such-model (no object with that name or prefix)"
     )
     assert not is_mounted(mnt)
+
+
+def _stats(mnt: Path) -> dict[str, int]:
+    stats: dict[str, int] = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
+    return stats
+
+
+def test_lazy_namespace_pages_and_lookups(gcs: FakeGCS, bucket: str, mount: MountFn) -> None:
+    """One directory is listed at a time: the mount lists only the root, a path in a directory
+    never listed is found by name (no listing), and a directory of more entries than a page
+    and than the whole metadata cache streams into readdir page by page, every entry once."""
+    big = {f"big/f{i:04d}.txt": f"{i}\n".encode() for i in range(1200)}
+    for name, data in {**big, "other/deep/x.bin": b"x" * 1000, "top.json": b"{}"}.items():
+        gcs.upload(bucket, f"lazy/{name}", data)
+    mnt = mount(f"gs://{bucket}/lazy", "--metadata-cache", "128K")
+    stats = _stats(mnt)
+    assert stats["listing_pages"] == 1 and stats["cached_dirs"] == 1
+    assert (mnt / "other" / "deep" / "x.bin").read_bytes() == b"x" * 1000  # never listed: found by name
+    stats = _stats(mnt)
+    assert stats["listing_pages"] == 1 and stats["name_lookups"] == 2  # "deep" and "x.bin"; the root has "other"
+    names = os.listdir(mnt / "big")
+    assert sorted(names) == sorted(name.split("/")[1] for name in big) and len(names) == len(set(names))
+    stats = _stats(mnt)
+    assert stats["listing_pages"] >= 3  # the emulator's pages are 1,000 entries at most
+    assert stats["metadata_bytes"] <= stats["metadata_capacity"] == 128 << 10
+    assert stats["dir_handles"] == 0
+    for i in (0, 999, 1000, 1199):
+        assert (mnt / "big" / f"f{i:04d}.txt").read_bytes() == f"{i}\n".encode()
+    assert not (mnt / "big" / "f1200.txt").exists()
