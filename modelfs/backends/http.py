@@ -529,7 +529,8 @@ class HTTPBackend(BackendSkeleton):
         return files, prefixes
 
     async def _walk_index(self, placeholders: list[ObjectInfo]) -> list[tuple[str, int | None]]:
-        """Files of the server's JSON directory index below the base URL, recursively."""
+        """Files of the server's JSON directory index below the base URL, recursively
+        (``list_objects``; the mount lists one directory at a time with ``list_dir``)."""
         files: list[tuple[str, int | None]] = []
         seen = {"entries": 0, "dirs": 0}
 

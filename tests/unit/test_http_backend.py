@@ -266,6 +266,65 @@ async def test_json_index_is_walked_and_html_is_a_clear_error() -> None:
         await html.list_objects()
 
 
+async def test_one_directory_of_the_json_index_at_a_time() -> None:
+    """list_dir reads one directory's index and HEADs only its files; a probe HEADs nothing;
+    a missing subdirectory is an empty page, a missing root an error."""
+    index = {
+        "/models/": b'[{"name":"sub","type":"directory"},{"name":"a.bin","type":"file","size":3}]',
+        "/models/sub/": b'[{"name":"b.bin","type":"file","size":2},{"name":"deeper","type":"directory"}]',
+    }
+    sizes = {"/models/a.bin": 3, "/models/sub/b.bin": 2}
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        asked.append(f"{request.method} {path}")
+        if request.method == "GET" and path in index:
+            return response(200, index[path], {"Content-Type": "application/json"})
+        if request.method == "HEAD" and path in sizes:
+            return httpx.Response(
+                200, headers={"Content-Length": str(sizes[path]), "ETag": f'"{path}"', "Accept-Ranges": "bytes"}
+            )
+        return httpx.Response(404)
+
+    b = backend(handler, url="https://example.test/models/")
+    root = await b.list_dir("")
+    assert [(o.name, o.size) for o in root.objects] == [("a.bin", 3)] and root.prefixes == ["sub/"]
+    assert asked == ["GET /models/", "HEAD /models/a.bin"]
+    asked.clear()
+    sub = await b.list_dir("sub/")
+    assert [o.name for o in sub.objects] == ["sub/b.bin"] and sub.prefixes == ["sub/deeper/"]
+    assert sub.next_token is None
+    asked.clear()
+    probe = await b.list_dir("sub/", limit=1)
+    assert [o.name for o in probe.objects] == ["sub/"] and asked == ["GET /models/sub/"]
+    assert await b.list_dir("nope/", limit=1) == await b.list_dir("nope/")
+    assert not (await b.list_dir("nope/")).objects
+    gone = backend(lambda r: httpx.Response(404), url="https://example.test/models/")
+    with pytest.raises(NotFound):
+        await gone.list_dir("")
+
+
+async def test_manifest_directories(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With a manifest, a directory is the manifest's names below it; only its files are HEADed."""
+    manifest = tmp_path / "files.txt"
+    manifest.write_text("config.json\nweights/a.safetensors 4\nweights/b.safetensors\n")
+    heads: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        heads.append(request.url.path)
+        return httpx.Response(200, headers={"Content-Length": "4", "ETag": '"e"', "Accept-Ranges": "bytes"})
+
+    b = backend(handler, url="https://example.test/m/", manifest=manifest)
+    root = await b.list_dir("")
+    assert [o.name for o in root.objects] == ["config.json"] and root.prefixes == ["weights/"]
+    assert heads == ["/m/config.json"]
+    weights = await b.list_dir("weights/")
+    assert sorted(o.name for o in weights.objects) == ["weights/a.safetensors", "weights/b.safetensors"]
+    assert [o.name for o in (await b.list_dir("weights/", limit=1)).objects] == ["weights/"]
+    assert (await b.list_dir("nothing/", limit=1)).objects == []
+
+
 def test_parse_manifest() -> None:
     text = "# model\n\nconfig.json\n./weights/model-1.safetensors 123\nname with spaces.bin\nname 12 x\n"
     assert parse_manifest(text, "m") == [
