@@ -243,6 +243,10 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
         assert info.value.errno == errno.EIO
         assert proxy.counters()["refused_down"] >= 1
         assert is_mounted(mnt) and _stats(mnt)["errors"] >= 1
+        # The lookups past the TTL were answered from the stale listing at once; its refresh,
+        # behind them, gives up after the retry deadline and keeps it.
+        _wait_for("the listing refresh to give up", lambda: _stats(mnt)["dir_refresh_failures"] >= 1)
+        assert (mnt / "cached.bin").stat().st_size == len(cached)
     finally:
         proxy.down = False
     # Back: the same read succeeds, with the right bytes.
