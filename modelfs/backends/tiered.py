@@ -341,6 +341,7 @@ class TieredBackend:
         for replica in self._replicas:
             replica.backoff = first_backoff
         self._limiter = trio.CapacityLimiter(max(1, max_concurrency))
+        self._logged: set[tuple[str, str]] = set()
         self.tier_stats = TierStats(replicas={r.url: ReplicaStats() for r in self._replicas})
 
     # --- the Backend protocol: everything but whole-block reads is the origin's
@@ -421,7 +422,18 @@ class TieredBackend:
             replica.backoff = min(max(_MAX_BACKOFF, self._first_backoff), replica.backoff * 2)
         else:
             rstats.rejected += 1
-            log.warning("cache tier %s: %s: %s; read from the origin", replica.url, what, exc)
+            # The first wrong answer of each kind per replica is worth a line; a replica that
+            # keeps giving it (a slice size other than --block-size) is counted, not logged.
+            first = (replica.url, exc.reason) not in self._logged
+            self._logged.add((replica.url, exc.reason))
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "cache tier %s: %s: %s; read from the origin%s",
+                replica.url,
+                what,
+                exc,
+                " (further answers like this are counted in stats, logged at debug level)" if first else "",
+            )
 
 
 def header_pinned(header: str, version: str, label: str) -> Callable[[Mapping[str, str]], None]:

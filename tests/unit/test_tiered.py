@@ -12,11 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import trio
 
 from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.backends.tiered import TieredBackend, TierTarget, header_pinned, rendezvous_order
 from modelfs.config import Config, add_options, build_config
 from modelfs.errors import ConfigError
+
+from .conftest import StoreFactory
 
 BLOCK = 64 << 10
 
@@ -286,3 +289,40 @@ def test_cache_url_option() -> None:
         config("--cache-url", "http://t:1", "--cache-url", "http://t:1/")
     with pytest.raises(ConfigError, match="cache-url"):
         config("--cache-url", "http://t:1", source="file:///tmp")
+
+
+async def test_stats_and_metrics_count_bytes_by_tier(
+    replicas: Callable[..., Replica], make_store: StoreFactory
+) -> None:
+    """The daemon's stats (``modelfs stats``) and /metrics carry the tier's counters."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from modelfs.cache.blocks import ObjectRef
+    from modelfs.files import OpenFiles
+    from modelfs.fs import ModelFS
+    from modelfs.inodes import Namespace
+    from modelfs.metrics import ModelfsCollector, on_trio_thread
+
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    good = replicas(origin)
+    bad = replicas(origin, lambda offset: "corrupt")
+    backend = tiered(origin, good.url, bad.url)
+    store = await make_store(backend, memory_blocks=16, block_size=BLOCK)  # type: ignore[arg-type]
+    namespace = Namespace(backend, ttl=60, retry_deadline=5)
+    ops = ModelFS(namespace, OpenFiles(store, max_prefetch=2 * BLOCK), ttl=60, block_size=BLOCK)
+    await namespace.refresh(force=True)
+    fh = ops.files.open(ObjectRef(backend.object_key("m.bin"), "m.bin", version, SIZE))
+    assert bytes(await ops.files.read(fh, 0, SIZE)) == DATA
+    ops.files.release(fh)
+    tier = ops.stats()["tier"]
+    assert isinstance(tier, dict)
+    assert tier["replicas"][good.url]["bytes"] + tier["origin_bytes"] == SIZE
+    assert tier["replicas"][bad.url]["rejected"] == bad.gets > 0
+    assert tier["fallback_reasons"]["digest"] == bad.gets
+    registry = CollectorRegistry()
+    registry.register(ModelfsCollector(on_trio_thread(ops.metrics_snapshot), "memory"))
+    text = (await trio.to_thread.run_sync(generate_latest, registry)).decode()
+    assert f'modelfs_tier_bytes_total{{source="{good.url}"}}' in text
+    assert f'modelfs_tier_fallbacks_total{{reason="digest"}} {float(bad.gets)}' in text
+    await backend.aclose()
