@@ -40,7 +40,7 @@ import trio
 from modelfs import __version__
 from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.body import read_exactly
-from modelfs.backends.responses import parse_content_range
+from modelfs.backends.responses import Headers, RangeRequest, check_range_response
 from modelfs.errors import BackendError, ConfigError, VersionChanged
 
 __all__ = [
@@ -66,9 +66,7 @@ FALLBACK_REASONS = (
     "stalled",
     "short_body",
     "status",
-    "content_range",
-    "content_length",
-    "encoding",
+    "response",
     "version",
     "no_digest",
     "digest_range",
@@ -86,7 +84,7 @@ class TierTarget:
 
     path: str
     headers: Mapping[str, str]
-    pinned: Callable[[Mapping[str, str]], None]
+    pinned: Callable[[Headers], None]
 
 
 @runtime_checkable
@@ -283,18 +281,14 @@ class _Replica:
         if status != 206:
             # A 404/412 from the tier is not the origin's word: the origin decides.
             raise TierRejected("status", f"HTTP {status}", replica_down=status >= 500 or status == 429)
-        parsed = parse_content_range(headers.get("content-range"))
-        if parsed is None or parsed[:2] != (offset, offset + length - 1):
-            raise TierRejected("content_range", f"{headers.get('content-range')!r}", replica_down=False)
-        content_length = headers.get("content-length")
-        if content_length is not None and content_length.strip() != str(length):
-            raise TierRejected("content_length", f"{content_length!r}, expected {length}", replica_down=False)
-        if (headers.get("content-encoding") or "identity").strip().lower() != "identity":
-            raise TierRejected("encoding", f"{headers.get('content-encoding')!r}", replica_down=False)
+        # The same rules as an answer from the origin (Content-Range exactly the block, its
+        # length, no encoding, the pinned version), judged by the one place that has them.
         try:
-            target.pinned(headers)
-        except BackendError as exc:
+            check_range_response(status, headers, RangeRequest("tier", offset, length), pinned=target.pinned)
+        except VersionChanged as exc:
             raise TierRejected("version", str(exc), replica_down=False) from None
+        except BackendError as exc:
+            raise TierRejected("response", str(exc), replica_down=False) from None
         found = _DIGEST_RE.fullmatch((headers.get(DIGEST_HEADER) or "").strip())
         if not found:
             raise TierRejected("no_digest", "no X-Modelfs-Digest for the body", replica_down=False)
@@ -436,10 +430,10 @@ class TieredBackend:
             )
 
 
-def header_pinned(header: str, version: str, label: str) -> Callable[[Mapping[str, str]], None]:
+def header_pinned(header: str, version: str, label: str) -> Callable[[Headers], None]:
     """A TierTarget check: the response's ``header`` must be exactly ``version``."""
 
-    def pinned(headers: Mapping[str, str]) -> None:
+    def pinned(headers: Headers) -> None:
         value = headers.get(header)
         if value is None or value.strip() != version:
             raise VersionChanged(f"the tier sent {label} {value!r}, not {version!r}")

@@ -182,7 +182,13 @@ async def test_a_lying_replica_costs_one_origin_read_per_bad_block(replicas: Cal
     assert await read_all(backend, "m.bin", version, SIZE) == DATA
     stats = backend.tier_stats.snapshot()
     reasons = {k: v for k, v in stats["fallback_reasons"].items() if v}  # type: ignore[union-attr]
-    expected = {"corrupt": "digest", "500": "status", "404": "status", "short": "short_body"}.get(lie, lie)
+    expected = {
+        "corrupt": "digest",
+        "500": "status",
+        "404": "status",
+        "short": "short_body",
+        "content_range": "response",
+    }.get(lie, lie)
     if lie in ("500", "short"):
         # A failing replica is benched: the blocks after it come from the origin too.
         assert origin.reads == {("m.bin", offset): 1 for offset in range(bad_offset, SIZE, BLOCK)}
