@@ -92,6 +92,15 @@ def _wait_for(cond: object, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _written_blocks(cache: Path) -> int:
+    """Block files whose write is done: none still under a temporary name (a rename racing
+    the test's rmtree would fail it), else -1."""
+    files = [p for p in (cache / "blocks").rglob("*") if p.is_file()]
+    if any(p.name.startswith(".") for p in files):
+        return -1
+    return len(files)
+
+
 def test_a_cache_dir_deleted_while_mounted_is_recreated(source: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     log = tmp_path / "daemon.log"
@@ -99,10 +108,10 @@ def test_a_cache_dir_deleted_while_mounted_is_recreated(source: Path, tmp_path: 
     with mounted(f"file://{source}", tmp_path / "mnt", cache, *opts) as mnt:
         pid = daemon_pid(cache)
         assert hashlib.sha256((mnt / "a.bin").read_bytes()).digest() == hashlib.sha256(ramp(3 * MiB, 1)).digest()
-        _wait_for(lambda: len([p for p in (cache / "blocks").rglob("*") if p.is_file()]) == 3, "a.bin's blocks")
+        _wait_for(lambda: _written_blocks(cache) == 3, "a.bin's blocks")
         shutil.rmtree(cache)
         assert (mnt / "b.bin").read_bytes() == ramp(3 * MiB, seed=2)
-        _wait_for(lambda: len([p for p in (cache / "blocks").rglob("*") if p.is_file()]) == 3, "b.bin's blocks")
+        _wait_for(lambda: _written_blocks(cache) == 3, "b.bin's blocks")
         assert (cache / "lock").read_text() == f"{pid}\n"
         assert oct((cache.stat().st_mode) & 0o777) == "0o700"
         # The recreated dir is locked again: a second mount on it is refused.
