@@ -163,7 +163,8 @@ async def test_stream_stays_in_budget_and_close_cancels(
     await streamer.wait(ref)
     assert streamer.cancelled == 1 and streamer.active == 0
     calls = backend.read_calls
-    await trio.sleep(2)
+    await store.drain()  # the last blocks' disk writes, then every task has settled: no time passes
+    await trio.testing.wait_all_tasks_blocked()
     assert backend.read_calls == calls  # nothing more is fetched after the cancel
     await wait_until(lambda: store.slots.in_use == 0)
     assert store.memory.stats.peak_bytes <= store.memory.capacity
