@@ -536,7 +536,6 @@ def build_config(
     values = resolve_options(args, environ)
     if values["block_size"] < 4096 or values["block_size"] > (256 << 20):
         raise ConfigError("--block-size must be between 4K and 256M")
-    _check_memory(values, mount=mountpoint is not None)
     if not 1 <= values["max_concurrency"] <= MAX_CONCURRENCY:
         raise ConfigError(f"--max-concurrency must be between 1 and {MAX_CONCURRENCY}")
     if not (0 <= values["metadata_ttl"] <= _MAX_TTL or values["metadata_ttl"] == -1):
@@ -549,6 +548,7 @@ def build_config(
         raise ConfigError(f"--read-ahead-kb must be between 0 and {_MAX_READ_AHEAD_KB}")
     if not (64 << 10) <= values["metadata_cache"] <= (1 << 40):
         raise ConfigError("--metadata-cache must be between 64K and 1T")
+    _check_memory(values, mount=mountpoint is not None)
     cache_dir_value = values.pop("cache_dir")
     cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)
     log_file = values.pop("log_file")
@@ -566,7 +566,7 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
     """--memory-cache: 'auto' resolved from the cgroup limit; the budget must hold two blocks and
     one FUSE read beside a block; a mount must fit in its cgroup's memory limit with the
     daemon's fixed overhead (see modelfs.memlimit)."""
-    from modelfs.memlimit import FIXED_OVERHEAD, MAX_REQUEST, auto_budget, cgroup_memory_limit, describe
+    from modelfs.memlimit import MAX_REQUEST, auto_budget, cgroup_memory_limit, describe, overhead
 
     block = values["block_size"]
     least = max(2 * block, block + MAX_REQUEST)
@@ -574,7 +574,7 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
     if values["memory_cache"] == _AUTO:
         if limit is None:
             raise ConfigError("--memory-cache auto needs a cgroup memory limit, and this process has none")
-        values["memory_cache"] = auto_budget(limit, block)
+        values["memory_cache"] = auto_budget(limit, block, values["metadata_cache"])
         if values["memory_cache"] < least:
             raise ConfigError(
                 f"--memory-cache auto: the cgroup memory limit {describe(limit)} leaves "
@@ -586,11 +586,12 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
             f"--memory-cache must hold two blocks and a 1M read beside a block: at least {describe(least)} "
             f"with --block-size {describe(block)}"
         )
-    if mount and limit is not None and values["memory_cache"] + FIXED_OVERHEAD > limit:
+    extra = overhead(values["metadata_cache"])
+    if mount and limit is not None and values["memory_cache"] + extra > limit:
         raise ConfigError(
             f"--memory-cache {describe(values['memory_cache'])} plus the daemon's overhead "
-            f"({describe(FIXED_OVERHEAD)}) exceeds the cgroup memory limit {describe(limit)}: "
-            f"use --memory-cache auto or at most {describe(max(0, limit - FIXED_OVERHEAD))}"
+            f"({describe(extra)}) exceeds the cgroup memory limit {describe(limit)}: "
+            f"use --memory-cache auto or at most {describe(max(0, limit - extra))}"
         )
 
 

@@ -277,7 +277,7 @@ class ModelFS(pyfuse3.Operations):
             "errors": store.stats.errors,
             "memory_capacity": memory.capacity,
             "memory_used": memory.used,
-            "memory_parts": memory.parts(),
+            "memory_parts": {**memory.parts(), "metadata": self.namespace.metadata_bytes},
             "memory_lease_waits": memory.stats.lease_waits,
             "reads_in_flight": self.files.reads_in_flight,
             "memory_peak": memory.stats.peak_bytes,

@@ -18,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_METADATA_CACHE",
+    "overhead",
     "AUTO_HEADROOM",
     "FIXED_OVERHEAD",
     "MAX_FUSE_TASKS",
@@ -30,7 +32,11 @@ __all__ = [
 ]
 
 FIXED_OVERHEAD = 64 << 20
-"""RSS above ``--memory-cache`` that the daemon may reach: interpreter, libraries, metadata."""
+"""RSS above ``--memory-cache`` that the daemon may reach: interpreter, libraries, and a
+metadata cache of the default size (:data:`DEFAULT_METADATA_CACHE`)."""
+
+DEFAULT_METADATA_CACHE = 8 << 20
+"""``--metadata-cache``'s default; a larger one adds its excess to the overhead."""
 
 AUTO_HEADROOM = 64 << 20
 """What ``--memory-cache auto`` leaves free below the cgroup limit besides the overhead."""
@@ -118,9 +124,14 @@ def cgroup_memory_limit(
     return min(limits) if limits else None
 
 
-def auto_budget(limit: int, block_size: int) -> int:
+def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE) -> int:
+    """The daemon's RSS beyond ``--memory-cache`` with this ``--metadata-cache``."""
+    return FIXED_OVERHEAD + max(0, metadata_cache - DEFAULT_METADATA_CACHE)
+
+
+def auto_budget(limit: int, block_size: int, metadata_cache: int = DEFAULT_METADATA_CACHE) -> int:
     """``--memory-cache auto``: the limit minus overhead and headroom, in whole blocks."""
-    room = limit - FIXED_OVERHEAD - AUTO_HEADROOM
+    room = limit - overhead(metadata_cache) - AUTO_HEADROOM
     return max(0, room - room % block_size)
 
 

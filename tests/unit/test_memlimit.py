@@ -124,3 +124,16 @@ def test_budget_must_hold_a_request_beside_a_block(monkeypatch: pytest.MonkeyPat
     assert _config("--block-size", "64K", "--memory-cache", "1088K") == 1088 << 10
     with pytest.raises(ConfigError, match="at least 1088K"):
         _config("--block-size", "64K", "--memory-cache", "1M")
+
+
+def test_a_larger_metadata_cache_adds_to_the_overhead(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfs.inodes import DEFAULT_METADATA_CACHE
+
+    assert memlimit.DEFAULT_METADATA_CACHE == DEFAULT_METADATA_CACHE
+    monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: 192 * MiB)
+    assert _config("--memory-cache", "128M", "--metadata-cache", "4M") == 128 * MiB
+    with pytest.raises(ConfigError, match=r"overhead \(96M\)"):
+        _config("--memory-cache", "128M", "--metadata-cache", "40M")
+    assert (
+        _config("--memory-cache", "auto", "--metadata-cache", "40M") == 192 * MiB - 96 * MiB - AUTO_HEADROOM
+    )
