@@ -134,6 +134,4 @@ def test_a_larger_metadata_cache_adds_to_the_overhead(monkeypatch: pytest.Monkey
     assert _config("--memory-cache", "128M", "--metadata-cache", "4M") == 128 * MiB
     with pytest.raises(ConfigError, match=r"overhead \(96M\)"):
         _config("--memory-cache", "128M", "--metadata-cache", "40M")
-    assert (
-        _config("--memory-cache", "auto", "--metadata-cache", "40M") == 192 * MiB - 96 * MiB - AUTO_HEADROOM
-    )
+    assert _config("--memory-cache", "auto", "--metadata-cache", "40M") == 192 * MiB - 96 * MiB - AUTO_HEADROOM
