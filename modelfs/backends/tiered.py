@@ -36,6 +36,7 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import trio
+from cachetools import LRUCache
 
 from modelfs import __version__
 from modelfs.backends.base import Backend, ListPage, ObjectInfo
@@ -59,6 +60,7 @@ DIGEST_HEADER = "x-modelfs-digest"
 _DIGEST_RE = re.compile(r"sha256=([0-9a-f]{64}); range=(\d+)-(\d+)")
 _USER_AGENT = f"modelfs/{__version__} (tier)"
 _FIRST_BACKOFF = 1.0
+_SIZE_HINTS = 4096
 _CHUNK = 256 << 10  # the body is read (and hashed) in pieces of this size, checking the deadline
 FALLBACK_REASONS = (
     "unreachable",
@@ -336,6 +338,8 @@ class TieredBackend:
             replica.backoff = first_backoff
         self._limiter = trio.CapacityLimiter(max(1, max_concurrency))
         self._logged: set[tuple[str, str]] = set()
+        # (name, version) -> size, from listings and stats; bounded: a hint, not the namespace.
+        self._sizes: LRUCache[tuple[str, str], int] = LRUCache(maxsize=_SIZE_HINTS)
         self.tier_stats = TierStats(replicas={r.url: ReplicaStats() for r in self._replicas})
 
     # --- the Backend protocol: everything but whole-block reads is the origin's
@@ -348,13 +352,24 @@ class TieredBackend:
         return self._inner.object_key(name)
 
     async def list_objects(self) -> list[ObjectInfo]:
-        return await self._inner.list_objects()
+        return self._remember(await self._inner.list_objects())
 
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
-        return await self._inner.list_dir(prefix, token, limit=limit)
+        page = await self._inner.list_dir(prefix, token, limit=limit)
+        self._remember(page.objects)
+        return page
 
     async def stat(self, name: str) -> ObjectInfo:
-        return await self._inner.stat(name)
+        info = await self._inner.stat(name)
+        self._remember([info])
+        return info
+
+    def _remember(self, infos: list[ObjectInfo]) -> list[ObjectInfo]:
+        """Sizes of the versions listed: a read shorter than a block is the tier's only when it
+        is an object's last block, and only the size tells (see read_range)."""
+        for info in infos:
+            self._sizes[(info.name, info.version)] = info.size
+        return infos
 
     async def aclose(self) -> None:
         for replica in self._replicas:
@@ -378,7 +393,11 @@ class TieredBackend:
         length = len(dest)
         stats = self.tier_stats
         target = None
-        if length and offset % self._block_size == 0 and length <= self._block_size:
+        # The tier serves whole slices (= blocks) and its digest covers a whole slice, so only
+        # a whole block, or the last one of an object, can be checked; anything else (small
+        # random reads) is not the tier's.
+        whole = length == self._block_size or offset + length == self._sizes.get((name, version), -1)
+        if length and offset % self._block_size == 0 and whole:
             target = self._addressable.tier_target(name, version)
         replica = self._pick(target, version, offset) if target is not None else None
         if target is None:
