@@ -166,14 +166,7 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
         backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline, cache_bytes=config.metadata_cache
     )
     disk = DiskCache(config.cache_dir, config.disk_cache) if config.disk_cache > 0 else None
-    store = BlockStore(
-        backend,
-        memory,
-        disk,
-        block_size=config.block_size,
-        max_concurrency=config.max_concurrency,
-        retry_deadline=config.retry_deadline,
-    )
+    store = BlockStore.from_config(config, backend, memory, disk)
     eager = EagerStreamer(
         store,
         suffixes=[s for s in config.eager_suffixes.split(",") if s],

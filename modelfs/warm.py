@@ -135,14 +135,7 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     disk = DiskCache(config.cache_dir, config.disk_cache)
     window = max(1, min(config.max_concurrency * 2, config.max_prefetch // config.block_size))
     memory = MemoryCache(max(config.memory_cache, (window + 2) * config.block_size), config.block_size)
-    store = BlockStore(
-        backend,
-        memory,
-        disk,
-        block_size=config.block_size,
-        max_concurrency=config.max_concurrency,
-        retry_deadline=config.retry_deadline,
-    )
+    store = BlockStore.from_config(config, backend, memory, disk)
     result = WarmResult()
     try:
         disk.open()

@@ -1,11 +1,10 @@
 """Ranged media GETs on plain ``http.client`` connections, for the GCS backend's data path.
 
-google-cloud-storage's authorized ``requests`` session costs ~1.6 ms of CPU per GET before a
-byte moves (adapters, hooks, cookie jar, urllib3 pool); a bare ``http.client`` request on a
-kept-alive connection costs ~0.25 ms (measured on this machine against fake-gcs-server:
-1 MiB GETs 295 → 737 MB/s on one thread, 8 MiB GETs 0.73 → 0.46 CPU-s/GiB). That fixed cost
-is what bounds random-read IOPS and a good part of the streaming CPU, so the byte-moving GET
-gets its own small transport. Auth is still google-auth's: the client's credentials sign
+google-cloud-storage's authorized ``requests`` session costs several times the CPU per GET
+of a bare ``http.client`` request on a kept-alive connection before a byte moves (adapters,
+hooks, cookie jar, urllib3 pool; the numbers are in docs/architecture.md, "Why these
+numbers"). That fixed cost is what bounds random-read IOPS and a good part of the streaming
+CPU, so the byte-moving GET gets its own small transport. Auth is still google-auth's: the client's credentials sign
 every request (refreshing the token when it expires, and once more on a 401).
 
 Every method blocks; the GCS backend calls them from trio worker threads. Connections are

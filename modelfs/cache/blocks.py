@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -18,6 +19,9 @@ from modelfs.backends.retry import RetryStats, retry_transient
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import Block, BlockKey, BlockState, BufferKind, MemoryCache
 from modelfs.units import ceil_div, round_up
+
+if TYPE_CHECKING:
+    from modelfs.config import Config
 
 __all__ = ["ObjectRef", "FetchSlots", "BlockStore", "StoreStats"]
 
@@ -79,7 +83,6 @@ class StoreStats:
     prefetch_gets: int = 0
     small_gets: int = 0
     streamed_blocks: int = 0
-    disk_hits: int = 0
     errors: int = 0
     retry: RetryStats = field(default_factory=RetryStats)
 
@@ -107,6 +110,18 @@ class BlockStore:
         self._nursery: trio.Nursery | None = None
         self._writes_pending = 0
         self._writes_done = trio.lowlevel.ParkingLot()
+
+    @classmethod
+    def from_config(cls, config: Config, backend: Backend, memory: MemoryCache, disk: DiskCache | None) -> BlockStore:
+        """The store a mount or ``modelfs warm`` builds from the validated options."""
+        return cls(
+            backend,
+            memory,
+            disk,
+            block_size=config.block_size,
+            max_concurrency=config.max_concurrency,
+            retry_deadline=config.retry_deadline,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the background tasks (prefetches, disk writes) until cancelled."""
@@ -247,9 +262,8 @@ class BlockStore:
         index = block.key[2]
         fetched = False
         try:
-            if self.disk is not None and await self.disk.read_into(block.key, block.view, direct=not demand):
-                self.stats.disk_hits += 1
-            else:
+            # A disk hit is counted by the disk tier (DiskStats.hits), not again here.
+            if self.disk is None or not await self.disk.read_into(block.key, block.view, direct=not demand):
                 await self._fetch(obj, index, block.view, demand=demand)
                 fetched = True
         except Exception as exc:

@@ -140,8 +140,8 @@ class MemoryCache:
         self.max_lease = max(0, capacity - block_size)
         self._lease_pool: list[mmap.mmap] = []
         # Buffers of removed full-size blocks, reused for new ones: touching fresh pages
-        # costs a page fault each (under 1 GB/s on a VM), more than the GET itself. The
-        # pool only ever holds what the budget has free, so used + pooled <= capacity.
+        # costs a page fault each, more than the GET itself (docs/architecture.md, "Memory: one budget").
+        # The pool only ever holds what the budget has free, so used + pooled <= capacity.
         self._pool: list[mmap.mmap] = []
         self.stats = MemoryStats()
         self._blocks: OrderedDict[BlockKey, Block] = OrderedDict()
@@ -292,12 +292,6 @@ class MemoryCache:
         if self._blocks.get(block.key) is block:
             self._remove(block)
         block.ready.set()
-
-    def discard(self, key: BlockKey) -> None:
-        """Drop an unpinned READY block, e.g. one found to be wrong."""
-        block = self._blocks.get(key)
-        if block is not None and not block.pins and block.state is BlockState.READY:
-            self._remove(block)
 
     def _remove(self, block: Block) -> None:
         del self._blocks[block.key]

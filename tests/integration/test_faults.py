@@ -128,7 +128,7 @@ def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, 
         "--retry-deadline",
         "15",
         "--metadata-ttl",
-        "1",
+        "0",  # every listing is stale at once: no test waits for a TTL to pass
         cache_dir=cache,
         env=_via(proxy),
     )
@@ -186,9 +186,9 @@ def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, 
     for kind in ("503", "truncate", "reset_mid_body"):  # the next listing fails three times
         proxy.force(kind)
     refreshes_before = _stats(mnt)["dir_refreshes"]
-    time.sleep(1.5)  # past --metadata-ttl, so the walk lists again
-    # Stale-while-revalidate: the walk is answered from the listings at once, and the
-    # directories are listed again behind it, through the faults (three failures, retried).
+    # Past the TTL (0), so the walk lists again. Stale-while-revalidate: the walk is answered
+    # from the listings at once, and the directories are listed again behind it, through the
+    # faults (three failures, retried).
     found = {os.path.relpath(os.path.join(d, f), mnt) for d, _, fs in os.walk(mnt) for f in fs}
     assert found == set(FAULT_FILES)
     _wait_for("the listings to be refreshed", lambda: _stats(mnt)["dir_refreshes"] > refreshes_before)
@@ -225,7 +225,7 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
         "--retry-deadline",
         "3",
         "--metadata-ttl",
-        "1",
+        "0",  # every listing is stale at once: no test waits for a TTL to pass
         cache_dir=cache,
         env=_via(proxy),
     )
@@ -234,7 +234,7 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
 
     proxy.down = True
     try:
-        time.sleep(1.5)  # past --metadata-ttl: the listing cannot be refreshed now
+        # Past the TTL (0): the listing cannot be refreshed now.
         # Cached blocks are still served, from memory or disk, under the last listing.
         assert _in_thread(lambda: _read_whole(mnt / "cached.bin")) == cached
         # An uncached block fails with EIO once the retry deadline is spent; it does not hang.
@@ -272,7 +272,7 @@ def test_overwrite_while_open_is_estale(gcs: FakeGCS, bucket: str, mount: MountF
         "--max-prefetch",
         "0",
         "--metadata-ttl",
-        "1",
+        "0",  # every listing is stale at once: no test waits for a TTL to pass
     )
     fd = os.open(mnt / "w.bin", os.O_RDONLY)
     try:
@@ -292,8 +292,7 @@ def test_overwrite_while_open_is_estale(gcs: FakeGCS, bucket: str, mount: MountF
             _pread_uncached(fd, 1000, 7 * BLOCK)
         assert info.value.errno == errno.ESTALE
 
-        time.sleep(1.5)  # past --metadata-ttl
-        # The first lookup past the TTL is answered stale and lists the directory behind it.
+        # Past the TTL (0): the first lookup is answered stale and lists the directory behind it.
         _wait_for("the new version to be listed", lambda: (mnt / "w.bin").stat().st_size == len(new))
         assert _read_whole(mnt / "w.bin") == new
         # The old handle still sees only the old version: the new version's pages, now in
@@ -323,7 +322,7 @@ def test_delete_while_open_is_estale_then_enoent(gcs: FakeGCS, bucket: str, moun
         "--max-prefetch",
         "0",
         "--metadata-ttl",
-        "1",
+        "0",  # every listing is stale at once: no test waits for a TTL to pass
     )
     fd = os.open(mnt / "gone.bin", os.O_RDONLY)
     try:
@@ -333,8 +332,7 @@ def test_delete_while_open_is_estale_then_enoent(gcs: FakeGCS, bucket: str, moun
         with pytest.raises(OSError) as info:
             _pread_uncached(fd, 1000, 3 * BLOCK)
         assert info.value.errno == errno.ESTALE
-        time.sleep(1.5)  # past --metadata-ttl
-        # The first lookup past the TTL is answered stale and lists the directory behind it.
+        # Past the TTL (0): the first lookup is answered stale and lists the directory behind it.
         _wait_for("the deletion to be listed", lambda: not (mnt / "gone.bin").exists())
         with pytest.raises(FileNotFoundError):
             (mnt / "gone.bin").stat()
@@ -499,7 +497,7 @@ def test_hostile_names(gcs: FakeGCS, bucket: str, mount: MountFn, tmp_path: Path
     for name in HOSTILE_SKIPPED:  # the rule of modelfs/names.py, as documented
         assert isinstance(parse_object_name(name), str), name
     cache = tmp_path / "cache"
-    mnt = mount(f"gs://{bucket}/h", *BASE, "--metadata-ttl", "1", cache_dir=cache)
+    mnt = mount(f"gs://{bucket}/h", *BASE, "--metadata-ttl", "0", cache_dir=cache)  # every listing stale at once
 
     def walk() -> tuple[set[str], set[str]]:
         dirs, files = set(), set()
@@ -521,7 +519,12 @@ def test_hostile_names(gcs: FakeGCS, bucket: str, mount: MountFn, tmp_path: Path
             assert not (mnt / missing).exists(), missing
         with pytest.raises(FileNotFoundError):  # FUSE passes names up to 1024 bytes; not ours
             (mnt / ("c" * 300)).stat()
-        time.sleep(1.5)  # past --metadata-ttl
+        # Past the TTL (0): wait until the directories were listed again before the next walk.
+        refreshed = _stats(mnt)["dir_refreshes"]
+        _wait_for(
+            "the directories to be listed again",
+            lambda refreshed=refreshed: bool(os.listdir(mnt)) and _stats(mnt)["dir_refreshes"] > refreshed,
+        )
 
     stats = _stats(mnt)  # the daemon is up and answering
     assert stats["files"] == len(HOSTILE_VALID)

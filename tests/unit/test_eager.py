@@ -226,7 +226,7 @@ async def test_stream_yields_to_a_sequential_reader(make_store: StoreFactory, nu
     # large share of the blocks (each then written, evicted and maybe read back).
     assert yielding.stats.streamed_blocks < 48  # measured 7-24 of 96
     assert racing.stats.streamed_blocks > yielding.stats.streamed_blocks + 8  # measured 63-81
-    assert yielding.stats.disk_hits <= 8, yielding.stats
+    assert yielding.disk is not None and yielding.disk.stats.hits <= 8, yielding.stats
 
 
 # --- --eager-model: the whole model, one file after another

@@ -289,19 +289,6 @@ async def test_fail_wakes_waiters_and_keeps_error() -> None:
     assert cache.used == 0 and len(cache) == 0
 
 
-async def test_discard_only_drops_unpinned_ready_blocks() -> None:
-    """discard leaves pinned blocks alone and removes unpinned READY ones."""
-    cache = MemoryCache(2 * BS, BS)
-    pinned = await cache.reserve(key(0), BS)
-    assert pinned is not None
-    cache.complete(pinned)
-    cache.discard(key(0))
-    assert cache.lookup(key(0)) is pinned
-    cache.unpin(pinned)
-    cache.discard(key(0))
-    assert cache.lookup(key(0)) is None and cache.used == 0
-
-
 async def test_buffer_pool_reuses_buffers() -> None:
     """An evicted full-size block's buffer is reused by the next full-size block."""
     cache = MemoryCache(2 * BS, BS)
@@ -315,7 +302,7 @@ async def test_buffer_pool_reuses_buffers() -> None:
 
 
 async def test_buffer_pool_stays_within_budget() -> None:
-    """used + pooled bytes never exceed capacity, with full, short, failed and discarded blocks."""
+    """used + pooled bytes never exceed capacity, with full, short, failed and evicted blocks."""
     cache = MemoryCache(3 * BS, BS)
 
     def check() -> None:
@@ -334,7 +321,7 @@ async def test_buffer_pool_stays_within_budget() -> None:
             cache.unpin(block)
         check()
         if i % 4 == 3:
-            cache.discard(key(i))
+            cache._evict_one(keep_unread=False)  # a block removed out of turn
             check()
     # Prefetches take buffers from the same pool.
     for i in range(100, 103):
