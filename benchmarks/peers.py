@@ -129,9 +129,16 @@ class Peers:
         if args.baseline is not None:
             if not (args.baseline / "modelfs" / "__init__.py").exists():
                 raise SystemExit(f"--baseline {args.baseline}: not a modelfs checkout")
+            git = ["git", "-C", str(args.baseline)]
             self.baseline_rev = subprocess.run(
-                ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
             ).stdout.strip()
+            if subprocess.run(
+                [*git, "status", "--porcelain", "modelfs"], capture_output=True, text=True
+            ).stdout.strip():
+                self.baseline_rev += (
+                    "+edits"  # the checkout's modelfs differs from its commit (e.g. a change taken out)
+                )
 
     # --- bookkeeping
 
