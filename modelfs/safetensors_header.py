@@ -22,6 +22,8 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+from modelfs.units import ceil_div
+
 __all__ = ["MAX_HEADER", "PARSE_OVERHEAD", "block_order", "header_length", "tensor_spans"]
 
 MAX_HEADER = 100 << 20
@@ -102,14 +104,14 @@ def text_is_object(header: bytes | memoryview) -> bool:
 
 def block_order(spans: Iterable[tuple[int, int]], header_len: int, block_size: int, size: int) -> list[int]:
     """Blocks of the file: the header's, then those of the tensors by data offset, then the rest."""
-    blocks = -(-size // block_size)
-    order: list[int] = list(range(min(blocks, -(-(8 + header_len) // block_size))))
+    blocks = ceil_div(size, block_size)
+    order: list[int] = list(range(min(blocks, ceil_div(8 + header_len, block_size))))
     seen = set(order)
     data_start = 8 + header_len
     for begin, end in spans:
         if end <= begin:
             continue
-        for index in range((data_start + begin) // block_size, min(blocks, -(-(data_start + end) // block_size))):
+        for index in range((data_start + begin) // block_size, min(blocks, ceil_div(data_start + end, block_size))):
             if index not in seen:
                 seen.add(index)
                 order.append(index)

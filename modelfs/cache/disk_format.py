@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import crc32c
 
+from modelfs.units import round_up
+
 __all__ = [
     "FORMAT_VERSION",
     "HEADER",
@@ -93,7 +95,7 @@ def is_own_temp(name: str) -> bool:
 
 def data_offset_for(key_bytes: bytes) -> int:
     """Where the data starts: the header and key, padded to a page."""
-    return -(-(HEADER.size + len(key_bytes)) // PAGE) * PAGE
+    return round_up(HEADER.size + len(key_bytes), PAGE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import trio
 
 from modelfs.memlimit import MAX_REQUEST
+from modelfs.units import round_up
 
 __all__ = ["MAX_REQUEST", "Block", "BlockKey", "BlockState", "BufferKind", "Lease", "MemoryCache", "MemoryStats"]
 
@@ -113,7 +114,7 @@ class Lease:
 
 
 def _pages(nbytes: int) -> int:
-    return -(-nbytes // _PAGE) * _PAGE
+    return round_up(nbytes, _PAGE)
 
 
 @dataclass
