@@ -3,6 +3,7 @@ behind them are plain POSIX sh (a bare Debian root has no bash-only guarantees, 
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -35,6 +36,18 @@ def test_scripts_are_posix_sh(script: str) -> None:
     # The first thing the commands need on a bare root: nothing but sh, dpkg and apt.
     code = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
     assert not any(line.split()[:1] == ["make"] for line in code)
+
+
+def test_readme_lists_every_package_setup_installs() -> None:
+    """The README says what the commands install on the machine."""
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    packages = {p for value in re.findall(r'PACKAGES="(?:\$PACKAGES )?([^"$]*)"', setup) for p in value.split()}
+    packages |= {p for value in re.findall(r'PACKAGES="\$PACKAGES ([^"]*)"', setup) for p in value.split()}
+    assert {"python3", "gcc", "python3-dev", "fuse3", "nginx", "podman"} <= packages, packages
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Two commands") : readme.index("## Usage")]
+    missing = sorted(p for p in packages if not re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", section))
+    assert not missing, f"installed by scripts/setup.sh but not named in the README: {missing}"
 
 
 def test_readme_commands_parser_rejects_a_drifted_readme(tmp_path: Path) -> None:
