@@ -32,7 +32,16 @@ from pathlib import Path
 
 from modelfs.testing.container import BASE_IMAGE, CA_BUNDLE, PACKAGES, Podman, ensure_tools, exclusive
 
-__all__ = ["FRESH_ENV", "FreshRoot", "Result", "fresh_root", "host_access", "readme_commands", "tree_archive"]
+__all__ = [
+    "FRESH_ENV",
+    "FreshRoot",
+    "Result",
+    "fresh_root",
+    "host_access",
+    "pip_config",
+    "readme_commands",
+    "tree_archive",
+]
 
 #: Set inside the fresh root: the test run there does not run the fresh-root test again.
 FRESH_ENV = "MODELFS_FRESH_ROOT"
@@ -91,15 +100,13 @@ def tree_archive(root: Path) -> tuple[bytes, str]:
     return buffer.getvalue(), f"the files under {root} (no git metadata)"
 
 
-def _pip_config() -> str:
-    """This machine's pip settings as one pip.conf, less values naming local files or file://
-    indexes (the root has none of them); a CA bundle becomes the root's own bundle."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False
-    )
+def pip_config(listing: str) -> str:
+    """This machine's pip settings (``pip config list`` output) as one pip.conf, less values
+    naming local files or file:// indexes (the root has none of them); a CA bundle becomes
+    the root's own bundle, which trusts what this machine trusts (see :func:`host_access`)."""
     sections: dict[str, dict[str, str]] = {}
     env: dict[str, str] = {}
-    for line in result.stdout.splitlines():
+    for line in listing.splitlines():
         name, _, value = line.partition("=")
         section, _, key = name.rpartition(".")
         try:
@@ -112,10 +119,18 @@ def _pip_config() -> str:
             kept = " ".join(w for w in text.split() if not w.startswith(("/", "file:", "~", ".")))
         if kept:
             (env if section == ":env:" else sections.setdefault(section, {}))[key] = kept
-    sections.setdefault("global", {}).update(env)  # the environment overrides the files
+    if env:
+        sections.setdefault("global", {}).update(env)  # the environment overrides the files
     return "".join(
         f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()) for section, values in sections.items()
     )
+
+
+def _host_pip_config() -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False
+    )
+    return pip_config(result.stdout)
 
 
 #: apt settings that decide whether a mirror can be reached: proxies, TLS, snapshot mirrors.
@@ -169,7 +184,7 @@ def host_access(work: Path) -> tuple[list[str], dict[str, str]]:
         bind(CA_BUNDLE, local_cas / "host-bundle.crt")
 
     pip_conf = work / "pip.conf"
-    pip_conf.write_text(_pip_config())
+    pip_conf.write_text(_host_pip_config())
     bind(pip_conf, Path("/etc/pip.conf"))
 
     proxies = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
