@@ -152,12 +152,14 @@ def fuse_tasks(max_lease: int) -> int:
 
 
 def tune_malloc() -> None:
-    """Make glibc's malloc give freed memory back and keep few arenas (before threads start).
+    """Make glibc's malloc give freed memory back and keep one arena (before threads start).
 
     A fixed mmap threshold (128 KiB) stops glibc from raising it after the first large free,
     which would put later large buffers (libfuse's 1 MiB request buffers, a client's response
-    bodies) on the heap, where freed memory stays resident; two arenas instead of eight per
-    core stop each worker thread from growing a heap of its own.
+    bodies) on the heap, where freed memory stays resident. One arena instead of eight per
+    core: each worker thread's arena kept its own freed memory (the GIL serializes the
+    allocating threads anyway); under the random-read workload the peak RSS was 127.6 and
+    133.2 MiB with two arenas, 123.7-125.3 MiB with one (docs/operations.md).
     """
     import ctypes
     import ctypes.util
@@ -169,4 +171,4 @@ def tune_malloc() -> None:
         return
     m_arena_max, m_mmap_threshold = -8, -3
     mallopt(m_mmap_threshold, 128 << 10)
-    mallopt(m_arena_max, 2)
+    mallopt(m_arena_max, 1)
