@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-LIMIT = 160 * MiB  # --memory-cache auto: 160M - 64M overhead - 64M headroom = 32M
+LIMIT = 160 * MiB  # --memory-cache auto: 160M - 72M overhead - 56M headroom = 32M
 
 
 class Container:
