@@ -57,6 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dirs-read", type=int, default=3, help="directories listed per run (default: %(default)s)")
     p.add_argument("--memory-cache", default="64M", help="modelfs --memory-cache (default: %(default)s)")
     p.add_argument("--only", default="modelfs,rclone", help="modelfs, rclone or both (default: %(default)s)")
+    p.add_argument(
+        "--modelfs-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra mount option, e.g. --modelfs-option=--read-timeout=300 (at 1M objects one page of the "
+        "emulator takes ~2 min, more than the default 30 s read timeout)",
+    )
     C.add_common_args(p, "namespace")
     return p.parse_args(argv)
 
@@ -141,6 +149,7 @@ def run_modelfs(args: argparse.Namespace, gcs: Any, bucket: str, dirs: list[str]
         str(args.ttl),
         "--memory-cache",
         args.memory_cache,
+        *args.modelfs_option,
         env=gcs.env(),
     ):
         mount_s = time.monotonic() - t0
