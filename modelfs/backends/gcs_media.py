@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import select
-import socket
 import ssl
 import threading
 import urllib.request
@@ -25,6 +23,7 @@ from urllib.parse import urlsplit
 
 from modelfs import __version__
 from modelfs.backends.body import read_exactly
+from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.private import httpclient_body
 from modelfs.backends.responses import Headers
 
@@ -59,25 +58,22 @@ class MediaTransport:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = parts.port or (443 if self._https else 80)
         self._origin = f"{parts.scheme}://{parts.netloc}"
         from google.auth.credentials import AnonymousCredentials
 
         # Anonymous access (public buckets, the emulator) sends no Authorization at all.
         self._credentials = None if isinstance(credentials, AnonymousCredentials) else credentials
-        self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._max_idle = max_idle
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
         self._auth_lock = threading.Lock()
         self._auth_request: object | None = None
-        self._ssl: ssl.SSLContext | None = self._ssl_context() if self._https else None
-        self._closed = False
-        # Sockets of the GETs in flight (the socket, not the connection: after a "Connection:
-        # close" answer http.client drops conn.sock and only the response holds it).
-        self._active: set[socket.socket] = set()
+        self._pool = ConnectionPool(
+            parts.hostname,
+            parts.port or (443 if self._https else 80),
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_idle=max_idle,
+            ssl_context=self._ssl_context() if self._https else None,
+        )
         # The GCS backend sets "gzip": gzip-stored objects are then served as stored (gcs.py).
         self.accept_encoding = "identity"
 
@@ -111,74 +107,12 @@ class MediaTransport:
 
     # --- connections
 
-    @staticmethod
-    def _dropped(conn: http.client.HTTPConnection) -> bool:
-        """True if the server closed this idle connection (its socket reads EOF or has junk)."""
-        if conn.sock is None:
-            return True
-        readable, _, _ = select.select([conn.sock], [], [], 0)
-        return bool(readable)
-
-    def _take(self) -> http.client.HTTPConnection:
-        """An idle connection the server has not closed, else a new one."""
-        conn: http.client.HTTPConnection
-        while True:
-            with self._lock:
-                if not self._idle:
-                    break
-                conn = self._idle.pop()
-            if not self._dropped(conn):
-                return conn
-            conn.close()
-        if self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._connect_timeout, context=self._ssl)
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.settimeout(self._read_timeout)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-
-    def _give_back(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if not self._closed and conn.sock is not None and len(self._idle) < self._max_idle:
-                self._idle.append(conn)
-                return
-        conn.close()
-
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._pool.close()
 
     def abort(self) -> None:
-        """The daemon is stopping: shut down the sockets of the GETs in flight, so the worker
-        threads blocked on them return (with an error) now instead of at the read timeout,
-        and start no new GET."""
-        with self._lock:
-            self._closed = True
-            active = list(self._active)
-        for sock in active:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.close()
-
-    def _track(self, conn: http.client.HTTPConnection, sock: socket.socket | None, active: bool) -> None:
-        if sock is None:
-            return
-        with self._lock:
-            if not active:
-                self._active.discard(sock)
-                return
-            if self._closed:
-                conn.close()
-                raise ConnectionAbortedError("the daemon is stopping")
-            self._active.add(sock)
+        """The daemon is stopping: GETs in flight fail now, not at the read timeout."""
+        self._pool.abort()
 
     # --- the GET
 
@@ -199,15 +133,15 @@ class MediaTransport:
                 "User-Agent": _USER_AGENT,
             }
             self._sign(url, headers, force_refresh=refreshed)
-            conn = self._take()
+            conn = self._pool.take()
             sock = conn.sock
-            self._track(conn, sock, True)
+            self._pool.track(conn, sock, True)
             try:
                 if self._get_once(conn, path, headers, dest, check, retry_auth=not refreshed):
                     return
                 refreshed = True
             finally:
-                self._track(conn, sock, False)
+                self._pool.track(conn, sock, False)
 
     def _get_once(
         self,
@@ -230,7 +164,7 @@ class MediaTransport:
         try:
             if resp.status == 401 and retry_auth and self._credentials is not None:
                 resp.read()
-                self._give_back(conn)
+                self._pool.give_back(conn)
                 return False
             # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
             check(resp.status, resp.headers)
@@ -248,7 +182,7 @@ class MediaTransport:
             conn.close()
             raise
         if resp.isclosed():
-            self._give_back(conn)
+            self._pool.give_back(conn)
         else:  # more body than asked for: the connection is not at a message boundary
             resp.close()
             conn.close()

@@ -27,8 +27,6 @@ import hashlib
 import http.client
 import logging
 import re
-import socket
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from cachetools import LRUCache
 from modelfs import __version__
 from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.body import read_exactly
+from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.responses import Headers, RangeRequest, check_range_response
 from modelfs.errors import BackendError, ConfigError, VersionChanged
 
@@ -162,44 +161,19 @@ def _parse_cache_url(url: str) -> tuple[str, int, str]:
 
 
 class _Replica:
-    """One tier replica: a LIFO pool of kept-alive connections, used by one thread at a time."""
+    """One tier replica: its kept-alive connections, each used by one thread at a time."""
 
     def __init__(self, url: str, *, connect_timeout: float, read_timeout: float, max_idle: int) -> None:
         self.host, self.port, self.url = _parse_cache_url(url)
-        self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._max_idle = max_idle
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-        self._closed = False
+        self._pool = ConnectionPool(
+            self.host, self.port, connect_timeout=connect_timeout, read_timeout=read_timeout, max_idle=max_idle
+        )
         self.benched_until = 0.0  # trio clock; only trio tasks read or write it
         self.backoff = _FIRST_BACKOFF
 
-    def _take(self) -> http.client.HTTPConnection:
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is not None:
-            return conn
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self._connect_timeout)
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.settimeout(self._read_timeout)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-
-    def _give_back(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < self._max_idle:
-                self._idle.append(conn)
-                return
-        conn.close()
-
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._pool.close()
 
     def get_into(self, target: TierTarget, offset: int, dest: memoryview) -> None:
         """Blocking: fill ``dest`` from the tier and verify it, or raise TierRejected."""
@@ -212,7 +186,7 @@ class _Replica:
         deadline = time.monotonic() + self._read_timeout
         for attempt in (0, 1):  # a kept-alive connection the tier closed meanwhile: once more
             try:
-                conn = self._take()
+                conn = self._pool.take()
             except OSError as exc:
                 raise TierRejected("unreachable", str(exc), replica_down=True) from None
             try:
@@ -245,7 +219,7 @@ class _Replica:
                 reason = "stalled" if isinstance(exc, TimeoutError) else "error"
                 raise TierRejected(reason, str(exc) or type(exc).__name__, replica_down=True) from None
             if resp.isclosed():
-                self._give_back(conn)
+                self._pool.give_back(conn)
             else:  # more body than announced: not at a message boundary
                 resp.close()
                 conn.close()

@@ -182,7 +182,7 @@ def test_idle_connection_closed_by_the_server_is_not_reused(server: _Server) -> 
         # Wait until the server has really closed its end, then read again: the transport must
         # notice the dead idle connection and open a new one rather than fail the GET.
         for _ in range(200):
-            if media._idle and media._dropped(media._idle[-1]):
+            if media._pool.idle and media._pool.dropped(media._pool.idle[-1]):
                 break
             threading.Event().wait(0.01)
         second = memoryview(bytearray(10))
@@ -223,7 +223,7 @@ def test_short_body_raises_and_is_never_reused(server: _Server) -> None:
         # Asking for more than the object holds: the server sends a shorter 206 body.
         with pytest.raises((EOFError, OSError)):
             media.get_into("/o", len(DATA) - 10, memoryview(bytearray(20)), lambda s, h: None)
-        assert media._idle == []
+        assert media._pool.idle == []
     finally:
         media.close()
 

@@ -1,0 +1,127 @@
+"""Kept-alive ``http.client`` connections to one host, for the GETs that fill block buffers.
+
+The GCS media transport (gcs_media.py) and the cache tier's replicas (tiered.py) both read a
+block's body straight into its buffer on a plain ``http.client`` connection; this is the one
+pool they share. Connections are handed out LIFO (the most recently used one is the most
+likely to still be open) and used by one worker thread at a time. An idle connection the
+server closed meanwhile is noticed before it is reused, so a request is never silently sent
+twice on a dead socket (which would hide real resets from the retry counters).
+
+This is the one object here that worker threads share: its own lock guards the idle list,
+the sockets of GETs in flight and the closed flag (docs/concurrency.md).
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import ssl
+import threading
+
+__all__ = ["ConnectionPool"]
+
+
+class ConnectionPool:
+    """Connections to ``host:port`` (TLS when ``ssl_context`` is given), at most ``max_idle`` kept."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_idle: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.read_timeout = read_timeout
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._ssl = ssl_context
+        self._lock = threading.Lock()
+        self._idle: list[http.client.HTTPConnection] = []
+        # Sockets of the GETs in flight (the socket, not the connection: after a "Connection:
+        # close" answer http.client drops conn.sock and only the response holds it).
+        self._active: set[socket.socket] = set()
+        self._closed = False
+
+    @property
+    def idle(self) -> list[http.client.HTTPConnection]:
+        """The idle connections, most recently used last (a copy, for tests and stats)."""
+        with self._lock:
+            return list(self._idle)
+
+    @staticmethod
+    def dropped(conn: http.client.HTTPConnection) -> bool:
+        """True if the server closed this idle connection (its socket reads EOF or has junk)."""
+        if conn.sock is None:
+            return True
+        readable, _, _ = select.select([conn.sock], [], [], 0)
+        return bool(readable)
+
+    def take(self) -> http.client.HTTPConnection:
+        """An idle connection the server has not closed, else a new one (OSError if none can be made)."""
+        conn: http.client.HTTPConnection
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if not self.dropped(conn):
+                return conn
+            conn.close()
+        if self._ssl is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self._connect_timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self._connect_timeout)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self.read_timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def give_back(self, conn: http.client.HTTPConnection) -> None:
+        """Keep ``conn`` for the next GET; only after a complete, checked body (else close it)."""
+        with self._lock:
+            if not self._closed and conn.sock is not None and len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def track(self, conn: http.client.HTTPConnection, sock: socket.socket | None, active: bool) -> None:
+        """Note the socket of a GET starting (``active``) or done, so :meth:`abort` can reach it."""
+        if sock is None:
+            return
+        with self._lock:
+            if not active:
+                self._active.discard(sock)
+                return
+            if self._closed:
+                conn.close()
+                raise ConnectionAbortedError("the daemon is stopping")
+            self._active.add(sock)
+
+    def close(self) -> None:
+        """Close the idle connections and keep no more; GETs in flight finish."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def abort(self) -> None:
+        """The daemon is stopping: shut down the sockets of the GETs in flight, so the worker
+        threads blocked on them return (with an error) now instead of at the read timeout,
+        and start no new GET."""
+        with self._lock:
+            self._closed = True
+            active = list(self._active)
+        for sock in active:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.close()
