@@ -29,7 +29,7 @@ import crc32c
 
 from modelfs.testing.processes import stop_process
 
-__all__ = ["FakeGCS", "fake_gcs", "binary_path", "free_port"]
+__all__ = ["FakeGCS", "fake_gcs", "binary_path", "free_port", "checksums_of_file", "object_metadata"]
 
 
 def binary_path() -> Path:
@@ -48,6 +48,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def checksums_of_file(path: Path) -> tuple[int, bytes]:
+    """The CRC32C and MD5 of a file, as an upload of it would record them."""
+    crc, md5 = 0, hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = crc32c.crc32c(chunk, crc)
+            md5.update(chunk)
+    return crc, md5.digest()
+
+
+def object_metadata(crc: int | None, md5: bytes | None, generation: int, when: str) -> dict[str, Any]:
+    """The ``user.metadata`` xattr fake-gcs-server's filesystem backend keeps beside an object
+    (what an upload would have written); None checksums are left empty, as for an object
+    uploaded without them."""
+    md5_b64 = base64.b64encode(md5).decode() if md5 is not None else ""
+    return {
+        "StorageClass": "STANDARD",
+        "ContentType": "application/octet-stream",
+        "ContentEncoding": "",
+        "ContentDisposition": "",
+        "ContentLanguage": "",
+        "CacheControl": "",
+        "Crc32c": base64.b64encode(crc.to_bytes(4, "big")).decode() if crc is not None else "",
+        "Md5Hash": md5_b64,
+        "Etag": md5_b64 or f"g{generation}",
+        "ACL": [],
+        "Metadata": None,
+        "Created": when,
+        "Deleted": "0001-01-01T00:00:00Z",
+        "Updated": when,
+        "CustomTime": "0001-01-01T00:00:00Z",
+        "Generation": generation,
+        "RetentionMode": "",
+        "RetentionRetainUntil": "",
+    }
 
 
 @dataclass
@@ -111,37 +148,10 @@ class FakeGCS:
             os.link(source, dest)
         except OSError:
             shutil.copyfile(source, dest)
-        crc, md5 = "", ""
-        if checksums:
-            crc_value, md5_hash = 0, hashlib.md5()
-            with open(source, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    crc_value = crc32c.crc32c(chunk, crc_value)
-                    md5_hash.update(chunk)
-            crc = base64.b64encode(crc_value.to_bytes(4, "big")).decode()
-            md5 = base64.b64encode(md5_hash.digest()).decode()
         self._generation += 1
+        crc, md5 = checksums_of_file(source) if checksums else (None, None)
         now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-        metadata: dict[str, Any] = {
-            "StorageClass": "STANDARD",
-            "ContentType": "application/octet-stream",
-            "ContentEncoding": "",
-            "ContentDisposition": "",
-            "ContentLanguage": "",
-            "CacheControl": "",
-            "Crc32c": crc,
-            "Md5Hash": md5,
-            "Etag": md5 or f"g{self._generation}",
-            "ACL": [],
-            "Metadata": None,
-            "Created": now,
-            "Deleted": "0001-01-01T00:00:00Z",
-            "Updated": now,
-            "CustomTime": "0001-01-01T00:00:00Z",
-            "Generation": self._generation,
-            "RetentionMode": "",
-            "RetentionRetainUntil": "",
-        }
+        metadata = object_metadata(crc, md5, self._generation, now)
         os.setxattr(dest, "user.metadata", json.dumps(metadata).encode())
         return self._generation
 

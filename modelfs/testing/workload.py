@@ -9,7 +9,6 @@ known contents.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import mmap
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import crc32c
+
+from modelfs.testing.fakegcs import checksums_of_file, object_metadata
 
 __all__ = [
     "ReadStats",
@@ -47,42 +48,14 @@ def seed_object(
         if dest.exists():
             dest.unlink()
         os.link(path, dest)
-        crc, md5 = _checksums_of_file(path)
+        crc, md5 = checksums_of_file(path)
     else:
         assert data is not None
         dest.write_bytes(data)
         crc = crc32c.crc32c(data)
         md5 = hashlib.md5(data).digest()
-    metadata: dict[str, object] = {
-        "StorageClass": "STANDARD",
-        "ContentType": "application/octet-stream",
-        "ContentEncoding": "",
-        "ContentDisposition": "",
-        "ContentLanguage": "",
-        "CacheControl": "",
-        "Crc32c": base64.b64encode(crc.to_bytes(4, "big")).decode(),
-        "Md5Hash": base64.b64encode(md5).decode(),
-        "Etag": base64.b64encode(md5).decode(),
-        "ACL": [],
-        "Metadata": None,
-        "Created": _NOW,
-        "Deleted": "0001-01-01T00:00:00Z",
-        "Updated": _NOW,
-        "CustomTime": "0001-01-01T00:00:00Z",
-        "Generation": generation,
-        "RetentionMode": "",
-        "RetentionRetainUntil": "",
-    }
+    metadata = object_metadata(crc, md5, generation, _NOW)
     os.setxattr(dest, "user.metadata", json.dumps(metadata).encode())
-
-
-def _checksums_of_file(path: Path) -> tuple[int, bytes]:
-    crc, md5 = 0, hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            crc = crc32c.crc32c(chunk, crc)
-            md5.update(chunk)
-    return crc, md5.digest()
 
 
 def small_content(name: str) -> bytes:
