@@ -119,6 +119,17 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
 PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 
 
+def add_mount_option_arg(parser: argparse.ArgumentParser) -> None:
+    """``--mount-option OPT`` (repeatable): extra flags for every modelfs mount of a benchmark."""
+    parser.add_argument(
+        "--mount-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)",
+    )
+
+
 @contextmanager
 def page_reporting_paused(keep: bool, prefault: int = 8 * GiB) -> Iterator[None]:
     """Pause virtio-balloon free page reporting for the run, and restore it after.

@@ -61,13 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--disk-cache", default="4G", help="modelfs --disk-cache (default: %(default)s)")
     p.add_argument("--rss-slack", default="64M", help="allowed peak RSS above the memory budget (default: %(default)s)")
     p.add_argument("--chunk", default="1M", help="size of each read() call (default: %(default)s)")
-    p.add_argument(
-        "--mount-option",
-        action="append",
-        default=[],
-        metavar="OPT",
-        help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)",
-    )
+    C.add_mount_option_arg(p)
     p.add_argument("--strict", action="store_true", help="exit 2 when an acceptance bound is not met")
     p.add_argument(
         "--workload",

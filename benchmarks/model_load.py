@@ -722,13 +722,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "top-down (each tensor from its last MiB to its first, as glibc's memmove does "
         "when the destination lies above the source) (default: %(default)s)",
     )
-    p.add_argument(
-        "--mount-option",
-        action="append",
-        default=[],
-        metavar="OPT",
-        help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)",
-    )
+    C.add_mount_option_arg(p)
     p.add_argument(
         "--rclone-option",
         action="append",

@@ -638,13 +638,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="8G",
         help="modelfs --disk-cache; must hold the whole object for the warm run (default: %(default)s)",
     )
-    p.add_argument(
-        "--mount-option",
-        action="append",
-        default=[],
-        metavar="OPT",
-        help="extra modelfs mount option, e.g. --mount-option=--block-size=16M (repeatable)",
-    )
+    C.add_mount_option_arg(p)
     p.add_argument(
         "--variant",
         action="append",
