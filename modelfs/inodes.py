@@ -331,10 +331,12 @@ class Namespace:
         listing.complete = page.next_token is None
         self.pages += 1
 
-    async def _page(self, directory: Node, token: str | None) -> ListPage:
+    async def _page(self, directory: Node, token: str | None, deadline: float | None = None) -> ListPage:
         what = f"listing {self.backend.description}{'/' if directory.path else ''}{directory.path}"
         return await retry_transient(
-            lambda: self.backend.list_dir(directory.prefix, token), deadline=self.retry_deadline, what=what
+            lambda: self.backend.list_dir(directory.prefix, token),
+            deadline=self.retry_deadline if deadline is None else deadline,
+            what=what,
         )
 
     def _cache(self, listing: Listing) -> None:
@@ -391,9 +393,15 @@ class Namespace:
 
     # --- listing a directory
 
-    async def start(self) -> None:
-        """List the first page of the root: a missing bucket or root raises NotFound here."""
-        await self.open_listing(self.root)
+    async def start(self, deadline: float | None = None) -> None:
+        """List the first page of the root: a missing bucket or root raises NotFound here.
+
+        ``deadline``: how long transient failures of this first page are retried (default: the
+        retry deadline). A mount passes a short one: an unreachable source should fail the mount
+        with its one-line error in seconds, not after the minute a running mount's reads wait.
+        """
+        listing = Listing(self.root, self._now())
+        await self._more(listing, None, deadline)
 
     async def open_listing(self, directory: Node) -> Listing:
         """The listing an ``opendir`` reads: the cached one (refreshed behind if stale), or a new one.
@@ -415,12 +423,12 @@ class Namespace:
         await self._more(listing, None)
         return listing
 
-    async def _more(self, listing: Listing, previous: Listing | None) -> None:
+    async def _more(self, listing: Listing, previous: Listing | None, deadline: float | None = None) -> None:
         """Read the next page of ``listing`` (one page at a time: readers queue on its lock)."""
         async with listing.lock:
             if listing.complete:
                 return
-            page = await self._page(listing.directory, listing.token)
+            page = await self._page(listing.directory, listing.token, deadline)
             self._add_page(listing, page, previous if previous is not None else listing.directory.listing)
             current = listing.directory.listing
             newer = current is None or current is listing or current.started_at < listing.started_at

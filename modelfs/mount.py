@@ -33,9 +33,23 @@ from modelfs.inodes import Namespace
 from modelfs.memlimit import fuse_tasks, tune_malloc
 from modelfs.walk import walk_objects
 
-__all__ = ["serve", "StopWatchdog", "STOP_GRACE", "check_mountpoint", "unmount", "is_mounted", "mounted_fstype"]
+__all__ = [
+    "serve",
+    "StopWatchdog",
+    "STOP_GRACE",
+    "START_RETRY_DEADLINE",
+    "check_mountpoint",
+    "unmount",
+    "is_mounted",
+    "mounted_fstype",
+]
 
 log = logging.getLogger(__name__)
+
+# The mount's first listing retries transient failures this long at most (or --retry-deadline
+# if shorter): like gcsfuse's and mountpoint-s3's start-up checks, an unreachable source fails
+# the mount with its one-line error in seconds; reads of a running mount keep the full deadline.
+START_RETRY_DEADLINE = 10.0
 
 
 def _fusermount(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -193,7 +207,7 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     watchdog = StopWatchdog(mountpoint, 2 * STOP_GRACE)
     try:
         # One page of the root, not the whole tree: a bad bucket or prefix fails here, before mounting.
-        await ops.namespace.start()
+        await ops.namespace.start(deadline=min(config.retry_deadline, START_RETRY_DEADLINE))
         if config.source.prefix and not ops.namespace.root.children:
             raise MountError(f"nothing found at {config.source.url} (no object with that name or prefix)")
         if disk is not None:

@@ -467,6 +467,31 @@ async def test_transient_listing_failure_is_retried(autojump_clock: trio.testing
     assert failures == 0
 
 
+async def test_start_gives_up_at_its_own_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    """An unreachable source fails start() once the deadline it was given has passed (the mount
+    passes a short one), not after the retry deadline of a running mount's reads; the failure is
+    the source's own error."""
+    backend = backend_with("a")
+    attempts = 0
+
+    def down(op: str, name: str) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise TransientError("connection refused")
+
+    backend.meta_fault = down
+    ns = Namespace(backend, ttl=10, retry_deadline=60)
+    started = trio.current_time()
+    with pytest.raises(TransientError, match="connection refused"):
+        await ns.start(deadline=10)
+    assert attempts > 1  # retried, and ...
+    assert trio.current_time() - started <= 10  # ... given up within the start deadline (virtual clock)
+    attempts = 0
+    with pytest.raises(TransientError):
+        await ns.start()  # without one: the retry deadline
+    assert trio.current_time() - started > 30
+
+
 async def test_missing_root_fails_start() -> None:
     """A missing bucket or root (NotFound from the first page) fails start()."""
     backend = backend_with("a")
