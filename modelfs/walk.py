@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.retry import retry_transient
+from modelfs.errors import BackendError
 from modelfs.names import ParsedName, parse_object_name
 
 __all__ = ["walk_objects"]
@@ -24,11 +25,21 @@ async def walk_objects(backend: Backend, *, retry_deadline: float) -> AsyncItera
     """Every file object below the root (no placeholders, no names that cannot be paths).
 
     Depth first; within a directory its files come before its subdirectories, each in the
-    store's order. Transient failures are retried up to ``retry_deadline`` per page.
+    store's order. Transient failures are retried up to ``retry_deadline`` per page. A backend
+    whose tree may have no end (an HTTP index over a symlink loop) names a ``walk_dir_limit``:
+    more directories than that in one walk is a BackendError.
     """
+    limit: int | None = getattr(backend, "walk_dir_limit", None)  # optional: object stores have none
+    listed = 0
     pending = [""]
     while pending:
         prefix = pending.pop()
+        listed += 1
+        if limit is not None and listed > limit:
+            raise BackendError(
+                f"{backend.description}: more than {limit} directories in one walk (a symlink loop?); "
+                "list the files with --manifest FILE"
+            )
         token: str | None = None
         subdirs: list[str] = []
         while True:

@@ -77,8 +77,9 @@ _UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
 _PCHAR_SAFE = "/:@!$&'()*+,;=~"  # left as they are in a path (RFC 3986 pchar)
 _MAX_INDEX_DEPTH = 32
 # Bounds on what a server or a manifest can make the daemon hold or walk: one index or HEAD
-# response, one manifest file, the entries of one full walk (self-referencing symlinks under
-# nginx autoindex make an index tree without end), and the directories one daemon lists.
+# response, one manifest file, the entries and directories of one full walk (self-referencing
+# symlinks under nginx autoindex make an index tree without end: the mount lists only what is
+# looked up, which the depth bound ends; a walk of everything needs a bound of its own).
 _MAX_INDEX_BYTES = 32 << 20
 _MAX_MANIFEST_BYTES = 64 << 20
 MAX_INDEX_ENTRIES = 1_000_000
@@ -189,7 +190,6 @@ class HTTPBackend(BackendSkeleton):
         # The directory every name is relative to, with its path as the user spelled it.
         self._base = source.url.rsplit("/", 1)[0] + "/" if source.file else source.url
         self._warned: set[str] = set()
-        self._listed_dirs: set[str] = set()  # directory indexes read, bounded by MAX_INDEX_DIRS
         raise_read_size(_READ_SIZE)
         context = self._ssl_context(ca_cert) if source.scheme == "https" else None
         client_headers = [("User-Agent", f"modelfs/{__version__}"), ("Accept-Encoding", "identity")]
@@ -386,6 +386,11 @@ class HTTPBackend(BackendSkeleton):
 
     # --- listing
 
+    @property
+    def walk_dir_limit(self) -> int | None:
+        """Directories one walk of everything may list (``walk_objects``): an index tree may have no end."""
+        return MAX_INDEX_DIRS if self._manifest is None and not self._source.file else None
+
     async def list_objects(self) -> list[ObjectInfo]:
         if self._source.file:
             return [await self._stat(self._source.file)]
@@ -490,12 +495,6 @@ class HTTPBackend(BackendSkeleton):
     async def _index_dir(self, rel: str) -> tuple[list[tuple[str, int | None]], list[str]] | None:
         """The files and subdirectories of one JSON index; None if a subdirectory is missing."""
         what = self._base + rel
-        if rel and rel not in self._listed_dirs and len(self._listed_dirs) >= MAX_INDEX_DIRS:
-            self._warn_once(
-                "dirs", "%s: more than %d directories listed (a symlink loop?): not listing more", what, MAX_INDEX_DIRS
-            )
-            return None
-        self._listed_dirs.add(rel)
         status, entries = await self._get_index(rel, what)
         if status == 404 and rel:
             return None

@@ -428,6 +428,7 @@ async def test_index_walk_with_symlink_loops_is_bounded(web: Nginx, monkeypatch:
     from modelfs.backends import http
     from modelfs.config import parse_source
     from modelfs.errors import BackendError
+    from modelfs.walk import walk_objects
 
     monkeypatch.setattr(http, "MAX_INDEX_DIRS", 50)  # the shipped bound, 10,000, only takes longer
     backend = http.HTTPBackend(parse_source(web.url(_symlink_loop(web)) + "/"))
@@ -435,14 +436,37 @@ async def test_index_walk_with_symlink_loops_is_bounded(web: Nginx, monkeypatch:
         with trio.fail_after(120):  # a hang fails the test instead of blocking it
             with pytest.raises(BackendError, match="more than 50 directories"):
                 await backend.list_objects()  # 2^32 directories without the bound
-            # The lazy listing: directory by directory, then no more than the bound.
-            listed = 0
-            prefixes = [""]
-            while prefixes:
-                page = await backend.list_dir(prefixes.pop())
-                listed += 1
-                prefixes += page.prefixes
-        assert listed <= 2 * 50 + 1
+            for _ in range(2):  # the streaming walk (warm, --eager-model): bounded per walk, every walk
+                with pytest.raises(BackendError, match="more than 50 directories in one walk"):
+                    async for _info in walk_objects(backend, retry_deadline=1):
+                        pass
+            # The mount lists what is looked up: one path down the loop ends at the depth bound.
+            prefix, depth = "", 0
+            while (page := await backend.list_dir(prefix)).prefixes:
+                assert [o.name for o in page.objects] == [prefix + "m.bin"]
+                prefix, depth = page.prefixes[0], depth + 1
+        assert depth == http._MAX_INDEX_DEPTH
+    finally:
+        await backend.aclose()
+
+
+async def test_more_directories_than_a_walk_may_list_are_all_listable(
+    web: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk bound is per walk: a mount looking up directories one by one lists every one of
+    them, however many the daemon has listed before (the bound was once per daemon)."""
+    from modelfs.backends import http
+    from modelfs.config import parse_source
+
+    monkeypatch.setattr(http, "MAX_INDEX_DIRS", 5)
+    top = f"wide-{uuid.uuid4().hex[:10]}"
+    for i in range(12):
+        web.put(f"{top}/d{i}/f.bin", bytes([i]) * 10)
+    backend = http.HTTPBackend(parse_source(web.url(top) + "/"))
+    try:
+        for i in range(12):
+            page = await backend.list_dir(f"d{i}/")
+            assert [(o.name, o.size) for o in page.objects] == [(f"d{i}/f.bin", 10)]
     finally:
         await backend.aclose()
 
