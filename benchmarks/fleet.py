@@ -97,7 +97,7 @@ def run_once(
         C.drop_caches()
     cache_urls = [a for r in replicas or [] for a in ("--cache-url", r.url)]
     env = node_env(origin_url)
-    tier_cpu_before = sum(pgid_cpu_seconds(r.process.pid) for r in replicas or [])
+    tier_cpu_before = sum(pgid_cpu_seconds(r.pgid) for r in replicas or [])
     origin_cpu_before = C.cpu_seconds(origin_pid)
     with ExitStack() as stack:
         mounts = []
@@ -131,7 +131,7 @@ def run_once(
         "cpu": {
             "loaders": loader_cpu,
             "daemons": daemon_cpu,
-            "tier": sum(pgid_cpu_seconds(r.process.pid) for r in replicas or []) - tier_cpu_before,
+            "tier": sum(pgid_cpu_seconds(r.pgid) for r in replicas or []) - tier_cpu_before,
             "origin": C.cpu_seconds(origin_pid) - origin_cpu_before,
         },
     }

@@ -8,17 +8,19 @@ block, and adding or removing a replica moves only that replica's share of block
 
 The tier's answer is trusted no more than the origin's: status, Content-Range, Content-Length,
 the version header (generation or ETag) and a body of exactly the range are checked as for
-the origin, and the body's SHA-256 must equal the ``X-Modelfs-Digest`` the tier computed when
-it fetched the slice from the origin (modelfs/tierconf/tier.js) and that covers exactly this
-range. Anything else — an error, a refused connection, a stall longer than --read-timeout, a
-wrong header, a damaged body — skips the tier for that block and reads it from the origin, so
+the origin, and the body's CRC32C must equal the ``X-Modelfs-Digest`` the tier computed when
+it fetched the slice from the origin (modelfs/tierconf/fill.py) and that covers exactly this
+range (a SHA-256 digest, as tiers before the fill stage sent, is checked too). Anything
+else — an error, a refused connection, a stall longer than --read-timeout, a wrong header, a
+damaged body — skips the tier for that block and reads it from the origin, so
 a dead or faulty replica costs time, never bytes. A replica that failed is left alone for a
 while (doubling from 1 s to 30 s) so a dead one does not cost a connect per block.
 
 Reads that are not whole, block-aligned slices (random small reads) and versions the tier
 cannot key (a web file without a strong ETag) go straight to the origin. The GET runs in a
-worker thread on the block's own buffer; every counter and the replicas' health change only
-in trio tasks (docs/concurrency.md).
+worker thread on the block's own buffer, its body read like the origin's (one blocking
+recv_into per block, backends/private/httpclient_body.py); every counter and the replicas'
+health change only in trio tasks (docs/concurrency.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+import crc32c
 import trio
 from cachetools import LRUCache
 
@@ -40,6 +43,7 @@ from modelfs import __version__
 from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.body import read_exactly
 from modelfs.backends.connpool import ConnectionPool
+from modelfs.backends.private import httpclient_body
 from modelfs.backends.responses import Headers, RangeRequest, check_range_response
 from modelfs.errors import BackendError, ConfigError, VersionChanged
 
@@ -49,6 +53,7 @@ __all__ = [
     "TierStats",
     "TierTarget",
     "TieredBackend",
+    "digest_matches",
     "header_pinned",
     "rendezvous_order",
 ]
@@ -56,11 +61,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DIGEST_HEADER = "x-modelfs-digest"
-_DIGEST_RE = re.compile(r"sha256=([0-9a-f]{64}); range=(\d+)-(\d+)")
+_DIGEST_RE = re.compile(r"(crc32c=[0-9a-f]{8}|sha256=[0-9a-f]{64}); range=(\d+)-(\d+)")
 _USER_AGENT = f"modelfs/{__version__} (tier)"
 _FIRST_BACKOFF = 1.0
 _SIZE_HINTS = 4096
-_CHUNK = 256 << 10  # the body is read (and hashed) in pieces of this size, checking the deadline
+_CHUNK = 256 << 10  # a body not read by recv_into is read in pieces of this size, checking the deadline
 FALLBACK_REASONS = (
     "unreachable",
     "error",
@@ -204,7 +209,7 @@ class _Replica:
             try:
                 response_headers = {k.lower(): v for k, v in resp.headers.items()}
                 digest = self._check(resp.status, response_headers, target, offset, length)
-                body_digest = self._read_body(conn, resp, dest, deadline)
+                self._read_body(conn, resp, dest, deadline)
             except TierRejected:
                 resp.close()
                 conn.close()
@@ -223,16 +228,29 @@ class _Replica:
             else:  # more body than announced: not at a message boundary
                 resp.close()
                 conn.close()
-            if body_digest != digest:
+            if not digest_matches(digest, dest):
                 raise TierRejected("digest", "the body does not match the tier's digest", replica_down=False)
             return
 
     def _read_body(
         self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, dest: memoryview, deadline: float
-    ) -> str:
-        """Fill ``dest`` from the body by the deadline; the body's SHA-256, hashed piece by piece
-        while each piece is still in the CPU's cache (hashlib releases the GIL meanwhile)."""
-        sha = hashlib.sha256()
+    ) -> None:
+        """Fill ``dest`` from the body by the deadline, or raise TierRejected."""
+        sock = conn.sock
+        if httpclient_body.applies(sock, resp):
+            try:
+                got = httpclient_body.recv_body_into(sock, resp, dest, self._read_timeout, deadline)
+            except TimeoutError as exc:
+                raise TierRejected("stalled", f"{exc} ({self._read_timeout:.0f} s)", replica_down=True) from None
+        else:
+            got = self._read_pieces(conn, resp, dest, deadline)
+        if got < len(dest):
+            raise TierRejected("short_body", f"{got} of {len(dest)} bytes", replica_down=True)
+
+    def _read_pieces(
+        self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, dest: memoryview, deadline: float
+    ) -> int:
+        """The body by http.client's own reads (a chunked answer), the deadline checked between pieces."""
         got = 0
         while got < len(dest):
             left = deadline - time.monotonic()
@@ -244,16 +262,15 @@ class _Replica:
                 conn.sock.settimeout(min(left, self._read_timeout))
             n = read_exactly(resp.readinto, dest[got : got + _CHUNK])
             if n == 0:
-                raise TierRejected("short_body", f"{got} of {len(dest)} bytes", replica_down=True)
-            sha.update(dest[got : got + n])
+                break
             got += n
         if conn.sock is not None:
             conn.sock.settimeout(self._read_timeout)
-        return sha.hexdigest()
+        return got
 
     @staticmethod
     def _check(status: int, headers: Mapping[str, str], target: TierTarget, offset: int, length: int) -> str:
-        """The digest the response announces for exactly this range, or TierRejected."""
+        """The digest the response announces for exactly this range ("kind=hex"), or TierRejected."""
         if status != 206:
             # A 404/412 from the tier is not the origin's word: the origin decides.
             raise TierRejected("status", f"HTTP {status}", replica_down=status >= 500 or status == 429)
@@ -421,6 +438,14 @@ class TieredBackend:
                 exc,
                 " (further answers like this are counted in stats, logged at debug level)" if first else "",
             )
+
+
+def digest_matches(digest: str, body: memoryview) -> bool:
+    """``body`` has ``digest`` ("crc32c=<8 hex>" from the fill stage, or "sha256=<64 hex>")."""
+    kind, _, value = digest.partition("=")
+    if kind == "crc32c":
+        return crc32c.crc32c(body) == int(value, 16)
+    return hashlib.sha256(body).hexdigest() == value
 
 
 def header_pinned(header: str, version: str, label: str) -> Callable[[Headers], None]:

@@ -10,7 +10,7 @@ Processes run in a host's network namespace only (``nsenter --net``), not its mo
 (``ip netns exec`` would unshare that too): a modelfs mount started in a node stays visible to
 the test. :func:`call_in_netns` runs a Python function in a thread that joined a namespace,
 so the test can reach any host directly. :class:`TierReplica` runs the cache tier's nginx
-(the config rendered by :mod:`modelfs.tierconf`, as shipped) in a host.
+(the config rendered by :mod:`modelfs.tierconf`, as shipped) and its fill stage in a host.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from modelfs.testing.fakegcs import binary_path
 from modelfs.testing.nginx import nginx_binary
 from modelfs.testing.processes import stop_process
 from modelfs.tierconf import TierSettings, render_nginx, settings_for_source, tier_js
+from modelfs.tierconf.fill import FILL_SOCKET
 
 __all__ = [
     "LOOPBACK",
@@ -197,23 +198,33 @@ def origin_gcs(host: Host, root: Path, port: int = 4443) -> Iterator[str]:
 
 @dataclass
 class TierReplica:
-    """One nginx cache tier replica running the shipped config on a host."""
+    """One cache tier replica on a host: nginx running the shipped config, and its fill stage."""
 
     host: Host
     port: int
     workdir: Path
     settings: TierSettings
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes]  # nginx's master
+    fill: subprocess.Popen[bytes]  # python -m modelfs.tierconf.fill, the leader of the process group
 
     @property
     def url(self) -> str:
         return f"http://{self.host.addr}:{self.port}"
 
+    @property
+    def pgid(self) -> int:
+        """The process group of nginx (master and workers) and the fill stage."""
+        return self.fill.pid
+
     def kill(self) -> None:
-        """SIGKILL the master and its workers at once: the replica is gone mid-response."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """SIGKILL nginx, its workers and the fill stage at once: the replica is gone mid-response."""
+        if self.fill.poll() is None or self.process.poll() is None:
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+        self.fill.wait()
 
     def cache_file(self, key: str) -> Path:
         """Where nginx keeps the entry of ``key`` (proxy_cache_path levels=1:2)."""
@@ -234,7 +245,7 @@ def tier_replica(
     *,
     slice_size: str = "8m",
     port: int = 8080,
-    fill_port: int = 8081,
+    origin_side_port: int = 8081,
     **overrides: str,
 ) -> Iterator[TierReplica]:
     """The cache tier for ``source`` on ``host``, its config rendered as packaging/ ships it."""
@@ -244,7 +255,7 @@ def tier_replica(
         source,
         origin=origin,
         listen=f"{host.addr}:{port}",
-        fill_addr=f"127.0.0.1:{fill_port}",  # the host's own loopback
+        origin_side=f"127.0.0.1:{origin_side_port}",  # the host's own loopback
         slice=slice_size,
         cache_dir=str(workdir / "cache"),
         max_size="4g",
@@ -256,22 +267,61 @@ def tier_replica(
     )
     (workdir / "tier.js").write_text(tier_js())
     (workdir / "nginx.conf").write_text(render_nginx(settings))
+    with open(workdir / "fill.log", "ab") as fill_log:
+        fill = subprocess.Popen(
+            host.command(
+                sys.executable,
+                "-m",
+                "modelfs.tierconf.fill",
+                "--run-dir",
+                str(workdir),
+                "--origin-side",
+                settings.origin_side,
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=fill_log,
+            process_group=0,  # its own process group, which nginx joins: kill() takes them all
+        )
     argv = host.command(
         nginx_binary(), "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", str(workdir / "error.log")
     )
-    process = subprocess.Popen(
-        [*argv, "-g", "daemon off;"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: kill() takes the workers too
-    )
-    replica = TierReplica(host, port, workdir, settings, process)
+    try:
+        process = subprocess.Popen(
+            [*argv, "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            process_group=fill.pid,
+        )
+    except BaseException:
+        os.killpg(fill.pid, signal.SIGKILL)
+        fill.wait()
+        raise
+    replica = TierReplica(host, port, workdir, settings, process, fill)
     try:
         wait_for_port(host, port, process)
+        _wait_for_socket(workdir / FILL_SOCKET, fill)
         yield replica
     finally:
         replica.kill()
+
+
+def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Return once the fill stage accepts connections on ``path``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX) as sock:
+            try:
+                sock.connect(str(path))
+                return
+            except OSError:
+                pass
+        if process.poll() is not None:
+            raise RuntimeError(f"the tier's fill stage exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the tier's fill stage does not listen on {path} after {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def node_env(origin: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -1,9 +1,11 @@
 """The cache tier's configuration, written once and rendered for each way it is deployed.
 
-``nginx.conf.in`` and ``tier.js`` are the one source: :func:`render_nginx` fills in the
-settings of a deployment (origin, readable paths, slice size, cache dir and cap), and
-:func:`render_kubernetes` puts the rendered config and the script into a ConfigMap beside the
-StatefulSet, Service and NetworkPolicy that run it. packaging/tier/ holds both rendered with
+``nginx.conf.in``, ``tier.js`` and ``modelfs-tier-fill.service.in`` are the one source:
+:func:`render_nginx` fills in the settings of a deployment (origin, readable paths, slice
+size, cache dir and cap), :func:`render_systemd` the unit that runs the fill stage
+(:mod:`modelfs.tierconf.fill`) beside a VM's nginx, and :func:`render_kubernetes` puts the
+rendered config and the script into a ConfigMap beside the StatefulSet (nginx and the fill
+stage in one pod), Service and NetworkPolicy that run it. packaging/tier/ holds both rendered with
 the defaults (tests/unit/test_packaging.py fails when they drift), and the fleet tests run the
 same config against a real origin. ``python -m modelfs.tierconf --help`` renders them.
 """
@@ -19,7 +21,15 @@ from urllib.parse import quote, urlsplit
 
 from modelfs.errors import ConfigError
 
-__all__ = ["GCS_ORIGIN", "TierSettings", "render_kubernetes", "render_nginx", "settings_for_source", "tier_js"]
+__all__ = [
+    "GCS_ORIGIN",
+    "TierSettings",
+    "render_kubernetes",
+    "render_nginx",
+    "render_systemd",
+    "settings_for_source",
+    "tier_js",
+]
 
 GCS_ORIGIN = "https://storage.googleapis.com"
 _PLACEHOLDER_RE = re.compile(r"@([A-Z_]+)@")
@@ -32,11 +42,11 @@ class TierSettings:
     origin: str  # scheme://host[:port] of the object store or web server
     allow: tuple[str, ...]  # raw path prefixes the tier serves; everything else is 403
     listen: str = "8080"
-    fill_addr: str = "127.0.0.1:8081"  # the internal fill stage (tier.js)
     slice: str = "8m"  # must equal the nodes' --block-size
     cache_dir: str = "/var/cache/modelfs-tier"
     max_size: str = "100g"
-    run_dir: str = "/run/modelfs-tier"
+    origin_side: str = "127.0.0.1:8081"  # nginx's loopback origin side, which the fill stage GETs through
+    run_dir: str = "/run/modelfs-tier"  # the fill stage's socket (fill.sock), nginx's pid and temp dirs
     js_dir: str = "/etc/modelfs-tier"
     token_file: str = (
         "/var/run/modelfs-tier-token/token"  # "Bearer <contents>" to the origin; "" or no file = anonymous
@@ -92,7 +102,7 @@ def _template(name: str) -> str:
 
 
 def tier_js() -> str:
-    """The fill stage's script, installed as ``tier.js`` in the settings' ``js_dir``."""
+    """The tier's origin credentials (njs), installed as ``tier.js`` in the settings' ``js_dir``."""
     return _template("tier.js")
 
 
@@ -132,9 +142,9 @@ def render_nginx(settings: TierSettings) -> str:
         "MAX_SIZE": settings.max_size,
         "JS_DIR": settings.js_dir,
         "TOKEN_FILE": f'"{settings.token_file}"',
-        "FILL_ADDR": settings.fill_addr,
         "ORIGIN_ADDR": addr,
         "LISTEN": settings.listen,
+        "ORIGIN_SIDE": settings.origin_side,
         "SLICE": settings.slice,
         "ORIGIN_SCHEME": origin.scheme,
         "ORIGIN_HOST": origin.netloc,
@@ -165,5 +175,15 @@ def render_kubernetes(settings: TierSettings, *, replicas: int = 2, storage: str
         "RUN_DIR": settings.run_dir,
         "TOKEN_DIR": settings.token_file.rpartition("/")[0] or "/var/run/modelfs-tier-token",
         "SLICE": settings.slice,
+        "ORIGIN_SIDE": settings.origin_side,
     }
     return _fill(_template("kubernetes.yaml.in"), values)
+
+
+def render_systemd(settings: TierSettings) -> str:
+    """A systemd unit running the fill stage (modelfs.tierconf.fill) beside a VM's nginx."""
+    run_dir = settings.run_dir.rstrip("/")
+    if not run_dir.startswith("/run/") or "/" in run_dir[len("/run/") :]:
+        raise ConfigError(f"the systemd unit needs --run-dir /run/NAME (its RuntimeDirectory), not {run_dir!r}")
+    values = {"RUN_DIR": run_dir, "RUN_DIR_NAME": run_dir[5:], "ORIGIN_SIDE": settings.origin_side}
+    return _fill(_template("modelfs-tier-fill.service.in"), values)

@@ -1,4 +1,4 @@
-"""``python -m modelfs.tierconf {nginx,js,kubernetes} --source gs://BUCKET [options]``: print a
+"""``python -m modelfs.tierconf {nginx,js,systemd,kubernetes} --source gs://BUCKET [options]``: print a
 cache tier's configuration (see :mod:`modelfs.tierconf` and docs/operations.md)."""
 
 from __future__ import annotations
@@ -8,14 +8,21 @@ import dataclasses
 import sys
 
 from modelfs.errors import ConfigError
-from modelfs.tierconf import TierSettings, render_kubernetes, render_nginx, settings_for_source, tier_js
+from modelfs.tierconf import (
+    TierSettings,
+    render_kubernetes,
+    render_nginx,
+    render_systemd,
+    settings_for_source,
+    tier_js,
+)
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelfs.tierconf", description=__doc__)
-    parser.add_argument("what", choices=["nginx", "js", "kubernetes"])
+    parser.add_argument("what", choices=["nginx", "js", "systemd", "kubernetes"])
     parser.add_argument("--source", default="gs://my-bucket", help="the bucket (or https directory) the tier serves")
     parser.add_argument("--origin", help="the store's endpoint (default: GCS; required for s3://)")
     parser.add_argument("--replicas", type=int, default=2)
@@ -31,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(render_nginx(settings))
         elif args.what == "js":
             sys.stdout.write(tier_js())
+        elif args.what == "systemd":
+            sys.stdout.write(render_systemd(settings))
         else:
             sys.stdout.write(render_kubernetes(settings, replicas=args.replicas, storage=args.storage))
     except ConfigError as exc:

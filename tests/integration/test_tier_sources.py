@@ -47,7 +47,7 @@ def tier(web: Nginx, published: tuple[str, bytes], tmp_path: Path) -> Iterator[T
         origin,
         slice_size="1m",
         port=free_port(),
-        fill_port=free_port(),
+        origin_side_port=free_port(),
         ca_file=str(web.ca_cert),
         origin_name="localhost",  # nginx checks names, not IP addresses; the test CA signed both
     ) as replica:
@@ -110,7 +110,7 @@ def test_s3_source_through_a_tier_that_signs_its_own_requests(s3: S3Server, tmp_
         s3.url,
         slice_size="1m",
         port=free_port(),
-        fill_port=free_port(),
+        origin_side_port=free_port(),
         token_file=str(keys),
         auth="aws-sigv4",
     ) as tier:

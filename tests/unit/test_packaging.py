@@ -250,11 +250,21 @@ TIER = ROOT / "packaging" / "tier"
 
 
 def test_tier_files_are_rendered_from_the_one_source() -> None:
-    from modelfs.tierconf import TierSettings, render_kubernetes, render_nginx, settings_for_source, tier_js
+    from modelfs.tierconf import (
+        TierSettings,
+        render_kubernetes,
+        render_nginx,
+        render_systemd,
+        settings_for_source,
+        tier_js,
+    )
 
     settings = settings_for_source("gs://my-bucket")
     assert (TIER / "nginx.conf").read_text() == render_nginx(settings), "run: python -m modelfs.tierconf nginx"
     assert (TIER / "tier.js").read_text() == tier_js(), "run: python -m modelfs.tierconf js"
+    assert (TIER / "modelfs-tier-fill.service").read_text() == render_systemd(settings), (
+        "run: python -m modelfs.tierconf systemd"
+    )
     assert (TIER / "kubernetes.yaml").read_text() == render_kubernetes(settings), (
         "run: python -m modelfs.tierconf kubernetes"
     )
@@ -278,6 +288,14 @@ def test_tier_kubernetes_objects_carry_the_rendered_config() -> None:
     assert f"proxy_cache_path {mounts['cache']} " in nginx_conf
     assert re.search(rf"js_var \$tier_token_file \"{re.escape(mounts['token'])}/token\";", nginx_conf)
     assert spec["volumeClaimTemplates"][0]["metadata"]["name"] == "cache"
+    # The fill stage runs beside nginx, listening where nginx's upstream points, and GETs
+    # through nginx's origin side.
+    fill = next(c for c in spec["template"]["spec"]["containers"] if c["name"] == "fill")
+    run_dir = {m["name"]: m["mountPath"] for m in fill["volumeMounts"]}["run"]
+    assert run_dir == mounts["run"] and fill["command"][1:3] == ["-m", "modelfs.tierconf.fill"]
+    assert f"server unix:{run_dir}/fill.sock;" in nginx_conf
+    origin_side = fill["command"][fill["command"].index("--origin-side") + 1]
+    assert f"listen {origin_side};" in nginx_conf and origin_side.startswith("127.0.0.1:")
     max_size = re.search(r"max_size=(\d+)g", nginx_conf).group(1)  # type: ignore[union-attr]
     claim = spec["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
     assert quantity(claim) > int(max_size) << 30
@@ -327,6 +345,17 @@ def test_tier_config_passes_nginx_t(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
 
 
+def test_tier_systemd_unit_runs_the_fill_stage_where_nginx_expects_it() -> None:
+    unit = (TIER / "modelfs-tier-fill.service").read_text()
+    conf = (TIER / "nginx.conf").read_text()
+    start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()  # type: ignore[union-attr]
+    run_dir = start[start.index("--run-dir") + 1]
+    assert start[1:3] == ["-m", "modelfs.tierconf.fill"]
+    assert f"server unix:{run_dir}/fill.sock;" in conf and f"pid {run_dir}/nginx.pid;" in conf
+    assert f"listen {start[start.index('--origin-side') + 1]};" in conf
+    assert f"RuntimeDirectory={run_dir.removeprefix('/run/')}" in unit
+
+
 def test_tier_config_refuses_what_it_cannot_serve() -> None:
     from modelfs.errors import ConfigError
     from modelfs.tierconf import settings_for_source
@@ -338,6 +367,7 @@ def test_tier_config_refuses_what_it_cannot_serve() -> None:
     with pytest.raises(ConfigError):
         settings_for_source("gs://b", origin="ftp://x")
     assert main(["nginx", "--source", "s3://b"]) == 2
+    assert main(["systemd", "--run-dir", "/var/lib/x"]) == 2  # systemd makes /run/NAME only
 
 
 def test_metrics_never_on_all_addresses(pod: Pod) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import crc32c
 import pytest
 import trio
 
@@ -43,6 +44,12 @@ class Replica:
     gets: int = 0
     release: threading.Event = field(default_factory=threading.Event)
     server: ThreadingHTTPServer | None = None
+    digest_kind: str = "crc32c"  # the fill stage's; "sha256" as tiers before it sent
+
+    def digest(self, body: bytes) -> str:
+        if self.digest_kind == "sha256":
+            return f"sha256={hashlib.sha256(body).hexdigest()}"
+        return f"crc32c={crc32c.crc32c(body):08x}"
 
     @property
     def url(self) -> str:
@@ -61,13 +68,17 @@ class Replica:
         headers = {
             "Content-Range": f"bytes {first}-{last}/{len(data)}",
             "x-goog-generation": version,
-            "X-Modelfs-Digest": f"sha256={hashlib.sha256(body).hexdigest()}; range={first}-{last}",
+            "X-Modelfs-Digest": f"{self.digest(body)}; range={first}-{last}",
         }
         mode = self.mode(first)
         if mode == "corrupt":
             body = bytes([body[0] ^ 1]) + body[1:]
+        elif mode == "corrupt_end":  # the last bit of the slice
+            body = body[:-1] + bytes([body[-1] ^ 0x80])
+        elif mode == "swapped":  # the right bytes, two 4 KiB pages in the wrong order
+            body = body[4096:8192] + body[:4096] + body[8192:]
         elif mode == "digest_range":
-            headers["X-Modelfs-Digest"] = f"sha256={hashlib.sha256(body).hexdigest()}; range={first}-{last + 1}"
+            headers["X-Modelfs-Digest"] = f"{self.digest(body)}; range={first}-{last + 1}"
         elif mode == "no_digest":
             del headers["X-Modelfs-Digest"]
         elif mode == "content_range":
@@ -88,8 +99,10 @@ class Replica:
 def replicas() -> Iterator[Callable[..., Replica]]:
     made: list[Replica] = []
 
-    def make(origin: MemoryBackend, mode: Callable[[int], str] = lambda offset: "ok") -> Replica:
-        replica = Replica(origin, mode)
+    def make(
+        origin: MemoryBackend, mode: Callable[[int], str] = lambda offset: "ok", digest_kind: str = "crc32c"
+    ) -> Replica:
+        replica = Replica(origin, mode, digest_kind=digest_kind)
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -152,10 +165,11 @@ SIZE = 10 * BLOCK + 1234  # a short last block too
 DATA = ramp(SIZE, seed=7)
 
 
-async def test_blocks_come_from_the_tier(replicas: Callable[..., Replica]) -> None:
+@pytest.mark.parametrize("digest_kind", ["crc32c", "sha256"])
+async def test_blocks_come_from_the_tier(replicas: Callable[..., Replica], digest_kind: str) -> None:
     origin = OriginWithTier()
     version = origin.put("m.bin", DATA)
-    a, b = replicas(origin), replicas(origin)
+    a, b = replicas(origin, digest_kind=digest_kind), replicas(origin, digest_kind=digest_kind)
     backend = tiered(origin, a.url, b.url)
     assert await read_all(backend, "m.bin", version, SIZE) == DATA
     assert origin.read_calls == 0
@@ -172,19 +186,29 @@ async def test_blocks_come_from_the_tier(replicas: Callable[..., Replica]) -> No
 
 
 @pytest.mark.parametrize(
-    "lie", ["corrupt", "digest_range", "no_digest", "content_range", "version", "short", "500", "404"]
+    ("lie", "digest_kind"),
+    [
+        *((lie, "crc32c") for lie in ("corrupt", "corrupt_end", "swapped", "digest_range", "no_digest")),
+        *((lie, "crc32c") for lie in ("content_range", "version", "short", "500", "404")),
+        ("corrupt", "sha256"),
+        ("corrupt_end", "sha256"),
+    ],
 )
-async def test_a_lying_replica_costs_one_origin_read_per_bad_block(replicas: Callable[..., Replica], lie: str) -> None:
+async def test_a_lying_replica_costs_one_origin_read_per_bad_block(
+    replicas: Callable[..., Replica], lie: str, digest_kind: str
+) -> None:
     origin = OriginWithTier()
     version = origin.put("m.bin", DATA)
     bad_offset = 3 * BLOCK
-    replica = replicas(origin, lambda offset: lie if offset == bad_offset else "ok")
+    replica = replicas(origin, lambda offset: lie if offset == bad_offset else "ok", digest_kind)
     backend = tiered(origin, replica.url)
     assert await read_all(backend, "m.bin", version, SIZE) == DATA
     stats = backend.tier_stats.snapshot()
     reasons = {k: v for k, v in stats["fallback_reasons"].items() if v}  # type: ignore[union-attr]
     expected = {
         "corrupt": "digest",
+        "corrupt_end": "digest",
+        "swapped": "digest",
         "500": "status",
         "404": "status",
         "short": "short_body",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import socket
 import struct
+import time
 
 from modelfs.backends.private import PrivateAPIChanged
 
@@ -31,11 +32,15 @@ def applies(sock: object, resp: http.client.HTTPResponse) -> bool:
     )
 
 
-def recv_body_into(sock: socket.socket, resp: http.client.HTTPResponse, dest: memoryview, timeout: float) -> int:
+def recv_body_into(
+    sock: socket.socket, resp: http.client.HTTPResponse, dest: memoryview, timeout: float, deadline: float | None = None
+) -> int:
     """Read up to ``len(dest)`` body bytes of ``resp`` into ``dest``; the number read (short at EOF).
 
     A stall raises TimeoutError after ``timeout`` seconds without a byte (at most twice that after
     the last byte: a call that got some bytes before its timer ran out returns them first).
+    With a ``deadline`` (time.monotonic()), TimeoutError also once it has passed, however
+    steadily bytes trickle in (the cache tier wants a whole block in --read-timeout).
     """
     assert resp.fp is not None and resp.length is not None
     want = min(len(dest), resp.length)
@@ -43,11 +48,15 @@ def recv_body_into(sock: socket.socket, resp: http.client.HTTPResponse, dest: me
     buffered = resp.fp.peek(0)[:want]  # what the header parse already pulled off the socket
     if buffered:
         got = resp.fp.readinto(dest[: len(buffered)])
-    seconds = int(timeout)
     sock.settimeout(None)  # blocking: the wait happens inside recv, bounded by SO_RCVTIMEO
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
+    _set_timeout(sock, timeout)
     try:
         while got < want:
+            if deadline is not None:
+                left = min(timeout, deadline - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError(f"{got} of {want} body bytes by the deadline")
+                _set_timeout(sock, max(left, 0.001))  # (0, 0) would mean no timeout at all
             try:
                 n = sock.recv_into(dest[got:want], want - got, socket.MSG_WAITALL)
             except BlockingIOError:
@@ -61,6 +70,11 @@ def recv_body_into(sock: socket.socket, resp: http.client.HTTPResponse, dest: me
     if resp.length == 0:
         resp.read()  # the body is complete: the response closes its file and frees the connection
     return got
+
+
+def _set_timeout(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 def verify() -> None:

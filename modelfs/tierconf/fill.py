@@ -1,0 +1,200 @@
+"""The cache tier's fill stage: one origin GET per missed slice, answered with its CRC32C.
+
+nginx's proxy_cache + slice asks this process (on ``RUN_DIR/fill.sock``) for one slice of one
+pinned object version at a time, and only on a cache miss. It makes the one GET for that slice
+through nginx's origin side (``--origin-side``, loopback, which adds the tier's own
+credentials: tier.js), reads the body, computes its CRC32C and answers with the origin's status and headers
+plus
+
+    X-Modelfs-Digest: crc32c=<8 hex digits>; range=<first>-<last>
+
+which proxy_cache stores with the slice. modelfs checks every body it gets from the tier
+against that header (backends/tiered.py), so a cached slice damaged afterwards is read from
+the origin instead. CRC32C because the reader's check then costs next to nothing (the
+instruction the CPU has for it; a SHA-256 check of every tier body cost a node about as much
+CPU as the whole origin GET it replaced, and njs has no CRC32C: docs/operations.md, "Cache
+tier", has the numbers and the threat model).
+
+A plain threaded HTTP/1.1 server on a Unix socket: one thread per connection nginx keeps
+alive, at most ``--max-fills`` slices in memory at once (the rest wait their turn).
+
+    python -m modelfs.tierconf.fill --run-dir /run/modelfs-tier --origin-side 127.0.0.1:8081
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import logging
+import os
+import re
+import signal
+import socketserver
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import crc32c
+
+from modelfs.backends.body import read_exactly
+from modelfs.backends.connpool import ConnectionPool
+from modelfs.backends.private import httpclient_body
+
+__all__ = ["FILL_SOCKET", "PASS_HEADERS", "FillServer", "main"]
+
+log = logging.getLogger("modelfs.tierconf.fill")
+
+FILL_SOCKET = "fill.sock"  # nginx's cache server -> this process, in the tier's run dir
+
+# The headers of the origin's answer that the reader checks or that describe the bytes.
+PASS_HEADERS = (
+    "Content-Range",
+    "Content-Type",
+    "ETag",
+    "Last-Modified",
+    "x-goog-generation",
+    "x-goog-hash",
+    "x-goog-stored-content-length",
+    "x-goog-stored-content-encoding",
+    "x-amz-version-id",
+    "Accept-Ranges",
+)
+# Not forwarded: they describe this hop, not the request (RFC 9110 7.6.1), or nginx sets them.
+_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host")
+    + ("content-length", "expect")
+)
+_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/")
+_MAX_ERROR_BODY = 64 << 10
+_TIMEOUT = 120.0  # nginx's proxy_read_timeout to the origin is 60 s; this only ends a hung socket
+
+
+class FillServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The fill stage listening on ``run_dir/fill.sock``; serve_forever() runs it."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, run_dir: Path, origin_side: str, *, max_fills: int = 32, timeout: float = _TIMEOUT) -> None:
+        host, _, port = origin_side.rpartition(":")
+        self.origin = ConnectionPool(
+            host.strip("[]"), int(port), connect_timeout=timeout, read_timeout=timeout, max_idle=max_fills
+        )
+        self.fills = threading.BoundedSemaphore(max_fills)
+        path = run_dir / FILL_SOCKET
+        path.unlink(missing_ok=True)  # a socket left by a process that is gone
+        super().__init__(str(path), _FillHandler)
+        # nginx's workers may run as another user than this process (www-data); the run dir
+        # is the tier's own, and the socket serves only what the tier's port serves anyway.
+        os.chmod(path, 0o666)
+
+
+class _FillHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FillServer
+
+    def address_string(self) -> str:  # a Unix socket's peer has no address
+        return "nginx"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        log.warning("%s", format % args)
+
+    def do_GET(self) -> None:
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+        headers["Accept-Encoding"] = "identity"
+        with self.server.fills:
+            try:
+                status, out, body = self._fetch(headers)
+            except (OSError, http.client.HTTPException) as exc:
+                status, out, body = 502, {"Content-Type": "text/plain"}, f"origin: {exc}\n".encode()
+        try:
+            self.send_response_only(status)
+            for name, value in out.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(memoryview(body))
+        except OSError:  # nginx went away (its client did): nothing to answer
+            self.close_connection = True
+
+    def _fetch(self, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes | bytearray]:
+        """The origin's answer to the same GET: status, headers to pass on, body."""
+        conn = self.server.origin.take()
+        try:
+            conn.request("GET", self.path, headers=headers)
+            resp = conn.getresponse()
+            out = {name: value for name in PASS_HEADERS if (value := resp.getheader(name)) is not None}
+            if resp.status not in (200, 206):
+                # Not cached (proxy_cache_valid 200 206): the reader falls back to the origin.
+                body: bytes | bytearray = resp.read(_MAX_ERROR_BODY)
+                if not resp.isclosed():
+                    raise http.client.HTTPException("error body too long")
+                out["Content-Type"] = resp.getheader("Content-Type", "text/plain")
+                self.server.origin.give_back(conn)
+                return resp.status, out, body
+            body = self._read_body(conn, resp)
+            found = _RANGE_RE.match(out.get("Content-Range", ""))
+            first, last = (int(found.group(1)), int(found.group(2))) if found else (0, len(body) - 1)
+            if last - first + 1 != len(body):
+                # A short body from the origin: never hand it to the cache.
+                conn.close()
+                return 502, {"Content-Type": "text/plain"}, b"origin body does not match its Content-Range\n"
+            self.server.origin.give_back(conn)
+            out["X-Modelfs-Digest"] = f"crc32c={crc32c.crc32c(body):08x}; range={first}-{last}"
+            return resp.status, out, body
+        except BaseException:
+            conn.close()
+            raise
+
+    @staticmethod
+    def _read_body(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> bytes | bytearray:
+        if resp.length is None:  # chunked: rare behind nginx, read it the ordinary way
+            return resp.read()
+        body = bytearray(resp.length)
+        view = memoryview(body)
+        if httpclient_body.applies(conn.sock, resp):
+            got = httpclient_body.recv_body_into(conn.sock, resp, view, _TIMEOUT)
+        else:
+            got = read_exactly(resp.readinto, view)
+        if got != len(body):
+            raise http.client.IncompleteRead(bytes(body[:got]), len(body) - got)
+        return body
+
+
+def _stop(signum: int, frame: object) -> None:
+    # SIGTERM (systemd, Kubernetes) stops it like Ctrl-C: serve_forever() returns.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelfs.tierconf.fill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, default=Path("/run/modelfs-tier"), help="default: %(default)s")
+    parser.add_argument(
+        "--origin-side",
+        default="127.0.0.1:8081",
+        help="nginx's origin side, which adds the tier's credentials (default: %(default)s)",
+    )
+    parser.add_argument("--max-fills", type=int, default=32, help="slices held in memory at once (default: 32)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="modelfs tier fill: %(message)s")
+    httpclient_body.verify()
+    try:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        server = FillServer(args.run_dir, args.origin_side, max_fills=max(1, args.max_fills))
+    except OSError as exc:
+        print(f"modelfs tier fill: cannot listen in {args.run_dir}: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        Path(server.server_address).unlink(missing_ok=True)  # type: ignore[arg-type]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
