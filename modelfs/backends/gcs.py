@@ -1,46 +1,53 @@
-"""Google Cloud Storage through google-cloud-storage, with a zero-copy media GET.
+"""Google Cloud Storage over the JSON API, on plain ``http.client`` connections.
 
-The client library does auth, listing and metadata. The byte-moving ranged GET goes over
-plain kept-alive ``http.client`` connections signed with the client's credentials
-(gcs_media.py) and reads the body with ``readinto`` straight into the block's buffer: the
-library's download helpers copy each block several times and hold the GIL, and its
-authorized session costs ~1.6 ms of CPU per request (see docs/architecture.md for numbers).
-Behind a proxy or with mutual TLS the GET uses the client's own session instead.
-Every call blocks, so it runs in a trio worker thread on data that nothing else touches.
-``STORAGE_EMULATOR_HOST`` and the usual Google credentials are honoured by the client itself.
+Listings and object metadata are GETs of the JSON API (gcs_json.py); the byte-moving ranged
+GET reads its body with ``readinto`` straight into the block's buffer (gcs_media.py). Both
+are signed with google-auth credentials through a token-refresh transport on ``http.client``
+(gcs_auth.py): neither google-cloud-storage nor requests is imported, which keeps a third of
+the daemon's fixed memory out of it (docs/operations.md, "Memory"). Behind a proxy or with
+mutual TLS every request goes through google-auth's requests session instead
+(gcs_session.py). Every call blocks, so it runs in a trio worker thread on data that nothing
+else touches. ``STORAGE_EMULATOR_HOST`` and the usual Google credentials are honoured
+(gcs_auth.api_base_url, load_credentials).
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+from dataclasses import replace
 from datetime import datetime
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from modelfs.backends.base import ListPage, ObjectInfo
-from modelfs.backends.body import read_urllib3_body
-from modelfs.backends.gcs_media import CheckResponse, MediaTransport, plain_transport_applies
-from modelfs.backends.private import gcs_client
-from modelfs.backends.responses import Headers, RangeRequest, check_range_response, short_reason
+from modelfs.backends.gcs_auth import Signer, api_base_url, load_credentials
+from modelfs.backends.gcs_json import JsonApi, JsonClient, StatusError, object_path, query
+from modelfs.backends.gcs_media import MediaTransport, plain_transport_applies
+from modelfs.backends.responses import (
+    Headers,
+    RangeRequest,
+    check_range_response,
+    metadata_status_error,
+    read_status_error,
+    short_reason,
+)
 from modelfs.backends.skeleton import ThreadedBackend
 from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.config import Source
-from modelfs.errors import (
-    AccessDenied,
-    BackendError,
-    ConfigError,
-    NotFound,
-    TransientError,
-    VersionChanged,
-)
+from modelfs.errors import AccessDenied, BackendError, NotFound, TransientError, VersionChanged
+
+if TYPE_CHECKING:
+    from modelfs.backends.gcs_session import SessionClient
 
 __all__ = ["GCSBackend"]
 
 log = logging.getLogger(__name__)
 
-_LIST_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),nextPageToken"
-_DIR_FIELDS = "items(name,size,updated,generation,crc32c,md5Hash),prefixes,nextPageToken"
-_PAGE_SIZE = 1000
+_INFO_FIELDS = "name,size,updated,generation,crc32c,md5Hash"
+_LIST_FIELDS = f"items({_INFO_FIELDS}),nextPageToken"
+_DIR_FIELDS = f"items({_INFO_FIELDS}),prefixes,nextPageToken"
+_PAGE_SIZE = 1000  # GCS's own default; some servers send everything otherwise
 
 
 # An object stored with Content-Encoding: gzip (gsutil cp -Z) is served as stored, like
@@ -62,8 +69,18 @@ def _check_stored_encoding(headers: Headers, what: str) -> None:
         )
 
 
-def _mtime(updated: datetime | None) -> float:
-    return updated.timestamp() if updated is not None else 0.0
+def _mtime(updated: object) -> float:
+    """Seconds since the epoch of an RFC 3339 ``updated`` time (0 when absent or malformed)."""
+    if not isinstance(updated, str):
+        return 0.0
+    try:
+        return datetime.fromisoformat(updated).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 class GCSBackend(ThreadedBackend):
@@ -78,91 +95,128 @@ class GCSBackend(ThreadedBackend):
         max_concurrency: int = 8,
         connect_timeout: float = 10.0,
     ) -> None:
-        from google.auth.exceptions import DefaultCredentialsError
-        from google.cloud import storage
-
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         super().__init__(source, threads=max_concurrency + 1)
         self._prefix = source.prefix + "/" if source.prefix else ""
         self._single: str | None = None  # set when the source names one object, not a prefix
-        try:
-            self._client = storage.Client.create_anonymous_client() if anonymous else storage.Client()
-        except DefaultCredentialsError:
-            raise ConfigError(
-                "no Google credentials found: set GOOGLE_APPLICATION_CREDENTIALS, run "
-                "'gcloud auth application-default login', or pass --anonymous for a public bucket"
-            ) from None
-        self._bucket = self._client.bucket(source.bucket)
         self._timeout = (connect_timeout, read_timeout)
-        base = gcs_client.api_base_url(self._client)
-        self._media_base = f"{base.rstrip('/')}/download/storage/v1/b/{quote(source.bucket, safe='')}/o/"
+        self._credentials = load_credentials(anonymous)
+        base = api_base_url()
+        self._bucket_path = object_path(source.bucket)
+        self._media_path = f"/download{self._bucket_path}/"
+        self._session: SessionClient | None = None
         self._media: MediaTransport | None = None
-        if plain_transport_applies(self._media_base):
+        self._json: JsonClient
+        if plain_transport_applies(base):
+            signer = Signer(self._credentials)
+            self._json = JsonApi(base, signer, connect_timeout=connect_timeout, read_timeout=read_timeout, max_idle=4)
             self._media = MediaTransport(
                 base,
-                gcs_client.credentials(self._client),
+                signer,
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
                 max_idle=max_concurrency + 1,
             )
             self._media.accept_encoding = MEDIA_ACCEPT_ENCODING
+        else:
+            self._json = self._session_client(base)
 
-    # --- error classification: the only place that knows google/requests exception types.
+    def _session_client(self, base: str | None = None) -> SessionClient:
+        """The requests session, made on first use (proxies, mTLS; tests of that path)."""
+        if self._session is None:
+            from modelfs.backends.gcs_session import SessionClient
+
+            self._session = SessionClient(base or api_base_url(), self._credentials, timeout=self._timeout)
+        return self._session
+
+    # --- error classification: the only place that knows the transports' failure types.
 
     def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
-        import requests
-        from google.api_core import exceptions as gexc
-        from google.auth.exceptions import TransportError
-
         if isinstance(exc, BackendError):
             return exc
-        if isinstance(exc, gexc.NotFound):
-            if reading:
-                return VersionChanged(f"{what}: this version of the object is gone (overwritten or deleted)")
-            return NotFound(f"{what}: not found")
-        if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
-            return AccessDenied(f"{what}: access denied ({exc.code})")
-        if isinstance(exc, (gexc.TooManyRequests, gexc.ServerError)):
-            return TransientError(f"{what}: HTTP {exc.code}")
-        if isinstance(
-            exc,
-            (requests.RequestException, TransportError, OSError, EOFError, http.client.HTTPException),
-        ):
+        if isinstance(exc, StatusError):
+            error = read_status_error(exc.status, what) if reading else metadata_status_error(exc.status, what)
+            return error or BackendError(f"{what}: unexpected {exc}")
+        if isinstance(exc, (OSError, EOFError, http.client.HTTPException)):
             return TransientError(f"{what}: {short_reason(exc)}")
+        auth = _auth_error(exc, what)
+        if auth is not None:
+            return auth
         return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
 
     # --- listing and metadata
 
-    def _to_info(self, blob: object) -> ObjectInfo:
-        name: str = blob.name  # type: ignore[attr-defined]
+    def _to_info(self, item: dict[str, Any]) -> ObjectInfo:
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise BackendError(f"{self._source.url}: the JSON API sent an object without a name")
+        try:
+            size = int(item.get("size") or 0)
+            generation = str(int(item["generation"]))
+        except (KeyError, TypeError, ValueError):
+            raise BackendError(f"{name}: the JSON API sent no valid size or generation") from None
         return ObjectInfo(
             name=name[len(self._prefix) :],
-            size=int(blob.size or 0),  # type: ignore[attr-defined]
-            mtime=_mtime(blob.updated),  # type: ignore[attr-defined]
-            version=str(blob.generation),  # type: ignore[attr-defined]
-            crc32c=blob.crc32c,  # type: ignore[attr-defined]
-            md5=blob.md5_hash,  # type: ignore[attr-defined]
+            size=size,
+            mtime=_mtime(item.get("updated")),
+            version=generation,
+            crc32c=_text(item.get("crc32c")),
+            md5=_text(item.get("md5Hash")),
         )
+
+    def _items(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        items = doc.get("items", [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise BackendError(f"{self._source.url}: the JSON API sent a malformed listing")
+        return items
+
+    def _list_page(self, params: dict[str, str | int | None]) -> dict[str, Any]:
+        return self._json.get_json(self._bucket_path + query({"projection": "noAcl", **params}))
+
+    def _get_object(self, name: str) -> ObjectInfo | None:
+        """The object's metadata, None if there is none (raises for any other failure)."""
+        try:
+            doc = self._json.get_json(object_path(self._source.bucket, name) + query({"fields": _INFO_FIELDS}))
+        except StatusError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._to_info(doc)
+
+    def _single_object(self) -> ObjectInfo | None:
+        """gs://bucket/path/model.safetensors: one object, shown in a directory of its own."""
+        info = self._get_object(self._source.prefix)
+        if info is None:
+            return None
+        parent, _, name = self._source.prefix.rpartition("/")
+        self._prefix = parent + "/" if parent else ""
+        self._single = name
+        return replace(info, name=name)
 
     def _list(self) -> list[ObjectInfo]:
         try:
             if self._single is not None:
-                try:
-                    return [self._stat(self._single)]
-                except NotFound:
-                    return []
-            blobs = self._client.list_blobs(
-                self._bucket, prefix=self._prefix or None, fields=_LIST_FIELDS, timeout=self._timeout, retry=None
-            )
-            found = [self._to_info(b) for b in blobs if b.name != self._prefix]
+                single = self._get_object(self._prefix + self._single)
+                return [single] if single is not None else []
+            found: list[ObjectInfo] = []
+            token: str | None = None
+            while True:
+                doc = self._list_page(
+                    {
+                        "prefix": self._prefix or None,
+                        "fields": _LIST_FIELDS,
+                        "maxResults": _PAGE_SIZE,
+                        "pageToken": token,
+                    }
+                )
+                found.extend(self._to_info(i) for i in self._items(doc) if i.get("name") != self._prefix)
+                token = _text(doc.get("nextPageToken"))
+                if token is None:
+                    break
             if not found and self._source.prefix and self._single is None:
-                # gs://bucket/path/model.safetensors: one object, shown in a directory of its own.
-                blob = self._bucket.get_blob(self._source.prefix, timeout=self._timeout, retry=None)
-                if blob is not None:
-                    parent, _, name = self._source.prefix.rpartition("/")
-                    self._prefix = parent + "/" if parent else ""
-                    self._single = name
-                    return [self._to_info(blob)]
+                single = self._single_object()
+                if single is not None:
+                    return [single]
             return found
         except Exception as exc:
             raise self.listing_error(exc) from None
@@ -173,30 +227,29 @@ class GCSBackend(ThreadedBackend):
     def _list_dir(self, prefix: str, token: str | None, limit: int | None) -> ListPage:
         try:
             if self._single is not None:
-                return ListPage([self._stat(self._single)] if not prefix else [], [])
-            iterator = self._client.list_blobs(
-                self._bucket,
-                prefix=self._prefix + prefix or None,
-                delimiter="/",
-                page_token=token,
-                max_results=limit,
-                page_size=_PAGE_SIZE,  # GCS's own default; some servers send everything otherwise
-                fields=_DIR_FIELDS,
-                timeout=self._timeout,
-                retry=None,
+                if prefix:
+                    return ListPage([], [])
+                single = self._get_object(self._prefix + self._single)
+                return ListPage([single] if single is not None else [], [])
+            doc = self._list_page(
+                {
+                    "prefix": self._prefix + prefix or None,
+                    "delimiter": "/",
+                    "fields": _DIR_FIELDS,
+                    "maxResults": limit if limit is not None else _PAGE_SIZE,
+                    "pageToken": token,
+                }
             )
-            page = next(iterator.pages)
-            objects = [self._to_info(blob) for blob in page]
-            prefixes = [p[len(self._prefix) :] for p in page.prefixes]
-            next_token = iterator.next_page_token if limit is None else None
+            objects = [self._to_info(i) for i in self._items(doc)]
+            found_prefixes = doc.get("prefixes", [])
+            if not isinstance(found_prefixes, list) or not all(isinstance(p, str) for p in found_prefixes):
+                raise BackendError(f"{self._source.url}: the JSON API sent malformed prefixes")
+            prefixes = [p[len(self._prefix) :] for p in found_prefixes]
+            next_token = _text(doc.get("nextPageToken")) if limit is None else None
             if not prefix and token is None and not objects and not prefixes and self._source.prefix:
-                # gs://bucket/path/model.safetensors: one object, shown in a directory of its own.
-                blob = self._bucket.get_blob(self._source.prefix, timeout=self._timeout, retry=None)
-                if blob is not None:
-                    parent, _, name = self._source.prefix.rpartition("/")
-                    self._prefix = parent + "/" if parent else ""
-                    self._single = name
-                    return ListPage([self._to_info(blob)], [])
+                single = self._single_object()
+                if single is not None:
+                    return ListPage([single], [])
             return ListPage(objects, prefixes, next_token)
         except Exception as exc:
             raise self.listing_error(exc) from None
@@ -206,20 +259,23 @@ class GCSBackend(ThreadedBackend):
 
     def _stat(self, name: str) -> ObjectInfo:
         try:
-            blob = self._bucket.get_blob(self._prefix + name, timeout=self._timeout, retry=None)
+            info = self._get_object(self._prefix + name)
         except Exception as exc:
             raise self.classify(exc, name) from None
-        if blob is None:
+        if info is None:
             raise NotFound(f"{name}: not found")
-        return self._to_info(blob)
+        return info
 
     async def stat(self, name: str) -> ObjectInfo:
         return await self.run_blocking(self._stat, name)
 
     # --- the data path
 
+    def _media_target(self, name: str, version: str) -> str:
+        return f"{self._media_path}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
+
     def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
-        url = f"{self._media_base}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
+        path = self._media_target(name, version)
 
         def pinned(headers: Headers) -> None:
             generation = headers.get("x-goog-generation")
@@ -232,39 +288,41 @@ class GCSBackend(ThreadedBackend):
 
         try:
             if self._media is None:
-                self._read_by_session(url, request, check, dest)
+                self._session_client().get_into(path, request, MEDIA_ACCEPT_ENCODING, check, dest)
             else:
-                parts = urlsplit(url)
-                self._media.get_into(f"{parts.path}?{parts.query}", request.offset, dest, check)
+                self._media.get_into(path, request.offset, dest, check)
         except Exception as exc:
             raise self.classify(exc, request.what, reading=True) from None
 
-    def _read_by_session(self, url: str, request: RangeRequest, check: CheckResponse, dest: memoryview) -> None:
-        """The same GET through the client's authorized requests session (proxies, mTLS)."""
-        headers = {"Range": request.header, "Accept-Encoding": MEDIA_ACCEPT_ENCODING}
-        session = gcs_client.authorized_session(self._client)
-        resp = session.request("GET", url, headers=headers, stream=True, timeout=self._timeout)
-        try:
-            check(resp.status_code, resp.headers)
-            read_urllib3_body(resp.raw, dest, request.what)
-        except BaseException:
-            resp.close()
-            raise
-
     def tier_target(self, name: str, version: str) -> TierTarget:
         """The media GET a cache tier serves for ``name`` at ``version`` (--cache-url)."""
-        path = f"{urlsplit(self._media_base).path}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
-        return TierTarget(path, {}, header_pinned("x-goog-generation", version, "generation"))
+        return TierTarget(
+            self._media_target(name, version), {}, header_pinned("x-goog-generation", version, "generation")
+        )
 
     def abort(self) -> None:
-        """The daemon is stopping: end the media GETs blocked in worker threads now."""
+        """The daemon is stopping: end the GETs blocked in worker threads now."""
         if self._media is not None:
             self._media.abort()
+        self._json.abort()
 
     async def aclose(self) -> None:
         if self._media is not None:
             self._media.close()
-        try:
-            self._client.close()
-        except Exception:  # closing is best effort
-            pass
+        self._json.close()
+        if self._session is not None:
+            self._session.close()
+
+
+def _auth_error(exc: BaseException, what: str) -> BackendError | None:
+    """What a google-auth failure to get a token means: retry a network failure or a
+    retryable refusal; a refused credential is AccessDenied. None for anything else."""
+    from google.auth.exceptions import RefreshError, TransportError
+
+    if isinstance(exc, TransportError):
+        return TransientError(f"{what}: getting an access token failed: {short_reason(exc)}")
+    if isinstance(exc, RefreshError):
+        if getattr(exc, "retryable", False):
+            return TransientError(f"{what}: getting an access token failed: {str(exc)[:200]}")
+        return AccessDenied(f"{what}: the credentials were refused: {str(exc)[:200]}")
+    return None

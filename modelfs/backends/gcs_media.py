@@ -1,11 +1,12 @@
 """Ranged media GETs on plain ``http.client`` connections, for the GCS backend's data path.
 
-google-cloud-storage's authorized ``requests`` session costs several times the CPU per GET
+An authorized ``requests`` session costs several times the CPU per GET
 of a bare ``http.client`` request on a kept-alive connection before a byte moves (adapters,
 hooks, cookie jar, urllib3 pool; the numbers are in docs/architecture.md, "Why these
 numbers"). That fixed cost is what bounds random-read IOPS and a good part of the streaming
-CPU, so the byte-moving GET gets its own small transport. Auth is still google-auth's: the client's credentials sign
-every request (refreshing the token when it expires, and once more on a 401).
+CPU, so the byte-moving GET gets its own small transport. Auth is google-auth's: the
+backend's credentials sign every request (gcs_auth.Signer, refreshing the token when it
+expires, and once more on a 401).
 
 Every method blocks; the GCS backend calls them from trio worker threads. Connections are
 pooled LIFO and used by one thread at a time.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import http.client
 import os
 import ssl
-import threading
 import urllib.request
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from modelfs import __version__
 from modelfs.backends.body import read_exactly
 from modelfs.backends.connpool import ConnectionPool
+from modelfs.backends.gcs_auth import Signer, tls_context
 from modelfs.backends.private import httpclient_body
 from modelfs.backends.responses import Headers
 
@@ -37,7 +38,7 @@ CheckResponse = Callable[[int, Headers], None]
 def plain_transport_applies(base_url: str) -> bool:
     """False when requests would do something we do not: go through a proxy, or mutual TLS.
 
-    Then the backend keeps using the client's own session, so such setups behave as before.
+    Then the backend sends its requests through google-auth's requests session (gcs_session.py).
     """
     if os.environ.get("GOOGLE_API_USE_CLIENT_CERTIFICATE", "").lower() == "true":
         return False
@@ -59,13 +60,17 @@ class MediaTransport:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         self._https = parts.scheme == "https"
         self._origin = f"{parts.scheme}://{parts.netloc}"
-        from google.auth.credentials import AnonymousCredentials
+        # ``credentials`` may be a Signer the backend shares with its JSON API requests (one
+        # token refresh for both); anonymous access (public buckets, the emulator) signs nothing.
+        if isinstance(credentials, Signer):
+            self._signer = credentials
+        elif credentials is None:
+            self._signer = Signer(None)
+        else:
+            from google.auth.credentials import AnonymousCredentials
 
-        # Anonymous access (public buckets, the emulator) sends no Authorization at all.
-        self._credentials = None if isinstance(credentials, AnonymousCredentials) else credentials
+            self._signer = Signer(None if isinstance(credentials, AnonymousCredentials) else credentials)
         self._read_timeout = read_timeout
-        self._auth_lock = threading.Lock()
-        self._auth_request: object | None = None
         self._pool = ConnectionPool(
             parts.hostname,
             parts.port or (443 if self._https else 80),
@@ -79,31 +84,12 @@ class MediaTransport:
 
     @staticmethod
     def _ssl_context() -> ssl.SSLContext:
-        """The CA bundle requests would use (REQUESTS_CA_BUNDLE, else certifi), for parity."""
-        cafile = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-        if not cafile:
-            try:
-                import certifi
-
-                cafile = certifi.where()
-            except ImportError:  # pragma: no cover - certifi comes with requests
-                cafile = None
-        return ssl.create_default_context(cafile=cafile)
+        return tls_context()
 
     # --- auth
 
     def _sign(self, url: str, headers: dict[str, str], *, force_refresh: bool) -> None:
-        if self._credentials is None:
-            return
-        before_request = self._credentials.before_request  # type: ignore[attr-defined]
-        with self._auth_lock:  # google-auth credentials are not safe to refresh concurrently
-            if self._auth_request is None:
-                from google.auth.transport.requests import Request
-
-                self._auth_request = Request()
-            if force_refresh:
-                self._credentials.refresh(self._auth_request)  # type: ignore[attr-defined]
-            before_request(self._auth_request, "GET", url, headers)
+        self._signer.sign("GET", url, headers, force_refresh=force_refresh)
 
     # --- connections
 
@@ -162,7 +148,7 @@ class MediaTransport:
             conn.close()
             raise
         try:
-            if resp.status == 401 and retry_auth and self._credentials is not None:
+            if resp.status == 401 and retry_auth and self._signer.credentials is not None:
                 resp.read()
                 self._pool.give_back(conn)
                 return False

@@ -69,7 +69,7 @@ def test_sdist_and_wheel_hold_all_of_modelfs(dist: Path) -> None:
     assert modules <= names, sorted(modules - names)
     assert "modelfs = modelfs.cli:main" in entry_points
     assert "modelfs-demo = modelfs.testing.demo:main" in entry_points
-    for requirement in ("pyfuse3", "trio", "google-cloud-storage", "httpx", "boto3"):
+    for requirement in ("pyfuse3", "trio", "google-auth", "httpx", "boto3"):
         assert f"Requires-Dist: {requirement}" in metadata, requirement
     assert "Provides-Extra: demo" in metadata
 

@@ -19,13 +19,12 @@ import pytest
 from modelfs.backends.private import (
     PrivateAPIChanged,
     botocore_raw,
-    gcs_client,
     httpclient_body,
     httpcore_read_size,
     urllib3_fp,
 )
 
-SHIMS = ["botocore_raw", "gcs_client", "httpclient_body", "httpcore_read_size", "urllib3_fp"]
+SHIMS = ["botocore_raw", "httpclient_body", "httpcore_read_size", "urllib3_fp"]
 
 
 @pytest.mark.parametrize("name", SHIMS)
@@ -104,20 +103,6 @@ def test_httpcore_read_size_is_raised_not_lowered() -> None:
         assert AsyncHTTP11Connection.READ_NUM_BYTES == before + 1
     finally:
         AsyncHTTP11Connection.READ_NUM_BYTES = before
-
-
-def test_gcs_client_internals(monkeypatch: pytest.MonkeyPatch) -> None:
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
-    client = storage.Client.create_anonymous_client()
-    try:
-        assert gcs_client.api_base_url(client) == "http://127.0.0.1:9"
-        assert isinstance(gcs_client.credentials(client), AnonymousCredentials)
-        assert hasattr(gcs_client.authorized_session(client), "request")
-    finally:
-        client.close()
 
 
 def _serve(responses: list[bytes], *, stall_after: int | None = None) -> Iterator[int]:

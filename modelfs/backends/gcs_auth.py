@@ -1,0 +1,167 @@
+"""Google credentials, endpoint and request signing for the GCS backend, on plain ``http.client``.
+
+google-auth refreshes an access token through a ``google.auth.transport.Request``. Its public
+one is built on requests, which with urllib3 and the charset libraries is most of a daemon's
+fixed memory (docs/operations.md, "Memory"); :class:`HttpRequest` is the same interface on
+``http.client``. A refresh is one short request every hour or so, so it opens a connection
+per call and keeps none.
+
+The endpoint and the choice of credentials follow google-cloud-storage's ``Client`` (which
+modelfs used before): ``STORAGE_EMULATOR_HOST`` names an emulator and means anonymous access,
+``API_ENDPOINT_OVERRIDE`` another endpoint, else ``https://storage.googleapis.com`` with
+``google.auth.default()`` credentials.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import ssl
+import threading
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from google.auth.transport import Request
+
+from modelfs.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "HttpRequest",
+    "HttpResponse",
+    "READ_ONLY_SCOPE",
+    "Signer",
+    "api_base_url",
+    "load_credentials",
+    "tls_context",
+]
+
+DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+# google-auth's requests transport waits this long for a token endpoint when not told otherwise.
+_DEFAULT_TIMEOUT = 120.0
+# A token or metadata-server answer is a few KiB; a server sending more is not one of those.
+_MAX_AUTH_BODY = 1 << 20
+
+
+def api_base_url() -> str:
+    """``scheme://host[:port]`` of the JSON and media APIs, as google-cloud-storage picks it."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    if emulator:
+        # The variable names a host, but the Google libraries expect a URL: accept both.
+        return (emulator if "://" in emulator else f"http://{emulator}").rstrip("/")
+    override = os.environ.get("API_ENDPOINT_OVERRIDE", "").strip()
+    return (override or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def load_credentials(anonymous: bool) -> object | None:
+    """google-auth credentials for the JSON and media APIs, or None for anonymous access.
+
+    With ``STORAGE_EMULATOR_HOST`` set access is anonymous, as google-cloud-storage makes it.
+    The scope is read-only: modelfs never writes.
+    """
+    if anonymous or os.environ.get("STORAGE_EMULATOR_HOST", "").strip():
+        return None
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        credentials, _project = google.auth.default(scopes=[READ_ONLY_SCOPE], request=HttpRequest())
+    except DefaultCredentialsError:
+        raise ConfigError(
+            "no Google credentials found: set GOOGLE_APPLICATION_CREDENTIALS, run "
+            "'gcloud auth application-default login', or pass --anonymous for a public bucket"
+        ) from None
+    return credentials
+
+
+def tls_context() -> ssl.SSLContext:
+    """The CA bundle requests would use (REQUESTS_CA_BUNDLE, else certifi), for parity."""
+    cafile = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if not cafile:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:  # pragma: no cover - certifi is a dependency
+            cafile = None
+    return ssl.create_default_context(cafile=cafile)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """google-auth's ``transport.Response``: status, headers (lower-case names), whole body."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    data: bytes = b""
+
+
+class HttpRequest(Request):
+    """google-auth's ``transport.Request`` on ``http.client``, one connection per call.
+
+    Failures to reach the server raise ``google.auth.exceptions.TransportError``, which
+    google-auth's refresh code expects (and retries where it retries).
+    """
+
+    def __init__(self, timeout: float = _DEFAULT_TIMEOUT) -> None:
+        self._timeout = timeout
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: object,
+    ) -> HttpResponse:
+        from google.auth.exceptions import TransportError
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise TransportError(f"not an http(s) URL: {url!r}")  # type: ignore[no-untyped-call]
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        wait = self._timeout if timeout is None else float(timeout)
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=wait, context=tls_context())
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=wait)
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            resp = conn.getresponse()
+            data = resp.read(_MAX_AUTH_BODY + 1)
+            if len(data) > _MAX_AUTH_BODY:
+                raise TransportError(  # type: ignore[no-untyped-call]
+                    f"{parts.hostname}: answer larger than {_MAX_AUTH_BODY} bytes"
+                )
+            return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransportError(f"{parts.hostname}: {exc}") from exc  # type: ignore[no-untyped-call]
+        finally:
+            conn.close()
+
+
+class Signer:
+    """Puts the credentials' ``Authorization`` (and quota-project) headers on a request,
+    refreshing the token when it is due or when ``force_refresh`` says the server refused it.
+
+    One lock for every thread: google-auth credentials are not safe to refresh concurrently.
+    ``credentials`` None means anonymous: nothing is added.
+    """
+
+    def __init__(self, credentials: object | None, request: object | None = None) -> None:
+        self.credentials = credentials
+        self._request = request if request is not None else HttpRequest()
+        self._lock = threading.Lock()
+
+    def sign(self, method: str, url: str, headers: dict[str, str], *, force_refresh: bool = False) -> None:
+        if self.credentials is None:
+            return
+        with self._lock:
+            if force_refresh:
+                self.credentials.refresh(self._request)  # type: ignore[attr-defined]
+            self.credentials.before_request(self._request, method, url, headers)  # type: ignore[attr-defined]

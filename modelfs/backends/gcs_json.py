@@ -1,0 +1,165 @@
+"""GETs of the GCS JSON API (listings, object metadata) on kept-alive ``http.client`` connections.
+
+The GCS backend's listing and stat requests used google-cloud-storage, whose import (with
+requests and urllib3) was a third of the daemon's fixed memory; these are a handful of GETs
+whose answers are small JSON documents. Signing is google-auth's (gcs_auth.Signer); an
+expired token is refreshed and the request sent once more on a 401, as the client library's
+authorized session does. Statuses other than 2xx raise :class:`StatusError`, which the
+backend classifies (``classify``), so a 404 can mean a missing bucket or a missing object.
+
+Every method blocks; the GCS backend calls them from trio worker threads.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import zlib
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode, urlsplit
+
+from modelfs import __version__
+from modelfs.backends.connpool import ConnectionPool
+from modelfs.backends.gcs_auth import Signer, tls_context
+from modelfs.errors import BackendError, TransientError
+
+__all__ = ["JsonApi", "JsonClient", "StatusError", "MAX_BODY", "object_path", "query"]
+
+USER_AGENT = f"modelfs/{__version__} (python http.client)"
+# A page of 1,000 entries with the fields modelfs asks for is well under 1 MiB even with
+# 1,024-byte names; a server sending more than this is not answering that request.
+MAX_BODY = 16 << 20
+
+
+class StatusError(Exception):
+    """The JSON API answered with a status other than 2xx."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status} {reason}".strip())
+        self.status = status
+
+
+def object_path(bucket: str, name: str | None = None) -> str:
+    """``/storage/v1/b/BUCKET/o[/NAME]`` with every character of the names escaped but none
+    of the separators: '/', '%', '#', '?', spaces and non-ASCII (as UTF-8) all go as %XX."""
+    path = f"/storage/v1/b/{quote(bucket, safe='')}/o"
+    if name is None:
+        return path
+    escaped = quote(name, safe="")
+    if escaped in (".", ".."):  # never a dot-segment a server or proxy could resolve away
+        escaped = escaped.replace(".", "%2E")
+    return f"{path}/{escaped}"
+
+
+def query(params: dict[str, str | int | None]) -> str:
+    """``?a=b&...`` of the parameters that are not None, each value escaped as a whole."""
+    given = {k: str(v) for k, v in params.items() if v is not None}
+    return "?" + urlencode(given, quote_via=quote, safe="") if given else ""
+
+
+class JsonClient(Protocol):
+    """What the backend needs of a JSON API transport (this one, or a session behind a proxy)."""
+
+    def get_json(self, path: str) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def decode_body(data: bytes, encoding: str | None) -> dict[str, Any]:
+    """The JSON object in ``data`` (gzip-decoded if ``encoding`` says so), within MAX_BODY."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            data = inflater.decompress(data, MAX_BODY + 1)
+        except zlib.error as exc:
+            raise TransientError(f"the JSON API sent a corrupt gzip body ({exc})") from None
+        if len(data) > MAX_BODY:
+            raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
+        if not inflater.eof:
+            raise TransientError("the JSON API's gzip body ended early")
+    elif encoding not in ("identity", ""):
+        raise BackendError(f"the JSON API sent a {encoding}-encoded body, which was not asked for")
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise BackendError("the JSON API's answer is not JSON") from None
+    if not isinstance(doc, dict):
+        raise BackendError("the JSON API's answer is not a JSON object")
+    return doc
+
+
+class JsonApi:
+    """GETs of ``base_url`` + path on pooled ``http.client`` connections, answers parsed as JSON."""
+
+    def __init__(
+        self, base_url: str, signer: Signer, *, connect_timeout: float, read_timeout: float, max_idle: int
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        https = parts.scheme == "https"
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._signer = signer
+        self._pool = ConnectionPool(
+            parts.hostname,
+            parts.port or (443 if https else 80),
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_idle=max_idle,
+            ssl_context=tls_context() if https else None,
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def abort(self) -> None:
+        """The daemon is stopping: requests in flight fail now, not at the read timeout."""
+        self._pool.abort()
+
+    def get_json(self, path: str) -> dict[str, Any]:
+        """The JSON object at ``path`` (with its query string). StatusError for a non-2xx
+        answer; OSError or http.client.HTTPException when the network fails."""
+        refreshed = False
+        while True:
+            headers = {"Accept": "application/json", "Accept-Encoding": "gzip", "User-Agent": USER_AGENT}
+            self._signer.sign("GET", self._origin + path, headers, force_refresh=refreshed)
+            status, encoding, data = self._get_once(path, headers)
+            if status == 401 and not refreshed and self._signer.credentials is not None:
+                refreshed = True
+                continue
+            if not 200 <= status < 300:
+                raise StatusError(status, http.client.responses.get(status, ""))
+            return decode_body(data, encoding)
+
+    def _get_once(self, path: str, headers: dict[str, str]) -> tuple[int, str | None, bytes]:
+        conn = self._pool.take()
+        sock = conn.sock
+        self._pool.track(conn, sock, True)
+        try:
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                data = resp.read(MAX_BODY + 1)
+                if len(data) > MAX_BODY:
+                    raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
+                if resp.length:  # http.client returns a body cut short without a word
+                    raise EOFError(f"the JSON API's answer ended {resp.length} bytes early")
+            except BaseException:
+                resp.close()  # after "Connection: close" the response alone holds the socket
+                conn.close()
+                raise
+            if resp.isclosed():
+                self._pool.give_back(conn)
+            else:
+                resp.close()
+                conn.close()
+            return resp.status, resp.getheader("content-encoding"), data
+        finally:
+            self._pool.track(conn, sock, False)

@@ -1,0 +1,87 @@
+"""The GCS backend's requests through google-auth's ``AuthorizedSession``: behind an HTTP(S)
+proxy or with mutual TLS, which the plain ``http.client`` transports do not do.
+
+Imported only in those setups (``gcs_media.plain_transport_applies``), so requests and
+urllib3 stay out of every other daemon. requests' exceptions never leave this module: they
+become OSError, which the backend classifies as a failure worth retrying.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+import urllib3.exceptions
+from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
+
+from modelfs.backends.body import read_urllib3_body
+from modelfs.backends.gcs_auth import DEFAULT_ENDPOINT
+from modelfs.backends.gcs_json import MAX_BODY, StatusError, decode_body
+from modelfs.backends.gcs_media import CheckResponse
+from modelfs.backends.responses import RangeRequest, short_reason
+from modelfs.errors import BackendError
+
+__all__ = ["MTLS_ENDPOINT", "SessionClient"]
+
+MTLS_ENDPOINT = "https://storage.mtls.googleapis.com"
+# google-cloud-core gives a token refresh this long through the session.
+_REFRESH_TIMEOUT = 300.0
+
+
+class SessionClient:
+    """JSON API GETs and ranged media GETs through one authorized requests session."""
+
+    def __init__(self, base_url: str, credentials: object | None, *, timeout: tuple[float, float]) -> None:
+        self._session = AuthorizedSession(  # type: ignore[no-untyped-call]
+            credentials if credentials is not None else AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            refresh_timeout=_REFRESH_TIMEOUT,
+        )
+        # With GOOGLE_API_USE_CLIENT_CERTIFICATE=true and a client certificate, the default
+        # endpoint becomes the mTLS one, as google-cloud-storage switches it.
+        self._session.configure_mtls_channel()  # type: ignore[no-untyped-call]
+        mtls = bool(self._session.is_mtls) and base_url == DEFAULT_ENDPOINT
+        self.base_url = MTLS_ENDPOINT if mtls else base_url
+        self._timeout = timeout
+
+    def get_json(self, path: str) -> dict[str, Any]:
+        try:
+            resp = self._session.get(
+                self.base_url + path, headers={"Accept": "application/json"}, stream=True, timeout=self._timeout
+            )
+            try:
+                if not 200 <= resp.status_code < 300:
+                    raise StatusError(resp.status_code, resp.reason or "")
+                # requests has already decoded a gzip body; read at most MAX_BODY of it.
+                data = resp.raw.read(MAX_BODY + 1, decode_content=True)
+            finally:
+                resp.close()
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise OSError(short_reason(exc)) from exc
+        if len(data) > MAX_BODY:
+            raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
+        return decode_body(data, None)
+
+    def get_into(
+        self, path: str, request: RangeRequest, accept_encoding: str, check: CheckResponse, dest: memoryview
+    ) -> None:
+        """The media GET of ``request`` into ``dest`` (``check`` judges status and headers)."""
+        headers = {"Range": request.header, "Accept-Encoding": accept_encoding}
+        try:
+            resp = self._session.request(  # type: ignore[no-untyped-call]
+                "GET", self.base_url + path, headers=headers, stream=True, timeout=self._timeout
+            )
+            try:
+                check(resp.status_code, resp.headers)
+                read_urllib3_body(resp.raw, dest, request.what)
+            except BaseException:
+                resp.close()
+                raise
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise OSError(short_reason(exc)) from exc
+
+    def close(self) -> None:
+        self._session.close()  # type: ignore[no-untyped-call]
+
+    def abort(self) -> None:
+        """Nothing to cut short here: the session's GETs end at their read timeout."""
