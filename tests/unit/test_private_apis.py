@@ -173,6 +173,45 @@ def test_http_client_body_stall_times_out() -> None:
         conn.close()
 
 
+def test_http_client_body_from_a_slow_server() -> None:
+    """A server slower than one chunk per timeout, but never silent for a whole timeout: the
+    body arrives whole (each chunk's wait that times out takes what came so far)."""
+    body = BODY[: 512 * 1024]
+    raw = _response(body)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for at in range(0, len(raw), 64 * 1024):
+                conn.sendall(raw[at : at + 64 * 1024])
+                if stop.wait(0.25):  # a server trickling bytes: 64 KiB per quarter second
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    conn = http.client.HTTPConnection("127.0.0.1", listener.getsockname()[1], timeout=10)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert conn.sock is not None
+        buf = bytearray(len(body))
+        # The whole body (one chunk: 512 KiB) takes ~2 s to come; each wait gives up after 1 s.
+        assert httpclient_body.recv_body_into(conn.sock, resp, memoryview(buf), 1.0) == len(body)
+        assert bytes(buf) == body
+        assert resp.isclosed()
+        assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    finally:
+        stop.set()
+        conn.close()
+        thread.join(timeout=10)
+        listener.close()
+
+
 def test_http_client_body_ends_early() -> None:
     """The peer closes after part of the body: the count read so far, no exception."""
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + BODY[:5000]

@@ -1,20 +1,24 @@
-"""http.client's ``HTTPResponse.fp``/``length``/``chunked``: the body read with one blocking recv per block.
+"""http.client's ``HTTPResponse.fp``/``length``/``chunked``: the body read in a few large recvs.
 
 ``HTTPResponse.readinto`` fills a large buffer through ``BufferedReader`` → ``SocketIO.readinto``
-(Python) → ``recv_into``, one round trip per few hundred KiB, each preceded by a ``poll`` when
-the socket has a timeout. A plain TCP socket switched to blocking mode with ``SO_RCVTIMEO`` and
-read with ``recv_into(..., MSG_WAITALL)`` fills the whole block in one system call that sleeps in
-the kernel until the bytes are there. The response's own buffer may already hold the first bytes
-of the body (read with the headers): those are taken first with ``fp.readinto``. Afterwards
-``length`` is lowered by what was read, so the response ends exactly as if it had read them and
-the connection stays reusable. Checked with CPython 3.11-3.13's http.client.
+(Python) → ``recv_into``, one round trip per few hundred KiB. Here the body goes straight from
+the socket into the block buffer with ``recv_into``, and ``SO_RCVLOWAT`` (the socket keeps its
+read timeout, so each ``recv_into`` waits in ``poll``) makes each call wait until a whole chunk is
+queued: the thread wakes once per chunk instead of once per few segments the sender queues,
+and on loopback each wake-up is a context switch on both sides (numbers in
+docs/architecture.md). The low-water mark never exceeds what is left of the body, so a wait
+for it can always end; when a chunk's wait times out, whatever did arrive is taken (with the
+mark back at one byte) before a stall is declared. The response's own buffer may already hold
+the first bytes of the body (read with the headers): those are taken first with
+``fp.readinto``. Afterwards ``length`` is lowered by what was read, so the response ends
+exactly as if it had read them, the mark is back at one byte for the next response's headers,
+and the connection stays reusable. Checked with CPython 3.11-3.13's http.client.
 """
 
 from __future__ import annotations
 
 import http.client
 import socket
-import struct
 import time
 
 from modelfs.backends.private import PrivateAPIChanged
@@ -32,13 +36,21 @@ def applies(sock: object, resp: http.client.HTTPResponse) -> bool:
     )
 
 
+CHUNK = 1 << 20
+"""Bytes one ``recv_into`` waits for (less at the end of the body)."""
+
+
+def _set_lowat(sock: socket.socket, nbytes: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+
+
 def recv_body_into(
     sock: socket.socket, resp: http.client.HTTPResponse, dest: memoryview, timeout: float, deadline: float | None = None
 ) -> int:
     """Read up to ``len(dest)`` body bytes of ``resp`` into ``dest``; the number read (short at EOF).
 
-    A stall raises TimeoutError after ``timeout`` seconds without a byte (at most twice that after
-    the last byte: a call that got some bytes before its timer ran out returns them first).
+    A stall raises TimeoutError after ``timeout`` seconds without a byte (at most twice that after the last
+    byte: a chunk's wait that times out is followed by one more wait for any byte at all).
     With a ``deadline`` (time.monotonic()), TimeoutError also once it has passed, however
     steadily bytes trickle in (the cache tier wants a whole block in --read-timeout).
     """
@@ -48,33 +60,42 @@ def recv_body_into(
     buffered = resp.fp.peek(0)[:want]  # what the header parse already pulled off the socket
     if buffered:
         got = resp.fp.readinto(dest[: len(buffered)])
-    sock.settimeout(None)  # blocking: the wait happens inside recv, bounded by SO_RCVTIMEO
-    _set_timeout(sock, timeout)
+    lowat = 1
+    trickle = False  # the last wait for a whole chunk timed out: wait for any byte
+    previous = sock.gettimeout()
+    if previous != timeout:  # (the pool's connections have it already)
+        sock.settimeout(timeout)
     try:
         while got < want:
             if deadline is not None:
                 left = min(timeout, deadline - time.monotonic())
                 if left <= 0:
                     raise TimeoutError(f"{got} of {want} body bytes by the deadline")
-                _set_timeout(sock, max(left, 0.001))  # (0, 0) would mean no timeout at all
+                sock.settimeout(left)
+            need = 1 if trickle else min(CHUNK, want - got)
+            if need != lowat:
+                _set_lowat(sock, need)
+                lowat = need
             try:
-                n = sock.recv_into(dest[got:want], want - got, socket.MSG_WAITALL)
-            except BlockingIOError:
-                raise TimeoutError(f"no body bytes for {timeout:g} s") from None
+                n = sock.recv_into(dest[got:want], want - got)
+            except TimeoutError:
+                if lowat == 1:
+                    raise TimeoutError(f"no body bytes for {timeout:g} s") from None
+                trickle = True  # fewer than a chunk came in time: a slow server, or a stalled one
+                continue
+            trickle = False
             if not n:
                 break
             got += n
     finally:
-        sock.settimeout(timeout)  # back to non-blocking + poll for the next request's headers
+        if lowat != 1:
+            _set_lowat(sock, 1)  # the next response's headers are read a few bytes at a time
+        if sock.gettimeout() != previous:
+            sock.settimeout(previous)
     resp.length -= got
     if resp.length == 0:
         resp.read()  # the body is complete: the response closes its file and frees the connection
     return got
-
-
-def _set_timeout(sock: socket.socket, seconds: float) -> None:
-    whole = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 def verify() -> None:
