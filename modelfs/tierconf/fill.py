@@ -89,6 +89,10 @@ class FillServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         # is the tier's own, and the socket serves only what the tier's port serves anyway.
         os.chmod(path, 0o666)
 
+    def server_close(self) -> None:
+        super().server_close()
+        self.origin.close()
+
 
 class _FillHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

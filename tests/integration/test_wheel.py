@@ -38,7 +38,12 @@ def _run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.Compl
 
 
 def _modules(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in (root / "modelfs").rglob("*.py")}
+    """Every file of the package: its modules and the data they read (the cache tier's templates)."""
+    return {
+        str(p.relative_to(root))
+        for p in (root / "modelfs").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    }
 
 
 @pytest.fixture(scope="module")

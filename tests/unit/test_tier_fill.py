@@ -1,0 +1,155 @@
+"""The cache tier's fill stage (modelfs.tierconf.fill) between a client on its Unix socket (nginx,
+in production) and a real HTTP server standing in for nginx's origin side: the digest it adds
+is the CRC32C of exactly the body it passes on, and a body it cannot vouch for is never passed
+on as a cacheable answer."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import crc32c
+import pytest
+
+from modelfs.backends.memory import ramp
+from modelfs.tierconf.fill import FILL_SOCKET, FillServer
+
+DATA = ramp(3 << 20, seed=16)
+
+
+@dataclass
+class OriginSide:
+    """What the fill stage GETs from; ``mode`` picks the answer, ``seen`` keeps the requests' headers."""
+
+    mode: str = "ok"
+    seen: list[dict[str, str]] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=30)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+@pytest.fixture
+def fill(tmp_path: Path) -> Iterator[tuple[OriginSide, Path]]:
+    origin = OriginSide()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            origin.seen.append(dict(self.headers.items()))
+            if origin.mode == "404":
+                body = b"no such object\n"
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            first, last = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
+            last = min(last, len(DATA) - 1)
+            body = DATA[first : last + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(DATA)}")
+            self.send_header("x-goog-generation", "17")
+            self.send_header("X-Not-Passed", "1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if origin.mode == "short":  # the connection drops 10 bytes before the end
+                self.wfile.write(body[:-10])
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    origin.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    origin.server.daemon_threads = True
+    threading.Thread(target=origin.server.serve_forever, daemon=True).start()
+    server = FillServer(tmp_path, f"127.0.0.1:{origin.server.server_address[1]}", max_fills=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield origin, tmp_path / FILL_SOCKET
+    server.shutdown()
+    server.server_close()
+    origin.server.shutdown()
+    origin.server.server_close()
+
+
+def _get(conn: http.client.HTTPConnection, first: int, last: int) -> tuple[int, dict[str, str], bytes]:
+    conn.request(
+        "GET",
+        "/download/storage/v1/b/b/o/m%2Fx.bin?alt=media&generation=17",
+        headers={"Range": f"bytes={first}-{last}", "If-Match": '"v"', "Connection": "keep-alive"},
+    )
+    resp = conn.getresponse()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+
+def test_a_slice_comes_with_the_crc32c_of_exactly_its_bytes(fill: tuple[OriginSide, Path]) -> None:
+    origin, path = fill
+    conn = _UnixHTTPConnection(path)
+    slice_size = 1 << 20
+    for first in (0, slice_size, 2 * slice_size):  # one kept-alive connection, three slices
+        status, headers, body = _get(conn, first, first + slice_size - 1)
+        assert status == 206 and body == DATA[first : first + slice_size]
+        assert (
+            headers["x-modelfs-digest"] == f"crc32c={crc32c.crc32c(body):08x}; range={first}-{first + slice_size - 1}"
+        )
+        assert headers["content-range"] == f"bytes {first}-{first + slice_size - 1}/{len(DATA)}"
+        assert headers["x-goog-generation"] == "17" and "x-not-passed" not in headers
+    # The request went on as sent (path, range, version), hop-by-hop headers not.
+    assert origin.seen[0]["Range"] == "bytes=0-1048575" and origin.seen[0]["If-Match"] == '"v"'
+    assert "Connection" not in origin.seen[0] and origin.seen[0]["Accept-Encoding"] == "identity"
+    conn.close()
+
+
+def test_a_body_cut_short_is_never_answered_as_a_slice(fill: tuple[OriginSide, Path]) -> None:
+    origin, path = fill
+    origin.mode = "short"
+    conn = _UnixHTTPConnection(path)
+    status, headers, _ = _get(conn, 0, (1 << 20) - 1)
+    assert status == 502 and "x-modelfs-digest" not in headers
+    origin.mode = "ok"  # the next miss is served again
+    status, headers, body = _get(conn, 0, 99)
+    assert status == 206 and body == DATA[:100]
+    assert headers["x-modelfs-digest"] == f"crc32c={crc32c.crc32c(DATA[:100]):08x}; range=0-99"
+    conn.close()
+
+
+def test_the_origins_errors_pass_through_without_a_digest(fill: tuple[OriginSide, Path]) -> None:
+    origin, path = fill
+    origin.mode = "404"
+    conn = _UnixHTTPConnection(path)
+    status, headers, body = _get(conn, 0, 99)
+    assert (status, body) == (404, b"no such object\n") and "x-modelfs-digest" not in headers
+    conn.close()
+
+
+def test_no_origin_side_is_a_502(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = FillServer(tmp_path, f"127.0.0.1:{port}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        conn = _UnixHTTPConnection(tmp_path / FILL_SOCKET)
+        status, headers, _ = _get(conn, 0, 99)
+        assert status == 502 and "x-modelfs-digest" not in headers
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
