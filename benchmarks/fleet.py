@@ -21,7 +21,7 @@ kind (loaders, modelfs daemons, the tier's nginx and fill stage, the origin). Th
 written, so both serve from memory (``--drop-caches`` drops the page cache before each run:
 the warm tier then reads its disk while the origin still serves RAM). Timings are reported, never checked; a wrong byte makes the exit status 1.
 
-    flock /tmp/modelfs-bench.lock .venv/bin/python benchmarks/fleet.py [--model-mib 512] [--nodes 1,3,6] [--repeat 3]
+    flock /tmp/modelfs-bench.lock .venv/bin/python benchmarks/fleet.py [--model-mib 512] [--nodes 1,3,6] [--repeat 4]
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main() -> int:
     parser.add_argument(
         "--repeat",
         type=int,
-        default=3,
+        default=4,
         help="direct and warm-tier runs per fleet size, alternating (default: %(default)s); the cold tier runs once",
     )
     parser.add_argument("--mount-option", action="append", default=[], help="extra modelfs mount flags")
