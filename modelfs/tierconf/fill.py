@@ -16,7 +16,8 @@ CPU as the whole origin GET it replaced, and njs has no CRC32C: docs/operations.
 tier", has the numbers and the threat model).
 
 A plain threaded HTTP/1.1 server on a Unix socket: one thread per connection nginx keeps
-alive, at most ``--max-fills`` slices in memory at once (the rest wait their turn).
+alive, at most ``--max-fills`` slices in memory at once, from the GET until nginx has the
+last byte (the rest wait their turn).
 
     python -m modelfs.tierconf.fill --run-dir /run/modelfs-tier --origin-side 127.0.0.1:8081
 """
@@ -112,15 +113,15 @@ class _FillHandler(BaseHTTPRequestHandler):
                 status, out, body = self._fetch(headers)
             except (OSError, http.client.HTTPException) as exc:
                 status, out, body = 502, {"Content-Type": "text/plain"}, f"origin: {exc}\n".encode()
-        try:
-            self.send_response_only(status)
-            for name, value in out.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(memoryview(body))
-        except OSError:  # nginx went away (its client did): nothing to answer
-            self.close_connection = True
+            try:
+                self.send_response_only(status)
+                for name, value in out.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(memoryview(body))
+            except OSError:  # nginx went away (its client did): nothing to answer
+                self.close_connection = True
 
     def _fetch(self, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes | bytearray]:
         """The origin's answer to the same GET: status, headers to pass on, body."""
