@@ -83,8 +83,9 @@ def _local(tmp_path: Path) -> Harness:
 
 
 def _gcs(gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch, *, session: bool = False) -> Harness:
-    """``session``: media GETs through the client's requests session, the path modelfs takes
-    behind an HTTP(S) proxy or with mutual TLS, instead of its own http.client connections."""
+    """``session``: listings, metadata and media GETs through google-auth's requests session,
+    the path modelfs takes behind an HTTP(S) proxy or with mutual TLS, instead of its own
+    http.client connections."""
     from modelfs.backends.gcs import GCSBackend
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
@@ -94,9 +95,11 @@ def _gcs(gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch, *, session: bool = False
     def make() -> GCSBackend:
         backend = GCSBackend(parse_source(f"gs://{bucket}/root"), anonymous=True)
         assert backend._media is not None  # no proxy here: the plain transport is the default
-        if session:
+        if session:  # every request through google-auth's requests session
             backend._media.close()
             backend._media = None
+            backend._json.close()
+            backend._json = backend._session_client()
         return backend
 
     return Harness(
