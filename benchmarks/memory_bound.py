@@ -23,6 +23,8 @@ threads do unaligned ``--read-size`` preads at random offsets for ``--duration``
 thread walks the directories. It prints the mount time, the daemon's peak RSS (VmHWM) against
 ``--memory-cache`` + 64M, the cgroup's OOM kills and whether the daemon is alive, and checks
 every byte. The seeded bucket is kept in the server dir for the next run with ``--keep-data``.
+``--service-account`` mounts with service-account credentials (a key file and a token endpoint
+on loopback, modelfs/testing/gauth.py) instead of ``--anonymous``, as a real deployment runs.
 
     flock /tmp/modelfs-bench.lock .venv/bin/python benchmarks/memory_bound.py --workload random \
         --count 200000 --dirs 2000 --keep-data
@@ -81,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cgroup-limit",
         default="192M",
         help="random: the daemon's cgroup memory limit; 0 = none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--service-account",
+        action="store_true",
+        help="random: the daemon signs with service-account credentials (tokens from an endpoint on loopback) "
+        "instead of --anonymous, so google-auth's credential modules are loaded as in a real deployment",
     )
     C.add_common_args(p, "memory_bound")
     return p.parse_args(argv)
@@ -289,6 +297,7 @@ def run_random(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
     from contextlib import nullcontext
 
     from modelfs.testing.cgroups import MemoryCgroup
+    from modelfs.testing.gauth import credentials_env, token_server
     from modelfs.testing.mounts import force_unmount, run_modelfs
     from modelfs.testing.workload import (
         ReadStats,
@@ -337,10 +346,12 @@ def run_random(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
     with (
         fake_gcs(backend="filesystem", root=gcs_root) as gcs,
         MemoryCgroup(limit, prefix="modelfs-bench") if limit else nullcontext() as cg,
+        token_server() if args.service_account else nullcontext() as tokens,
     ):
+        env = gcs.env() if tokens is None else credentials_env(gcs.url, tokens, workdir / "service-account.json")
         argv = [sys.executable, "-m", "modelfs", "mount", f"gs://{BUCKET}", str(mnt), "--cache-dir", str(cache)]
         argv += [
-            "--anonymous",
+            *(["--anonymous"] if tokens is None else []),
             "--memory-cache",
             args.memory_cache,
             "--disk-cache",
@@ -348,9 +359,7 @@ def run_random(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
             *args.mount_option,
         ]
         t0 = time.perf_counter()
-        result = subprocess.run(
-            cg.wrap(argv) if cg else argv, capture_output=True, text=True, env=gcs.env(), check=False
-        )
+        result = subprocess.run(cg.wrap(argv) if cg else argv, capture_output=True, text=True, env=env, check=False)
         mount_s = time.perf_counter() - t0
         if result.returncode != 0:
             print(f"  mount failed ({result.returncode}): {result.stderr.strip()}")
@@ -412,10 +421,13 @@ def run_random(args: argparse.Namespace, cleanup: C.Cleanup) -> int:
                 "small_gets": daemon.get("small_gets"),
                 "backend_gets": daemon.get("backend_gets"),
                 "streamed_blocks": daemon.get("streamed_blocks"),
+                "credentials": "anonymous"
+                if tokens is None
+                else f"service account ({len(tokens.grants)} token grants)",
             }
         finally:
             try:
-                run_modelfs("unmount", str(mnt), env=gcs.env(), timeout=120)
+                run_modelfs("unmount", str(mnt), env=env, timeout=120)
             finally:
                 force_unmount(mnt)
         if cg is not None:

@@ -31,14 +31,14 @@ __all__ = [
     "tune_malloc",
 ]
 
-FIXED_OVERHEAD = 72 << 20
+FIXED_OVERHEAD = 64 << 20
 """RSS above ``--memory-cache`` that the daemon may reach: interpreter, libraries, and a
 metadata cache of the default size (:data:`DEFAULT_METADATA_CACHE`)."""
 
 DEFAULT_METADATA_CACHE = 8 << 20
 """``--metadata-cache``'s default; a larger one adds its excess to the overhead."""
 
-AUTO_HEADROOM = 56 << 20
+AUTO_HEADROOM = 64 << 20
 """What ``--memory-cache auto`` leaves free below the cgroup limit besides the overhead."""
 
 MAX_REQUEST = 1 << 20

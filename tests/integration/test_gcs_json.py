@@ -4,16 +4,10 @@ token endpoint on loopback (not anonymous, the path a real deployment takes)."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.server
-import json
 import os
 import random
-import threading
-import urllib.parse
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +17,7 @@ from modelfs.backends.gcs import GCSBackend
 from modelfs.config import parse_source
 from modelfs.errors import NotFound
 from modelfs.testing.fakegcs import FakeGCS
+from modelfs.testing.gauth import credentials_env, token_server
 from modelfs.testing.mounts import daemon_pid, mounted
 
 # Every character that means something in a URL path or query, spaces, non-ASCII, dot runs.
@@ -117,93 +112,25 @@ def test_listing_pages_by_token(gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch) -
     trio.run(check)
 
 
-# --- a daemon with user credentials, tokens from an endpoint on loopback
+# --- a daemon with service-account credentials, tokens from an endpoint on loopback
 
 
-class _TokenHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _TokenServer
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        form = urllib.parse.parse_qs(self.rfile.read(length).decode())
-        self.server.grants.append(form.get("grant_type", [""])[0])
-        self.server.assertions.append(form.get("assertion", [""])[0])
-        body = json.dumps({"access_token": f"tok-{len(self.server.grants)}", "expires_in": 3600}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _TokenServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _TokenHandler)
-        self.grants: list[str] = []
-        self.assertions: list[str] = []
-
-
-@pytest.fixture
-def token_server() -> Iterator[_TokenServer]:
-    srv = _TokenServer()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-def _service_account_key(token_uri: str) -> dict[str, str]:
-    """A service-account key file's contents with a fresh RSA key and our token endpoint."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    return {
-        "type": "service_account",
-        "project_id": "test-project",
-        "private_key_id": "k1",
-        "private_key": pem,
-        "client_email": "reader@test-project.iam.gserviceaccount.com",
-        "client_id": "1",
-        "token_uri": token_uri,
-    }
-
-
-def test_mount_with_service_account_credentials(
-    gcs: FakeGCS, bucket: str, token_server: _TokenServer, tmp_path: Path
-) -> None:
+def test_mount_with_service_account_credentials(gcs: FakeGCS, bucket: str, tmp_path: Path) -> None:
     """Not anonymous: google.auth.default() finds the key file, the daemon gets its token
     through its http.client transport (a signed JWT grant, read-only scope), and every byte
     arrives."""
     data = _data("model")
     gcs.upload(bucket, "m/model.bin", data)
     gcs.upload(bucket, "m/sp ace #1.json", b"{}")
-    key = tmp_path / "adc.json"
-    key.write_text(json.dumps(_service_account_key(f"http://127.0.0.1:{token_server.server_address[1]}/token")))
-    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
-    # Another endpoint than Google's, but not an emulator: credentials are used (and sent).
-    env |= {"API_ENDPOINT_OVERRIDE": gcs.url, "GOOGLE_APPLICATION_CREDENTIALS": str(key), "HOME": str(tmp_path)}
     cache = tmp_path / "cache"
-    with mounted(f"gs://{bucket}/m", tmp_path / "mnt", cache, env=env) as mnt:
-        assert sorted(os.listdir(mnt)) == ["model.bin", "sp ace #1.json"]
-        assert (mnt / "model.bin").read_bytes() == data
-        assert (mnt / "sp ace #1.json").read_bytes() == b"{}"
-        maps = Path(f"/proc/{daemon_pid(cache)}/maps").read_text()
-    assert token_server.grants == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
-    claims = token_server.assertions[0].split(".")[1]
-    scope = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))["scope"]
-    assert scope == "https://www.googleapis.com/auth/devstorage.read_only"
+    with token_server() as tokens:
+        env = credentials_env(gcs.url, tokens, tmp_path / "key.json") | {"HOME": str(tmp_path)}
+        with mounted(f"gs://{bucket}/m", tmp_path / "mnt", cache, env=env) as mnt:
+            assert sorted(os.listdir(mnt)) == ["model.bin", "sp ace #1.json"]
+            assert (mnt / "model.bin").read_bytes() == data
+            assert (mnt / "sp ace #1.json").read_bytes() == b"{}"
+            maps = Path(f"/proc/{daemon_pid(cache)}/maps").read_text()
+        assert tokens.grants == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
+        assert tokens.claims()["scope"] == "https://www.googleapis.com/auth/devstorage.read_only"
     # charset_normalizer's compiled modules come with requests: not loaded by this daemon.
     assert "charset_normalizer" not in maps

@@ -140,6 +140,6 @@ def test_memory_cache_auto_takes_the_limit_minus_the_overhead(seeded: tuple[Fake
         assert result.returncode == 0, result.stderr
         try:
             daemon = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
-            assert daemon["memory_capacity"] == BUDGET  # 192M - 72M overhead - 56M headroom
+            assert daemon["memory_capacity"] == BUDGET  # 192M - 64M overhead - 64M headroom
         finally:
             _unmount(mnt, gcs)
