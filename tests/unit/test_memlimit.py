@@ -101,13 +101,14 @@ def _config(*argv: str, mount: bool = True) -> int:
 def test_mount_refuses_a_budget_the_cgroup_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: 192 * MiB)
     assert _config("--memory-cache", "64M") == 64 * MiB
-    assert _config("--memory-cache", "120M") == 120 * MiB  # exactly budget + overhead
+    assert _config("--memory-cache", "128M") == 128 * MiB  # exactly budget + overhead
     with pytest.raises(ConfigError, match="exceeds the cgroup memory limit 192M"):
-        _config("--memory-cache", "121M")
-    with pytest.raises(ConfigError, match="at most 120M"):
+        _config("--memory-cache", "129M")
+    with pytest.raises(ConfigError, match="at most 128M"):
         _config()  # the default 256M
     assert _config(mount=False) == 256 * MiB  # warm does not mount: no check
     assert _config("--memory-cache", "auto") == 192 * MiB - FIXED_OVERHEAD - AUTO_HEADROOM
+    assert FIXED_OVERHEAD + AUTO_HEADROOM == 128 * MiB  # docs: auto = the limit minus 128 MiB
 
 
 def test_auto_needs_a_limit_that_leaves_room(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,7 +132,7 @@ def test_a_larger_metadata_cache_adds_to_the_overhead(monkeypatch: pytest.Monkey
 
     assert memlimit.DEFAULT_METADATA_CACHE == DEFAULT_METADATA_CACHE
     monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: 192 * MiB)
-    assert _config("--memory-cache", "120M", "--metadata-cache", "4M") == 120 * MiB
-    with pytest.raises(ConfigError, match=r"overhead \(104M\)"):
-        _config("--memory-cache", "120M", "--metadata-cache", "40M")
-    assert _config("--memory-cache", "auto", "--metadata-cache", "40M") == 192 * MiB - 104 * MiB - AUTO_HEADROOM
+    assert _config("--memory-cache", "128M", "--metadata-cache", "4M") == 128 * MiB
+    with pytest.raises(ConfigError, match=r"overhead \(96M\)"):
+        _config("--memory-cache", "128M", "--metadata-cache", "40M")
+    assert _config("--memory-cache", "auto", "--metadata-cache", "40M") == 192 * MiB - 96 * MiB - AUTO_HEADROOM
