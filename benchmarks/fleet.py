@@ -17,7 +17,9 @@ falls on both alike), each after a sync so no run pays for flushing the previous
 It prints the bytes the origin sent (its interface's tx counter) as a multiple of the model,
 each node's load time over all runs (min / median / max; the time from the first open to the
 last tensor), and the CPU seconds per GiB loaded of every process involved, in total and by
-kind (loaders, modelfs daemons, the tier's nginx and fill stage, the origin). The origin's objects live in /dev/shm and the tier's cache in the page cache once
+kind (loaders, modelfs daemons, the tier's nginx and fill stage, the origin). Warm tier
+against direct is judged per back-to-back pair (the ratio of the two runs' median node
+times; the verdict is the median ratio), since the neighbours' load drifts over minutes. The origin's objects live in /dev/shm and the tier's cache in the page cache once
 written, so both serve from memory (``--drop-caches`` drops the page cache before each run:
 the warm tier then reads its disk while the origin still serves RAM). Timings are reported, never checked; a wrong byte makes the exit status 1.
 
@@ -276,21 +278,25 @@ def main() -> int:
         ratio = cold["origin_bytes"] / model_bytes
         warm = C.median(t for r in warm_runs for t in r["seconds"])
         direct = C.median(t for r in direct_runs for t in r["seconds"])
-        pairs = [C.median(w["seconds"]) <= C.median(d["seconds"]) for w, d in zip(warm_runs, direct_runs, strict=True)]
+        # Each warm-tier run against the direct run next to it: the neighbours' load drifts
+        # over minutes, and a pair sees the same drift (the pooled medians do not).
+        ratios = [C.median(w["seconds"]) / C.median(d["seconds"]) for w, d in zip(warm_runs, direct_runs, strict=True)]
+        paired = C.median(ratios)
         acceptance[str(n)] = {
             "origin_x_model_tier": round(ratio, 3),
             "origin_x_model_direct": round(C.median(r["origin_bytes"] for r in direct_runs) / model_bytes, 3),
             "warm_median_s": round(warm, 3),
             "direct_median_s": round(direct, 3),
-            "warm_not_slower": warm <= direct,
-            "warm_not_slower_pairs": f"{sum(pairs)}/{len(pairs)}",
+            "warm_over_direct_pairs": [round(r, 3) for r in ratios],
+            "warm_over_direct_median": round(paired, 3),
+            "warm_not_slower": paired <= 1.0,
         }
         print(
             f"N={n}: origin sent {ratio:.3f}x the model through the cold tier (goal <= 1.05): "
             f"{'met' if ratio <= 1.05 else 'NOT MET'}; without it "
-            f"{acceptance[str(n)]['origin_x_model_direct']:.2f}x; warm-tier load time <= direct (median of every "
-            f"node of every run): {'met' if warm <= direct else 'NOT MET'} ({warm:.2f} vs {direct:.2f} s; "
-            f"warm <= direct in {sum(pairs)} of {len(pairs)} back-to-back pairs)"
+            f"{acceptance[str(n)]['origin_x_model_direct']:.2f}x; warm-tier load time <= direct: "
+            f"{'met' if paired <= 1.0 else 'NOT MET'} (warm / direct, median of {len(ratios)} back-to-back pairs: "
+            f"{paired:.2f} [{', '.join(f'{r:.2f}' for r in ratios)}]; pooled medians {warm:.2f} vs {direct:.2f} s)"
         )
     print(
         f"bytes: {'WRONG BYTES READ' if wrong else 'every load correct'}; total time {time.monotonic() - started:.0f} s"
