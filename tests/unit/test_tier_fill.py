@@ -59,6 +59,12 @@ def fill(tmp_path: Path) -> Iterator[tuple[OriginSide, Path]]:
                 self.end_headers()
                 self.wfile.write(body)
                 return
+            if origin.mode == "ignore_range":  # the whole object, 200
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(DATA)))
+                self.end_headers()
+                self.wfile.write(DATA)
+                return
             first, last = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
             last = min(last, len(DATA) - 1)
             body = DATA[first : last + 1]
@@ -127,6 +133,15 @@ def test_a_body_cut_short_is_never_answered_as_a_slice(fill: tuple[OriginSide, P
     status, headers, body = _get(conn, 0, 99)
     assert status == 206 and body == DATA[:100]
     assert headers["x-modelfs-digest"] == f"crc32c={crc32c.crc32c(DATA[:100]):08x}; range=0-99"
+    conn.close()
+
+
+def test_more_than_the_slice_asked_for_is_never_buffered(fill: tuple[OriginSide, Path]) -> None:
+    origin, path = fill
+    origin.mode = "ignore_range"
+    conn = _UnixHTTPConnection(path)
+    status, headers, _ = _get(conn, 0, 99)
+    assert status == 502 and "x-modelfs-digest" not in headers
     conn.close()
 
 
