@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from modelfs.testing.servers import serving
+
 __all__ = ["TokenServer", "credentials_env", "service_account_key", "token_server"]
 
 
@@ -68,15 +70,8 @@ class TokenServer(http.server.ThreadingHTTPServer):
 
 @contextmanager
 def token_server() -> Iterator[TokenServer]:
-    server = TokenServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(TokenServer()) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def service_account_key(token_uri: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ import http.server
 import json
 import subprocess
 import sys
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from modelfs.backends.gcs_auth import HttpRequest, Signer, api_base_url
 from modelfs.backends.gcs_json import MAX_BODY, JsonApi, StatusError, object_path, query
 from modelfs.errors import AccessDenied, BackendError, NotFound, TransientError
+from modelfs.testing.servers import serving
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -77,14 +77,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
-    srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(_Server()) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def _user_credentials(server: _Server) -> object:

@@ -13,6 +13,7 @@ import pytest
 
 from modelfs.backends.gcs_media import MediaTransport, plain_transport_applies
 from modelfs.testing.nginx import make_ca
+from modelfs.testing.servers import serving
 
 DATA = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB, no two 32-byte runs alike in order
 
@@ -78,7 +79,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
-    yield from _serve(_Server())
+    with serving(_Server()) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -89,18 +91,8 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[_Server, Path]]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     srv.socket = context.wrap_socket(srv.socket, server_side=True)
-    for running in _serve(srv):
+    with serving(srv) as running:
         yield running, ca
-
-
-def _serve(srv: _Server) -> Iterator[_Server]:
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 class _Credentials:

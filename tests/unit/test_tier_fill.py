@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +16,7 @@ import crc32c
 import pytest
 
 from modelfs.backends.memory import ramp
+from modelfs.testing.servers import serving
 from modelfs.tierconf.fill import FILL_SOCKET, FillServer
 
 DATA = ramp(3 << 20, seed=16)
@@ -85,14 +85,9 @@ def fill(tmp_path: Path) -> Iterator[tuple[OriginSide, Path]]:
 
     origin.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     origin.server.daemon_threads = True
-    threading.Thread(target=origin.server.serve_forever, daemon=True).start()
-    server = FillServer(tmp_path, f"127.0.0.1:{origin.server.server_address[1]}", max_fills=2)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield origin, tmp_path / FILL_SOCKET
-    server.shutdown()
-    server.server_close()
-    origin.server.shutdown()
-    origin.server.server_close()
+    fill = FillServer(tmp_path, f"127.0.0.1:{origin.server.server_address[1]}", max_fills=2)
+    with serving(origin.server), serving(fill):
+        yield origin, tmp_path / FILL_SOCKET
 
 
 def _get(conn: http.client.HTTPConnection, first: int, last: int) -> tuple[int, dict[str, str], bytes]:
@@ -158,13 +153,8 @@ def test_no_origin_side_is_a_502(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = FillServer(tmp_path, f"127.0.0.1:{port}")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(FillServer(tmp_path, f"127.0.0.1:{port}")):
         conn = _UnixHTTPConnection(tmp_path / FILL_SOCKET)
         status, headers, _ = _get(conn, 0, 99)
         assert status == 502 and "x-modelfs-digest" not in headers
         conn.close()
-    finally:
-        server.shutdown()
-        server.server_close()
