@@ -29,8 +29,11 @@ def put_ramp(backend: MemoryBackend, name: str, size: int, seed: int = 0) -> tup
 
 
 async def wait_until(cond: Callable[[], bool]) -> None:
-    """Wait (on whatever clock runs) until ``cond()`` holds, e.g. for disk writes in threads."""
-    with trio.fail_after(10):
+    """Wait (on whatever clock runs) until ``cond()`` holds, e.g. for disk writes in threads.
+
+    The bound only turns a hang into a failure: O_DIRECT writes on a disk busy with other work
+    (benchmarks writing GiBs) have taken longer than 10 s here."""
+    with trio.fail_after(60):
         while not cond():
             await trio.sleep(0.001)
 
