@@ -31,8 +31,8 @@ def put_ramp(backend: MemoryBackend, name: str, size: int, seed: int = 0) -> tup
 async def wait_until(cond: Callable[[], bool]) -> None:
     """Wait (on whatever clock runs) until ``cond()`` holds, e.g. for disk writes in threads.
 
-    The bound only turns a hang into a failure: O_DIRECT writes on a disk busy with other work
-    (benchmarks writing GiBs) have taken longer than 10 s here."""
+    The bound only turns a hang into a failure; it is generous because disk writes on a machine
+    busy with other work (benchmarks writing GiBs) can be slow (a 10 s bound failed once then)."""
     with trio.fail_after(60):
         while not cond():
             await trio.sleep(0.001)
