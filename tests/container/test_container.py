@@ -37,6 +37,47 @@ MEMORY_CACHE = 32 << 20
 MEMORY_LIMIT = MEMORY_CACHE + (192 << 20)
 
 
+def run_args(
+    name: str,
+    image: str,
+    gcs: FakeGCS,
+    shared: Path,
+    memory_cache: int | str,
+    limits: list[str],
+    env: list[str] = [],  # noqa: B006 - never mutated
+) -> list[str]:
+    """``podman run`` arguments for the image mounting the test bucket at ``shared`` (the
+    volume's root, ``/mnt/models`` inside), privileged, on the host network, with ``limits``
+    (``--memory ...``) and extra ``env`` (``NAME=value``)."""
+    return [
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--privileged",
+        "--device",
+        "/dev/fuse",
+        "--network",
+        "host",
+        *limits,
+        *(
+            a
+            for e in [
+                f"STORAGE_EMULATOR_HOST={gcs.url}",
+                f"MODELFS_SOURCE=gs://{BUCKET}/{PREFIX}",
+                "MODELFS_ANONYMOUS=true",
+                f"MODELFS_MEMORY_CACHE={memory_cache}",
+                "MODELFS_BLOCK_SIZE=4M",
+                *env,
+            ]
+            for a in ("-e", e)
+        ),
+        "-v",
+        f"{shared}:/mnt/models:rshared",
+        image,
+    ]
+
+
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
     try:
@@ -98,31 +139,7 @@ class Sidecar:
         self.mount = self.shared / subdir if subdir else self.shared
         env = [f"MODELFS_MOUNTPOINT=/mnt/models/{subdir}"] if subdir else []
         self.podman(
-            "run",
-            "-d",
-            "--name",
-            self.name,
-            "--privileged",
-            "--device",
-            "/dev/fuse",
-            "--network",
-            "host",
-            "-e",
-            f"STORAGE_EMULATOR_HOST={self.gcs.url}",
-            "-e",
-            f"MODELFS_SOURCE=gs://{BUCKET}/{PREFIX}",
-            "-e",
-            "MODELFS_ANONYMOUS=true",
-            "-e",
-            f"MODELFS_MEMORY_CACHE={MEMORY_CACHE}",
-            "-e",
-            "MODELFS_BLOCK_SIZE=4M",
-            "--memory",
-            str(MEMORY_LIMIT),
-            *(a for e in env for a in ("-e", e)),
-            "-v",
-            f"{self.shared}:/mnt/models:rshared",
-            self.image,
+            *run_args(self.name, self.image, self.gcs, self.shared, MEMORY_CACHE, ["--memory", str(MEMORY_LIMIT)], env),
             timeout=120,
         )
 

@@ -20,7 +20,7 @@ from modelfs.testing.container import Podman, is_mount_point, shared_mount
 from modelfs.testing.fakegcs import FakeGCS
 from modelfs.testing.workload import ReadStats, random_readers
 
-from .test_container import BUCKET, PREFIX, bucket, image, model, podman  # noqa: F401 - fixtures
+from .test_container import bucket, image, model, podman, run_args  # noqa: F401 - fixtures
 
 pytestmark = [
     pytest.mark.container,
@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-LIMIT = 160 * MiB  # --memory-cache auto: 160M - 72M overhead - 56M headroom = 32M
+LIMIT = 160 * MiB  # --memory-cache auto: 160M - 64M overhead - 64M headroom = 32M
 
 
 class Container:
@@ -37,35 +37,8 @@ class Container:
         self.name = f"modelfs-mem-{uuid.uuid4().hex[:8]}"
 
     def run(self, memory_cache: str, limit: int) -> None:
-        self.podman(
-            "run",
-            "-d",
-            "--name",
-            self.name,
-            "--privileged",
-            "--device",
-            "/dev/fuse",
-            "--network",
-            "host",
-            "--memory",
-            str(limit),
-            "--memory-swap",
-            str(limit),
-            "-e",
-            f"STORAGE_EMULATOR_HOST={self.gcs.url}",
-            "-e",
-            f"MODELFS_SOURCE=gs://{BUCKET}/{PREFIX}",
-            "-e",
-            "MODELFS_ANONYMOUS=true",
-            "-e",
-            f"MODELFS_MEMORY_CACHE={memory_cache}",
-            "-e",
-            "MODELFS_BLOCK_SIZE=4M",
-            "-v",
-            f"{self.shared}:/mnt/models:rshared",
-            self.image,
-            timeout=120,
-        )
+        limits = ["--memory", str(limit), "--memory-swap", str(limit)]
+        self.podman(*run_args(self.name, self.image, self.gcs, self.shared, memory_cache, limits), timeout=120)
 
     def state(self) -> tuple[str, str, bool]:
         status, code, oom = self.podman(
