@@ -73,6 +73,7 @@ WARM_OPTIONS = {
     "block-size",
     "max-prefetch",
     "max-concurrency",
+    "prefetch-get-size",
     "retry-deadline",
     "read-timeout",
     "anonymous",
@@ -116,7 +117,8 @@ def _stats(mountpoint: Path, as_json: bool) -> int:
         f"source            {stats['source']}",
         f"files             {stats['files']} ({stats['bytes'] / mib:,.1f} MiB), {stats['open_handles']} open handles",
         f"backend           {stats['backend_gets']} GETs ({stats['demand_gets']} demand, {stats['prefetch_gets']} "
-        f"prefetch), {stats['backend_bytes'] / mib:,.1f} MiB, {stats['retries']} retries",
+        f"prefetch, {stats.get('joined_gets', 0)} of several blocks), {stats['backend_bytes'] / mib:,.1f} MiB, "
+        f"{stats['retries']} retries",
         f"memory cache      {stats['memory_used'] / mib:,.1f} / {stats['memory_capacity'] / mib:,.0f} MiB "
         f"(peak {stats['memory_peak'] / mib:,.1f}), {stats['memory_hits']} hits, {stats['memory_misses']} misses, "
         f"{stats['memory_evictions']} evictions",

@@ -397,6 +397,12 @@ class Config:
     )
     max_prefetch: int = _option(parse_size, 256 << 20, "largest read-ahead window per sequential reader")
     max_concurrency: int = _option(_parse_int, 8, "ranged GETs in flight at once, over all files")
+    prefetch_get_size: int = _option(
+        parse_size,
+        32 << 20,
+        "largest ranged GET of sequential read-ahead: it joins neighbouring blocks up to this size (GCS); "
+        "the block size turns joining off",
+    )
     random_read_size: int = _option(
         parse_size, 1 << 20, "GET size for reads that look random (after 2 seeks); 0 = whole blocks"
     )
@@ -536,6 +542,8 @@ def build_config(
     values = resolve_options(args, environ)
     if values["block_size"] < 4096 or values["block_size"] > (256 << 20):
         raise ConfigError("--block-size must be between 4K and 256M")
+    if not (4 << 10) <= values["prefetch_get_size"] <= (1 << 30):
+        raise ConfigError("--prefetch-get-size must be between 4K and 1G")
     if not 1 <= values["max_concurrency"] <= MAX_CONCURRENCY:
         raise ConfigError(f"--max-concurrency must be between 1 and {MAX_CONCURRENCY}")
     if not (0 <= values["metadata_ttl"] <= _MAX_TTL or values["metadata_ttl"] == -1):

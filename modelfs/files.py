@@ -59,7 +59,13 @@ class OpenFiles:
     def open(self, ref: ObjectRef) -> int:
         entry = self._by_version.get((ref.key, ref.version))
         if entry is None:
-            read_ahead = ReadAhead(ref.size, self.store.block_size, self.max_prefetch, self.prefetch_config)
+            read_ahead = ReadAhead(
+                ref.size,
+                self.store.block_size,
+                self.max_prefetch,
+                self.prefetch_config,
+                batch_blocks=self.store.join_blocks,
+            )
             entry = _OpenVersion(ref, read_ahead)
             self._by_version[(ref.key, ref.version)] = entry
             self.store.opened(ref)
@@ -115,10 +121,10 @@ class OpenFiles:
         size = min(size, ref.size - offset)
         # Ask for read-ahead before waiting on the demand block, so they fetch in parallel.
         sequential_before = entry.read_ahead.sequential_reads
-        for index in entry.read_ahead.on_read(offset, size):
-            if not self.store.prefetch(ref, index):
-                entry.read_ahead.unschedule(index)
-                break
+        wanted = entry.read_ahead.on_read(offset, size)
+        taken = self.store.prefetch_blocks(ref, wanted) if wanted else 0
+        if taken < len(wanted):
+            entry.read_ahead.unschedule(wanted.start + taken)
         if self.eager is not None and entry.read_ahead.sequential_reads != sequential_before:
             self.eager.reader_progressed(ref)  # a stream of this file holds back
         if self.eager is not None and not entry.streaming and entry.read_ahead.random_mode:

@@ -268,6 +268,7 @@ class ModelFS(pyfuse3.Operations):
             "demand_gets": store.stats.demand_gets,
             "prefetch_gets": store.stats.prefetch_gets,
             "small_gets": store.stats.small_gets,
+            "joined_gets": store.stats.joined_gets,
             "streamed_blocks": store.stats.streamed_blocks,
             "eager_streams_active": self.eager.active if self.eager is not None else 0,
             "eager_streams_completed": self.eager.completed if self.eager is not None else 0,

@@ -123,11 +123,22 @@ class ReadAhead:
     (runs started by seeks: random mode).
     """
 
-    def __init__(self, size: int, block_size: int, max_window: int, config: PrefetchConfig = PrefetchConfig()) -> None:
+    def __init__(
+        self,
+        size: int,
+        block_size: int,
+        max_window: int,
+        config: PrefetchConfig = PrefetchConfig(),
+        *,
+        batch_blocks: int = 1,
+    ) -> None:
         self.size = size
         self.block_size = block_size
         self.max_window_blocks = max(0, max_window // block_size)
         self.config = config
+        # Hand out a window's new blocks only this many at a time (fewer at the end of the
+        # file or in a smaller window): the block store joins them into one GET.
+        self.batch_blocks = max(1, batch_blocks)
         self.cursors: list[Cursor] = []
         self.resets = 0
         self.last_random = False  # the last read looked random: it started a run after several seeks
@@ -223,7 +234,7 @@ class ReadAhead:
         """The blocks of the cursor's window not handed out yet."""
         start = max(cursor.scheduled, cursor.block + 1)
         stop = min(cursor.block + 1 + cursor.window, self._blocks)
-        if stop <= start:
+        if stop <= start or (stop - start < min(self.batch_blocks, cursor.window) and stop < self._blocks):
             return range(0)
         cursor.scheduled = stop
         return range(start, stop)

@@ -104,10 +104,12 @@ async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: in
     crc = 0
     md5 = hashlib.md5()
     count = store.block_count(ref)
+    ahead = 1  # blocks below this were handed to prefetch already
     for index in range(count):
-        for ahead in range(index + 1, min(count, index + 1 + window)):
-            if not store.prefetch(ref, ahead):
-                break
+        ahead = max(ahead, index + 1)
+        stop = min(count, index + 1 + window)
+        if stop - ahead >= store.join_blocks or (stop == count and stop > ahead):
+            ahead += store.prefetch_blocks(ref, range(ahead, stop))
         block = await store.get(ref, index)
         if expected is not None:
             if expected[0] == "crc32c":

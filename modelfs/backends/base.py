@@ -7,10 +7,11 @@ above this seam is the same for every store.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ObjectInfo", "ListPage", "Backend"]
+__all__ = ["ObjectInfo", "ListPage", "Backend", "JoinedReads", "joins_reads"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +87,31 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release connections and threads."""
         ...
+
+
+@runtime_checkable
+class JoinedReads(Protocol):
+    """A backend that can fill several buffers from one GET of the range they cover together.
+
+    Optional: the block store joins the blocks of a sequential read-ahead into one GET only
+    when :func:`joins_reads` says the backend can (GCS media GETs); every other backend gets
+    one ``read_range`` per block, as before. Fewer, larger GETs cost less CPU per byte on both
+    ends of the connection (docs/architecture.md, "Joined read-ahead GETs").
+    """
+
+    @property
+    def joins_reads(self) -> bool:
+        """Whether :meth:`read_ranges` is one GET here (it may depend on the transport)."""
+        ...
+
+    async def read_ranges(self, name: str, version: str, offset: int, dests: Sequence[memoryview]) -> None:
+        """Fill every buffer of ``dests`` in order with the bytes from ``offset`` on (one GET).
+
+        The same contract as ``read_range`` for the whole range: all of it or an error.
+        """
+        ...
+
+
+def joins_reads(backend: Backend) -> bool:
+    """True when ``backend`` fills several neighbouring blocks with one GET."""
+    return isinstance(backend, JoinedReads) and backend.joins_reads

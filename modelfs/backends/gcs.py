@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -274,7 +275,16 @@ class GCSBackend(ThreadedBackend):
     def _media_target(self, name: str, version: str) -> str:
         return f"{self._media_path}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
 
+    @property
+    def joins_reads(self) -> bool:
+        # The media transport receives one body into several buffers; the requests session
+        # (behind a proxy, mTLS) fills one buffer per GET.
+        return self._media is not None
+
     def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
+        self._read_into_all(name, version, request, (dest,))
+
+    def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview]) -> None:
         path = self._media_target(name, version)
 
         def pinned(headers: Headers) -> None:
@@ -287,10 +297,12 @@ class GCSBackend(ThreadedBackend):
             check_range_response(status, headers, request, pinned=pinned, encodings=_MEDIA_ENCODINGS)
 
         try:
-            if self._media is None:
-                self._session_client().get_into(path, request, MEDIA_ACCEPT_ENCODING, check, dest)
-            else:
-                self._media.get_into(path, request.offset, dest, check)
+            if self._media is not None:
+                self._media.get_joined_into(path, request.offset, dests, check)
+            elif len(dests) == 1:
+                self._session_client().get_into(path, request, MEDIA_ACCEPT_ENCODING, check, dests[0])
+            else:  # joins_reads is False on this transport: the block store never asks
+                raise BackendError(f"{request.what}: joined reads need the media transport")
         except Exception as exc:
             raise self.classify(exc, request.what, reading=True) from None
 

@@ -18,7 +18,7 @@ import http.client
 import os
 import ssl
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from modelfs import __version__
@@ -109,7 +109,12 @@ class MediaTransport:
         network failures surface as OSError or http.client.HTTPException, and a short body
         as EOFError. The connection is reused only after a complete, checked body.
         """
-        length = len(dest)
+        self.get_joined_into(path, offset, (dest,), check)
+
+    def get_joined_into(self, path: str, offset: int, dests: Sequence[memoryview], check: CheckResponse) -> None:
+        """:meth:`get_into` for several buffers that together hold one range: one GET, its
+        body received into each buffer in turn (joined read-ahead blocks)."""
+        length = sum(len(dest) for dest in dests)
         url = self._origin + path
         refreshed = False
         while True:
@@ -123,7 +128,7 @@ class MediaTransport:
             sock = conn.sock
             self._pool.track(conn, sock, True)
             try:
-                if self._get_once(conn, path, headers, dest, check, retry_auth=not refreshed):
+                if self._get_once(conn, path, headers, dests, length, check, retry_auth=not refreshed):
                     return
                 refreshed = True
             finally:
@@ -134,13 +139,13 @@ class MediaTransport:
         conn: http.client.HTTPConnection,
         path: str,
         headers: dict[str, str],
-        dest: memoryview,
+        dests: Sequence[memoryview],
+        length: int,
         check: CheckResponse,
         *,
         retry_auth: bool,
     ) -> bool:
         """One GET on ``conn``; False if it answered 401 and a fresh token should be tried."""
-        length = len(dest)
         try:
             conn.request("GET", path, headers=headers)
             resp = conn.getresponse()
@@ -154,10 +159,16 @@ class MediaTransport:
                 return False
             # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
             check(resp.status, resp.headers)
-            if httpclient_body.applies(conn.sock, resp):
-                got = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout)
-            else:
-                got = read_exactly(resp.readinto, dest)
+            got = 0
+            fast = httpclient_body.applies(conn.sock, resp)
+            for dest in dests:
+                if fast:
+                    n = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout)
+                else:
+                    n = read_exactly(resp.readinto, dest)
+                got += n
+                if n < len(dest):
+                    break
             if got < length:
                 raise EOFError(f"body ended after {got} of {length} bytes")
         except BaseException:

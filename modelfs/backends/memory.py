@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -60,6 +60,8 @@ class MemoryBackend:
     stat_calls: int = 0
     meta_fault: Callable[[str, str], None] | None = None
     list_gate: trio.Event | None = None
+    # Tests of the block store's joined read-ahead GETs turn this on (backends/base.JoinedReads).
+    joins_reads: bool = False
     _next_version: int = 1
     _sorted: list[str] | None = None
 
@@ -164,6 +166,16 @@ class MemoryBackend:
             self.bytes_read += len(dest)
         finally:
             self.in_flight -= 1
+
+    async def read_ranges(self, name: str, version: str, offset: int, dests: Sequence[memoryview]) -> None:
+        """One (logged) read of the whole range, split over ``dests``."""
+        total = sum(len(d) for d in dests)
+        whole = memoryview(bytearray(total))
+        await self.read_range(name, version, offset, whole)
+        at = 0
+        for dest in dests:
+            dest[:] = whole[at : at + len(dest)]
+            at += len(dest)
 
     async def aclose(self) -> None:
         pass

@@ -15,7 +15,7 @@ FILLING) or build a result nothing else holds; see docs/concurrency.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
@@ -75,14 +75,33 @@ class BackendSkeleton:
 
     async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
         """Fill all of ``dest`` with ``name`` at ``version`` from ``offset`` (the Backend protocol)."""
-        length = len(dest)
-        if length == 0:
+        if len(dest) == 0:
             return
+        await self._read_range(name, version, self._request(name, version, offset, len(dest)), dest)
+
+    @property
+    def joins_reads(self) -> bool:
+        """Whether :meth:`read_ranges` is one GET (base.JoinedReads); a backend that can says so."""
+        return False
+
+    async def read_ranges(self, name: str, version: str, offset: int, dests: Sequence[memoryview]) -> None:
+        """Fill ``dests`` in order from ``offset``: one GET if :attr:`joins_reads`, else one per buffer."""
+        if not self.joins_reads or len(dests) == 1:
+            at = offset
+            for dest in dests:
+                await self.read_range(name, version, at, dest)
+                at += len(dest)
+            return
+        request = self._request(name, version, offset, sum(len(dest) for dest in dests))
+        await self._read_joined(name, version, request, dests)
+
+    def _request(self, name: str, version: str, offset: int, length: int) -> RangeRequest:
+        """The range a read asks for, refused here if it cannot be inside the pinned object."""
         size = self._pinned_size(version)
         request = RangeRequest(self._describe(name, version, offset, length), offset, length, size)
         if offset < 0 or (size is not None and offset + length > size):
             raise BackendError(f"{request.what}: the range is beyond the end ({size} bytes)")
-        await self._read_range(name, version, request, dest)
+        return request
 
     def _describe(self, name: str, version: str, offset: int, length: int) -> str:
         """How a read is named in errors and logs."""
@@ -95,6 +114,10 @@ class BackendSkeleton:
     async def _read_range(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
         raise NotImplementedError
 
+    async def _read_joined(self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview]) -> None:
+        """The one GET of :meth:`read_ranges`, for a backend whose ``joins_reads`` is True."""
+        raise NotImplementedError
+
 
 class ThreadedBackend(BackendSkeleton):
     """A backend whose client blocks: ``_read`` runs in a worker thread and fills ``dest``."""
@@ -104,4 +127,11 @@ class ThreadedBackend(BackendSkeleton):
 
     def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
         """Blocking: fill ``dest`` or raise a classified BackendError. Runs in a worker thread."""
+        raise NotImplementedError
+
+    async def _read_joined(self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview]) -> None:
+        await self.run_blocking(self._read_into_all, name, version, request, dests)
+
+    def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview]) -> None:
+        """Blocking: fill every buffer of ``dests`` from one GET of ``request`` (see joins_reads)."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from modelfs.backends.base import Backend
+from modelfs.backends.base import Backend, JoinedReads, joins_reads
 from modelfs.backends.retry import RetryStats, retry_transient
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import Block, BlockKey, BlockState, BufferKind, MemoryCache
@@ -82,6 +82,7 @@ class StoreStats:
     demand_gets: int = 0
     prefetch_gets: int = 0
     small_gets: int = 0
+    joined_gets: int = 0  # prefetch GETs that filled several neighbouring blocks at once
     streamed_blocks: int = 0
     errors: int = 0
     retry: RetryStats = field(default_factory=RetryStats)
@@ -99,6 +100,7 @@ class BlockStore:
         block_size: int,
         max_concurrency: int,
         retry_deadline: float,
+        join_blocks: int = 1,
     ) -> None:
         self.backend = backend
         self.memory = memory
@@ -110,6 +112,13 @@ class BlockStore:
         self._nursery: trio.Nursery | None = None
         self._writes_pending = 0
         self._writes_done = trio.lowlevel.ParkingLot()
+        # Read-ahead joins up to this many neighbouring blocks into one GET, on a backend
+        # that can fill them from one body: fewer, larger GETs cost less CPU per byte on
+        # both ends (docs/architecture.md, "Joined read-ahead GETs"). A joined GET holds
+        # all its blocks until the last byte, so it takes at most half the prefetch share.
+        self._joined: JoinedReads | None = backend if isinstance(backend, JoinedReads) else None
+        share_blocks = int(memory.capacity * memory.prefetch_share) // (2 * block_size)
+        self.join_blocks = max(1, min(join_blocks, share_blocks)) if joins_reads(backend) else 1
 
     @classmethod
     def from_config(cls, config: Config, backend: Backend, memory: MemoryCache, disk: DiskCache | None) -> BlockStore:
@@ -121,6 +130,7 @@ class BlockStore:
             block_size=config.block_size,
             max_concurrency=config.max_concurrency,
             retry_deadline=config.retry_deadline,
+            join_blocks=config.prefetch_get_size // config.block_size,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -236,26 +246,85 @@ class BlockStore:
 
     def prefetch(self, obj: ObjectRef, index: int) -> bool:
         """Start fetching a block in the background if the budget has room; False if not."""
-        if self._nursery is None or index >= self.block_count(obj):
-            return False
-        key: BlockKey = (obj.key, obj.version, index)
-        existing = self.memory.lookup(key)
-        if existing is not None:
-            # Already here (e.g. fetched by the eager stream): protect it like our own
-            # prefetch, so it is not evicted before the reader that asked gets to it.
-            self.memory.adopt_prefetch(existing)
-            return True
-        block = self.memory.try_reserve_prefetch(key, self._length(obj, index))
-        if block is None:
-            return False
-        self._nursery.start_soon(self._prefetch_task, obj, block)
-        return True
+        return self.prefetch_blocks(obj, range(index, index + 1)) == 1
+
+    def prefetch_blocks(self, obj: ObjectRef, indices: range) -> int:
+        """Start fetching the blocks ``indices`` in the background, up to :attr:`join_blocks`
+        neighbours by one GET; how many from the start were taken (the rest found no room).
+
+        Blocks already here are adopted as prefetches; a block on disk is read from there
+        alone. A joined GET starts only when the budget's prefetch share has room for all
+        of its blocks, so a window held back by the budget still moves in joined steps.
+        """
+        if self._nursery is None:
+            return 0
+        indices = range(indices.start, min(indices.stop, self.block_count(obj)))
+        run: list[Block] = []
+        for index in indices:
+            key: BlockKey = (obj.key, obj.version, index)
+            existing = self.memory.lookup(key)
+            if existing is not None:
+                # Already here (e.g. fetched by the eager stream): protect it like our own
+                # prefetch, so it is not evicted before the reader that asked gets to it.
+                self.memory.adopt_prefetch(existing)
+                run = self._start_prefetch(obj, run)
+                continue
+            length = self._length(obj, index)
+            if not run:
+                want = min(self.join_blocks, indices.stop - index)
+                if want > 1 and not self.memory.prefetch_fits(want * self.block_size):
+                    self.memory.stats.prefetch_refused += 1
+                    return index - indices.start
+            block = self.memory.try_reserve_prefetch(key, length)
+            if block is None:
+                self._start_prefetch(obj, run)
+                return index - indices.start
+            if self.disk is not None and self.disk.contains(key):
+                run = self._start_prefetch(obj, run)
+                self._start_prefetch(obj, [block])
+                continue
+            run.append(block)
+            if len(run) == self.join_blocks:
+                run = self._start_prefetch(obj, run)
+        self._start_prefetch(obj, run)
+        return len(indices)
+
+    def _start_prefetch(self, obj: ObjectRef, blocks: list[Block]) -> list[Block]:
+        """Start the background fill of reserved neighbouring ``blocks``; an empty run to go on with."""
+        assert self._nursery is not None
+        if len(blocks) == 1:
+            self._nursery.start_soon(self._prefetch_task, obj, blocks[0])
+        elif blocks:
+            self._nursery.start_soon(self._prefetch_joined, obj, blocks)
+        return []
 
     async def _prefetch_task(self, obj: ObjectRef, block: Block) -> None:
         try:
             await self._fill(obj, block, demand=False)
         except Exception as exc:  # a demand read of this block will retry and report it
             log.debug("prefetch of block %d of %s failed: %s", block.key[2], obj.name, exc)
+
+    async def _prefetch_joined(self, obj: ObjectRef, blocks: list[Block]) -> None:
+        """Fill neighbouring blocks (none of them on disk) with one GET; all READY or all failed."""
+        first = blocks[0].key[2]
+        try:
+            try:
+                await self._fetch(obj, first, [block.view for block in blocks], demand=False)
+            except Exception as exc:
+                self.stats.errors += 1
+                for block in blocks:
+                    self.memory.fail(block, exc)
+                raise
+            except BaseException:
+                for block in blocks:
+                    self.memory.fail(block, None)
+                raise
+        except Exception as exc:  # a demand read of these blocks will retry and report it
+            log.debug("prefetch of blocks %d-%d of %s failed: %s", first, first + len(blocks) - 1, obj.name, exc)
+            return
+        self.stats.joined_gets += 1
+        for block in blocks:
+            self._filled(block, fetched=True)
 
     async def _fill(self, obj: ObjectRef, block: Block, *, demand: bool) -> None:
         """Fill a reserved block from disk or the backend; on return it is READY."""
@@ -264,7 +333,7 @@ class BlockStore:
         try:
             # A disk hit is counted by the disk tier (DiskStats.hits), not again here.
             if self.disk is None or not await self.disk.read_into(block.key, block.view, direct=not demand):
-                await self._fetch(obj, index, block.view, demand=demand)
+                await self._fetch(obj, index, [block.view], demand=demand)
                 fetched = True
         except Exception as exc:
             self.stats.errors += 1
@@ -273,6 +342,10 @@ class BlockStore:
         except BaseException:
             self.memory.fail(block, None)
             raise
+        self._filled(block, fetched=fetched)
+
+    def _filled(self, block: Block, *, fetched: bool) -> None:
+        """``block`` holds its bytes: readers may use it; a fetched one is written through."""
         self.memory.complete(block)
         if fetched and self.disk is not None and self._nursery is not None:
             # Still pinned: the disk write reads the buffer in a thread, and the bytes stay
@@ -296,8 +369,11 @@ class BlockStore:
         while self._writes_pending:
             await self._writes_done.park()
 
-    async def _fetch(self, obj: ObjectRef, index: int, dest: memoryview, *, demand: bool) -> None:
+    async def _fetch(self, obj: ObjectRef, index: int, dests: list[memoryview], *, demand: bool) -> None:
+        """One GET (retried) of the blocks from ``index`` on, into their buffers ``dests``."""
         offset = index * self.block_size
+        nbytes = sum(len(dest) for dest in dests)
+        joined = self._joined if len(dests) > 1 else None
 
         async def attempt() -> None:
             await self.slots.acquire(demand=demand)
@@ -307,11 +383,13 @@ class BlockStore:
                     self.stats.demand_gets += 1
                 else:
                     self.stats.prefetch_gets += 1
-                await self.backend.read_range(obj.name, obj.version, offset, dest)
-                self.stats.backend_bytes += len(dest)
+                if joined is not None:
+                    await joined.read_ranges(obj.name, obj.version, offset, dests)
+                else:
+                    await self.backend.read_range(obj.name, obj.version, offset, dests[0])
+                self.stats.backend_bytes += nbytes
             finally:
                 self.slots.release()
 
-        await retry_transient(
-            attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=f"{obj.name} block {index}"
-        )
+        what = f"{obj.name} block {index}" + (f"-{index + len(dests) - 1}" if len(dests) > 1 else "")
+        await retry_transient(attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=what)

@@ -264,11 +264,15 @@ class MemoryCache:
     def __contains__(self, key: BlockKey) -> bool:
         return key in self._blocks
 
+    def prefetch_fits(self, nbytes: int) -> bool:
+        """Whether the prefetch share has room for ``nbytes`` more of not-yet-read blocks."""
+        return self.unread_prefetch_bytes + nbytes <= self.capacity * self.prefetch_share
+
     def try_reserve_prefetch(self, key: BlockKey, length: int) -> Block | None:
         """A new pinned FILLING block for a prefetch, or None when the budget has no room for it."""
         if key in self._blocks:
             return None
-        if self.unread_prefetch_bytes + length > self.capacity * self.prefetch_share:
+        if not self.prefetch_fits(length):
             self.stats.prefetch_refused += 1
             return None
         if not self._make_room(length, keep_unread=True):
