@@ -305,21 +305,19 @@ class BlockStore:
             log.debug("prefetch of block %d of %s failed: %s", block.key[2], obj.name, exc)
 
     async def _prefetch_joined(self, obj: ObjectRef, blocks: list[Block]) -> None:
-        """Fill neighbouring blocks (none of them on disk) with one GET; all READY or all failed."""
+        """Fill neighbouring blocks (none of them on disk) with one GET; all READY or all dropped.
+
+        One attempt, no retries: if it fails, readers waiting on these blocks fetch each one
+        themselves (with retries, reporting the error), so joining never adds a failure.
+        """
         first = blocks[0].key[2]
         try:
-            try:
-                await self._fetch(obj, first, [block.view for block in blocks], demand=False)
-            except Exception as exc:
-                self.stats.errors += 1
-                for block in blocks:
-                    self.memory.fail(block, exc)
+            await self._fetch(obj, first, [block.view for block in blocks], demand=False, retry=False)
+        except BaseException as exc:
+            for block in blocks:
+                self.memory.fail(block, None)
+            if not isinstance(exc, Exception):
                 raise
-            except BaseException:
-                for block in blocks:
-                    self.memory.fail(block, None)
-                raise
-        except Exception as exc:  # a demand read of these blocks will retry and report it
             log.debug("prefetch of blocks %d-%d of %s failed: %s", first, first + len(blocks) - 1, obj.name, exc)
             return
         self.stats.joined_gets += 1
@@ -369,8 +367,10 @@ class BlockStore:
         while self._writes_pending:
             await self._writes_done.park()
 
-    async def _fetch(self, obj: ObjectRef, index: int, dests: list[memoryview], *, demand: bool) -> None:
-        """One GET (retried) of the blocks from ``index`` on, into their buffers ``dests``."""
+    async def _fetch(
+        self, obj: ObjectRef, index: int, dests: list[memoryview], *, demand: bool, retry: bool = True
+    ) -> None:
+        """One GET (retried unless not ``retry``) of the blocks from ``index`` on, into their buffers ``dests``."""
         offset = index * self.block_size
         nbytes = sum(len(dest) for dest in dests)
         joined = self._joined if len(dests) > 1 else None
@@ -391,5 +391,8 @@ class BlockStore:
             finally:
                 self.slots.release()
 
+        if not retry:
+            await attempt()
+            return
         what = f"{obj.name} block {index}" + (f"-{index + len(dests) - 1}" if len(dests) > 1 else "")
         await retry_transient(attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=what)

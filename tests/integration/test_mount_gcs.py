@@ -231,3 +231,36 @@ def test_lazy_namespace_pages_and_lookups(gcs: FakeGCS, bucket: str, mount: Moun
     for i in (0, 999, 1000, 1199):
         assert (mnt / "big" / f"f{i:04d}.txt").read_bytes() == f"{i}\n".encode()
     assert not (mnt / "big" / "f1200.txt").exists()
+
+
+@pytest.mark.parametrize("get_size", ["256K", "64K"])
+def test_sequential_read_ahead_joins_blocks_into_larger_gets(
+    gcs: FakeGCS, bucket: str, tmp_path: Path, get_size: str
+) -> None:
+    """A sequential read on GCS: read-ahead GETs join neighbouring blocks (up to
+    --prefetch-get-size), every byte is fetched once and right, each block is cached on its
+    own (a remount reads them all from the disk cache); the block size turns joining off."""
+    data = _data(40 * BLOCK + 5, 77)
+    gcs.upload(bucket, "j/weights.bin", data)
+    options = ("--anonymous", "--block-size", "64K", "--memory-cache", "4M", "--disk-cache", "64M")
+    # The proportions of the defaults (8M blocks, 32M GETs, 1M kernel read-ahead), in 64K blocks.
+    options += ("--prefetch-get-size", get_size, "--read-ahead-kb", "64")
+    cache = tmp_path / "cache"
+    with mounted(f"gs://{bucket}/j", tmp_path / "mnt", cache, *options, env=gcs.env()) as mnt:
+        with open(mnt / "weights.bin", "rb", buffering=0) as f:
+            got = b"".join(iter(lambda: f.read(BLOCK // 2), b""))
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        stats = _stats(mnt)
+    assert stats["backend_bytes"] == len(data)  # each byte once
+    if get_size == "64K":
+        assert stats["joined_gets"] == 0 and stats["backend_gets"] == 41
+    else:
+        assert stats["joined_gets"] >= 5 and stats["backend_gets"] <= 20, stats
+    with mounted(f"gs://{bucket}/j", tmp_path / "mnt", cache, *options, env=gcs.env()) as mnt:
+        rng = random.Random(5)
+        with open(mnt / "weights.bin", "rb", buffering=0) as f:
+            for _ in range(50):
+                offset = rng.randrange(len(data))
+                f.seek(offset)
+                assert f.read(3000) == data[offset : offset + 3000]
+        assert _stats(mnt)["backend_gets"] == 0

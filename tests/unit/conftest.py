@@ -58,6 +58,7 @@ async def make_store(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Sto
         max_concurrency: int = 4,
         retry_deadline: float = 5.0,
         block_size: int = BS,
+        join_blocks: int = 1,
     ) -> BlockStore:
         memory = MemoryCache(memory_blocks * block_size, block_size)
         disk_cache = None
@@ -72,6 +73,7 @@ async def make_store(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Sto
             block_size=block_size,
             max_concurrency=max_concurrency,
             retry_deadline=retry_deadline,
+            join_blocks=join_blocks,
         )
         await nursery.start(store.run)
         return store

@@ -134,6 +134,35 @@ def test_ranges_arrive_exactly_and_the_connection_is_reused(server: _Server) -> 
     assert len(server.agents) == 1 and next(iter(server.agents)).startswith("modelfs/")
 
 
+def test_one_get_fills_several_buffers_in_order(server: _Server) -> None:
+    """A joined read-ahead GET: one request, its body spread over the buffers exactly."""
+    media = _transport(server)
+    sizes = [4096, 1, 65536, 10000]
+    dests = [memoryview(bytearray(n)) for n in sizes]
+    try:
+        media.get_joined_into("/o", 777, dests, _ok)
+        assert len(server.requests) == 1
+        assert b"".join(bytes(d) for d in dests) == DATA[777 : 777 + sum(sizes)]
+        again = memoryview(bytearray(10))
+        media.get_into("/o", 5, again, _ok)  # the connection is at a message boundary
+    finally:
+        media.close()
+    assert bytes(again) == DATA[5:15]
+    assert len({port for _, port in server.requests}) == 1
+
+
+def test_a_joined_get_past_the_end_is_a_short_body(server: _Server) -> None:
+    """The server sends less than the buffers hold: EOFError, whichever buffer it ends in."""
+    media = _transport(server)
+    try:
+        with pytest.raises(EOFError):
+            media.get_joined_into(
+                "/o", len(DATA) - 15, [memoryview(bytearray(10)), memoryview(bytearray(10))], lambda s, h: None
+            )
+    finally:
+        media.close()
+
+
 def test_expired_token_is_refreshed_once_on_401(server: _Server) -> None:
     credentials = _Credentials()
     server.want_token = "Bearer t1"
