@@ -367,6 +367,10 @@ class TieredBackend:
             replica.close()
         await self._inner.aclose()
 
+    # Not the origin's (which __getattr__ would hand out): the tier serves and stores whole
+    # blocks, one GET each, and a joined read would go to the origin past it.
+    joins_reads = False
+
     def __getattr__(self, name: str) -> object:
         # Backend-specific extras (warm's checksums, test counters) are the origin's.
         return getattr(self._inner, name)

@@ -39,6 +39,8 @@ def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) ->
         "64K",
         "--memory-cache",
         "1152K",
+        "--prefetch-get-size",  # one GET per block: the counts below are exact
+        "64K",
         "--metrics-addr",
         f"127.0.0.1:{port}",
     )

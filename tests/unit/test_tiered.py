@@ -363,3 +363,13 @@ async def test_stats_and_metrics_count_bytes_by_tier(
     assert f'modelfs_tier_bytes_total{{source="{good.url}"}}' in text
     assert f'modelfs_tier_fallbacks_total{{reason="digest"}} {float(bad.gets)}' in text
     await backend.aclose()
+
+
+def test_the_tier_never_joins_blocks_into_one_origin_get() -> None:
+    """A joined read-ahead GET would bypass the tier (read_ranges is the origin's): the block
+    store must see a tiered backend as one that cannot join, whatever its origin can."""
+    from modelfs.backends.base import joins_reads
+
+    origin = OriginWithTier(joins_reads=True)
+    assert joins_reads(origin)
+    assert not joins_reads(tiered(origin, "http://127.0.0.1:9"))
