@@ -318,6 +318,8 @@ class BlockStore:
                 self.memory.fail(block, None)
             if not isinstance(exc, Exception):
                 raise
+            # The blocks are fetched again, one GET each, by whoever reads them: a retry.
+            self.stats.retry.retries += 1
             log.debug("prefetch of blocks %d-%d of %s failed: %s", first, first + len(blocks) - 1, obj.name, exc)
             return
         self.stats.joined_gets += 1

@@ -110,4 +110,5 @@ async def test_a_failed_joined_get_fails_its_blocks_and_readers_recover(
     await wait_until(lambda: store.slots.in_use == 0)
     assert failed
     assert store.stats.joined_gets == 0
+    assert store.stats.retry.retries >= len(failed)  # each failed joined GET was fetched again
     assert all(b.state is not BlockState.FILLING for b in store.memory._blocks.values())
