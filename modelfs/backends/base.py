@@ -104,10 +104,14 @@ class JoinedReads(Protocol):
         """Whether :meth:`read_ranges` is one GET here (it may depend on the transport)."""
         ...
 
-    async def read_ranges(self, name: str, version: str, offset: int, dests: Sequence[memoryview]) -> None:
+    async def read_ranges(
+        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+    ) -> None:
         """Fill every buffer of ``dests`` in order with the bytes from ``offset`` on (one GET).
 
-        The same contract as ``read_range`` for the whole range: all of it or an error.
+        The same contract as ``read_range`` for the whole range: all of it or an error. With
+        ``sums``, a backend that sees the bytes land may append each buffer's CRC32C to it
+        (all of them or none); the block store hands them to the disk cache's write.
         """
         ...
 

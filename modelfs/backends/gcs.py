@@ -284,7 +284,14 @@ class GCSBackend(ThreadedBackend):
     def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
         self._read_into_all(name, version, request, (dest,))
 
-    def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview]) -> None:
+    def _read_into_all(
+        self,
+        name: str,
+        version: str,
+        request: RangeRequest,
+        dests: Sequence[memoryview],
+        sums: list[int] | None = None,
+    ) -> None:
         path = self._media_target(name, version)
 
         def pinned(headers: Headers) -> None:
@@ -298,7 +305,7 @@ class GCSBackend(ThreadedBackend):
 
         try:
             if self._media is not None:
-                self._media.get_joined_into(path, request.offset, dests, check)
+                self._media.get_joined_into(path, request.offset, dests, check, sums)
             elif len(dests) == 1:
                 self._session_client().get_into(path, request, MEDIA_ACCEPT_ENCODING, check, dests[0])
             else:  # joins_reads is False on this transport: the block store never asks

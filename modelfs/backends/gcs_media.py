@@ -111,9 +111,18 @@ class MediaTransport:
         """
         self.get_joined_into(path, offset, (dest,), check)
 
-    def get_joined_into(self, path: str, offset: int, dests: Sequence[memoryview], check: CheckResponse) -> None:
+    def get_joined_into(
+        self,
+        path: str,
+        offset: int,
+        dests: Sequence[memoryview],
+        check: CheckResponse,
+        sums: list[int] | None = None,
+    ) -> None:
         """:meth:`get_into` for several buffers that together hold one range: one GET, its
-        body received into each buffer in turn (joined read-ahead blocks)."""
+        body received into each buffer in turn (joined read-ahead blocks). With ``sums``, the
+        CRC32C of each buffer is appended to it as the body arrives (none if the transport
+        reads the body another way)."""
         length = sum(len(dest) for dest in dests)
         url = self._origin + path
         refreshed = False
@@ -128,7 +137,7 @@ class MediaTransport:
             sock = conn.sock
             self._pool.track(conn, sock, True)
             try:
-                if self._get_once(conn, path, headers, dests, length, check, retry_auth=not refreshed):
+                if self._get_once(conn, path, headers, dests, length, check, sums, retry_auth=not refreshed):
                     return
                 refreshed = True
             finally:
@@ -142,6 +151,7 @@ class MediaTransport:
         dests: Sequence[memoryview],
         length: int,
         check: CheckResponse,
+        sums: list[int] | None,
         *,
         retry_auth: bool,
     ) -> bool:
@@ -161,11 +171,14 @@ class MediaTransport:
             check(resp.status, resp.headers)
             got = 0
             fast = httpclient_body.applies(conn.sock, resp)
+            if sums is not None:
+                sums.clear()  # (a 401 answered before: nothing of its body was summed)
             for dest in dests:
                 if fast:
-                    n = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout)
+                    n = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout, sums=sums)
                 else:
                     n = read_exactly(resp.readinto, dest)
+                    sums = None  # not summed on this path: the disk write computes the CRCs
                 got += n
                 if n < len(dest):
                     break

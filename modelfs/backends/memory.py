@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import crc32c
 import trio
 
 from modelfs.backends.base import ListPage, ObjectInfo
@@ -167,8 +168,10 @@ class MemoryBackend:
         finally:
             self.in_flight -= 1
 
-    async def read_ranges(self, name: str, version: str, offset: int, dests: Sequence[memoryview]) -> None:
-        """One (logged) read of the whole range, split over ``dests``."""
+    async def read_ranges(
+        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+    ) -> None:
+        """One (logged) read of the whole range, split over ``dests`` (and their CRC32Cs, as GCS's)."""
         total = sum(len(d) for d in dests)
         whole = memoryview(bytearray(total))
         await self.read_range(name, version, offset, whole)
@@ -176,6 +179,8 @@ class MemoryBackend:
         for dest in dests:
             dest[:] = whole[at : at + len(dest)]
             at += len(dest)
+        if sums is not None:
+            sums.extend(crc32c.crc32c(dest) for dest in dests)
 
     async def aclose(self) -> None:
         pass

@@ -84,16 +84,18 @@ class BackendSkeleton:
         """Whether :meth:`read_ranges` is one GET (base.JoinedReads); a backend that can says so."""
         return False
 
-    async def read_ranges(self, name: str, version: str, offset: int, dests: Sequence[memoryview]) -> None:
+    async def read_ranges(
+        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+    ) -> None:
         """Fill ``dests`` in order from ``offset``: one GET if :attr:`joins_reads`, else one per buffer."""
-        if not self.joins_reads or len(dests) == 1:
+        if not self.joins_reads:
             at = offset
             for dest in dests:
                 await self.read_range(name, version, at, dest)
                 at += len(dest)
             return
         request = self._request(name, version, offset, sum(len(dest) for dest in dests))
-        await self._read_joined(name, version, request, dests)
+        await self._read_joined(name, version, request, dests, sums)
 
     def _request(self, name: str, version: str, offset: int, length: int) -> RangeRequest:
         """The range a read asks for, refused here if it cannot be inside the pinned object."""
@@ -114,7 +116,9 @@ class BackendSkeleton:
     async def _read_range(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
         raise NotImplementedError
 
-    async def _read_joined(self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview]) -> None:
+    async def _read_joined(
+        self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview], sums: list[int] | None
+    ) -> None:
         """The one GET of :meth:`read_ranges`, for a backend whose ``joins_reads`` is True."""
         raise NotImplementedError
 
@@ -129,9 +133,19 @@ class ThreadedBackend(BackendSkeleton):
         """Blocking: fill ``dest`` or raise a classified BackendError. Runs in a worker thread."""
         raise NotImplementedError
 
-    async def _read_joined(self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview]) -> None:
-        await self.run_blocking(self._read_into_all, name, version, request, dests)
+    async def _read_joined(
+        self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview], sums: list[int] | None
+    ) -> None:
+        await self.run_blocking(self._read_into_all, name, version, request, dests, sums)
 
-    def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview]) -> None:
-        """Blocking: fill every buffer of ``dests`` from one GET of ``request`` (see joins_reads)."""
+    def _read_into_all(
+        self,
+        name: str,
+        version: str,
+        request: RangeRequest,
+        dests: Sequence[memoryview],
+        sums: list[int] | None = None,
+    ) -> None:
+        """Blocking: fill every buffer of ``dests`` from one GET of ``request`` (see joins_reads),
+        appending each one's CRC32C to ``sums`` if the transport computes them."""
         raise NotImplementedError

@@ -116,7 +116,11 @@ class BlockStore:
         # that can fill them from one body: fewer, larger GETs cost less CPU per byte on
         # both ends (docs/architecture.md, "Joined read-ahead GETs"). A joined GET holds
         # all its blocks until the last byte, so it takes at most half the prefetch share.
-        self._joined: JoinedReads | None = backend if isinstance(backend, JoinedReads) else None
+        # (Only if it says so: a decorator such as the cache tier may pass the method through
+        # from the origin, and must not be bypassed.)
+        self._joined: JoinedReads | None = (
+            backend if isinstance(backend, JoinedReads) and joins_reads(backend) else None
+        )
         share_blocks = int(memory.capacity * memory.prefetch_share) // (2 * block_size)
         self.join_blocks = max(1, min(join_blocks, share_blocks)) if joins_reads(backend) else 1
 
@@ -312,7 +316,7 @@ class BlockStore:
         """
         first = blocks[0].key[2]
         try:
-            await self._fetch(obj, first, [block.view for block in blocks], demand=False, retry=False)
+            sums = await self._fetch(obj, first, [block.view for block in blocks], demand=False, retry=False)
         except BaseException as exc:
             for block in blocks:
                 self.memory.fail(block, None)
@@ -323,7 +327,8 @@ class BlockStore:
             log.debug("prefetch of blocks %d-%d of %s failed: %s", first, first + len(blocks) - 1, obj.name, exc)
             return
         self.stats.joined_gets += 1
-        for block in blocks:
+        for i, block in enumerate(blocks):
+            block.crc = sums[i] if sums is not None else None
             self._filled(block, fetched=True)
 
     async def _fill(self, obj: ObjectRef, block: Block, *, demand: bool) -> None:
@@ -333,7 +338,8 @@ class BlockStore:
         try:
             # A disk hit is counted by the disk tier (DiskStats.hits), not again here.
             if self.disk is None or not await self.disk.read_into(block.key, block.view, direct=not demand):
-                await self._fetch(obj, index, [block.view], demand=demand)
+                sums = await self._fetch(obj, index, [block.view], demand=demand)
+                block.crc = sums[0] if sums is not None else None
                 fetched = True
         except Exception as exc:
             self.stats.errors += 1
@@ -358,7 +364,7 @@ class BlockStore:
     async def _write_back(self, block: Block) -> None:
         try:
             assert self.disk is not None
-            await self.disk.write(block.key, block.view)
+            await self.disk.write(block.key, block.view, crc=block.crc)
         finally:
             self.memory.unpin(block)
             self._writes_pending -= 1
@@ -371,11 +377,16 @@ class BlockStore:
 
     async def _fetch(
         self, obj: ObjectRef, index: int, dests: list[memoryview], *, demand: bool, retry: bool = True
-    ) -> None:
-        """One GET (retried unless not ``retry``) of the blocks from ``index`` on, into their buffers ``dests``."""
+    ) -> list[int] | None:
+        """One GET (retried unless not ``retry``) of the blocks from ``index`` on, into their
+        buffers ``dests``; their CRC32Cs if the backend computed them as the bytes arrived."""
         offset = index * self.block_size
         nbytes = sum(len(dest) for dest in dests)
-        joined = self._joined if len(dests) > 1 else None
+        # With a disk cache, the GET computes each block's CRC32C as its bytes arrive, for
+        # the disk write (see httpclient_body.recv_body_into); without one, nobody needs it.
+        joined = self._joined if self.disk is not None or len(dests) > 1 else None
+        sums: list[int] = []
+        want_sums = sums if self.disk is not None else None
 
         async def attempt() -> None:
             await self.slots.acquire(demand=demand)
@@ -386,7 +397,8 @@ class BlockStore:
                 else:
                     self.stats.prefetch_gets += 1
                 if joined is not None:
-                    await joined.read_ranges(obj.name, obj.version, offset, dests)
+                    sums.clear()
+                    await joined.read_ranges(obj.name, obj.version, offset, dests, want_sums)
                 else:
                     await self.backend.read_range(obj.name, obj.version, offset, dests[0])
                 self.stats.backend_bytes += nbytes
@@ -395,6 +407,7 @@ class BlockStore:
 
         if not retry:
             await attempt()
-            return
-        what = f"{obj.name} block {index}" + (f"-{index + len(dests) - 1}" if len(dests) > 1 else "")
-        await retry_transient(attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=what)
+        else:
+            what = f"{obj.name} block {index}" + (f"-{index + len(dests) - 1}" if len(dests) > 1 else "")
+            await retry_transient(attempt, deadline=self.retry_deadline, stats=self.stats.retry, what=what)
+        return sums if len(sums) == len(dests) else None

@@ -191,8 +191,12 @@ class DiskCache:
 
     # --- writes
 
-    async def write(self, key: BlockKey, data: memoryview) -> None:
-        """Store a block; a full or failing disk is logged once and otherwise ignored."""
+    async def write(self, key: BlockKey, data: memoryview, *, crc: int | None = None) -> None:
+        """Store a block; a full or failing disk is logged once and otherwise ignored.
+
+        ``crc``: the CRC32C of ``data`` if the GET computed it as the bytes arrived (else the
+        write computes it).
+        """
         rel = self._relpath(key)
         if not self._enabled:
             return
@@ -202,14 +206,14 @@ class DiskCache:
         obj, _, name = rel.partition("/")
         generation = self._generation
         try:
-            result = await self._write_file(obj, name, key, data)
+            result = await self._write_file(obj, name, key, data, crc)
         except OSError as exc:
             if not await self._recover(generation):
                 if self._enabled:  # (if it was turned off just now, that was warned about)
                     self._write_failed(exc)
                 return
             try:  # once more, into the recreated cache dir
-                result = await self._write_file(obj, name, key, data)
+                result = await self._write_file(obj, name, key, data, crc)
             except OSError as again:
                 self._write_failed(again)
                 return
@@ -219,12 +223,12 @@ class DiskCache:
         victims = self._index.written(obj, name.partition("-")[0])
         await self._unlink(victims + self._index.add(rel, result.size), evicted=True)
 
-    async def _write_file(self, obj: str, name: str, key: BlockKey, data: memoryview) -> WriteResult:
+    async def _write_file(self, obj: str, name: str, key: BlockKey, data: memoryview, crc: int | None) -> WriteResult:
         dir_path = str(self._blocks_dir / obj)
         key_bytes = _key_bytes(key)
         direct = self._direct_io
         return await trio.to_thread.run_sync(
-            lambda: write_block(dir_path, name, key_bytes, key[2], data, direct=direct), limiter=self._limiter
+            lambda: write_block(dir_path, name, key_bytes, key[2], data, direct=direct, crc=crc), limiter=self._limiter
         )
 
     def _write_failed(self, exc: OSError) -> None:

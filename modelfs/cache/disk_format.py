@@ -109,8 +109,11 @@ class BlockHeader:
     data_offset: int
 
     @classmethod
-    def for_block(cls, key_bytes: bytes, index: int, data: memoryview) -> BlockHeader:
-        return cls(index, len(data), crc32c.crc32c(data), len(key_bytes), data_offset_for(key_bytes))
+    def for_block(cls, key_bytes: bytes, index: int, data: memoryview, crc: int | None = None) -> BlockHeader:
+        """The header of ``data``; ``crc``: its CRC32C if already known (computed as it arrived)."""
+        if crc is None:
+            crc = crc32c.crc32c(data)
+        return cls(index, len(data), crc, len(key_bytes), data_offset_for(key_bytes))
 
     def pack(self) -> bytes:
         return HEADER.pack(MAGIC, FORMAT_VERSION, 0, self.index, self.length, self.crc, self.key_len, self.data_offset)
@@ -261,7 +264,7 @@ def _open_dir(path: str) -> int:
 
 
 def write_block(
-    dir_path: str, name: str, key_bytes: bytes, index: int, data: memoryview, *, direct: bool
+    dir_path: str, name: str, key_bytes: bytes, index: int, data: memoryview, *, direct: bool, crc: int | None = None
 ) -> WriteResult:
     """Write block ``index`` of ``key_bytes`` as ``dir_path/name``, atomically (temp + rename).
 
@@ -269,7 +272,7 @@ def write_block(
     multiple); if the file system refuses it, the write is done through the page cache and
     ``direct_failed`` says so.
     """
-    header = BlockHeader.for_block(key_bytes, index, data)
+    header = BlockHeader.for_block(key_bytes, index, data, crc)
     head = mmap.mmap(-1, header.data_offset, flags=mmap.MAP_PRIVATE)  # page-aligned, as O_DIRECT wants
     head[: HEADER.size] = header.pack()
     head[HEADER.size : HEADER.size + len(key_bytes)] = key_bytes

@@ -52,7 +52,7 @@ class BlockState(enum.Enum):
 class Block:
     """One block's buffer and state. ``view`` is only valid to read once ``state`` is READY."""
 
-    __slots__ = ("_buf", "error", "key", "length", "pins", "ready", "state", "unread_prefetch", "view")
+    __slots__ = ("_buf", "crc", "error", "key", "length", "pins", "ready", "state", "unread_prefetch", "view")
 
     def __init__(self, key: BlockKey, length: int, buf: mmap.mmap, *, prefetch: bool) -> None:
         self.key = key
@@ -64,6 +64,7 @@ class Block:
         self.error: BaseException | None = None
         self.pins = 1
         self.unread_prefetch = prefetch
+        self.crc: int | None = None  # CRC32C of the bytes, if the GET computed it as they arrived
 
     def release_buffer(self) -> mmap.mmap:
         """Hand the buffer back for reuse; this block must not be read again."""

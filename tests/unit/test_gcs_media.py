@@ -151,6 +151,21 @@ def test_one_get_fills_several_buffers_in_order(server: _Server) -> None:
     assert len({port for _, port in server.requests}) == 1
 
 
+def test_the_crc32c_of_each_buffer_is_computed_as_the_body_arrives(server: _Server) -> None:
+    """The sums the disk cache's write takes instead of a second pass over each block."""
+    import crc32c
+
+    media = _transport(server)
+    dests = [memoryview(bytearray(n)) for n in (70000, 3, 50000)]
+    sums: list[int] = [123]  # stale values are dropped
+    try:
+        media.get_joined_into("/o", 9, dests, _ok, sums)
+    finally:
+        media.close()
+    assert b"".join(bytes(d) for d in dests) == DATA[9 : 9 + 120003]
+    assert sums == [crc32c.crc32c(bytes(d)) for d in dests]
+
+
 def test_a_joined_get_past_the_end_is_a_short_body(server: _Server) -> None:
     """The server sends less than the buffers hold: EOFError, whichever buffer it ends in."""
     media = _transport(server)

@@ -3,6 +3,8 @@ the GETs, the budget, failures; each joined block is still cached and written th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 import trio.testing
 
@@ -112,3 +114,35 @@ async def test_a_failed_joined_get_fails_its_blocks_and_readers_recover(
     assert store.stats.joined_gets == 0
     assert store.stats.retry.retries >= len(failed)  # each failed joined GET was fetched again
     assert all(b.state is not BlockState.FILLING for b in store.memory._blocks.values())
+
+
+class _WrongSums(MemoryBackend):
+    """Reports a CRC32C that does not match the bytes (a bug in a transport's summing)."""
+
+    async def read_ranges(
+        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+    ) -> None:
+        await super().read_ranges(name, version, offset, dests, sums)
+        if sums is not None:
+            sums[:] = [s ^ 1 for s in sums]
+
+
+async def test_the_disk_cache_keeps_the_sums_the_get_computed_and_still_checks_them(
+    make_store: StoreFactory,
+) -> None:
+    """Blocks are written with the CRC32C the GET computed; a wrong one is caught when the
+    block is read back (it is fetched again), never served."""
+    for backend, refetched in ((MemoryBackend(joins_reads=True), 0), (_WrongSums(joins_reads=True), 5)):
+        ref, data = put_ramp(backend, "m.bin", 12 * BS, seed=15)
+        store = await make_store(backend, memory_blocks=32, disk=True, join_blocks=4)
+        files = OpenFiles(store, max_prefetch=16 * BS)
+        fh = files.open(ref)
+        assert await _read_all(files, fh, len(data), BS) == data
+        files.release(fh)
+        await wait_until(lambda s=store: s.disk is not None and s.disk.stats.writes == 12)
+        store.memory = type(store.memory)(store.memory.capacity, BS)
+        calls = backend.read_calls
+        for index in (0, 1, 5, 8, 11):
+            block = await store.get(ref, index)
+            assert bytes(block.view) == data[index * BS : (index + 1) * BS]
+        assert backend.read_calls == calls + refetched

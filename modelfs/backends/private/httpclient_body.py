@@ -21,6 +21,8 @@ import http.client
 import socket
 import time
 
+import crc32c
+
 from modelfs.backends.private import PrivateAPIChanged
 
 __all__ = ["applies", "recv_body_into", "verify"]
@@ -45,7 +47,12 @@ def _set_lowat(sock: socket.socket, nbytes: int) -> None:
 
 
 def recv_body_into(
-    sock: socket.socket, resp: http.client.HTTPResponse, dest: memoryview, timeout: float, deadline: float | None = None
+    sock: socket.socket,
+    resp: http.client.HTTPResponse,
+    dest: memoryview,
+    timeout: float,
+    deadline: float | None = None,
+    sums: list[int] | None = None,
 ) -> int:
     """Read up to ``len(dest)`` body bytes of ``resp`` into ``dest``; the number read (short at EOF).
 
@@ -53,13 +60,19 @@ def recv_body_into(
     byte: a chunk's wait that times out is followed by one more wait for any byte at all).
     With a ``deadline`` (time.monotonic()), TimeoutError also once it has passed, however
     steadily bytes trickle in (the cache tier wants a whole block in --read-timeout).
+    With ``sums``, the CRC32C of the bytes read is appended to it, computed chunk by chunk
+    right after each receive copied the chunk in (while it is still in the CPU cache: the
+    same pass over a whole block later, from memory, costs the disk write several times more).
     """
     assert resp.fp is not None and resp.length is not None
     want = min(len(dest), resp.length)
     got = 0
     buffered = resp.fp.peek(0)[:want]  # what the header parse already pulled off the socket
+    crc = 0
     if buffered:
         got = resp.fp.readinto(dest[: len(buffered)])
+        if sums is not None:
+            crc = crc32c.crc32c(dest[:got])
     lowat = 1
     trickle = False  # the last wait for a whole chunk timed out: wait for any byte
     previous = sock.gettimeout()
@@ -86,12 +99,16 @@ def recv_body_into(
             trickle = False
             if not n:
                 break
+            if sums is not None:
+                crc = crc32c.crc32c(dest[got : got + n], crc)
             got += n
     finally:
         if lowat != 1:
             _set_lowat(sock, 1)  # the next response's headers are read a few bytes at a time
         if sock.gettimeout() != previous:
             sock.settimeout(previous)
+    if sums is not None:
+        sums.append(crc)
     resp.length -= got
     if resp.length == 0:
         resp.read()  # the body is complete: the response closes its file and frees the connection
