@@ -400,7 +400,7 @@ class Config:
     prefetch_get_size: int = _option(
         parse_size,
         32 << 20,
-        "largest ranged GET of sequential read-ahead: it joins neighbouring blocks up to this size (GCS); "
+        "largest ranged GET of sequential read-ahead: it joins neighbouring blocks up to this size (GCS, S3); "
         "the block size turns joining off",
     )
     random_read_size: int = _option(

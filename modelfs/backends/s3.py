@@ -19,6 +19,7 @@ backend, like for every store.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -242,7 +243,20 @@ class S3Backend(ThreadedBackend):
 
     # --- the data path
 
+    # A GET's body is read into several buffers in turn: read-ahead joins neighbouring blocks.
+    joins_reads = True
+
     def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
+        self._read_into_all(name, version, request, (dest,))
+
+    def _read_into_all(
+        self,
+        name: str,
+        version: str,
+        request: RangeRequest,
+        dests: Sequence[memoryview],
+        sums: list[int] | None = None,
+    ) -> None:
         what = request.what
         try:
             resp = self._client.get_object(
@@ -261,7 +275,7 @@ class S3Backend(ThreadedBackend):
             meta = resp.get("ResponseMetadata", {})
             headers = {key.lower(): value for key, value in meta.get("HTTPHeaders", {}).items()}
             check_range_response(meta.get("HTTPStatusCode", 0), headers, request, pinned=pinned)
-            read_urllib3_body(raw, dest, what)
+            read_urllib3_body(raw, dests, what)
         except Exception as exc:
             raw.close()  # type: ignore[attr-defined]
             raise self.classify(exc, what, reading=True) from None
