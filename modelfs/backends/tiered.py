@@ -40,7 +40,7 @@ import trio
 from cachetools import LRUCache
 
 from modelfs import __version__
-from modelfs.backends.base import Backend, ListPage, ObjectInfo
+from modelfs.backends.base import Backend, JoinedReads, ListPage, ObjectInfo
 from modelfs.backends.body import read_exactly
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.private import httpclient_body
@@ -180,8 +180,12 @@ class _Replica:
     def close(self) -> None:
         self._pool.close()
 
-    def get_into(self, target: TierTarget, offset: int, dest: memoryview) -> None:
-        """Blocking: fill ``dest`` from the tier and verify it, or raise TierRejected."""
+    def get_into(self, target: TierTarget, offset: int, dest: memoryview) -> int | None:
+        """Blocking: fill ``dest`` from the tier and verify it, or raise TierRejected.
+
+        Returns the body's CRC32C when the tier's digest is one (summed as the body arrived,
+        checked against the digest): the disk cache stores it without another pass.
+        """
         length = len(dest)
         headers = dict(target.headers)
         headers.update({"Range": f"bytes={offset}-{offset + length - 1}", "User-Agent": _USER_AGENT})
@@ -209,7 +213,8 @@ class _Replica:
             try:
                 response_headers = {k.lower(): v for k, v in resp.headers.items()}
                 digest = self._check(resp.status, response_headers, target, offset, length)
-                self._read_body(conn, resp, dest, deadline)
+                sums: list[int] | None = [] if digest.startswith("crc32c=") else None
+                self._read_body(conn, resp, dest, deadline, sums)
             except TierRejected:
                 resp.close()
                 conn.close()
@@ -228,18 +233,25 @@ class _Replica:
             else:  # more body than announced: not at a message boundary
                 resp.close()
                 conn.close()
-            if not digest_matches(digest, dest):
+            crc = sums[0] if sums else (crc32c.crc32c(dest) if sums is not None else None)
+            if not digest_matches(digest, dest, crc):
                 raise TierRejected("digest", "the body does not match the tier's digest", replica_down=False)
-            return
+            return crc
+        raise AssertionError("unreachable")  # (the loop returns or raises)
 
     def _read_body(
-        self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, dest: memoryview, deadline: float
+        self,
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        dest: memoryview,
+        deadline: float,
+        sums: list[int] | None = None,
     ) -> None:
-        """Fill ``dest`` from the body by the deadline, or raise TierRejected."""
+        """Fill ``dest`` from the body by the deadline, or raise TierRejected (``sums``: see recv_body_into)."""
         sock = conn.sock
         if httpclient_body.applies(sock, resp):
             try:
-                got = httpclient_body.recv_body_into(sock, resp, dest, self._read_timeout, deadline)
+                got = httpclient_body.recv_body_into(sock, resp, dest, self._read_timeout, deadline, sums)
             except TimeoutError as exc:
                 raise TierRejected("stalled", f"{exc} ({self._read_timeout:.0f} s)", replica_down=True) from None
         else:
@@ -384,7 +396,30 @@ class TieredBackend:
                 return self._replicas[i]
         return None
 
+    async def read_ranges(
+        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+    ) -> None:
+        """One block (``joins_reads`` is False: the block store asks no more), and with ``sums``
+        its CRC32C: the tier's, summed as it arrived and checked against the fill stage's digest,
+        or the origin's GET's (base.JoinedReads)."""
+        if len(dests) != 1:
+            at = offset
+            for dest in dests:
+                await self.read_range(name, version, at, dest)
+                at += len(dest)
+            return
+        await self._read(name, version, offset, dests[0], sums)
+
     async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+        await self._read(name, version, offset, dest, None)
+
+    async def _origin(self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None) -> None:
+        if sums is not None and isinstance(self._inner, JoinedReads):
+            await self._inner.read_ranges(name, version, offset, (dest,), sums)
+        else:
+            await self._inner.read_range(name, version, offset, dest)
+
+    async def _read(self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None) -> None:
         length = len(dest)
         stats = self.tier_stats
         target = None
@@ -397,24 +432,26 @@ class TieredBackend:
         replica = self._pick(target, version, offset) if target is not None else None
         if target is None:
             stats.bypass_gets += 1
-            await self._inner.read_range(name, version, offset, dest)
+            await self._origin(name, version, offset, dest, sums)
             stats.bypass_bytes += length
             return
         if replica is not None:
             rstats = stats.replicas[replica.url]
             rstats.gets += 1
             try:
-                await trio.to_thread.run_sync(replica.get_into, target, offset, dest, limiter=self._limiter)
+                crc = await trio.to_thread.run_sync(replica.get_into, target, offset, dest, limiter=self._limiter)
             except TierRejected as exc:
                 self._rejected(replica, exc, f"{name}@{version} [{offset}, +{length}]")
             else:
                 rstats.bytes += length
                 replica.backoff = self._first_backoff
+                if sums is not None and crc is not None:
+                    sums.append(crc)
                 return
         if replica is None:
             stats.fallbacks["all_benched"] += 1
         stats.origin_gets += 1
-        await self._inner.read_range(name, version, offset, dest)
+        await self._origin(name, version, offset, dest, sums)
         stats.origin_bytes += length
 
     def _rejected(self, replica: _Replica, exc: TierRejected, what: str) -> None:
@@ -444,11 +481,12 @@ class TieredBackend:
             )
 
 
-def digest_matches(digest: str, body: memoryview) -> bool:
-    """``body`` has ``digest`` ("crc32c=<8 hex>" from the fill stage, or "sha256=<64 hex>")."""
+def digest_matches(digest: str, body: memoryview, crc: int | None = None) -> bool:
+    """``body`` has ``digest`` ("crc32c=<8 hex>" from the fill stage, or "sha256=<64 hex>");
+    ``crc``: the body's CRC32C if it was summed as it arrived."""
     kind, _, value = digest.partition("=")
     if kind == "crc32c":
-        return crc32c.crc32c(body) == int(value, 16)
+        return (crc32c.crc32c(body) if crc is None else crc) == int(value, 16)
     return hashlib.sha256(body).hexdigest() == value
 
 

@@ -116,11 +116,9 @@ class BlockStore:
         # that can fill them from one body: fewer, larger GETs cost less CPU per byte on
         # both ends (docs/architecture.md, "Joined read-ahead GETs"). A joined GET holds
         # all its blocks until the last byte, so it takes at most half the prefetch share.
-        # (Only if it says so: a decorator such as the cache tier may pass the method through
-        # from the origin, and must not be bypassed.)
-        self._joined: JoinedReads | None = (
-            backend if isinstance(backend, JoinedReads) and joins_reads(backend) else None
-        )
+        # The same method fills one block and returns its CRC32C summed on arrival (GCS media,
+        # the cache tier), for the disk write; several blocks only where joins_reads says so.
+        self._joined: JoinedReads | None = backend if isinstance(backend, JoinedReads) else None
         share_blocks = int(memory.capacity * memory.prefetch_share) // (2 * block_size)
         self.join_blocks = max(1, min(join_blocks, share_blocks)) if joins_reads(backend) else 1
 
