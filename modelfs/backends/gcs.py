@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from modelfs.backends.responses import (
     read_status_error,
     short_reason,
 )
-from modelfs.backends.skeleton import ThreadedBackend
+from modelfs.backends.skeleton import Buffers, Sums, ThreadedBackend
 from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.config import Source
 from modelfs.errors import AccessDenied, BackendError, NotFound, TransientError, VersionChanged
@@ -281,17 +280,7 @@ class GCSBackend(ThreadedBackend):
         # (behind a proxy, mTLS) fills one buffer per GET.
         return self._media is not None
 
-    def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
-        self._read_into_all(name, version, request, (dest,))
-
-    def _read_into_all(
-        self,
-        name: str,
-        version: str,
-        request: RangeRequest,
-        dests: Sequence[memoryview],
-        sums: list[int] | None = None,
-    ) -> None:
+    def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Buffers, sums: Sums = None) -> None:
         path = self._media_target(name, version)
 
         def pinned(headers: Headers) -> None:

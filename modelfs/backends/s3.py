@@ -19,7 +19,6 @@ backend, like for every store.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -35,7 +34,7 @@ from modelfs.backends.responses import (
     read_status_error,
     short_reason,
 )
-from modelfs.backends.skeleton import ThreadedBackend
+from modelfs.backends.skeleton import Buffers, Sums, ThreadedBackend
 from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.config import Source
 from modelfs.errors import (
@@ -246,17 +245,7 @@ class S3Backend(ThreadedBackend):
     # A GET's body is read into several buffers in turn: read-ahead joins neighbouring blocks.
     joins_reads = True
 
-    def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
-        self._read_into_all(name, version, request, (dest,))
-
-    def _read_into_all(
-        self,
-        name: str,
-        version: str,
-        request: RangeRequest,
-        dests: Sequence[memoryview],
-        sums: list[int] | None = None,
-    ) -> None:
+    def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Buffers, sums: Sums = None) -> None:
         what = request.what
         try:
             resp = self._client.get_object(

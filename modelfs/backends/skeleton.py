@@ -24,9 +24,11 @@ from modelfs.backends.responses import RangeRequest
 from modelfs.config import Source
 from modelfs.errors import BackendError, NotFound
 
-__all__ = ["BackendSkeleton", "ThreadedBackend"]
+__all__ = ["BackendSkeleton", "Buffers", "Sums", "ThreadedBackend"]
 
 T = TypeVar("T")
+Buffers = Sequence[memoryview]  # the block buffers one GET fills in turn
+Sums = list[int] | None  # where a GET appends each buffer's CRC32C, if it sums them
 Ts = TypeVarTuple("Ts")
 
 
@@ -130,22 +132,17 @@ class ThreadedBackend(BackendSkeleton):
         await self.run_blocking(self._read, name, version, request, dest)
 
     def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
-        """Blocking: fill ``dest`` or raise a classified BackendError. Runs in a worker thread."""
-        raise NotImplementedError
+        """Blocking: fill ``dest`` or raise a classified BackendError. Runs in a worker thread.
+
+        By default the one-buffer case of :meth:`_read_into_all` (GCS, S3)."""
+        self._read_into_all(name, version, request, (dest,))
 
     async def _read_joined(
         self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview], sums: list[int] | None
     ) -> None:
         await self.run_blocking(self._read_into_all, name, version, request, dests, sums)
 
-    def _read_into_all(
-        self,
-        name: str,
-        version: str,
-        request: RangeRequest,
-        dests: Sequence[memoryview],
-        sums: list[int] | None = None,
-    ) -> None:
+    def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Buffers, sums: Sums = None) -> None:
         """Blocking: fill every buffer of ``dests`` from one GET of ``request`` (see joins_reads),
         appending each one's CRC32C to ``sums`` if the transport computes them."""
         raise NotImplementedError
