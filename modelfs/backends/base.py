@@ -7,11 +7,11 @@ above this seam is the same for every store.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ObjectInfo", "ListPage", "Backend", "JoinedReads", "joins_reads"]
+__all__ = ["ObjectInfo", "ListPage", "Backend", "JoinedReads", "joins_reads", "read_one_by_one"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,3 +119,16 @@ class JoinedReads(Protocol):
 def joins_reads(backend: Backend) -> bool:
     """True when ``backend`` fills several neighbouring blocks with one GET."""
     return isinstance(backend, JoinedReads) and backend.joins_reads
+
+
+async def read_one_by_one(
+    read_range: Callable[[str, str, int, memoryview], Awaitable[None]],
+    name: str,
+    version: str,
+    offset: int,
+    dests: Sequence[memoryview],
+) -> None:
+    """``read_ranges`` on a backend that does not join: one ``read_range`` per buffer, in order."""
+    for dest in dests:
+        await read_range(name, version, offset, dest)
+        offset += len(dest)

@@ -20,6 +20,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
+from modelfs.backends.base import read_one_by_one
 from modelfs.backends.responses import RangeRequest
 from modelfs.config import Source
 from modelfs.errors import BackendError, NotFound
@@ -91,10 +92,7 @@ class BackendSkeleton:
     ) -> None:
         """Fill ``dests`` in order from ``offset``: one GET if :attr:`joins_reads`, else one per buffer."""
         if not self.joins_reads:
-            at = offset
-            for dest in dests:
-                await self.read_range(name, version, at, dest)
-                at += len(dest)
+            await read_one_by_one(self.read_range, name, version, offset, dests)
             return
         request = self._request(name, version, offset, sum(len(dest) for dest in dests))
         await self._read_joined(name, version, request, dests, sums)

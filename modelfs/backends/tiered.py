@@ -40,7 +40,7 @@ import trio
 from cachetools import LRUCache
 
 from modelfs import __version__
-from modelfs.backends.base import Backend, JoinedReads, ListPage, ObjectInfo
+from modelfs.backends.base import Backend, JoinedReads, ListPage, ObjectInfo, read_one_by_one
 from modelfs.backends.body import read_exactly
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.private import httpclient_body
@@ -403,10 +403,7 @@ class TieredBackend:
         its CRC32C: the tier's, summed as it arrived and checked against the fill stage's digest,
         or the origin's GET's (base.JoinedReads)."""
         if len(dests) != 1:
-            at = offset
-            for dest in dests:
-                await self.read_range(name, version, at, dest)
-                at += len(dest)
+            await read_one_by_one(self.read_range, name, version, offset, dests)
             return
         await self._read(name, version, offset, dests[0], sums)
 
