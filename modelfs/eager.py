@@ -233,6 +233,7 @@ class EagerStreamer:
             self.pauses += 1
 
     async def _order(self, ref: ObjectRef) -> list[int]:
+        await self.store.prepare(ref)  # (its blocks already on disk are skipped, not fetched)
         blocks = self.store.block_count(ref)
         if not ref.name.lower().endswith(".safetensors") or ref.size < 8:
             return list(range(blocks))

@@ -214,6 +214,7 @@ class ModelFS(pyfuse3.Operations):
         # (the node's, which never changes; forgetting the inode clears it).
         keep = node.opened_version == info.version
         node.opened_version = info.version
+        await self.files.store.prepare(ref)
         return pyfuse3.FileInfo(fh=self.files.open(ref), keep_cache=keep, direct_io=False)
 
     @_mapped

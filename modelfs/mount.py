@@ -241,6 +241,7 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                 pyfuse3.close(unmount=True)
                 closed = True
                 log.info("unmounted %s", mountpoint)
+                await store.finish_writes(STOP_GRACE)
                 nursery.cancel_scope.cancel()
         finally:
             if not closed:

@@ -103,6 +103,7 @@ async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: in
     expected = _expected(info)
     crc = 0
     md5 = hashlib.md5()
+    await store.prepare(ref)
     count = store.block_count(ref)
     ahead = 1  # blocks below this were handed to prefetch already
     for index in range(count):

@@ -144,6 +144,11 @@ class BlockStore:
             task_status.started()
             await trio.sleep_forever()
 
+    async def prepare(self, obj: ObjectRef) -> None:
+        """Before reading ``obj``: know its blocks on disk even if the startup scan is not done."""
+        if self.disk is not None:
+            await self.disk.prepare(obj.key)
+
     def opened(self, obj: ObjectRef) -> None:
         """A file opened this version: its disk blocks stay while it is open (see disk_index.py)."""
         if self.disk is not None:
@@ -372,6 +377,18 @@ class BlockStore:
         """Wait until every block fetched so far is written to the disk cache."""
         while self._writes_pending:
             await self._writes_done.park()
+
+    async def finish_writes(self, grace: float) -> bool:
+        """At the stop: write what is queued for the disk cache (at most the memory budget),
+        so the next start finds every block this run fetched; False if ``grace`` seconds
+        were not enough (a slow or stuck disk), and the rest is dropped."""
+        with trio.move_on_after(grace):
+            await self.drain()
+            return True
+        log.warning(
+            "stopped with %d disk-cache write(s) still queued: the next start fetches them again", self._writes_pending
+        )
+        return False
 
     async def _fetch(
         self, obj: ObjectRef, index: int, dests: list[memoryview], *, demand: bool, retry: bool = True

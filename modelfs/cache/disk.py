@@ -40,7 +40,7 @@ from modelfs.cache.disk_format import (
     write_block,
 )
 from modelfs.cache.disk_index import DiskIndex
-from modelfs.cache.disk_scan import scan_blocks
+from modelfs.cache.disk_scan import scan_blocks, scan_object
 from modelfs.cache.memory import BlockKey
 from modelfs.errors import MountError
 
@@ -85,6 +85,7 @@ class DiskCache:
         self._limiter = trio.CapacityLimiter(4)  # writes, unlinks
         self._direct_io = True  # cleared (here, on the trio thread) once O_DIRECT is refused
         self._scanned = False  # the index holds every block file (set when the scan ends)
+        self._listed: set[str] = set()  # objects whose files were listed before the scan ended
         self._enabled = True  # False once a lost cache dir could not be recreated
         self._doomed: list[str] = []  # files the version rules dropped, to delete
         self._doomed_added = trio.Event()
@@ -120,8 +121,25 @@ class DiskCache:
         return self._index.used
 
     def contains(self, key: BlockKey) -> bool:
-        """Whether the index knows this block (before the startup scan ends it may not yet)."""
+        """Whether the index knows this block (before the startup scan ends it may not yet,
+        unless :meth:`prepare` listed the block's object)."""
         return self._enabled and self._relpath(key) in self._index
+
+    async def prepare(self, obj_key: str) -> None:
+        """Make :meth:`contains` right for ``obj_key``'s blocks before the startup scan ends.
+
+        Right after a restart the scan may still be walking a large cache dir when the first
+        file is opened; until then the index would not know that object's blocks, and small
+        reads and joined read-ahead GETs would fetch from the backend what is on disk. So the
+        first open of an object lists just its directory (what the scan would add there).
+        """
+        obj = _hash(obj_key)
+        if self._scanned or obj in self._listed or not self._enabled:
+            return
+        self._listed.add(obj)
+        found = await trio.to_thread.run_sync(scan_object, str(self._blocks_dir), obj, limiter=self._read_limiter)
+        if not self._scanned:  # (else the scan added them, in its order)
+            await self._unlink(self._index.add_scanned(found), evicted=True)
 
     # --- versions
 

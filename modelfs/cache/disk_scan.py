@@ -14,7 +14,7 @@ import stat
 
 from modelfs.cache.disk_format import is_own_temp
 
-__all__ = ["scan_blocks"]
+__all__ = ["scan_blocks", "scan_object"]
 
 
 def _remove(path: str) -> None:
@@ -35,26 +35,50 @@ def scan_blocks(blocks_dir: str) -> list[tuple[str, int]]:
         if obj_dir.is_symlink():
             _remove(obj_dir.path)
             continue
-        if not obj_dir.is_dir(follow_symlinks=False):
-            continue
-        try:
-            entries = list(os.scandir(obj_dir.path))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                _remove(entry.path)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if entry.name.endswith(".tmp"):
-                if not is_own_temp(entry.name):  # ours are being written right now
-                    _remove(entry.path)  # left by a crash
-                continue
-            found.append((st.st_atime, f"{obj_dir.name}/{entry.name}", st.st_size))
+        if obj_dir.is_dir(follow_symlinks=False):
+            found += _scan_dir(obj_dir.path, obj_dir.name)
     found.sort()
     return [(rel, size) for _, rel, size in found]
+
+
+def scan_object(blocks_dir: str, obj: str) -> list[tuple[str, int]]:
+    """``(relative path, size)`` of the block files of one object (its directory ``obj``),
+    least recently used first: what the whole scan would find there."""
+    path = os.path.join(blocks_dir, obj)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return []
+    if stat.S_ISLNK(st.st_mode):
+        _remove(path)
+        return []
+    if not stat.S_ISDIR(st.st_mode):
+        return []
+    found = _scan_dir(path, obj)
+    found.sort()
+    return [(rel, size) for _, rel, size in found]
+
+
+def _scan_dir(path: str, obj: str) -> list[tuple[float, str, int]]:
+    """(atime, relative path, size) of the block files in one object's directory."""
+    found: list[tuple[float, str, int]] = []
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            _remove(entry.path)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if entry.name.endswith(".tmp"):
+            if not is_own_temp(entry.name):  # ours are being written right now
+                _remove(entry.path)  # left by a crash
+            continue
+        found.append((st.st_atime, f"{obj}/{entry.name}", st.st_size))
+    return found

@@ -1,8 +1,12 @@
-"""ModelFS.stop(): requests still waiting on the backend when the daemon stops fail with EIO."""
+"""The stop: requests still waiting on the backend fail with EIO (ModelFS.stop); blocks
+queued for the disk cache are written first, within a grace (BlockStore.finish_writes)."""
 
 from __future__ import annotations
 
 import errno
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pyfuse3
 import pytest
@@ -10,8 +14,11 @@ import trio
 import trio.testing
 
 from modelfs.backends.memory import MemoryBackend, ramp
+from modelfs.cache import disk as disk_module
+from modelfs.cache.blocks import BlockStore, ObjectRef
+from modelfs.cache.disk_format import WriteResult
 
-from .conftest import BS, StoreFactory
+from .conftest import BS, StoreFactory, put_ramp
 from .test_operations import CTX, build, lookup_path
 
 
@@ -41,3 +48,65 @@ async def test_stop_fails_requests_in_flight_with_eio(make_store: StoreFactory) 
         await ops.read(info.fh, BS, 4096)
     assert caught.value.errno == errno.EIO
     assert ops.errors["EIO"] == 2
+
+
+@pytest.fixture
+def held_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Disk-cache writes wait (in their threads) until the returned event is set."""
+    go = threading.Event()
+    real = disk_module.write_block
+
+    def held(*args: Any, **kwargs: Any) -> WriteResult:
+        go.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(disk_module, "write_block", held)
+    yield go
+    go.set()
+
+
+async def _fetch_blocks(store: BlockStore, ref: ObjectRef, data: bytes, count: int) -> None:
+    for index in range(count):
+        block = await store.get(ref, index)
+        assert bytes(block.view) == data[index * BS : (index + 1) * BS]
+
+
+async def test_stop_writes_what_is_queued_for_the_disk_cache(
+    make_store: StoreFactory, held_writes: threading.Event
+) -> None:
+    """Blocks fetched but not yet on disk when the daemon stops are written before it exits:
+    the next start finds every block this run read."""
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "m.bin", 8 * BS, seed=3)
+    store = await make_store(backend, disk=True)
+    await _fetch_blocks(store, ref, data, 8)
+    assert store.disk is not None and store.disk.stats.writes == 0
+    async with trio.open_nursery() as nursery:
+        finished: list[bool] = []
+
+        async def finish() -> None:
+            finished.append(await store.finish_writes(60))
+
+        nursery.start_soon(finish)
+        await trio.testing.wait_all_tasks_blocked()
+        assert finished == []  # waiting for the queued writes
+        held_writes.set()
+    assert finished == [True] and store.disk.stats.writes == 8
+    for index in range(8):
+        dest = memoryview(bytearray(BS))
+        assert await store.disk.read_into((ref.key, ref.version, index), dest)
+        assert bytes(dest) == data[index * BS : (index + 1) * BS]
+
+
+async def test_stop_gives_up_on_a_stuck_disk_after_the_grace(
+    make_store: StoreFactory, held_writes: threading.Event, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "m.bin", 4 * BS, seed=4)
+    store = await make_store(backend, disk=True)
+    await _fetch_blocks(store, ref, data, 4)
+    start = trio.current_time()
+    assert not await store.finish_writes(5)
+    assert trio.current_time() - start == pytest.approx(5)
+    assert store.disk is not None and store.disk.stats.writes == 0
+    held_writes.set()  # (the threads end; the fixture's nursery waits for them)
