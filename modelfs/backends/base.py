@@ -94,7 +94,7 @@ class JoinedReads(Protocol):
     """A backend that can fill several buffers from one GET of the range they cover together.
 
     Optional: the block store joins the blocks of a sequential read-ahead into one GET only
-    when :func:`joins_reads` says the backend can (GCS media GETs, S3); every other backend gets
+    when :func:`joins_reads` says the backend can (GCS media GETs, S3, HTTP); every other backend gets
     one ``read_range`` per block, as before. Fewer, larger GETs cost less CPU per byte on both
     ends of the connection (docs/architecture.md, "Joined read-ahead GETs").
     """

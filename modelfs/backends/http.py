@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import codecs
 import email.utils
+import http.client
 import json
 import logging
 import re
 import ssl
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -40,6 +42,7 @@ import trio
 
 from modelfs import __version__
 from modelfs.backends.base import ListPage, ObjectInfo
+from modelfs.backends.http_media import HTTPMedia
 from modelfs.backends.private.httpcore_read_size import raise_read_size
 from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
 from modelfs.backends.responses import (
@@ -49,6 +52,7 @@ from modelfs.backends.responses import (
     metadata_status_error,
     no_range_support,
     parse_content_range,
+    short_reason,
 )
 from modelfs.backends.skeleton import BackendSkeleton
 from modelfs.backends.tiered import TierTarget, header_pinned
@@ -161,6 +165,15 @@ def _find_cause(exc: BaseException, cls: type[BaseException]) -> BaseException |
     return None
 
 
+def _proxied(url: str) -> bool:
+    """Whether a proxy from the environment (``HTTPS_PROXY``, ...) applies to ``url``."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if parts.scheme in proxies or "all" in proxies:
+        return not urllib.request.proxy_bypass(parts.hostname or "")
+    return False
+
+
 def _split_header(line: str) -> tuple[str, str]:
     name, _, value = line.partition(":")
     return name.strip(), value.strip()
@@ -198,6 +211,19 @@ class HTTPBackend(BackendSkeleton):
         self._user_headers = [_split_header(line) for line in headers]
         self._secrets = [value for _, value in self._user_headers if len(value) >= 4]
         self._redirects = RedirectPolicy(self._base, cross_origin=cross_origin_redirects)
+        # Data GETs in worker threads on http.client (http_media.py), unless a proxy applies
+        # (httpx honours the proxy variables; http.client does not).
+        self._media: HTTPMedia | None = None
+        if not _proxied(self._base):
+            self._media = HTTPMedia(
+                ssl_context=context if context is not None else self._ssl_context(ca_cert),
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_idle=max_concurrency + 4,
+                headers=dict(client_headers),
+                user_headers=self._user_headers,
+                redirects=self._redirects,
+            )
         self._client = httpx.AsyncClient(
             headers=client_headers,
             verify=context if context is not None else True,
@@ -256,6 +282,8 @@ class HTTPBackend(BackendSkeleton):
             )
         if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)):
             return BackendError(f"{what}: {type(exc).__name__}")  # their text may quote a URL or header
+        if isinstance(exc, (OSError, EOFError, http.client.HTTPException)) and not isinstance(exc, ssl.SSLError):
+            return TransientError(f"{what}: {short_reason(exc)}")
         if isinstance(exc, (httpx.TransportError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
             text = str(exc) or type(exc).__name__
             return TransientError(f"{what}: {text[:200]}")
@@ -637,7 +665,19 @@ class HTTPBackend(BackendSkeleton):
     def _pinned_size(self, version: str) -> int | None:
         return parse_version(version)[0]
 
+    @property
+    def joins_reads(self) -> bool:
+        """One GET fills several block buffers (the body is copied chunk by chunk anyway)."""
+        return True
+
     async def _read_range(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
+        await self._read_joined(name, version, request, (dest,), None)
+
+    async def _read_joined(
+        self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview], sums: list[int] | None
+    ) -> None:
+        """One GET of ``request`` into ``dests`` in turn; with ``sums``, their CRC32Cs where the
+        transport computes them as the bytes arrive (plain HTTP in worker threads)."""
         _, etag, last_modified = parse_version(version)
         what, length = request.what, request.length
         headers = {"Range": request.header}
@@ -654,16 +694,34 @@ class HTTPBackend(BackendSkeleton):
             if etag is None and last_modified is not None and sent_modified not in (None, last_modified):
                 raise VersionChanged(f"{what}: changed on the server (Last-Modified is now {sent_modified})")
 
+        if self._media is not None:
+
+            def check(status: int, sent: Headers) -> None:
+                check_range_response(status, sent, request, pinned=pinned)
+
+            try:
+                await self.run_blocking(self._media.get_into, self._url(name), headers, dests, check, what, sums)
+            except Exception as exc:
+                raise self.classify(exc, what, reading=True) from None
+            return
         try:
             async with self._stream("GET", self._url(name), headers, what) as resp:
                 check_range_response(resp.status_code, resp.headers, request, pinned=pinned)
                 got = 0
+                buffers = iter(dests)
+                dest, filled = next(buffers), 0
                 async for chunk in resp.aiter_raw():
-                    end = got + len(chunk)
-                    if end > length:
+                    if got + len(chunk) > length:
                         raise TransientError(f"{what}: the server sent more than {length} bytes")
-                    dest[got:end] = chunk
-                    got = end
+                    got += len(chunk)
+                    view = memoryview(chunk)
+                    while view:  # a chunk may end one block's buffer and start the next's
+                        if filled == len(dest):
+                            dest, filled = next(buffers), 0
+                        n = min(len(view), len(dest) - filled)
+                        dest[filled : filled + n] = view[:n]
+                        filled += n
+                        view = view[n:]
                 if got != length:
                     raise TransientError(f"{what}: body ended after {got} of {length} bytes")
         except Exception as exc:
@@ -679,7 +737,14 @@ class HTTPBackend(BackendSkeleton):
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         return TierTarget(path, {"If-Match": etag}, header_pinned("etag", etag, "ETag"))
 
+    def abort(self) -> None:
+        """The daemon is stopping: data GETs in flight fail now, not at the read timeout."""
+        if self._media is not None:
+            self._media.abort()
+
     async def aclose(self) -> None:
+        if self._media is not None:
+            self._media.close()
         await self._client.aclose()
 
 

@@ -83,7 +83,11 @@ def serve(
 
 
 def backend(handler: Handler, url: str = "https://example.test/models/m.bin", **kwargs: object) -> HTTPBackend:
+    """The backend on httpx's MockTransport: its metadata requests, and its data GETs on the
+    httpx path (the one used behind a proxy). The http.client data path (http_media.py) is
+    tested against loopback servers in test_http_media.py and the integration tests."""
     b = HTTPBackend(parse_source(url), **kwargs)  # type: ignore[arg-type]
+    b._media = None
     b._client = httpx.AsyncClient(
         transport=httpx.MockTransport(handler), headers=b._client.headers, follow_redirects=True
     )
@@ -204,6 +208,49 @@ async def test_short_body_and_encoded_body() -> None:
 
     with pytest.raises(BackendError, match="gzip"):
         await read(backend(gzipped), make_version(len(DATA), ETAG, None), 0, 10)
+
+
+class _Pieces(httpx.AsyncByteStream):
+    """A body that arrives in pieces of ``size`` bytes (they cross the buffers' edges)."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size = data, size
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        for i in range(0, len(self.data), self.size):
+            yield self.data[i : i + self.size]
+
+
+@pytest.mark.parametrize("piece", [1, 777, 4096, 100000])
+async def test_one_get_fills_several_buffers_in_order(piece: int) -> None:
+    """Joined read-ahead: one ranged GET, its body split across the blocks' buffers."""
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        start, end = (int(x) for x in request.headers["range"].removeprefix("bytes=").split("-"))
+        body = DATA[start : end + 1]
+        headers = {"ETag": ETAG, "Content-Range": f"bytes {start}-{end}/{len(DATA)}", "Content-Length": str(len(body))}
+        return httpx.Response(206, stream=_Pieces(body, piece), headers=headers)
+
+    b = backend(handler)
+    assert b.joins_reads
+    sizes = (4096, 4096, 1000)
+    bufs = [bytearray(n) for n in sizes]
+    await b.read_ranges("m.bin", make_version(len(DATA), ETAG, None), 100, [memoryview(x) for x in bufs])
+    assert len(requests) == 1 and requests[0].headers["range"] == f"bytes=100-{100 + sum(sizes) - 1}"
+    assert b"".join(bufs) == DATA[100 : 100 + sum(sizes)]
+
+
+@pytest.mark.parametrize("sent", [8191, 8193])
+async def test_a_joined_body_of_the_wrong_length_is_transient(sent: int) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Range": f"bytes 0-8191/{len(DATA)}", "Content-Length": str(sent)}
+        return httpx.Response(206, stream=_Pieces(DATA[:sent], 1000), headers=headers)
+
+    bufs = [memoryview(bytearray(4096)), memoryview(bytearray(4096))]
+    with pytest.raises(TransientError):
+        await backend(handler).read_ranges("m.bin", make_version(len(DATA), ETAG, None), 0, bufs)
 
 
 async def test_reads_past_the_pinned_size_are_refused_without_a_request() -> None:

@@ -52,7 +52,7 @@ async def test_sequential_read_joins_blocks_and_fetches_each_byte_once(make_stor
 
 
 async def test_a_backend_that_cannot_join_gets_one_block_per_get(make_store: StoreFactory) -> None:
-    backend = MemoryBackend(latency=0.001)  # joins_reads False: S3, HTTP, a cache tier
+    backend = MemoryBackend(latency=0.001)  # joins_reads False: a local dir, a cache tier
     ref, data = put_ramp(backend, "m.bin", 20 * BS, seed=12)
     store = await make_store(backend, memory_blocks=32, join_blocks=4)
     assert store.join_blocks == 1

@@ -1,0 +1,228 @@
+"""Ranged GETs of an HTTP(S) source on kept-alive ``http.client`` connections, in worker threads.
+
+The HTTP backend's metadata requests (HEAD, index pages, manifests) go through httpx on the
+trio loop. Its data GETs do not: httpx moves a body through h11's receive buffer, a bytearray
+appended to and sliced from the front, so every byte is copied several times, all on the
+event-loop thread that also answers the kernel (a cold read ran at ~280 MB/s plain and ~155
+MB/s over TLS at 4-7 CPU-s per GiB; numbers in docs/architecture.md). Here the body is
+received straight into the block buffers in a worker thread, as the GCS media GET does:
+``recv_into`` with ``SO_RCVLOWAT`` on a plain socket (``httpclient_body``), the TLS layer's
+``recv_into`` (through ``HTTPResponse.readinto``) over HTTPS.
+
+Redirects follow the same rules as every other request of the backend (redirects.py): the
+policy is asked on the trio thread (``trio.from_thread.run``) before a redirect is followed,
+and the user's ``--header`` values go to the source's origin only. One connection pool per
+origin a GET reaches (a source and the store it redirects to).
+
+Every method blocks except where noted; the pools are the only state threads share, each
+under its own lock, the dict of pools under this object's (docs/concurrency.md).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import trio
+
+from modelfs.backends.body import read_exactly
+from modelfs.backends.connpool import ConnectionPool
+from modelfs.backends.private import httpclient_body
+from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
+from modelfs.backends.responses import Headers
+from modelfs.errors import BackendError, TransientError
+
+__all__ = ["HTTPMedia"]
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_REDIRECT_BODY_LIMIT = 64 << 10  # read past to reuse the connection; a larger one closes it
+
+CheckResponse = Callable[[int, Headers], None]
+
+
+class HTTPMedia:
+    """GETs of byte ranges below an http(s) source, each body read into block buffers."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: object | None,
+        connect_timeout: float,
+        read_timeout: float,
+        max_idle: int,
+        headers: Mapping[str, str],
+        user_headers: Sequence[tuple[str, str]],
+        redirects: RedirectPolicy,
+    ) -> None:
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_idle = max_idle
+        self._headers = dict(headers)
+        self._user_headers = list(user_headers)
+        self._redirects = redirects
+        self._lock = threading.Lock()
+        self._pools: dict[tuple[str, str, int], ConnectionPool] = {}
+        self._closed = False
+
+    def _pool(self, scheme: str, host: str, port: int) -> ConnectionPool:
+        with self._lock:
+            if self._closed:
+                raise ConnectionAbortedError("the daemon is stopping")
+            pool = self._pools.get((scheme, host, port))
+            if pool is None:
+                if scheme == "https" and self._ssl is None:
+                    raise BackendError(f"redirected to https://{host}: no TLS settings for a plain-http source")
+                pool = ConnectionPool(
+                    host,
+                    port,
+                    connect_timeout=self._connect_timeout,
+                    read_timeout=self._read_timeout,
+                    max_idle=self._max_idle,
+                    ssl_context=self._ssl if scheme == "https" else None,  # type: ignore[arg-type]
+                )
+                self._pools[(scheme, host, port)] = pool
+            return pool
+
+    def close(self) -> None:
+        """Close idle connections; later GETs fail (the daemon is stopping)."""
+        with self._lock:
+            self._closed = True
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.close()
+
+    def abort(self) -> None:
+        """The daemon is stopping: GETs in flight fail now, not at the read timeout."""
+        with self._lock:
+            self._closed = True
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.abort()
+
+    def get_into(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        dests: Sequence[memoryview],
+        check: CheckResponse,
+        what: str,
+        sums: list[int] | None = None,
+    ) -> None:
+        """Fill ``dests`` in turn from one GET of ``url`` (``headers`` hold its Range and
+        validators), following redirects by the policy. Runs in a trio worker thread.
+
+        ``check(status, headers)`` raises for an answer that is not exactly the range asked
+        for. With ``sums``, each buffer's CRC32C is appended as its bytes arrive (plain
+        sockets only; else ``sums`` is left empty). Network failures surface as OSError,
+        http.client.HTTPException or EOFError; a body longer than asked for is a
+        TransientError.
+        """
+        length = sum(len(dest) for dest in dests)
+        current = url
+        same_origin = True
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(current)
+            scheme, host = parts.scheme.lower(), parts.hostname
+            if scheme not in ("http", "https") or not host:
+                raise BackendError(f"{what}: not an http(s) URL")
+            port = parts.port or (443 if scheme == "https" else 80)
+            sent = dict(self._headers)
+            sent.update(headers)
+            if same_origin:
+                sent.update(self._user_headers)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            location = self._get_once(self._pool(scheme, host, port), target, sent, dests, length, check, sums, what)
+            if location is None:
+                return
+            following = urljoin(current, location)
+            policy_check = self._redirects.check
+            allowed = trio.from_thread.run(policy_check, httpx.URL(current), httpx.URL(following), what)
+            same_origin = allowed and same_origin
+            current = following
+        raise BackendError(f"{what}: more than {MAX_REDIRECTS} redirects")
+
+    def _get_once(
+        self,
+        pool: ConnectionPool,
+        target: str,
+        headers: dict[str, str],
+        dests: Sequence[memoryview],
+        length: int,
+        check: CheckResponse,
+        sums: list[int] | None,
+        what: str,
+    ) -> str | None:
+        """One GET on a pooled connection: None when ``dests`` are filled, or a redirect's Location."""
+        conn = pool.take()
+        sock = conn.sock
+        pool.track(conn, sock, True)
+        try:
+            return self._exchange(pool, conn, target, headers, dests, length, check, sums, what)
+        finally:
+            pool.track(conn, sock, False)
+
+    def _exchange(
+        self,
+        pool: ConnectionPool,
+        conn: http.client.HTTPConnection,
+        target: str,
+        headers: dict[str, str],
+        dests: Sequence[memoryview],
+        length: int,
+        check: CheckResponse,
+        sums: list[int] | None,
+        what: str,
+    ) -> str | None:
+        try:
+            conn.request("GET", target, headers=headers)
+            resp = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            location = resp.getheader("location")
+            if resp.status in _REDIRECTS and location:
+                body = resp.read(_REDIRECT_BODY_LIMIT + 1)
+                if len(body) > _REDIRECT_BODY_LIMIT or not resp.isclosed():
+                    resp.close()
+                    conn.close()
+                else:
+                    pool.give_back(conn)
+                return location
+            # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
+            check(resp.status, resp.headers)
+            fast = httpclient_body.applies(conn.sock, resp)
+            if sums is not None:
+                sums.clear()
+            got = 0
+            for dest in dests:
+                if fast:
+                    n = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout, sums=sums)
+                else:
+                    n = read_exactly(resp.readinto, dest)
+                    if sums is not None:
+                        sums.clear()
+                        sums = None  # not summed on this path: the disk write computes the CRCs
+                got += n
+                if n < len(dest):
+                    break
+            if got < length:
+                raise EOFError(f"body ended after {got} of {length} bytes")
+            if not resp.isclosed() and resp.read(1):
+                raise TransientError(f"{what}: the server sent more than {length} bytes")
+        except BaseException:
+            # Close the response too: after a "Connection: close" answer http.client has
+            # handed the socket to the response alone (see gcs_media.py).
+            resp.close()
+            conn.close()
+            raise
+        if resp.isclosed():
+            pool.give_back(conn)
+        else:
+            resp.close()
+            conn.close()
+        return None

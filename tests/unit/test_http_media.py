@@ -1,0 +1,209 @@
+"""The HTTP backend's data GETs on http.client (backends/http_media.py), against loopback
+servers: bytes into several buffers, redirects by the policy (headers only to the source's
+origin), short and long bodies, and a stop that ends a GET the server never finishes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+import trio
+
+from modelfs.backends.http_media import HTTPMedia
+from modelfs.backends.redirects import RedirectPolicy
+from modelfs.backends.responses import Headers, RangeRequest, check_range_response
+from modelfs.errors import BackendError, TransientError
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+Reply = Callable[[BaseHTTPRequestHandler], None]
+
+
+@contextmanager
+def server(reply: Reply) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A loopback HTTP/1.1 server answering every GET with ``reply``; the requests' headers."""
+    seen: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append({k.lower(): v for k, v in self.headers.items()} | {":path": self.path})
+            reply(self)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def ranged(handler: BaseHTTPRequestHandler, *, extra: bytes = b"", short: int = 0) -> None:
+    """A 206 of the asked range (``short`` bytes fewer sent; ``extra`` sent after, unannounced)."""
+    first, last = (int(x) for x in handler.headers["Range"].removeprefix("bytes=").split("-"))
+    body = DATA[first : last + 1]
+    handler.send_response(206)
+    handler.send_header("Content-Range", f"bytes {first}-{last}/{len(DATA)}")
+    if extra:
+        handler.send_header("Connection", "close")  # the body's end is the connection's
+    else:
+        handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body[: len(body) - short] + extra)
+    handler.wfile.flush()
+    if short:
+        handler.close_connection = True
+
+
+def redirect_to(location: str) -> Reply:
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return reply
+
+
+_made: list[HTTPMedia] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_connections() -> Iterator[None]:
+    yield
+    while _made:
+        _made.pop().close()
+
+
+def media(source: str, *, cross_origin: bool = False) -> HTTPMedia:
+    m = HTTPMedia(
+        ssl_context=None,
+        connect_timeout=5,
+        read_timeout=30,
+        max_idle=4,
+        headers={"User-Agent": "test"},
+        user_headers=[("X-Api-Key", "k3y")],
+        redirects=RedirectPolicy(source, cross_origin=cross_origin),
+    )
+    _made.append(m)
+    return m
+
+
+async def get(m: HTTPMedia, url: str, offset: int, sizes: list[int]) -> bytes:
+    request = RangeRequest("m.bin", offset, sum(sizes), len(DATA))
+
+    def check(status: int, headers: Headers) -> None:
+        check_range_response(status, headers, request)
+
+    bufs = [bytearray(n) for n in sizes]
+    sums: list[int] = []
+    await trio.to_thread.run_sync(
+        m.get_into, url, {"Range": request.header}, [memoryview(b) for b in bufs], check, "m.bin", sums
+    )
+    return b"".join(bufs)
+
+
+async def test_one_get_into_several_buffers_on_a_kept_alive_connection() -> None:
+    with server(ranged) as (url, seen):
+        m = media(url)
+        assert await get(m, f"{url}/m.bin", 1000, [300_000, 300_000, 7]) == DATA[1000:601_007]
+        assert await get(m, f"{url}/m.bin", 0, [10]) == DATA[:10]
+        assert [r[":path"] for r in seen] == ["/m.bin", "/m.bin"]
+        assert seen[0]["range"] == "bytes=1000-601006" and seen[0]["x-api-key"] == "k3y"
+        assert len(m._pools) == 1 and len(next(iter(m._pools.values())).idle) == 1  # reused
+
+
+async def test_same_origin_redirect_keeps_the_headers() -> None:
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        if handler.path == "/old/m.bin":
+            redirect_to("/new/m.bin")(handler)
+        else:
+            ranged(handler)
+
+    with server(reply) as (url, seen):
+        assert await get(media(url), f"{url}/old/m.bin", 5, [100]) == DATA[5:105]
+        assert [(r[":path"], r.get("x-api-key")) for r in seen] == [("/old/m.bin", "k3y"), ("/new/m.bin", "k3y")]
+
+
+async def test_cross_origin_redirects_need_the_option_and_get_no_headers() -> None:
+    with server(ranged) as (store, store_seen), server(lambda h: None) as (_, _seen):
+        with server(redirect_to(f"{store}/m.bin")) as (source, source_seen):
+            with pytest.raises(BackendError, match="another origin"):
+                await get(media(source), f"{source}/m.bin", 0, [10])
+            assert store_seen == []
+            assert await get(media(source, cross_origin=True), f"{source}/m.bin", 7, [50]) == DATA[7:57]
+            assert source_seen[-1]["x-api-key"] == "k3y" and "x-api-key" not in store_seen[-1]
+
+
+async def test_https_never_redirects_to_plain_http() -> None:
+    policy = RedirectPolicy("https://example.test/", cross_origin=True)
+    with pytest.raises(BackendError, match="https to plain http"):
+        await policy.check(httpx.URL("https://example.test/m"), httpx.URL("http://example.test/m"), "m")
+
+
+async def test_a_short_body_and_a_longer_one_fail() -> None:
+    with server(lambda h: ranged(h, short=10)) as (url, _):
+        with pytest.raises(EOFError):
+            await get(media(url), f"{url}/m.bin", 0, [4096, 4096])
+    with server(lambda h: ranged(h, extra=b"x" * 100)) as (url, _):
+        with pytest.raises(TransientError, match="more than"):
+            await get(media(url), f"{url}/m.bin", 0, [4096])
+
+
+async def test_a_wrong_range_is_refused_by_the_check() -> None:
+    def wrong(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes 1-10/{len(DATA)}")
+        handler.send_header("Content-Length", "10")
+        handler.end_headers()
+        handler.wfile.write(DATA[1:11])
+
+    with server(wrong) as (url, _):
+        with pytest.raises(TransientError, match="Content-Range"):
+            await get(media(url), f"{url}/m.bin", 0, [10])
+
+
+async def test_abort_ends_a_get_the_server_never_finishes() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def stall(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes 0-99/{len(DATA)}")
+        handler.send_header("Content-Length", "100")
+        handler.end_headers()
+        handler.wfile.write(DATA[:10])
+        handler.wfile.flush()
+        started.set()
+        release.wait(60)
+
+    with server(stall) as (url, _):
+        m = media(url)
+        try:
+            async with trio.open_nursery() as nursery:
+                failed: list[BaseException] = []
+
+                async def reader() -> None:
+                    try:
+                        await get(m, f"{url}/m.bin", 0, [100])
+                    except (OSError, EOFError) as exc:
+                        failed.append(exc)
+
+                nursery.start_soon(reader)
+                await trio.to_thread.run_sync(started.wait, 60)
+                m.abort()
+            assert len(failed) == 1
+            with pytest.raises(ConnectionAbortedError):  # no new GET once stopping
+                await get(m, f"{url}/m.bin", 0, [10])
+        finally:
+            release.set()
