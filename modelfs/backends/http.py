@@ -282,6 +282,8 @@ class HTTPBackend(BackendSkeleton):
             )
         if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)):
             return BackendError(f"{what}: {type(exc).__name__}")  # their text may quote a URL or header
+        if isinstance(exc, http.client.InvalidURL):
+            return BackendError(f"{what}: {type(exc).__name__}")  # its text may quote a URL
         if isinstance(exc, (OSError, EOFError, http.client.HTTPException)) and not isinstance(exc, ssl.SSLError):
             return TransientError(f"{what}: {short_reason(exc)}")
         if isinstance(exc, (httpx.TransportError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import http.client
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from urllib.parse import urljoin, urlsplit
 
 import httpx
 import trio
@@ -122,26 +121,28 @@ class HTTPMedia:
         TransientError.
         """
         length = sum(len(dest) for dest in dests)
-        current = url
+        # httpx's URL parsing, as for the backend's other requests: the same normalization
+        # and percent-encoding of whatever a Location header holds.
+        current = httpx.URL(url)
         same_origin = True
         for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(current)
-            scheme, host = parts.scheme.lower(), parts.hostname
+            scheme, host = current.scheme, current.host
             if scheme not in ("http", "https") or not host:
                 raise BackendError(f"{what}: not an http(s) URL")
-            port = parts.port or (443 if scheme == "https" else 80)
+            port = current.port or (443 if scheme == "https" else 80)
             sent = dict(self._headers)
             sent.update(headers)
             if same_origin:
                 sent.update(self._user_headers)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            target = current.raw_path.decode("ascii")
             location = self._get_once(self._pool(scheme, host, port), target, sent, dests, length, check, sums, what)
             if location is None:
                 return
-            following = urljoin(current, location)
-            policy_check = self._redirects.check
-            allowed = trio.from_thread.run(policy_check, httpx.URL(current), httpx.URL(following), what)
-            same_origin = allowed and same_origin
+            try:
+                following = current.join(location)
+            except httpx.InvalidURL:
+                raise BackendError(f"{what}: redirected to an invalid URL") from None
+            same_origin = trio.from_thread.run(self._redirects.check, current, following, what) and same_origin
             current = following
         raise BackendError(f"{what}: more than {MAX_REDIRECTS} redirects")
 

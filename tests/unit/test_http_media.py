@@ -135,6 +135,18 @@ async def test_same_origin_redirect_keeps_the_headers() -> None:
         assert [(r[":path"], r.get("x-api-key")) for r in seen] == [("/old/m.bin", "k3y"), ("/new/m.bin", "k3y")]
 
 
+async def test_a_redirect_to_an_odd_path_is_percent_encoded() -> None:
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        if handler.path == "/m.bin":
+            redirect_to("/a dir/ü?x=1 2")(handler)
+        else:
+            ranged(handler)
+
+    with server(reply) as (url, seen):
+        assert await get(media(url), f"{url}/m.bin", 3, [30]) == DATA[3:33]
+        assert seen[-1][":path"] == "/a%20dir/%C3%BC?x=1%202"
+
+
 async def test_cross_origin_redirects_need_the_option_and_get_no_headers() -> None:
     with server(ranged) as (store, store_seen), server(lambda h: None) as (_, _seen):
         with server(redirect_to(f"{store}/m.bin")) as (source, source_seen):
