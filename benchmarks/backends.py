@@ -5,8 +5,9 @@ One run starts nginx (``modelfs.testing.nginx``, HTTP and HTTPS, files on tmpfs)
 object of ``--size`` random bytes. For each of ``--rounds`` rounds it measures, interleaved:
 
   curl-http / curl-https     full GET, ``curl -o /dev/null``: the wire limit
-  http-backend c=N           modelfs's HTTPBackend (httpx on trio, ``aiter_raw`` copied into
-                             the block buffer), ``--block``-sized ranged GETs, N in flight
+  http-backend c=N           modelfs's HTTPBackend (``http.client`` in trio threads, the body
+                             received into the block buffer: http_media.py), ``--block``-sized
+                             ranged GETs, N in flight
   s3-boto3-readinto c=N      modelfs's S3Backend (boto3 in trio threads, http.client readinto
                              straight into the block buffer)
   s3-httpx-presigned c=N     the alternative: a trio-native httpx GET of a botocore-presigned
@@ -129,9 +130,10 @@ async def s3_httpx_presigned(endpoint: str, key: str, size: int, block: int, con
     import httpx
     from botocore.config import Config
 
-    from modelfs.backends.http import _tune_httpcore
+    from modelfs.backends.http import _READ_SIZE
+    from modelfs.backends.private.httpcore_read_size import raise_read_size
 
-    _tune_httpcore()  # the same 512 KiB reads as the HTTP backend, for a fair comparison
+    raise_read_size(_READ_SIZE)  # the same 512 KiB reads as the HTTP backend's httpx requests
 
     # A new session each time: boto3.client() would reuse the credentials of its first call.
     client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))

@@ -218,7 +218,10 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in resp.getheaders():
             if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
                 self.send_header(name, value)
-        self.send_header("Content-Length", str(total))
+        if self.command == "HEAD" and content_length is not None:
+            self.send_header("Content-Length", content_length)  # what a GET would send
+        else:
+            self.send_header("Content-Length", str(total))
         if kind is not None:
             self.send_header("Connection", "close")
         self.end_headers()

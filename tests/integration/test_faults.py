@@ -28,7 +28,8 @@ from modelfs.mount import is_mounted
 from modelfs.names import parse_object_name
 from modelfs.testing.fakegcs import FakeGCS
 from modelfs.testing.faultproxy import FAULT_KINDS, FaultProxy, fault_proxy
-from modelfs.testing.mounts import daemon_pid, force_unmount, run_modelfs
+from modelfs.testing.mounts import daemon_pid, force_unmount, mounted, run_modelfs
+from modelfs.testing.nginx import Nginx
 
 from .conftest import MountFn
 
@@ -627,3 +628,45 @@ def test_bad_input_has_no_traceback(args: list[str], gcs: FakeGCS, tmp_path: Pat
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("modelfs: "), result.stderr
+
+
+def test_http_source_right_bytes_under_faults(web: Nginx, tmp_path: Path) -> None:
+    """An HTTP source's data GETs (http.client in worker threads) through the same faults:
+    every one retried, every byte right, stalls ended by the client's read timeout."""
+    top = f"faults-{os.getpid()}-{random.randrange(1 << 30)}"
+    files = {"a.bin": _data(24 * BLOCK + 5, 21), "b.bin": _data(9 * BLOCK, 22)}
+    for name, data in files.items():
+        web.put(f"{top}/{name}", data)
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("".join(f"{name}\n" for name in files))
+    cache = tmp_path / "cache"
+    with fault_proxy(web.url(""), rate=0.0, seed=20261130, stall_seconds=60) as proxy:
+        options = (*BASE, "--memory-cache", "1536K", "--disk-cache", "0", "--retry-deadline", "15")
+        with mounted(f"{proxy.url}/{top}/", tmp_path / "mnt", cache, "--manifest", str(manifest), *options) as mnt:
+            proxy.configure(fault_listings=True)  # (an nginx GET has no alt=media)
+            for kind in FAULT_KINDS:  # every kind at least once, whatever the dice say
+                proxy.force(kind)
+            proxy.configure(rate=0.2)
+            for name, data in files.items():
+                assert _sha(_read_whole(mnt / name)) == _sha(data), name
+            rng = random.Random(7)
+            fd = os.open(mnt / "a.bin", os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                data = files["a.bin"]
+                for _ in range(40):
+                    offset = rng.randrange(len(data))
+                    length = rng.choice([1, 4096, BLOCK + 1, rng.randrange(1, 3 * BLOCK)])
+                    assert _pread_uncached(fd, length, offset) == data[offset : offset + length], (offset, length)
+            finally:
+                os.close(fd)
+            proxy.configure(rate=0.0)
+            stats = _stats(mnt)
+            counts = proxy.counters()
+            assert all(n >= 1 for n in proxy.faults_by_kind().values()), counts
+            assert stats["retries"] >= counts["faults"] and stats["errors"] == 0, (stats, counts)
+            _wait_for(
+                "stalled connections to be closed by the client",
+                lambda: proxy.counters()["stall_client_gave_up"] == proxy.counters()["fault_stall"],
+            )
+    _no_traceback(cache)
