@@ -326,15 +326,9 @@ class HTTPBackend(BackendSkeleton):
         finally:
             await resp.aclose()
 
-    async def _fetch(self, method: str, url: str, headers: dict[str, str], what: str, cap: int) -> httpx.Response:
-        """A whole (small) response: its body is read, at most ``cap`` bytes of it."""
-        async with self._stream(method, url, headers, what) as resp:
-            body = bytearray()
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if len(body) > cap:
-                    raise BackendError(f"{what}: the response is larger than {cap >> 20} MiB; not read")
-            resp._content = bytes(body)  # noqa: SLF001 - httpx keeps a read body here
+    async def _head(self, url: str, what: str) -> httpx.Response:
+        """A HEAD's answer: its status and headers (the connection goes back to the pool)."""
+        async with self._stream("HEAD", url, {}, what) as resp:
             return resp
 
     # --- metadata
@@ -343,7 +337,7 @@ class HTTPBackend(BackendSkeleton):
         what = self._display(name)
         async with self._limiter:
             try:
-                resp = await self._fetch("HEAD", self._url(name), {}, what, cap=_MAX_INDEX_BYTES)
+                resp = await self._head(self._url(name), what)
             except Exception as exc:
                 raise self.classify(exc, what) from None
             headers = resp.headers
