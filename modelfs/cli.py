@@ -82,6 +82,7 @@ WARM_OPTIONS = {
     "manifest",
     "ca-cert",
     "header",
+    "billing-project",
     "endpoint-url",
     "cache-url",
     "persist-weak-versions",

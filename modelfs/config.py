@@ -220,6 +220,16 @@ def _parse_endpoint_url(text: Any) -> str:
     return value
 
 
+_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9.:-]{0,62}$")
+
+
+def _parse_project(text: Any) -> str:
+    value = _parse_str(text).strip()
+    if not _PROJECT_RE.match(value):
+        raise ConfigError(f"not a Google Cloud project ID or number: {value[:80]!r}")
+    return value
+
+
 def _parse_log_format(text: Any) -> str:
     value = str(text).strip().lower()
     if value not in ("text", "json"):
@@ -400,7 +410,7 @@ class Config:
     prefetch_get_size: int = _option(
         parse_size,
         32 << 20,
-        "largest ranged GET of sequential read-ahead: it joins neighbouring blocks up to this size (GCS, S3); "
+        "largest ranged GET of sequential read-ahead: it joins neighbouring blocks up to this size (GCS, S3, HTTP); "
         "the block size turns joining off",
     )
     random_read_size: int = _option(
@@ -438,6 +448,11 @@ class Config:
         "http(s): 'Name: value' sent with every request (repeatable; @FILE reads them from FILE); never logged",
         multiple=True,
         repr=False,  # may hold tokens: never shown
+    )
+    billing_project: str | None = _option(
+        _parse_project,
+        None,
+        "gs: the project billed for the requests (a Requester Pays bucket; sent as userProject)",
     )
     endpoint_url: str | None = _option(
         _parse_endpoint_url, None, "s3: the S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS)"
@@ -620,6 +635,8 @@ def _check_source_options(source: Source, values: dict[str, Any]) -> None:
             raise ConfigError(f"--ca-cert: no such file: {values['ca_cert']}")
     if values["header"] and not http:
         raise ConfigError("--header applies to http(s):// sources")
+    if values["billing_project"] is not None and source.scheme != "gs":
+        raise ConfigError("--billing-project applies to gs:// sources")
     if values["endpoint_url"] is not None and source.scheme != "s3":
         raise ConfigError("--endpoint-url applies to s3:// sources")
     if values["cache_url"] and source.scheme == "file":

@@ -37,7 +37,11 @@ def _open_origin(config: Config, budget: MemoryCache | None) -> Backend:
         from modelfs.backends.gcs import GCSBackend
 
         return GCSBackend(
-            source, anonymous=config.anonymous, read_timeout=config.read_timeout, max_concurrency=config.max_concurrency
+            source,
+            anonymous=config.anonymous,
+            read_timeout=config.read_timeout,
+            max_concurrency=config.max_concurrency,
+            billing_project=config.billing_project,
         )
     if source.scheme == "file":
         from modelfs.backends.local import LocalBackend

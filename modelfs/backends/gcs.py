@@ -94,6 +94,7 @@ class GCSBackend(ThreadedBackend):
         read_timeout: float = 30.0,
         max_concurrency: int = 8,
         connect_timeout: float = 10.0,
+        billing_project: str | None = None,
     ) -> None:
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         super().__init__(source, threads=max_concurrency + 1)
@@ -104,6 +105,8 @@ class GCSBackend(ThreadedBackend):
         base = api_base_url()
         self._bucket_path = object_path(source.bucket)
         self._media_path = f"/download{self._bucket_path}/"
+        # Requester Pays: every request names the project billed for it (JSON API and media).
+        self._user_project = billing_project
         self._session: SessionClient | None = None
         self._media: MediaTransport | None = None
         self._json: JsonClient
@@ -171,12 +174,17 @@ class GCSBackend(ThreadedBackend):
         return items
 
     def _list_page(self, params: dict[str, str | int | None]) -> dict[str, Any]:
-        return self._json.get_json(self._bucket_path + query({"projection": "noAcl", **params}))
+        return self._json.get_json(
+            self._bucket_path + query({"projection": "noAcl", **params, "userProject": self._user_project})
+        )
 
     def _get_object(self, name: str) -> ObjectInfo | None:
         """The object's metadata, None if there is none (raises for any other failure)."""
         try:
-            doc = self._json.get_json(object_path(self._source.bucket, name) + query({"fields": _INFO_FIELDS}))
+            doc = self._json.get_json(
+                object_path(self._source.bucket, name)
+                + query({"fields": _INFO_FIELDS, "userProject": self._user_project})
+            )
         except StatusError as exc:
             if exc.status == 404:
                 return None
@@ -272,7 +280,10 @@ class GCSBackend(ThreadedBackend):
     # --- the data path
 
     def _media_target(self, name: str, version: str) -> str:
-        return f"{self._media_path}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
+        target = f"{self._media_path}{quote(self._prefix + name, safe='')}?alt=media&generation={version}"
+        if self._user_project is not None:
+            target += f"&userProject={quote(self._user_project, safe='')}"
+        return target
 
     @property
     def joins_reads(self) -> bool:

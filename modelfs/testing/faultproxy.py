@@ -350,6 +350,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._forced: list[str] = []
+        self.paths: list[str] = []  # every request's path and query, in order (for tests)
         self._stop = threading.Event()
         self._connections: set[socket.socket] = set()
         self._server = _Server(("127.0.0.1", port), self)
@@ -471,6 +472,7 @@ class FaultProxy:
         query = parse_qs(urlsplit(path).query)
         media = query.get("alt") == ["media"]
         with self._lock:
+            self.paths.append(path)
             if media:
                 self._counts["media_requests"] += 1
             if not media and not self.fault_listings:

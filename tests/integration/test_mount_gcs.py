@@ -13,6 +13,7 @@ import pytest
 
 from modelfs.mount import is_mounted, wait_for_exit
 from modelfs.testing.fakegcs import FakeGCS
+from modelfs.testing.faultproxy import fault_proxy
 from modelfs.testing.mounts import daemon_pid, mounted, run_modelfs
 
 from .conftest import MountFn
@@ -268,3 +269,36 @@ def test_sequential_read_ahead_joins_blocks_into_larger_gets(
                 offset = rng.randrange(len(data))
                 f.seek(offset)
                 assert f.read(3000) == data[offset : offset + 3000]
+
+
+def test_billing_project_is_sent_with_every_request(gcs: FakeGCS, bucket: str, tmp_path: Path) -> None:
+    """--billing-project (Requester Pays): every listing, stat and media GET names the project."""
+    data = _data(5 * BLOCK + 9, 31)
+    gcs.upload(bucket, "rp/sub/w.bin", data)
+    options = ("--anonymous", "--block-size", "64K", "--billing-project", "my-proj-123", "--metadata-ttl", "0")
+    with fault_proxy(gcs.url, rate=0.0) as proxy:
+        env = dict(os.environ, STORAGE_EMULATOR_HOST=proxy.url)
+        with mounted(f"gs://{bucket}/rp", tmp_path / "mnt", tmp_path / "cache", *options, env=env) as mnt:
+            assert os.listdir(mnt) == ["sub"]
+            assert hashlib.sha256((mnt / "sub" / "w.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+            paths = list(proxy.paths)
+    assert any("alt=media" in p for p in paths) and any("/o?" in p for p in paths), paths
+    missing = [p for p in paths if "userProject=my-proj-123" not in p]
+    assert missing == [], missing
+
+
+@pytest.mark.parametrize(
+    ("source", "value", "error"),
+    [
+        ("s3://bkt/p", "my-proj", "applies to gs://"),
+        ("gs://bkt/p", "My Project", "not a Google Cloud project"),
+        ("gs://bkt/p", "x" * 100, "not a Google Cloud project"),
+    ],
+)
+def test_billing_project_mistakes_are_one_line_errors(tmp_path: Path, source: str, value: str, error: str) -> None:
+    (tmp_path / "mnt").mkdir()
+    result = run_modelfs(
+        "mount", source, str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"), "--billing-project", value
+    )
+    assert result.returncode != 0 and error in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
