@@ -42,11 +42,12 @@ from modelfs.backends.body import read_exactly
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.private import httpclient_body
 
-__all__ = ["FILL_SOCKET", "PASS_HEADERS", "FillServer", "main"]
+__all__ = ["FILL_SOCKET", "HEALTH_PATH", "PASS_HEADERS", "FillServer", "main"]
 
 log = logging.getLogger("modelfs.tierconf.fill")
 
 FILL_SOCKET = "fill.sock"  # nginx's cache server -> this process, in the tier's run dir
+HEALTH_PATH = "/.modelfs-tier/health"  # the readiness probe nginx passes on
 
 # The headers of the origin's answer that the reader checks or that describe the bytes.
 PASS_HEADERS = (
@@ -108,6 +109,13 @@ class _FillHandler(BaseHTTPRequestHandler):
         log.warning("%s", format % args)
 
     def do_GET(self) -> None:
+        if self.path == HEALTH_PATH:  # nginx's readiness probe, passed on: this stage is up
+            self.send_response_only(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"ok\n")
+            return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         headers["Accept-Encoding"] = "identity"
         with self.server.fills:

@@ -93,6 +93,10 @@ def test_the_tier_serves_only_pinned_reads_of_its_paths(
     assert get(f"/{top}/../private/x", **{"If-Match": '"x"'}) in (400, 403)
     assert get(f"/{top}/%2e%2e/private/x", **{"If-Match": '"x"'}) in (400, 403)
     assert get("/.modelfs-tier/health") == 200
+    # The fill stage alone is gone: nginx still answers, but the replica is not ready.
+    tier.fill.kill()
+    tier.fill.wait()
+    assert get("/.modelfs-tier/health") == 502
 
 
 def test_s3_source_through_a_tier_that_signs_its_own_requests(s3: S3Server, tmp_path: Path) -> None:
