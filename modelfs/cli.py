@@ -83,6 +83,7 @@ WARM_OPTIONS = {
     "ca-cert",
     "header",
     "billing-project",
+    "requester-pays",
     "endpoint-url",
     "cache-url",
     "persist-weak-versions",

@@ -454,6 +454,12 @@ class Config:
         None,
         "gs: the project billed for the requests (a Requester Pays bucket; sent as userProject)",
     )
+    requester_pays: bool = _option(
+        _parse_bool,
+        False,
+        "s3: accept the request charges of a Requester Pays bucket (x-amz-request-payer: requester)",
+        flag=True,
+    )
     endpoint_url: str | None = _option(
         _parse_endpoint_url, None, "s3: the S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS)"
     )
@@ -637,6 +643,8 @@ def _check_source_options(source: Source, values: dict[str, Any]) -> None:
         raise ConfigError("--header applies to http(s):// sources")
     if values["billing_project"] is not None and source.scheme != "gs":
         raise ConfigError("--billing-project applies to gs:// sources")
+    if values["requester_pays"] and source.scheme != "s3":
+        raise ConfigError("--requester-pays applies to s3:// sources")
     if values["endpoint_url"] is not None and source.scheme != "s3":
         raise ConfigError("--endpoint-url applies to s3:// sources")
     if values["cache_url"] and source.scheme == "file":

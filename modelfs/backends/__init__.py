@@ -73,5 +73,6 @@ def _open_origin(config: Config, budget: MemoryCache | None) -> Backend:
             ca_cert=config.ca_cert,
             read_timeout=config.read_timeout,
             max_concurrency=config.max_concurrency,
+            requester_pays=config.requester_pays,
         )
     raise AssertionError(f"unknown scheme {source.scheme}")

@@ -98,6 +98,7 @@ class S3Backend(ThreadedBackend):
         read_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         max_concurrency: int = 8,
+        requester_pays: bool = False,
     ) -> None:
         import boto3
         from botocore import UNSIGNED
@@ -106,6 +107,8 @@ class S3Backend(ThreadedBackend):
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         super().__init__(source, threads=max_concurrency + 1)
         self._prefix = source.prefix + "/" if source.prefix else ""
+        # A Requester Pays bucket: every request says the requester accepts the charges.
+        self._payer: dict[str, str] = {"RequestPayer": "requester"} if requester_pays else {}
         session = boto3.session.Session()
         if not anonymous and session.get_credentials() is None:
             raise ConfigError(
@@ -196,7 +199,7 @@ class S3Backend(ThreadedBackend):
         out: list[ObjectInfo] = []
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self._source.bucket, Prefix=self._prefix
+                Bucket=self._source.bucket, Prefix=self._prefix, **self._payer
             )
             for page in pages:
                 for item in page.get("Contents", ()):
@@ -211,7 +214,12 @@ class S3Backend(ThreadedBackend):
         return await self.run_blocking(self._list)
 
     def _list_dir(self, prefix: str, token: str | None, limit: int | None) -> ListPage:
-        params: dict[str, Any] = {"Bucket": self._source.bucket, "Prefix": self._prefix + prefix, "Delimiter": "/"}
+        params: dict[str, Any] = {
+            "Bucket": self._source.bucket,
+            "Prefix": self._prefix + prefix,
+            "Delimiter": "/",
+            **self._payer,
+        }
         if token is not None:
             params["ContinuationToken"] = token
         params["MaxKeys"] = limit if limit is not None else 1000  # S3's own default, asked for explicitly
@@ -232,7 +240,7 @@ class S3Backend(ThreadedBackend):
 
     def _stat(self, name: str) -> ObjectInfo:
         try:
-            head = self._client.head_object(Bucket=self._source.bucket, Key=self._prefix + name)
+            head = self._client.head_object(Bucket=self._source.bucket, Key=self._prefix + name, **self._payer)
         except Exception as exc:
             raise self.classify(exc, name) from None
         return self._info(self._prefix + name, head["ContentLength"], head.get("LastModified"), head["ETag"])
@@ -249,7 +257,11 @@ class S3Backend(ThreadedBackend):
         what = request.what
         try:
             resp = self._client.get_object(
-                Bucket=self._source.bucket, Key=self._prefix + name, Range=request.header, IfMatch=version
+                Bucket=self._source.bucket,
+                Key=self._prefix + name,
+                Range=request.header,
+                IfMatch=version,
+                **self._payer,
             )
         except Exception as exc:
             raise self.classify(exc, what, reading=True) from None

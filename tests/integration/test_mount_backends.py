@@ -371,3 +371,28 @@ def test_sequential_read_ahead_joins_blocks_where_the_store_can(remote: Remote, 
     stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
     assert stats["backend_bytes"] == len(data), stats  # each byte once
     assert stats["joined_gets"] >= 3 and stats["backend_gets"] <= BIG_BLOCKS // 2, stats
+
+
+def test_payer_options_belong_to_their_store(remote: Remote, mount: Callable[..., Path], tmp_path: Path) -> None:
+    """--requester-pays (S3) and --billing-project (GCS): the store they name mounts with it and
+    reads right; any other source refuses it with one line."""
+    option = {"s3": ("--requester-pays",), "gcs": ("--billing-project", "my-proj")}.get(remote.kind)
+    if option is not None:
+        mnt = mount(remote, *OPTIONS, *option)
+        name = sorted(remote.files)[0]
+        assert hashlib.sha256((mnt / name).read_bytes()).digest() == hashlib.sha256(remote.files[name]).digest()
+    for other in (("--requester-pays",), ("--billing-project", "my-proj")):
+        if other == option:
+            continue
+        (tmp_path / "refused").mkdir(exist_ok=True)
+        result = run_modelfs(
+            "mount",
+            remote.source,
+            str(tmp_path / "refused"),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            *remote.options,
+            *other,
+        )
+        assert result.returncode != 0 and "applies to" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -134,3 +134,25 @@ def test_no_credentials_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(ConfigError, match="--anonymous"):
         S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9")
+
+
+async def test_requester_pays_is_said_and_signed_on_every_request(aws_env: None) -> None:
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9", requester_pays=True)
+    sent = scripted(backend, 200, LIST_XML, {"ETag": ETAG, "Content-Length": "10"})
+    await backend.list_objects()
+    await backend.list_dir("")
+    await backend.stat("a.bin")
+    reader = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9", requester_pays=True)
+    data = bytes(range(10))
+    got = scripted(reader, 206, data[2:6], {"ETag": ETAG, "Content-Range": "bytes 2-5/10", "Content-Length": "4"})
+    buf = bytearray(4)
+    await reader.read_range("a.bin", ETAG, 2, memoryview(buf))
+    assert bytes(buf) == data[2:6]
+    assert len(sent) == 3 and len(got) == 1, [r.url for r in sent + got]
+    for request in sent + got:
+        assert request.headers["x-amz-request-payer"] == b"requester", request.url
+        assert b"x-amz-request-payer" in request.headers["Authorization"]  # among the signed headers
+    plain = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9")
+    sent = scripted(plain, 200, LIST_XML)
+    await plain.list_objects()
+    assert "x-amz-request-payer" not in sent[0].headers
