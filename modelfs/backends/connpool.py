@@ -22,8 +22,54 @@ import threading
 __all__ = ["ConnectionPool"]
 
 
+def _connect_to_one(addresses: tuple[str, ...], port: int, timeout: float | None) -> socket.socket:
+    """A TCP connection to the first of ``addresses`` that answers (as create_connection does
+    with the addresses a name resolves to)."""
+    error: OSError | None = None
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout)
+        except OSError as exc:
+            error = exc
+    raise error or OSError("no address to connect to")
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """A connection to ``host`` (its Host header) made to addresses checked beforehand."""
+
+    def __init__(self, host: str, port: int, *, addresses: tuple[str, ...], timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._addresses = addresses
+
+    def connect(self) -> None:
+        self.sock = _connect_to_one(self._addresses, self.port, self.timeout)
+
+
+class _PinnedTLSConnection(http.client.HTTPSConnection):
+    """The same over TLS: the certificate is checked for ``host`` (SNI too), not the address."""
+
+    def __init__(
+        self, host: str, port: int, *, addresses: tuple[str, ...], timeout: float, context: ssl.SSLContext
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._addresses = addresses
+        self._tls = context
+
+    def connect(self) -> None:
+        sock = _connect_to_one(self._addresses, self.port, self.timeout)
+        try:
+            self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
 class ConnectionPool:
-    """Connections to ``host:port`` (TLS when ``ssl_context`` is given), at most ``max_idle`` kept."""
+    """Connections to ``host:port`` (TLS when ``ssl_context`` is given), at most ``max_idle`` kept.
+
+    ``addresses``: connect to these IP addresses rather than to whatever ``host`` resolves to
+    now (addresses the caller checked: see redirects.py); ``host`` still names the server.
+    """
 
     def __init__(
         self,
@@ -34,8 +80,10 @@ class ConnectionPool:
         read_timeout: float,
         max_idle: int,
         ssl_context: ssl.SSLContext | None = None,
+        addresses: tuple[str, ...] | None = None,
     ) -> None:
         self.host = host
+        self._addresses = addresses
         self.port = port
         self.read_timeout = read_timeout
         self._connect_timeout = connect_timeout
@@ -73,10 +121,16 @@ class ConnectionPool:
             if not self.dropped(conn):
                 return conn
             conn.close()
-        if self._ssl is not None:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self._connect_timeout, context=self._ssl)
+        timeout = self._connect_timeout
+        pinned = self._addresses
+        if pinned is not None and self._ssl is not None:
+            conn = _PinnedTLSConnection(self.host, self.port, addresses=pinned, timeout=timeout, context=self._ssl)
+        elif pinned is not None:
+            conn = _PinnedConnection(self.host, self.port, addresses=pinned, timeout=timeout)
+        elif self._ssl is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._ssl)
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self._connect_timeout)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)

@@ -11,7 +11,8 @@ received straight into the block buffers in a worker thread, as the GCS media GE
 
 Redirects follow the same rules as every other request of the backend (redirects.py): the
 policy is asked on the trio thread (``trio.from_thread.run``) before a redirect is followed,
-and the user's ``--header`` values go to the source's origin only. One connection pool per
+the user's ``--header`` values go to the source's origin only, and a target on another origin
+is connected to at the address the policy checked, not resolved again. One connection pool per
 origin a GET reaches (a source and the store it redirects to).
 
 Every method blocks except where noted; the pools are the only state threads share, each
@@ -38,6 +39,7 @@ __all__ = ["HTTPMedia"]
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _REDIRECT_BODY_LIMIT = 64 << 10  # read past to reuse the connection; a larger one closes it
+_MAX_PINNED = 32
 
 CheckResponse = Callable[[int, Headers], None]
 
@@ -64,14 +66,15 @@ class HTTPMedia:
         self._user_headers = list(user_headers)
         self._redirects = redirects
         self._lock = threading.Lock()
-        self._pools: dict[tuple[str, str, int], ConnectionPool] = {}
+        # By origin, and by the address a checked redirect target must be reached at.
+        self._pools: dict[tuple[str, str, int, tuple[str, ...] | None], ConnectionPool] = {}
         self._closed = False
 
-    def _pool(self, scheme: str, host: str, port: int) -> ConnectionPool:
+    def _pool(self, scheme: str, host: str, port: int, addresses: tuple[str, ...] | None) -> ConnectionPool:
         with self._lock:
             if self._closed:
                 raise ConnectionAbortedError("the daemon is stopping")
-            pool = self._pools.get((scheme, host, port))
+            pool = self._pools.get((scheme, host, port, addresses))
             if pool is None:
                 if scheme == "https" and self._ssl is None:
                     raise BackendError(f"redirected to https://{host}: no TLS settings for a plain-http source")
@@ -82,9 +85,18 @@ class HTTPMedia:
                     read_timeout=self._read_timeout,
                     max_idle=self._max_idle,
                     ssl_context=self._ssl if scheme == "https" else None,  # type: ignore[arg-type]
+                    addresses=addresses,
                 )
-                self._pools[(scheme, host, port)] = pool
+                self._pools[(scheme, host, port, addresses)] = pool
+                self._forget_old_pinned()
             return pool
+
+    def _forget_old_pinned(self) -> None:
+        """Keep at most _MAX_PINNED pools of checked addresses (a CDN's answers rotate);
+        the oldest goes (its GETs in flight finish; its idle connections close)."""
+        pinned = [key for key in self._pools if key[3] is not None]
+        for key in pinned[: max(0, len(pinned) - _MAX_PINNED)]:
+            self._pools.pop(key).close()
 
     def close(self) -> None:
         """Close idle connections; later GETs fail (the daemon is stopping)."""
@@ -125,6 +137,7 @@ class HTTPMedia:
         # and percent-encoding of whatever a Location header holds.
         current = httpx.URL(url)
         same_origin = True
+        addresses: tuple[str, ...] | None = None  # where the policy checked the current target
         for _ in range(MAX_REDIRECTS + 1):
             scheme, host = current.scheme, current.host
             if scheme not in ("http", "https") or not host:
@@ -135,14 +148,19 @@ class HTTPMedia:
             if same_origin:
                 sent.update(self._user_headers)
             target = current.raw_path.decode("ascii")
-            location = self._get_once(self._pool(scheme, host, port), target, sent, dests, length, check, sums, what)
+            if addresses is not None and not addresses:
+                raise OSError(f"{host}: the name does not resolve")
+            pool = self._pool(scheme, host, port, addresses)
+            location = self._get_once(pool, target, sent, dests, length, check, sums, what)
             if location is None:
                 return
             try:
                 following = current.join(location)
             except httpx.InvalidURL:
                 raise BackendError(f"{what}: redirected to an invalid URL") from None
-            same_origin = trio.from_thread.run(self._redirects.check, current, following, what) and same_origin
+            verdict = trio.from_thread.run(self._redirects.verdict, current, following, what)
+            same_origin = verdict.same_origin and same_origin
+            addresses = verdict.addresses
             current = following
         raise BackendError(f"{what}: more than {MAX_REDIRECTS} redirects")
 

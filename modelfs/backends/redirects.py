@@ -13,7 +13,9 @@ The rules (docs/semantics.md, "Redirects"):
   the source itself is internal: a user who mounts ``http://127.0.0.1:8080/`` expects its
   redirects to its own host to work, a public server must not steer the daemon (which holds
   credentials) at the node's metadata server or at services listening on loopback. The
-  target's name is resolved and every address checked.
+  target's name is resolved and every address checked; the data GETs (http_media.py) then
+  connect to the addresses that were checked, so a name that resolves differently a moment
+  later (DNS rebinding) cannot steer them elsewhere.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import httpx
 import trio
 
 from modelfs.errors import BackendError
 
-__all__ = ["RedirectPolicy", "is_internal_address", "MAX_REDIRECTS"]
+__all__ = ["RedirectPolicy", "Verdict", "is_internal_address", "MAX_REDIRECTS"]
 
 MAX_REDIRECTS = 8
 # Cloud metadata services that are not link-local: AWS IMDS over IPv6, Alibaba Cloud.
@@ -55,9 +58,27 @@ async def _resolve(host: str) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     default = {"http": 80, "https": 443}.get(url.scheme)
     return url.scheme, url.host.lower(), url.port or default
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A redirect that may be followed: whether the user's headers go along (``same_origin``),
+    and the addresses the target's name was checked at (None: the name was not checked, as
+    for the source's own origin or an internal source, and may be connected to by name)."""
+
+    same_origin: bool
+    addresses: tuple[str, ...] | None = None
 
 
 class RedirectPolicy:
@@ -78,6 +99,10 @@ class RedirectPolicy:
     async def check(self, current: httpx.URL, target: httpx.URL, what: str) -> bool:
         """Raise BackendError if ``current`` may not redirect to ``target``; else whether the
         user's headers may be sent to ``target`` (same origin as the source)."""
+        return (await self.verdict(current, target, what)).same_origin
+
+    async def verdict(self, current: httpx.URL, target: httpx.URL, what: str) -> Verdict:
+        """:meth:`check`, with the addresses the target was checked at (see :class:`Verdict`)."""
         shown = f"{target.scheme}://{target.netloc.decode()}"  # never the path or query: may be signed
         if target.scheme not in ("http", "https"):
             raise BackendError(f"{what}: redirected to a {target.scheme or 'relative'}:// URL; not followed")
@@ -89,9 +114,16 @@ class RedirectPolicy:
                 f"{what}: redirected to another origin ({shown}); not followed without "
                 "--allow-cross-origin-redirects (which sends it no --header)"
             )
-        if not same:
-            if self._source_internal is None:
-                self._source_internal = await self._internal(self._source.host)
-            if not self._source_internal and await self._internal(target.host):
-                raise BackendError(f"{what}: redirected to an internal address ({shown}); not followed")
-        return same
+        if same:
+            return Verdict(True)
+        if self._source_internal is None:
+            self._source_internal = await self._internal(self._source.host)
+        if self._source_internal:
+            return Verdict(False)
+        host = target.host
+        if is_internal_address(host) or host.lower() in ("localhost", "metadata.google.internal"):
+            raise BackendError(f"{what}: redirected to an internal address ({shown}); not followed")
+        addresses = [host] if _is_address(host) else await self._resolve(host)
+        if any(is_internal_address(a) for a in addresses):
+            raise BackendError(f"{what}: redirected to an internal address ({shown}); not followed")
+        return Verdict(False, tuple(addresses))

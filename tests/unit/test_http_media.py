@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from modelfs.backends.http_media import HTTPMedia
-from modelfs.backends.redirects import RedirectPolicy
+from modelfs.backends.redirects import RedirectPolicy, Verdict
 from modelfs.backends.responses import Headers, RangeRequest, check_range_response
 from modelfs.errors import BackendError, TransientError
 
@@ -219,3 +219,36 @@ async def test_abort_ends_a_get_the_server_never_finishes() -> None:
                 await get(m, f"{url}/m.bin", 0, [10])
         finally:
             release.set()
+
+
+class _PinningPolicy(RedirectPolicy):
+    """A policy that checked the redirect target at 127.0.0.1 (whatever its name resolves to)."""
+
+    async def verdict(self, current: httpx.URL, target: httpx.URL, what: str) -> Verdict:
+        return Verdict(False, ("127.0.0.1",))
+
+
+async def test_a_checked_target_is_reached_at_the_checked_address() -> None:
+    """No second resolution of the target's name: ``rebind.invalid`` resolves nowhere, the GET
+    goes to the address the policy checked, with the name in its Host header."""
+    with server(ranged) as (store, store_seen):
+        port = store.rsplit(":", 1)[1]
+        with server(redirect_to(f"http://rebind.invalid:{port}/m.bin")) as (source, _):
+            m = media(source, cross_origin=True)
+            m._redirects = _PinningPolicy(source, cross_origin=True)
+            assert await get(m, f"{source}/m.bin", 9, [99]) == DATA[9:108]
+    assert store_seen[-1]["host"] == f"rebind.invalid:{port}" and "x-api-key" not in store_seen[-1]
+
+
+async def test_a_target_whose_name_did_not_resolve_is_not_fetched() -> None:
+    class Unresolved(RedirectPolicy):
+        async def verdict(self, current: httpx.URL, target: httpx.URL, what: str) -> Verdict:
+            return Verdict(False, ())
+
+    with server(ranged) as (store, store_seen):
+        with server(redirect_to(f"{store}/m.bin")) as (source, _):
+            m = media(source, cross_origin=True)
+            m._redirects = Unresolved(source, cross_origin=True)
+            with pytest.raises(OSError, match="does not resolve"):
+                await get(m, f"{source}/m.bin", 0, [10])
+    assert store_seen == []

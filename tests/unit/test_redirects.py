@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from modelfs.backends.redirects import RedirectPolicy, is_internal_address
+from modelfs.backends.redirects import RedirectPolicy, Verdict, is_internal_address
 from modelfs.errors import BackendError
 
 ADDRESSES = {
@@ -77,3 +77,24 @@ def test_internal_addresses() -> None:
     assert is_internal_address("169.254.169.254") and is_internal_address("fd00:ec2::254")
     assert is_internal_address("::1") and not is_internal_address("10.0.0.1")
     assert not is_internal_address("models.example")
+
+
+async def test_the_verdict_names_the_addresses_that_were_checked() -> None:
+    """The data GETs connect to these (http_media.py): a second resolution that answers
+    differently (DNS rebinding) is never asked."""
+    policy = _policy("https://models.example/dir/")
+    here, cdn = httpx.URL("https://models.example/dir/m.bin"), httpx.URL("https://cdn.example/signed")
+    assert await policy.verdict(here, httpx.URL("https://models.example/b/1"), "m") == Verdict(True, None)
+    assert await policy.verdict(here, cdn, "m") == Verdict(False, ("93.184.216.34",))
+    assert await policy.verdict(here, httpx.URL("https://93.184.216.40/x"), "m") == Verdict(False, ("93.184.216.40",))
+    assert await policy.verdict(here, httpx.URL("https://nowhere.example/x"), "m") == Verdict(False, ())
+    ADDRESSES["cdn.example"] = ["127.0.0.1"]  # the name rebinds to loopback: the next check refuses it
+    try:
+        with pytest.raises(BackendError, match="internal address"):
+            await policy.verdict(here, cdn, "m")
+    finally:
+        ADDRESSES["cdn.example"] = ["93.184.216.34"]
+    # From an internal source nothing is checked, so nothing is pinned.
+    assert await _policy("http://127.0.0.1:8080/").verdict(
+        httpx.URL("http://127.0.0.1:8080/m"), httpx.URL("http://cdn.example/x"), "m"
+    ) == Verdict(False, None)
