@@ -22,10 +22,9 @@ from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from modelfs import __version__
-from modelfs.backends.body import read_exactly
+from modelfs.backends.body import receive_into
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.gcs_auth import Signer, tls_context
-from modelfs.backends.private import httpclient_body
 from modelfs.backends.responses import Headers
 
 __all__ = ["CheckResponse", "MediaTransport", "plain_transport_applies"]
@@ -169,19 +168,8 @@ class MediaTransport:
                 return False
             # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
             check(resp.status, resp.headers)
-            got = 0
-            fast = httpclient_body.applies(conn.sock, resp)
-            if sums is not None:
-                sums.clear()  # (a 401 answered before: nothing of its body was summed)
-            for dest in dests:
-                if fast:
-                    n = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout, sums=sums)
-                else:
-                    n = read_exactly(resp.readinto, dest)
-                    sums = None  # not summed on this path: the disk write computes the CRCs
-                got += n
-                if n < len(dest):
-                    break
+            # (``sums`` starts empty: a 401 answered before had nothing of its body summed.)
+            got = receive_into(conn, resp, dests, self._read_timeout, sums)
             if got < length:
                 raise EOFError(f"body ended after {got} of {length} bytes")
         except BaseException:

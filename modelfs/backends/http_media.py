@@ -21,16 +21,14 @@ under its own lock, the dict of pools under this object's (docs/concurrency.md).
 
 from __future__ import annotations
 
-import http.client
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import httpx
 import trio
 
-from modelfs.backends.body import read_exactly
+from modelfs.backends.body import receive_into
 from modelfs.backends.connpool import ConnectionPool
-from modelfs.backends.private import httpclient_body
 from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
 from modelfs.backends.responses import Headers
 from modelfs.errors import BackendError, TransientError
@@ -180,68 +178,40 @@ class HTTPMedia:
         sock = conn.sock
         pool.track(conn, sock, True)
         try:
-            return self._exchange(pool, conn, target, headers, dests, length, check, sums, what)
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                location = resp.getheader("location")
+                if resp.status in _REDIRECTS and location:
+                    body = resp.read(_REDIRECT_BODY_LIMIT + 1)
+                    if len(body) > _REDIRECT_BODY_LIMIT or not resp.isclosed():
+                        resp.close()
+                        conn.close()
+                    else:
+                        pool.give_back(conn)
+                    return location
+                # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
+                check(resp.status, resp.headers)
+                got = receive_into(conn, resp, dests, self._read_timeout, sums)
+                if got < length:
+                    raise EOFError(f"body ended after {got} of {length} bytes")
+                if not resp.isclosed() and resp.read(1):
+                    raise TransientError(f"{what}: the server sent more than {length} bytes")
+            except BaseException:
+                # Close the response too: after a "Connection: close" answer http.client has
+                # handed the socket to the response alone (see gcs_media.py).
+                resp.close()
+                conn.close()
+                raise
+            if resp.isclosed():
+                pool.give_back(conn)
+            else:
+                resp.close()
+                conn.close()
+            return None
         finally:
             pool.track(conn, sock, False)
-
-    def _exchange(
-        self,
-        pool: ConnectionPool,
-        conn: http.client.HTTPConnection,
-        target: str,
-        headers: dict[str, str],
-        dests: Sequence[memoryview],
-        length: int,
-        check: CheckResponse,
-        sums: list[int] | None,
-        what: str,
-    ) -> str | None:
-        try:
-            conn.request("GET", target, headers=headers)
-            resp = conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-        try:
-            location = resp.getheader("location")
-            if resp.status in _REDIRECTS and location:
-                body = resp.read(_REDIRECT_BODY_LIMIT + 1)
-                if len(body) > _REDIRECT_BODY_LIMIT or not resp.isclosed():
-                    resp.close()
-                    conn.close()
-                else:
-                    pool.give_back(conn)
-                return location
-            # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
-            check(resp.status, resp.headers)
-            fast = httpclient_body.applies(conn.sock, resp)
-            if sums is not None:
-                sums.clear()
-            got = 0
-            for dest in dests:
-                if fast:
-                    n = httpclient_body.recv_body_into(conn.sock, resp, dest, self._read_timeout, sums=sums)
-                else:
-                    n = read_exactly(resp.readinto, dest)
-                    if sums is not None:
-                        sums.clear()
-                        sums = None  # not summed on this path: the disk write computes the CRCs
-                got += n
-                if n < len(dest):
-                    break
-            if got < length:
-                raise EOFError(f"body ended after {got} of {length} bytes")
-            if not resp.isclosed() and resp.read(1):
-                raise TransientError(f"{what}: the server sent more than {length} bytes")
-        except BaseException:
-            # Close the response too: after a "Connection: close" answer http.client has
-            # handed the socket to the response alone (see gcs_media.py).
-            resp.close()
-            conn.close()
-            raise
-        if resp.isclosed():
-            pool.give_back(conn)
-        else:
-            resp.close()
-            conn.close()
-        return None
