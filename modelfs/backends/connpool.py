@@ -18,6 +18,7 @@ import select
 import socket
 import ssl
 import threading
+from collections import Counter
 
 __all__ = ["ConnectionPool"]
 
@@ -92,8 +93,10 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._idle: list[http.client.HTTPConnection] = []
         # Sockets of the GETs in flight (the socket, not the connection: after a "Connection:
-        # close" answer http.client drops conn.sock and only the response holds it).
-        self._active: set[socket.socket] = set()
+        # close" answer http.client drops conn.sock and only the response holds it), counted:
+        # a connection given back may be taken by another thread before the first one's
+        # track(False), which must then not drop the second GET's entry.
+        self._active: Counter[socket.socket] = Counter()
         self._closed = False
 
     @property
@@ -151,12 +154,14 @@ class ConnectionPool:
             return
         with self._lock:
             if not active:
-                self._active.discard(sock)
+                self._active[sock] -= 1
+                if self._active[sock] <= 0:
+                    del self._active[sock]
                 return
             if self._closed:
                 conn.close()
                 raise ConnectionAbortedError("the daemon is stopping")
-            self._active.add(sock)
+            self._active[sock] += 1
 
     def close(self) -> None:
         """Close the idle connections and keep no more; GETs in flight finish."""
