@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -241,7 +242,9 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                 pyfuse3.close(unmount=True)
                 closed = True
                 log.info("unmounted %s", mountpoint)
-                await store.finish_writes(STOP_GRACE)
+                # Within the stop timeouts: never past the watchdog, when a signal started it.
+                left = watchdog.remaining()
+                await store.finish_writes(STOP_GRACE if left is None else max(0.0, min(STOP_GRACE, left - 1.0)))
                 nursery.cancel_scope.cancel()
         finally:
             if not closed:
@@ -314,12 +317,18 @@ class StopWatchdog:
         self.mountpoint = mountpoint
         self.seconds = seconds
         self._timer: threading.Timer | None = None
+        self._fires_at: float | None = None
 
     def start(self) -> None:
         if self._timer is None:
             self._timer = threading.Timer(self.seconds, self._expire)
             self._timer.daemon = True
+            self._fires_at = time.monotonic() + self.seconds
             self._timer.start()
+
+    def remaining(self) -> float | None:
+        """Seconds until it ends the process; None if no stop signal started it."""
+        return None if self._fires_at is None else self._fires_at - time.monotonic()
 
     def cancel(self) -> None:
         if self._timer is not None:

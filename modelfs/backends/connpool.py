@@ -98,6 +98,7 @@ class ConnectionPool:
         # track(False), which must then not drop the second GET's entry.
         self._active: Counter[socket.socket] = Counter()
         self._closed = False
+        self._retired = False
 
     @property
     def idle(self) -> list[http.client.HTTPConnection]:
@@ -143,7 +144,7 @@ class ConnectionPool:
     def give_back(self, conn: http.client.HTTPConnection) -> None:
         """Keep ``conn`` for the next GET; only after a complete, checked body (else close it)."""
         with self._lock:
-            if not self._closed and conn.sock is not None and len(self._idle) < self._max_idle:
+            if not self._closed and not self._retired and conn.sock is not None and len(self._idle) < self._max_idle:
                 self._idle.append(conn)
                 return
         conn.close()
@@ -162,6 +163,15 @@ class ConnectionPool:
                 conn.close()
                 raise ConnectionAbortedError("the daemon is stopping")
             self._active[sock] += 1
+
+    def retire(self) -> None:
+        """No longer wanted (not a stop): close the idle connections; a connection in use is
+        closed when it is given back, and a GET may still take a new one."""
+        with self._lock:
+            self._retired = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def close(self) -> None:
         """Close the idle connections and keep no more; GETs in flight finish."""

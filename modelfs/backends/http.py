@@ -28,9 +28,9 @@ import email.utils
 import http.client
 import json
 import logging
+import os
 import re
 import ssl
-import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -42,7 +42,7 @@ import trio
 
 from modelfs import __version__
 from modelfs.backends.base import ListPage, ObjectInfo
-from modelfs.backends.http_media import HTTPMedia
+from modelfs.backends.http_media import HTTPMedia, NeedsProxy, proxied
 from modelfs.backends.private.httpcore_read_size import raise_read_size
 from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
 from modelfs.backends.responses import (
@@ -165,15 +165,6 @@ def _find_cause(exc: BaseException, cls: type[BaseException]) -> BaseException |
     return None
 
 
-def _proxied(url: str) -> bool:
-    """Whether a proxy from the environment (``HTTPS_PROXY``, ...) applies to ``url``."""
-    parts = urlsplit(url)
-    proxies = urllib.request.getproxies()
-    if parts.scheme in proxies or "all" in proxies:
-        return not urllib.request.proxy_bypass(parts.hostname or "")
-    return False
-
-
 def _split_header(line: str) -> tuple[str, str]:
     name, _, value = line.partition(":")
     return name.strip(), value.strip()
@@ -196,7 +187,9 @@ class HTTPBackend(BackendSkeleton):
         cross_origin_redirects: bool = False,
         budget: MemoryCache | None = None,
     ) -> None:
-        super().__init__(source, threads=max_concurrency)
+        super().__init__(source, threads=max_concurrency)  # the data GETs' worker threads
+        # HEADs (on trio) have their own limit: they never wait behind a full pipe of GETs.
+        self._head_limiter = trio.CapacityLimiter(max(1, max_concurrency))
         self._manifest = manifest
         self._budget = budget  # directory index bodies take their bytes from it
         self._run = run_marker(persist_weak_versions)
@@ -214,7 +207,7 @@ class HTTPBackend(BackendSkeleton):
         # Data GETs in worker threads on http.client (http_media.py), unless a proxy applies
         # (httpx honours the proxy variables; http.client does not).
         self._media: HTTPMedia | None = None
-        if not _proxied(self._base):
+        if not proxied(self._base):
             self._media = HTTPMedia(
                 ssl_context=context if context is not None else self._ssl_context(ca_cert),
                 connect_timeout=connect_timeout,
@@ -237,6 +230,13 @@ class HTTPBackend(BackendSkeleton):
         import certifi
 
         context = ssl.create_default_context(cafile=certifi.where())
+        # What httpx would trust from the environment too (it reads these when trust_env).
+        cert_file, cert_dir = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+        if cert_file or cert_dir:
+            try:
+                context.load_verify_locations(cafile=cert_file or None, capath=cert_dir or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"SSL_CERT_FILE / SSL_CERT_DIR: not usable ({exc})") from None
         if ca_cert is not None:
             try:
                 context.load_verify_locations(cafile=str(ca_cert))
@@ -335,7 +335,7 @@ class HTTPBackend(BackendSkeleton):
 
     async def _stat(self, name: str, listed_size: int | None = None) -> ObjectInfo:
         what = self._display(name)
-        async with self._limiter:
+        async with self._head_limiter:
             try:
                 resp = await self._head(self._url(name), what)
             except Exception as exc:
@@ -697,9 +697,11 @@ class HTTPBackend(BackendSkeleton):
 
             try:
                 await self.run_blocking(self._media.get_into, self._url(name), headers, dests, check, what, sums)
+                return
+            except NeedsProxy:
+                pass  # redirected where a proxy applies: this GET goes through httpx, below
             except Exception as exc:
                 raise self.classify(exc, what, reading=True) from None
-            return
         try:
             async with self._stream("GET", self._url(name), headers, what) as resp:
                 check_range_response(resp.status_code, resp.headers, request, pinned=pinned)

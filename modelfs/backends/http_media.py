@@ -22,7 +22,10 @@ under its own lock, the dict of pools under this object's (docs/concurrency.md).
 from __future__ import annotations
 
 import threading
+import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -33,13 +36,27 @@ from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
 from modelfs.backends.responses import Headers
 from modelfs.errors import BackendError, TransientError
 
-__all__ = ["HTTPMedia"]
+__all__ = ["HTTPMedia", "NeedsProxy", "proxied"]
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _REDIRECT_BODY_LIMIT = 64 << 10  # read past to reuse the connection; a larger one closes it
 _MAX_PINNED = 32
 
 CheckResponse = Callable[[int, Headers], None]
+
+
+class NeedsProxy(Exception):
+    """A redirect leads where a proxy from the environment applies: http.client does not
+    use one, so the caller makes this GET through httpx, which does."""
+
+
+def proxied(url: str) -> bool:
+    """Whether a proxy from the environment (``HTTPS_PROXY``, ``NO_PROXY``...) applies to ``url``."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if parts.scheme in proxies or "all" in proxies:
+        return not urllib.request.proxy_bypass(parts.hostname or "")
+    return False
 
 
 class HTTPMedia:
@@ -64,16 +81,20 @@ class HTTPMedia:
         self._user_headers = list(user_headers)
         self._redirects = redirects
         self._lock = threading.Lock()
-        # By origin, and by the address a checked redirect target must be reached at.
-        self._pools: dict[tuple[str, str, int, tuple[str, ...] | None], ConnectionPool] = {}
+        # By origin, and by the addresses a checked redirect target must be reached at
+        # (sorted: the same answers in another order are the same pool); least recently used first.
+        self._pools: OrderedDict[tuple[str, str, int, tuple[str, ...] | None], ConnectionPool] = OrderedDict()
         self._closed = False
 
     def _pool(self, scheme: str, host: str, port: int, addresses: tuple[str, ...] | None) -> ConnectionPool:
         with self._lock:
             if self._closed:
                 raise ConnectionAbortedError("the daemon is stopping")
-            pool = self._pools.get((scheme, host, port, addresses))
-            if pool is None:
+            key = (scheme, host, port, tuple(sorted(addresses)) if addresses is not None else None)
+            pool = self._pools.get(key)
+            if pool is not None:
+                self._pools.move_to_end(key)
+            else:
                 if scheme == "https" and self._ssl is None:
                     raise BackendError(f"redirected to https://{host}: no TLS settings for a plain-http source")
                 pool = ConnectionPool(
@@ -85,16 +106,16 @@ class HTTPMedia:
                     ssl_context=self._ssl if scheme == "https" else None,  # type: ignore[arg-type]
                     addresses=addresses,
                 )
-                self._pools[(scheme, host, port, addresses)] = pool
+                self._pools[key] = pool
                 self._forget_old_pinned()
             return pool
 
     def _forget_old_pinned(self) -> None:
-        """Keep at most _MAX_PINNED pools of checked addresses (a CDN's answers rotate);
-        the oldest goes (its GETs in flight finish; its idle connections close)."""
+        """Keep at most _MAX_PINNED pools of checked addresses (a CDN's answers change); the
+        least recently used goes: its idle connections close, GETs on it finish normally."""
         pinned = [key for key in self._pools if key[3] is not None]
         for key in pinned[: max(0, len(pinned) - _MAX_PINNED)]:
-            self._pools.pop(key).close()
+            self._pools.pop(key).retire()
 
     def close(self) -> None:
         """Close idle connections; later GETs fail (the daemon is stopping)."""
@@ -137,7 +158,8 @@ class HTTPMedia:
         same_origin = True
         addresses: tuple[str, ...] | None = None  # where the policy checked the current target
         for _ in range(MAX_REDIRECTS + 1):
-            scheme, host = current.scheme, current.host
+            # The name as httpx sends it (IDNA 2008, punycode), not as http.client would encode it.
+            scheme, host = current.scheme, current.raw_host.decode("ascii")
             if scheme not in ("http", "https") or not host:
                 raise BackendError(f"{what}: not an http(s) URL")
             port = current.port or (443 if scheme == "https" else 80)
@@ -157,6 +179,8 @@ class HTTPMedia:
             except httpx.InvalidURL:
                 raise BackendError(f"{what}: redirected to an invalid URL") from None
             verdict = trio.from_thread.run(self._redirects.verdict, current, following, what)
+            if proxied(str(following)):
+                raise NeedsProxy(str(following))
             same_origin = verdict.same_origin and same_origin
             addresses = verdict.addresses
             current = following

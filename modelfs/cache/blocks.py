@@ -112,6 +112,8 @@ class BlockStore:
         self._nursery: trio.Nursery | None = None
         self._writes_pending = 0
         self._writes_done = trio.lowlevel.ParkingLot()
+        self._write_seq = 0  # numbers the disk writes, in the order they were queued
+        self._queued_writes: set[int] = set()  # the numbers of those not done yet
         # Read-ahead joins up to this many neighbouring blocks into one GET, on a backend
         # that can fill them from one body: fewer, larger GETs cost less CPU per byte on
         # both ends (docs/architecture.md, "Joined read-ahead GETs"). A joined GET holds
@@ -360,17 +362,20 @@ class BlockStore:
             # Still pinned: the disk write reads the buffer in a thread, and the bytes stay
             # counted in the budget until it is done.
             self._writes_pending += 1
-            self._nursery.start_soon(self._write_back, block)
+            self._write_seq += 1
+            self._queued_writes.add(self._write_seq)
+            self._nursery.start_soon(self._write_back, block, self._write_seq)
         else:
             self.memory.unpin(block)
 
-    async def _write_back(self, block: Block) -> None:
+    async def _write_back(self, block: Block, seq: int) -> None:
         try:
             assert self.disk is not None
             await self.disk.write(block.key, block.view, crc=block.crc)
         finally:
             self.memory.unpin(block)
             self._writes_pending -= 1
+            self._queued_writes.discard(seq)
             self._writes_done.unpark_all()
 
     async def drain(self) -> None:
@@ -379,15 +384,17 @@ class BlockStore:
             await self._writes_done.park()
 
     async def finish_writes(self, grace: float) -> bool:
-        """At the stop: write what is queued for the disk cache (at most the memory budget),
-        so the next start finds every block this run fetched; False if ``grace`` seconds
-        were not enough (a slow or stuck disk), and the rest is dropped."""
+        """At the stop: finish the disk writes queued so far (at most the memory budget), so
+        the next start finds the blocks this run fetched; False if ``grace`` seconds were not
+        enough (a slow or stuck disk), and the rest is dropped. Writes queued after the call
+        (prefetches and the eager stream still landing) are not waited for."""
+        last = self._write_seq
         with trio.move_on_after(grace):
-            await self.drain()
+            while any(seq <= last for seq in self._queued_writes):
+                await self._writes_done.park()
             return True
-        log.warning(
-            "stopped with %d disk-cache write(s) still queued: the next start fetches them again", self._writes_pending
-        )
+        left = sum(1 for seq in self._queued_writes if seq <= last)
+        log.warning("stopped with %d disk-cache write(s) still queued: the next start fetches them again", left)
         return False
 
     async def _fetch(

@@ -108,13 +108,24 @@ class _FillHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         log.warning("%s", format % args)
 
-    def do_GET(self) -> None:
-        if self.path == HEALTH_PATH:  # nginx's readiness probe, passed on: this stage is up
-            self.send_response_only(200)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", "3")
-            self.end_headers()
+    def do_HEAD(self) -> None:
+        if self.path != HEALTH_PATH:
+            self.send_error(405)
+            return
+        self._healthy(body=False)
+
+    def _healthy(self, *, body: bool) -> None:
+        """The readiness probe, passed on by nginx: this stage is up."""
+        self.send_response_only(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        if body:
             self.wfile.write(b"ok\n")
+
+    def do_GET(self) -> None:
+        if self.path == HEALTH_PATH:
+            self._healthy(body=True)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         headers["Accept-Encoding"] = "identity"

@@ -93,6 +93,8 @@ def test_the_tier_serves_only_pinned_reads_of_its_paths(
     assert get(f"/{top}/../private/x", **{"If-Match": '"x"'}) in (400, 403)
     assert get(f"/{top}/%2e%2e/private/x", **{"If-Match": '"x"'}) in (400, 403)
     assert get("/.modelfs-tier/health") == 200
+    head = urllib.request.Request(tier.url + "/.modelfs-tier/health", method="HEAD")
+    assert urllib.request.urlopen(head, timeout=30).status == 200
     # The fill stage alone is gone: nginx still answers, but the replica is not ready.
     tier.fill.kill()
     tier.fill.wait()

@@ -252,3 +252,104 @@ async def test_a_target_whose_name_did_not_resolve_is_not_fetched() -> None:
             with pytest.raises(OSError, match="does not resolve"):
                 await get(m, f"{source}/m.bin", 0, [10])
     assert store_seen == []
+
+
+async def test_a_redirect_where_a_proxy_applies_goes_through_httpx_and_the_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The source is reached directly (NO_PROXY), its redirect target only through the proxy:
+    http.client would connect to the target directly, so that GET is made by httpx."""
+    from modelfs.backends.http import HTTPBackend, make_version
+    from modelfs.config import parse_source
+
+    def proxy_reply(handler: BaseHTTPRequestHandler) -> None:
+        ranged(handler)  # a forward proxy that answers for the store (enough to see it was asked)
+
+    with server(ranged) as (store, store_seen), server(proxy_reply) as (proxy, proxy_seen):
+        port = store.rsplit(":", 1)[1]
+        with server(redirect_to(f"http://localhost:{port}/m.bin")) as (source, source_seen):
+            monkeypatch.setenv("http_proxy", proxy)
+            monkeypatch.setenv("no_proxy", "127.0.0.1")
+            backend = HTTPBackend(parse_source(f"{source}/m.bin"), cross_origin_redirects=True)
+            try:
+                assert backend._media is not None  # the source itself is not proxied
+                dest = bytearray(100)
+                await backend.read_range("m.bin", make_version(len(DATA), None, "x"), 0, memoryview(dest))
+            finally:
+                await backend.aclose()
+    assert bytes(dest) == DATA[:100]
+    assert store_seen == [] and proxy_seen[-1][":path"] == f"http://localhost:{port}/m.bin"
+    assert len(source_seen) == 2  # the data path's try, then httpx's GET
+
+
+async def test_an_international_name_is_sent_as_httpx_encodes_it() -> None:
+    """IDNA 2008 (punycode of ß), as the backend's httpx requests name the host, not the older
+    IDNA 2003 mapping (ß → ss) Python's socket layer would apply: another domain."""
+    with server(ranged) as (store, store_seen):
+        port = store.rsplit(":", 1)[1]
+        with server(redirect_to(f"http://straße.invalid:{port}/m.bin")) as (source, _):
+            m = media(source, cross_origin=True)
+            m._redirects = _PinningPolicy(source, cross_origin=True)
+            assert await get(m, f"{source}/m.bin", 0, [10]) == DATA[:10]
+    assert store_seen[-1]["host"] == f"xn--strae-oqa.invalid:{port}"
+
+
+def test_pools_of_checked_addresses_are_one_per_answer_set_least_recently_used_go() -> None:
+    m = media("http://127.0.0.1:1/")
+    a = m._pool("http", "cdn.example", 80, ("192.0.2.1", "192.0.2.2"))
+    assert m._pool("http", "cdn.example", 80, ("192.0.2.2", "192.0.2.1")) is a  # same answers, other order
+    for i in range(40):
+        m._pool("http", "cdn.example", 80, (f"198.51.100.{i}",))
+        m._pool("http", "cdn.example", 80, ("192.0.2.2", "192.0.2.1"))  # a stays in use
+    pinned = [key for key in m._pools if key[3] is not None]
+    assert len(pinned) == 32 and ("http", "cdn.example", 80, ("192.0.2.1", "192.0.2.2")) in m._pools
+
+
+async def test_lookups_do_not_wait_behind_data_gets_the_server_holds() -> None:
+    """With --max-concurrency GETs in flight on a stalled server, a HEAD (lookup, open) still
+    gets through: HEADs have their own limit, not the GET threads'."""
+    from modelfs.backends.http import HTTPBackend, make_version
+    from modelfs.config import parse_source
+
+    release = threading.Event()
+    holding = threading.Semaphore(0)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(DATA)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", '"e1"')
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802
+            holding.release()
+            release.wait(60)
+            ranged(self)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/m.bin"
+    backend = HTTPBackend(parse_source(url), max_concurrency=2)
+    version = make_version(len(DATA), '"e1"', None)
+    try:
+        async with trio.open_nursery() as nursery:
+            for offset in (0, 4096):
+                nursery.start_soon(backend.read_range, "m.bin", version, offset, memoryview(bytearray(100)))
+            for _ in range(2):
+                await trio.to_thread.run_sync(holding.acquire)
+            with trio.fail_after(30):  # (a bound that turns a hang into a failure)
+                info = await backend.stat("m.bin")
+            assert info.size == len(DATA) and not release.is_set()
+            release.set()
+    finally:
+        release.set()
+        await backend.aclose()
+        httpd.shutdown()
+        httpd.server_close()

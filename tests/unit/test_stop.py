@@ -110,3 +110,42 @@ async def test_stop_gives_up_on_a_stuck_disk_after_the_grace(
     assert trio.current_time() - start == pytest.approx(5)
     assert store.disk is not None and store.disk.stats.writes == 0
     held_writes.set()  # (the threads end; the fixture's nursery waits for them)
+
+
+async def test_stop_waits_only_for_the_writes_queued_when_it_began(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks still landing after the stop began (prefetches, the eager stream) are not waited
+    for: the stop ends when the writes queued at its start are done."""
+    go, later = threading.Event(), threading.Event()
+    real = disk_module.write_block
+
+    def held(dir_path: str, name: str, key_bytes: bytes, index: int, *args: Any, **kwargs: Any) -> WriteResult:
+        (go if index < 4 else later).wait(60)
+        return real(dir_path, name, key_bytes, index, *args, **kwargs)
+
+    monkeypatch.setattr(disk_module, "write_block", held)
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "m.bin", 6 * BS, seed=5)
+    store = await make_store(backend, disk=True)
+    try:
+        await _fetch_blocks(store, ref, data, 4)
+        async with trio.open_nursery() as nursery:
+            finished: list[bool] = []
+
+            async def finish() -> None:
+                finished.append(await store.finish_writes(60))
+
+            nursery.start_soon(finish)
+            await trio.testing.wait_all_tasks_blocked()
+            for index in (4, 5):  # fetched after the stop began: their writes wait on ``later``
+                block = await store.get(ref, index)
+                assert bytes(block.view) == data[index * BS : (index + 1) * BS]
+            await trio.testing.wait_all_tasks_blocked()
+            assert finished == []
+            go.set()
+        assert finished == [True]
+        assert store.disk is not None and store.disk.stats.writes == 4
+    finally:
+        go.set()
+        later.set()
