@@ -21,6 +21,7 @@ under its own lock, the dict of pools under this object's (docs/concurrency.md).
 
 from __future__ import annotations
 
+import ssl
 import threading
 import urllib.request
 from collections import OrderedDict
@@ -65,7 +66,7 @@ class HTTPMedia:
     def __init__(
         self,
         *,
-        ssl_context: object | None,
+        ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
         read_timeout: float,
         max_idle: int,
@@ -103,7 +104,7 @@ class HTTPMedia:
                     connect_timeout=self._connect_timeout,
                     read_timeout=self._read_timeout,
                     max_idle=self._max_idle,
-                    ssl_context=self._ssl if scheme == "https" else None,  # type: ignore[arg-type]
+                    ssl_context=self._ssl if scheme == "https" else None,
                     addresses=addresses,
                 )
                 self._pools[key] = pool
