@@ -65,6 +65,18 @@ def held_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     go.set()
 
 
+async def _stop_writing(nursery: trio.Nursery, store: BlockStore) -> list[bool]:
+    """Start the stop's ``finish_writes`` in ``nursery``; its result lands in the list returned."""
+    finished: list[bool] = []
+
+    async def finish() -> None:
+        finished.append(await store.finish_writes(60))
+
+    nursery.start_soon(finish)
+    await trio.testing.wait_all_tasks_blocked()
+    return finished
+
+
 async def _fetch_blocks(store: BlockStore, ref: ObjectRef, data: bytes, count: int) -> None:
     for index in range(count):
         block = await store.get(ref, index)
@@ -82,13 +94,7 @@ async def test_stop_writes_what_is_queued_for_the_disk_cache(
     await _fetch_blocks(store, ref, data, 8)
     assert store.disk is not None and store.disk.stats.writes == 0
     async with trio.open_nursery() as nursery:
-        finished: list[bool] = []
-
-        async def finish() -> None:
-            finished.append(await store.finish_writes(60))
-
-        nursery.start_soon(finish)
-        await trio.testing.wait_all_tasks_blocked()
+        finished = await _stop_writing(nursery, store)
         assert finished == []  # waiting for the queued writes
         held_writes.set()
     assert finished == [True] and store.disk.stats.writes == 8
@@ -131,13 +137,7 @@ async def test_stop_waits_only_for_the_writes_queued_when_it_began(
     try:
         await _fetch_blocks(store, ref, data, 4)
         async with trio.open_nursery() as nursery:
-            finished: list[bool] = []
-
-            async def finish() -> None:
-                finished.append(await store.finish_writes(60))
-
-            nursery.start_soon(finish)
-            await trio.testing.wait_all_tasks_blocked()
+            finished = await _stop_writing(nursery, store)
             for index in (4, 5):  # fetched after the stop began: their writes wait on ``later``
                 block = await store.get(ref, index)
                 assert bytes(block.view) == data[index * BS : (index + 1) * BS]
