@@ -165,6 +165,10 @@ def _parse_cache_url(url: str) -> tuple[str, int, str]:
     return parts.hostname, port or 80, f"http://{parts.netloc}"
 
 
+class _Retry(Exception):
+    """A kept-alive connection to a replica was closed by it before the request went through."""
+
+
 class _Replica:
     """One tier replica: its kept-alive connections, each used by one thread at a time."""
 
@@ -179,6 +183,10 @@ class _Replica:
 
     def close(self) -> None:
         self._pool.close()
+
+    def abort(self) -> None:
+        """The daemon is stopping: GETs in flight fail now, not at the read timeout."""
+        self._pool.abort()
 
     def get_into(self, target: TierTarget, offset: int, dest: memoryview) -> int | None:
         """Blocking: fill ``dest`` from the tier and verify it, or raise TierRejected.
@@ -198,46 +206,70 @@ class _Replica:
                 conn = self._pool.take()
             except OSError as exc:
                 raise TierRejected("unreachable", str(exc), replica_down=True) from None
+            sock = conn.sock
             try:
-                conn.request("GET", target.path, headers=headers)
-                resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                conn.close()
+                self._pool.track(conn, sock, True)  # (abort() at a stop reaches it)
+            except ConnectionAbortedError as exc:
+                raise TierRejected("error", str(exc), replica_down=False) from None
+            try:
+                return self._exchange(conn, target, headers, offset, dest, deadline)
+            except _Retry:
                 if attempt == 0:
                     continue
-                raise TierRejected("error", str(exc) or type(exc).__name__, replica_down=True) from None
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                reason = "stalled" if isinstance(exc, TimeoutError) else "error"
-                raise TierRejected(reason, str(exc) or type(exc).__name__, replica_down=True) from None
-            try:
-                response_headers = {k.lower(): v for k, v in resp.headers.items()}
-                digest = self._check(resp.status, response_headers, target, offset, length)
-                sums: list[int] | None = [] if digest.startswith("crc32c=") else None
-                self._read_body(conn, resp, dest, deadline, sums)
-            except TierRejected:
-                resp.close()
-                conn.close()
-                raise
-            except http.client.IncompleteRead as exc:
-                resp.close()
-                conn.close()
-                raise TierRejected("short_body", str(exc), replica_down=True) from None
-            except (OSError, http.client.HTTPException) as exc:
-                resp.close()
-                conn.close()
-                reason = "stalled" if isinstance(exc, TimeoutError) else "error"
-                raise TierRejected(reason, str(exc) or type(exc).__name__, replica_down=True) from None
-            if resp.isclosed():
-                self._pool.give_back(conn)
-            else:  # more body than announced: not at a message boundary
-                resp.close()
-                conn.close()
-            crc = sums[0] if sums else (crc32c.crc32c(dest) if sums is not None else None)
-            if not digest_matches(digest, dest, crc):
-                raise TierRejected("digest", "the body does not match the tier's digest", replica_down=False)
-            return crc
+                raise TierRejected("error", "the replica closed the connection", replica_down=True) from None
+            finally:
+                self._pool.track(conn, sock, False)
         raise AssertionError("unreachable")  # (the loop returns or raises)
+
+    def _exchange(
+        self,
+        conn: http.client.HTTPConnection,
+        target: TierTarget,
+        headers: dict[str, str],
+        offset: int,
+        dest: memoryview,
+        deadline: float,
+    ) -> int | None:
+        """One GET on ``conn``: the verified CRC32C (see :meth:`get_into`), or _Retry when a
+        kept-alive connection turned out closed before the request went through."""
+        length = len(dest)
+        try:
+            conn.request("GET", target.path, headers=headers)
+            resp = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            conn.close()
+            raise _Retry from None
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            reason = "stalled" if isinstance(exc, TimeoutError) else "error"
+            raise TierRejected(reason, str(exc) or type(exc).__name__, replica_down=True) from None
+        try:
+            response_headers = {k.lower(): v for k, v in resp.headers.items()}
+            digest = self._check(resp.status, response_headers, target, offset, length)
+            sums: list[int] | None = [] if digest.startswith("crc32c=") else None
+            self._read_body(conn, resp, dest, deadline, sums)
+        except TierRejected:
+            resp.close()
+            conn.close()
+            raise
+        except http.client.IncompleteRead as exc:
+            resp.close()
+            conn.close()
+            raise TierRejected("short_body", str(exc), replica_down=True) from None
+        except (OSError, http.client.HTTPException) as exc:
+            resp.close()
+            conn.close()
+            reason = "stalled" if isinstance(exc, TimeoutError) else "error"
+            raise TierRejected(reason, str(exc) or type(exc).__name__, replica_down=True) from None
+        if resp.isclosed():
+            self._pool.give_back(conn)
+        else:  # more body than announced: not at a message boundary
+            resp.close()
+            conn.close()
+        crc = sums[0] if sums else (crc32c.crc32c(dest) if sums is not None else None)
+        if not digest_matches(digest, dest, crc):
+            raise TierRejected("digest", "the body does not match the tier's digest", replica_down=False)
+        return crc
 
     def _read_body(
         self,
@@ -373,6 +405,14 @@ class TieredBackend:
         for info in infos:
             self._sizes[(info.name, info.version)] = info.size
         return infos
+
+    def abort(self) -> None:
+        """The daemon is stopping: end the GETs to replicas and to the origin now."""
+        for replica in self._replicas:
+            replica.abort()
+        abort = getattr(self._inner, "abort", None)
+        if callable(abort):
+            abort()
 
     async def aclose(self) -> None:
         for replica in self._replicas:

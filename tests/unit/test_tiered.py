@@ -20,7 +20,7 @@ from modelfs.backends.tiered import TieredBackend, TierTarget, header_pinned, re
 from modelfs.config import Config, add_options, build_config
 from modelfs.errors import ConfigError
 
-from .conftest import StoreFactory
+from .conftest import StoreFactory, wait_until
 
 BLOCK = 64 << 10
 
@@ -399,4 +399,21 @@ async def test_the_tiers_checked_crc32c_goes_to_the_disk_write(
     sums = []
     await backend.read_ranges("m.bin", version, 5, [half], sums)  # not a whole block: the origin's
     assert bytes(half) == DATA[5 : 5 + BLOCK // 2] and origin.read_calls == 1
+    await backend.aclose()
+
+
+async def test_a_stop_ends_a_get_to_a_stalled_replica_at_once(replicas: Callable[..., Replica]) -> None:
+    """abort() (the daemon's stop) shuts the replica GET's socket: it ends now, not at the
+    read timeout, and the read goes to the origin (no replica counted as stalled)."""
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    replica = replicas(origin, lambda offset: "stall")
+    backend = tiered(origin, replica.url, read_timeout=600)
+    dest = bytearray(BLOCK)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.read_range, "m.bin", version, 0, memoryview(dest))
+        await wait_until(lambda: replica.gets == 1)
+        backend.abort()
+    assert bytes(dest) == DATA[:BLOCK]
+    assert backend.tier_stats.fallbacks["error"] == 1 and backend.tier_stats.fallbacks["stalled"] == 0
     await backend.aclose()
