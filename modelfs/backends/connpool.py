@@ -149,6 +149,15 @@ class ConnectionPool:
                 return
         conn.close()
 
+    def finish(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """After a complete, checked response: keep ``conn`` if the body ended at a message
+        boundary, else (more body than was read) close both."""
+        if resp.isclosed():
+            self.give_back(conn)
+        else:
+            resp.close()
+            conn.close()
+
     def track(self, conn: http.client.HTTPConnection, sock: socket.socket | None, active: bool) -> None:
         """Note the socket of a GET starting (``active``) or done, so :meth:`abort` can reach it."""
         if sock is None:

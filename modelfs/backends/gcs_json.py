@@ -155,11 +155,7 @@ class JsonApi:
                 resp.close()  # after "Connection: close" the response alone holds the socket
                 conn.close()
                 raise
-            if resp.isclosed():
-                self._pool.give_back(conn)
-            else:
-                resp.close()
-                conn.close()
+            self._pool.finish(conn, resp)
             return resp.status, resp.getheader("content-encoding"), data
         finally:
             self._pool.track(conn, sock, False)

@@ -179,9 +179,5 @@ class MediaTransport:
             resp.close()
             conn.close()
             raise
-        if resp.isclosed():
-            self._pool.give_back(conn)
-        else:  # more body than asked for: the connection is not at a message boundary
-            resp.close()
-            conn.close()
+        self._pool.finish(conn, resp)
         return True

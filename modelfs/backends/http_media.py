@@ -232,11 +232,7 @@ class HTTPMedia:
                 resp.close()
                 conn.close()
                 raise
-            if resp.isclosed():
-                pool.give_back(conn)
-            else:
-                resp.close()
-                conn.close()
+            pool.finish(conn, resp)
             return None
         finally:
             pool.track(conn, sock, False)

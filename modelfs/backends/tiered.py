@@ -261,11 +261,7 @@ class _Replica:
             conn.close()
             reason = "stalled" if isinstance(exc, TimeoutError) else "error"
             raise TierRejected(reason, str(exc) or type(exc).__name__, replica_down=True) from None
-        if resp.isclosed():
-            self._pool.give_back(conn)
-        else:  # more body than announced: not at a message boundary
-            resp.close()
-            conn.close()
+        self._pool.finish(conn, resp)
         crc = sums[0] if sums else (crc32c.crc32c(dest) if sums is not None else None)
         if not digest_matches(digest, dest, crc):
             raise TierRejected("digest", "the body does not match the tier's digest", replica_down=False)
