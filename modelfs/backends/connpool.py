@@ -20,7 +20,7 @@ import ssl
 import threading
 from collections import Counter
 
-__all__ = ["ConnectionPool"]
+__all__ = ["ConnectionPool", "InFlight"]
 
 
 def _connect_to_one(addresses: tuple[str, ...], port: int, timeout: float | None) -> socket.socket:
@@ -65,11 +65,64 @@ class _PinnedTLSConnection(http.client.HTTPSConnection):
             raise
 
 
+class InFlight:
+    """The sockets of blocking GETs in flight, so a stop can shut them down (:meth:`abort`).
+
+    Counted, not a set: a connection given back may be taken by another thread before the
+    first one's :meth:`leave`, which must then not drop the second GET's entry. Its own lock
+    guards the counts and the closed flag; worker threads enter and leave, the stop aborts.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: Counter[socket.socket] = Counter()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether the daemon is stopping (no GET may start)."""
+        with self._lock:
+            return self._closed
+
+    def enter(self, sock: socket.socket) -> None:
+        """A GET on ``sock`` starts; ConnectionAbortedError once the daemon is stopping."""
+        with self._lock:
+            if self._closed:
+                raise ConnectionAbortedError("the daemon is stopping")
+            self._sockets[sock] += 1
+
+    def leave(self, sock: socket.socket) -> None:
+        """The GET on ``sock`` is done (whatever its outcome)."""
+        with self._lock:
+            self._sockets[sock] -= 1
+            if self._sockets[sock] <= 0:
+                del self._sockets[sock]
+
+    def close(self) -> None:
+        """No GET enters any more; those in flight finish."""
+        with self._lock:
+            self._closed = True
+
+    def abort(self) -> None:
+        """No GET enters any more, and those in flight end now: their sockets are shut down, so
+        the worker threads blocked on them return (with an error) instead of at the read timeout."""
+        with self._lock:
+            self._closed = True
+            active = list(self._sockets)
+        for sock in active:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class ConnectionPool:
     """Connections to ``host:port`` (TLS when ``ssl_context`` is given), at most ``max_idle`` kept.
 
     ``addresses``: connect to these IP addresses rather than to whatever ``host`` resolves to
     now (addresses the caller checked: see redirects.py); ``host`` still names the server.
+    ``in_flight``: where GETs in flight are noted, shared by the pools of one transport so its
+    abort reaches them all (also those on a pool it no longer keeps); else the pool's own.
     """
 
     def __init__(
@@ -82,6 +135,7 @@ class ConnectionPool:
         max_idle: int,
         ssl_context: ssl.SSLContext | None = None,
         addresses: tuple[str, ...] | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         self.host = host
         self._addresses = addresses
@@ -93,10 +147,8 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._idle: list[http.client.HTTPConnection] = []
         # Sockets of the GETs in flight (the socket, not the connection: after a "Connection:
-        # close" answer http.client drops conn.sock and only the response holds it), counted:
-        # a connection given back may be taken by another thread before the first one's
-        # track(False), which must then not drop the second GET's entry.
-        self._active: Counter[socket.socket] = Counter()
+        # close" answer http.client drops conn.sock and only the response holds it).
+        self._in_flight = in_flight if in_flight is not None else InFlight()
         self._closed = False
         self._retired = False
 
@@ -162,16 +214,14 @@ class ConnectionPool:
         """Note the socket of a GET starting (``active``) or done, so :meth:`abort` can reach it."""
         if sock is None:
             return
-        with self._lock:
-            if not active:
-                self._active[sock] -= 1
-                if self._active[sock] <= 0:
-                    del self._active[sock]
-                return
-            if self._closed:
-                conn.close()
-                raise ConnectionAbortedError("the daemon is stopping")
-            self._active[sock] += 1
+        if not active:
+            self._in_flight.leave(sock)
+            return
+        try:
+            self._in_flight.enter(sock)
+        except ConnectionAbortedError:
+            conn.close()
+            raise
 
     def retire(self) -> None:
         """No longer wanted (not a stop): close the idle connections; a connection in use is
@@ -184,6 +234,7 @@ class ConnectionPool:
 
     def close(self) -> None:
         """Close the idle connections and keep no more; GETs in flight finish."""
+        self._in_flight.close()
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -191,15 +242,7 @@ class ConnectionPool:
             conn.close()
 
     def abort(self) -> None:
-        """The daemon is stopping: shut down the sockets of the GETs in flight, so the worker
-        threads blocked on them return (with an error) now instead of at the read timeout,
-        and start no new GET."""
-        with self._lock:
-            self._closed = True
-            active = list(self._active)
-        for sock in active:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        """The daemon is stopping: shut down the sockets of the GETs in flight (see
+        :meth:`InFlight.abort`) and start no new GET."""
+        self._in_flight.abort()
         self.close()

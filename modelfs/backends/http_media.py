@@ -32,7 +32,7 @@ import httpx
 import trio
 
 from modelfs.backends.body import receive_into
-from modelfs.backends.connpool import ConnectionPool
+from modelfs.backends.connpool import ConnectionPool, InFlight
 from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
 from modelfs.backends.responses import Headers
 from modelfs.errors import BackendError, TransientError
@@ -85,6 +85,8 @@ class HTTPMedia:
         # By origin, and by the addresses a checked redirect target must be reached at
         # (sorted: the same answers in another order are the same pool); least recently used first.
         self._pools: OrderedDict[tuple[str, str, int, tuple[str, ...] | None], ConnectionPool] = OrderedDict()
+        # The GETs in flight on every pool, also on one no longer kept: a stop reaches them all.
+        self._in_flight = InFlight()
         self._closed = False
 
     def _pool(self, scheme: str, host: str, port: int, addresses: tuple[str, ...] | None) -> ConnectionPool:
@@ -106,6 +108,7 @@ class HTTPMedia:
                     max_idle=self._max_idle,
                     ssl_context=self._ssl if scheme == "https" else None,
                     addresses=addresses,
+                    in_flight=self._in_flight,
                 )
                 self._pools[key] = pool
                 self._forget_old_pinned()
@@ -113,7 +116,8 @@ class HTTPMedia:
 
     def _forget_old_pinned(self) -> None:
         """Keep at most _MAX_PINNED pools of checked addresses (a CDN's answers change); the
-        least recently used goes: its idle connections close, GETs on it finish normally."""
+        least recently used goes: its idle connections close, GETs on it finish normally (a
+        stop still reaches them: they are noted in the transport's in-flight set)."""
         pinned = [key for key in self._pools if key[3] is not None]
         for key in pinned[: max(0, len(pinned) - _MAX_PINNED)]:
             self._pools.pop(key).retire()
@@ -128,6 +132,7 @@ class HTTPMedia:
 
     def abort(self) -> None:
         """The daemon is stopping: GETs in flight fail now, not at the read timeout."""
+        self._in_flight.abort()
         with self._lock:
             self._closed = True
             pools = list(self._pools.values())

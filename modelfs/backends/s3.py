@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.body import read_urllib3_body
+from modelfs.backends.connpool import InFlight
 from modelfs.backends.private.botocore_raw import raw_stream
 from modelfs.backends.responses import (
     Headers,
@@ -109,6 +110,7 @@ class S3Backend(ThreadedBackend):
         self._prefix = source.prefix + "/" if source.prefix else ""
         # A Requester Pays bucket: every request says the requester accepts the charges.
         self._payer: dict[str, str] = {"RequestPayer": "requester"} if requester_pays else {}
+        self._in_flight = InFlight()
         session = boto3.session.Session()
         if not anonymous and session.get_credentials() is None:
             raise ConfigError(
@@ -255,6 +257,8 @@ class S3Backend(ThreadedBackend):
 
     def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Buffers, sums: Sums = None) -> None:
         what = request.what
+        if self._in_flight.closed:
+            raise self.classify(ConnectionAbortedError("the daemon is stopping"), what, reading=True)
         try:
             resp = self._client.get_object(
                 Bucket=self._source.bucket,
@@ -266,6 +270,15 @@ class S3Backend(ThreadedBackend):
         except Exception as exc:
             raise self.classify(exc, what, reading=True) from None
         raw = raw_stream(resp["Body"])  # urllib3's HTTPResponse
+        # The body's socket, so a stop can end the read (before the headers came there is
+        # none to reach: a GET still waiting for them ends at the read timeout or the stop's watchdog).
+        sock = getattr(getattr(raw, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                self._in_flight.enter(sock)
+            except ConnectionAbortedError:
+                raw.close()  # type: ignore[attr-defined]
+                raise self.classify(ConnectionAbortedError("the daemon is stopping"), what, reading=True) from None
 
         def pinned(headers: Headers) -> None:
             etag = resp.get("ETag")
@@ -280,11 +293,19 @@ class S3Backend(ThreadedBackend):
         except Exception as exc:
             raw.close()  # type: ignore[attr-defined]
             raise self.classify(exc, what, reading=True) from None
+        finally:
+            if sock is not None:
+                self._in_flight.leave(sock)
 
     def tier_target(self, name: str, version: str) -> TierTarget:
         """The path-style GET a cache tier serves for ``name`` at ``version`` (--cache-url)."""
         path = f"/{quote(self._source.bucket, safe='')}/{quote(self._prefix + name, safe='/~')}"
         return TierTarget(path, {"If-Match": version}, header_pinned("etag", version, "ETag"))
+
+    def abort(self) -> None:
+        """The daemon is stopping: GETs reading a body end now (their sockets are shut down),
+        and no new GET starts."""
+        self._in_flight.abort()
 
     async def aclose(self) -> None:
         try:

@@ -215,10 +215,53 @@ async def test_abort_ends_a_get_the_server_never_finishes() -> None:
                 await trio.to_thread.run_sync(started.wait, 60)
                 m.abort()
             assert len(failed) == 1
+            assert not isinstance(failed[0], TimeoutError)  # ended by the stop, not by the read timeout
             with pytest.raises(ConnectionAbortedError):  # no new GET once stopping
                 await get(m, f"{url}/m.bin", 0, [10])
         finally:
             release.set()
+
+
+async def test_abort_ends_a_get_on_a_pool_no_longer_kept() -> None:
+    """A GET to a checked redirect target whose pool was dropped meanwhile (more answer sets
+    than are kept) is still ended by a stop."""
+    started = threading.Event()
+    release = threading.Event()
+
+    def stall(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes 0-99/{len(DATA)}")
+        handler.send_header("Content-Length", "100")
+        handler.end_headers()
+        handler.wfile.write(DATA[:10])
+        handler.wfile.flush()
+        started.set()
+        release.wait(60)
+
+    with server(stall) as (store, _):
+        port = store.rsplit(":", 1)[1]
+        with server(redirect_to(f"http://rebind.invalid:{port}/m.bin")) as (source, _):
+            m = media(source, cross_origin=True)
+            m._redirects = _PinningPolicy(source, cross_origin=True)
+            try:
+                failed: list[BaseException] = []
+                async with trio.open_nursery() as nursery:
+
+                    async def reader() -> None:
+                        try:
+                            await get(m, f"{source}/m.bin", 0, [100])
+                        except (OSError, EOFError) as exc:
+                            failed.append(exc)
+
+                    nursery.start_soon(reader)
+                    await trio.to_thread.run_sync(started.wait, 60)
+                    for i in range(40):  # other answer sets push the stalled GET's pool out
+                        m._pool("http", "cdn.example", 80, (f"198.51.100.{i}",))
+                    assert ("http", "rebind.invalid", int(port), ("127.0.0.1",)) not in m._pools
+                    m.abort()
+                assert len(failed) == 1 and not isinstance(failed[0], TimeoutError)
+            finally:
+                release.set()
 
 
 class _PinningPolicy(RedirectPolicy):

@@ -156,3 +156,68 @@ async def test_requester_pays_is_said_and_signed_on_every_request(aws_env: None)
     sent = scripted(plain, 200, LIST_XML)
     await plain.list_objects()
     assert "x-amz-request-payer" not in sent[0].headers
+
+
+async def test_a_stop_ends_a_get_whose_body_the_server_holds(aws_env: None) -> None:
+    """abort() (the daemon's stop) shuts the socket of a GET reading its body, so the worker
+    thread returns now rather than at the read timeout; no GET starts afterwards."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import trio
+
+    release = threading.Event()
+    paths: list[str] = []
+
+    class Stall(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            paths.append(self.path)
+            self.send_response(206)
+            self.send_header("ETag", ETAG)
+            self.send_header("Content-Range", "bytes 0-99/100")
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(bytes(10))
+            self.wfile.flush()
+            release.wait(60)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url=endpoint, anonymous=True, read_timeout=30)
+    reading = threading.Event()  # the GET's socket is noted: its thread reads the body
+    note = backend._in_flight.enter
+
+    def noted(sock: Any) -> None:
+        note(sock)
+        reading.set()
+
+    backend._in_flight.enter = noted  # type: ignore[method-assign]
+    try:
+        failed: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                try:
+                    await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
+                except TransientError as exc:
+                    failed.append(exc)
+
+            nursery.start_soon(reader)
+            await trio.to_thread.run_sync(reading.wait, 60)
+            backend.abort()
+        assert len(failed) == 1 and "body ended after 10 of 100 bytes" in str(failed[0])  # not the read timeout
+        with pytest.raises(TransientError, match="stopping"):
+            await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
+        assert paths == ["/bkt/m/a.bin"]
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        await backend.aclose()
