@@ -298,12 +298,12 @@ class HTTPBackend(BackendSkeleton):
         caller closes it. ``--header`` values go only to the source's origin."""
         current = httpx.URL(url)
         same_origin = True
+        addresses: tuple[str, ...] | None = None  # where the policy checked the current target
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
             if same_origin:
                 sent.update(self._user_headers)
-            request = self._client.build_request(method, current, headers=sent)
-            resp = await self._client.send(request, stream=True)
+            resp = await self._send_once(method, current, sent, addresses)
             location = resp.headers.get("location")
             if resp.status_code not in (301, 302, 303, 307, 308) or location is None:
                 return resp
@@ -312,11 +312,37 @@ class HTTPBackend(BackendSkeleton):
                 target = current.join(location)
             except httpx.InvalidURL:
                 raise BackendError(f"{what}: redirected to an invalid URL") from None
-            same_origin = await self._redirects.check(current, target, what) and same_origin
+            verdict = await self._redirects.verdict(current, target, what)
+            same_origin = verdict.same_origin and same_origin
+            addresses = verdict.addresses
             if resp.status_code == 303 and method != "HEAD":
                 method = "GET"
             current = target
         raise BackendError(f"{what}: more than {MAX_REDIRECTS} redirects")
+
+    async def _send_once(
+        self, method: str, url: httpx.URL, headers: dict[str, str], addresses: tuple[str, ...] | None
+    ) -> httpx.Response:
+        """One request, streamed. A plain-http redirect target the policy checked is connected
+        to at the addresses it checked, not at a fresh resolution of its name (which could now
+        point elsewhere: DNS rebinding), with the name in Host. Over TLS the certificate check
+        for the name already keeps a rebound name from reaching another server (and httpx's
+        pool, keyed by address, would let a session made for one name serve another); behind
+        a proxy from the environment the proxy resolves."""
+        if addresses is None or url.scheme != "http" or proxied(str(url)):
+            return await self._client.send(self._client.build_request(method, url, headers=headers), stream=True)
+        if not addresses:
+            raise OSError(f"{url.host}: the name does not resolve")
+        pinned_headers = {**headers, "Host": url.netloc.decode("ascii")}
+        error: httpx.ConnectError | None = None
+        for address in addresses:  # in order, as a connection to the name would try them
+            request = self._client.build_request(method, url.copy_with(host=address), headers=pinned_headers)
+            try:
+                return await self._client.send(request, stream=True)
+            except httpx.ConnectError as exc:
+                error = exc
+        assert error is not None
+        raise error
 
     @asynccontextmanager
     async def _stream(self, method: str, url: str, headers: dict[str, str], what: str) -> AsyncIterator[httpx.Response]:

@@ -96,13 +96,10 @@ class RedirectPolicy:
             return True
         return any(is_internal_address(a) for a in await self._resolve(host))
 
-    async def check(self, current: httpx.URL, target: httpx.URL, what: str) -> bool:
-        """Raise BackendError if ``current`` may not redirect to ``target``; else whether the
-        user's headers may be sent to ``target`` (same origin as the source)."""
-        return (await self.verdict(current, target, what)).same_origin
-
     async def verdict(self, current: httpx.URL, target: httpx.URL, what: str) -> Verdict:
-        """:meth:`check`, with the addresses the target was checked at (see :class:`Verdict`)."""
+        """Raise BackendError if ``current`` may not redirect to ``target``; else whether the
+        user's headers may be sent to ``target`` (same origin as the source) and the addresses
+        it was checked at (see :class:`Verdict`)."""
         shown = f"{target.scheme}://{target.netloc.decode()}"  # never the path or query: may be signed
         if target.scheme not in ("http", "https"):
             raise BackendError(f"{what}: redirected to a {target.scheme or 'relative'}:// URL; not followed")

@@ -160,7 +160,7 @@ async def test_cross_origin_redirects_need_the_option_and_get_no_headers() -> No
 async def test_https_never_redirects_to_plain_http() -> None:
     policy = RedirectPolicy("https://example.test/", cross_origin=True)
     with pytest.raises(BackendError, match="https to plain http"):
-        await policy.check(httpx.URL("https://example.test/m"), httpx.URL("http://example.test/m"), "m")
+        await policy.verdict(httpx.URL("https://example.test/m"), httpx.URL("http://example.test/m"), "m")
 
 
 async def test_a_short_body_and_a_longer_one_fail() -> None:
@@ -396,3 +396,57 @@ async def test_lookups_do_not_wait_behind_data_gets_the_server_holds() -> None:
         await backend.aclose()
         httpd.shutdown()
         httpd.server_close()
+
+
+def _head_server(seen: list[dict[str, str]], *, redirect: str | None = None) -> ThreadingHTTPServer:
+    """Answers HEAD with the object's size and ETag (or a 302 to ``redirect``); records headers."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            if redirect is not None:
+                self.send_response(302)
+                self.send_header("Location", redirect)
+                self.send_header("Content-Length", "0")
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(DATA)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", '"e1"')
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+async def test_a_lookup_redirected_to_a_checked_target_reaches_the_checked_address() -> None:
+    """The HEAD of a lookup (httpx) follows a plain-http redirect to the addresses the policy
+    checked, as the data GETs do: ``pinned.invalid`` is not resolved again (it resolves
+    nowhere), and the name stays in Host."""
+    from modelfs.backends.http import HTTPBackend
+    from modelfs.config import parse_source
+
+    store_seen: list[dict[str, str]] = []
+    store = _head_server(store_seen)
+    port = store.server_address[1]
+    source = _head_server([], redirect=f"http://pinned.invalid:{port}/m.bin")
+    backend = HTTPBackend(
+        parse_source(f"http://127.0.0.1:{source.server_address[1]}/m.bin"), cross_origin_redirects=True
+    )
+    backend._redirects = _PinningPolicy(backend._base, cross_origin=True)
+    try:
+        info = await backend.stat("m.bin")
+    finally:
+        await backend.aclose()
+        for httpd in (store, source):
+            httpd.shutdown()
+            httpd.server_close()
+    assert info.size == len(DATA)
+    assert store_seen[-1]["host"] == f"pinned.invalid:{port}"
