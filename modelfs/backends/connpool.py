@@ -77,6 +77,7 @@ class InFlight:
         self._lock = threading.Lock()
         self._sockets: Counter[socket.socket] = Counter()
         self._closed = False
+        self._aborted = False
 
     @property
     def closed(self) -> bool:
@@ -92,11 +93,15 @@ class InFlight:
             self._sockets[sock] += 1
 
     def leave(self, sock: socket.socket) -> None:
-        """The GET on ``sock`` is done (whatever its outcome)."""
+        """The GET on ``sock`` is done (whatever its outcome). ConnectionAbortedError if the
+        stop aborted GETs meanwhile: whatever this one read after that does not count."""
         with self._lock:
             self._sockets[sock] -= 1
             if self._sockets[sock] <= 0:
                 del self._sockets[sock]
+            aborted = self._aborted
+        if aborted:
+            raise ConnectionAbortedError("the daemon is stopping")
 
     def close(self) -> None:
         """No GET enters any more; those in flight finish."""
@@ -107,11 +112,14 @@ class InFlight:
         """No GET enters any more, and those in flight end now: their sockets are shut down, so
         the worker threads blocked on them return (with an error) instead of at the read timeout."""
         with self._lock:
-            self._closed = True
+            self._closed = self._aborted = True
             active = list(self._sockets)
         for sock in active:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would first
+                # drop its TLS state, and a thread still reading would then take the encrypted
+                # records queued on the socket for the body.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
 

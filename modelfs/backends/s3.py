@@ -286,16 +286,17 @@ class S3Backend(ThreadedBackend):
                 raise VersionChanged(f"{what}: changed in the store (ETag is now {etag})")
 
         try:
-            meta = resp.get("ResponseMetadata", {})
-            headers = {key.lower(): value for key, value in meta.get("HTTPHeaders", {}).items()}
-            check_range_response(meta.get("HTTPStatusCode", 0), headers, request, pinned=pinned)
-            read_urllib3_body(raw, dests, what)
+            try:
+                meta = resp.get("ResponseMetadata", {})
+                headers = {key.lower(): value for key, value in meta.get("HTTPHeaders", {}).items()}
+                check_range_response(meta.get("HTTPStatusCode", 0), headers, request, pinned=pinned)
+                read_urllib3_body(raw, dests, what)
+            finally:
+                if sock is not None:
+                    self._in_flight.leave(sock)  # (raises if the stop aborted the GET meanwhile)
         except Exception as exc:
             raw.close()  # type: ignore[attr-defined]
             raise self.classify(exc, what, reading=True) from None
-        finally:
-            if sock is not None:
-                self._in_flight.leave(sock)
 
     def tier_target(self, name: str, version: str) -> TierTarget:
         """The path-style GET a cache tier serves for ``name`` at ``version`` (--cache-url)."""

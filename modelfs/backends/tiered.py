@@ -212,13 +212,16 @@ class _Replica:
             except ConnectionAbortedError as exc:
                 raise TierRejected("error", str(exc), replica_down=False) from None
             try:
-                return self._exchange(conn, target, headers, offset, dest, deadline)
+                try:
+                    return self._exchange(conn, target, headers, offset, dest, deadline)
+                finally:
+                    self._pool.track(conn, sock, False)
             except _Retry:
                 if attempt == 0:
                     continue
                 raise TierRejected("error", "the replica closed the connection", replica_down=True) from None
-            finally:
-                self._pool.track(conn, sock, False)
+            except ConnectionAbortedError as exc:  # the stop aborted it: what it read does not count
+                raise TierRejected("error", str(exc), replica_down=False) from None
         raise AssertionError("unreachable")  # (the loop returns or raises)
 
     def _exchange(
