@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -198,6 +199,11 @@ def _mount_foreground(config: Config) -> int:
             except OSError:
                 pass
         raise
+    finally:
+        # Served and cleaned up (or failed to start): a signal from now on, say a supervisor
+        # repeating SIGTERM, must not turn the exit status into death by that signal.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 

@@ -7,6 +7,7 @@ proven by a stat of the mountpoint answered by our own loop, and only then repor
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -206,57 +207,62 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     check_mountpoint(mountpoint)
     ops, store, disk = build(config)
     watchdog = StopWatchdog(mountpoint, 2 * STOP_GRACE)
-    try:
-        # One page of the root, not the whole tree: a bad bucket or prefix fails here, before mounting.
-        await ops.namespace.start(deadline=min(config.retry_deadline, START_RETRY_DEADLINE))
-        if config.source.prefix and not ops.namespace.root.children:
-            raise MountError(f"nothing found at {config.source.url} (no object with that name or prefix)")
-        if disk is not None:
-            disk.open()
-        metrics = _start_metrics(config, ops)  # before mounting: a busy port leaves nothing mounted
-        options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
-        if config.allow_other:
-            options.add("allow_other")
+    # The stop's signals are taken until serve() returns, its clean-up included: trio puts the
+    # default handler back (a signal would then kill us mid-stop) only when the receiver closes.
+    with contextlib.ExitStack() as until_done:
         try:
-            pyfuse3.init(ops, str(mountpoint), options)
-        except RuntimeError as exc:
-            if metrics is not None:
-                metrics.shutdown()
-            raise MountError(f"cannot mount {mountpoint}: {exc}") from None
-        log.info("mounted %s at %s", config.source.url, mountpoint)
-        closed = False
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run)
-                await nursery.start(ops.namespace.run)
-                assert ops.eager is not None
-                await nursery.start(ops.eager.run)
-                if config.eager_model:
-                    nursery.start_soon(_stream_model, ops, config.retry_deadline)
-                nursery.start_soon(_on_signals, ops, watchdog)
-                nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
-                # Requests beyond what the budget can serve at once wait in the kernel's queue.
-                await pyfuse3.main(max_tasks=fuse_tasks(store.memory.max_lease))
-                # Unmount now, not once the tasks below have ended: a GET blocked in a worker
-                # thread on a stalled server must not keep the mount.
-                pyfuse3.close(unmount=True)
-                closed = True
-                log.info("unmounted %s", mountpoint)
-                # Within the stop timeouts: never past the watchdog, when a signal started it.
-                left = watchdog.remaining()
-                await store.finish_writes(STOP_GRACE if left is None else max(0.0, min(STOP_GRACE, left - 1.0)))
-                nursery.cancel_scope.cancel()
+            # One page of the root, not the whole tree: a bad bucket or prefix fails here, before mounting.
+            await ops.namespace.start(deadline=min(config.retry_deadline, START_RETRY_DEADLINE))
+            if config.source.prefix and not ops.namespace.root.children:
+                raise MountError(f"nothing found at {config.source.url} (no object with that name or prefix)")
+            if disk is not None:
+                disk.open()
+            metrics = _start_metrics(config, ops)  # before mounting: a busy port leaves nothing mounted
+            options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
+            if config.allow_other:
+                options.add("allow_other")
+            try:
+                pyfuse3.init(ops, str(mountpoint), options)
+            except RuntimeError as exc:
+                if metrics is not None:
+                    metrics.shutdown()
+                raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+            log.info("mounted %s at %s", config.source.url, mountpoint)
+            stop_signals = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            signals = until_done.enter_context(stop_signals)
+            closed = False
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(store.run)
+                    await nursery.start(ops.namespace.run)
+                    assert ops.eager is not None
+                    await nursery.start(ops.eager.run)
+                    if config.eager_model:
+                        nursery.start_soon(_stream_model, ops, config.retry_deadline)
+                    nursery.start_soon(_on_signals, ops, watchdog, signals)
+                    nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
+                    # Requests beyond what the budget can serve at once wait in the kernel's queue.
+                    await pyfuse3.main(max_tasks=fuse_tasks(store.memory.max_lease))
+                    # Unmount now, not once the tasks below have ended: a GET blocked in a worker
+                    # thread on a stalled server must not keep the mount.
+                    pyfuse3.close(unmount=True)
+                    closed = True
+                    log.info("unmounted %s", mountpoint)
+                    # Within the stop timeouts: never past the watchdog, when a signal started it.
+                    left = watchdog.remaining()
+                    await store.finish_writes(STOP_GRACE if left is None else max(0.0, min(STOP_GRACE, left - 1.0)))
+                    nursery.cancel_scope.cancel()
+            finally:
+                if not closed:
+                    pyfuse3.close(unmount=True)
+                    log.info("unmounted %s", mountpoint)
+                if metrics is not None:
+                    metrics.shutdown()
         finally:
-            if not closed:
-                pyfuse3.close(unmount=True)
-                log.info("unmounted %s", mountpoint)
-            if metrics is not None:
-                metrics.shutdown()
-    finally:
-        if disk is not None:
-            disk.close()
-        await ops.namespace.backend.aclose()
-        watchdog.cancel()
+            if disk is not None:
+                disk.close()
+            await ops.namespace.backend.aclose()
+            watchdog.cancel()
 
 
 async def _stream_model(ops: ModelFS, retry_deadline: float) -> None:
@@ -349,23 +355,23 @@ class StopWatchdog:
         os._exit(0)
 
 
-async def _on_signals(ops: ModelFS, watchdog: StopWatchdog) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("got %s: unmounting", signal.Signals(signum).name)
+async def _on_signals(ops: ModelFS, watchdog: StopWatchdog, signals: AsyncIterator[int]) -> None:
+    """The stop: unmount on the first signal, fail what still runs after the grace (or at a
+    second signal). Later signals stay in ``signals``, unanswered: they never kill the stop."""
+    async for signum in signals:
+        log.info("got %s: unmounting", signal.Signals(signum).name)
+        break
+    watchdog.start()
+    pyfuse3.terminate()
+    with trio.move_on_after(STOP_GRACE):
+        async for signum in signals:  # a second signal: no more grace
+            log.info("got %s again: failing the requests in flight now", signal.Signals(signum).name)
             break
-        watchdog.start()
-        pyfuse3.terminate()
-        with trio.move_on_after(STOP_GRACE):
-            async for signum in signals:  # a second signal: no more grace
-                log.info("got %s again: failing the requests in flight now", signal.Signals(signum).name)
-                break
-        count = ops.stop()
-        # A request whose own GET blocks in a worker thread is cancelled only once the thread
-        # returns: a backend that can, ends those GETs now (GCS shuts their sockets down).
-        abort = getattr(ops.namespace.backend, "abort", None)
-        if callable(abort):
-            abort()
-        if count:
-            log.warning("%d request(s) still running %.0f s after the signal: cancelling them (EIO)", count, STOP_GRACE)
-        await trio.sleep_forever()  # keeps the receiver: later signals do not kill the process mid-stop
+    count = ops.stop()
+    # A request whose own GET blocks in a worker thread is cancelled only once the thread
+    # returns: a backend that can, ends those GETs now (GCS shuts their sockets down).
+    abort = getattr(ops.namespace.backend, "abort", None)
+    if callable(abort):
+        abort()
+    if count:
+        log.warning("%d request(s) still running %.0f s after the signal: cancelling them (EIO)", count, STOP_GRACE)

@@ -162,3 +162,43 @@ def test_sigterm_unmounts_cleanly(gcs: FakeGCS, bucket: str, mnt: Path, tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_signals_that_keep_coming_during_the_stop_never_kill_it(
+    gcs: FakeGCS, bucket: str, mnt: Path, tmp_path: Path
+) -> None:
+    """A supervisor that repeats SIGTERM (or a user pressing Ctrl-C again) while the daemon
+    unmounts and cleans up: it still exits 0 with the mount gone, never by the signal (143)."""
+    gcs.upload(bucket, "m/a.bin", b"abc")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelfs", "mount", f"gs://{bucket}/m", str(mnt), "--foreground", "--anonymous"]
+        + ["--cache-dir", str(tmp_path / "c")],
+        env=gcs.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "mount did not come up"
+            time.sleep(0.05)
+        assert (mnt / "a.bin").read_bytes() == b"abc"
+        sent = 0
+        while proc.poll() is None and sent < 2000:  # until it is gone: some land mid-clean-up
+            proc.send_signal(signal.SIGTERM)
+            sent += 1
+            try:
+                proc.wait(timeout=0.005)
+            except subprocess.TimeoutExpired:
+                pass
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, (sent, err)
+        assert "Traceback" not in err
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        force_unmount(mnt)
