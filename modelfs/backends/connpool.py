@@ -20,6 +20,8 @@ import ssl
 import threading
 from collections import Counter
 
+from modelfs.backends.private.httpclient_interim import InterimSkippingResponse
+
 __all__ = ["ConnectionPool", "InFlight"]
 
 
@@ -195,6 +197,7 @@ class ConnectionPool:
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._ssl)
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn.response_class = InterimSkippingResponse  # 103 Early Hints, say (see the shim)
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)

@@ -20,11 +20,12 @@ from modelfs.backends.private import (
     PrivateAPIChanged,
     botocore_raw,
     httpclient_body,
+    httpclient_interim,
     httpcore_read_size,
     urllib3_fp,
 )
 
-SHIMS = ["botocore_raw", "httpclient_body", "httpcore_read_size", "urllib3_fp"]
+SHIMS = ["botocore_raw", "httpclient_body", "httpclient_interim", "httpcore_read_size", "urllib3_fp"]
 
 
 @pytest.mark.parametrize("name", SHIMS)
@@ -257,3 +258,37 @@ def test_http_client_body_not_for_tls_or_chunked() -> None:
     finally:
         resp.close()
         plain.close()
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </m.css>; rel=preload\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PROCESSING = b"HTTP/1.1 102 Processing\r\n\r\n"
+
+
+def _get(conn: http.client.HTTPConnection) -> tuple[int, bytes]:
+    conn.request("GET", "/")
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+@pytest.mark.parametrize("interim", [EARLY_HINTS, CONTINUE + PROCESSING + EARLY_HINTS + CONTINUE])
+def test_interim_answers_are_skipped_and_the_connection_stays_usable(interim: bytes) -> None:
+    """1xx answers before the response (103 Early Hints: http.client alone takes it for the
+    answer) are skipped; the next response on the kept-alive connection is read right too."""
+    for port in _serve([interim + _response(BODY[:5000]), interim + _response(BODY[:7])]):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.response_class = httpclient_interim.InterimSkippingResponse
+        assert _get(conn) == (200, BODY[:5000])
+        assert _get(conn) == (200, BODY[:7])
+        conn.close()
+
+
+def test_endless_interim_answers_end_in_an_error_not_a_wait() -> None:
+    """A server that sends 100 Continue after 100 Continue (each within the read timeout)."""
+    flood = (CONTINUE + EARLY_HINTS) * (httpclient_interim.MAX_INTERIM // 2 + 1)
+    for port in _serve([flood + _response(b"late")]):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.response_class = httpclient_interim.InterimSkippingResponse
+        with pytest.raises(http.client.HTTPException, match="interim"):
+            _get(conn)
+        conn.close()
