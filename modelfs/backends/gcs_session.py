@@ -73,7 +73,7 @@ class SessionClient:
             )
             try:
                 check(resp.status_code, resp.headers)
-                read_urllib3_body(resp.raw, dest, request.what)
+                read_urllib3_body(resp.raw, dest, request.what, self._timeout[1])
             except BaseException:
                 resp.close()
                 raise

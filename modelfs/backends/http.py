@@ -42,6 +42,7 @@ import trio
 
 from modelfs import __version__
 from modelfs.backends.base import ListPage, ObjectInfo
+from modelfs.backends.body import Progress
 from modelfs.backends.http_media import HTTPMedia, NeedsProxy, proxied
 from modelfs.backends.private.httpcore_read_size import raise_read_size
 from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
@@ -190,6 +191,7 @@ class HTTPBackend(BackendSkeleton):
         super().__init__(source, threads=max_concurrency)  # the data GETs' worker threads
         # HEADs (on trio) have their own limit: they never wait behind a full pipe of GETs.
         self._head_limiter = trio.CapacityLimiter(max(1, max_concurrency))
+        self._read_timeout = read_timeout
         self._manifest = manifest
         self._budget = budget  # directory index bodies take their bytes from it
         self._run = run_marker(persist_weak_versions)
@@ -734,10 +736,12 @@ class HTTPBackend(BackendSkeleton):
                 got = 0
                 buffers = iter(dests)
                 dest, filled = next(buffers), 0
+                progress = Progress(self._read_timeout, trio.current_time)  # (a body that drips is a stall too)
                 async for chunk in resp.aiter_raw():
                     if got + len(chunk) > length:
                         raise TransientError(f"{what}: the server sent more than {length} bytes")
                     got += len(chunk)
+                    progress.add(len(chunk))
                     view = memoryview(chunk)
                     while view:  # a chunk may end one block's buffer and start the next's
                         if filled == len(dest):

@@ -111,6 +111,7 @@ class S3Backend(ThreadedBackend):
         # A Requester Pays bucket: every request says the requester accepts the charges.
         self._payer: dict[str, str] = {"RequestPayer": "requester"} if requester_pays else {}
         self._in_flight = InFlight()
+        self._read_timeout = read_timeout
         session = boto3.session.Session()
         if not anonymous and session.get_credentials() is None:
             raise ConfigError(
@@ -290,7 +291,7 @@ class S3Backend(ThreadedBackend):
                 meta = resp.get("ResponseMetadata", {})
                 headers = {key.lower(): value for key, value in meta.get("HTTPHeaders", {}).items()}
                 check_range_response(meta.get("HTTPStatusCode", 0), headers, request, pinned=pinned)
-                read_urllib3_body(raw, dests, what)
+                read_urllib3_body(raw, dests, what, self._read_timeout)
             finally:
                 if sock is not None:
                     self._in_flight.leave(sock)  # (raises if the stop aborted the GET meanwhile)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import socket
 import time
+from collections.abc import Callable
 
 import crc32c
 
@@ -53,6 +54,7 @@ def recv_body_into(
     timeout: float,
     deadline: float | None = None,
     sums: list[int] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Read up to ``len(dest)`` body bytes of ``resp`` into ``dest``; the number read (short at EOF).
 
@@ -60,6 +62,8 @@ def recv_body_into(
     byte: a chunk's wait that times out is followed by one more wait for any byte at all).
     With a ``deadline`` (time.monotonic()), TimeoutError also once it has passed, however
     steadily bytes trickle in (the cache tier wants a whole block in --read-timeout).
+    ``progress`` is told every receive's byte count (it may raise TimeoutError: a body that
+    drips is a stall too).
     With ``sums``, the CRC32C of the bytes read is appended to it, computed chunk by chunk
     right after each receive copied the chunk in (while it is still in the CPU cache: the
     same pass over a whole block later, from memory, costs the disk write several times more).
@@ -73,6 +77,8 @@ def recv_body_into(
         got = resp.fp.readinto(dest[: len(buffered)])
         if sums is not None:
             crc = crc32c.crc32c(dest[:got])
+        if progress is not None:
+            progress(got)
     lowat = 1
     trickle = False  # the last wait for a whole chunk timed out: wait for any byte
     previous = sock.gettimeout()
@@ -102,6 +108,8 @@ def recv_body_into(
             if sums is not None:
                 crc = crc32c.crc32c(dest[got : got + n], crc)
             got += n
+            if progress is not None:
+                progress(n)
     finally:
         if lowat != 1:
             _set_lowat(sock, 1)  # the next response's headers are read a few bytes at a time
