@@ -192,6 +192,7 @@ class HTTPBackend(BackendSkeleton):
         # HEADs (on trio) have their own limit: they never wait behind a full pipe of GETs.
         self._head_limiter = trio.CapacityLimiter(max(1, max_concurrency))
         self._read_timeout = read_timeout
+        self._connect_timeout = connect_timeout
         self._manifest = manifest
         self._budget = budget  # directory index bodies take their bytes from it
         self._run = run_marker(persist_weak_versions)
@@ -332,7 +333,7 @@ class HTTPBackend(BackendSkeleton):
         pool, keyed by address, would let a session made for one name serve another); behind
         a proxy from the environment the proxy resolves."""
         if addresses is None or url.scheme != "http" or proxied(str(url)):
-            return await self._client.send(self._client.build_request(method, url, headers=headers), stream=True)
+            return await self._answer(self._client.build_request(method, url, headers=headers))
         if not addresses:
             raise OSError(f"{url.host}: the name does not resolve")
         pinned_headers = {**headers, "Host": url.netloc.decode("ascii")}
@@ -340,11 +341,20 @@ class HTTPBackend(BackendSkeleton):
         for address in addresses:  # in order, as a connection to the name would try them
             request = self._client.build_request(method, url.copy_with(host=address), headers=pinned_headers)
             try:
-                return await self._client.send(request, stream=True)
+                return await self._answer(request)
             except httpx.ConnectError as exc:
                 error = exc
         assert error is not None
         raise error
+
+    async def _answer(self, request: httpx.Request) -> httpx.Response:
+        """``request`` sent, its answer's status and headers read (the body streams later):
+        within the connect and read timeouts in all. httpx bounds each wait for a byte only,
+        and skips interim answers (``100 Continue``) without end: a server sending them
+        forever would hold a lookup forever."""
+        with trio.move_on_after(self._connect_timeout + self._read_timeout):
+            return await self._client.send(request, stream=True)
+        raise TimeoutError(f"no answer within {self._connect_timeout + self._read_timeout:g} s")
 
     @asynccontextmanager
     async def _stream(self, method: str, url: str, headers: dict[str, str], what: str) -> AsyncIterator[httpx.Response]:
@@ -642,8 +652,10 @@ class HTTPBackend(BackendSkeleton):
                 size = int(declared) if declared.isdigit() else _INDEX_FIRST_LEASE
                 buf = await self._index_buffer(max(size, 1), leases, what)
                 used = 0
+                progress = Progress(self._read_timeout, trio.current_time)  # (a body that drips is a stall too)
                 async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_bytes())) as chunks:
                     async for chunk in chunks:
+                        progress.add(len(chunk))
                         if used + len(chunk) > len(buf):
                             if used + len(chunk) > _MAX_INDEX_BYTES:
                                 raise BackendError(

@@ -4,6 +4,7 @@ origin), short and long bodies, and a stop that ends a GET the server never fini
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -460,3 +461,36 @@ async def test_a_lookup_redirected_to_a_checked_target_reaches_the_checked_addre
             httpd.server_close()
     assert info.size == len(DATA)
     assert store_seen[-1]["host"] == f"pinned.invalid:{port}"
+
+
+async def test_a_lookup_answered_with_interim_answers_forever_fails_not_waits() -> None:
+    """httpx skips ``100 Continue`` answers without end, each within its read timeout: the
+    HEAD of a lookup is bounded as a whole (connect + read timeout), then retried/failed."""
+    from modelfs.backends.http import HTTPBackend
+    from modelfs.config import parse_source
+
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for _ in range(100):  # 10 s of interim answers, then the real one
+                if stop.wait(0.1):
+                    return
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 10\r\nAccept-Ranges: bytes\r\nETag: "e"\r\n\r\n')
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/m.bin"
+    backend = HTTPBackend(parse_source(url), read_timeout=0.5, connect_timeout=0.5)
+    try:
+        with pytest.raises(TransientError, match="timed out"):
+            await backend.stat("m.bin")
+    finally:
+        stop.set()
+        await backend.aclose()
+        thread.join(10)
+        listener.close()
