@@ -137,9 +137,10 @@ class DiskCache:
         if self._scanned or obj in self._listed or not self._enabled:
             return
         self._listed.add(obj)
-        found = await trio.to_thread.run_sync(scan_object, str(self._blocks_dir), obj, limiter=self._read_limiter)
-        if not self._scanned:  # (else the scan added them, in its order)
-            await self._unlink(self._index.add_scanned(found), evicted=True)
+        with self._index.removed_while() as removed:
+            found = await trio.to_thread.run_sync(scan_object, str(self._blocks_dir), obj, limiter=self._read_limiter)
+            victims = [] if self._scanned else self._index.add_scanned(found, removed)  # (else the scan added them)
+        await self._unlink(victims, evicted=True)
 
     # --- versions
 
@@ -310,8 +311,9 @@ class DiskCache:
     async def scan(self) -> None:
         """Add files left by earlier runs to the index (oldest first) and enforce the cap."""
         blocks = str(self._blocks_dir)
-        found = await trio.to_thread.run_sync(scan_blocks, blocks)
-        victims = self._index.add_scanned(found)
+        with self._index.removed_while() as removed:
+            found = await trio.to_thread.run_sync(scan_blocks, blocks)
+            victims = self._index.add_scanned(found, removed)
         log.debug("disk cache index rebuilt: %d blocks, %d bytes", len(self._index), self.used)
         self._scanned = True
         await self._unlink(victims, evicted=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 __all__ = ["DiskIndex", "split_rel"]
 
@@ -48,6 +49,9 @@ class DiskIndex:
         self._used_at: dict[str, int] = {}
         self._newest_tick = 0
         self._oldest_tick = 0
+        # One set per listing of the cache dir in progress: the files forgotten meanwhile,
+        # which that listing may still show (see removed_while).
+        self._listings: list[set[str]] = []
 
     # --- lookups
 
@@ -87,13 +91,28 @@ class DiskIndex:
         self._insert(rel, size, recent=True)
         return self._over_cap()
 
-    def add_scanned(self, found: Iterable[tuple[str, int]]) -> list[str]:
+    @contextmanager
+    def removed_while(self) -> Iterator[set[str]]:
+        """The files forgotten (evicted, dropped, found bad) while a listing of the cache dir
+        runs in a thread: pass them to :meth:`add_scanned` with that listing, which may still
+        show them (listed before their file was deleted), so they are not held again."""
+        removed: set[str] = set()
+        self._listings.append(removed)
+        try:
+            yield removed
+        finally:
+            self._listings = [other for other in self._listings if other is not removed]
+
+    def add_scanned(
+        self, found: Iterable[tuple[str, int]], removed: set[str] | frozenset[str] = frozenset()
+    ) -> list[str]:
         """Files an earlier run left, oldest first: they go before every file known already.
+        ``removed``: files forgotten since the listing began (see :meth:`removed_while`).
 
         Per object, every version but the one listed last (the most recently written) goes
         to the old end: it is probably stale, and the object's next open decides.
         """
-        fresh = [(rel, size) for rel, size in found if rel not in self]
+        fresh = [(rel, size) for rel, size in found if rel not in self and rel not in removed]
         victims = [rel for rel, size in fresh if size > self.capacity]
         fresh = [(rel, size) for rel, size in fresh if size <= self.capacity]
         newest: dict[str, str] = {}
@@ -127,6 +146,8 @@ class DiskIndex:
             return False
         del self._used_at[rel]
         self._bytes -= size
+        for removed in self._listings:
+            removed.add(rel)
         obj, version = split_rel(rel)
         files = self._versions[obj][version]
         files.discard(rel)
@@ -138,6 +159,8 @@ class DiskIndex:
 
     def clear(self) -> None:
         """Forget every file (the cache dir was lost); pins and current versions stay."""
+        for removed in self._listings:
+            removed.update(self)
         self._free.clear()
         self._pinned.clear()
         self._versions.clear()

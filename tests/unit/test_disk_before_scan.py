@@ -123,3 +123,44 @@ async def test_open_before_the_scan_ends_serves_from_disk(tmp_path: Path, held_s
         assert disk.used == sum(p.stat().st_size for p in Path(disk._blocks_dir).rglob("*") if p.is_file())
         nursery.cancel_scope.cancel()
     disk.close()
+
+
+async def test_a_block_dropped_while_the_scan_runs_is_not_held_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan listed the cache dir, then (before it applied what it found) a block of an
+    object opened meanwhile was dropped, its file deleted: the scan's listing must not make
+    the index hold that block again (a miss later, and bytes counted that are not on disk)."""
+    backend = MemoryBackend(latency=0.001, joins_reads=True)
+    ref, data = put_ramp(backend, "m.bin", BLOCKS * BS, seed=23)
+    root = tmp_path / "cache"
+    await _fill_cache(root, backend, ref, data)
+
+    listed, release = threading.Event(), threading.Event()
+    real = disk_module.scan_blocks
+
+    def listed_then_held(blocks_dir: str) -> list[tuple[str, int]]:
+        found = real(blocks_dir)
+        listed.set()
+        release.wait(60)
+        return found
+
+    monkeypatch.setattr(disk_module, "scan_blocks", listed_then_held)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_release_at_exit, release)
+        store = await _store(nursery, backend, root)
+        disk = store.disk
+        assert disk is not None
+        await trio.to_thread.run_sync(listed.wait, 60)  # the listing is taken, not yet applied
+        await store.prepare(ref)
+        dropped = (ref.key, ref.version, 3)
+        assert disk.contains(dropped)
+        await disk.discard(dropped)  # found bad, say: forgotten and deleted
+        assert not disk.contains(dropped)
+        release.set()
+        await wait_until(lambda: disk._scanned)
+        assert not disk.contains(dropped)
+        assert len(disk._index) == BLOCKS - 1
+        assert disk.used == sum(p.stat().st_size for p in Path(disk._blocks_dir).rglob("*") if p.is_file())
+        nursery.cancel_scope.cancel()
+    disk.close()
