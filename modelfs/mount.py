@@ -181,7 +181,9 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     namespace = Namespace(
         backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline, cache_bytes=config.metadata_cache
     )
-    disk = DiskCache(config.cache_dir, config.disk_cache) if config.disk_cache > 0 else None
+    disk = (
+        DiskCache(config.cache_dir, config.disk_cache, block_size=config.block_size) if config.disk_cache > 0 else None
+    )
     store = BlockStore.from_config(config, backend, memory, disk)
     eager = EagerStreamer(
         store,

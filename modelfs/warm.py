@@ -135,7 +135,7 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     if config.disk_cache <= 0:
         raise ModelfsError("warm needs a disk cache (--disk-cache must be more than 0)")
     backend = open_backend(config)
-    disk = DiskCache(config.cache_dir, config.disk_cache)
+    disk = DiskCache(config.cache_dir, config.disk_cache, block_size=config.block_size)
     window = max(1, min(config.max_concurrency * 2, config.max_prefetch // config.block_size))
     memory = MemoryCache(max(config.memory_cache, (window + 2) * config.block_size), config.block_size)
     store = BlockStore.from_config(config, backend, memory, disk)

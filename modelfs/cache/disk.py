@@ -59,6 +59,10 @@ class DiskStats:
     write_errors: int = 0
 
 
+_NAMED_WITHOUT_SIZE = 8 << 20
+"""The default --block-size: its block files keep the names they had before names said the size."""
+
+
 def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
@@ -70,9 +74,10 @@ def _key_bytes(key: BlockKey) -> bytes:
 class DiskCache:
     """Block files under ``root`` capped at ``capacity`` bytes (data plus headers)."""
 
-    def __init__(self, root: Path, capacity: int) -> None:
+    def __init__(self, root: Path, capacity: int, *, block_size: int = _NAMED_WITHOUT_SIZE) -> None:
         self.root = root
         self.capacity = capacity
+        self._block_size = block_size
         self.stats = DiskStats()
         self._dir = CacheDir(root)
         self._blocks_dir = self._dir.blocks
@@ -113,7 +118,16 @@ class DiskCache:
     # --- names
 
     def _relpath(self, key: BlockKey) -> str:
-        return f"{_hash(key[0])}/{_hash(key[1])[:16]}-{key[2]}"
+        return f"{_hash(key[0])}/{self._version_tag(key[1])}-{key[2]}"
+
+    def _version_tag(self, version: str) -> str:
+        """The version part of a block file's name. It names the block size too: block 1 of a
+        12 MiB object is [8, 12) MiB with 8 MiB blocks and [4, 8) MiB with 4 MiB ones, both
+        4 MiB long, so a cache dir read with another --block-size must not find the other's
+        files (they look like another version, and the version rules drop them)."""
+        if self._block_size == _NAMED_WITHOUT_SIZE:
+            return _hash(version)[:16]  # the default: names as before the size was part of them
+        return _hash(f"{version}\nblock size {self._block_size}")[:16]
 
     @property
     def used(self) -> int:
@@ -146,11 +160,11 @@ class DiskCache:
 
     def pin(self, obj_key: str, version: str) -> None:
         """An open file reads ``version`` of ``obj_key``: keep its blocks, drop unpinned others."""
-        self._drop(self._index.pin(_hash(obj_key), _hash(version)[:16]))
+        self._drop(self._index.pin(_hash(obj_key), self._version_tag(version)))
 
     def unpin(self, obj_key: str, version: str) -> None:
         """That file closed: the version's blocks go unless it is the object's current one."""
-        self._drop(self._index.unpin(_hash(obj_key), _hash(version)[:16]))
+        self._drop(self._index.unpin(_hash(obj_key), self._version_tag(version)))
 
     def _drop(self, rels: list[str]) -> None:
         if rels:

@@ -124,3 +124,20 @@ def test_a_cache_dir_deleted_while_mounted_is_recreated(source: Path, tmp_path: 
         assert (mnt / "a.bin").read_bytes() == ramp(3 * MiB, seed=1)
     text = log.read_text()
     assert text.count("recreated it and its lock") == 1, text
+
+
+def test_a_cache_dir_read_with_another_block_size_serves_the_right_bytes(tmp_path: Path) -> None:
+    """Block 1 of a 12 MiB file is [8, 12) MiB with 8 MiB blocks and [4, 8) MiB with 4 MiB ones,
+    both 4 MiB long: a cache dir filled at one --block-size and mounted at another must not
+    hand one for the other (each size names its files apart). (--persist-weak-versions: a
+    local file has no strong version; without it no block is reused after a restart.)"""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(12 << 20)
+    (src / "m.bin").write_bytes(data)
+    cache = tmp_path / "cache"
+    for block_size in ("8M", "4M", "8M", "2M", "4M"):
+        mnt = tmp_path / f"mnt-{block_size}"
+        with mounted(f"file://{src}", mnt, cache, "--block-size", block_size, "--no-eager", "--persist-weak-versions"):
+            got = (mnt / "m.bin").read_bytes()
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest(), block_size
