@@ -207,6 +207,21 @@ def _mount_foreground(config: Config) -> int:
     return 0
 
 
+# ``-P``: the re-executed daemon does not put the current directory on sys.path, as ``-m``
+# otherwise would: a modelfs.py (or modelfs/) where the command ran would be imported, as root.
+_SAFE_PATH = ("-P",)
+
+
+def _child_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a re-executed modelfs: it imports this very package (from where this process
+    did, first on PYTHONPATH), whatever the current directory holds (see _SAFE_PATH)."""
+    import modelfs
+
+    here = str(Path(modelfs.__file__).resolve().parent.parent)
+    rest = env.get("PYTHONPATH")
+    return dict(env, PYTHONPATH=here + (os.pathsep + rest if rest else ""))
+
+
 _ARGV_ENV = "MODELFS_ARGV"  # the real argv of a mount re-executed with secrets hidden (JSON)
 _HIDDEN = "<hidden>"
 
@@ -272,9 +287,9 @@ def _hide_secrets(argv: list[str], source: str) -> None:
     shown = _without_secrets(argv, source)
     if shown == argv or not sys.executable:
         return
-    env = dict(os.environ, **{_ARGV_ENV: json.dumps(argv)})
+    env = _child_env(dict(os.environ, **{_ARGV_ENV: json.dumps(argv)}))
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "modelfs", *shown], env)
+        os.execve(sys.executable, [sys.executable, *_SAFE_PATH, "-m", "modelfs", *shown], env)
     except OSError as exc:
         log.warning("cannot re-execute without secrets in the command line (%s): they stay visible", exc.strerror)
 
@@ -288,13 +303,13 @@ def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ, **{_READY_FD_ENV: str(write_fd)})
+    env = _child_env(dict(os.environ, **{_READY_FD_ENV: str(write_fd)}))
     argv = [*argv, "--foreground"]
     shown = _without_secrets(argv, _source_of(argv))
     if shown != argv:  # secrets go to the daemon in its environment, which only its user reads
         env[_ARGV_ENV] = json.dumps(argv)
     child = subprocess.Popen(
-        [sys.executable, "-m", "modelfs", *shown],
+        [sys.executable, *_SAFE_PATH, "-m", "modelfs", *shown],
         stdin=subprocess.DEVNULL,
         stdout=log_out,
         stderr=log_out,

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,3 +142,24 @@ def test_a_cache_dir_read_with_another_block_size_serves_the_right_bytes(tmp_pat
         with mounted(f"file://{src}", mnt, cache, "--block-size", block_size, "--no-eager", "--persist-weak-versions"):
             got = (mnt / "m.bin").read_bytes()
         assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest(), block_size
+
+
+def test_a_modelfs_module_in_the_current_directory_is_never_imported(tmp_path: Path, source: Path) -> None:
+    """The daemon (a child; the re-exec that hides --header values likewise) runs ``python -m
+    modelfs``, which would import a modelfs.py from the current directory — as root."""
+    planted = tmp_path / "cwd"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    (planted / "modelfs.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    installed = Path(sys.executable).parent / "modelfs"  # the console script, as users run it
+    argv = [str(installed), "mount", f"file://{source}", str(mnt), "--cache-dir", str(tmp_path / "cache")]
+    try:
+        result = subprocess.run(argv, cwd=planted, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert (mnt / "a.bin").read_bytes() == (source / "a.bin").read_bytes()
+        assert not marker.exists()
+    finally:
+        subprocess.run([str(installed), "unmount", str(mnt)], capture_output=True, check=False)
+        force_unmount(mnt)
