@@ -66,7 +66,7 @@ def _mounted_cgroup(base: Path, mountinfo: str) -> str | None:
     """The cgroup path whose hierarchy is mounted at ``base``: ``/`` on a host, the container's
     own cgroup inside a container that sees only its part of the hierarchy (podman on v1)."""
     try:
-        lines = Path(mountinfo).read_text().splitlines()
+        lines = Path(mountinfo).read_text(errors="surrogateescape").splitlines()  # (paths need not be UTF-8)
     except OSError:
         return None
     for line in lines:
@@ -88,7 +88,7 @@ def cgroup_memory_limit(
     not see, while its own cgroup is mounted at the root: the root's file counts too.
     """
     try:
-        lines = Path(proc_cgroup).read_text().splitlines()
+        lines = Path(proc_cgroup).read_text(errors="surrogateescape").splitlines()
     except OSError:
         return None
     v1_path: str | None = None

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -58,33 +59,39 @@ def _fusermount(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["fusermount3", *args], capture_output=True, text=True, check=False)
 
 
+_MOUNTS_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _mount_table() -> list[tuple[bytes, bytes]]:
+    """(mount point, type) of every line of /proc/self/mounts, in order, as bytes: a mount
+    point need not be UTF-8 (the kernel escapes only space, tab, newline and backslash)."""
+    try:
+        with open("/proc/self/mounts", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    table = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2:
+            point = _MOUNTS_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), fields[1])
+            table.append((point, fields[2]))
+    return table
+
+
 def is_mounted(path: Path) -> bool:
     """True for a live or dead mount at ``path`` (per /proc/self/mounts)."""
     target = os.path.realpath(path)
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 1 and fields[1].encode().decode("unicode_escape") == target:
-                    return True
-    except OSError:
-        pass
+    if any(point == os.fsencode(target) for point, _ in _mount_table()):
+        return True
     return os.path.ismount(target)
 
 
 def mounted_fstype(path: Path) -> str | None:
     """The type of the topmost mount at ``path`` (``fuse.modelfs``, ``ext4``...), or None."""
-    target = os.path.realpath(path)
-    fstype = None
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 2 and fields[1].encode().decode("unicode_escape") == target:
-                    fstype = fields[2]  # later lines are mounted on top of earlier ones
-    except OSError:
-        pass
-    return fstype
+    target = os.fsencode(os.path.realpath(path))
+    types = [fstype for point, fstype in _mount_table() if point == target]
+    return types[-1].decode("ascii", "replace") if types else None  # later lines are on top
 
 
 def check_mountpoint(path: Path) -> None:
@@ -118,13 +125,17 @@ def check_mountpoint(path: Path) -> None:
 
 
 def unmount(path: Path, wait: float = 60.0) -> None:
-    """Unmount a modelfs (or any FUSE) mount, live or dead.
+    """Unmount a modelfs mount, live or dead (never another file system: as root, fusermount3
+    would detach anything, say the volume the mount point sits in).
 
     For a live modelfs mount, also wait (up to ``wait`` seconds) for its daemon to exit, so
     the cache dir is free for the next mount when this returns.
     """
     if not is_mounted(path):
         raise MountError(f"{path} is not mounted")
+    fstype = mounted_fstype(path)
+    if fstype != "fuse.modelfs":
+        raise MountError(f"{path} is not a modelfs mount ({fstype or 'unknown type'}); not unmounting it")
     pid = _daemon_pid(path)
     result = _fusermount(["-u", str(path)])
     if result.returncode != 0:

@@ -22,6 +22,7 @@ import enum
 import errno
 import mmap
 import os
+import secrets
 import stat
 import struct
 import threading
@@ -54,6 +55,9 @@ HEADER = struct.Struct("<4sHHQQIII")  # magic, format, reserved, index, length, 
 PAGE = 4096
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+# Opening a block file to read: O_NONBLOCK too, so a FIFO planted in its place opens at once
+# (and then fails the regular-file check) instead of blocking until a writer comes.
+_READ = _NOFOLLOW | os.O_NONBLOCK
 
 
 class CorruptBlock(Exception):
@@ -83,14 +87,19 @@ class WriteResult:
     direct_failed: bool = False
 
 
+# This process's mark in its temporary files' names, beside its pid: in a container the daemon
+# is pid 1 run after run, and a crashed run's temporaries must not look like this run's.
+_RUN = secrets.token_hex(4)
+
+
 def temp_name(name: str) -> str:
-    """The temporary a write of ``name`` goes to: ``.NAME.PID-THREAD.tmp``."""
-    return f".{name}.{os.getpid()}-{threading.get_ident()}.tmp"
+    """The temporary a write of ``name`` goes to: ``.NAME.PID-RUN-THREAD.tmp``."""
+    return f".{name}.{os.getpid()}-{_RUN}-{threading.get_ident()}.tmp"
 
 
 def is_own_temp(name: str) -> bool:
     """Whether a temporary file is being written by this process (the scan leaves it alone)."""
-    return name.endswith(".tmp") and f".{os.getpid()}-" in name
+    return name.endswith(".tmp") and f".{os.getpid()}-{_RUN}-" in name
 
 
 def data_offset_for(key_bytes: bytes) -> int:
@@ -181,7 +190,7 @@ def _read_direct(path: str, key_bytes: bytes, index: int, dest: memoryview) -> R
     refuses O_DIRECT.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | _NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | _READ)
     except FileNotFoundError:
         return ReadResult(ReadOutcome.ABSENT)
     except OSError as exc:
@@ -214,7 +223,7 @@ def _read_direct(path: str, key_bytes: bytes, index: int, dest: memoryview) -> R
 
 def _read_buffered(path: str, key_bytes: bytes, index: int, dest: memoryview) -> ReadResult:
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | _READ)
     except FileNotFoundError:
         return ReadResult(ReadOutcome.ABSENT)
     try:

@@ -202,3 +202,36 @@ def test_signals_that_keep_coming_during_the_stop_never_kill_it(
             proc.kill()
             proc.wait()
         force_unmount(mnt)
+
+
+def test_a_mount_elsewhere_with_a_path_that_is_not_utf8_breaks_nothing(tmp_path: Path) -> None:
+    """/proc/self/mounts lists every mount of the host; one whose path is not UTF-8 must not
+    break mounting, unmounting or recognising mounts anywhere else."""
+    from modelfs.mount import mounted_fstype
+
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/odd\xff name"))
+    odd.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(odd)], check=True)
+    try:
+        assert is_mounted(odd) and mounted_fstype(odd) == "tmpfs"
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a.bin").write_bytes(b"abc")
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        result = run_modelfs("mount", f"file://{src}", str(mnt), "--cache-dir", str(tmp_path / "cache"))
+        assert result.returncode == 0, result.stderr
+        try:
+            assert is_mounted(mnt) and mounted_fstype(mnt) == "fuse.modelfs"
+            assert (mnt / "a.bin").read_bytes() == b"abc"
+        finally:
+            result = run_modelfs("unmount", str(mnt))
+            force_unmount(mnt)
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(mnt)
+        # Another file system is never unmounted by `modelfs unmount`.
+        refused = run_modelfs("unmount", str(odd))
+        assert refused.returncode == 1 and "not a modelfs mount (tmpfs)" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and is_mounted(odd)
+    finally:
+        subprocess.run(["umount", "-l", str(odd)], check=False)

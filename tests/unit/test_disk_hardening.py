@@ -212,6 +212,22 @@ async def test_a_block_file_planted_as_a_symlink_is_not_followed(tmp_path: Path)
         cache.close()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_fifo_in_place_of_a_block_file_is_corrupt_not_a_hang(tmp_path: Path, direct: bool) -> None:
+    """Opening a FIFO for reading waits for a writer: the read must not."""
+    cache = DiskCache(tmp_path / "cache", 1 << 30)
+    cache.open()
+    try:
+        await cache.write(key(0), page_buffer(ramp(BS)))
+        path_of(cache, key(0)).unlink()
+        os.mkfifo(path_of(cache, key(0)))
+        with trio.fail_after(30):  # (a bound that turns a hang into a failure)
+            assert await read(cache, key(0), direct=direct) is None
+        assert cache.stats.corrupt == 1 and not path_of(cache, key(0)).exists()
+    finally:
+        cache.close()
+
+
 # --- lying headers
 
 

@@ -123,8 +123,11 @@ def test_the_scan_removes_only_temporaries_of_other_processes(tmp_path: Path) ->
     obj = tmp_path / "blocks" / "obj"
     obj.mkdir(parents=True)
     ours, crashed = obj / temp_name("v-0"), obj / ".v-1.999999999-1.tmp"
+    # A crashed run with our pid (in a container the daemon is pid 1 every time).
+    same_pid = obj / f".v-3.{os.getpid()}-0badc0de-1.tmp"
     ours.write_bytes(b"being written")
     crashed.write_bytes(b"left by a crash")
+    same_pid.write_bytes(b"left by a crash of a run with our pid")
     (obj / "v-2").write_bytes(b"x" * 10)
     assert scan_blocks(str(tmp_path / "blocks")) == [("obj/v-2", 10)]
-    assert ours.exists() and not crashed.exists()
+    assert ours.exists() and not crashed.exists() and not same_pid.exists()
