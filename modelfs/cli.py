@@ -98,6 +98,10 @@ def _warm(config: Config) -> int:
     from modelfs.warm import warm
 
     result = trio.run(warm, config)
+    if result.failed:
+        why = result.failed[0][1]
+        more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
+        raise ModelfsError(f"{len(result.failed)} object(s) not cached{more}: {why}")
     if result.mismatched:
         names = ", ".join(result.mismatched)
         raise ModelfsError(f"checksum mismatch in {len(result.mismatched)} object(s): {names}")

@@ -43,6 +43,7 @@ class WarmResult:
     fetched_bytes: int = 0
     mismatched: list[str] = field(default_factory=list)
     unverified: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (name, why): not cached
 
 
 class _Progress:
@@ -170,7 +171,12 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
             await nursery.start(store.run)
             nursery.start_soon(produce)
             async for info in receive:
-                ok = await _warm_object(store, info, backend.object_key(info.name), window, progress)
+                try:
+                    ok = await _warm_object(store, info, backend.object_key(info.name), window, progress)
+                except ModelfsError as exc:  # changed or gone since the listing, unreadable: the others go on
+                    result.failed.append((info.name, str(exc)))
+                    progress.object_done(info.name, f"FAILED: {exc}")
+                    continue
                 result.objects += 1
                 result.bytes += info.size
                 if ok is False:
@@ -185,6 +191,8 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
             nursery.cancel_scope.cancel()
         if failed:
             raise failed[0]
+        if config.source.prefix and not result.objects and not result.failed:
+            raise ModelfsError(f"nothing found at {config.source.url} (no object with that name or prefix)")
         progress.finish()
         result.fetched_bytes = store.stats.backend_bytes
         return result

@@ -1,0 +1,53 @@
+"""``modelfs warm`` with an object that cannot be read after the listing (changed or deleted
+in the store meanwhile): the others are cached, the failure is one line and exit 1, never a
+traceback out of trio's exception groups."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import pytest
+import trio
+
+from modelfs import cli, warm
+from modelfs.backends.memory import MemoryBackend, ramp
+from modelfs.config import Config, add_options, build_config
+from modelfs.errors import ModelfsError, VersionChanged
+
+
+def _config(tmp_path: Path, source: str = "gs://bkt/m") -> Config:
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    args = parser.parse_args(["--anonymous", "--cache-dir", str(tmp_path / "cache"), "--block-size", "64K"])
+    return build_config(source, None, args, environ={})
+
+
+def test_an_object_changed_after_the_listing_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = MemoryBackend()
+    for name, seed in (("a.bin", 1), ("b.bin", 2), ("c.bin", 3)):
+        backend.put(name, ramp(200_000, seed=seed))
+
+    def changed(name: str, offset: int, length: int) -> None:
+        if name == "b.bin":
+            raise VersionChanged(f"{name}: changed in the store")
+
+    backend.fault = changed
+    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
+    out = io.StringIO()
+    result = trio.run(warm.warm, _config(tmp_path), out)
+    assert result.objects == 2 and result.bytes == 400_000
+    assert result.failed == [("b.bin", "b.bin: changed in the store")]
+    assert "warm: b.bin: FAILED: b.bin: changed in the store" in out.getvalue()
+
+    monkeypatch.setattr(trio, "run", lambda fn, config: result)  # what the CLI makes of that result
+    with pytest.raises(ModelfsError, match=r"^1 object\(s\) not cached: b.bin: changed in the store$"):
+        cli._warm(_config(tmp_path))
+
+
+def test_a_prefix_with_nothing_under_it_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = MemoryBackend()
+    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
+    with pytest.raises(ModelfsError, match="nothing found at gs://bkt/m"):
+        trio.run(warm.warm, _config(tmp_path), io.StringIO())
