@@ -199,7 +199,7 @@ def _mount_foreground(config: Config) -> int:
     except ModelfsError as exc:
         if ready_fd is not None:
             try:
-                os.write(int(ready_fd), f"error: {escape(str(exc))}\n".encode())
+                os.write(int(ready_fd), f"error: {escape(str(exc))}\n".encode(errors="backslashreplace"))
             except OSError:
                 pass
         raise

@@ -303,9 +303,11 @@ def _parse_http_source(url: str) -> Source:
 
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - validates the port
+        port = parts.port
     except ValueError as exc:
         raise ConfigError(f"invalid URL {url!r}: {exc}") from None
+    if port == 0:  # (urlsplit accepts it; a connection would go to the scheme's default port)
+        raise ConfigError(f"invalid URL {url!r}: port 0")
     if not parts.hostname:
         raise ConfigError(f"no host in {url!r}")
     if parts.username is not None or parts.password is not None:
@@ -510,12 +512,20 @@ def add_options(parser: argparse.ArgumentParser, names: set[str] | None = None) 
             parser.add_argument(*flags, dest=opt.attr, default=None, metavar=opt.attr.upper(), help=opt.help)
 
 
+_MAX_CONFIG_FILE = 1 << 20  # a config file is a few lines; /dev/zero is not one
+
+
 def _read_config_file(path: str) -> Mapping[str, Any]:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(_MAX_CONFIG_FILE + 1)
+        if len(raw) > _MAX_CONFIG_FILE:
+            raise ConfigError(f"config file {path} is larger than {_MAX_CONFIG_FILE >> 20} MiB")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     unknown = sorted(set(data) - {opt.name for opt in OPTIONS} - {opt.attr for opt in OPTIONS})
@@ -577,6 +587,8 @@ def build_config(
         raise ConfigError(f"--read-ahead-kb must be between 0 and {_MAX_READ_AHEAD_KB}")
     if not (64 << 10) <= values["metadata_cache"] <= (1 << 40):
         raise ConfigError("--metadata-cache must be between 64K and 1T")
+    if mountpoint is not None and not mountpoint:
+        raise ConfigError("MOUNTPOINT is empty")
     _check_memory(values, mount=mountpoint is not None)
     cache_dir_value = values.pop("cache_dir")
     cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)

@@ -218,3 +218,23 @@ def test_mountpoint_and_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.M
     assert cfg.cache_dir == tmp_path / "c"
     assert cfg.log_file == tmp_path / "l.log"
     assert dataclasses.replace(cfg, max_concurrency=2).max_concurrency == 2
+
+
+def test_an_empty_mountpoint_and_port_0_are_one_line_errors() -> None:
+    with pytest.raises(ConfigError, match="MOUNTPOINT is empty"):
+        build_config(SRC, "", parse(), environ={})
+    with pytest.raises(ConfigError, match="port 0"):
+        config(source="https://127.0.0.1:0/models/")
+
+
+@pytest.mark.parametrize(
+    ("content", "why"), [(b"\xff\xfememory-cache = 1", "not UTF-8 text"), (None, "larger than 1 MiB")]
+)
+def test_a_config_file_that_is_not_text_or_too_large_is_refused(
+    tmp_path: Path, content: bytes | None, why: str
+) -> None:
+    path = "/dev/zero" if content is None else str(tmp_path / "c.toml")  # /dev/zero: never ends
+    if content is not None:
+        Path(path).write_bytes(content)
+    with pytest.raises(ConfigError, match=why):
+        config("--config", path)
