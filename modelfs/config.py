@@ -607,15 +607,16 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
     """--memory-cache: 'auto' resolved from the cgroup limit; the budget must hold two blocks and
     one FUSE read beside a block; a mount must fit in its cgroup's memory limit with the
     daemon's fixed overhead (see modelfs.memlimit)."""
-    from modelfs.memlimit import MAX_REQUEST, auto_budget, cgroup_memory_limit, describe, overhead
+    from modelfs.memlimit import DISK_BLOCKS_INCLUDED, MAX_REQUEST, auto_budget, cgroup_memory_limit, describe, overhead
 
     block = values["block_size"]
     least = max(2 * block, block + MAX_REQUEST)
     limit = cgroup_memory_limit()
+    disk_blocks = values["disk_cache"] // block  # the disk index's entries at most
     if values["memory_cache"] == _AUTO:
         if limit is None:
             raise ConfigError("--memory-cache auto needs a cgroup memory limit, and this process has none")
-        values["memory_cache"] = auto_budget(limit, block, values["metadata_cache"])
+        values["memory_cache"] = auto_budget(limit, block, values["metadata_cache"], disk_blocks)
         if values["memory_cache"] < least:
             raise ConfigError(
                 f"--memory-cache auto: the cgroup memory limit {describe(limit)} leaves "
@@ -627,12 +628,14 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
             f"--memory-cache must hold two blocks and a 1M read beside a block: at least {describe(least)} "
             f"with --block-size {describe(block)}"
         )
-    extra = overhead(values["metadata_cache"])
+    extra = overhead(values["metadata_cache"], disk_blocks)
     if mount and limit is not None and values["memory_cache"] + extra > limit:
+        index = " and the disk cache's index of its blocks" if disk_blocks > DISK_BLOCKS_INCLUDED else ""
         raise ConfigError(
-            f"--memory-cache {describe(values['memory_cache'])} plus the daemon's overhead "
+            f"--memory-cache {describe(values['memory_cache'])} plus the daemon's overhead{index} "
             f"({describe(extra)}) exceeds the cgroup memory limit {describe(limit)}: "
             f"use --memory-cache auto or at most {describe(max(0, limit - extra))}"
+            + (" (or a larger --block-size, or a smaller --disk-cache)" if index else "")
         )
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_METADATA_CACHE",
+    "DISK_BLOCKS_INCLUDED",
+    "DISK_INDEX_ENTRY",
     "overhead",
     "AUTO_HEADROOM",
     "FIXED_OVERHEAD",
@@ -37,6 +39,14 @@ metadata cache of the default size (:data:`DEFAULT_METADATA_CACHE`)."""
 
 DEFAULT_METADATA_CACHE = 8 << 20
 """``--metadata-cache``'s default; a larger one adds its excess to the overhead."""
+
+DISK_INDEX_ENTRY = 512
+"""Memory per block file the disk cache's index holds (its path, size, LRU and version
+entries: ~330 B each measured, ~460 B at the startup scan's peak)."""
+
+DISK_BLOCKS_INCLUDED = 16384
+"""Block files whose index the fixed overhead covers (8 MiB of it); beyond them each adds
+:data:`DISK_INDEX_ENTRY` (a 10 GiB disk cache of 8 MiB blocks is 1,280)."""
 
 AUTO_HEADROOM = 64 << 20
 """What ``--memory-cache auto`` leaves free below the cgroup limit besides the overhead."""
@@ -124,14 +134,16 @@ def cgroup_memory_limit(
     return min(limits) if limits else None
 
 
-def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE) -> int:
-    """The daemon's RSS beyond ``--memory-cache`` with this ``--metadata-cache``."""
-    return FIXED_OVERHEAD + max(0, metadata_cache - DEFAULT_METADATA_CACHE)
+def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0) -> int:
+    """The daemon's RSS beyond ``--memory-cache`` with this ``--metadata-cache`` and a disk
+    cache of ``disk_blocks`` blocks (``--disk-cache`` / ``--block-size``)."""
+    index = max(0, disk_blocks - DISK_BLOCKS_INCLUDED) * DISK_INDEX_ENTRY
+    return FIXED_OVERHEAD + max(0, metadata_cache - DEFAULT_METADATA_CACHE) + index
 
 
-def auto_budget(limit: int, block_size: int, metadata_cache: int = DEFAULT_METADATA_CACHE) -> int:
+def auto_budget(limit: int, block_size: int, metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0) -> int:
     """``--memory-cache auto``: the limit minus overhead and headroom, in whole blocks."""
-    room = limit - overhead(metadata_cache) - AUTO_HEADROOM
+    room = limit - overhead(metadata_cache, disk_blocks) - AUTO_HEADROOM
     return max(0, room - room % block_size)
 
 

@@ -136,3 +136,19 @@ def test_a_larger_metadata_cache_adds_to_the_overhead(monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match=r"overhead \(96M\)"):
         _config("--memory-cache", "128M", "--metadata-cache", "40M")
     assert _config("--memory-cache", "auto", "--metadata-cache", "40M") == 192 * MiB - 96 * MiB - AUTO_HEADROOM
+
+
+def test_a_disk_cache_of_many_blocks_counts_its_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk index holds an entry per block file in memory: a disk cache of many small
+    blocks (1,638,400 of 64 KiB in 100G) must fit in the cgroup too, and `auto` leaves room."""
+    from modelfs.memlimit import DISK_BLOCKS_INCLUDED, DISK_INDEX_ENTRY, overhead
+
+    monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: 1024 * MiB)
+    small = ("--block-size", "64K", "--disk-cache", "100G")
+    index = (100 * 1024 * 16 - DISK_BLOCKS_INCLUDED) * DISK_INDEX_ENTRY
+    assert overhead(disk_blocks=100 * 1024 * 16) == FIXED_OVERHEAD + index
+    with pytest.raises(ConfigError, match="disk cache's index .* larger --block-size"):
+        _config(*small, "--memory-cache", "512M")
+    assert _config(*small, "--memory-cache", "auto") == 1024 * MiB - FIXED_OVERHEAD - index - AUTO_HEADROOM
+    # The default disk cache (10G of 8 MiB blocks) adds nothing.
+    assert _config("--memory-cache", "auto") == 1024 * MiB - FIXED_OVERHEAD - AUTO_HEADROOM
