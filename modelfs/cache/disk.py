@@ -284,7 +284,7 @@ class DiskCache:
             if not await trio.to_thread.run_sync(self._dir.lost, lock_fd, limiter=self._limiter):
                 return False
             try:
-                new_fd = await trio.to_thread.run_sync(self._dir.create_and_lock, limiter=self._limiter)
+                new_fd = await trio.to_thread.run_sync(self._dir.create_and_lock, lock_fd, limiter=self._limiter)
             except (MountError, OSError) as exc:
                 self._enabled = False
                 self._index.clear()

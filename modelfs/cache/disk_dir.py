@@ -151,9 +151,11 @@ class CacheDir:
         """
         self.adopt(self.create_and_lock())
 
-    def create_and_lock(self) -> int:
+    def create_and_lock(self, held: int | None = None) -> int:
         """The blocking part of :meth:`open`: the locked lock file's descriptor. Changes no state,
-        so it may run in a worker thread; :meth:`adopt` takes the result on the caller's side."""
+        so it may run in a worker thread; :meth:`adopt` takes the result on the caller's side.
+        ``held``: the lock this process holds already (a recreation after part of the cache dir
+        was deleted): if its file is still the lock file, that lock is kept."""
         prepare_dir(self.root)
         try:
             os.mkdir(self.blocks, 0o700)
@@ -164,14 +166,14 @@ class CacheDir:
         st = os.lstat(self.blocks)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             raise _refuse(self.root, f"{self.blocks} is not a directory of the daemon's user")
-        return self._lock()
+        return self._lock(held)
 
     def adopt(self, lock_fd: int) -> None:
         """Hold ``lock_fd`` as the lock (closing the one held before, e.g. of a deleted dir)."""
         self.close()
         self._lock_fd = lock_fd
 
-    def _lock(self) -> int:
+    def _lock(self, held: int | None = None) -> int:
         path = self.root / "lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -183,6 +185,11 @@ class CacheDir:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
                 raise _refuse(self.root, f"its lock file {path} is not a private regular file")
+            if held is not None:
+                mine = os.fstat(held)
+                if (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino):
+                    os.close(fd)
+                    return os.dup(held)  # our own lock file, still there: the same lock
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

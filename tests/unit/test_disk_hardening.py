@@ -297,6 +297,30 @@ async def test_a_deleted_cache_dir_is_recreated_with_its_lock(tmp_path: Path, ca
         cache.close()
 
 
+async def test_a_deleted_blocks_dir_is_recreated_under_the_lock_still_held(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only blocks/ deleted: the lock file is still ours. Recreating must keep that lock, not
+    take its own flock for another process's and turn the disk cache off."""
+    root = tmp_path / "cache"
+    cache = DiskCache(root, 1 << 30)
+    cache.open()
+    try:
+        await cache.write(key(0), page_buffer(ramp(BS)))
+        shutil.rmtree(root / "blocks")
+        with caplog.at_level(logging.WARNING):
+            for i in range(1, 4):
+                await cache.write(key(i), page_buffer(ramp(BS, seed=i)))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "recreated" in warnings[0], warnings
+        assert cache.stats.writes == 4 and all(path_of(cache, key(i)).exists() for i in range(1, 4))
+        assert await read(cache, key(2), direct=False) == ramp(BS, seed=2)
+        with pytest.raises(MountError, match="in use"):  # still locked against other mounts
+            DiskCache(root, 1 << 30).open()
+    finally:
+        cache.close()
+
+
 async def test_concurrent_writes_into_a_deleted_cache_dir_recreate_it_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
