@@ -126,32 +126,29 @@ def test_cache_dir_in_use(gcs: FakeGCS, bucket: str, tmp_path: Path, mount: Moun
     assert not is_mounted(other)
 
 
-def test_sigterm_unmounts_cleanly(gcs: FakeGCS, bucket: str, mnt: Path, tmp_path: Path) -> None:
+def _foreground_mount(gcs: FakeGCS, bucket: str, mnt: Path, tmp_path: Path) -> subprocess.Popen[str]:
+    """``modelfs mount --foreground`` of gs://BUCKET/m (holding a.bin = b"abc"), once it answers."""
     gcs.upload(bucket, "m/a.bin", b"abc")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modelfs",
-            "mount",
-            f"gs://{bucket}/m",
-            str(mnt),
-            "--foreground",
-            "--anonymous",
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ],
+        [sys.executable, "-m", "modelfs", "mount", f"gs://{bucket}/m", str(mnt), "--foreground", "--anonymous"]
+        + ["--cache-dir", str(tmp_path / "c")],
         env=gcs.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    deadline = time.monotonic() + 30
+    while not is_mounted(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"mount did not come up: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_unmounts_cleanly(gcs: FakeGCS, bucket: str, mnt: Path, tmp_path: Path) -> None:
+    proc = _foreground_mount(gcs, bucket, mnt, tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mnt):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "mount did not come up"
-            time.sleep(0.05)
         assert (mnt / "a.bin").read_bytes() == b"abc"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
@@ -169,21 +166,8 @@ def test_signals_that_keep_coming_during_the_stop_never_kill_it(
 ) -> None:
     """A supervisor that repeats SIGTERM (or a user pressing Ctrl-C again) while the daemon
     unmounts and cleans up: it still exits 0 with the mount gone, never by the signal (143)."""
-    gcs.upload(bucket, "m/a.bin", b"abc")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelfs", "mount", f"gs://{bucket}/m", str(mnt), "--foreground", "--anonymous"]
-        + ["--cache-dir", str(tmp_path / "c")],
-        env=gcs.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _foreground_mount(gcs, bucket, mnt, tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mnt):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "mount did not come up"
-            time.sleep(0.05)
         assert (mnt / "a.bin").read_bytes() == b"abc"
         sent = 0
         while proc.poll() is None and sent < 2000:  # until it is gone: some land mid-clean-up

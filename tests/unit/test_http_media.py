@@ -196,9 +196,8 @@ def _timed_out(error: BaseException) -> bool:
     return False
 
 
-async def test_abort_ends_a_get_the_server_never_finishes() -> None:
-    started = threading.Event()
-    release = threading.Event()
+def stalling(started: threading.Event, release: threading.Event) -> Reply:
+    """A 206 of 100 bytes that sends 10, sets ``started`` and holds the connection until ``release``."""
 
     def stall(handler: BaseHTTPRequestHandler) -> None:
         handler.send_response(206)
@@ -210,6 +209,13 @@ async def test_abort_ends_a_get_the_server_never_finishes() -> None:
         started.set()
         release.wait(60)
 
+    return stall
+
+
+async def test_abort_ends_a_get_the_server_never_finishes() -> None:
+    started = threading.Event()
+    release = threading.Event()
+    stall = stalling(started, release)
     with server(stall) as (url, _):
         m = media(url)
         try:
@@ -238,17 +244,7 @@ async def test_abort_ends_a_get_on_a_pool_no_longer_kept() -> None:
     than are kept) is still ended by a stop."""
     started = threading.Event()
     release = threading.Event()
-
-    def stall(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(206)
-        handler.send_header("Content-Range", f"bytes 0-99/{len(DATA)}")
-        handler.send_header("Content-Length", "100")
-        handler.end_headers()
-        handler.wfile.write(DATA[:10])
-        handler.wfile.flush()
-        started.set()
-        release.wait(60)
-
+    stall = stalling(started, release)
     with server(stall) as (store, _):
         port = store.rsplit(":", 1)[1]
         with server(redirect_to(f"http://rebind.invalid:{port}/m.bin")) as (source, _):
