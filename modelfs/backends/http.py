@@ -424,7 +424,7 @@ class HTTPBackend(BackendSkeleton):
                             f"{what}: the server does not tell the file's size "
                             f"(Content-Range {headers.get('content-range')!r})"
                         )
-                    await _drain(resp)  # one byte: keeps the connection reusable
+                    await _drain(resp, self._read_timeout)  # one byte: keeps the connection reusable
                     return parsed[2], etag, last_modified
                 if status == 416:
                     match = _UNSATISFIED_RANGE_RE.fullmatch(headers.get("content-range", ""))
@@ -433,7 +433,7 @@ class HTTPBackend(BackendSkeleton):
                 if status == 200:
                     length = headers.get("content-length", "")
                     if length in ("0", "1"):  # the whole file is what was asked for
-                        await _drain(resp)
+                        await _drain(resp, self._read_timeout)
                         return int(length), etag, last_modified
                     raise no_range_support(what)
                 error = metadata_status_error(status, what)
@@ -788,15 +788,18 @@ class HTTPBackend(BackendSkeleton):
         await self._client.aclose()
 
 
-async def _drain(resp: httpx.Response) -> None:
-    """Read what is left of a small body (a probe's one byte), at most _PROBE_BODY_LIMIT: a
-    server that sends more is not read further (the connection is then not reused)."""
+async def _drain(resp: httpx.Response, timeout: float) -> None:
+    """Read what is left of a small body (a probe's one byte), at most _PROBE_BODY_LIMIT and
+    for at most ``timeout`` seconds: the answer is already in the headers, so a server that
+    sends more, or drips or holds the rest, is not waited for (the connection is then closed,
+    not reused)."""
     seen = 0
-    async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_raw())) as chunks:
-        async for chunk in chunks:
-            seen += len(chunk)
-            if seen > _PROBE_BODY_LIMIT:
-                break
+    with trio.move_on_after(timeout):
+        async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_raw())) as chunks:
+            async for chunk in chunks:
+                seen += len(chunk)
+                if seen > _PROBE_BODY_LIMIT:
+                    break
 
 
 def parse_index(body: bytes | memoryview) -> list[IndexEntry] | None:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+import trio
+import trio.testing
 
 from modelfs.backends.http import HTTPBackend, make_version, parse_manifest, parse_version
 from modelfs.config import parse_source
@@ -133,6 +135,34 @@ async def test_head_refused_falls_back_to_a_one_byte_get(status: int) -> None:
     [info] = await b.list_objects()
     assert info.size == len(DATA) and parse_version(info.version)[1] == ETAG
     assert requests[-1].method == "GET" and requests[-1].headers["range"] == "bytes=0-0"
+
+
+class _OneByteThenHeld(httpx.AsyncByteStream):
+    """A probe's answer whose body sends its byte and then neither ends nor sends more."""
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        yield DATA[:1]
+        await trio.sleep_forever()
+
+
+async def test_a_probe_whose_body_is_held_open_answers_after_the_read_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The size is in the probe's headers: a body held open after its byte (or dripped) costs
+    at most the read timeout, not a hang (before: a wait on the body with no end)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD":
+            return httpx.Response(405)
+        headers = {"ETag": ETAG, "Content-Range": f"bytes 0-0/{len(DATA)}", "Content-Length": "1"}
+        return httpx.Response(206, stream=_OneByteThenHeld(), headers=headers)
+
+    b = backend(handler, read_timeout=7.0)
+    start = trio.current_time()
+    with trio.fail_after(60):  # (the mock clock jumps: a hang fails here instead)
+        [info] = await b.list_objects()
+    assert info.size == len(DATA) and parse_version(info.version)[1] == ETAG
+    assert trio.current_time() - start == pytest.approx(7.0)
 
 
 async def test_a_server_that_ignores_range_fails_at_listing_with_a_clear_error() -> None:
