@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_METADATA_CACHE",
     "DISK_BLOCKS_INCLUDED",
     "DISK_INDEX_ENTRY",
+    "disk_index_files",
     "overhead",
     "AUTO_HEADROOM",
     "FIXED_OVERHEAD",
@@ -139,6 +140,12 @@ def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0)
     cache of ``disk_blocks`` blocks (``--disk-cache`` / ``--block-size``)."""
     index = max(0, disk_blocks - DISK_BLOCKS_INCLUDED) * DISK_INDEX_ENTRY
     return FIXED_OVERHEAD + max(0, metadata_cache - DEFAULT_METADATA_CACHE) + index
+
+
+def disk_index_files(disk_cache: int, block_size: int) -> int:
+    """The most block files the disk cache's index holds: what :func:`overhead` counts for
+    ``disk_cache // block_size`` blocks (the cache evicts beyond it, whatever the files' sizes)."""
+    return max(DISK_BLOCKS_INCLUDED, disk_cache // block_size)
 
 
 def auto_budget(limit: int, block_size: int, metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0) -> int:

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from modelfs.cache.disk_index import DiskIndex
 from modelfs.cache.disk_scan import scan_blocks, scan_object
 from modelfs.cache.memory import BlockKey
 from modelfs.errors import MountError
+from modelfs.memlimit import disk_index_files
 
 __all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "PAGE", "DiskCache", "DiskStats"]
 
@@ -81,7 +83,8 @@ class DiskCache:
         self.stats = DiskStats()
         self._dir = CacheDir(root)
         self._blocks_dir = self._dir.blocks
-        self._index = DiskIndex(capacity)
+        self._index = DiskIndex(capacity, max_files=disk_index_files(capacity, block_size))
+        self._started = time.time()  # block files modified since were written by this run
         self._warned_write = False
         # Reads get a deeper queue than writes: a warm sequential read keeps 8-12 block reads
         # in flight, and disks want a deep queue (docs/architecture.md). Writes stay at 4 so
@@ -152,7 +155,14 @@ class DiskCache:
             return
         self._listed.add(obj)
         with self._index.removed_while() as removed:
-            found = await trio.to_thread.run_sync(scan_object, str(self._blocks_dir), obj, limiter=self._read_limiter)
+            found = await trio.to_thread.run_sync(
+                scan_object,
+                str(self._blocks_dir),
+                obj,
+                self._index.max_files,
+                self._started,
+                limiter=self._read_limiter,
+            )
             victims = [] if self._scanned else self._index.add_scanned(found, removed)  # (else the scan added them)
         await self._unlink(victims, evicted=True)
 
@@ -326,7 +336,7 @@ class DiskCache:
         """Add files left by earlier runs to the index (oldest first) and enforce the cap."""
         blocks = str(self._blocks_dir)
         with self._index.removed_while() as removed:
-            found = await trio.to_thread.run_sync(scan_blocks, blocks)
+            found = await trio.to_thread.run_sync(scan_blocks, blocks, self._index.max_files, self._started)
             victims = self._index.add_scanned(found, removed)
         log.debug("disk cache index rebuilt: %d blocks, %d bytes", len(self._index), self.used)
         self._scanned = True

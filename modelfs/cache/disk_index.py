@@ -6,8 +6,10 @@ relative paths, and the caller deletes them (in a worker thread).
 Block files are named ``<object hash>/<version hash>-<index>``, so the index knows each
 file's object and version without reading it. Two rules decide what goes:
 
-- **The byte cap.** Files are kept in LRU order and the least recently used go first once
-  their sizes add up to more than the capacity. Files of a version that an open file pins
+- **The caps.** Files are kept in LRU order and the least recently used go first once
+  their sizes add up to more than the capacity, or once there are more than ``max_files``
+  (the memory bound counts that many entries: small files, such as the last block of each
+  small object, would otherwise let the index grow without one). Files of a version that an open file pins
   are in a second LRU that is drawn from only when the first is empty: blocks of versions
   nobody has open are dropped first.
 - **Versions.** An object's *current* version is the one last opened (pinned) or written.
@@ -37,8 +39,9 @@ def split_rel(rel: str) -> tuple[str, str]:
 class DiskIndex:
     """Block files by relative path → size on disk, with the LRU order and version rules."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, max_files: int | None = None) -> None:
         self.capacity = capacity
+        self.max_files = max_files if max_files is not None else capacity  # (no file is under 1 byte)
         self._free: OrderedDict[str, int] = OrderedDict()  # files of unpinned versions, LRU first
         self._pinned: OrderedDict[str, int] = OrderedDict()  # files of pinned versions, LRU first
         self._bytes = 0
@@ -155,6 +158,8 @@ class DiskIndex:
             del self._versions[obj][version]
             if not self._versions[obj]:
                 del self._versions[obj]
+                if (obj, self._current.get(obj)) not in self._pins:
+                    self._current.pop(obj, None)  # (else one entry per object ever seen would stay)
         return True
 
     def clear(self) -> None:
@@ -237,7 +242,7 @@ class DiskIndex:
 
     def _over_cap(self) -> list[str]:
         victims: list[str] = []
-        while self._bytes > self.capacity:
+        while self._bytes > self.capacity or len(self) > self.max_files:
             lru = self._free if self._free else self._pinned
             rel = next(iter(lru))
             self.remove(rel)

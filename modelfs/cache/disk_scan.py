@@ -5,12 +5,21 @@ where a directory or a block file belongs is removed (the link, never its target
 nothing outside the cache dir is ever listed, counted or deleted. Temporary files of a
 crashed write are deleted (no other process writes here while we hold the lock), except
 our own: the scan runs beside this process's writes.
+
+What it returns is bounded by ``keep`` files, the most the index may hold (the memory bound
+counts that many; modelfs.memlimit): an earlier run with a smaller ``--block-size``, or many
+small objects, can leave more files than that in the same bytes. The least recently used
+beyond ``keep`` are deleted as the listing goes (the index would drop them at once anyway),
+but never a file this run wrote (modified since ``written_before``, the run's start): those
+are the index's to delete.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 import stat
+from collections.abc import Iterator
 
 from modelfs.cache.disk_format import is_own_temp
 
@@ -24,24 +33,45 @@ def _remove(path: str) -> None:
         pass
 
 
-def scan_blocks(blocks_dir: str) -> list[tuple[str, int]]:
-    """``(relative path, size)`` of every block file, least recently used (atime) first."""
-    found: list[tuple[float, str, int]] = []
+class _Newest:
+    """The ``keep`` most recently used block files seen so far; older ones are deleted."""
+
+    def __init__(self, blocks_dir: str, keep: int, written_before: float) -> None:
+        self._blocks_dir = blocks_dir
+        self._keep = keep
+        self._written_before = written_before
+        self._heap: list[tuple[float, str, int, float]] = []  # (atime, relative path, size, mtime), oldest on top
+
+    def add_dir(self, path: str, obj: str) -> None:
+        for entry in _block_files(path, obj):
+            if len(self._heap) < self._keep:
+                heapq.heappush(self._heap, entry)
+                continue
+            _, rel, _, mtime = heapq.heappushpop(self._heap, entry)
+            if mtime < self._written_before:  # (this run's files are the index's to delete)
+                _remove(os.path.join(self._blocks_dir, rel))
+
+    def oldest_first(self) -> list[tuple[str, int]]:
+        return [(rel, size) for _, rel, size, _ in sorted(self._heap)]
+
+
+def scan_blocks(blocks_dir: str, keep: int, written_before: float) -> list[tuple[str, int]]:
+    """``(relative path, size)`` of the block files (at most ``keep``, the most recently used),
+    least recently used (atime) first."""
+    newest = _Newest(blocks_dir, keep, written_before)
     try:
-        objects = list(os.scandir(blocks_dir))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    for obj_dir in objects:
-        if obj_dir.is_symlink():
-            _remove(obj_dir.path)
-            continue
-        if obj_dir.is_dir(follow_symlinks=False):
-            found += _scan_dir(obj_dir.path, obj_dir.name)
-    found.sort()
-    return [(rel, size) for _, rel, size in found]
+        with os.scandir(blocks_dir) as objects:
+            for obj_dir in objects:
+                if obj_dir.is_symlink():
+                    _remove(obj_dir.path)
+                elif obj_dir.is_dir(follow_symlinks=False):
+                    newest.add_dir(obj_dir.path, obj_dir.name)
+    except OSError:  # (the blocks directory is gone: nothing to add)
+        pass
+    return newest.oldest_first()
 
 
-def scan_object(blocks_dir: str, obj: str) -> list[tuple[str, int]]:
+def scan_object(blocks_dir: str, obj: str, keep: int, written_before: float) -> list[tuple[str, int]]:
     """``(relative path, size)`` of the block files of one object (its directory ``obj``),
     least recently used first: what the whole scan would find there."""
     path = os.path.join(blocks_dir, obj)
@@ -54,31 +84,29 @@ def scan_object(blocks_dir: str, obj: str) -> list[tuple[str, int]]:
         return []
     if not stat.S_ISDIR(st.st_mode):
         return []
-    found = _scan_dir(path, obj)
-    found.sort()
-    return [(rel, size) for _, rel, size in found]
+    newest = _Newest(blocks_dir, keep, written_before)
+    newest.add_dir(path, obj)
+    return newest.oldest_first()
 
 
-def _scan_dir(path: str, obj: str) -> list[tuple[float, str, int]]:
-    """(atime, relative path, size) of the block files in one object's directory."""
-    found: list[tuple[float, str, int]] = []
+def _block_files(path: str, obj: str) -> Iterator[tuple[float, str, int, float]]:
+    """(atime, relative path, size, mtime) of the block files in one object's directory."""
     try:
-        entries = list(os.scandir(path))
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    _remove(entry.path)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if entry.name.endswith(".tmp"):
+                    if not is_own_temp(entry.name):  # ours are being written right now
+                        _remove(entry.path)  # left by a crash
+                    continue
+                yield st.st_atime, f"{obj}/{entry.name}", st.st_size, st.st_mtime
     except OSError:
-        return found
-    for entry in entries:
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            _remove(entry.path)
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        if entry.name.endswith(".tmp"):
-            if not is_own_temp(entry.name):  # ours are being written right now
-                _remove(entry.path)  # left by a crash
-            continue
-        found.append((st.st_atime, f"{obj}/{entry.name}", st.st_size))
-    return found
+        return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -30,9 +31,9 @@ def held_scan(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     release = threading.Event()
     real = disk_module.scan_blocks
 
-    def slow_scan(blocks_dir: str) -> list[tuple[str, int]]:
+    def slow_scan(*args: Any) -> list[tuple[str, int]]:
         release.wait(60)
-        return real(blocks_dir)
+        return real(*args)
 
     monkeypatch.setattr(disk_module, "scan_blocks", slow_scan)
     yield release
@@ -139,8 +140,8 @@ async def test_a_block_dropped_while_the_scan_runs_is_not_held_again(
     listed, release = threading.Event(), threading.Event()
     real = disk_module.scan_blocks
 
-    def listed_then_held(blocks_dir: str) -> list[tuple[str, int]]:
-        found = real(blocks_dir)
+    def listed_then_held(*args: Any) -> list[tuple[str, int]]:
+        found = real(*args)
         listed.set()
         release.wait(60)
         return found

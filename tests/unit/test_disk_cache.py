@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from modelfs import memlimit
 from modelfs.backends.memory import ramp
 from modelfs.cache.disk import HEADER, MAGIC, PAGE, DiskCache
 from modelfs.cache.memory import BlockKey
@@ -158,6 +159,78 @@ async def test_byte_cap_with_lru_eviction_deletes_files(tmp_path: Path) -> None:
         assert sum(p.stat().st_size for p in files) == cache.used
     finally:
         cache.close()
+
+
+async def test_the_index_holds_at_most_the_files_the_memory_bound_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small files (the last block of each small object) fit the byte cap by the thousand; the
+    index, whose entries the memory bound counts per block of --block-size, evicts beyond that
+    count too (least recently used first)."""
+    monkeypatch.setattr(memlimit, "DISK_BLOCKS_INCLUDED", 3)
+    cache = DiskCache(tmp_path / "c", 1 << 30, block_size=1 << 30)  # one block's worth: 3 files
+    cache.open()
+    try:
+        for i in range(5):
+            await cache.write(key(0, obj=f"memory:///small-{i}.json"), memoryview(block_data(i, 100)))
+        assert len(cache._index) == 3 and cache.stats.evictions == 2
+        files = [p for p in (cache.root / "blocks").rglob("*") if p.is_file()]
+        assert len(files) == 3
+        for i in range(5):
+            got = await read(cache, key(0, obj=f"memory:///small-{i}.json"), 100)
+            assert got == (None if i < 2 else block_data(i, 100))
+    finally:
+        cache.close()
+
+
+async def test_a_restart_after_a_run_that_left_more_files_keeps_the_newest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier run with a smaller --block-size can leave more files than this run's index
+    may hold: the scan lists only that many (the most recently used), deletes the rest as it
+    goes, and never touches a file this run wrote."""
+    first = DiskCache(tmp_path / "c", 1 << 30)
+    first.open()
+    for i in range(6):
+        await first.write(key(i), page_buffer(block_data(i)))
+    first.close()
+    for i in range(6):  # block 0 is the least recently used
+        os.utime(path_of(first, key(i)), (1_000_000 + i, 1_000_000 + i))
+
+    monkeypatch.setattr(memlimit, "DISK_BLOCKS_INCLUDED", 2)
+    second = DiskCache(tmp_path / "c", 16 << 20)  # two 8 MiB blocks: holds 2 files
+    second.open()
+    ours = key(0, obj="memory:///other.bin")
+    try:
+        await second.write(ours, page_buffer(block_data(6)))  # this run's: the newest
+        await second.scan()
+        assert len(second._index) == 2
+        assert [i for i in range(6) if path_of(second, key(i)).exists()] == [5]
+        assert await read(second, ours) == block_data(6)
+        assert await read(second, key(5)) == block_data(5)
+    finally:
+        second.close()
+
+
+def test_the_scan_lists_at_most_keep_files_and_spares_this_runs(tmp_path: Path) -> None:
+    from modelfs.cache.disk_scan import scan_blocks, scan_object
+
+    blocks = tmp_path / "blocks"
+    for obj in ("a", "b"):
+        (blocks / obj).mkdir(parents=True)
+        for i in range(4):
+            path = blocks / obj / f"v-{i}"
+            path.write_bytes(b"x" * (i + 1))
+            os.utime(path, (1_000 + i * 10 + (obj == "b"), 1_000))
+    ours = blocks / "a" / "w-0"
+    ours.write_bytes(b"written by this run")
+    os.utime(ours, (500, 5_000))  # the least recently used, but modified since the run began
+    assert scan_object(str(blocks), "a", 10, 2_000) == [("a/w-0", 19)] + [(f"a/v-{i}", i + 1) for i in range(4)]
+    assert scan_blocks(str(blocks), 3, 2_000) == [("b/v-2", 3), ("a/v-3", 4), ("b/v-3", 4)]
+    left = sorted(str(p.relative_to(blocks)) for p in blocks.rglob("*") if p.is_file())
+    assert left == ["a/v-3", "a/w-0", "b/v-2", "b/v-3"]
+    assert scan_object(str(blocks), "b", 1, 2_000) == [("b/v-3", 4)]
+    assert not (blocks / "b" / "v-2").exists() and ours.exists()
 
 
 async def test_flipped_data_byte_is_a_miss_and_deleted(disk: DiskCache) -> None:

@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -129,5 +130,5 @@ def test_the_scan_removes_only_temporaries_of_other_processes(tmp_path: Path) ->
     crashed.write_bytes(b"left by a crash")
     same_pid.write_bytes(b"left by a crash of a run with our pid")
     (obj / "v-2").write_bytes(b"x" * 10)
-    assert scan_blocks(str(tmp_path / "blocks")) == [("obj/v-2", 10)]
+    assert scan_blocks(str(tmp_path / "blocks"), 10, time.time() + 60) == [("obj/v-2", 10)]
     assert ours.exists() and not crashed.exists() and not same_pid.exists()
