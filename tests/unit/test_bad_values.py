@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,32 @@ def test_hidden_argv_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli._ARGV_ENV not in os.environ  # not passed on to anything the daemon starts
     monkeypatch.setenv(cli._ARGV_ENV, json.dumps(argv))
     assert cli._restore_argv(["mount", "gs://other/x", "/mnt"]) == ["mount", "gs://other/x", "/mnt"]
+
+
+def test_a_start_error_naming_undecodable_bytes_reaches_the_waiting_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon child says why it failed on the ready pipe: an error that names a path of
+    non-UTF-8 bytes (surrogate-escaped in Python) still gets there, escaped, as one line."""
+    import types
+
+    import modelfs.cli as cli
+    import modelfs.mount
+    from modelfs.errors import MountError
+
+    async def fails(config: object, ready: object) -> None:
+        raise MountError("cannot mount on /mnt/caf\udce9: no such directory")
+
+    monkeypatch.setattr(modelfs.mount, "serve", fails)
+    read_fd, write_fd = os.pipe()
+    monkeypatch.setenv(cli._READY_FD_ENV, str(write_fd))
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        with pytest.raises(MountError):
+            cli._mount_foreground(types.SimpleNamespace(mountpoint=Path("/mnt/x")))  # type: ignore[arg-type]
+    finally:  # (once done it ignores these signals, as the daemon's last act)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        said = pipe.read()
+    assert said.count(b"\n") == 1 and said.startswith(b"error: cannot mount on /mnt/caf")
+    assert b"\\udce9" in said or b"\\xe9" in said
