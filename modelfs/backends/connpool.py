@@ -18,6 +18,7 @@ import select
 import socket
 import ssl
 import threading
+import weakref
 from collections import Counter
 
 from modelfs.backends.private.httpclient_interim import InterimSkippingResponse
@@ -78,6 +79,7 @@ class InFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sockets: Counter[socket.socket] = Counter()
+        self._opened: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # (see opened)
         self._closed = False
         self._aborted = False
 
@@ -110,20 +112,34 @@ class InFlight:
         with self._lock:
             self._closed = True
 
+    def opened(self, sock: socket.socket) -> None:
+        """A client library connected ``sock``: a stop shuts it down too, so a request still
+        waiting for its response's headers (before :meth:`enter` can be called) ends then as
+        well. Held weakly: a socket the library drops is forgotten."""
+        with self._lock:
+            if not self._aborted:
+                self._opened.add(sock)
+                return
+        _shut_down(sock)
+
     def abort(self) -> None:
         """No GET enters any more, and those in flight end now: their sockets are shut down, so
         the worker threads blocked on them return (with an error) instead of at the read timeout."""
         with self._lock:
             self._closed = self._aborted = True
-            active = list(self._sockets)
+            active = [*self._sockets, *self._opened]
         for sock in active:
-            try:
-                # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would first
-                # drop its TLS state, and a thread still reading would then take the encrypted
-                # records queued on the socket for the body.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shut_down(sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    try:
+        # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would first drop its
+        # TLS state, and a thread still reading would then take the encrypted records queued
+        # on the socket for the body.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class ConnectionPool:

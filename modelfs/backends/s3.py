@@ -26,6 +26,7 @@ from urllib.parse import quote
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.connpool import InFlight
+from modelfs.backends.private.botocore_pools import report_connections
 from modelfs.backends.private.botocore_raw import raw_stream
 from modelfs.backends.responses import (
     Headers,
@@ -139,6 +140,8 @@ class S3Backend(ThreadedBackend):
             verify=str(ca_cert) if ca_cert is not None else None,
             config=BotoConfig(**options),
         )
+        # Every socket the client opens, so a stop also ends a GET still waiting for headers.
+        report_connections(self._client, self._connected)
 
     # --- error classification: the only place that knows botocore's exceptions.
 
@@ -269,10 +272,13 @@ class S3Backend(ThreadedBackend):
                 **self._payer,
             )
         except Exception as exc:
-            raise self.classify(exc, what, reading=True) from None
+            if not self._in_flight.closed:
+                raise self.classify(exc, what, reading=True) from None
+            # (the stop shut its socket down while it waited for headers)
+            raise self.classify(ConnectionAbortedError("the daemon is stopping"), what, reading=True) from None
         raw = raw_stream(resp["Body"])  # urllib3's HTTPResponse
-        # The body's socket, so a stop can end the read (before the headers came there is
-        # none to reach: a GET still waiting for them ends at the read timeout or the stop's watchdog).
+        # The body's socket, so a stop can end the read and what was read after it does not
+        # count (before the headers, the stop reaches the socket as one the client opened).
         sock = getattr(getattr(raw, "connection", None), "sock", None)
         if sock is not None:
             try:
@@ -304,9 +310,14 @@ class S3Backend(ThreadedBackend):
         path = f"/{quote(self._source.bucket, safe='')}/{quote(self._prefix + name, safe='/~')}"
         return TierTarget(path, {"If-Match": version}, header_pinned("etag", version, "ETag"))
 
+    def _connected(self, connection: Any) -> None:
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            self._in_flight.opened(sock)
+
     def abort(self) -> None:
-        """The daemon is stopping: GETs reading a body end now (their sockets are shut down),
-        and no new GET starts."""
+        """The daemon is stopping: GETs in flight end now, those reading a body and those
+        waiting for headers (every socket the client opened is shut down), and no new GET starts."""
         self._in_flight.abort()
 
     async def aclose(self) -> None:

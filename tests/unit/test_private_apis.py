@@ -18,6 +18,7 @@ import pytest
 
 from modelfs.backends.private import (
     PrivateAPIChanged,
+    botocore_pools,
     botocore_raw,
     httpclient_body,
     httpclient_interim,
@@ -25,7 +26,7 @@ from modelfs.backends.private import (
     urllib3_fp,
 )
 
-SHIMS = ["botocore_raw", "httpclient_body", "httpclient_interim", "httpcore_read_size", "urllib3_fp"]
+SHIMS = ["botocore_pools", "botocore_raw", "httpclient_body", "httpclient_interim", "httpcore_read_size", "urllib3_fp"]
 
 
 @pytest.mark.parametrize("name", SHIMS)
@@ -292,3 +293,26 @@ def test_endless_interim_answers_end_in_an_error_not_a_wait() -> None:
         with pytest.raises(http.client.HTTPException, match="interim"):
             _get(conn)
         conn.close()
+
+
+def test_botocore_pools_reports_each_connection_the_client_opens(http_server: int) -> None:
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3",
+        region_name="us-east-1",
+        endpoint_url=f"http://127.0.0.1:{http_server}",
+        config=Config(signature_version=UNSIGNED, retries={"total_max_attempts": 1}, s3={"addressing_style": "path"}),
+    )
+    connected: list[object] = []
+    botocore_pools.report_connections(client, lambda connection: connected.append(connection.sock))
+    try:
+        client.get_object(Bucket="b", Key="k")
+    except Exception:  # (a 200 with a body of bytes: botocore may or may not like it)
+        pass
+    finally:
+        client.close()
+    [sock] = connected  # (what it was once connected: the close since has dropped it)
+    assert isinstance(sock, socket.socket)

@@ -228,3 +228,58 @@ async def test_a_stop_ends_a_get_whose_body_the_server_holds(aws_env: None) -> N
         httpd.shutdown()
         httpd.server_close()
         await backend.aclose()
+
+
+async def test_a_stop_ends_a_get_still_waiting_for_its_headers(aws_env: None) -> None:
+    """Before the headers botocore gives nothing that leads to the socket: abort() reaches it
+    as one the client opened, so the GET ends now, not at the read timeout."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import trio
+
+    asked, release = threading.Event(), threading.Event()
+
+    class Silent(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            asked.set()
+            release.wait(120)  # never answers while the test runs
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
+    # A read timeout the test would notice: without the stop reaching the socket the GET
+    # would end by it, with a timeout error rather than "stopping".
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url=endpoint, anonymous=True, read_timeout=60)
+    try:
+        failed: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                try:
+                    await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
+                except TransientError as exc:
+                    failed.append(exc)
+
+            nursery.start_soon(reader)
+            await trio.to_thread.run_sync(asked.wait, 60)
+            backend.abort()
+        [error] = failed
+        assert "the daemon is stopping" in str(error), error
+        causes = []
+        cause: BaseException | None = error
+        while cause is not None:
+            causes.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__context__
+        assert len(causes) > 2 and not any("timeout" in c.lower() or "timed out" in c for c in causes), causes
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        await backend.aclose()
