@@ -137,8 +137,11 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
         raise ModelfsError("warm needs a disk cache (--disk-cache must be more than 0)")
     backend = open_backend(config)
     disk = DiskCache(config.cache_dir, config.disk_cache, block_size=config.block_size)
-    window = max(1, min(config.max_concurrency * 2, config.max_prefetch // config.block_size))
-    memory = MemoryCache(max(config.memory_cache, (window + 2) * config.block_size), config.block_size)
+    # The read-ahead window fits the budget (the block being read and one more beside it),
+    # never the other way round: warm keeps --memory-cache as the mount does.
+    room = config.memory_cache // config.block_size - 2
+    window = max(1, min(config.max_concurrency * 2, config.max_prefetch // config.block_size, room))
+    memory = MemoryCache(config.memory_cache, config.block_size)
     store = BlockStore.from_config(config, backend, memory, disk)
     result = WarmResult()
     try:

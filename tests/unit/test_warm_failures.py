@@ -17,10 +17,10 @@ from modelfs.config import Config, add_options, build_config
 from modelfs.errors import ModelfsError, VersionChanged
 
 
-def _config(tmp_path: Path, source: str = "gs://bkt/m") -> Config:
+def _config(tmp_path: Path, source: str = "gs://bkt/m", *argv: str) -> Config:
     parser = argparse.ArgumentParser()
     add_options(parser)
-    args = parser.parse_args(["--anonymous", "--cache-dir", str(tmp_path / "cache"), "--block-size", "64K"])
+    args = parser.parse_args(["--anonymous", "--cache-dir", str(tmp_path / "cache"), "--block-size", "64K", *argv])
     return build_config(source, None, args, environ={})
 
 
@@ -51,3 +51,25 @@ def test_a_prefix_with_nothing_under_it_is_an_error(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(warm, "open_backend", lambda config: backend)
     with pytest.raises(ModelfsError, match="nothing found at gs://bkt/m"):
         trio.run(warm.warm, _config(tmp_path), io.StringIO())
+
+
+def test_warm_keeps_to_memory_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-ahead window shrinks to the budget (before: the budget grew to the window,
+    (16 + 2) blocks with the defaults, whatever --memory-cache said); bytes still right."""
+    backend = MemoryBackend()
+    data = ramp(3_000_000, seed=9)
+    backend.put("big.bin", data)
+    budgets: list[int] = []
+    real = warm.MemoryCache
+
+    class Noted(real):  # type: ignore[misc, valid-type]
+        def __init__(self, capacity: int, block_size: int) -> None:
+            budgets.append(capacity)
+            super().__init__(capacity, block_size)
+
+    monkeypatch.setattr(warm, "MemoryCache", Noted)
+    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
+    config = _config(tmp_path, "gs://bkt/m", "--memory-cache", "1088K", "--max-prefetch", "64M")
+    result = trio.run(warm.warm, config, io.StringIO())
+    assert budgets == [1088 << 10]  # (17 blocks: the window is 15, not the 16 of 8 GETs x 2)
+    assert result.objects == 1 and result.bytes == len(data) and not result.failed and not result.mismatched
