@@ -573,6 +573,8 @@ def build_config(
     values = resolve_options(args, environ)
     if values["block_size"] < 4096 or values["block_size"] > (256 << 20):
         raise ConfigError("--block-size must be between 4K and 256M")
+    if values["block_size"] % 4096:  # (whole pages: what a block's buffer takes, and O_DIRECT's unit)
+        raise ConfigError("--block-size must be a multiple of 4K")
     if not (4 << 10) <= values["prefetch_get_size"] <= (1 << 30):
         raise ConfigError("--prefetch-get-size must be between 4K and 1G")
     if not 1 <= values["max_concurrency"] <= MAX_CONCURRENCY:
@@ -628,7 +630,7 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
             f"--memory-cache must hold two blocks and a 1M read beside a block: at least {describe(least)} "
             f"with --block-size {describe(block)}"
         )
-    extra = overhead(values["metadata_cache"], disk_blocks)
+    extra = overhead(values["metadata_cache"], disk_blocks, values["memory_cache"] // block)
     if mount and limit is not None and values["memory_cache"] + extra > limit:
         index = " and the disk cache's index of its blocks" if disk_blocks > DISK_BLOCKS_INCLUDED else ""
         raise ConfigError(

@@ -21,6 +21,8 @@ __all__ = [
     "DEFAULT_METADATA_CACHE",
     "DISK_BLOCKS_INCLUDED",
     "DISK_INDEX_ENTRY",
+    "BLOCK_OBJECT",
+    "MEMORY_BLOCKS_INCLUDED",
     "disk_index_files",
     "overhead",
     "AUTO_HEADROOM",
@@ -44,6 +46,16 @@ DEFAULT_METADATA_CACHE = 8 << 20
 DISK_INDEX_ENTRY = 512
 """Memory per block file the disk cache's index holds (its path, size, LRU and version
 entries: ~330 B each measured, ~460 B at the startup scan's peak)."""
+
+BLOCK_OBJECT = 1536
+"""Memory per cached block besides its buffer: the Block, its event, mmap and memoryview
+objects, the LRU entry and the kernel's mapping (~1.1 KiB measured). A short block's budget
+charge includes it (modelfs.cache.memory); full blocks' is counted here, beyond
+:data:`MEMORY_BLOCKS_INCLUDED` of them."""
+
+MEMORY_BLOCKS_INCLUDED = 4096
+"""Full blocks whose objects the fixed overhead covers (6 MiB of it): 32 GiB of 8 MiB blocks;
+a small ``--block-size`` over a large budget adds :data:`BLOCK_OBJECT` per block beyond."""
 
 DISK_BLOCKS_INCLUDED = 16384
 """Block files whose index the fixed overhead covers (8 MiB of it); beyond them each adds
@@ -135,11 +147,13 @@ def cgroup_memory_limit(
     return min(limits) if limits else None
 
 
-def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0) -> int:
-    """The daemon's RSS beyond ``--memory-cache`` with this ``--metadata-cache`` and a disk
-    cache of ``disk_blocks`` blocks (``--disk-cache`` / ``--block-size``)."""
+def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0, memory_blocks: int = 0) -> int:
+    """The daemon's RSS beyond ``--memory-cache`` with this ``--metadata-cache``, a disk cache
+    of ``disk_blocks`` blocks (``--disk-cache`` / ``--block-size``) and a budget of
+    ``memory_blocks`` blocks (``--memory-cache`` / ``--block-size``)."""
     index = max(0, disk_blocks - DISK_BLOCKS_INCLUDED) * DISK_INDEX_ENTRY
-    return FIXED_OVERHEAD + max(0, metadata_cache - DEFAULT_METADATA_CACHE) + index
+    blocks = max(0, memory_blocks - MEMORY_BLOCKS_INCLUDED) * BLOCK_OBJECT
+    return FIXED_OVERHEAD + max(0, metadata_cache - DEFAULT_METADATA_CACHE) + index + blocks
 
 
 def disk_index_files(disk_cache: int, block_size: int) -> int:
@@ -151,7 +165,10 @@ def disk_index_files(disk_cache: int, block_size: int) -> int:
 def auto_budget(limit: int, block_size: int, metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0) -> int:
     """``--memory-cache auto``: the limit minus overhead and headroom, in whole blocks."""
     room = limit - overhead(metadata_cache, disk_blocks) - AUTO_HEADROOM
-    return max(0, room - room % block_size)
+    blocks = max(0, room) // block_size
+    if blocks > MEMORY_BLOCKS_INCLUDED:  # each block beyond them also takes BLOCK_OBJECT of the room
+        blocks = (room + MEMORY_BLOCKS_INCLUDED * BLOCK_OBJECT) // (block_size + BLOCK_OBJECT)
+    return blocks * block_size
 
 
 def describe(nbytes: int) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import trio
 
-from modelfs.memlimit import MAX_REQUEST
+from modelfs.memlimit import BLOCK_OBJECT, MAX_REQUEST
 from modelfs.units import round_up
 
 __all__ = ["MAX_REQUEST", "Block", "BlockKey", "BlockState", "BufferKind", "Lease", "MemoryCache", "MemoryStats"]
@@ -52,11 +52,12 @@ class BlockState(enum.Enum):
 class Block:
     """One block's buffer and state. ``view`` is only valid to read once ``state`` is READY."""
 
-    __slots__ = ("_buf", "crc", "error", "key", "length", "pins", "ready", "state", "unread_prefetch", "view")
+    __slots__ = ("_buf", "charge", "crc", "error", "key", "length", "pins", "ready", "state", "unread_prefetch", "view")
 
-    def __init__(self, key: BlockKey, length: int, buf: mmap.mmap, *, prefetch: bool) -> None:
+    def __init__(self, key: BlockKey, length: int, buf: mmap.mmap, *, prefetch: bool, charge: int) -> None:
         self.key = key
         self.length = length
+        self.charge = charge  # what the budget counts for it (see MemoryCache.charge)
         self._buf = buf
         self.view = memoryview(buf)[:length]
         self.state = BlockState.FILLING
@@ -168,8 +169,22 @@ class MemoryCache:
         """A reader used ``block``: it is no longer protected as a not-yet-read prefetch."""
         if block.unread_prefetch:
             block.unread_prefetch = False
-            self.unread_prefetch_bytes -= block.length
+            self.unread_prefetch_bytes -= block.charge
             self._space.unpark_all()
+
+    def charge(self, length: int) -> int:
+        """What the budget counts for a block of ``length`` bytes.
+
+        A full block: its length (a whole number of pages: --block-size is a multiple of 4K);
+        the objects beside its buffer are in the fixed overhead, as full blocks are at most
+        ``capacity / block_size`` (modelfs.memlimit). A short block (the end of an object, a
+        small file) takes whole pages and the same objects, and any number of them fit in
+        the budget: it counts those too, so thousands of small files cannot grow the daemon
+        past its bound (never more than a full block, whose place it takes).
+        """
+        if length >= self.block_size:
+            return length
+        return min(self.block_size, _pages(length) + BLOCK_OBJECT)
 
     def _evict_one(self, *, keep_unread: bool) -> bool:
         for block in self._blocks.values():
@@ -216,12 +231,12 @@ class MemoryCache:
             # A fresh buffer adds to used + pooled: give back pooled buffers the budget no
             # longer has room for (a short last block, or a new one beside a non-empty pool).
             self._trim_pools(length)
-        block = Block(key, length, buf, prefetch=prefetch)
+        block = Block(key, length, buf, prefetch=prefetch, charge=self.charge(length))
         self._blocks[key] = block
-        self.used += length
+        self.used += block.charge
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
         if prefetch:
-            self.unread_prefetch_bytes += length
+            self.unread_prefetch_bytes += block.charge
         return block
 
     async def reserve(self, key: BlockKey, length: int) -> Block | None:
@@ -229,14 +244,15 @@ class MemoryCache:
 
         None if another task created the block while this one waited: look it up again.
         """
-        if length > self.capacity:
+        charge = self.charge(length)
+        if charge > self.capacity:
             raise ValueError("block larger than the memory budget")
         while True:
             if key in self._blocks:
                 return None
             # First try to keep unread prefetches; if that is not enough, a demand read
             # outranks them.
-            if self._make_room(length, keep_unread=True) or self._make_room(length, keep_unread=False):
+            if self._make_room(charge, keep_unread=True) or self._make_room(charge, keep_unread=False):
                 return self._insert(key, length, prefetch=False)
             await self._space.park()
 
@@ -249,7 +265,7 @@ class MemoryCache:
         while True:
             if key in self._blocks:
                 return None
-            if self._make_room(length, keep_unread=True):
+            if self._make_room(self.charge(length), keep_unread=True):
                 return self._insert(key, length, prefetch=False)
             await self._space.park()
 
@@ -257,10 +273,10 @@ class MemoryCache:
         """Protect a cached, not yet read block as a prefetch, if the prefetch share allows."""
         if block.unread_prefetch or block.state is BlockState.FAILED:
             return
-        if self.unread_prefetch_bytes + block.length > self.capacity * self.prefetch_share:
+        if self.unread_prefetch_bytes + block.charge > self.capacity * self.prefetch_share:
             return
         block.unread_prefetch = True
-        self.unread_prefetch_bytes += block.length
+        self.unread_prefetch_bytes += block.charge
 
     def __contains__(self, key: BlockKey) -> bool:
         return key in self._blocks
@@ -273,10 +289,11 @@ class MemoryCache:
         """A new pinned FILLING block for a prefetch, or None when the budget has no room for it."""
         if key in self._blocks:
             return None
-        if not self.prefetch_fits(length):
+        charge = self.charge(length)
+        if not self.prefetch_fits(charge):
             self.stats.prefetch_refused += 1
             return None
-        if not self._make_room(length, keep_unread=True):
+        if not self._make_room(charge, keep_unread=True):
             self.stats.prefetch_refused += 1
             return None
         return self._insert(key, length, prefetch=True)
@@ -301,12 +318,12 @@ class MemoryCache:
 
     def _remove(self, block: Block) -> None:
         del self._blocks[block.key]
-        self.used -= block.length
+        self.used -= block.charge
         if block.length == self.block_size and block.pins == 0:
             self._pool.append(block.release_buffer())
         if block.unread_prefetch:
             block.unread_prefetch = False
-            self.unread_prefetch_bytes -= block.length
+            self.unread_prefetch_bytes -= block.charge
         self._space.unpark_all()
 
     # --- leases: the short-lived buffers of requests
@@ -326,6 +343,11 @@ class MemoryCache:
         waited = False
         while True:
             buf = self._pooled_lease_buffer(nbytes) if nbytes else None
+            if buf is not None and len(buf) + extra > self.max_lease:
+                # A pooled buffer larger than asked could never be charged beside ``extra``;
+                # a fresh one of the size asked can (can_lease said so).
+                self._lease_pool.append(buf)
+                buf = None
             charge = (len(buf) if buf is not None else _pages(nbytes)) + extra
             if self.leased + charge <= self.max_lease and (
                 self._make_room(charge, keep_unread=True) or self._make_room(charge, keep_unread=False)
@@ -369,7 +391,7 @@ class MemoryCache:
 
     def parts(self) -> dict[str, int]:
         """The budget by part: what ``modelfs stats`` and the metrics show."""
-        filling = sum(b.length for b in self._blocks.values() if b.state is BlockState.FILLING)
+        filling = sum(b.charge for b in self._blocks.values() if b.state is BlockState.FILLING)
         out = {
             "blocks": self.used - self.leased,
             "blocks_in_flight": filling,
@@ -379,7 +401,8 @@ class MemoryCache:
         return out
 
     def forget_prefetches(self, object_key: str, version: str) -> None:
-        """The object's last handle closed: its unread prefetches no longer hold budget back."""
+        """The object's last handle closed: its unread prefetches no longer hold budget back,
+        also those whose GET is still running (nobody would read them when they land)."""
         for (key, ver, _), block in self._blocks.items():
-            if key == object_key and ver == version and block.state is BlockState.READY:
+            if key == object_key and ver == version and block.state is not BlockState.FAILED:
                 self.consume(block)

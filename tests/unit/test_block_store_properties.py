@@ -134,7 +134,7 @@ async def _scenario(
     assert backend.violations == []
     assert memory.stats.peak_bytes <= memory.capacity
     assert all(b.pins == 0 and b.state is BlockState.READY for b in memory._blocks.values())
-    assert memory.leased == 0 and memory.used == sum(b.length for b in memory._blocks.values())
+    assert memory.leased == 0 and memory.used == sum(memory.charge(b.length) for b in memory._blocks.values())
 
 
 @settings(max_examples=60, deadline=None)

@@ -42,7 +42,7 @@ class BudgetChecker(trio.abc.Instrument):
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         m = self.memory
         self.steps += 1
-        blocks = sum(b.length for b in m._blocks.values())
+        blocks = sum(b.charge for b in m._blocks.values())
         leased = sum(lease.charge for lease in self.leases if lease._cache is not None)
         self.peak = max(self.peak, m.used)
         self.peak_leased = max(self.peak_leased, m.leased)
@@ -169,6 +169,25 @@ async def test_pooled_lease_buffers_stay_within_budget() -> None:
 
 
 # --- concurrent small, boundary and block reads, and a header parse, through OpenFiles
+
+
+async def test_a_lease_that_can_be_granted_is_granted_whatever_the_pool_holds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A pooled buffer larger than asked is not charged when it would not fit beside the
+    lease's ``extra``: a fresh one is used (before: the lease took the same pooled buffer on
+    every wake-up and waited forever, with nothing else holding memory)."""
+    mib = 1 << 20
+    cache = MemoryCache(8 * mib, 4 * mib)  # leases up to 4 MiB
+    with await cache.lease(mib, BufferKind.BOUNDARY):  # a read across a block edge ...
+        pass  # ... leaves a 1 MiB buffer in the pool
+    header = 800 << 10
+    assert cache.can_lease(header, extra=4 * header)
+    with trio.fail_after(60):  # (the mock clock jumps: a wait forever fails here)
+        lease = await cache.lease(header, BufferKind.HEADER, extra=4 * header)
+    assert lease.charge <= cache.max_lease and len(lease.view) == header
+    lease.release()
+    assert cache.used == 0 and cache.leased == 0
 
 
 async def test_concurrent_reads_never_exceed_the_budget(make_store: StoreFactory) -> None:

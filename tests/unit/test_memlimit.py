@@ -152,3 +152,26 @@ def test_a_disk_cache_of_many_blocks_counts_its_index(monkeypatch: pytest.Monkey
     assert _config(*small, "--memory-cache", "auto") == 1024 * MiB - FIXED_OVERHEAD - index - AUTO_HEADROOM
     # The default disk cache (10G of 8 MiB blocks) adds nothing.
     assert _config("--memory-cache", "auto") == 1024 * MiB - FIXED_OVERHEAD - AUTO_HEADROOM
+
+
+def test_a_budget_of_many_small_blocks_counts_their_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each cached block holds ~1 KiB of objects beside its buffer: a budget of more blocks
+    than the fixed overhead covers (4,096) counts the rest, in the check and in `auto`."""
+    from modelfs.memlimit import BLOCK_OBJECT, MEMORY_BLOCKS_INCLUDED, overhead
+
+    assert overhead(memory_blocks=MEMORY_BLOCKS_INCLUDED) == FIXED_OVERHEAD
+    assert overhead(memory_blocks=MEMORY_BLOCKS_INCLUDED + 10) == FIXED_OVERHEAD + 10 * BLOCK_OBJECT
+    monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: 2048 * MiB)
+    budget = _config("--block-size", "64K", "--disk-cache", "0", "--memory-cache", "auto")  # ~29,000 blocks
+    blocks = budget // (64 << 10)
+    assert budget % (64 << 10) == 0 and blocks > MEMORY_BLOCKS_INCLUDED
+    spent = budget + overhead(memory_blocks=blocks) + AUTO_HEADROOM
+    assert spent <= 2048 * MiB < spent + (64 << 10) + BLOCK_OBJECT  # as many blocks as fit, no more
+    with pytest.raises(ConfigError, match="exceeds the cgroup memory limit"):
+        _config("--block-size", "64K", "--disk-cache", "0", "--memory-cache", str(2048 * MiB - FIXED_OVERHEAD))
+
+
+def test_the_block_size_is_whole_pages() -> None:
+    with pytest.raises(ConfigError, match="multiple of 4K"):
+        _config("--block-size", "5000", mount=False)
+    assert _config("--block-size", "12K", "--memory-cache", "64M", mount=False) == 64 * MiB

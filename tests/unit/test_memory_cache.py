@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import trio
 import trio.testing
 
 from modelfs.cache.memory import Block, BlockKey, BlockState, MemoryCache
+from modelfs.memlimit import BLOCK_OBJECT
 
 BS = 4096
+PAGE = mmap.PAGESIZE
 
 
 def key(i: int, obj: str = "o", version: str = "v") -> BlockKey:
@@ -39,21 +43,37 @@ def prefetched(cache: MemoryCache, i: int) -> Block:
 
 
 async def test_byte_accounting_counts_filling_blocks_and_partial_lengths() -> None:
-    """used is the sum of block lengths, FILLING blocks included; peak_bytes tracks the maximum."""
-    cache = MemoryCache(4 * BS, BS)
-    a = await cache.reserve(key(0), BS)
+    """used is the sum of block charges, FILLING blocks included; peak_bytes tracks the maximum.
+    A short block counts its whole pages and its objects, never more than a full block."""
+    big = 64 * BS
+    cache = MemoryCache(4 * big, big)
+    a = await cache.reserve(key(0), big)
     assert a is not None and a.state is BlockState.FILLING
-    assert cache.used == BS
+    assert cache.used == big
     b = await cache.reserve(key(1), 100)
     assert b is not None
-    assert cache.used == BS + 100
+    assert cache.used == big + PAGE + BLOCK_OBJECT
     assert len(b.view) == 100
     cache.complete(a)
     cache.unpin(a)
     cache.fail(b, None)  # a failed fill gives its bytes back at once
-    assert cache.used == BS
-    assert cache.stats.peak_bytes == BS + 100
+    assert cache.used == big
+    assert cache.stats.peak_bytes == big + PAGE + BLOCK_OBJECT
     assert cache.lookup(key(1)) is None
+    assert MemoryCache(4 * BS, BS).charge(100) == BS  # (capped at a full block's)
+
+
+async def test_many_small_files_stay_inside_the_budget() -> None:
+    """Each short block counts its page and objects: 10,000 one-byte files cannot hold 10,000
+    blocks in a budget of 64 (before: each counted 1 byte, and RSS grew ~5 KiB per file)."""
+    cache = MemoryCache(64 * 8 * BS, 8 * BS)
+    for i in range(10_000):
+        block = await cache.reserve((f"memory:///small-{i}.json", "1", 0), 1)
+        assert block is not None
+        cache.complete(block)
+        cache.unpin(block)
+        assert cache.used <= cache.capacity
+    assert len(cache) == cache.capacity // (PAGE + BLOCK_OBJECT)
 
 
 async def test_used_never_exceeds_capacity_and_peak_is_bounded() -> None:
@@ -330,3 +350,22 @@ async def test_buffer_pool_stays_within_budget() -> None:
             cache.complete(b)
             cache.unpin(b)
         check()
+
+
+async def test_prefetches_still_filling_at_the_last_close_are_forgotten_too() -> None:
+    """A read-ahead GET still running when the object's last handle closes lands as a block
+    nobody will read: it must not hold the prefetch share (before: only READY blocks were
+    forgotten, and such blocks kept read-ahead of other files starved for good)."""
+    cache = MemoryCache(8 * BS, BS)
+    landed = cache.try_reserve_prefetch(key(0, "a"), BS)
+    filling = cache.try_reserve_prefetch(key(1, "a"), BS)
+    other = cache.try_reserve_prefetch(key(0, "b"), BS)
+    assert landed is not None and filling is not None and other is not None
+    cache.complete(landed)
+    cache.unpin(landed)
+    cache.forget_prefetches("a", "v")
+    assert cache.unread_prefetch_bytes == BS  # b's only
+    cache.complete(filling)
+    cache.unpin(filling)
+    assert cache.unread_prefetch_bytes == BS and not filling.unread_prefetch
+    assert bytes(cache.lookup(key(1, "a")).view) == bytes(BS)  # (still cached, just not held back)
