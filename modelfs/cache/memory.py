@@ -216,6 +216,7 @@ class MemoryCache:
             (self._lease_pool or self._pool).pop()
 
     def _insert(self, key: BlockKey, length: int, prefetch: bool) -> Block:
+        charge = self.charge(length)
         if length == self.block_size and self._pool:
             buf = self._pool.pop()
         else:
@@ -230,8 +231,8 @@ class MemoryCache:
                 buf.madvise(mmap.MADV_HUGEPAGE)
             # A fresh buffer adds to used + pooled: give back pooled buffers the budget no
             # longer has room for (a short last block, or a new one beside a non-empty pool).
-            self._trim_pools(length)
-        block = Block(key, length, buf, prefetch=prefetch, charge=self.charge(length))
+            self._trim_pools(charge)
+        block = Block(key, length, buf, prefetch=prefetch, charge=charge)
         self._blocks[key] = block
         self.used += block.charge
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
