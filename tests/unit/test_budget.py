@@ -20,7 +20,7 @@ from modelfs.cache.memory import BufferKind, Lease, MemoryCache
 from modelfs.eager import EagerStreamer
 from modelfs.files import OpenFiles
 from modelfs.prefetch import PrefetchConfig
-from modelfs.safetensors_header import MAX_HEADER, block_order, header_length, tensor_spans
+from modelfs.safetensors_header import MAX_HEADER, PARSE_OVERHEAD, block_order, header_length, tensor_spans
 
 from .conftest import BS, StoreFactory, put_ramp, ref_for
 
@@ -319,6 +319,69 @@ async def test_header_too_large_for_the_budget_streams_in_file_order(make_store:
     order = await streamer._order(ref)
     assert order == list(range(store.block_count(ref)))
     assert store.memory.stats.leases == 0
+
+
+_SHAPE = 256 << 10  # each shape about this long
+
+
+def _repeat(start: bytes, item: bytes, last: bytes) -> bytes:
+    return start + item * ((_SHAPE - len(start) - len(last)) // len(item)) + last
+
+
+_HOSTILE_HEADERS = {
+    # What json.loads kept alive before anything could be dropped (22x and more).
+    "empty lists": _repeat(b'{"x":[', b"[],", b"[]]}"),
+    "empty lists in an entry": _repeat(b'{"x":{"a":[', b"[],", b"[]]}}"),
+    "empty objects": _repeat(b'{"x":{"a":[', b"{},", b"{}]}}"),
+    "distinct keys": b'{"x":{' + b",".join(b'"%d":0' % i for i in range(_SHAPE // 10)) + b"}}",
+    "floats in an array": _repeat(b'{"x":{"a":[', b"1.5,", b"1]}}"),
+    "short strings in an array": _repeat(b'{"x":{"a":[', b'"ab",', b"1]}}"),
+    "astral escapes": _repeat(b'{"x":{"a":"', b"\\ud83d\\ude00a", b'"}}'),
+    "escapes": _repeat(b'{"x":{"a":"', b"\\n", b'"}}'),
+    "deep arrays": b"[" * _SHAPE,
+    "deep objects": b'{"a":' * (_SHAPE // 5),
+    # What the parser keeps: one span per entry, the smallest entries.
+    "tiny entries": _repeat(b"{", b'"":{"data_offsets":[257,258]},', b'"":{}}'),
+    "tiny entries, big offsets": _repeat(
+        b"{", b'"":{"data_offsets":[1152921504606846976,1152921504606846977]},', b'"":{}}'
+    ),
+    "tiny entries, small offsets": _repeat(b"{", b'"":{"data_offsets":[0,1]},', b'"":{}}'),
+}
+
+
+@pytest.mark.parametrize("name", list(_HOSTILE_HEADERS))
+def test_header_parse_stays_within_what_the_budget_charges(name: str) -> None:
+    """Whatever its shape, parsing a header allocates at most PARSE_OVERHEAD times its size
+    (the eager stream leases that beside the header's own bytes); a shape that is not a
+    safetensors header (nested, or not JSON) is refused with ValueError, never RecursionError."""
+    import tracemalloc
+
+    header = _HOSTILE_HEADERS[name]
+    tracemalloc.start()
+    try:
+        tensor_spans(header, 1 << 62)
+    except ValueError:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak <= PARSE_OVERHEAD * len(header), f"{peak / len(header):.1f}x"
+
+
+@pytest.mark.parametrize("bad", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"{}" + b"}" * 100_000])
+def test_deeply_nested_header_is_refused_as_bad(bad: bytes) -> None:
+    with pytest.raises(ValueError):
+        tensor_spans(bad, 100)
+
+
+async def test_deeply_nested_header_streams_in_file_order(make_store: StoreFactory) -> None:
+    backend = MemoryBackend()
+    header = b'{"a":' * 50_000 + b"{}" + b"}" * 50_000
+    backend.put("m.safetensors", struct.pack("<Q", len(header)) + header + ramp(10, 1))
+    ref = ref_for(backend, "m.safetensors")
+    store = await make_store(backend, memory_blocks=512, disk=True)
+    order = await EagerStreamer(store, workers=1)._order(ref)
+    assert order == list(range(store.block_count(ref)))
 
 
 # --- HTTP directory index bodies and probe bodies
