@@ -30,18 +30,13 @@ import trio
 
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.memory import BufferKind
-from modelfs.safetensors_header import PARSE_OVERHEAD, block_order, header_length, tensor_spans
+from modelfs.safetensors_header import PARSE_OVERHEAD, header_length, safetensors_block_order
 
 __all__ = ["EagerStreamer", "ReaderActivity", "WEIGHT_SUFFIXES", "safetensors_block_order"]
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".onnx")
-
-
-def safetensors_block_order(header: bytes, header_len: int, block_size: int, size: int) -> list[int]:
-    """Blocks of a safetensors file: the header's, then by the offsets of the tensors' data."""
-    return block_order(tensor_spans(header, size - 8 - header_len), header_len, block_size, size)
 
 
 class ReaderActivity:
@@ -264,9 +259,9 @@ class EagerStreamer:
                 header[offset - 8 : offset - 8 + len(chunk)] = chunk
                 offset += len(chunk)
             # The lease's buffer belongs to this task alone until it is released: the thread
-            # may read it (and builds the parser's objects, counted as the lease's extra).
-            spans = await trio.to_thread.run_sync(tensor_spans, header, ref.size - 8 - header_len)
-        return block_order(spans, header_len, bs, ref.size)
+            # may read it (and builds the parser's objects, counted as the lease's extra). The
+            # order is made there too: its cost grows with the entries and the blocks.
+            return await trio.to_thread.run_sync(safetensors_block_order, header, header_len, bs, ref.size)
 
     def _reader_streams(self, stream: _Stream) -> bool:
         """Whether a reader has made sequential progress through this file since we last looked."""

@@ -23,11 +23,20 @@ from __future__ import annotations
 
 import re
 import struct
+from array import array
 from collections.abc import Iterable, Iterator
 
 from modelfs.units import ceil_div
 
-__all__ = ["MAX_HEADER", "PARSE_OVERHEAD", "block_order", "header_length", "iter_spans", "tensor_spans"]
+__all__ = [
+    "MAX_HEADER",
+    "PARSE_OVERHEAD",
+    "block_order",
+    "header_length",
+    "iter_spans",
+    "safetensors_block_order",
+    "tensor_spans",
+]
 
 MAX_HEADER = 100 << 20
 """The safetensors format's own limit on the header (its reference implementation refuses more)."""
@@ -111,17 +120,36 @@ def tensor_spans(header: bytes | memoryview, data_size: int) -> list[tuple[int, 
 
 
 def block_order(spans: Iterable[tuple[int, int]], header_len: int, block_size: int, size: int) -> list[int]:
-    """Blocks of the file: the header's, then those of the tensors by data offset, then the rest."""
+    """Blocks of the file: the header's, then those of the tensors by data offset, then the rest.
+
+    Taken span by span in offset order, each block once, that is the blocks some tensor
+    covers, ascending: so the spans may come in any order, and each adds one to a count
+    where it starts and takes one off where it ends (O(spans + blocks), whatever the spans
+    overlap: 10,000 entries each spanning a 64 GiB shard were 2.6 s of set lookups).
+    """
     blocks = ceil_div(size, block_size)
-    order: list[int] = list(range(min(blocks, ceil_div(8 + header_len, block_size))))
-    seen = set(order)
+    head = min(blocks, ceil_div(8 + header_len, block_size))
     data_start = 8 + header_len
+    starts = array("q", bytes(8 * (blocks + 1)))  # spans starting at a block minus those ending there
     for begin, end in spans:
         if end <= begin:
             continue
-        for index in range((data_start + begin) // block_size, min(blocks, ceil_div(data_start + end, block_size))):
-            if index not in seen:
-                seen.add(index)
-                order.append(index)
-    order.extend(i for i in range(blocks) if i not in seen)
+        first = (data_start + begin) // block_size
+        last = min(blocks, ceil_div(data_start + end, block_size))
+        if first < last:
+            starts[first] += 1
+            starts[last] -= 1
+    order: list[int] = list(range(head))
+    rest: list[int] = []
+    depth = sum(starts[:head])
+    for index in range(head, blocks):
+        depth += starts[index]
+        (order if depth > 0 else rest).append(index)
+    order.extend(rest)
     return order
+
+
+def safetensors_block_order(header: bytes | memoryview, header_len: int, block_size: int, size: int) -> list[int]:
+    """:func:`block_order` of the header's spans, keeping none of them: a header of
+    ``header_len`` bytes in a file of ``size``; ValueError if the header is bad."""
+    return block_order(iter_spans(header, size - 8 - header_len), header_len, block_size, size)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -14,6 +18,7 @@ from modelfs.cache.blocks import BlockStore
 from modelfs.eager import EagerStreamer, safetensors_block_order
 from modelfs.files import OpenFiles
 from modelfs.prefetch import PrefetchConfig
+from modelfs.safetensors_header import block_order
 
 from .conftest import BS, StoreFactory, put_ramp, ref_for, wait_until
 
@@ -351,3 +356,69 @@ async def test_several_files_stream_at_once_within_the_concurrency_bound(
         assert all(store.disk.contains((ref.key, ref.version, i)) for i in range(40))
     for fh in handles:
         files.release(fh)
+
+
+def _order_by_sorted_spans(spans: list[tuple[int, int]], header_len: int, block_size: int, size: int) -> list[int]:
+    """The order as defined: the header's blocks, each span's in offset order, then the rest."""
+    blocks = -(-size // block_size)
+    order = list(range(min(blocks, -(-(8 + header_len) // block_size))))
+    for begin, end in sorted(spans):
+        if end > begin:
+            first, last = (8 + header_len + begin) // block_size, -(-(8 + header_len + end) // block_size)
+            order += [i for i in range(first, min(blocks, last)) if i not in order]
+    return order + [i for i in range(blocks) if i not in order]
+
+
+def test_block_order_takes_spans_in_any_order() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        size = rng.randrange(8, 40 * BS)
+        header_len = rng.randrange(0, size - 7)
+        data = size - 8 - header_len
+        spans = []
+        for _ in range(rng.randrange(0, 8)):
+            begin = rng.randrange(0, data + 1)
+            spans.append((begin, rng.randrange(begin, data + 1)))
+        expected = _order_by_sorted_spans(spans, header_len, BS, size)
+        assert block_order(spans, header_len, BS, size) == expected
+        assert block_order(reversed(spans), header_len, BS, size) == expected
+
+
+def test_block_order_of_many_spans_over_all_the_data_is_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """20,000 entries each spanning all of a 20,000-block file: one pass over the entries and
+    one over the blocks (it visited every block of every entry: 4e8 set lookups, seconds on
+    the event loop). The blocks visited are counted through the module's ``range``."""
+    entries = blocks = 20_000
+    visited = 0
+
+    def counting_range(*args: int) -> Iterator[int]:
+        nonlocal visited
+        for index in range(*args):
+            visited += 1
+            assert visited <= 2 * (entries + blocks), "block_order visits blocks per entry"
+            yield index
+
+    monkeypatch.setattr("modelfs.safetensors_header.range", counting_range, raising=False)
+    size = blocks * BS
+    order = block_order([(0, size - BS)] * entries, BS - 8, BS, size)
+    assert order == list(range(blocks))
+
+
+async def test_safetensors_order_is_made_in_a_worker_thread(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parse and the order, whose costs grow with the header and the file, run off the event loop."""
+    data, _ = _safetensors([("a", 3 * BS), ("b", BS)])
+    backend = MemoryBackend()
+    backend.put("m.safetensors", data)
+    store = await make_store(backend, memory_blocks=16, disk=True)
+    threads: list[threading.Thread] = []
+
+    def order(*args: Any) -> list[int]:
+        threads.append(threading.current_thread())
+        return safetensors_block_order(*args)
+
+    monkeypatch.setattr("modelfs.eager.safetensors_block_order", order)
+    result = await (await _streamer(store))._order(ref_for(backend, "m.safetensors"))
+    assert sorted(result) == list(range(store.block_count(ref_for(backend, "m.safetensors"))))
+    assert threads and threads[0] is not threading.main_thread()
