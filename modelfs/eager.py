@@ -92,6 +92,7 @@ class _Stream:
     pinned: bool = False  # started at mount (--eager-model): no close cancels it
     done: trio.Event = field(default_factory=trio.Event)
     deferred: bool = False  # model stream: put off behind the other files (a reader streamed it)
+    failed: bool = False  # model stream: a block failed, the rest of this file is not streamed
 
 
 @dataclass(eq=False)
@@ -273,6 +274,9 @@ class EagerStreamer:
             while True:
                 if run.current is not None:
                     stream, blocks = run.current
+                    if stream.failed:
+                        run.current = None
+                        continue
                     if not stream.deferred and self._reader_streams(stream):
                         stream.deferred = True
                         run.later.append((stream, list(blocks)))
@@ -290,7 +294,8 @@ class EagerStreamer:
                         log.info("not streaming %s: %s", stream.ref.name, exc)
                 elif run.later:
                     stream, rest = run.later.popleft()
-                    run.current = (stream, iter(rest))
+                    if not stream.failed:
+                        run.current = (stream, iter(rest))
                 else:
                     return None
 
@@ -302,8 +307,9 @@ class EagerStreamer:
             try:
                 await self.store.stream(stream.ref, index)
             except Exception as exc:  # the reader's own reads report errors; this file stops
-                log.info("stopped streaming %s: %s", stream.ref.name, exc)
-                stream.deferred = True
+                if not stream.failed:
+                    log.info("stopped streaming %s: %s", stream.ref.name, exc)
+                stream.failed = True  # (its blocks left are dropped, the next file goes on)
 
     async def _run_model(self, queue: deque[_Stream]) -> None:
         run = _ModelRun(queue)

@@ -16,6 +16,7 @@ import trio.testing
 from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.cache.blocks import BlockStore
 from modelfs.eager import EagerStreamer, safetensors_block_order
+from modelfs.errors import TransientError
 from modelfs.files import OpenFiles
 from modelfs.prefetch import PrefetchConfig
 from modelfs.safetensors_header import block_order
@@ -422,3 +423,29 @@ async def test_safetensors_order_is_made_in_a_worker_thread(
     result = await (await _streamer(store))._order(ref_for(backend, "m.safetensors"))
     assert sorted(result) == list(range(store.block_count(ref_for(backend, "m.safetensors"))))
     assert threads and threads[0] is not threading.main_thread()
+
+
+async def test_a_failing_file_stops_its_model_stream_and_the_next_goes_on(
+    make_store: StoreFactory, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """--eager-model: once a block of a file fails (after its retries), the file's other blocks
+    are not fetched (each failed again after --retry-deadline: 573 GETs for 200 blocks); the
+    model's next file is streamed whole."""
+    backend = MemoryBackend()
+    bad, _ = put_ramp(backend, "a.bin", 200 * BS)
+    good, _ = put_ramp(backend, "b.bin", 3 * BS, seed=1)
+
+    def fault(name: str, offset: int, length: int) -> None:
+        if name == "a.bin":
+            raise TransientError("503 from the store")
+
+    backend.fault = fault
+    store = await make_store(backend, memory_blocks=16, disk=True, retry_deadline=0.2)
+    streamer = EagerStreamer(store, workers=4)
+    await nursery.start(streamer.run)
+    assert streamer.stream_model([bad, good]) == 2
+    await streamer.wait(bad)
+    await streamer.wait(good)
+    gets_of_a = sum(n for (name, _), n in backend.reads.items() if name == "a.bin")
+    assert gets_of_a <= 4 * 10  # the blocks the 4 workers had started, each with its retries
+    assert sum(n for (name, _), n in backend.reads.items() if name == "b.bin") == 3
