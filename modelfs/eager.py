@@ -32,11 +32,17 @@ from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.memory import BufferKind
 from modelfs.safetensors_header import PARSE_OVERHEAD, header_length, safetensors_block_order
 
-__all__ = ["EagerStreamer", "ReaderActivity", "WEIGHT_SUFFIXES", "safetensors_block_order"]
+__all__ = ["MAX_MODEL_FILES", "EagerStreamer", "ReaderActivity", "WEIGHT_SUFFIXES", "safetensors_block_order"]
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".onnx")
+
+MAX_MODEL_FILES = 4096
+"""The most weight files --eager-model queues: each holds ~1.4 KB until the stream ends (its
+reference, cancel scope, event and reader activity), outside the memory budget, so the fixed
+overhead covers 5.6 MiB of them. The largest models have hundreds of shards; beyond that
+the first files found are streamed and one warning names the rest as left out."""
 
 
 class ReaderActivity:
@@ -155,15 +161,24 @@ class EagerStreamer:
         the end). A file a reader streams through itself is put off until the rest are
         done (its read-ahead already fetches it); a queued file that a reader starts reading
         at random is moved to the front.
+        At most :data:`MAX_MODEL_FILES` files are queued (the first ``refs`` gives).
         Returns how many files were queued.
         """
         if self._nursery is None:
             return 0
+        wanted = [ref for ref in refs if self.wants(ref.name) and ref.size > 0]
+        if len(wanted) > MAX_MODEL_FILES:
+            log.warning(
+                "--eager-model: more than %d weight files; streaming the first %d found (the others load when read)",
+                MAX_MODEL_FILES,
+                MAX_MODEL_FILES,
+            )
+            del wanted[MAX_MODEL_FILES:]
         disk = self.store.disk
         room = disk.capacity * 0.9 if disk is not None else 0
         queue: deque[_Stream] = deque()
-        for ref in sorted(refs, key=lambda r: r.name):
-            if not self.wants(ref.name) or ref.size == 0 or (ref.key, ref.version) in self._streams:
+        for ref in sorted(wanted, key=lambda r: r.name):
+            if (ref.key, ref.version) in self._streams:
                 continue
             if ref.size > room:
                 log.info("not streaming %s: the disk cache has no room left for it", ref.name)

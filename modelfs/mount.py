@@ -16,19 +16,20 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 from wsgiref.simple_server import WSGIServer
 
 import pyfuse3
 import trio
 
-from modelfs.backends import open_backend
+from modelfs.backends import ObjectInfo, open_backend
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
-from modelfs.eager import EagerStreamer
+from modelfs.eager import MAX_MODEL_FILES, EagerStreamer
 from modelfs.errors import BackendError, MountError
 from modelfs.files import OpenFiles
 from modelfs.fs import ModelFS
@@ -281,16 +282,21 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
 async def _stream_model(ops: ModelFS, retry_deadline: float) -> None:
     """--eager-model: stream every weight file now, before anyone opens it.
 
-    The walk lists one directory page at a time and keeps only the weight files it finds.
+    The walk lists one directory page at a time and keeps only the weight files it finds,
+    and stops past the most the stream queues (:data:`~modelfs.eager.MAX_MODEL_FILES`).
     """
     eager = ops.eager
     assert eager is not None
     backend = ops.namespace.backend
     refs: list[ObjectRef] = []
     try:
-        async for info in walk_objects(backend, retry_deadline=retry_deadline):
-            if eager.wants(info.name) and info.size > 0:
-                refs.append(ObjectRef(backend.object_key(info.name), info.name, info.version, info.size))
+        walk = cast("AsyncGenerator[ObjectInfo, None]", walk_objects(backend, retry_deadline=retry_deadline))
+        async with contextlib.aclosing(walk):
+            async for info in walk:
+                if eager.wants(info.name) and info.size > 0:
+                    refs.append(ObjectRef(backend.object_key(info.name), info.name, info.version, info.size))
+                    if len(refs) > MAX_MODEL_FILES:
+                        break  # (the stream says how many it leaves out)
     except BackendError as exc:
         log.warning("--eager-model: cannot list %s (%s); streaming what was found", backend.description, exc)
     count = eager.stream_model(refs)

@@ -449,3 +449,24 @@ async def test_a_failing_file_stops_its_model_stream_and_the_next_goes_on(
     gets_of_a = sum(n for (name, _), n in backend.reads.items() if name == "a.bin")
     assert gets_of_a <= 4 * 10  # the blocks the 4 workers had started, each with its retries
     assert sum(n for (name, _), n in backend.reads.items() if name == "b.bin") == 3
+
+
+async def test_model_stream_queues_at_most_max_model_files(
+    make_store: StoreFactory, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each queued file's state is outside the budget: past MAX_MODEL_FILES the rest are
+    left out, with one warning."""
+    monkeypatch.setattr("modelfs.eager.MAX_MODEL_FILES", 3)
+    backend = MemoryBackend()
+    refs = [put_ramp(backend, f"w{i}.bin", BS, seed=i)[0] for i in range(5)]
+    store = await make_store(backend, memory_blocks=16, disk=True)
+    streamer = EagerStreamer(store, workers=2)
+    await nursery.start(streamer.run)
+    with caplog.at_level("WARNING", logger="modelfs.eager"):
+        assert streamer.stream_model(refs) == 3
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "--eager-model: more than 3 weight files; streaming the first 3 found (the others load when read)"
+    ]
+    for ref in refs:
+        await streamer.wait(ref)
+    assert sorted(name for name, _ in backend.reads) == ["w0.bin", "w1.bin", "w2.bin"]
