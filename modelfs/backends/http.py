@@ -81,6 +81,7 @@ for _name in ("httpx", "httpcore"):
 _UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
 _PCHAR_SAFE = "/:@!$&'()*+,;=~"  # left as they are in a path (RFC 3986 pchar)
 _MAX_INDEX_DEPTH = 32
+_MAX_WARNINGS = 1000  # names warned about once each, at most
 # Bounds on what a server or a manifest can make the daemon hold or walk: one index or HEAD
 # response, one manifest file, the entries and directories of one full walk (self-referencing
 # symlinks under nginx autoindex make an index tree without end: the mount lists only what is
@@ -257,7 +258,8 @@ class HTTPBackend(BackendSkeleton):
         return self._source.url if self._source.file else self._base + name
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._warned:
+        """Log ``message`` the first time ``key`` is seen (of the first 1,000 keys: the set is bounded)."""
+        if key not in self._warned and len(self._warned) < _MAX_WARNINGS:
             self._warned.add(key)
             log.warning(message, *args)
 
@@ -485,7 +487,10 @@ class HTTPBackend(BackendSkeleton):
 
         Each file of the directory is HEADed for its size and version (within the connection
         limit); a probe (``limit``) only tells whether the directory exists, with a
-        placeholder, and HEADs nothing.
+        placeholder, and HEADs nothing. A file whose HEAD fails for good (403, a bad answer) is
+        left out with one warning, as one gone since the index was read is: one unreadable
+        file must not make its directory unlistable (a lookup of it gives its own error). A
+        transient failure fails the page, to be retried.
         """
         if self._source.file:
             return ListPage([await self._stat(self._source.file)] if not prefix else [], [])
@@ -512,9 +517,11 @@ class HTTPBackend(BackendSkeleton):
                     nursery.cancel_scope.cancel()
                 else:
                     log.debug("%s: gone since the index was read: %s", name, exc)
-            except BackendError as exc:
+            except TransientError as exc:
                 errors.append(exc)
                 nursery.cancel_scope.cancel()
+            except BackendError as exc:
+                self._warn_once(f"unlisted {name}", "%s; not listed in its directory", exc)
 
         async with trio.open_nursery() as nursery:
             for index, (name, size) in enumerate(files):

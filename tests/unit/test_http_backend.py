@@ -343,6 +343,41 @@ async def test_json_index_is_walked_and_html_is_a_clear_error() -> None:
         await html.list_objects()
 
 
+@pytest.mark.parametrize("status", [403, 401, 400])
+async def test_a_file_of_the_index_refused_is_left_out_of_its_directory(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file the index lists but the server refuses (nginx: unreadable, still in its autoindex)
+    is left out with one warning; the others are listed, and a lookup of it has its own error.
+    A transient failure of one HEAD still fails the page (the listing is retried)."""
+    index = {"/models/": b'[{"name":"a.bin","type":"file","size":3},{"name":"secret.bin","type":"file","size":5}]'}
+    failing = {"status": status}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "GET" and path in index:
+            return response(200, index[path], {"Content-Type": "application/json"})
+        if request.method == "HEAD" and path == "/models/a.bin":
+            return httpx.Response(200, headers={"Content-Length": "3", "ETag": '"a"', "Accept-Ranges": "bytes"})
+        if path == "/models/secret.bin":
+            return httpx.Response(failing["status"])
+        return httpx.Response(404)
+
+    b = backend(handler, url="https://example.test/models/")
+    with caplog.at_level("WARNING", logger="modelfs.backends.http"):
+        for _ in range(2):
+            page = await b.list_dir("")
+            assert [(o.name, o.size) for o in page.objects] == [("a.bin", 3)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "secret.bin" in warnings[0], warnings
+    with pytest.raises(BackendError) as raised:
+        await b.stat("secret.bin")
+    assert type(raised.value) is (AccessDenied if status in (401, 403) else BackendError)
+    failing["status"] = 503
+    with pytest.raises(TransientError):
+        await b.list_dir("")
+
+
 async def test_one_directory_of_the_json_index_at_a_time() -> None:
     """list_dir reads one directory's index and HEADs only its files; a probe HEADs nothing;
     a missing subdirectory is an empty page, a missing root an error."""
