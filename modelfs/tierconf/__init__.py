@@ -117,6 +117,27 @@ def _nginx_regex(prefix: str) -> str:
     return re.sub(r"([.\\+*?\[^\]$(){}=!<>|:-])", r"\\\1", prefix)
 
 
+_FILL_SLICES_BYTES = 256 << 20
+"""What the fill stage holds in slices at once (--max-fills x the slice size), at most 32 slices."""
+
+
+def _slice_bytes(text: str) -> int:
+    """nginx's size syntax for ``slice`` (``8m``, ``512k``, ``1048576``) in bytes."""
+    found = re.fullmatch(r"([1-9][0-9]{0,9})([kKmMgG]?)", text)
+    if found is None:
+        raise ConfigError(f"the slice size must be like 8m, 512k or 1048576, not {text!r}")
+    return int(found.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[found.group(2).lower()]
+
+
+def fill_limits(settings: TierSettings) -> tuple[int, int]:
+    """(--max-fills, the fill stage's memory limit in MiB) for this slice size: the slices held
+    at once cost their size each, and a large slice (it equals the nodes' --block-size, up to
+    256M) must not multiply 32 of them past the container's limit."""
+    slice_bytes = _slice_bytes(settings.slice)
+    max_fills = max(2, min(32, _FILL_SLICES_BYTES // slice_bytes))
+    return max_fills, (max_fills * slice_bytes + (256 << 20) + (1 << 20) - 1) >> 20
+
+
 def render_nginx(settings: TierSettings) -> str:
     """nginx.conf for one tier replica."""
     origin = urlsplit(settings.origin)
@@ -127,6 +148,7 @@ def render_nginx(settings: TierSettings) -> str:
         raise ConfigError(f"auth must be bearer, aws-sigv4 or none, not {settings.auth!r}")
     if not re.fullmatch(r"[a-z0-9-]+", settings.region):
         raise ConfigError(f"not an AWS region: {settings.region!r}")
+    _slice_bytes(settings.slice)
     if not settings.allow or any(not p.startswith("/") or re.search(r"[\s\"';{}]", p) for p in settings.allow):
         raise ConfigError(f"readable paths must be absolute URL paths: {settings.allow!r}")
     values = {
@@ -164,7 +186,10 @@ def render_kubernetes(settings: TierSettings, *, replicas: int = 2, storage: str
         return textwrap.indent(text, "    ").rstrip("\n")
 
     port = settings.listen.rpartition(":")[2]
+    max_fills, fill_memory = fill_limits(settings)
     values = {
+        "MAX_FILLS": str(max_fills),
+        "FILL_MEMORY": f"{fill_memory}Mi",
         "NGINX_CONF": block(render_nginx(settings)),
         "TIER_JS": block(tier_js()),
         "REPLICAS": str(replicas),
@@ -185,5 +210,10 @@ def render_systemd(settings: TierSettings) -> str:
     run_dir = settings.run_dir.rstrip("/")
     if not run_dir.startswith("/run/") or "/" in run_dir[len("/run/") :]:
         raise ConfigError(f"the systemd unit needs --run-dir /run/NAME (its RuntimeDirectory), not {run_dir!r}")
-    values = {"RUN_DIR": run_dir, "RUN_DIR_NAME": run_dir[5:], "ORIGIN_SIDE": settings.origin_side}
+    values = {
+        "RUN_DIR": run_dir,
+        "RUN_DIR_NAME": run_dir[5:],
+        "ORIGIN_SIDE": settings.origin_side,
+        "MAX_FILLS": str(fill_limits(settings)[0]),
+    }
     return _fill(_template("modelfs-tier-fill.service.in"), values)

@@ -97,6 +97,11 @@ class FillServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         super().server_close()
         self.origin.close()
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # One line, not socketserver's traceback: nginx closing a kept-alive connection
+        # mid-request is ordinary.
+        log.warning("connection from nginx ended with an error: %s", sys.exc_info()[1])
+
 
 class _FillHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -108,7 +113,19 @@ class _FillHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         log.warning("%s", format % args)
 
+    def _has_body(self) -> bool:
+        """A request with a body is refused, and its connection closed: the body would be
+        read as the next request on this kept-alive connection, and its answer taken by
+        nginx for another request's (stored under that request's cache key)."""
+        if self.headers.get("Transfer-Encoding") is None and self.headers.get("Content-Length", "0").strip() == "0":
+            return False
+        self.close_connection = True
+        self.send_error(400, "a read has no body")
+        return True
+
     def do_HEAD(self) -> None:
+        if self._has_body():
+            return
         if self.path != HEALTH_PATH:
             self.send_error(405)
             return
@@ -124,6 +141,8 @@ class _FillHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"ok\n")
 
     def do_GET(self) -> None:
+        if self._has_body():
+            return
         if self.path == HEALTH_PATH:
             self._healthy(body=True)
             return

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -193,7 +194,7 @@ def test_a_corrupt_block_in_the_tier_is_read_from_the_origin(fleet: Fleet, tmp_p
         offset = 5 * BLOCK
         generation = fleet.generations[shard]
         key = (
-            f"/download/storage/v1/b/{BUCKET}/o/{PREFIX}/{shard}?alt=media&generation={generation}"
+            f"/download/storage/v1/b/{BUCKET}/o/{quote(f'{PREFIX}/{shard}', safe='')}?alt=media&generation={generation}"
             f"|{generation}|bytes={offset}-{offset + BLOCK - 1}"
         )
         damaged = [r for r in replicas if r.cache_file(key).exists()]

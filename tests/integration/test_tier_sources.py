@@ -4,6 +4,7 @@ loopback: bytes through the tier, hits on a second node, and what the tier refus
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import urllib.error
@@ -92,6 +93,16 @@ def test_the_tier_serves_only_pinned_reads_of_its_paths(
     assert get("/elsewhere/m.bin", **{"If-Match": '"x"'}) == 403  # not the configured directory
     assert get(f"/{top}/../private/x", **{"If-Match": '"x"'}) in (400, 403)
     assert get(f"/{top}/%2e%2e/private/x", **{"If-Match": '"x"'}) in (400, 403)
+    # Dot-segments after an encoded slash: the origin gets the raw path, which may name
+    # another object than the normalised one.
+    assert get(f"/{top}/x/..%2Fm.bin", **{"If-Match": '"x"'}) == 400
+    assert get(f"/{top}/x%2F..%2Fm.bin", **{"If-Match": '"x"'}) == 400
+    # A read with a body is refused: passed on, the body would be read by the fill stage as
+    # the next request on its kept-alive connection (request smuggling).
+    conn = http.client.HTTPConnection("127.0.0.1", int(tier.url.rpartition(":")[2]), timeout=30)
+    conn.request("GET", f"/{top}/m.bin", body=b"GET /elsewhere HTTP/1.1\r\n\r\n", headers={"If-Match": '"x"'})
+    assert conn.getresponse().status == 400
+    conn.close()
     assert get("/.modelfs-tier/health") == 200
     head = urllib.request.Request(tier.url + "/.modelfs-tier/health", method="HEAD")
     assert urllib.request.urlopen(head, timeout=30).status == 200

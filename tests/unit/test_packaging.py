@@ -308,7 +308,9 @@ def test_tier_config_is_what_the_issue_asks_for() -> None:
     conf = (TIER / "nginx.conf").read_text()
     for directive in (
         "slice 8m;",
-        'proxy_cache_key "$uri?$args|$modelfs_version|$slice_range";',
+        'proxy_cache_key "$request_uri|$modelfs_version|$slice_range";',  # the raw path, as the origin gets it
+        "proxy_pass_request_body off;",
+        "proxy_set_header If-Match $http_if_match;",
         "proxy_cache_valid 200 206 3650d;",
         "proxy_cache_lock on;",
         "proxy_set_header Range $slice_range;",
@@ -387,3 +389,21 @@ def test_no_example_binds_all_addresses() -> None:
     for path in (ROOT / "packaging").rglob("*"):
         if path.is_file():
             assert "0.0.0.0" not in path.read_text(), path
+
+
+@pytest.mark.parametrize(
+    ("slice_size", "max_fills", "limit"),
+    [("8m", 32, "512Mi"), ("64m", 4, "512Mi"), ("256m", 2, "768Mi"), ("1m", 32, "288Mi")],
+)
+def test_the_fill_stages_memory_follows_the_slice_size(slice_size: str, max_fills: int, limit: str) -> None:
+    """The fill stage holds up to --max-fills slices at once: a large slice (the nodes'
+    --block-size, up to 256M) gets fewer of them and a limit that holds them (32 slices of
+    64m were 2 GiB under a fixed 512Mi limit)."""
+    from modelfs.tierconf import render_kubernetes, render_systemd, settings_for_source
+
+    settings = settings_for_source("gs://my-bucket", slice=slice_size)
+    docs = {d["kind"]: d for d in yaml.safe_load_all(render_kubernetes(settings)) if d}
+    [fill] = [c for c in docs["StatefulSet"]["spec"]["template"]["spec"]["containers"] if c["name"] == "fill"]
+    assert fill["command"][-2:] == ["--max-fills", str(max_fills)]
+    assert fill["resources"]["limits"]["memory"] == limit
+    assert f"--max-fills {max_fills}" in render_systemd(settings)

@@ -158,3 +158,31 @@ def test_no_origin_side_is_a_502(tmp_path: Path) -> None:
         status, headers, _ = _get(conn, 0, 99)
         assert status == 502 and "x-modelfs-digest" not in headers
         conn.close()
+
+
+def test_a_request_with_a_body_is_refused_and_its_body_never_read_as_a_request(
+    fill: tuple[OriginSide, Path],
+) -> None:
+    """A body on a kept-alive connection would be read as the next request: its answer would
+    go to nginx as the answer to another request and be cached under that one's key. It is
+    refused (400) and the connection closed; the origin is never asked for the smuggled path."""
+    origin, path = fill
+    smuggled = (
+        b"GET /download/storage/v1/b/b/o/other.bin?alt=media&generation=17 HTTP/1.1\r\n"
+        b"Host: y\r\nRange: bytes=0-99\r\n\r\n"
+    )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(path))
+    head = b"GET /download/storage/v1/b/b/o/m%2Fx.bin?alt=media&generation=17 HTTP/1.1\r\nHost: x\r\n"
+    sock.sendall(head + b"Range: bytes=0-99\r\nContent-Length: " + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled)
+    answer = b""
+    while chunk := sock.recv(65536):  # (the fill stage closes the connection)
+        answer += chunk
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1
+    assert origin.seen == []
+    conn = _UnixHTTPConnection(path)  # the stage still serves
+    status, _, body = _get(conn, 0, 99)
+    assert status == 206 and body == DATA[:100]
+    conn.close()
