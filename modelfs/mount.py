@@ -132,6 +132,9 @@ def unmount(path: Path, wait: float = 60.0) -> None:
     For a live modelfs mount, also wait (up to ``wait`` seconds) for its daemon to exit, so
     the cache dir is free for the next mount when this returns.
     """
+    # Resolved once: the path checked is the path unmounted (a symlink in ``path`` swapped
+    # between the checks and fusermount3 would otherwise point it at another mount).
+    path = Path(os.path.realpath(path))
     if not is_mounted(path):
         raise MountError(f"{path} is not mounted")
     fstype = mounted_fstype(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -149,3 +150,34 @@ async def test_stop_waits_only_for_the_writes_queued_when_it_began(
     finally:
         go.set()
         later.set()
+
+
+def test_unmount_acts_on_the_path_it_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount is checked (a modelfs mount, not another file system) on the resolved path
+    and fusermount3 gets that same path: a symlink in the path swapped after the check cannot
+    point the unmount at another mount."""
+    import subprocess
+
+    import modelfs.mount as mount_module
+
+    real = tmp_path / "real-mnt"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    checked: list[str] = []
+    unmounted: list[list[str]] = []
+
+    def fstype(path: Path) -> str:
+        checked.append(str(path))
+        return "fuse.modelfs"
+
+    def fusermount(args: list[str]) -> subprocess.CompletedProcess[str]:
+        unmounted.append(args)
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(mount_module, "is_mounted", lambda path: True)
+    monkeypatch.setattr(mount_module, "mounted_fstype", fstype)
+    monkeypatch.setattr(mount_module, "_daemon_pid", lambda path: None)
+    monkeypatch.setattr(mount_module, "_fusermount", fusermount)
+    mount_module.unmount(link)
+    assert checked == [str(real)] and unmounted == [["-u", str(real)]]
