@@ -24,7 +24,7 @@ from modelfs.cache.blocks import ObjectRef
 from modelfs.eager import EagerStreamer
 from modelfs.errors import ModelfsError, NotFound, errno_for
 from modelfs.files import OpenFiles
-from modelfs.inodes import ROOT_INODE, Listing, Namespace, Node
+from modelfs.inodes import ROOT_INODE, DirHandle, Namespace, Node
 from modelfs.loopcpu import LoopClock
 from modelfs.metrics import LatencyHistogram, MetricsSnapshot
 from modelfs.units import ceil_div
@@ -106,7 +106,7 @@ class ModelFS(pyfuse3.Operations):
         self.block_size = block_size
         self.uid = os.getuid()
         self.gid = os.getgid()
-        self._dir_handles: dict[int, Listing] = {}
+        self._dir_handles: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
         self.errors: Counter[str] = Counter()
         self._requests: set[trio.CancelScope] = set()  # the requests being served
@@ -177,18 +177,19 @@ class ModelFS(pyfuse3.Operations):
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         # The handle reads the listing object itself, not a copy: a refresh swaps in a new
-        # one, so this handle neither skips nor repeats entries.
-        listing = await self.namespace.open_listing(node)
+        # one, so this handle neither skips nor repeats entries (a listing too large for the
+        # cache goes on in a copy of the handle's own: inodes.DirHandle).
+        handle = await self.namespace.open_dir(node)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
-        self._dir_handles[fh] = listing
+        self._dir_handles[fh] = handle
         return fh
 
     @_mapped
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._dir_handles[fh]
+        handle = self._dir_handles[fh]
         index = start_id
-        while (entry := await self.namespace.entry(listing, index)) is not None:
+        while (entry := await self.namespace.entry(handle, index)) is not None:
             name, node = entry
             if not pyfuse3.readdir_reply(token, name, self._attrs(node), index + 1):
                 return

@@ -31,7 +31,7 @@ from modelfs.backends.retry import retry_transient
 from modelfs.errors import BackendError, NotFound
 from modelfs.names import NAME_MAX, ParsedName, parse_object_name
 
-__all__ = ["Node", "Listing", "Namespace", "ROOT_INODE", "DEFAULT_METADATA_CACHE", "ENTRY_BYTES"]
+__all__ = ["Node", "Listing", "DirHandle", "Namespace", "ROOT_INODE", "DEFAULT_METADATA_CACHE", "ENTRY_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,23 @@ class Listing:
         self.files = 0
         self.bytes = 0
         self.lock = trio.Lock()
-        self.base = 0  # the readdir offset of names[0]: a streaming listing drops what readdir passed
-        self.streaming = False  # too large for the cache: held by its one handle, ahead of readdir only
+        self.base = 0  # the readdir offset of names[0]: a handle's own streaming copy drops what readdir passed
+        self.streaming = False  # too large for the cache: each handle reads on in its own copy
+
+
+class DirHandle:
+    """One opendir: the listing it reads, shared with other handles until that turns streaming.
+
+    A shared listing is never trimmed. Once it is streaming (too large for the cache), the
+    handle moves on to a copy of its own, holding only what lies ahead of its position: two
+    handles reading at different speeds must not drop names the other has still to read.
+    """
+
+    __slots__ = ("listing", "private")
+
+    def __init__(self, listing: Listing) -> None:
+        self.listing = listing
+        self.private = False  # ``listing`` is this handle's own streaming copy
 
 
 class _ListingCache(cachetools.LRUCache[int, Listing]):
@@ -350,9 +365,9 @@ class Namespace:
         try:
             self._listings[directory.inode] = listing
         except ValueError:
-            # Larger than the whole cache: it lives only while its readdir handle holds it,
-            # keeping only the pages ahead of readdir, and lookups in that directory ask for
-            # their one name.
+            # Larger than the whole cache: it lives only while readdir handles hold it, each
+            # reading on in its own copy that keeps only the pages ahead of it (DirHandle), and
+            # lookups in that directory ask for their one name.
             listing.streaming = True
             directory.listing = None
             return
@@ -423,6 +438,10 @@ class Namespace:
         await self._more(listing, None)
         return listing
 
+    async def open_dir(self, directory: Node) -> DirHandle:
+        """An ``opendir``'s handle: its position state over ``open_listing``'s listing."""
+        return DirHandle(await self.open_listing(directory))
+
     async def _more(self, listing: Listing, previous: Listing | None, deadline: float | None = None) -> None:
         """Read the next page of ``listing`` (one page at a time: readers queue on its lock)."""
         async with listing.lock:
@@ -435,11 +454,16 @@ class Namespace:
             if previous is None and not listing.streaming and newer:
                 self._cache(listing)
 
-    async def entry(self, listing: Listing, index: int) -> tuple[bytes, Node] | None:
-        """The ``index``-th entry of ``listing``, reading pages as far as needed; None past the end."""
+    async def entry(self, handle: DirHandle, index: int) -> tuple[bytes, Node] | None:
+        """The ``index``-th entry of ``handle``'s listing, reading pages as far as needed; None past the end."""
         while True:
+            listing = handle.listing
+            if listing.streaming and not handle.private:
+                handle.listing = self._own_copy(listing, index)
+                handle.private = True
+                continue
             i = index - listing.base
-            if i < 0:  # a streaming listing asked to go back (rewinddir): list it again from the start
+            if i < 0:  # a streaming copy asked to go back (rewinddir): list it again from the start
                 async with listing.lock:
                     if listing.base:
                         listing.names.clear()
@@ -453,13 +477,25 @@ class Namespace:
                 return name, listing.by_name[name]
             if listing.complete:
                 return None
-            if listing.streaming and i:
-                # Everything before ``index`` was replied already: held once, never the whole directory.
-                for name in listing.names[:i]:
-                    listing.by_name.pop(name, None)
-                del listing.names[:i]
-                listing.base += i
+            if handle.private and listing.names:
+                # Everything held is before ``index``, replied already: held once, never the whole directory.
+                listing.by_name.clear()
+                listing.base += len(listing.names)
+                listing.names.clear()
             await self._more(listing, None)
+
+    def _own_copy(self, shared: Listing, index: int) -> Listing:
+        """A handle's own streaming listing, from ``index`` on: the names ahead of it (shared
+        nodes, so a list slot and a dict slot each) and the token that continues them."""
+        own = Listing(shared.directory, shared.started_at)
+        start = min(max(0, index - shared.base), len(shared.names))
+        own.names = shared.names[start:]
+        own.by_name = {name: shared.by_name[name] for name in own.names}
+        own.token = shared.token
+        own.complete = shared.complete
+        own.base = shared.base + start
+        own.streaming = True
+        return own
 
     async def _list_whole(self, directory: Node) -> Listing:
         previous = directory.listing

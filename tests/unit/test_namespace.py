@@ -9,7 +9,7 @@ import trio.testing
 
 from modelfs.backends.memory import MemoryBackend
 from modelfs.errors import AccessDenied, NotFound, TransientError
-from modelfs.inodes import ENTRY_BYTES, ROOT_INODE, Namespace, Node
+from modelfs.inodes import ENTRY_BYTES, ROOT_INODE, DirHandle, Namespace, Node
 from modelfs.walk import walk_objects
 
 
@@ -34,10 +34,10 @@ async def walk(ns: Namespace, path: str, *, hold: bool = False) -> Node:
 
 async def names(ns: Namespace, directory: Node) -> list[str]:
     """What readdir would return, in its order (directories end in '/')."""
-    listing = await ns.open_listing(directory)
+    handle = await ns.open_dir(directory)
     out: list[str] = []
     index = 0
-    while (entry := await ns.entry(listing, index)) is not None:
+    while (entry := await ns.entry(handle, index)) is not None:
         name, node = entry
         out.append(name.decode() + ("/" if node.is_dir else ""))
         index += 1
@@ -296,11 +296,12 @@ async def test_readdir_of_a_large_directory_page_by_page() -> None:
     for name in expected:
         backend.put(name + ("x" if name.endswith("/") else ""), b"z")
     ns = Namespace(backend, ttl=60, retry_deadline=1)
-    listing = await ns.open_listing(ns.root)
+    handle = await ns.open_dir(ns.root)
+    listing = handle.listing
     assert backend.page_calls == 1 and len(listing.names) == 100
-    first = await ns.entry(listing, 99)
+    first = await ns.entry(handle, 99)
     assert first is not None and first[0] == b"f00099" and backend.page_calls == 1
-    second = await ns.entry(listing, 100)
+    second = await ns.entry(handle, 100)
     assert second is not None and second[0] == b"f00100" and backend.page_calls == 2
     assert await names(ns, ns.root) == expected
     assert backend.page_calls == 11
@@ -316,19 +317,54 @@ async def test_directory_larger_than_the_cache_is_still_listed() -> None:
     for i in range(50):
         backend.put(f"f{i:02d}", b"z")
     ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=20 * ENTRY_BYTES)
-    listing = await ns.open_listing(ns.root)
+    handle = await ns.open_dir(ns.root)
     seen = []
     index = 0
-    while (entry := await ns.entry(listing, index)) is not None:
+    while (entry := await ns.entry(handle, index)) is not None:
         seen.append(entry[0].decode())
-        assert len(listing.names) <= 20  # past the cache's size, only the page ahead of readdir is held
+        assert len(handle.listing.names) <= 20  # past the cache's size, only the page ahead of readdir is held
         index += 1
     assert seen == [f"f{i:02d}" for i in range(50)] and backend.page_calls == 5
     assert ns.metadata_bytes <= ns.metadata_capacity and ns.root.listing is None
-    rewound = await ns.entry(listing, 0)  # rewinddir: listed again from the start
+    rewound = await ns.entry(handle, 0)  # rewinddir: listed again from the start
     assert rewound is not None and rewound[0] == b"f00" and backend.page_calls == 6
     assert not (await ns.lookup(ROOT_INODE, b"f42")).is_dir
     assert backend.stat_calls == 1
+
+
+async def test_handles_sharing_a_listing_that_turns_streaming_each_read_every_name_once() -> None:
+    """Two opendirs share the cached listing; when it grows past the cache, each reads on in a
+    copy of its own: a fast and a slow reader (and one that rewinds) see every name once, in order."""
+    backend = MemoryBackend(page_size=10)
+    expected = [f"f{i:02d}" for i in range(50)]
+    for name in expected:
+        backend.put(name, b"z")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=20 * ENTRY_BYTES)
+    fast, slow, rewinding = [await ns.open_dir(ns.root) for _ in range(3)]
+    assert fast.listing is slow.listing is rewinding.listing  # one cached listing, read by three handles
+    seen: dict[int, list[str]] = {id(fast): [], id(slow): [], id(rewinding): []}
+
+    async def step(handle: DirHandle) -> bool:
+        got = seen[id(handle)]
+        entry = await ns.entry(handle, len(got))
+        if entry is not None:
+            got.append(entry[0].decode())
+        return entry is not None
+
+    rewound = False
+    while True:
+        more = [await step(fast) for _ in range(3)] + [await step(slow)]
+        if len(seen[id(rewinding)]) == 25 and not rewound:
+            seen[id(rewinding)].clear()  # rewinddir half way
+            rewound = True
+        more.append(await step(rewinding))
+        for handle in (fast, slow, rewinding):
+            assert len(handle.listing.names) <= 30  # bounded: at most the shared listing's size
+        if not any(more):
+            break
+    assert seen[id(fast)] == seen[id(slow)] == seen[id(rewinding)] == expected
+    assert backend.page_calls < 20  # each handle lists the rest once (no re-listing from page 1)
+    assert ns.metadata_bytes <= ns.metadata_capacity
 
 
 async def test_lookup_after_the_ttl_does_not_wait_for_a_listing(

@@ -137,7 +137,7 @@ async def test_open_directory_is_eisdir_and_opendir_file_is_enotdir(
     assert await fuse_errno(ops.open(sub.st_ino, os.O_RDONLY, CTX)) == errno.EISDIR
     assert await fuse_errno(ops.opendir(conf.st_ino, CTX)) == errno.ENOTDIR
     fh = await ops.opendir(sub.st_ino, CTX)
-    assert ops._dir_handles[fh].names == [b"empty.bin", b"model.bin"]
+    assert ops._dir_handles[fh].listing.names == [b"empty.bin", b"model.bin"]
     await ops.releasedir(fh)
     assert fh not in ops._dir_handles
 
