@@ -7,8 +7,10 @@ and a one-result listing below ``name/`` to tell a directory) instead of listing
 Listings are held in an LRU bounded in (estimated) bytes; an evicted listing is listed again
 when next needed. Past the TTL a complete listing still answers at once, and the directory is
 listed again in the background (one refresh per directory at a time); a refresh that fails
-keeps the old listing, so an outage never makes a lookup wait for the retry deadline. Only a
-directory never listed waits for the backend.
+keeps the old listing, so an outage never makes a lookup wait for the retry deadline; a
+refresh stops once it outgrows the whole cache. A stale name found by lookup outside any
+listing is asked for again by itself, never by listing its directory. Only a directory never
+listed waits for the backend.
 
 Inodes: a node keeps its inode while it is in a cached listing or the kernel holds it. A file
 whose object changed version is a new node (new inode): the kernel's page cache is per inode,
@@ -193,6 +195,7 @@ class Namespace:
         # not remember an ENOENT. Bounded in entries (~200 bytes each).
         self._missing: cachetools.LRUCache[tuple[int, bytes], float] = cachetools.LRUCache(_MAX_MISSING)
         self._warned: set[str] = set()
+        self._rechecking: set[tuple[int, bytes]] = set()  # stale looked-up names being asked for again
         self.pages = 0  # directory pages read
         self.name_lookups = 0  # lookups answered by asking the backend for one name
         self.refreshes = 0  # background refreshes finished
@@ -497,12 +500,27 @@ class Namespace:
         own.streaming = True
         return own
 
-    async def _list_whole(self, directory: Node) -> Listing:
+    async def _list_whole(self, directory: Node) -> Listing | None:
+        """A new complete listing of ``directory``; None as soon as it outgrows the whole cache
+        (it could not be kept, and reading on would hold the whole directory at once)."""
         previous = directory.listing
         listing = Listing(directory, self._now())
         while not listing.complete:
             await self._more(listing, previous)
+            if listing.cost > self._listings.maxsize:
+                return None
         return listing
+
+    def _too_large(self, directory: Node) -> None:
+        """A refresh found ``directory`` larger than the cache: its stale listing goes, as if
+        evicted (held nodes stay findable by name and are checked one by one), and opendir
+        reads it page by page from now on."""
+        old = directory.listing
+        if old is None:
+            return
+        log.info("%s is now larger than --metadata-cache: looked up by name from now on", directory.path or "/")
+        self._listings.pop(directory.inode, None)
+        self._evicted(old)
 
     async def _revalidate(self, directory: Node) -> None:
         """List ``directory`` again behind the stale listing (inline when no nursery runs)."""
@@ -535,7 +553,10 @@ class Namespace:
         finally:
             directory.refreshing = False
         self.refreshes += 1
-        self._cache(listing)
+        if listing is None:
+            self._too_large(directory)
+        else:
+            self._cache(listing)
 
     async def refresh(self, *, force: bool = False) -> None:
         """List the root if it never was; with ``force``, list every cached directory again now."""
@@ -545,7 +566,10 @@ class Namespace:
             return
         for directory in [listing.directory for listing in list(self._listings.values())] or [self.root]:
             listing = await self._list_whole(directory)
-            self._cache(listing)
+            if listing is None:
+                self._too_large(directory)
+            else:
+                self._cache(listing)
 
     # --- queries
 
@@ -609,8 +633,14 @@ class Namespace:
             if self._fresh(node.checked_at):
                 return node
             if self._nursery is not None:
+                # Checked again by itself behind the answer: the directory has no listing
+                # (never listed, evicted or larger than the cache), and listing all of it
+                # to confirm one name could cost the whole directory, every TTL.
                 self.stale_served += 1
-                await self._revalidate(directory)
+                key = (directory.inode, name)
+                if key not in self._rechecking:
+                    self._rechecking.add(key)
+                    self._nursery.start_soon(self._recheck_name, directory, name, node)
                 return node
         missing_since = self._missing.get((directory.inode, name))
         if missing_since is not None and self._fresh(missing_since):
@@ -675,6 +705,24 @@ class Namespace:
             directory.extra = {}
         directory.extra[name] = node
         return node
+
+    async def _recheck_name(self, directory: Node, name: bytes, node: Node) -> None:
+        """Ask the backend for a stale looked-up name again (in the background)."""
+        try:
+            await self._lookup_name(directory, name)
+        except NotFound:
+            if directory.extra is not None and directory.extra.get(name) is node:
+                del directory.extra[name]  # gone: the next lookup is ENOENT (remembered as missing)
+                if not directory.extra:
+                    directory.extra = None
+        except BackendError as exc:
+            # Unreachable: keep serving what was found for another TTL, as a refresh does.
+            log.warning("cannot check %s again (%s); serving it for another %gs", node.path, exc, self.ttl)
+            node.checked_at = self._now()
+        except Exception:
+            log.exception("checking %s again failed", node.path)
+        finally:
+            self._rechecking.discard((directory.inode, name))
 
     def forget(self, inode: int, count: int) -> None:
         """The kernel dropped ``count`` references; at zero the node is freed unless a listing holds it."""

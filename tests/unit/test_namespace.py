@@ -7,9 +7,10 @@ import pytest
 import trio
 import trio.testing
 
+from modelfs.backends.base import ListPage
 from modelfs.backends.memory import MemoryBackend
 from modelfs.errors import AccessDenied, NotFound, TransientError
-from modelfs.inodes import ENTRY_BYTES, ROOT_INODE, DirHandle, Namespace, Node
+from modelfs.inodes import ENTRY_BYTES, ROOT_INODE, DirHandle, Listing, Namespace, Node
 from modelfs.walk import walk_objects
 
 
@@ -402,23 +403,90 @@ async def test_lookup_after_the_ttl_does_not_wait_for_a_listing(
     assert [n for n in listing.names] == [b"a", b"b"]  # an open handle keeps its listing
 
 
-async def test_stale_name_lookup_is_served_and_refreshed(
+async def test_stale_name_lookup_is_served_and_checked_by_itself(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A name found by lookup (directory never listed) is served stale too; the refresh lists the directory."""
+    """A name found by lookup (directory never listed) is served stale too, and asked for again
+    by itself behind the answer (metadata and a one-result probe), never by listing the directory."""
     backend = backend_with("d/a", "d/b")
     ns = Namespace(backend, ttl=10, retry_deadline=30)
     await nursery.start(ns.run)
     d = await walk(ns, "d", hold=True)
     a = await ns.lookup(d.inode, b"a")
     ns.remember(a)
+    pages, stats = backend.page_calls, backend.stat_calls
     await trio.sleep(11)
-    backend.list_gate = trio.Event()
     with trio.fail_after(0.5):
-        assert await ns.lookup(d.inode, b"a") is a
-    backend.list_gate.set()
+        for _ in range(5):
+            assert await ns.lookup(d.inode, b"a") is a
     await trio.testing.wait_all_tasks_blocked()
-    assert d.listing is not None and d.listing.complete and await ns.lookup(d.inode, b"a") is a
+    assert backend.page_calls == pages and backend.stat_calls == stats + 1  # one check for the five
+    assert d.listing is None and ns.valid_for(a) == 10  # confirmed: fresh again
+    backend.delete("d/a")
+    await trio.sleep(11)
+    assert await ns.lookup(d.inode, b"a") is a  # stale, served; the check finds it gone
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(NotFound):
+        await ns.lookup(d.inode, b"a")
+    assert backend.page_calls == pages
+
+
+async def test_stale_name_in_a_directory_larger_than_the_cache_lists_nothing(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every TTL the kernel asks again for a name in a huge directory: two small requests each
+    time, never a listing of the directory."""
+    backend = MemoryBackend(page_size=100)
+    for i in range(2000):
+        backend.put(f"shards/s{i:05d}", b"z")
+    ns = Namespace(backend, ttl=10, retry_deadline=30, cache_bytes=100 * ENTRY_BYTES)
+    await nursery.start(ns.run)
+    node = await walk(ns, "shards/s00001", hold=True)
+    shards = node.parent
+    assert shards is not None
+    pages = backend.page_calls
+    for _ in range(3):
+        await trio.sleep(11)
+        assert await ns.lookup(shards.inode, b"s00001") is node
+        await trio.testing.wait_all_tasks_blocked()
+    assert backend.page_calls == pages and shards.listing is None
+    assert ns.metadata_bytes <= ns.metadata_capacity
+
+
+async def test_refresh_of_a_listing_grown_past_the_cache_stops_there(autojump_clock: trio.testing.MockClock) -> None:
+    """A cached directory that grew past the whole cache: its refresh stops at the page that
+    outgrows the cache (never the whole directory in memory), drops the listing, and from then
+    on its names are looked up one by one, not listed again every TTL."""
+    backend = MemoryBackend(page_size=100)
+    for i in range(10):
+        backend.put(f"f{i:05d}", b"z")
+    cap = 50 * ENTRY_BYTES
+    ns = Namespace(backend, ttl=1, retry_deadline=1, cache_bytes=cap)
+    await ns.start()
+    assert ns.root.listing is not None and ns.root.listing.complete
+    held = await walk(ns, "f00001", hold=True)
+    for i in range(10, 5000):
+        backend.put(f"f{i:05d}", b"z")
+    peak = 0
+    add_page = ns._add_page
+
+    def measured(listing: Listing, page: ListPage, previous: Listing | None) -> None:
+        nonlocal peak
+        add_page(listing, page, previous)
+        peak = max(peak, listing.cost)
+
+    ns._add_page = measured  # type: ignore[method-assign]
+    pages = backend.page_calls
+    await trio.sleep(2)
+    assert await walk(ns, "f00001") is held  # stale: refreshed inline (no nursery)
+    assert peak <= cap + 100 * (ENTRY_BYTES + 2 * len("f00001"))  # the cache plus one page
+    assert backend.page_calls == pages + 1 and ns.root.listing is None
+    for _ in range(3):
+        await trio.sleep(2)
+        assert await walk(ns, "f00001") is held  # asked for by name
+        assert (await walk(ns, "f04999")).size == 1
+    assert backend.page_calls == pages + 1
+    assert ns.metadata_bytes <= ns.metadata_capacity
 
 
 async def test_outage_serves_stale_without_waiting_for_the_retry_deadline(
