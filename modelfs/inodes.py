@@ -411,15 +411,19 @@ class Namespace:
 
     # --- listing a directory
 
-    async def start(self, deadline: float | None = None) -> None:
+    async def start(self, deadline: float | None = None) -> bool:
         """List the first page of the root: a missing bucket or root raises NotFound here.
 
         ``deadline``: how long transient failures of this first page are retried (default: the
         retry deadline). A mount passes a short one: an unreachable source should fail the mount
         with its one-line error in seconds, not after the minute a running mount's reads wait.
+        Returns whether the root may have entries: the page named one, or a next page follows.
+        That is judged on the page read, not on what was cached (a first page larger than the
+        whole cache is not kept).
         """
         listing = Listing(self.root, self._now())
         await self._more(listing, None, deadline)
+        return bool(listing.names) or not listing.complete
 
     async def open_listing(self, directory: Node) -> Listing:
         """The listing an ``opendir`` reads: the cached one (refreshed behind if stale), or a new one.

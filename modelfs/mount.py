@@ -229,8 +229,8 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     with contextlib.ExitStack() as until_done:
         try:
             # One page of the root, not the whole tree: a bad bucket or prefix fails here, before mounting.
-            await ops.namespace.start(deadline=min(config.retry_deadline, START_RETRY_DEADLINE))
-            if config.source.prefix and not ops.namespace.root.children:
+            found = await ops.namespace.start(deadline=min(config.retry_deadline, START_RETRY_DEADLINE))
+            if config.source.prefix and not found:
                 raise MountError(f"nothing found at {config.source.url} (no object with that name or prefix)")
             if disk is not None:
                 disk.open()

@@ -205,6 +205,16 @@ def test_prefix_with_nothing_is_an_error(seeded: str, gcs: FakeGCS, tmp_path: Pa
     assert not is_mounted(mnt)
 
 
+def test_prefix_whose_first_page_outgrows_the_metadata_cache_mounts(bucket: str, gcs: FakeGCS, mount: MountFn) -> None:
+    """A root whose first page is larger than --metadata-cache is not kept, but it is not
+    "nothing found": the mount comes up and lists it page by page."""
+    names = {f"shard-{i:04d}.bin" for i in range(300)}  # ~300 x 700 bytes: more than 64K
+    for name in names:
+        gcs.upload(bucket, f"big/{name}", b"x")
+    mnt = mount(f"gs://{bucket}/big", *GCS_OPTIONS, "--metadata-cache", "64K")
+    assert sorted(os.listdir(mnt)) == sorted(names)
+
+
 def _stats(mnt: Path) -> dict[str, int]:
     stats: dict[str, int] = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
     return stats

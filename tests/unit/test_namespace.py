@@ -596,6 +596,19 @@ async def test_start_gives_up_at_its_own_deadline(autojump_clock: trio.testing.M
     assert trio.current_time() - started > 30
 
 
+async def test_start_says_found_when_the_first_page_is_larger_than_the_cache() -> None:
+    """A root whose first page does not fit --metadata-cache is not kept, but it was found (the
+    mount must not say "nothing found"); an empty root is not."""
+    backend = MemoryBackend()
+    for i in range(200):
+        backend.put(f"f{i:03d}", b"z")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=100 * ENTRY_BYTES)
+    assert await ns.start() is True
+    assert ns.root.listing is None and not ns.root.children  # not cached: what the old check looked at
+    assert await Namespace(backend_with("only/"), ttl=60, retry_deadline=1).start() is True
+    assert await Namespace(MemoryBackend(), ttl=60, retry_deadline=1).start() is False
+
+
 async def test_missing_root_fails_start() -> None:
     """A missing bucket or root (NotFound from the first page) fails start()."""
     backend = backend_with("a")
