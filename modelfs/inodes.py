@@ -32,6 +32,7 @@ from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.retry import retry_transient
 from modelfs.errors import BackendError, NotFound
 from modelfs.names import NAME_MAX, ParsedName, parse_object_name
+from modelfs.pages import PageGuard
 
 __all__ = ["Node", "Listing", "DirHandle", "Namespace", "ROOT_INODE", "DEFAULT_METADATA_CACHE", "ENTRY_BYTES"]
 
@@ -130,6 +131,7 @@ class Listing:
         "lock",
         "base",
         "streaming",
+        "guard",
     )
 
     def __init__(self, directory: Node, started_at: float) -> None:
@@ -145,6 +147,7 @@ class Listing:
         self.lock = trio.Lock()
         self.base = 0  # the readdir offset of names[0]: a handle's own streaming copy drops what readdir passed
         self.streaming = False  # too large for the cache: each handle reads on in its own copy
+        self.guard: PageGuard | None = None  # while more pages follow: a token that loops is an error
 
 
 class DirHandle:
@@ -349,12 +352,14 @@ class Namespace:
         listing.complete = page.next_token is None
         self.pages += 1
 
+    def _what(self, directory: Node) -> str:
+        return f"listing {self.backend.description}{'/' if directory.path else ''}{directory.path}"
+
     async def _page(self, directory: Node, token: str | None, deadline: float | None = None) -> ListPage:
-        what = f"listing {self.backend.description}{'/' if directory.path else ''}{directory.path}"
         return await retry_transient(
             lambda: self.backend.list_dir(directory.prefix, token),
             deadline=self.retry_deadline if deadline is None else deadline,
-            what=what,
+            what=self._what(directory),
         )
 
     def _cache(self, listing: Listing) -> None:
@@ -454,8 +459,19 @@ class Namespace:
         async with listing.lock:
             if listing.complete:
                 return
-            page = await self._page(listing.directory, listing.token, deadline)
+            sent = listing.token
+            page = await self._page(listing.directory, sent, deadline)
+            guard = listing.guard
+            if guard is None and page.next_token is not None:
+                guard = listing.guard = PageGuard(self._what(listing.directory))
+            if guard is not None:
+                guard.token(sent, page.next_token)
+            held = listing.base + len(listing.names)
             self._add_page(listing, page, previous if previous is not None else listing.directory.listing)
+            if guard is not None:
+                guard.entries(listing.base + len(listing.names) - held, page.next_token)
+                if page.next_token is None:
+                    listing.guard = None  # complete: nothing more to check
             current = listing.directory.listing
             newer = current is None or current is listing or current.started_at < listing.started_at
             if previous is None and not listing.streaming and newer:
@@ -478,6 +494,7 @@ class Namespace:
                         listing.token = None
                         listing.complete = False
                         listing.base = 0
+                        listing.guard = None  # a new pass may see the same tokens again
                 continue
             if i < len(listing.names):
                 name = listing.names[i]

@@ -15,6 +15,7 @@ from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.retry import retry_transient
 from modelfs.errors import BackendError
 from modelfs.names import ParsedName, parse_object_name
+from modelfs.pages import PageGuard
 
 __all__ = ["walk_objects"]
 
@@ -27,7 +28,8 @@ async def walk_objects(backend: Backend, *, retry_deadline: float) -> AsyncItera
     Depth first; within a directory its files come before its subdirectories, each in the
     store's order. Transient failures are retried up to ``retry_deadline`` per page. A backend
     whose tree may have no end (an HTTP index over a symlink loop) names a ``walk_dir_limit``:
-    more directories than that in one walk is a BackendError.
+    more directories than that in one walk is a BackendError, and so is a directory whose
+    continuation tokens never end (modelfs/pages.py).
     """
     limit: int | None = getattr(backend, "walk_dir_limit", None)  # optional: object stores have none
     listed = 0
@@ -42,12 +44,15 @@ async def walk_objects(backend: Backend, *, retry_deadline: float) -> AsyncItera
             )
         token: str | None = None
         subdirs: list[str] = []
+        guard = PageGuard(f"listing {backend.description} {prefix}")
         while True:
             page: ListPage = await retry_transient(
                 functools.partial(backend.list_dir, prefix, token),
                 deadline=retry_deadline,
-                what=f"listing {backend.description} {prefix}",
+                what=guard.what,
             )
+            guard.token(token, page.next_token)  # a token that loops would walk the same objects forever
+            guard.entries(len(page.objects) + len(page.prefixes), page.next_token)
             for info in page.objects:
                 if info.name.endswith("/"):
                     continue

@@ -9,7 +9,7 @@ import trio.testing
 
 from modelfs.backends.base import ListPage
 from modelfs.backends.memory import MemoryBackend
-from modelfs.errors import AccessDenied, NotFound, TransientError
+from modelfs.errors import AccessDenied, BackendError, NotFound, TransientError
 from modelfs.inodes import ENTRY_BYTES, ROOT_INODE, DirHandle, Listing, Namespace, Node
 from modelfs.walk import walk_objects
 
@@ -607,6 +607,43 @@ async def test_start_says_found_when_the_first_page_is_larger_than_the_cache() -
     assert ns.root.listing is None and not ns.root.children  # not cached: what the old check looked at
     assert await Namespace(backend_with("only/"), ttl=60, retry_deadline=1).start() is True
     assert await Namespace(MemoryBackend(), ttl=60, retry_deadline=1).start() is False
+
+
+class EndlessTokens(MemoryBackend):
+    """A store whose continuation tokens never end: ``style`` 'same' repeats the token it was
+    sent, 'cycle' goes round three tokens, 'empty' sends fresh tokens with empty pages."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        page = await super().list_dir(prefix, None, limit=limit)
+        assert self.page_calls < 5000, "the listing would never end"
+        if limit is not None:
+            return page
+        if self.style == "same":
+            return ListPage(page.objects, page.prefixes, token or "again")
+        if self.style == "cycle":
+            return ListPage(page.objects, page.prefixes, f"t{self.page_calls % 3}")
+        if token is None:
+            return ListPage(page.objects, page.prefixes, "t0")
+        return ListPage([], [], f"t{self.page_calls}")
+
+
+@pytest.mark.parametrize("style", ["same", "cycle", "empty"])
+async def test_a_listing_whose_tokens_never_end_is_an_error(style: str) -> None:
+    """readdir and a walk (warm, --eager-model) of such a directory end with one BackendError
+    (EIO), never list forever."""
+    backend = EndlessTokens(style)
+    backend.put("a", b"x")
+    backend.put("b", b"y")
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    with pytest.raises(BackendError, match="a listing without end"):
+        await names(ns, ns.root)
+    with pytest.raises(BackendError, match="a listing without end"):
+        async for _ in walk_objects(backend, retry_deadline=1):
+            pass
 
 
 async def test_missing_root_fails_start() -> None:
