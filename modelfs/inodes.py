@@ -300,6 +300,10 @@ class Namespace:
         depth = directory.path.count("/") + 1 if directory.path else 0
         if len(parsed.parts) != depth + 1 or parsed.is_dir != is_dir:
             return None
+        if "/".join(parsed.parts[:-1]) != directory.path:
+            # Listed here by a store that lies: shown here, it would read another object's bytes.
+            self._warn_once(full, f"listed in {directory.prefix or '/'!r}, outside it")
+            return None
         return parsed.parts[-1].encode()
 
     def _add_page(self, listing: Listing, page: ListPage, previous: Listing | None) -> None:
@@ -712,6 +716,9 @@ class Namespace:
             nursery.start_soon(stat)
         if failed:
             raise failed[0]
+        if info is not None and info.name != full:
+            self._warn_once(info.name, f"the store answered it for {full!r}")
+            info = None  # another object's metadata: its node would read that object's bytes
         is_dir = below is not None and bool(below.objects or below.prefixes)
         if not is_dir and info is None:
             self._missing[(directory.inode, name)] = self._now()

@@ -50,6 +50,14 @@ _DIR_FIELDS = f"items({_INFO_FIELDS}),prefixes,nextPageToken"
 _PAGE_SIZE = 1000  # GCS's own default; some servers send everything otherwise
 
 
+def _name_of(item: dict[str, Any]) -> object:
+    return item.get("name")
+
+
+def _itself(name: str) -> object:
+    return name
+
+
 # An object stored with Content-Encoding: gzip (gsutil cp -Z) is served as stored, like
 # gcsfuse does: its size is the stored size, so its bytes must be the stored bytes. Without
 # Accept-Encoding: gzip, GCS (and fake-gcs-server) decompress it and ignore Range. With it,
@@ -217,7 +225,8 @@ class GCSBackend(ThreadedBackend):
                         "pageToken": token,
                     }
                 )
-                found.extend(self._to_info(i) for i in self._items(doc) if i.get("name") != self._prefix)
+                items = self.under(self._items(doc), _name_of, self._prefix)
+                found.extend(self._to_info(i) for i in items if i.get("name") != self._prefix)
                 token = _text(doc.get("nextPageToken"))
                 if token is None:
                     break
@@ -248,11 +257,12 @@ class GCSBackend(ThreadedBackend):
                     "pageToken": token,
                 }
             )
-            objects = [self._to_info(i) for i in self._items(doc)]
+            within = self._prefix + prefix
+            objects = [self._to_info(i) for i in self.under(self._items(doc), _name_of, within)]
             found_prefixes = doc.get("prefixes", [])
             if not isinstance(found_prefixes, list) or not all(isinstance(p, str) for p in found_prefixes):
                 raise BackendError(f"{self._source.url}: the JSON API sent malformed prefixes")
-            prefixes = [p[len(self._prefix) :] for p in found_prefixes]
+            prefixes = [p[len(self._prefix) :] for p in self.under(found_prefixes, _itself, within)]
             next_token = _text(doc.get("nextPageToken")) if limit is None else None
             if not prefix and token is None and not objects and not prefixes and self._source.prefix:
                 single = self._single_object()

@@ -87,6 +87,14 @@ _CODE_STATUS: tuple[tuple[frozenset[str] | set[str], int], ...] = (
 )
 
 
+def _key_of(item: dict[str, Any]) -> object:
+    return item.get("Key")
+
+
+def _prefix_of(item: dict[str, Any]) -> object:
+    return item.get("Prefix")
+
+
 class S3Backend(ThreadedBackend):
     """Objects below ``s3://bucket/prefix``; names are relative to the prefix."""
 
@@ -208,7 +216,7 @@ class S3Backend(ThreadedBackend):
                 Bucket=self._source.bucket, Prefix=self._prefix, **self._payer
             )
             for page in pages:
-                for item in page.get("Contents", ()):
+                for item in self.under(list(page.get("Contents", ())), _key_of, self._prefix):
                     if item["Key"] == self._prefix:
                         continue
                     out.append(self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"]))
@@ -233,11 +241,13 @@ class S3Backend(ThreadedBackend):
             resp = self._client.list_objects_v2(**params)
         except Exception as exc:
             raise self.listing_error(exc) from None
+        within = self._prefix + prefix
         objects = [
             self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"])
-            for item in resp.get("Contents", ())
+            for item in self.under(list(resp.get("Contents", ())), _key_of, within)
         ]
-        prefixes = [item["Prefix"][len(self._prefix) :] for item in resp.get("CommonPrefixes", ())]
+        common = self.under(list(resp.get("CommonPrefixes", ())), _prefix_of, within)
+        prefixes = [item["Prefix"][len(self._prefix) :] for item in common]
         truncated = resp.get("IsTruncated") and limit is None
         return ListPage(objects, prefixes, resp.get("NextContinuationToken") if truncated else None)
 

@@ -15,6 +15,7 @@ FILLING) or build a result nothing else holds; see docs/concurrency.md.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar, TypeVarTuple, Unpack
 
@@ -26,6 +27,8 @@ from modelfs.config import Source
 from modelfs.errors import BackendError, NotFound
 
 __all__ = ["BackendSkeleton", "Buffers", "Sums", "ThreadedBackend"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Buffers = Sequence[memoryview]  # the block buffers one GET fills in turn
@@ -66,6 +69,31 @@ class BackendSkeleton:
         if isinstance(exc, BackendError):
             return exc
         return BackendError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def under(self, items: list[T], name_of: Callable[[T], object], within: str) -> list[T]:
+        """The listed ``items`` whose name starts with ``within`` (the prefix asked for).
+
+        A store (or a proxy) that lists a name outside it would have it shown in the wrong
+        directory, reading another object's bytes: those are dropped, with one warning per page.
+        Items without a string name are kept for the caller's own check.
+        """
+        kept: list[T] = []
+        stray: list[str] = []
+        for item in items:
+            name = name_of(item)
+            if isinstance(name, str) and not name.startswith(within):
+                stray.append(name)
+            else:
+                kept.append(item)
+        if stray:
+            log.warning(
+                "%s: the listing of %r named %d object(s) outside it (e.g. %r): not shown",
+                self._source.url,
+                within,
+                len(stray),
+                stray[0],
+            )
+        return kept
 
     def listing_error(self, exc: BaseException) -> BackendError:
         """What a failed listing of the root raises: there, "not found" means the bucket is missing."""

@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from modelfs.backends.base import ListPage
+from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.memory import MemoryBackend
 from modelfs.errors import AccessDenied, BackendError, NotFound, TransientError
 from modelfs.inodes import ENTRY_BYTES, ROOT_INODE, DirHandle, Listing, Namespace, Node
@@ -644,6 +644,38 @@ async def test_a_listing_whose_tokens_never_end_is_an_error(style: str) -> None:
     with pytest.raises(BackendError, match="a listing without end"):
         async for _ in walk_objects(backend, retry_deadline=1):
             pass
+
+
+class Lying(MemoryBackend):
+    """A store that lists 'x/evil' in every listing of 'a/', and answers the metadata of 'a/alias'
+    with that of 'x/evil'."""
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        page = await super().list_dir(prefix, token, limit=limit)
+        if prefix == "a/" and limit is None:
+            evil = self._info("x/evil", self.objects["x/evil"])
+            return ListPage([*page.objects, evil], [*page.prefixes, "x/sub/"], page.next_token)
+        return page
+
+    async def stat(self, name: str) -> ObjectInfo:
+        return await super().stat("x/evil" if name == "a/alias" else name)
+
+
+async def test_names_a_listing_puts_outside_its_directory_are_not_shown(caplog: pytest.LogCaptureFixture) -> None:
+    """An object or prefix listed in the wrong directory is left out (with a warning), never
+    shown there reading the other object's bytes; so is metadata answered for another name."""
+    backend = Lying()
+    backend.put("a/ok", b"ok")
+    backend.put("x/evil", b"EVIL")
+    backend.put("x/sub/y", b"y")
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    a = await walk(ns, "a", hold=True)
+    assert await names(ns, a) == ["ok"]
+    assert "'x/evil' is not shown: listed in 'a/', outside it" in caplog.text
+    fresh = Namespace(backend, ttl=60, retry_deadline=1)
+    a = await walk(fresh, "a", hold=True)
+    with pytest.raises(NotFound):
+        await fresh.lookup(a.inode, b"alias")
 
 
 async def test_missing_root_fails_start() -> None:

@@ -1,0 +1,65 @@
+"""What the GCS and S3 backends do with a listing that lies: names outside the prefix asked
+for are dropped (never shown in the wrong directory), and hostile sizes are skipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from modelfs.backends.gcs import GCSBackend
+from modelfs.backends.s3 import S3Backend
+from modelfs.config import parse_source
+
+from .test_s3_backend import aws_env, scripted
+
+__all__ = ["aws_env"]  # the fixture, imported to be used by name
+
+
+def gcs_answering(monkeypatch: pytest.MonkeyPatch, doc: dict[str, Any]) -> GCSBackend:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    backend = GCSBackend(parse_source("gs://bkt/m"), anonymous=True)
+    monkeypatch.setattr(backend, "_list_page", lambda params: doc)
+    return backend
+
+
+def gcs_item(name: str, size: object = "1") -> dict[str, Any]:
+    return {"name": name, "size": size, "generation": "7", "updated": "2026-01-01T00:00:00Z"}
+
+
+async def test_gcs_drops_names_outside_the_prefix(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = {
+        "items": [gcs_item("m/a/ok"), gcs_item("other/evil"), gcs_item("m/b")],
+        "prefixes": ["m/a/sub/", "x/sub/"],
+    }
+    backend = gcs_answering(monkeypatch, doc)
+    page = await backend.list_dir("a/")
+    assert [o.name for o in page.objects] == ["a/ok"] and page.prefixes == ["a/sub/"]
+    assert "named 2 object(s) outside it (e.g. 'other/evil')" in caplog.text  # and m/b
+    assert "named 1 object(s) outside it (e.g. 'x/sub/')" in caplog.text
+    everything = await backend.list_objects()
+    assert [o.name for o in everything] == ["a/ok", "b"]
+
+
+LIES_XML = (
+    b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>bkt</Name><Prefix>m/a/</Prefix>'
+    b"<IsTruncated>false</IsTruncated>"
+    b"<Contents><Key>m/a/ok</Key><ETag>&quot;e&quot;</ETag><Size>10</Size></Contents>"
+    b"<Contents><Key>other/evil</Key><ETag>&quot;e&quot;</ETag><Size>10</Size></Contents>"
+    b"<CommonPrefixes><Prefix>m/a/sub/</Prefix></CommonPrefixes>"
+    b"<CommonPrefixes><Prefix>x/</Prefix></CommonPrefixes>"
+    b"</ListBucketResult>"
+)
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_s3_drops_names_outside_the_prefix(caplog: pytest.LogCaptureFixture) -> None:
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9", anonymous=True)
+    scripted(backend, 200, LIES_XML)
+    page = await backend.list_dir("a/")
+    assert [o.name for o in page.objects] == ["a/ok"] and page.prefixes == ["a/sub/"]
+    assert "named 1 object(s) outside it (e.g. 'other/evil')" in caplog.text
+    assert "named 1 object(s) outside it (e.g. 'x/')" in caplog.text
+    assert [o.name for o in await backend.list_objects()] == ["a/ok"]
