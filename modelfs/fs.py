@@ -157,8 +157,9 @@ class ModelFS(pyfuse3.Operations):
     @_mapped
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = await self.namespace.lookup(parent_inode, name)
+        attrs = self._attrs(node)  # before the reference is counted: a failure here must not leak it
         self.namespace.remember(node)
-        return self._attrs(node)
+        return attrs
 
     @_mapped
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -46,6 +46,7 @@ DEFAULT_METADATA_CACHE = 8 << 20
 ENTRY_BYTES = 640
 _MAX_WARNINGS = 1000
 _MAX_MISSING = 4096
+MAX_SIZE = 1 << 63  # st_size is an off_t: a larger size (a store that lies) cannot be shown
 
 
 class Node:
@@ -306,6 +307,13 @@ class Namespace:
             return None
         return parsed.parts[-1].encode()
 
+    def _sized(self, info: ObjectInfo) -> bool:
+        """Whether the object's size can be a file's (st_size is a signed 64-bit number)."""
+        if 0 <= info.size < MAX_SIZE:
+            return True
+        self._warn_once(info.name, f"its size {info.size} is not a file size")
+        return False
+
     def _add_page(self, listing: Listing, page: ListPage, previous: Listing | None) -> None:
         directory = listing.directory
         entries: list[tuple[bytes, bool, ObjectInfo | None]] = []
@@ -318,7 +326,7 @@ class Namespace:
                     entries.append((name, True, None))
                 continue
             name = self._component(directory, obj.name, False)
-            if name is not None:
+            if name is not None and self._sized(obj):
                 entries.append((name, False, obj))
         for prefix in page.prefixes:
             name = self._component(directory, prefix, True)
@@ -719,6 +727,8 @@ class Namespace:
         if info is not None and info.name != full:
             self._warn_once(info.name, f"the store answered it for {full!r}")
             info = None  # another object's metadata: its node would read that object's bytes
+        if info is not None and not self._sized(info):
+            info = None
         is_dir = below is not None and bool(below.objects or below.prefixes)
         if not is_dir and info is None:
             self._missing[(directory.inode, name)] = self._now()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,20 @@ _INFO_FIELDS = "name,size,updated,generation,crc32c,md5Hash"
 _LIST_FIELDS = f"items({_INFO_FIELDS}),nextPageToken"
 _DIR_FIELDS = f"items({_INFO_FIELDS}),prefixes,nextPageToken"
 _PAGE_SIZE = 1000  # GCS's own default; some servers send everything otherwise
+
+
+class _BadSize(BackendError):
+    """An object whose size is not a byte count: a listing skips it, a lookup fails."""
+
+
+def _size(value: object) -> int | None:
+    """The JSON API's size (a decimal string; absent for 0), None unless 0 <= size < 2**63."""
+    if value is None or value == "":
+        return 0
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or len(value) > 19:
+        return None
+    size = int(value)
+    return size if size < 1 << 63 else None
 
 
 def _name_of(item: dict[str, Any]) -> object:
@@ -161,11 +176,13 @@ class GCSBackend(ThreadedBackend):
         name = item.get("name")
         if not isinstance(name, str):
             raise BackendError(f"{self._source.url}: the JSON API sent an object without a name")
+        size = _size(item.get("size"))
+        if size is None:
+            raise _BadSize(f"{name}: the JSON API sent an invalid size {str(item.get('size'))[:40]!r}")
         try:
-            size = int(item.get("size") or 0)
             generation = str(int(item["generation"]))
         except (KeyError, TypeError, ValueError):
-            raise BackendError(f"{name}: the JSON API sent no valid size or generation") from None
+            raise BackendError(f"{name}: the JSON API sent no valid generation") from None
         return ObjectInfo(
             name=name[len(self._prefix) :],
             size=size,
@@ -174,6 +191,16 @@ class GCSBackend(ThreadedBackend):
             crc32c=_text(item.get("crc32c")),
             md5=_text(item.get("md5Hash")),
         )
+
+    def _infos(self, items: Iterable[dict[str, Any]]) -> list[ObjectInfo]:
+        """The listed objects; one with an invalid size is skipped (a warning), not the whole listing."""
+        infos: list[ObjectInfo] = []
+        for item in items:
+            try:
+                infos.append(self._to_info(item))
+            except _BadSize as exc:
+                log.warning("%s: not shown", exc)
+        return infos
 
     def _items(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
         items = doc.get("items", [])
@@ -226,7 +253,7 @@ class GCSBackend(ThreadedBackend):
                     }
                 )
                 items = self.under(self._items(doc), _name_of, self._prefix)
-                found.extend(self._to_info(i) for i in items if i.get("name") != self._prefix)
+                found.extend(self._infos(i for i in items if i.get("name") != self._prefix))
                 token = _text(doc.get("nextPageToken"))
                 if token is None:
                     break
@@ -258,7 +285,7 @@ class GCSBackend(ThreadedBackend):
                 }
             )
             within = self._prefix + prefix
-            objects = [self._to_info(i) for i in self.under(self._items(doc), _name_of, within)]
+            objects = self._infos(self.under(self._items(doc), _name_of, within))
             found_prefixes = doc.get("prefixes", [])
             if not isinstance(found_prefixes, list) or not all(isinstance(p, str) for p in found_prefixes):
                 raise BackendError(f"{self._source.url}: the JSON API sent malformed prefixes")

@@ -63,3 +63,16 @@ async def test_s3_drops_names_outside_the_prefix(caplog: pytest.LogCaptureFixtur
     assert "named 1 object(s) outside it (e.g. 'other/evil')" in caplog.text
     assert "named 1 object(s) outside it (e.g. 'x/')" in caplog.text
     assert [o.name for o in await backend.list_objects()] == ["a/ok"]
+
+
+async def test_gcs_skips_objects_whose_size_is_not_a_byte_count(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only decimal digits below 2**63: '-5', ' 5', '1e3' and 2**63 skip their object (one
+    warning each), never the whole listing."""
+    sizes = ["-5", " 5", "1e3", str(1 << 63), 12, "12", "0", None]
+    doc = {"items": [gcs_item(f"m/f{i}", size) for i, size in enumerate(sizes)]}
+    backend = gcs_answering(monkeypatch, doc)
+    page = await backend.list_dir("")
+    assert [(o.name, o.size) for o in page.objects] == [("f5", 12), ("f6", 0), ("f7", 0)]
+    assert caplog.text.count("the JSON API sent an invalid size") == 5

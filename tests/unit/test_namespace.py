@@ -3,6 +3,8 @@ revalidate, bounded listing cache, freed nodes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -676,6 +678,29 @@ async def test_names_a_listing_puts_outside_its_directory_are_not_shown(caplog: 
     a = await walk(fresh, "a", hold=True)
     with pytest.raises(NotFound):
         await fresh.lookup(a.inode, b"alias")
+
+
+class HostileSizes(MemoryBackend):
+    """Reports the size of 'neg' as -5 and of 'huge' as 2**63, in listings and metadata."""
+
+    def _info(self, name: str, stored: Any) -> ObjectInfo:
+        info = super()._info(name, stored)
+        size = {"neg": -5, "huge": 1 << 63}.get(name, info.size)
+        return ObjectInfo(info.name, size, info.mtime, info.version)
+
+
+async def test_objects_whose_size_cannot_be_a_file_size_are_not_shown() -> None:
+    """A negative size or one of 2**63 and more (st_size overflows) is skipped with a warning:
+    the rest of the directory lists; a lookup of it is ENOENT, never an OverflowError."""
+    backend = HostileSizes()
+    for name in ("neg", "huge", "ok"):
+        backend.put(name, b"x")
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    assert await names(ns, ns.root) == ["ok"]
+    fresh = Namespace(backend, ttl=60, retry_deadline=1)
+    for name in (b"neg", b"huge"):
+        with pytest.raises(NotFound):
+            await fresh.lookup(ROOT_INODE, name)
 
 
 async def test_missing_root_fails_start() -> None:

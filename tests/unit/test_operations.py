@@ -17,7 +17,7 @@ from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.errors import TransientError
 from modelfs.files import OpenFiles
 from modelfs.fs import ModelFS
-from modelfs.inodes import ROOT_INODE, Namespace
+from modelfs.inodes import ROOT_INODE, Namespace, Node
 
 from .conftest import BS, StoreFactory
 
@@ -94,6 +94,21 @@ async def test_lookup_of_missing_name_is_enoent(make_store: StoreFactory, backen
     ops = await build(make_store, backend)
     assert await fuse_errno(ops.lookup(ROOT_INODE, b"nope", CTX)) == errno.ENOENT
     assert await fuse_errno(ops.getattr(424242, CTX)) == errno.ENOENT
+
+
+async def test_a_lookup_whose_reply_cannot_be_built_counts_no_reference(
+    make_store: StoreFactory, backend: MemoryBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel gets no entry when its attributes fail (EIO): the node's reference count
+    must not grow, or the node would never be freed."""
+    ops = await build(make_store, backend)
+
+    def broken(node: Node) -> pyfuse3.EntryAttributes:
+        raise OverflowError("st_size out of range")
+
+    monkeypatch.setattr(ops, "_attrs", broken)
+    assert await fuse_errno(ops.lookup(ROOT_INODE, b"config.json", CTX)) == errno.EIO
+    assert (await ops.namespace.lookup(ROOT_INODE, b"config.json")).lookups == 0
 
 
 @pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND])
