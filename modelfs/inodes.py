@@ -21,6 +21,7 @@ those are the only inodes the kernel can ask about, and a forgotten node is free
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ DEFAULT_METADATA_CACHE = 8 << 20
 ENTRY_BYTES = 640
 _MAX_WARNINGS = 1000
 _MAX_MISSING = 4096
+_PROBE_PAGES = 8  # empty pages with a token a name lookup's probe follows before it says "no directory"
 MAX_SIZE = 1 << 63  # st_size is an off_t: a larger size (a store that lies) cannot be shown
 
 
@@ -698,12 +700,19 @@ class Namespace:
 
         async def probe() -> None:
             nonlocal below
+            token: str | None = None
             try:
-                below = await retry_transient(
-                    lambda: self.backend.list_dir(full + "/", limit=1),
-                    deadline=self.retry_deadline,
-                    what=f"listing {full}/",
-                )
+                # A store may answer an empty page with a token (GCS skipping deleted objects):
+                # the next pages tell, up to a few; an empty answer past that is not a directory.
+                for _ in range(_PROBE_PAGES):
+                    below = await retry_transient(
+                        functools.partial(self.backend.list_dir, full + "/", token, limit=1),
+                        deadline=self.retry_deadline,
+                        what=f"listing {full}/",
+                    )
+                    if below.objects or below.prefixes or below.next_token in (None, token):
+                        return
+                    token = below.next_token
             except BackendError as exc:
                 failed.append(exc)
 

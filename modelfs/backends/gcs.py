@@ -290,7 +290,8 @@ class GCSBackend(ThreadedBackend):
             if not isinstance(found_prefixes, list) or not all(isinstance(p, str) for p in found_prefixes):
                 raise BackendError(f"{self._source.url}: the JSON API sent malformed prefixes")
             prefixes = [p[len(self._prefix) :] for p in self.under(found_prefixes, _itself, within)]
-            next_token = _text(doc.get("nextPageToken")) if limit is None else None
+            # Also with a limit: GCS may answer an empty page and a token (a probe follows it).
+            next_token = _text(doc.get("nextPageToken"))
             if not prefix and token is None and not objects and not prefixes and self._source.prefix:
                 single = self._single_object()
                 if single is not None:

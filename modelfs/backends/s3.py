@@ -248,7 +248,7 @@ class S3Backend(ThreadedBackend):
         ]
         common = self.under(list(resp.get("CommonPrefixes", ())), _prefix_of, within)
         prefixes = [item["Prefix"][len(self._prefix) :] for item in common]
-        truncated = resp.get("IsTruncated") and limit is None
+        truncated = resp.get("IsTruncated")  # also with a limit: an empty page may say there is more
         return ListPage(objects, prefixes, resp.get("NextContinuationToken") if truncated else None)
 
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:

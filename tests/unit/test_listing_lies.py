@@ -76,3 +76,23 @@ async def test_gcs_skips_objects_whose_size_is_not_a_byte_count(
     page = await backend.list_dir("")
     assert [(o.name, o.size) for o in page.objects] == [("f5", 12), ("f6", 0), ("f7", 0)]
     assert caplog.text.count("the JSON API sent an invalid size") == 5
+
+
+async def test_a_limited_gcs_page_keeps_its_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-result probe answered empty with a token passes the token on (the namespace follows it)."""
+    backend = gcs_answering(monkeypatch, {"items": [], "nextPageToken": "more"})
+    assert (await backend.list_dir("d/", limit=1)).next_token == "more"
+
+
+LIMITED_XML = (
+    b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>bkt</Name><Prefix>m/d/</Prefix>'
+    b"<KeyCount>0</KeyCount><IsTruncated>true</IsTruncated><NextContinuationToken>more</NextContinuationToken>"
+    b"</ListBucketResult>"
+)
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_a_limited_s3_page_keeps_its_token() -> None:
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9", anonymous=True)
+    scripted(backend, 200, LIMITED_XML)
+    assert (await backend.list_dir("d/", limit=1)).next_token == "more"

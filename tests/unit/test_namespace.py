@@ -703,6 +703,34 @@ async def test_objects_whose_size_cannot_be_a_file_size_are_not_shown() -> None:
             await fresh.lookup(ROOT_INODE, name)
 
 
+class EmptyFirstPages(MemoryBackend):
+    """Answers every listing's first ``empty`` pages empty, with a token (as GCS may)."""
+
+    def __init__(self, empty: int) -> None:
+        super().__init__()
+        self.empty = empty
+
+    async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+        skipped = int(token[1:]) if token is not None and token.startswith("~") else 0
+        if skipped < self.empty:
+            await super().list_dir(prefix, None, limit=limit)  # counted as asked
+            return ListPage([], [], f"~{skipped + 1}")
+        return await super().list_dir(prefix, None, limit=limit)
+
+
+@pytest.mark.parametrize("empty", [1, 7])
+async def test_a_name_lookup_follows_empty_probe_pages(empty: int) -> None:
+    """An existing directory whose probe is first answered empty with a token is a directory
+    (the probe follows the token a few times), not ENOENT."""
+    backend = EmptyFirstPages(empty)
+    backend.put("d/x", b"x")
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    assert (await ns.lookup(ROOT_INODE, b"d")).is_dir
+    assert backend.probe_calls == empty + 1
+    with pytest.raises(NotFound):
+        await ns.lookup(ROOT_INODE, b"nothing")
+
+
 async def test_missing_root_fails_start() -> None:
     """A missing bucket or root (NotFound from the first page) fails start()."""
     backend = backend_with("a")
