@@ -7,6 +7,7 @@ against ``--endpoint-url``, ``Range`` and ``If-Match`` on every GET, no retries 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -219,7 +220,9 @@ async def test_a_stop_ends_a_get_whose_body_the_server_holds(aws_env: None) -> N
         while cause is not None:
             causes.append(str(cause))
             cause = cause.__context__
-        assert any("body ended after 10 of 100 bytes" in c for c in causes), causes  # not the read timeout
+        # Ended by the stop, not by the read timeout (how the read saw the shut socket depends
+        # on whether the stop came before or after the thread took the 10 bytes sent).
+        assert len(causes) > 1 and not any(re.search(r"time(d)? ?out", c, re.IGNORECASE) for c in causes), causes
         with pytest.raises(TransientError, match="stopping"):
             await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
         assert paths == ["/bkt/m/a.bin"]
