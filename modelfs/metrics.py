@@ -2,24 +2,39 @@
 
 Nothing on the read path talks to prometheus-client: the layers keep plain counters (see
 ``ModelFS.stats()``) and this collector turns a snapshot of them into metric families when
-``/metrics`` is scraped. The HTTP server is prometheus-client's, in its own threads; they
-never read the daemon's live state (dicts that trio tasks change while a scrape iterates
-them): a scrape asks the trio thread for a :class:`MetricsSnapshot` (:func:`on_trio_thread`)
-and formats that copy. See docs/concurrency.md.
+``/metrics`` is scraped. The HTTP server (:class:`MetricsServer`, prometheus-client's WSGI
+app) serves each connection in its own thread; they never read the daemon's live state
+(dicts that trio tasks change while a scrape iterates them): a scrape asks the trio thread
+for a :class:`MetricsSnapshot` (:func:`on_trio_thread`) and formats that copy. See
+docs/concurrency.md.
 """
 
 from __future__ import annotations
 
 import bisect
+import io
 import logging
+import socket
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any, TypeVar
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import trio
 
-__all__ = ["LatencyHistogram", "MetricsSnapshot", "ModelfsCollector", "on_trio_thread", "serve_metrics", "parse_addr"]
+__all__ = [
+    "LatencyHistogram",
+    "MetricsServer",
+    "MetricsSnapshot",
+    "ModelfsCollector",
+    "on_trio_thread",
+    "serve_metrics",
+    "parse_addr",
+]
 
 T = TypeVar("T")
 
@@ -184,13 +199,148 @@ class ModelfsCollector:
         yield latency
 
 
-def serve_metrics(addr: str, collector: ModelfsCollector) -> WSGIServer:
+REQUEST_TIMEOUT = 10.0  # seconds to read a whole request (a scrape is one short GET), and for each write
+MAX_CONNECTIONS = 16  # connections served at once; more are closed as soon as they are accepted
+MAX_REQUEST_BYTES = 64 * 1024  # request line and headers; a scrape's are well under 1 KiB
+
+
+class _RequestReader(io.RawIOBase):
+    """A connection's reads, all within one deadline and a byte budget: one short request.
+
+    A per-recv socket timeout alone lets a client that sends a byte now and then hold its
+    thread for ever; this one is cut off ``timeout`` seconds after it was accepted.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float, limit: int) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = time.monotonic() + timeout
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not read in time")
+        if self._left <= 0:
+            raise ConnectionAbortedError("request too long")
+        self._sock.settimeout(left)
+        with memoryview(buffer) as view:
+            n = self._sock.recv_into(view[: self._left])
+        self._left -= n
+        return n
+
+
+class _ResponseWriter(io.BufferedIOBase):
+    """Writes straight to the socket (as socketserver's own writer), each within the timeout."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._timeout = timeout
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.settimeout(self._timeout)  # sendall: the timeout bounds the whole call
+        self._sock.sendall(data)
+        with memoryview(data) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+class _Handler(WSGIRequestHandler):
+    server: MetricsServer
+
+    def setup(self) -> None:
+        # Not StreamRequestHandler.setup: its makefile() readers would have no deadline.
+        self.connection = self.request
+        self.rfile = io.BufferedReader(_RequestReader(self.connection, self.server.timeout_s, MAX_REQUEST_BYTES))
+        self.wfile = _ResponseWriter(self.connection, self.server.timeout_s)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        """Log nothing per request (as prometheus-client's handler)."""
+
+
+class MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``max_connections`` of them, each done within ``timeout``.
+
+    prometheus-client's own server has neither bound: every idle or half-sent connection
+    held a thread and its socket for ever (~26 KB each), so enough of them from anywhere
+    that reaches the port would OOM-kill the mount. Beyond the cap a connection is closed
+    as soon as it is accepted, with no thread. ``shutdown()`` stops accepting and closes the
+    listening socket; it does not wait for the scrapes in flight (daemon threads: one may
+    be waiting for the trio thread that calls it).
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        timeout: float = REQUEST_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        # IPv6 as well as IPv4 (as prometheus-client's server picks the family).
+        family, _, _, _, sockaddr = socket.getaddrinfo(*address, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        self.address_family = family
+        self.timeout_s = timeout
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__((str(sockaddr[0]), address[1]), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug(
+                "metrics: %d connections served already; closing one from %s", self.max_connections, client_address
+            )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._slots.release()  # (the caller closes the connection)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._slots.release()  # before the close: a client that saw it may connect again at once
+            self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out, sent too much or went away: not worth a traceback on stderr.
+        # (The app's own errors are handled, as before, inside wsgiref's handler.)
+        log.debug("metrics: connection from %s dropped: %s", client_address, sys.exc_info()[1])
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.server_close()
+
+
+def serve_metrics(
+    addr: str,
+    collector: ModelfsCollector,
+    *,
+    timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> MetricsServer:
     """Serve ``/metrics`` on ``addr`` from a daemon thread; returns the server (call shutdown())."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, make_wsgi_app
 
     host, port = parse_addr(addr)
     registry = CollectorRegistry()
     registry.register(collector)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    server = MetricsServer((host, port), timeout, max_connections)
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="modelfs-metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", host, port)
     return server
