@@ -115,10 +115,25 @@ def _stats(mountpoint: Path, as_json: bool) -> int:
         raw = os.getxattr(mountpoint, "user.modelfs.stats")
     except OSError as exc:
         raise ModelfsError(f"{mountpoint} is not a running modelfs mount ({exc.strerror})") from None
-    stats = json.loads(raw)
-    if as_json:
-        print(json.dumps(stats, indent=1))
-        return 0
+    unreadable = f"{mountpoint} is not a modelfs mount (its stats are not readable"
+    try:
+        stats = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
+        raise ModelfsError(f"{unreadable}: not JSON)") from None
+    if not isinstance(stats, dict):
+        raise ModelfsError(f"{unreadable}: not a JSON object)")
+    try:
+        text = _format_stats(stats)  # --json too: only what modelfs wrote is printed
+    except KeyError as exc:
+        raise ModelfsError(f"{unreadable}: no {exc.args[0]!r})") from None
+    except (TypeError, ValueError, AttributeError, ArithmeticError):
+        raise ModelfsError(f"{unreadable}: a value of the wrong type)") from None
+    print(json.dumps(stats, indent=1) if as_json else text)
+    return 0
+
+
+def _format_stats(stats: dict[str, Any]) -> str:
+    """``modelfs stats``'s lines; KeyError (a key missing), TypeError, ValueError... on what no modelfs mount writes."""
     mib = 1 << 20
     lines = [
         f"source            {stats['source']}",
@@ -162,8 +177,7 @@ def _stats(mountpoint: Path, as_json: bool) -> int:
     lines.append(_cpu_line(stats))
     errors = stats.get("errors_by_errno") or {}
     lines.append("errors            " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none"))
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 def _cpu_line(stats: dict[str, Any]) -> str:
