@@ -311,7 +311,7 @@ def _start_metrics(config: Config, ops: ModelFS) -> WSGIServer | None:
         return None
     from modelfs.metrics import ModelfsCollector, on_trio_thread, serve_metrics
 
-    # Scrapes run in prometheus-client's threads; the snapshot itself is taken on the trio thread.
+    # Scrapes run in the metrics server's threads; the snapshot itself is taken on the trio thread.
     collector = ModelfsCollector(on_trio_thread(ops.metrics_snapshot), config.source.scheme)
     try:
         return serve_metrics(config.metrics_addr, collector)
