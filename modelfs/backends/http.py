@@ -60,6 +60,7 @@ from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.backends.weak import run_marker, without_run_marker
 from modelfs.config import Source
 from modelfs.errors import (
+    AccessDenied,
     BackendError,
     ConfigError,
     NotFound,
@@ -517,11 +518,17 @@ class HTTPBackend(BackendSkeleton):
                     nursery.cancel_scope.cancel()
                 else:
                     log.debug("%s: gone since the index was read: %s", name, exc)
-            except TransientError as exc:
+            except AccessDenied as exc:
+                if self._manifest is not None:  # (named by the user: as a missing one, an error)
+                    errors.append(exc)
+                    nursery.cancel_scope.cancel()
+                else:  # a file the server lists but will not serve (nginx cannot read it)
+                    self._warn_once(f"unlisted {name}", "%s; not listed in its directory", exc)
+            except BackendError as exc:
+                # Transient (the page is retried), or an answer no file here could be read
+                # with (Range ignored, a bad size): the listing fails with that one line.
                 errors.append(exc)
                 nursery.cancel_scope.cancel()
-            except BackendError as exc:
-                self._warn_once(f"unlisted {name}", "%s; not listed in its directory", exc)
 
         async with trio.open_nursery() as nursery:
             for index, (name, size) in enumerate(files):
