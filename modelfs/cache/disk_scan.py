@@ -10,8 +10,8 @@ What it returns is bounded by ``keep`` files, the most the index may hold (the m
 counts that many; modelfs.memlimit): an earlier run with a smaller ``--block-size``, or many
 small objects, can leave more files than that in the same bytes. The least recently used
 beyond ``keep`` are deleted as the listing goes (the index would drop them at once anyway),
-but never a file this run wrote (modified since ``written_before``, the run's start): those
-are the index's to delete.
+but never a file this run may have written (modified since ``written_before``, the run's
+start): those are listed, and the index decides.
 """
 
 from __future__ import annotations
@@ -41,18 +41,24 @@ class _Newest:
         self._keep = keep
         self._written_before = written_before
         self._heap: list[tuple[float, str, int, float]] = []  # (atime, relative path, size, mtime), oldest on top
+        # Pushed out but modified since the run began: this run's (the index holds them, or
+        # dropped them), or an earlier run's under a clock that stepped back. Returned, not
+        # deleted: the index skips the ones it holds and evicts the others by its caps.
+        self._spared: list[tuple[float, str, int, float]] = []
 
     def add_dir(self, path: str, obj: str) -> None:
         for entry in _block_files(path, obj):
             if len(self._heap) < self._keep:
                 heapq.heappush(self._heap, entry)
                 continue
-            _, rel, _, mtime = heapq.heappushpop(self._heap, entry)
-            if mtime < self._written_before:  # (this run's files are the index's to delete)
-                _remove(os.path.join(self._blocks_dir, rel))
+            oldest = heapq.heappushpop(self._heap, entry)
+            if oldest[3] < self._written_before:
+                _remove(os.path.join(self._blocks_dir, oldest[1]))
+            else:
+                self._spared.append(oldest)
 
     def oldest_first(self) -> list[tuple[str, int]]:
-        return [(rel, size) for _, rel, size, _ in sorted(self._heap)]
+        return [(rel, size) for _, rel, size, _ in sorted(self._spared + self._heap)]
 
 
 def scan_blocks(blocks_dir: str, keep: int, written_before: float) -> list[tuple[str, int]]:

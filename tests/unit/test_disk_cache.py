@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,6 +213,32 @@ async def test_a_restart_after_a_run_that_left_more_files_keeps_the_newest(
         second.close()
 
 
+async def test_files_of_an_earlier_run_under_a_clock_that_stepped_back_still_obey_the_caps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files modified 'after' this run began (the clock stepped back since the earlier run)
+    are not deleted by the scan as this run's might be, but listed: the index then keeps
+    them within its caps (before: neither deleted nor counted, past --disk-cache for good)."""
+    first = DiskCache(tmp_path / "c", 1 << 30)
+    first.open()
+    for i in range(6):
+        await first.write(key(i), page_buffer(block_data(i)))
+    first.close()
+    future = time.time() + 3600
+    for i in range(6):
+        os.utime(path_of(first, key(i)), (1_000_000 + i, future))
+    monkeypatch.setattr(memlimit, "DISK_BLOCKS_INCLUDED", 2)
+    second = DiskCache(tmp_path / "c", 16 << 20)  # holds 2 files
+    second.open()
+    try:
+        await second.scan()
+        files = [p for p in (second.root / "blocks").rglob("*") if p.is_file()]
+        assert len(second._index) == 2 and len(files) == 2
+        assert await read(second, key(5)) == block_data(5)
+    finally:
+        second.close()
+
+
 def test_the_scan_lists_at_most_keep_files_and_spares_this_runs(tmp_path: Path) -> None:
     from modelfs.cache.disk_scan import scan_blocks, scan_object
 
@@ -226,7 +253,7 @@ def test_the_scan_lists_at_most_keep_files_and_spares_this_runs(tmp_path: Path) 
     ours.write_bytes(b"written by this run")
     os.utime(ours, (500, 5_000))  # the least recently used, but modified since the run began
     assert scan_object(str(blocks), "a", 10, 2_000) == [("a/w-0", 19)] + [(f"a/v-{i}", i + 1) for i in range(4)]
-    assert scan_blocks(str(blocks), 3, 2_000) == [("b/v-2", 3), ("a/v-3", 4), ("b/v-3", 4)]
+    assert scan_blocks(str(blocks), 3, 2_000) == [("a/w-0", 19), ("b/v-2", 3), ("a/v-3", 4), ("b/v-3", 4)]
     left = sorted(str(p.relative_to(blocks)) for p in blocks.rglob("*") if p.is_file())
     assert left == ["a/v-3", "a/w-0", "b/v-2", "b/v-3"]
     assert scan_object(str(blocks), "b", 1, 2_000) == [("b/v-3", 4)]
