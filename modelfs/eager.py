@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -32,11 +32,23 @@ from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.memory import BufferKind
 from modelfs.safetensors_header import PARSE_OVERHEAD, header_length, safetensors_block_order
 
-__all__ = ["MAX_MODEL_FILES", "EagerStreamer", "ReaderActivity", "WEIGHT_SUFFIXES", "safetensors_block_order"]
+__all__ = [
+    "MAX_MODEL_FILES",
+    "MAX_ORDERED_BLOCKS",
+    "EagerStreamer",
+    "ReaderActivity",
+    "WEIGHT_SUFFIXES",
+    "safetensors_block_order",
+]
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".onnx")
+
+MAX_ORDERED_BLOCKS = 1 << 16
+"""The most blocks of one file put in header order (a list of them, ~45 B each with the
+ordering's counts, outside the memory budget: 3 MiB at most); a file of more blocks (a huge
+shard with a small --block-size) streams in file order, which needs no list."""
 
 MAX_MODEL_FILES = 4096
 """The most weight files --eager-model queues: each holds ~1.4 KB until the stream ends (its
@@ -106,7 +118,7 @@ class _ModelRun:
     """The --eager-model stream's shared position: its workers take each block once, in order."""
 
     queue: deque[_Stream]  # files not started yet (random readers move theirs to the front)
-    later: deque[tuple[_Stream, list[int]]] = field(default_factory=deque)  # put off: a reader streamed them
+    later: deque[tuple[_Stream, Iterator[int]]] = field(default_factory=deque)  # put off: a reader streamed them
     current: tuple[_Stream, Iterator[int]] | None = None  # the file under way and its blocks left
     lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -243,16 +255,19 @@ class EagerStreamer:
         if self.yield_to_readers and await stream.activity.quiet():
             self.pauses += 1
 
-    async def _order(self, ref: ObjectRef) -> list[int]:
+    async def _order(self, ref: ObjectRef) -> Sequence[int]:
         await self.store.prepare(ref)  # (its blocks already on disk are skipped, not fetched)
         blocks = self.store.block_count(ref)
         if not ref.name.lower().endswith(".safetensors") or ref.size < 8:
-            return list(range(blocks))
+            return range(blocks)
+        if blocks > MAX_ORDERED_BLOCKS:
+            log.info("%s: %d blocks, more than are put in header order; streaming in file order", ref.name, blocks)
+            return range(blocks)
         try:
             return await self._safetensors_order(ref)
         except ValueError as exc:
             log.info("%s: not a readable safetensors header (%s); streaming in file order", ref.name, exc)
-            return list(range(blocks))
+            return range(blocks)
 
     async def _safetensors_order(self, ref: ObjectRef) -> list[int]:
         """The header read into a lease of the memory budget (with room for the parser's
@@ -294,7 +309,7 @@ class EagerStreamer:
                         continue
                     if not stream.deferred and self._reader_streams(stream):
                         stream.deferred = True
-                        run.later.append((stream, list(blocks)))
+                        run.later.append((stream, blocks))  # (the rest of its iterator: no copy)
                         run.current = None
                         continue
                     index = next(blocks, None)

@@ -425,6 +425,26 @@ async def test_safetensors_order_is_made_in_a_worker_thread(
     assert threads and threads[0] is not threading.main_thread()
 
 
+async def test_a_file_of_more_blocks_than_are_ordered_streams_in_file_order_without_a_list(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header order is a list of every block (outside the budget): a file of more blocks
+    than MAX_ORDERED_BLOCKS (a huge shard, a small --block-size) streams in file order, as a
+    range: no list."""
+    data, _ = _safetensors([("b", 3 * BS), ("a", 2 * BS)])
+    backend = MemoryBackend()
+    backend.put("m.safetensors", data)
+    store = await make_store(backend, memory_blocks=16, disk=True)
+    streamer = await _streamer(store)
+    ref = ref_for(backend, "m.safetensors")
+    count = store.block_count(ref)
+    monkeypatch.setattr("modelfs.eager.MAX_ORDERED_BLOCKS", count)
+    assert isinstance(await streamer._order(ref), list)  # (at the bound: header order)
+    monkeypatch.setattr("modelfs.eager.MAX_ORDERED_BLOCKS", count - 1)
+    order = await streamer._order(ref)
+    assert isinstance(order, range) and order == range(count)
+
+
 async def test_a_failing_file_stops_its_model_stream_and_the_next_goes_on(
     make_store: StoreFactory, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
