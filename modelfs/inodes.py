@@ -134,6 +134,7 @@ class Listing:
         "lock",
         "base",
         "streaming",
+        "private",
         "guard",
     )
 
@@ -149,23 +150,29 @@ class Listing:
         self.bytes = 0
         self.lock = trio.Lock()
         self.base = 0  # the readdir offset of names[0]: a handle's own streaming copy drops what readdir passed
-        self.streaming = False  # too large for the cache: each handle reads on in its own copy
+        self.streaming = False  # too large for the cache: each handle reads on in a listing of its own
+        self.private = False  # one handle's own streaming listing (trimmed as readdir passes)
         self.guard: PageGuard | None = None  # while more pages follow: a token that loops is an error
 
 
 class DirHandle:
     """One opendir: the listing it reads, shared with other handles until that turns streaming.
 
-    A shared listing is never trimmed. Once it is streaming (too large for the cache), the
-    handle moves on to a copy of its own, holding only what lies ahead of its position: two
-    handles reading at different speeds must not drop names the other has still to read.
+    A shared listing is never trimmed. Once it is streaming (too large for the cache) it is
+    frozen: nothing extends it any more, and each handle reads on in a listing of its own
+    that starts where the frozen one ends and holds only the page ahead of it (two handles
+    reading at different speeds must not drop names the other has still to read). Until the
+    handle has passed the frozen listing's end it reads those names from the frozen listing
+    itself (no copy); then it lets go of it, so N handles cost one frozen listing plus a page
+    each, not N copies of it.
     """
 
-    __slots__ = ("listing", "private")
+    __slots__ = ("listing", "private", "frozen")
 
     def __init__(self, listing: Listing) -> None:
         self.listing = listing
-        self.private = False  # ``listing`` is this handle's own streaming copy
+        self.private = False  # ``listing`` is this handle's own streaming listing
+        self.frozen: Listing | None = None  # private: the frozen shared listing, until readdir passes its end
 
 
 class _ListingCache(cachetools.LRUCache[int, Listing]):
@@ -387,9 +394,9 @@ class Namespace:
         try:
             self._listings[directory.inode] = listing
         except ValueError:
-            # Larger than the whole cache: it lives only while readdir handles hold it, each
-            # reading on in its own copy that keeps only the pages ahead of it (DirHandle), and
-            # lookups in that directory ask for their one name.
+            # Larger than the whole cache: frozen, it lives only while readdir handles that have
+            # not passed its end hold it, each reading on in a listing of its own that keeps only
+            # the page ahead of it (DirHandle), and lookups in that directory ask for their one name.
             listing.streaming = True
             directory.listing = None
             return
@@ -471,8 +478,8 @@ class Namespace:
     async def _more(self, listing: Listing, previous: Listing | None, deadline: float | None = None) -> None:
         """Read the next page of ``listing`` (one page at a time: readers queue on its lock)."""
         async with listing.lock:
-            if listing.complete:
-                return
+            if listing.complete or (listing.streaming and not listing.private):
+                return  # a streaming shared listing is frozen: its handles read on in their own
             sent = listing.token
             page = await self._page(listing.directory, sent, deadline)
             guard = listing.guard
@@ -496,11 +503,16 @@ class Namespace:
         while True:
             listing = handle.listing
             if listing.streaming and not handle.private:
-                handle.listing = self._own_copy(listing, index)
-                handle.private = True
+                self._go_private(handle)
                 continue
+            frozen = handle.frozen
+            if frozen is not None:
+                if frozen.base <= index < listing.base:
+                    name = frozen.names[index - frozen.base]
+                    return name, frozen.by_name[name]
+                handle.frozen = None  # past its end (or rewound below it): this handle needs it no more
             i = index - listing.base
-            if i < 0:  # a streaming copy asked to go back (rewinddir): list it again from the start
+            if i < 0:  # a handle's own listing asked to go back (rewinddir): list it again from the start
                 async with listing.lock:
                     if listing.base:
                         listing.names.clear()
@@ -522,18 +534,19 @@ class Namespace:
                 listing.names.clear()
             await self._more(listing, None)
 
-    def _own_copy(self, shared: Listing, index: int) -> Listing:
-        """A handle's own streaming listing, from ``index`` on: the names ahead of it (shared
-        nodes, so a list slot and a dict slot each) and the token that continues them."""
+    def _go_private(self, handle: DirHandle) -> None:
+        """``handle``'s shared listing turned streaming (frozen): the handle keeps a reference
+        to it for the names up to its end, and reads on in a listing of its own from its token."""
+        shared = handle.listing
         own = Listing(shared.directory, shared.started_at)
-        start = min(max(0, index - shared.base), len(shared.names))
-        own.names = shared.names[start:]
-        own.by_name = {name: shared.by_name[name] for name in own.names}
         own.token = shared.token
         own.complete = shared.complete
-        own.base = shared.base + start
+        own.base = shared.base + len(shared.names)
         own.streaming = True
-        return own
+        own.private = True
+        handle.listing = own
+        handle.frozen = shared
+        handle.private = True
 
     async def _list_whole(self, directory: Node) -> Listing | None:
         """A new complete listing of ``directory``; None as soon as it outgrows the whole cache
