@@ -495,8 +495,13 @@ class Namespace:
                     listing.guard = None  # complete: nothing more to check
             current = listing.directory.listing
             newer = current is None or current is listing or current.started_at < listing.started_at
-            if previous is None and not listing.streaming and newer:
-                self._cache(listing)
+            if previous is None and not listing.streaming and not listing.private:
+                if newer:
+                    self._cache(listing)
+                elif listing.cost > self._listings.maxsize:
+                    # Replaced (a newer listing of the directory is cached): it can never be
+                    # cached, so past the cache's size it streams as one that outgrew it does.
+                    listing.streaming = True
 
     async def entry(self, handle: DirHandle, index: int) -> tuple[bytes, Node] | None:
         """The ``index``-th entry of ``handle``'s listing, reading pages as far as needed; None past the end."""

@@ -45,3 +45,34 @@ async def test_handles_of_a_frozen_listing_share_it_and_hold_one_page_each() -> 
                 assert handle.frozen is None  # past the frozen end: let go of it
         assert got == expected, i
     assert len(shared.names) == frozen_names  # nobody extended the frozen listing
+
+
+async def test_a_replaced_unfinished_listing_turns_streaming_past_the_cache() -> None:
+    """A big directory's first listing is evicted by another's, and a second opendir caches a
+    newer listing of it: the first handle's listing can never be cached again, yet it must not
+    grow to the whole directory — past the cache's size it streams like any other."""
+    backend = MemoryBackend(page_size=10)
+    for i in range(500):
+        backend.put(f"big/f{i:03d}", b"z")
+    for i in range(15):
+        backend.put(f"other/g{i:02d}", b"z")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=20 * ENTRY_BYTES)
+    await ns.start()
+    big = await ns.lookup(1, b"big")
+    ns.remember(big)
+    other = await ns.lookup(1, b"other")
+    ns.remember(other)
+    first = await ns.open_dir(big)
+    await read_on(ns, await ns.open_dir(other), [])  # its listing evicts big's
+    assert big.listing is None
+    second = await ns.open_dir(big)
+    assert big.listing is second.listing is not first.listing
+    got: list[str] = []
+    while (entry := await ns.entry(first, len(got))) is not None:
+        got.append(entry[0].decode())
+        assert len(first.listing.names) <= 30  # the cache's 20 names plus a page, never the directory
+    assert got == [f"f{i:03d}" for i in range(500)]
+    assert first.private
+    rest: list[str] = []
+    await read_on(ns, second, rest)
+    assert rest == got
