@@ -47,6 +47,9 @@ DEFAULT_METADATA_CACHE = 8 << 20
 ENTRY_BYTES = 640
 _MAX_WARNINGS = 1000
 _MAX_MISSING = 4096
+# A handle's own streaming listing remembers this many of the file names readdir passed that
+# may still be followed by a directory of the same name ('a' then 'a/' on a later page).
+_MAX_PASSED = 4096
 _PROBE_PAGES = 8  # empty pages with a token a name lookup's probe follows before it says "no directory"
 MAX_SIZE = 1 << 63  # st_size is an off_t: a larger size (a store that lies) cannot be shown
 
@@ -135,6 +138,7 @@ class Listing:
         "base",
         "streaming",
         "private",
+        "passed",
         "guard",
     )
 
@@ -152,6 +156,8 @@ class Listing:
         self.base = 0  # the readdir offset of names[0]: a handle's own streaming copy drops what readdir passed
         self.streaming = False  # too large for the cache: each handle reads on in a listing of its own
         self.private = False  # one handle's own streaming listing (trimmed as readdir passes)
+        # Private: file names trimmed that a later page may name again as a directory (_passed_file).
+        self.passed: dict[bytes, None] | None = None
         self.guard: PageGuard | None = None  # while more pages follow: a token that loops is an error
 
 
@@ -173,6 +179,41 @@ class DirHandle:
         self.listing = listing
         self.private = False  # ``listing`` is this handle's own streaming listing
         self.frozen: Listing | None = None  # private: the frozen shared listing, until readdir passes its end
+
+
+def _key(name: bytes, is_dir: bool) -> bytes:
+    """Where an entry sorts in a listing: by its object name or prefix ('a' < 'a.0' < 'a/' < 'a0')."""
+    return name + b"/" if is_dir else name
+
+
+def _passed_file(passed: dict[bytes, None], name: bytes) -> None:
+    """Remember a file name readdir passed; past ``_MAX_PASSED`` the oldest is forgotten (a
+    directory of its name on a later page would then be listed besides the file)."""
+    passed[name] = None
+    if len(passed) > _MAX_PASSED:
+        del passed[next(iter(passed))]
+
+
+def _forget_passed(passed: dict[bytes, None], reached: bytes) -> None:
+    """The listing reached ``reached``: a file whose 'name/' sorts before it is past its directory's place."""
+    while passed:
+        first = next(iter(passed))
+        if first + b"/" >= reached:
+            return
+        del passed[first]
+
+
+def _tail_files(listing: Listing) -> dict[bytes, None]:
+    """The file names at the end of ``listing`` that a later page may still name as a directory."""
+    if not listing.names:
+        return {}
+    last = listing.names[-1]
+    reached = _key(last, listing.by_name[last].is_dir)
+    tail: list[bytes] = []
+    for name in reversed(listing.names[-_MAX_PASSED:]):
+        if not listing.by_name[name].is_dir and name + b"/" >= reached:
+            tail.append(name)
+    return dict.fromkeys(reversed(tail))
 
 
 class _ListingCache(cachetools.LRUCache[int, Listing]):
@@ -343,8 +384,21 @@ class Namespace:
                 entries.append((name, True, None))
         # A page is one contiguous run of names: sorted, pages follow each other in readdir.
         entries.sort(key=lambda entry: entry[0])
+        passed = listing.passed
         for name, is_dir, info in entries:
             have = listing.by_name.get(name)
+            if have is None and passed and name in passed:
+                # Replied already as a file, on a page this handle let go of: listed once, as
+                # the file (a lookup of the name finds the directory, which wins there).
+                if is_dir:
+                    self._warn_once(
+                        directory.prefix + name.decode(errors="replace") + "/",
+                        "a file of the same name was listed before them (in readdir; a lookup finds the directory)",
+                        below=True,
+                    )
+                elif info is not None:
+                    self._warn_once(info.name, "listed twice")
+                continue
             if have is not None:
                 if have.is_dir or not is_dir:
                     if info is not None:
@@ -369,6 +423,8 @@ class Namespace:
             if info is not None:
                 listing.files += 1
                 listing.bytes += info.size
+        if passed and entries:
+            _forget_passed(passed, max(_key(name, is_dir) for name, is_dir, _ in entries))
         listing.token = page.next_token
         listing.complete = page.next_token is None
         self.pages += 1
@@ -526,6 +582,7 @@ class Namespace:
                         listing.complete = False
                         listing.base = 0
                         listing.guard = None  # a new pass may see the same tokens again
+                        listing.passed = None
                 continue
             if i < len(listing.names):
                 name = listing.names[i]
@@ -534,6 +591,11 @@ class Namespace:
                 return None
             if handle.private and listing.names:
                 # Everything held is before ``index``, replied already: held once, never the whole directory.
+                passed = listing.passed if listing.passed is not None else {}
+                for name in listing.names:
+                    if not listing.by_name[name].is_dir:
+                        _passed_file(passed, name)
+                listing.passed = passed
                 listing.by_name.clear()
                 listing.base += len(listing.names)
                 listing.names.clear()
@@ -549,6 +611,7 @@ class Namespace:
         own.base = shared.base + len(shared.names)
         own.streaming = True
         own.private = True
+        own.passed = _tail_files(shared)
         handle.listing = own
         handle.frozen = shared
         handle.private = True
