@@ -179,7 +179,7 @@ class ModelFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         # The handle reads the listing object itself, not a copy: a refresh swaps in a new
         # one, so this handle neither skips nor repeats entries (a listing too large for the
-        # cache goes on in a copy of the handle's own: inodes.DirHandle).
+        # cache is read frozen, then page by page on the handle's own: inodes.DirHandle).
         handle = await self.namespace.open_dir(node)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
