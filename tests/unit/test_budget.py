@@ -317,7 +317,7 @@ async def test_header_too_large_for_the_budget_streams_in_file_order(make_store:
     store = await make_store(backend, memory_blocks=8, disk=True)  # leases up to 7 blocks < 5 x header
     streamer = EagerStreamer(store, workers=1)
     order = await streamer._order(ref)
-    assert order == list(range(store.block_count(ref)))
+    assert list(order) == list(range(store.block_count(ref)))
     assert store.memory.stats.leases == 0
 
 
