@@ -381,7 +381,7 @@ async def test_deeply_nested_header_streams_in_file_order(make_store: StoreFacto
     ref = ref_for(backend, "m.safetensors")
     store = await make_store(backend, memory_blocks=512, disk=True)
     order = await EagerStreamer(store, workers=1)._order(ref)
-    assert order == list(range(store.block_count(ref)))
+    assert list(order) == list(range(store.block_count(ref)))
 
 
 # --- HTTP directory index bodies and probe bodies
