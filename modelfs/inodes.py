@@ -243,6 +243,7 @@ class Namespace:
         self._by_inode: dict[int, Node] = {ROOT_INODE: self.root}
         self._next_inode = ROOT_INODE + 1
         self._listings = _ListingCache(max(cache_bytes, 1), self._evicted)
+        self._refresh_slot = trio.Lock()  # (see _refresh_dir)
         self._nursery: trio.Nursery | None = None
         # Names a lookup found missing in a directory that has no listing, and when: a loader
         # probing for optional files (config names) asks again and again, and the kernel does
@@ -651,7 +652,11 @@ class Namespace:
     async def _refresh_dir(self, directory: Node) -> None:
         directory.refreshing = True
         try:
-            listing = await self._list_whole(directory)
+            # One refresh at a time: each builds a listing of up to the whole cache beside the
+            # cached ones (what the memory bound counts: modelfs.memlimit), and the stale
+            # listings answer meanwhile.
+            async with self._refresh_slot:
+                listing = await self._list_whole(directory)
         except BackendError as exc:
             self.refresh_failures += 1
             # Unreachable (or gone): what is cached stays readable rather than every lookup

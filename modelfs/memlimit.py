@@ -153,7 +153,9 @@ def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0,
     ``memory_blocks`` blocks (``--memory-cache`` / ``--block-size``)."""
     index = max(0, disk_blocks - DISK_BLOCKS_INCLUDED) * DISK_INDEX_ENTRY
     blocks = max(0, memory_blocks - MEMORY_BLOCKS_INCLUDED) * BLOCK_OBJECT
-    return FIXED_OVERHEAD + max(0, metadata_cache - DEFAULT_METADATA_CACHE) + index + blocks
+    # The metadata cache beyond its default counts twice: the listings it holds, and the one
+    # refresh at a time that builds a listing of up to its size beside them.
+    return FIXED_OVERHEAD + 2 * max(0, metadata_cache - DEFAULT_METADATA_CACHE) + index + blocks
 
 
 def disk_index_files(disk_cache: int, block_size: int) -> int:

@@ -515,7 +515,7 @@ async def test_outage_serves_stale_without_waiting_for_the_retry_deadline(
     with trio.fail_after(1):  # far below the 30 s retry deadline
         assert await walk(ns, "a.bin") is a
         assert await names(ns, sub) == ["x.bin"]
-    await trio.sleep(40)  # the background refreshes give up
+    await trio.sleep(70)  # the background refreshes give up (one after the other: 2 x 30 s)
     assert ns.refresh_failures == 2
     with trio.fail_after(1):
         assert await walk(ns, "a.bin") is a
@@ -768,3 +768,27 @@ async def test_name_lookup_failures_raise_themselves(autojump_clock: trio.testin
     kind = TransientError
     with pytest.raises(TransientError):
         await ns.lookup(ROOT_INODE, b"a")
+
+
+async def test_one_refresh_at_a_time(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """Each refresh builds a listing of up to the whole cache beside the cached ones: stale
+    directories are listed again one after another, never all at once (the memory bound
+    counts one); stale answers are served meanwhile."""
+    backend = backend_with("d1/a", "d2/b", "d3/c")
+    ns = Namespace(backend, ttl=10, retry_deadline=30)
+    await nursery.start(ns.run)
+    await ns.start()
+    dirs = [await ns.lookup(ROOT_INODE, name) for name in (b"d1", b"d2", b"d3")]
+    for d in dirs:
+        ns.remember(d)
+        await ns.open_listing(d)
+    await trio.sleep(11)
+    backend.list_gate = trio.Event()
+    calls = backend.page_calls
+    for d, name in zip(dirs, (b"a", b"b", b"c"), strict=True):
+        assert (await ns.lookup(d.inode, name)).size == 12  # stale, answered at once
+    await trio.testing.wait_all_tasks_blocked()
+    assert backend.page_calls == calls + 1  # one listing waits at the gate; the others queue
+    backend.list_gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert ns.refreshes == 3 and backend.page_calls == calls + 3
