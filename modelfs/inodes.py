@@ -686,7 +686,8 @@ class Namespace:
                 await self.start()
             return
         for directory in [listing.directory for listing in list(self._listings.values())] or [self.root]:
-            listing = await self._list_whole(directory)
+            async with self._refresh_slot:  # (one at a time, as the background refreshes)
+                listing = await self._list_whole(directory)
             if listing is None:
                 self._too_large(directory)
             else:
