@@ -140,6 +140,7 @@ class Listing:
         "private",
         "passed",
         "guard",
+        "reached",
     )
 
     def __init__(self, directory: Node, started_at: float) -> None:
@@ -159,6 +160,10 @@ class Listing:
         # Private: file names trimmed that a later page may name again as a directory (_passed_file).
         self.passed: dict[bytes, None] | None = None
         self.guard: PageGuard | None = None  # while more pages follow: a token that loops is an error
+        # A handle's own listing: the greatest name its pages gave. It forgets the names it
+        # passed, so the guard cannot tell a store that went back to an earlier page; the
+        # names a store lists only ever increase (byte order), which is checked instead.
+        self.reached: str | None = None
 
 
 class DirHandle:
@@ -186,6 +191,14 @@ def _key(name: bytes, is_dir: bool) -> bytes:
     return name + b"/" if is_dir else name
 
 
+def _passed_place(listing: Listing, name: bytes) -> bool:
+    """Whether an unfinished ``listing`` has read past where a directory ``name/`` would be."""
+    if not listing.names:
+        return False
+    last = listing.names[-1]
+    return _key(last, listing.by_name[last].is_dir) > name + b"/"
+
+
 def _passed_file(passed: dict[bytes, None], name: bytes) -> None:
     """Remember a file name readdir passed; past ``_MAX_PASSED`` the oldest is forgotten (a
     directory of its name on a later page would then be listed besides the file)."""
@@ -195,12 +208,11 @@ def _passed_file(passed: dict[bytes, None], name: bytes) -> None:
 
 
 def _forget_passed(passed: dict[bytes, None], reached: bytes) -> None:
-    """The listing reached ``reached``: a file whose 'name/' sorts before it is past its directory's place."""
-    while passed:
-        first = next(iter(passed))
-        if first + b"/" >= reached:
-            return
-        del passed[first]
+    """The listing reached ``reached``: a file whose 'name/' sorts before it is past its
+    directory's place. Every one is looked at: listing order is not 'name/' order ('a' comes
+    before 'a.0', but 'a.0/' before 'a/')."""
+    for name in [name for name in passed if name + b"/" < reached]:
+        del passed[name]
 
 
 def _tail_files(listing: Listing) -> dict[bytes, None]:
@@ -446,6 +458,10 @@ class Namespace:
         old = directory.listing
         if old is not None and old is not listing:
             self._replaced(old, listing)
+            if not listing.complete:
+                # Its later pages still reuse the nodes the kernel holds (found by name until
+                # the new listing is complete), whose inodes would otherwise change.
+                self._keep_held(old)
         # Out and in again: re-sizing an entry in place may evict the entry itself.
         self._listings.pop(directory.inode, None)
         try:
@@ -455,6 +471,10 @@ class Namespace:
             # not passed its end hold it, each reading on in a listing of its own that keeps only
             # the page ahead of it (DirHandle), and lookups in that directory ask for their one name.
             listing.streaming = True
+            # Not cached now (nor the listing it replaces): the nodes the kernel holds in
+            # either keep their inodes, found by name.
+            for held in {id(x): x for x in (directory.listing, listing) if x is not None}.values():
+                self._keep_held(held)
             directory.listing = None
             return
         directory.listing = listing
@@ -484,13 +504,19 @@ class Namespace:
         if directory.listing is not listing:
             return
         directory.listing = None
+        self._keep_held(listing)
+        self._dropped_dirs([node for node in listing.by_name.values() if node.lookups == 0])
+
+    def _keep_held(self, listing: Listing) -> None:
+        """The nodes of ``listing`` the kernel holds stay findable by name (their inodes kept)
+        once it is no longer its directory's cached listing."""
+        directory = listing.directory
         held = {name: node for name, node in listing.by_name.items() if node.lookups > 0}
         now = self._now()
         for node in held.values():
             node.checked_at = listing.started_at if listing.complete else now
         if held:
             directory.extra = {**(directory.extra or {}), **held}
-        self._dropped_dirs([node for node in listing.by_name.values() if node.lookups == 0])
 
     # --- listing a directory
 
@@ -539,6 +565,8 @@ class Namespace:
                 return  # a streaming shared listing is frozen: its handles read on in their own
             sent = listing.token
             page = await self._page(listing.directory, sent, deadline)
+            if listing.private:
+                self._check_forward(listing, page)
             guard = listing.guard
             if guard is None and page.next_token is not None:
                 guard = listing.guard = PageGuard(self._what(listing.directory))
@@ -559,6 +587,21 @@ class Namespace:
                     # Replaced (a newer listing of the directory is cached): it can never be
                     # cached, so past the cache's size it streams as one that outgrew it does.
                     listing.streaming = True
+
+    def _check_forward(self, listing: Listing, page: ListPage) -> None:
+        """A handle's own listing: BackendError if the page lists a name before one an earlier
+        page gave (a store whose pages went back would be listed for ever). The same name
+        again is let through: a store may repeat a prefix on the next page."""
+        names = [obj.name for obj in page.objects] + list(page.prefixes)
+        if not names:
+            return
+        first = min(names)
+        if listing.reached is not None and first < listing.reached:
+            raise BackendError(
+                f"{self._what(listing.directory)}: the store listed {first!r} after {listing.reached!r} "
+                "(its pages went back)"
+            )
+        listing.reached = max(names)
 
     async def entry(self, handle: DirHandle, index: int) -> tuple[bytes, Node] | None:
         """The ``index``-th entry of ``handle``'s listing, reading pages as far as needed; None past the end."""
@@ -583,6 +626,7 @@ class Namespace:
                         listing.complete = False
                         listing.base = 0
                         listing.guard = None  # a new pass may see the same tokens again
+                        listing.reached = None
                         listing.passed = None
                 continue
             if i < len(listing.names):
@@ -748,8 +792,10 @@ class Namespace:
                 if node is None:
                     raise NotFound(f"{name!r} not found")
                 return node
-            if node is not None and self._fresh(listing.started_at):
+            if node is not None and self._fresh(listing.started_at) and (node.is_dir or _passed_place(listing, name)):
                 return node
+            # (A file on a page read so far, whose 'name/' may still come on a later page: a
+            # directory of that name wins, so the name is asked for by itself below.)
         node = directory.extra.get(name) if directory.extra is not None else None
         if node is not None:
             if self._fresh(node.checked_at):

@@ -3,7 +3,15 @@ each reads every name once, in order."""
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
+import trio
+import trio.testing
+
+from modelfs.backends.base import ListPage
 from modelfs.backends.memory import MemoryBackend
+from modelfs.errors import BackendError
 from modelfs.inodes import ENTRY_BYTES, DirHandle, Namespace
 
 
@@ -104,3 +112,107 @@ async def test_a_file_and_a_directory_of_one_name_on_different_pages_are_listed_
         await read_on(ns, second, again)  # goes private at its start: reads the frozen listing first
         assert again == expected, lead
         assert first.listing.passed is not None and len(first.listing.passed) <= 10  # forgotten once passed
+
+
+async def test_a_held_node_keeps_its_inode_when_its_listing_outgrows_the_cache() -> None:
+    """A listing that turns streaming is no longer cached: the nodes the kernel holds in it stay
+    findable by name with their inodes (before: a new node, the kernel's page cache lost)."""
+    backend = MemoryBackend(page_size=10)
+    for i in range(500):
+        backend.put(f"f{i:03d}", b"z")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=20 * ENTRY_BYTES)
+    h = await ns.open_dir(ns.root)
+    x = await ns.lookup(1, b"f003")
+    ns.remember(x)  # the kernel holds it (an open file, a cwd...)
+    got = 0
+    while await ns.entry(h, got) is not None:
+        got += 1
+    y = await ns.lookup(1, b"f003")
+    assert y is x
+
+
+async def test_a_held_node_keeps_its_inode_when_a_stale_unfinished_listing_is_replaced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A new listing replacing an unfinished one reuses the held nodes on its later pages too."""
+    backend = MemoryBackend(page_size=10)
+    for i in range(100):
+        backend.put(f"f{i:03d}", b"z")
+    ns = Namespace(backend, ttl=1, retry_deadline=1)
+    h = await ns.open_dir(ns.root)
+    for i in range(25):
+        await ns.entry(h, i)  # three pages read
+    x = await ns.lookup(1, b"f023")
+    ns.remember(x)
+    await trio.sleep(2)
+    h2 = await ns.open_dir(ns.root)  # stale and unfinished: a new listing
+    got = 0
+    while await ns.entry(h2, got) is not None:
+        got += 1
+    y = await ns.lookup(1, b"f023")
+    assert y is x
+
+
+async def test_a_file_waiting_for_its_directory_is_not_forgotten_behind_thousands_of_others() -> None:
+    """'a', then 5,000 files 'a.NNNN' (each 'a.NNNN/' already passed: forgotten at once), then
+    'a/': the file 'a' is listed once (before: only names at the front were forgotten, so the
+    5,000 filled the memory of passed names and pushed 'a' out; 'a' was listed twice)."""
+    backend = MemoryBackend(page_size=100)
+    backend.put("a", b"file")
+    for i in range(5000):
+        backend.put(f"a.{i:04d}", b"z")
+    backend.put("a/x", b"below")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=20 * ENTRY_BYTES)
+    h = await ns.open_dir(ns.root)
+    got: list[bytes] = []
+    while (e := await ns.entry(h, len(got))) is not None:
+        got.append(e[0])
+    assert got.count(b"a") == 1 and len(got) == 5001
+
+
+async def test_a_store_whose_pages_go_back_ends_a_handles_own_listing_with_an_error() -> None:
+    """A directory larger than the cache, from a store that goes back to its first page with
+    a token never sent before (a proxy losing its place): the handle's own listing forgets
+    the names it passed, so only the order can tell; readdir fails with one error instead of
+    listing for ever."""
+    counter = itertools.count()
+
+    class GoingBack(MemoryBackend):
+        async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
+            real = token.split("#")[0] or None if token is not None else None
+            page = await super().list_dir(prefix, real, limit=limit)
+            if limit is not None or page.next_token is None:
+                return page
+            again = "" if page.next_token >= "f5000" else page.next_token  # past f5000: back to the start
+            return ListPage(page.objects, page.prefixes, f"{again}#{next(counter)}")
+
+    backend = GoingBack(page_size=100)
+    for i in range(6000):
+        backend.put(f"f{i:04d}", b"z")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=200 * ENTRY_BYTES)
+    h = await ns.open_dir(ns.root)
+    got = 0
+    with pytest.raises(BackendError, match="went back"):
+        while await ns.entry(h, got) is not None and got < 50_000:
+            got += 1
+    assert h.private and got <= 5100
+
+
+async def test_a_lookup_during_an_unfinished_listing_finds_the_directory_that_wins() -> None:
+    """'a' (a file) is on the pages read so far, 'a/' would come later: the lookup asks for the
+    name by itself, and the directory wins as it does in a whole listing (before: the file, for
+    a whole TTL, and everything below 'a/' unreachable)."""
+    backend = MemoryBackend(page_size=3)
+    backend.put("d/a", b"file")
+    for i in range(5):
+        backend.put(f"d/a.{i}", b"z")  # between 'a' and 'a/'
+    backend.put("d/a/x", b"below")
+    backend.put("d/b", b"file")
+    ns = Namespace(backend, ttl=60, retry_deadline=1)
+    await ns.start()
+    d = await ns.lookup(1, b"d")
+    ns.remember(d)
+    h = await ns.open_dir(d)  # its first page: a, a.0, a.1
+    assert await ns.entry(h, 0) is not None
+    assert (await ns.lookup(d.inode, b"a")).is_dir
+    assert not (await ns.lookup(d.inode, b"a.0")).is_dir  # ('a.0/' would sort before 'a.1': passed)
