@@ -26,6 +26,7 @@ import struct
 from array import array
 from collections.abc import Iterable, Iterator
 
+from modelfs.jsonscan import PARTS as _PARTS
 from modelfs.units import ceil_div
 
 __all__ = [
@@ -49,16 +50,6 @@ integers per entry. The smallest entry with a span of integers that are not cach
 ``"":{"data_offsets":[257,258]},``, is 30 bytes for 120 bytes of tuple, integers and list slots
 (4.0x measured with tracemalloc, with the sort's copy; checked in tests/unit/test_budget.py
 for this and every other shape)."""
-
-_PARTS = {
-    b"WS": rb"[ \t\n\r]*+",
-    b"STRING": rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"',
-    b"NUMBER": rb"-?+(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][-+]?+[0-9]++)?+",
-    b"DIGITS": rb"([0-9]{1,20}+)",
-}
-_PARTS[b"SCALAR"] = rb"(?>%(STRING)b|%(NUMBER)b|true|false|null)" % _PARTS
-_PARTS[b"ARRAY"] = rb"\[%(WS)b(?:%(SCALAR)b%(WS)b(?:,%(WS)b%(SCALAR)b%(WS)b)*+)?+\]" % _PARTS
-_PARTS[b"FIELD"] = rb"%(STRING)b%(WS)b:%(WS)b(?>%(SCALAR)b|%(ARRAY)b)" % _PARTS
 
 _OPEN = re.compile(rb"%(WS)b\{%(WS)b(\}%(WS)b\Z)?+" % _PARTS)
 # One entry: its name, a flat object (group 1 is its opening brace, group 2 its closing one),

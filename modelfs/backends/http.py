@@ -23,10 +23,8 @@ string (a signature, for presigned URLs).
 
 from __future__ import annotations
 
-import codecs
 import email.utils
 import http.client
-import json
 import logging
 import os
 import re
@@ -34,7 +32,7 @@ import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -67,6 +65,8 @@ from modelfs.errors import (
     TransientError,
     VersionChanged,
 )
+from modelfs.jsonscan import PARTS as JSON
+from modelfs.jsonscan import decode_string
 
 if TYPE_CHECKING:
     from modelfs.cache.memory import Lease, MemoryCache
@@ -93,9 +93,6 @@ MAX_INDEX_ENTRIES = 1_000_000
 MAX_INDEX_DIRS = 10_000
 # An index body is read into leases of the memory budget that grow with it from this size.
 _INDEX_FIRST_LEASE = 256 << 10
-# Bytes of Python objects alive while an index is parsed, per byte of it (the decoded text and
-# one (name, type, size) tuple per entry), counted in the budget beside the body.
-_INDEX_PARSE_OVERHEAD = 4
 # A probe's body is one byte; a server that sends more is read no further than this.
 _PROBE_BODY_LIMIT = 64 << 10
 
@@ -684,8 +681,11 @@ class HTTPBackend(BackendSkeleton):
                                 leases.pop(0).release()
                         buf[used : used + len(chunk)] = chunk
                         used += len(chunk)
-            await self._index_buffer(0, leases, what, extra=used * _INDEX_PARSE_OVERHEAD)
-            # The leased buffer is this task's alone until released: the thread may parse it.
+            # The leased buffer is this task's alone until released: threads may read it. What
+            # parsing keeps is counted before it is made: an entry per object at most, and
+            # their names (modelfs.jsonscan: nothing else is decoded).
+            objects = await trio.to_thread.run_sync(count_index_objects, buf[:used])
+            await self._index_buffer(0, leases, what, extra=objects * INDEX_ENTRY_BYTES + used)
             return 200, await trio.to_thread.run_sync(parse_index, buf[:used])
         except BackendError:
             raise
@@ -816,27 +816,77 @@ async def _drain(resp: httpx.Response, timeout: float) -> None:
                     break
 
 
+_INDEX_OPEN = re.compile(rb"%(WS)b\[%(WS)b(\]%(WS)b\Z)?+" % JSON)
+# One element of the list: a flat object (groups 1 and 2 its braces) or a scalar, and the
+# comma or closing bracket after it (group 3).
+_INDEX_ELEMENT = re.compile(
+    rb"(?:(\{)%(WS)b(?:%(FIELD)b%(WS)b(?:,%(WS)b%(FIELD)b%(WS)b)*+)?+(\})|%(SCALAR)b)%(WS)b([,\]])%(WS)b" % JSON
+)
+# A field of an object the element pattern accepted: its key and value tokens. From a brace
+# or comma the next quote opens a key, so the fields are found in order, none inside a string.
+_INDEX_FIELD = re.compile(rb"(%(STRING)b)%(WS)b:%(WS)b((?>%(SCALAR)b|%(ARRAY)b))" % JSON)
+_INDEX_END = re.compile(rb"%(WS)b\Z" % JSON)
+_INDEX_KEYS = {b'"name"': "name", b'"type"': "type", b'"size"': "size"}
+_INDEX_SIZE = re.compile(rb"[0-9]{1,20}")
+
+INDEX_ENTRY_BYTES = 256
+"""Bytes of Python objects per entry of a parsed index beside its name (the tuple, the type
+string, the size, the list slot): counted in the budget while the index is parsed."""
+
+
+def count_index_objects(body: bytes | memoryview) -> int:
+    """The most entries ``body`` can parse into (its opening braces), without a copy of it."""
+    return sum(1 for _ in re.finditer(rb"\{", body))
+
+
 def parse_index(body: bytes | memoryview) -> list[IndexEntry] | None:
     """The entries of a JSON directory index (nginx ``autoindex_format json``): a list of
-    objects with ``name``, ``type`` and ``size``. Each object becomes a (name, type, size)
-    tuple as it is parsed, so the other fields are never kept. None when the body is not a
-    JSON list; entries without a string name are left out."""
+    flat objects with ``name``, ``type`` and ``size``, one (name, type, size) tuple each.
 
-    def entry(pairs: list[tuple[str, Any]]) -> IndexEntry | None:
-        fields = dict(pairs)
-        name, kind, size = fields.get("name"), fields.get("type"), fields.get("size")
-        if not isinstance(name, str):
-            return None
-        return (
-            name,
-            kind if isinstance(kind, str) else None,
-            size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
-        )
-
+    Matched in place (modelfs.jsonscan): nothing but the kept fields is ever decoded, so a
+    hostile body costs no more than its entries. None when the body is not such a list (an
+    element that is an array or holds one, or an object, is not); scalar elements and
+    objects without a string name are left out, a size that is not a whole number is None.
+    """
+    opened = _INDEX_OPEN.match(body)
+    if opened is None:
+        return None
+    if opened.group(1) is not None:
+        return []
+    entries: list[IndexEntry] = []
+    pos = opened.end()
     try:
-        parsed = json.loads(codecs.decode(body, "utf-8"), object_pairs_hook=entry)
-    except ValueError:
+        while True:
+            element = _INDEX_ELEMENT.match(body, pos)
+            if element is None:
+                return None
+            if element.group(1) is not None:
+                entry = _index_entry(body, element.start(1), element.end(2))
+                if entry is not None:
+                    entries.append(entry)
+            pos = element.end()
+            if element.group(3) == b"]":
+                return entries if _INDEX_END.match(body, pos) is not None else None
+    except ValueError:  # a kept field that is not valid JSON text (or not UTF-8)
         return None
-    if not isinstance(parsed, list):
+
+
+def _index_entry(body: bytes | memoryview, start: int, end: int) -> IndexEntry | None:
+    fields: dict[str, bytes] = {}
+    for field in _INDEX_FIELD.finditer(body, start, end):
+        key = field.group(1)
+        known = _INDEX_KEYS.get(bytes(key)) if len(key) <= 6 else None
+        if known is None and b"\\" in key:
+            known = {"name": "name", "type": "type", "size": "size"}.get(decode_string(bytes(key)))
+        if known is not None:
+            fields[known] = bytes(field.group(2))  # (the last of a repeated key, as JSON parsers do)
+    name = fields.get("name")
+    if name is None or not name.startswith(b'"'):
         return None
-    return [item for item in parsed if isinstance(item, tuple)]
+    kind = fields.get("type")
+    size = fields.get("size")
+    return (
+        decode_string(name),
+        decode_string(kind) if kind is not None and kind.startswith(b'"') else None,
+        int(size) if size is not None and _INDEX_SIZE.fullmatch(size) else None,
+    )

@@ -470,6 +470,59 @@ def test_parse_index_keeps_name_type_size_only() -> None:
     assert parse_index(b"\xff") is None
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        b"[" + b"[]," * 300_000 + b"[]]",  # json.loads: 22x the body in lists before any check
+        b"[" + b"{}," * 300_000 + b"{}]",
+        b'[{"name":"a","x":[' + b"1," * 300_000 + b"1]}]",
+        b"[" + b'{"name":"a"},' * 100_000 + b"{}]",  # the most entries per byte
+        b"[" + b'{"name":"a","type":"file","size":1},' * 50_000 + b"{}]",
+        b"[" + b'"s",' * 200_000 + b"null]",
+    ],
+)
+def test_parsing_an_index_holds_no_more_than_its_charge(shape: bytes) -> None:
+    """The index is matched in place (modelfs.jsonscan), never handed to json.loads: whatever
+    its shape, parsing holds at most what _get_index charges for it (INDEX_ENTRY_BYTES per
+    object it could hold, and its length for the names)."""
+    import tracemalloc
+
+    from modelfs.backends.http import INDEX_ENTRY_BYTES, count_index_objects, parse_index
+
+    charge = count_index_objects(shape) * INDEX_ENTRY_BYTES + len(shape)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        parsed = parse_index(shape)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak <= charge, (peak, charge)
+    expected = json.loads(shape)
+    if any(isinstance(item, list) for item in expected):
+        assert parsed is None  # (an array is not an index entry: not an index)
+    else:
+        named = [i for i in expected if isinstance(i, dict) and isinstance(i.get("name"), str)]
+        assert parsed is not None and len(parsed) == len(named)
+
+
+def test_parse_index_decodes_what_json_would() -> None:
+    from modelfs.backends.http import parse_index
+
+    entries = [
+        {"name": 'caf\u00e9 "q" \\ b.bin', "type": "file", "mtime": "x", "size": 12},
+        {"name": "d\u0000ir", "type": "directory"},
+        {"type": "file", "name": "late", "size": 1.5},
+        {"name": "big", "size": 2**70},
+        {"name": "twice", "name2": 1, "size": 1, "size": 2},  # noqa: F601 (a repeated key: the last)
+    ]
+    body = json.dumps(entries, ensure_ascii=False, indent=1).replace("\\\\u", "\\u").encode()
+    parsed = parse_index(body)
+    assert parsed is not None
+    assert [(n, t) for n, t, _ in parsed] == [(e["name"], e.get("type")) for e in entries]
+    assert [size for _, _, size in parsed] == [12, None, None, None, 2]
+
+
 @_EARLY_STOP
 async def test_probe_body_is_read_no_further_than_a_bound() -> None:
     """A server that answers a one-byte probe with a huge body is not read to its end."""
