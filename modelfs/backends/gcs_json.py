@@ -84,7 +84,7 @@ def decode_body(data: bytes, encoding: str | None) -> dict[str, Any]:
         raise BackendError(f"the JSON API sent a {encoding}-encoded body, which was not asked for")
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested deeper than the parser goes: not an answer of the API)
         raise BackendError("the JSON API's answer is not JSON") from None
     if not isinstance(doc, dict):
         raise BackendError("the JSON API's answer is not a JSON object")

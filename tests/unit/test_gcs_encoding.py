@@ -43,3 +43,14 @@ def test_stored_gzip_bytes_are_accepted() -> None:
 def test_anything_but_the_stored_bytes_is_refused(headers: dict[str, str]) -> None:
     with pytest.raises(BackendError):
         _check(206 if "content-range" in headers else 200, headers)
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000])
+def test_a_json_api_answer_nested_past_the_parser_is_a_one_line_error(body: bytes) -> None:
+    """A lying server's answer nested deeper than json.loads goes is the same error as one
+    that is not JSON (before: RecursionError, a traceback)."""
+    from modelfs.backends.gcs_json import decode_body
+    from modelfs.errors import BackendError
+
+    with pytest.raises(BackendError, match="not JSON"):
+        decode_body(body, None)
