@@ -6,9 +6,10 @@ import socketserver
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TypeVar
 
-__all__ = ["serving"]
+__all__ = ["QuietHandler", "loopback_http", "serving"]
 
 S = TypeVar("S", bound=socketserver.BaseServer)
 
@@ -24,3 +25,21 @@ def serving(server: S) -> Iterator[S]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP/1.1 stub's handler that logs nothing (a test's servers speak through asserts)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@contextmanager
+def loopback_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded HTTP server with ``handler`` on 127.0.0.1 for the block: its ``http://`` URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    with serving(httpd):
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -8,14 +8,17 @@ against ``--endpoint-url``, ``Range`` and ``If-Match`` on every GET, no retries 
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import pytest
+import trio
 from botocore.awsrequest import AWSResponse
 
 from modelfs.backends.s3 import S3Backend
 from modelfs.config import parse_source
 from modelfs.errors import ConfigError, TransientError, VersionChanged
+from modelfs.testing.servers import QuietHandler, loopback_http
 
 ETAG = '"0123456789abcdef0123456789abcdef"'
 
@@ -159,20 +162,41 @@ async def test_requester_pays_is_said_and_signed_on_every_request(aws_env: None)
     assert "x-amz-request-payer" not in sent[0].headers
 
 
+async def _stopped_get(backend: S3Backend, started: threading.Event) -> TransientError:
+    """Start a GET, wait until ``started`` is set (in a thread), stop the backend: the error
+    the GET ended with, which must be the stop's and not the read timeout's."""
+    failed: list[TransientError] = []
+    async with trio.open_nursery() as nursery:
+
+        async def reader() -> None:
+            try:
+                await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
+            except TransientError as exc:
+                failed.append(exc)
+
+        nursery.start_soon(reader)
+        await trio.to_thread.run_sync(started.wait, 60)
+        backend.abort()
+    [error] = failed
+    assert "the daemon is stopping" in str(error), error
+    causes = []
+    cause: BaseException | None = error
+    while cause is not None:
+        causes.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__context__
+    # Ended by the stop, not by the read timeout (how the read saw the shut socket depends on
+    # whether the stop came before or after the thread took what the server sent).
+    assert len(causes) > 1 and not any(re.search(r"time(d)? ?out", c, re.IGNORECASE) for c in causes), causes
+    return error
+
+
 async def test_a_stop_ends_a_get_whose_body_the_server_holds(aws_env: None) -> None:
     """abort() (the daemon's stop) shuts the socket of a GET reading its body, so the worker
     thread returns now rather than at the read timeout; no GET starts afterwards."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import trio
-
     release = threading.Event()
     paths: list[str] = []
 
-    class Stall(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class Stall(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             paths.append(self.path)
             self.send_response(206)
@@ -184,105 +208,42 @@ async def test_a_stop_ends_a_get_whose_body_the_server_holds(aws_env: None) -> N
             self.wfile.flush()
             release.wait(60)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
+    with loopback_http(Stall) as endpoint:
+        backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url=endpoint, anonymous=True, read_timeout=30)
+        reading = threading.Event()  # the GET's socket is noted: its thread reads the body
+        note = backend._in_flight.enter
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Stall)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
-    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url=endpoint, anonymous=True, read_timeout=30)
-    reading = threading.Event()  # the GET's socket is noted: its thread reads the body
-    note = backend._in_flight.enter
+        def noted(sock: Any) -> None:
+            note(sock)
+            reading.set()
 
-    def noted(sock: Any) -> None:
-        note(sock)
-        reading.set()
-
-    backend._in_flight.enter = noted  # type: ignore[method-assign]
-    try:
-        failed: list[BaseException] = []
-        async with trio.open_nursery() as nursery:
-
-            async def reader() -> None:
-                try:
-                    await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
-                except TransientError as exc:
-                    failed.append(exc)
-
-            nursery.start_soon(reader)
-            await trio.to_thread.run_sync(reading.wait, 60)
-            backend.abort()
-        [error] = failed
-        assert "the daemon is stopping" in str(error)  # what the GET read after the stop does not count
-        causes = []
-        cause: BaseException | None = error
-        while cause is not None:
-            causes.append(str(cause))
-            cause = cause.__context__
-        # Ended by the stop, not by the read timeout (how the read saw the shut socket depends
-        # on whether the stop came before or after the thread took the 10 bytes sent).
-        assert len(causes) > 1 and not any(re.search(r"time(d)? ?out", c, re.IGNORECASE) for c in causes), causes
-        with pytest.raises(TransientError, match="stopping"):
-            await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
-        assert paths == ["/bkt/m/a.bin"]
-    finally:
-        release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        await backend.aclose()
+        backend._in_flight.enter = noted  # type: ignore[method-assign]
+        try:
+            await _stopped_get(backend, reading)
+            with pytest.raises(TransientError, match="stopping"):
+                await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
+            assert paths == ["/bkt/m/a.bin"]
+        finally:
+            release.set()
+            await backend.aclose()
 
 
 async def test_a_stop_ends_a_get_still_waiting_for_its_headers(aws_env: None) -> None:
     """Before the headers botocore gives nothing that leads to the socket: abort() reaches it
     as one the client opened, so the GET ends now, not at the read timeout."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import trio
-
     asked, release = threading.Event(), threading.Event()
 
-    class Silent(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class Silent(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             asked.set()
             release.wait(120)  # never answers while the test runs
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Silent)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
-    # A read timeout the test would notice: without the stop reaching the socket the GET
-    # would end by it, with a timeout error rather than "stopping".
-    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url=endpoint, anonymous=True, read_timeout=60)
-    try:
-        failed: list[BaseException] = []
-        async with trio.open_nursery() as nursery:
-
-            async def reader() -> None:
-                try:
-                    await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
-                except TransientError as exc:
-                    failed.append(exc)
-
-            nursery.start_soon(reader)
-            await trio.to_thread.run_sync(asked.wait, 60)
-            backend.abort()
-        [error] = failed
-        assert "the daemon is stopping" in str(error), error
-        causes = []
-        cause: BaseException | None = error
-        while cause is not None:
-            causes.append(f"{type(cause).__name__}: {cause}")
-            cause = cause.__context__
-        assert len(causes) > 2 and not any("timeout" in c.lower() or "timed out" in c for c in causes), causes
-    finally:
-        release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        await backend.aclose()
+    with loopback_http(Silent) as endpoint:
+        # A read timeout the test would notice: without the stop reaching the socket the GET
+        # would end by it, with a timeout error rather than "stopping".
+        backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url=endpoint, anonymous=True, read_timeout=60)
+        try:
+            await _stopped_get(backend, asked)
+        finally:
+            release.set()
+            await backend.aclose()
