@@ -130,7 +130,7 @@ def check_range_response(
     request: RangeRequest,
     *,
     pinned: Callable[[Headers], None] | None = None,
-    encodings: Collection[str] = ("identity", ""),
+    encodings: Collection[str] | None = ("identity", ""),
 ) -> None:
     """Raise unless ``status`` and ``headers`` announce exactly the bytes ``request`` asked for.
 
@@ -138,7 +138,8 @@ def check_range_response(
     case-insensitive mapping, or lower-case keys). ``pinned(headers)`` is the backend's own
     validator check (generation, ETag, Last-Modified): it raises VersionChanged when the
     answer is of another version. ``encodings`` are the Content-Encodings the request
-    accepted: any other means the body is not the stored bytes at these offsets.
+    accepted: any other means the body is not the stored bytes at these offsets (None: the
+    store never transcodes, so the header only describes the stored bytes).
     """
     what, offset, length, size = request.what, request.offset, request.length, request.size
     error = read_status_error(status, what)
@@ -147,7 +148,7 @@ def check_range_response(
     if pinned is not None:
         pinned(headers)
     encoding = (headers.get("content-encoding") or "identity").strip().lower()
-    if encoding not in encodings:
+    if encodings is not None and encoding not in encodings:
         raise BackendError(f"{what}: the server sent a {encoding}-encoded body, which was not asked for")
     content_length = _int_header(headers, "content-length")
     if status == 206:

@@ -306,7 +306,9 @@ class S3Backend(ThreadedBackend):
             try:
                 meta = resp.get("ResponseMetadata", {})
                 headers = {key.lower(): value for key, value in meta.get("HTTPHeaders", {}).items()}
-                check_range_response(meta.get("HTTPStatusCode", 0), headers, request, pinned=pinned)
+                # S3 never decodes on the way out: an object stored with Content-Encoding gzip
+                # (say) is sent as stored, sizes and ranges are of those bytes, and so is the file.
+                check_range_response(meta.get("HTTPStatusCode", 0), headers, request, pinned=pinned, encodings=None)
                 read_urllib3_body(raw, dests, what, self._read_timeout)
             finally:
                 if sock is not None:

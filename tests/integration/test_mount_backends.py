@@ -396,3 +396,21 @@ def test_payer_options_belong_to_their_store(remote: Remote, mount: Callable[...
         )
         assert result.returncode != 0 and "applies to" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_s3_object_stored_gzip_encoded_reads_as_stored(s3: S3Server, tmp_path: Path) -> None:
+    """S3 sends an object stored with Content-Encoding: gzip as stored (sizes and ranges are
+    of those bytes): the file is those bytes, as `aws s3 cp` gives (before: every read EIO)."""
+    import gzip
+
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(bucket)
+    stored = gzip.compress(os.urandom(50_000) + b"tokenizer" * 10_000)
+    s3.client().put_object(Bucket=bucket, Key="m/tokenizer.json", Body=stored, ContentEncoding="gzip")
+    options = ("--endpoint-url", s3.url, "--block-size", "64K")
+    with mounted(f"s3://{bucket}/m", tmp_path / "mnt", tmp_path / "cache", *options, env=s3.env()) as mnt:
+        assert (mnt / "tokenizer.json").stat().st_size == len(stored)
+        assert hashlib.sha256((mnt / "tokenizer.json").read_bytes()).digest() == hashlib.sha256(stored).digest()
+        with open(mnt / "tokenizer.json", "rb") as f:
+            f.seek(70_000)
+            assert f.read(1000) == stored[70_000:71_000]
