@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import ssl
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
@@ -163,6 +164,8 @@ class GCSBackend(ThreadedBackend):
         if isinstance(exc, StatusError):
             error = read_status_error(exc.status, what) if reading else metadata_status_error(exc.status, what)
             return error or BackendError(f"{what}: unexpected {exc}")
+        if isinstance(exc, ssl.SSLCertVerificationError):  # (an OSError that waiting will not mend)
+            return BackendError(f"{what}: {short_reason(exc)}")
         if isinstance(exc, (OSError, EOFError, http.client.HTTPException)):
             return TransientError(f"{what}: {short_reason(exc)}")
         auth = _auth_error(exc, what)

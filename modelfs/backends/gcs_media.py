@@ -27,6 +27,8 @@ from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.gcs_auth import Signer, tls_context
 from modelfs.backends.responses import Headers
 
+_MAX_ERROR_BODY = 64 << 10  # an answer that is not the body asked for is read no further
+
 __all__ = ["CheckResponse", "MediaTransport", "plain_transport_applies"]
 
 _USER_AGENT = f"modelfs/{__version__} (python http.client)"
@@ -163,8 +165,11 @@ class MediaTransport:
             raise
         try:
             if resp.status == 401 and retry_auth and self._signer.credentials is not None:
-                resp.read()
-                self._pool.give_back(conn)
+                resp.read(_MAX_ERROR_BODY)  # (an error's body, read no further: a longer one closes the connection)
+                if resp.isclosed():
+                    self._pool.give_back(conn)
+                else:
+                    conn.close()
                 return False
             # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
             check(resp.status, resp.headers)

@@ -51,7 +51,8 @@ async def retry_transient(
             return await op()
         except TransientError as exc:
             attempt += 1
-            delay = random.uniform(0, min(max_delay, first_delay * (2**attempt)))
+            # (the exponent capped: 2**1024 is past a float, and long before that past max_delay)
+            delay = random.uniform(0, min(max_delay, first_delay * (2 ** min(attempt, 60))))
             if trio.current_time() - start + delay > deadline:
                 if stats is not None:
                     stats.gave_up += 1

@@ -242,12 +242,15 @@ class S3Backend(ThreadedBackend):
         except Exception as exc:
             raise self.listing_error(exc) from None
         within = self._prefix + prefix
-        objects = [
-            self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"])
-            for item in self.under(list(resp.get("Contents", ())), _key_of, within)
-        ]
-        common = self.under(list(resp.get("CommonPrefixes", ())), _prefix_of, within)
-        prefixes = [item["Prefix"][len(self._prefix) :] for item in common]
+        try:
+            objects = [
+                self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"])
+                for item in self.under(list(resp.get("Contents", ())), _key_of, within)
+            ]
+            common = self.under(list(resp.get("CommonPrefixes", ())), _prefix_of, within)
+            prefixes = [item["Prefix"][len(self._prefix) :] for item in common]
+        except (KeyError, TypeError) as exc:
+            raise BackendError(f"{self._source.url}: the store listed an object without its {exc} field") from None
         truncated = resp.get("IsTruncated")  # also with a limit: an empty page may say there is more
         return ListPage(objects, prefixes, resp.get("NextContinuationToken") if truncated else None)
 
@@ -259,7 +262,10 @@ class S3Backend(ThreadedBackend):
             head = self._client.head_object(Bucket=self._source.bucket, Key=self._prefix + name, **self._payer)
         except Exception as exc:
             raise self.classify(exc, name) from None
-        return self._info(self._prefix + name, head["ContentLength"], head.get("LastModified"), head["ETag"])
+        try:
+            return self._info(self._prefix + name, head["ContentLength"], head.get("LastModified"), head["ETag"])
+        except (KeyError, TypeError) as exc:
+            raise BackendError(f"{name}: the store answered HEAD without its {exc} header") from None
 
     async def stat(self, name: str) -> ObjectInfo:
         return await self.run_blocking(self._stat, name)

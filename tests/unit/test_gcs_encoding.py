@@ -54,3 +54,18 @@ def test_a_json_api_answer_nested_past_the_parser_is_a_one_line_error(body: byte
 
     with pytest.raises(BackendError, match="not JSON"):
         decode_body(body, None)
+
+
+def test_a_certificate_the_client_does_not_trust_is_not_retried() -> None:
+    """An intercepting proxy's or a self-signed endpoint's certificate will not get better:
+    one error at once, not a retry of every request until --retry-deadline."""
+    import ssl
+
+    from modelfs.backends.gcs import GCSBackend
+    from modelfs.config import parse_source
+    from modelfs.errors import BackendError, TransientError
+
+    backend = GCSBackend(parse_source("gs://bkt/m"), anonymous=True)
+    error = backend.classify(ssl.SSLCertVerificationError(1, "certificate verify failed"), "m.bin")
+    assert isinstance(error, BackendError) and not isinstance(error, TransientError)
+    assert isinstance(backend.classify(ConnectionResetError(104, "reset"), "m.bin"), TransientError)

@@ -30,8 +30,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.agents.add(self.headers.get("User-Agent"))
         if self.server.want_token and self.headers.get("Authorization") != self.server.want_token:
             self.send_response(401)
-            self.send_header("Content-Length", "0")
+            self.send_header("Content-Length", str(self.server.unauthorized_body))
             self.end_headers()
+            try:
+                self.wfile.write(bytes(self.server.unauthorized_body))
+            except OSError:  # (the client stopped reading it)
+                self.close_connection = True
             return
         start, end = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
         body = DATA[start : end + 1]
@@ -75,6 +79,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.close_after_response = False
         self.stall = False
         self.client_closed: list[bool] = []
+        self.unauthorized_body = 0  # bytes of body sent with a 401
 
 
 @pytest.fixture
@@ -190,6 +195,24 @@ def test_expired_token_is_refreshed_once_on_401(server: _Server) -> None:
     assert bytes(dest) == DATA[50:150]
     assert credentials.refreshes == 1
     assert [auth for auth, _ in server.requests] == ["Bearer t0", "Bearer t1"]
+
+
+def test_a_401_with_a_huge_body_is_not_read_to_its_end(server: _Server) -> None:
+    """The 401's body is read no further than an error's (64 KiB): that connection is closed
+    and the retry with the fresh token takes another (before: all of it was read into memory,
+    400 MiB for a lying server's 400 MiB)."""
+    credentials = _Credentials()
+    server.want_token = "Bearer t1"
+    server.unauthorized_body = 8 << 20
+    media = _transport(server, credentials)
+    dest = memoryview(bytearray(100))
+    try:
+        media.get_into("/o", 50, dest, _ok)
+    finally:
+        media.close()
+    assert bytes(dest) == DATA[50:150] and credentials.refreshes == 1
+    (_, first_port), (_, second_port) = server.requests
+    assert first_port != second_port  # the 401's connection, its body unread, was not reused
 
 
 def test_a_401_after_refresh_goes_to_the_check(server: _Server) -> None:

@@ -83,3 +83,12 @@ async def test_zero_deadline_means_one_attempt(
     with pytest.raises(TransientError):
         await retry_transient(op, deadline=0, what="x")
     assert op.calls == 1
+
+
+async def test_a_long_deadline_retries_past_a_thousand_attempts(autojump_clock: trio.testing.MockClock) -> None:
+    """--retry-deadline goes up to a day: past attempt 1,023 the backoff's 2**attempt was past
+    a float (OverflowError, a traceback and EIO at ~34 min); it stays at its cap instead."""
+    op = Flaky(10**9, TransientError("503"))
+    with pytest.raises(TransientError, match="failed after"):
+        await retry_transient(op, deadline=3 * 3600, what="m.bin")
+    assert op.calls > 1024

@@ -247,3 +247,26 @@ async def test_a_stop_ends_a_get_still_waiting_for_its_headers(aws_env: None) ->
         finally:
             release.set()
             await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        b'<?xml version="1.0"?><ListBucketResult><Name>bkt</Name><KeyCount>1</KeyCount><IsTruncated>false</IsTruncated>'
+        b"<Contents><Key>m/a.bin</Key><Size>10</Size></Contents></ListBucketResult>",  # no ETag
+        b'<?xml version="1.0"?><ListBucketResult><Name>bkt</Name><KeyCount>1</KeyCount><IsTruncated>false</IsTruncated>'
+        b'<Contents><Key>m/a.bin</Key><ETag>"x"</ETag></Contents></ListBucketResult>',  # no Size
+    ],
+)
+async def test_a_listing_without_an_objects_etag_or_size_is_a_backend_error(aws_env: None, listing: bytes) -> None:
+    """A store (or a proxy) that leaves out a field: one BackendError line, not a KeyError
+    traceback and EIO on every lookup."""
+    from modelfs.errors import BackendError
+
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9")
+    scripted(backend, 200, listing)
+    with pytest.raises(BackendError, match="without its"):
+        await backend.list_dir("")
+    scripted(backend, 200, b"", {"Content-Length": "10"})  # a HEAD answer without an ETag
+    with pytest.raises(BackendError, match="without its"):
+        await backend.stat("a.bin")
