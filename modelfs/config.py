@@ -189,9 +189,15 @@ def _parse_headers(items: Any) -> tuple[str, ...]:
         item = str(item).strip()
         if item.startswith("@"):
             try:
-                text = Path(item[1:]).expanduser().read_text()
+                with Path(item[1:]).expanduser().open("rb") as f:
+                    raw = f.read(_MAX_CONFIG_FILE + 1)
+                if len(raw) > _MAX_CONFIG_FILE:
+                    raise ConfigError(f"header file {item[1:]} is larger than {_MAX_CONFIG_FILE >> 20} MiB")
+                text = raw.decode("utf-8")
             except OSError as exc:
                 raise ConfigError(f"cannot read header file {item[1:]}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"cannot read header file {item[1:]}: not UTF-8 text") from None
             lines += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         elif item:
             lines.append(item)
@@ -528,6 +534,8 @@ def _read_config_file(path: str) -> Mapping[str, Any]:
         raise ConfigError(f"cannot read config file {path}: not UTF-8 text") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except RecursionError:  # (nested deeper than the parser goes)
+        raise ConfigError(f"cannot read config file {path}: nested too deeply") from None
     unknown = sorted(set(data) - {opt.name for opt in OPTIONS} - {opt.attr for opt in OPTIONS})
     if unknown:
         raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from modelfs.backends.base import Backend, ObjectInfo
+from modelfs.errors import ConfigError, ModelfsError
 
 if TYPE_CHECKING:
     from modelfs.cache.memory import MemoryCache
@@ -16,7 +17,14 @@ __all__ = ["Backend", "ObjectInfo", "open_backend"]
 def open_backend(config: Config, budget: MemoryCache | None = None) -> Backend:
     """The backend for ``config.source`` (through the cache tier with ``--cache-url``); response
     bodies it holds whole (directory indexes) take their bytes from ``budget``."""
-    backend = _open_origin(config, budget)
+    try:
+        backend = _open_origin(config, budget)
+    except ModelfsError:
+        raise
+    except Exception as exc:
+        # A client library refusing its own setup (an unknown AWS profile, a bad region or
+        # endpoint, a credentials helper that fails): one line, not its traceback.
+        raise ConfigError(f"cannot use {config.source.url}: {type(exc).__name__}: {str(exc)[:300]}") from None
     if not config.cache_url:
         return backend
     from modelfs.backends.tiered import TieredBackend

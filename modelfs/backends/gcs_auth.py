@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import os
 import ssl
+import stat
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -65,14 +66,37 @@ def load_credentials(anonymous: bool) -> object | None:
     import google.auth
     from google.auth.exceptions import DefaultCredentialsError
 
+    named = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
+    if named:
+        _check_credentials_file(named)
     try:
         credentials, _project = google.auth.default(scopes=[READ_ONLY_SCOPE], request=HttpRequest())
-    except DefaultCredentialsError:
+    except DefaultCredentialsError as exc:
+        if named:  # (set, so "none found" would mislead: say what is wrong with it)
+            raise ConfigError(f"GOOGLE_APPLICATION_CREDENTIALS={named}: {str(exc)[:300]}") from None
         raise ConfigError(
             "no Google credentials found: set GOOGLE_APPLICATION_CREDENTIALS, run "
             "'gcloud auth application-default login', or pass --anonymous for a public bucket"
         ) from None
     return credentials
+
+
+_MAX_CREDENTIALS_FILE = 1 << 20
+
+
+def _check_credentials_file(path: str) -> None:
+    """A readable regular file of at most 1 MiB (google-auth reads the whole file it is given:
+    a directory, /dev/zero or an unreadable file ended in a traceback or without memory)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"GOOGLE_APPLICATION_CREDENTIALS={path} is not a file")
+        if st.st_size > _MAX_CREDENTIALS_FILE:
+            raise ConfigError(f"GOOGLE_APPLICATION_CREDENTIALS={path} is larger than 1 MiB: not a credentials file")
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"GOOGLE_APPLICATION_CREDENTIALS={path}: {exc.strerror}") from None
 
 
 def tls_context() -> ssl.SSLContext:

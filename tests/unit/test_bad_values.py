@@ -179,3 +179,59 @@ def test_a_start_error_naming_undecodable_bytes_reaches_the_waiting_parent(monke
         said = pipe.read()
     assert said.count(b"\n") == 1 and said.startswith(b"error: cannot mount on /mnt/caf")
     assert b"\\udce9" in said or b"\\xe9" in said
+
+
+def test_a_config_file_nested_past_the_parser_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("header = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert "nested too deeply" in _exit_2_one_line(capsys, "--config", str(path))
+
+
+@pytest.mark.parametrize("content", [b"Authorization: Bearer \xff\xfe\n", None])
+def test_a_header_file_that_is_not_text_is_one_line(
+    content: bytes | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not UTF-8 (a traceback before), or endless (/dev/zero: read without a bound before)."""
+    path = tmp_path / "h.txt"
+    if content is None:
+        path = Path("/dev/zero")
+    else:
+        path.write_bytes(content)
+    line = _exit_2_one_line(capsys, "--header", f"@{path}")
+    assert "header file" in line and "\xff" not in line
+
+
+@pytest.mark.parametrize(
+    ("source", "env", "expected"),
+    [
+        ("s3://bkt/m", {"AWS_PROFILE": "no-such-profile"}, "ProfileNotFound"),
+        ("s3://bkt/m", {"AWS_DEFAULT_REGION": "bad region!"}, "region"),
+        ("gs://bkt/m", {"STORAGE_EMULATOR_HOST": "localhost:notaport"}, "cannot use gs://bkt/m"),
+        ("gs://bkt/m", {"GOOGLE_APPLICATION_CREDENTIALS": "/"}, "is not a file"),
+        ("gs://bkt/m", {"GOOGLE_APPLICATION_CREDENTIALS": "/dev/zero"}, "is not a file"),
+        ("gs://bkt/m", {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}, "No such file"),
+    ],
+)
+def test_a_client_library_refusing_its_setup_is_one_line(
+    source: str, env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An unknown AWS profile, a bad region or emulator address, a credentials file that is a
+    directory or /dev/zero: a ConfigError line naming it (before: the library's traceback,
+    or google-auth reading /dev/zero until memory ran out)."""
+    from modelfs.backends import open_backend
+
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_REGION", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    args = parser.parse_args(["--endpoint-url", "http://127.0.0.1:9"] if source.startswith("s3") else [])
+    config = build_config(source, None, args, environ={})
+    with pytest.raises(ConfigError) as raised:
+        open_backend(config)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
