@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 from modelfs import __version__
+from modelfs.backends.body import Progress
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.gcs_auth import Signer, tls_context
 from modelfs.errors import BackendError, TransientError
@@ -103,6 +104,7 @@ class JsonApi:
         https = parts.scheme == "https"
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._signer = signer
+        self._read_timeout = read_timeout
         self._pool = ConnectionPool(
             parts.hostname,
             parts.port or (443 if https else 80),
@@ -146,7 +148,7 @@ class JsonApi:
                 conn.close()
                 raise
             try:
-                data = resp.read(MAX_BODY + 1)
+                data = _read_answer(resp, Progress(self._read_timeout))
                 if len(data) > MAX_BODY:
                     raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
                 if resp.length:  # http.client returns a body cut short without a word
@@ -159,3 +161,19 @@ class JsonApi:
             return resp.status, resp.getheader("content-encoding"), data
         finally:
             self._pool.track(conn, sock, False)
+
+
+def _read_answer(resp: http.client.HTTPResponse, progress: Progress) -> bytes:
+    """The body, at most MAX_BODY + 1 bytes, with the data path's progress rule: an answer
+    dripped a byte now and then (each within the read timeout) is a stall, not a wait of
+    hours (the retry deadline is checked only between attempts)."""
+    chunks: list[bytes] = []
+    total = 0
+    while total <= MAX_BODY:
+        chunk = resp.read1(min(1 << 16, MAX_BODY + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        progress.add(len(chunk))
+    return b"".join(chunks)

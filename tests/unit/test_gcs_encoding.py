@@ -69,3 +69,22 @@ def test_a_certificate_the_client_does_not_trust_is_not_retried() -> None:
     error = backend.classify(ssl.SSLCertVerificationError(1, "certificate verify failed"), "m.bin")
     assert isinstance(error, BackendError) and not isinstance(error, TransientError)
     assert isinstance(backend.classify(ConnectionResetError(104, "reset"), "m.bin"), TransientError)
+
+
+def test_a_json_api_answer_dripped_within_the_read_timeout_is_a_stall() -> None:
+    """Each byte within the read timeout, but fewer than the progress rule's bytes per
+    timeout: a stall (TimeoutError, retried as transient), not a wait as long as the server
+    likes (before: a 20-byte answer at 0.5 s a byte took 9.5 s with a 1 s read timeout)."""
+    from modelfs.backends.body import Progress
+    from modelfs.backends.gcs_json import _read_answer
+
+    now = [0.0]
+
+    class Dripping:
+        def read1(self, n: int) -> bytes:
+            now[0] += 0.5
+            return b"x"
+
+    with pytest.raises(TimeoutError):
+        _read_answer(Dripping(), Progress(1.0, lambda: now[0]))  # type: ignore[arg-type]
+    assert now[0] <= 2.0
