@@ -178,12 +178,16 @@ class DirHandle:
     each, not N copies of it.
     """
 
-    __slots__ = ("listing", "private", "frozen")
+    __slots__ = ("listing", "frozen")
 
     def __init__(self, listing: Listing) -> None:
         self.listing = listing
-        self.private = False  # ``listing`` is this handle's own streaming listing
         self.frozen: Listing | None = None  # private: the frozen shared listing, until readdir passes its end
+
+    @property
+    def private(self) -> bool:
+        """Whether ``listing`` is this handle's own streaming listing."""
+        return self.listing.private
 
 
 def _key(name: bytes, is_dir: bool) -> bytes:
@@ -659,7 +663,6 @@ class Namespace:
         own.passed = _tail_files(shared)
         handle.listing = own
         handle.frozen = shared
-        handle.private = True
 
     async def _list_whole(self, directory: Node) -> Listing | None:
         """A new complete listing of ``directory``; None as soon as it outgrows the whole cache
