@@ -876,8 +876,9 @@ def _index_entry(body: bytes | memoryview, start: int, end: int) -> IndexEntry |
     for field in _INDEX_FIELD.finditer(body, start, end):
         key = field.group(1)
         known = _INDEX_KEYS.get(bytes(key)) if len(key) <= 6 else None
-        if known is None and b"\\" in key:
-            known = {"name": "name", "type": "type", "size": "size"}.get(decode_string(bytes(key)))
+        if known is None and b"\\" in key:  # (a key written with escapes: "n\\u0061me")
+            decoded = decode_string(bytes(key))
+            known = decoded if decoded in _INDEX_KEYS.values() else None
         if known is not None:
             fields[known] = bytes(field.group(2))  # (the last of a repeated key, as JSON parsers do)
     name = fields.get("name")
