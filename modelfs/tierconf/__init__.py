@@ -59,6 +59,9 @@ class TierSettings:
     origin_name: str = ""  # the name the origin's certificate must carry (default: its host)
     auth: str = "bearer"  # bearer (GCS token) | aws-sigv4 (S3 keys) | none: what token_file holds
     region: str = "us-east-1"  # aws-sigv4: the bucket's region
+    # nginx's worker processes. Not "auto": in a container that counts the node's CPUs (96 on a
+    # big node), and each worker costs memory under the pod's limit whatever the pod's CPUs.
+    workers: str = "4"
 
 
 def settings_for_source(source: str, *, origin: str | None = None, **overrides: Any) -> TierSettings:
@@ -149,6 +152,8 @@ def render_nginx(settings: TierSettings) -> str:
     if not re.fullmatch(r"[a-z0-9-]+", settings.region):
         raise ConfigError(f"not an AWS region: {settings.region!r}")
     _slice_bytes(settings.slice)
+    if not re.fullmatch(r"[1-9][0-9]?", settings.workers):
+        raise ConfigError(f"workers must be a number from 1 to 99, not {settings.workers!r}")
     if not settings.allow or any(not p.startswith("/") or re.search(r"[\s\"';{}]", p) for p in settings.allow):
         raise ConfigError(f"readable paths must be absolute URL paths: {settings.allow!r}")
     values = {
@@ -173,6 +178,7 @@ def render_nginx(settings: TierSettings) -> str:
         "ORIGIN_SNI": settings.origin_name or host,
         "AUTH": "" if settings.auth == "none" else settings.auth,
         "REGION": settings.region,
+        "WORKERS": settings.workers,
         "SSL_VERIFY": "on" if origin.scheme == "https" else "off",
         "CA_FILE": settings.ca_file,
     }

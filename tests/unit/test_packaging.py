@@ -316,6 +316,7 @@ def test_tier_config_is_what_the_issue_asks_for() -> None:
         "proxy_set_header Range $slice_range;",
         'proxy_set_header Authorization "";',
         "max_size=100g",
+        "worker_processes 4;",  # not auto: that counts the node's CPUs, not the pod's
         "location ~ ^(/download/storage/v1/b/my\\-bucket/o/|/storage/v1/b/my\\-bucket/o/)",
     ):
         assert directive in conf, directive
@@ -369,6 +370,7 @@ def test_tier_config_refuses_what_it_cannot_serve() -> None:
     with pytest.raises(ConfigError):
         settings_for_source("gs://b", origin="ftp://x")
     assert main(["nginx", "--source", "s3://b"]) == 2
+    assert main(["nginx", "--workers", "auto"]) == 2
     assert main(["systemd", "--run-dir", "/var/lib/x"]) == 2  # systemd makes /run/NAME only
 
 
@@ -407,3 +409,13 @@ def test_the_fill_stages_memory_follows_the_slice_size(slice_size: str, max_fill
     assert fill["command"][-2:] == ["--max-fills", str(max_fills)]
     assert fill["resources"]["limits"]["memory"] == limit
     assert f"--max-fills {max_fills}" in render_systemd(settings)
+
+
+def test_tier_workers_are_fixed_not_counted_from_the_node() -> None:
+    """``worker_processes auto`` counts the node's CPUs inside a pod (96 on a big node), each
+    worker costing memory under the pod's 1Gi limit: the count is a setting, 4 by default."""
+    from modelfs.tierconf import render_nginx, settings_for_source
+
+    assert re.search(r"^worker_processes 4;$", render_nginx(settings_for_source("gs://b")), re.M)
+    assert re.search(r"^worker_processes 12;$", render_nginx(settings_for_source("gs://b", workers="12")), re.M)
+    assert "worker_processes auto" not in (TIER / "nginx.conf").read_text()
