@@ -33,12 +33,13 @@ import signal
 import socketserver
 import sys
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import crc32c
 
-from modelfs.backends.body import read_exactly
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.private import httpclient_body
 
@@ -72,6 +73,11 @@ _RANGE_ASKED_RE = re.compile(r"bytes=(\d+)-(\d+)")
 _MAX_BODY = 256 << 20  # a GET without a range (nginx always sends the slice's)
 _MAX_ERROR_BODY = 64 << 10
 _TIMEOUT = 120.0  # nginx's proxy_read_timeout to the origin is 60 s; this only ends a hung socket
+# One fill's whole time. nginx waits 120 s (proxy_read_timeout) for this stage's answer, which
+# starts only once the whole slice is in: a fill still running then is answered to nobody, and
+# an origin trickling bytes (never 60 s without one) would hold a slot, and its slice's memory,
+# for as long as it likes.
+_FILL_DEADLINE = 115.0
 
 
 class FillServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -80,7 +86,18 @@ class FillServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, run_dir: Path, origin_side: str, *, max_fills: int = 32, timeout: float = _TIMEOUT) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        origin_side: str,
+        *,
+        max_fills: int = 32,
+        timeout: float = _TIMEOUT,
+        fill_deadline: float = _FILL_DEADLINE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fill_deadline = fill_deadline
+        self.clock = clock
         host, _, port = origin_side.rpartition(":")
         self.origin = ConnectionPool(
             host.strip("[]"), int(port), connect_timeout=timeout, read_timeout=timeout, max_idle=max_fills
@@ -198,8 +215,9 @@ class _FillHandler(BaseHTTPRequestHandler):
             conn.close()
             raise
 
-    @staticmethod
-    def _read_body(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, most: int) -> bytes | bytearray:
+    def _read_body(
+        self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, most: int
+    ) -> bytes | bytearray:
         if resp.length is None:  # chunked: rare behind nginx, read it the ordinary way
             data = resp.read(most + 1)
             if len(data) > most or not resp.isclosed():
@@ -207,10 +225,22 @@ class _FillHandler(BaseHTTPRequestHandler):
             return data
         body = bytearray(resp.length)
         view = memoryview(body)
+        clock, deadline = self.server.clock, self.server.clock() + self.server.fill_deadline
+
+        def in_time(n: int) -> None:
+            if clock() > deadline:
+                raise TimeoutError(f"the slice took more than {self.server.fill_deadline:g} s")
+
         if httpclient_body.applies(conn.sock, resp):
-            got = httpclient_body.recv_body_into(conn.sock, resp, view, _TIMEOUT)
+            # (``deadline`` bounds the waits between receives too, on the real clock.)
+            got = httpclient_body.recv_body_into(
+                conn.sock, resp, view, _TIMEOUT, deadline=time.monotonic() + self.server.fill_deadline, progress=in_time
+            )
         else:
-            got = read_exactly(resp.readinto, view)
+            got = 0
+            while got < len(view) and (n := resp.readinto(view[got:])):
+                got += n
+                in_time(n)
         if got != len(body):
             raise http.client.IncompleteRead(b"", len(body) - got)
         return body

@@ -186,3 +186,29 @@ def test_a_request_with_a_body_is_refused_and_its_body_never_read_as_a_request(
     status, _, body = _get(conn, 0, 99)
     assert status == 206 and body == DATA[:100]
     conn.close()
+
+
+def test_a_fill_slower_than_nginx_waits_ends_and_frees_its_slot(fill: tuple[OriginSide, Path], tmp_path: Path) -> None:
+    """nginx waits 120 s for this stage's answer; an origin that trickles a slice (never long
+    enough without a byte for a read timeout) would otherwise hold a fill slot, and the
+    slice's memory, long after nginx gave up. The clock here moves a minute per look."""
+    origin, _ = fill
+    assert origin.server is not None
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 60.0
+        return now[0]
+
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    stage = FillServer(slow, f"127.0.0.1:{origin.server.server_address[1]}", max_fills=1, clock=clock)
+    with serving(stage):
+        conn = _UnixHTTPConnection(slow / FILL_SOCKET)
+        status, headers, body = _get(conn, 0, len(DATA) - 1)  # 3 MiB: several receives
+        assert status == 502 and "x-modelfs-digest" not in headers and b"took more than 115 s" in body
+        stage.fill_deadline = 1e9  # the one slot is free again: the next fill is served
+        status, headers, body = _get(conn, 0, len(DATA) - 1)
+        assert status == 206 and body == DATA
+        assert headers["x-modelfs-digest"] == f"crc32c={crc32c.crc32c(DATA):08x}; range=0-{len(DATA) - 1}"
+        conn.close()
