@@ -17,7 +17,7 @@ import trio
 from modelfs.backends.base import Backend, JoinedReads, joins_reads
 from modelfs.backends.retry import RetryStats, retry_transient
 from modelfs.cache.disk import DiskCache
-from modelfs.cache.memory import Block, BlockKey, BlockState, BufferKind, MemoryCache
+from modelfs.cache.memory import Block, BlockKey, BlockState, BufferKind, MemoryCache, detached
 from modelfs.units import ceil_div, round_up
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ class BlockStore:
                 self.memory.consume(block)
                 return block
             if block.error is not None:
-                raise block.error
+                raise detached(block.error)  # (never the kept one: see detached)
             # The fetch we waited on was cancelled: try again, maybe as the fetcher.
 
     async def read_small(self, obj: ObjectRef, offset: int, size: int, granule: int) -> memoryview | None:

@@ -22,6 +22,7 @@ to threads only while pinned, when nothing else writes them.
 
 from __future__ import annotations
 
+import copy
 import enum
 import mmap
 from collections import OrderedDict
@@ -33,7 +34,17 @@ import trio
 from modelfs.memlimit import BLOCK_OBJECT, MAX_REQUEST
 from modelfs.units import round_up
 
-__all__ = ["MAX_REQUEST", "Block", "BlockKey", "BlockState", "BufferKind", "Lease", "MemoryCache", "MemoryStats"]
+__all__ = [
+    "MAX_REQUEST",
+    "Block",
+    "BlockKey",
+    "BlockState",
+    "BufferKind",
+    "Lease",
+    "MemoryCache",
+    "MemoryStats",
+    "detached",
+]
 
 _PAGE = mmap.PAGESIZE
 
@@ -72,6 +83,25 @@ class Block:
         buf = self._buf
         self.view = memoryview(b"")
         return buf
+
+
+def detached(error: BaseException) -> BaseException:
+    """A copy of ``error`` with no traceback, cause or context.
+
+    A failed block keeps its error for the readers that waited on it. The error as raised
+    carries a traceback whose frames hold the block (and views of its buffer): kept on the
+    block, that is a reference cycle, and the block's buffer, no longer counted in the budget,
+    would live until the garbage collector ran (a failing file read in a loop grew RSS past
+    the bound). So the block keeps a copy without one, and each reader raises a copy of that.
+    """
+    try:
+        clone = copy.copy(error)
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        clone = RuntimeError(f"{type(error).__name__}: {error}")
+    if type(clone) is not type(error) or clone.args != error.args:
+        clone = RuntimeError(f"{type(error).__name__}: {error}")
+    clone.__traceback__ = clone.__cause__ = clone.__context__ = None
+    return clone
 
 
 class BufferKind(enum.Enum):
@@ -312,7 +342,7 @@ class MemoryCache:
     def fail(self, block: Block, error: BaseException | None) -> None:
         """Filling ``block`` failed: drop it and wake its waiters (``error`` None: they retry)."""
         block.state = BlockState.FAILED
-        block.error = error
+        block.error = None if error is None else detached(error)
         if self._blocks.get(block.key) is block:
             self._remove(block)
         block.ready.set()

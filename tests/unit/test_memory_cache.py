@@ -305,7 +305,8 @@ async def test_fail_wakes_waiters_and_keeps_error() -> None:
     assert block is not None
     err = RuntimeError("boom")
     cache.fail(block, err)
-    assert block.ready.is_set() and block.state is BlockState.FAILED and block.error is err
+    assert block.ready.is_set() and block.state is BlockState.FAILED
+    assert type(block.error) is RuntimeError and block.error.args == ("boom",) and block.error.__traceback__ is None
     assert cache.used == 0 and len(cache) == 0
 
 
