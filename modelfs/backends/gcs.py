@@ -19,13 +19,14 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.gcs_auth import Signer, api_base_url, load_credentials
 from modelfs.backends.gcs_json import JsonApi, JsonClient, StatusError, object_path, query
 from modelfs.backends.gcs_media import MediaTransport, plain_transport_applies
+from modelfs.backends.gcs_scan import Item, Listing, Malformed, parse_listing, parse_object
 from modelfs.backends.responses import (
     Headers,
     RangeRequest,
@@ -66,8 +67,8 @@ def _size(value: object) -> int | None:
     return size if size < 1 << 63 else None
 
 
-def _name_of(item: dict[str, Any]) -> object:
-    return item.get("name")
+def _name_of(item: Item) -> object:
+    return item.name
 
 
 def _itself(name: str) -> object:
@@ -163,7 +164,13 @@ class GCSBackend(ThreadedBackend):
             return exc
         if isinstance(exc, StatusError):
             error = read_status_error(exc.status, what) if reading else metadata_status_error(exc.status, what)
-            return error or BackendError(f"{what}: unexpected {exc}")
+            if error is None:
+                return BackendError(f"{what}: unexpected {exc}")
+            if exc.message and not isinstance(error, TransientError):
+                # The server's reason is the fix for a refusal ("... requester pays bucket but no
+                # user project provided"); a retried status says it at each retry, it is left out.
+                return type(error)(f"{error}: {exc.message}")
+            return error
         if isinstance(exc, ssl.SSLCertVerificationError):  # (an OSError that waiting will not mend)
             return BackendError(f"{what}: {short_reason(exc)}")
         if isinstance(exc, (OSError, EOFError, http.client.HTTPException)):
@@ -175,27 +182,27 @@ class GCSBackend(ThreadedBackend):
 
     # --- listing and metadata
 
-    def _to_info(self, item: dict[str, Any]) -> ObjectInfo:
-        name = item.get("name")
+    def _to_info(self, item: Item) -> ObjectInfo:
+        name = item.name
         if not isinstance(name, str):
             raise BackendError(f"{self._source.url}: the JSON API sent an object without a name")
-        size = _size(item.get("size"))
+        size = _size(item.size)
         if size is None:
-            raise _BadSize(f"{name}: the JSON API sent an invalid size {str(item.get('size'))[:40]!r}")
+            raise _BadSize(f"{name}: the JSON API sent an invalid size {str(item.size)[:40]!r}")
         try:
-            generation = str(int(item["generation"]))
-        except (KeyError, TypeError, ValueError):
+            generation = str(int(item.generation))  # type: ignore[call-overload]
+        except (TypeError, ValueError):  # (absent is None: a TypeError too)
             raise BackendError(f"{name}: the JSON API sent no valid generation") from None
         return ObjectInfo(
             name=name[len(self._prefix) :],
             size=size,
-            mtime=_mtime(item.get("updated")),
+            mtime=_mtime(item.updated),
             version=generation,
-            crc32c=_text(item.get("crc32c")),
-            md5=_text(item.get("md5Hash")),
+            crc32c=_text(item.crc32c),
+            md5=_text(item.md5Hash),
         )
 
-    def _infos(self, items: Iterable[dict[str, Any]]) -> list[ObjectInfo]:
+    def _infos(self, items: Iterable[Item]) -> list[ObjectInfo]:
         """The listed objects; one with an invalid size is skipped (a warning), not the whole listing."""
         infos: list[ObjectInfo] = []
         for item in items:
@@ -205,21 +212,19 @@ class GCSBackend(ThreadedBackend):
                 log.warning("%s: not shown", exc)
         return infos
 
-    def _items(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
-        items = doc.get("items", [])
-        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise BackendError(f"{self._source.url}: the JSON API sent a malformed listing")
-        return items
-
-    def _list_page(self, params: dict[str, str | int | None]) -> dict[str, Any]:
-        return self._json.get_json(
+    def _list_page(self, params: dict[str, str | int | None]) -> Listing:
+        body = self._json.get_json(
             self._bucket_path + query({"projection": "noAcl", **params, "userProject": self._user_project})
         )
+        try:
+            return parse_listing(body)
+        except Malformed as exc:
+            raise BackendError(f"{self._source.url}: {exc}") from None
 
     def _get_object(self, name: str) -> ObjectInfo | None:
         """The object's metadata, None if there is none (raises for any other failure)."""
         try:
-            doc = self._json.get_json(
+            body = self._json.get_json(
                 object_path(self._source.bucket, name)
                 + query({"fields": _INFO_FIELDS, "userProject": self._user_project})
             )
@@ -227,7 +232,7 @@ class GCSBackend(ThreadedBackend):
             if exc.status == 404:
                 return None
             raise
-        return self._to_info(doc)
+        return self._to_info(parse_object(body))
 
     def _single_object(self) -> ObjectInfo | None:
         """gs://bucket/path/model.safetensors: one object, shown in a directory of its own."""
@@ -247,7 +252,7 @@ class GCSBackend(ThreadedBackend):
             found: list[ObjectInfo] = []
             token: str | None = None
             while True:
-                doc = self._list_page(
+                page = self._list_page(
                     {
                         "prefix": self._prefix or None,
                         "fields": _LIST_FIELDS,
@@ -255,9 +260,9 @@ class GCSBackend(ThreadedBackend):
                         "pageToken": token,
                     }
                 )
-                items = self.under(self._items(doc), _name_of, self._prefix)
-                found.extend(self._infos(i for i in items if i.get("name") != self._prefix))
-                token = _text(doc.get("nextPageToken"))
+                items = self.under(page.items, _name_of, self._prefix)
+                found.extend(self._infos(i for i in items if i.name != self._prefix))
+                token = _text(page.next_token)
                 if token is None:
                     break
             if not found and self._source.prefix and self._single is None:
@@ -278,7 +283,7 @@ class GCSBackend(ThreadedBackend):
                     return ListPage([], [])
                 single = self._get_object(self._prefix + self._single)
                 return ListPage([single] if single is not None else [], [])
-            doc = self._list_page(
+            page = self._list_page(
                 {
                     "prefix": self._prefix + prefix or None,
                     "delimiter": "/",
@@ -288,13 +293,12 @@ class GCSBackend(ThreadedBackend):
                 }
             )
             within = self._prefix + prefix
-            objects = self._infos(self.under(self._items(doc), _name_of, within))
-            found_prefixes = doc.get("prefixes", [])
-            if not isinstance(found_prefixes, list) or not all(isinstance(p, str) for p in found_prefixes):
+            objects = self._infos(self.under(page.items, _name_of, within))
+            if page.prefixes is None:
                 raise BackendError(f"{self._source.url}: the JSON API sent malformed prefixes")
-            prefixes = [p[len(self._prefix) :] for p in self.under(found_prefixes, _itself, within)]
+            prefixes = [p[len(self._prefix) :] for p in self.under(page.prefixes, _itself, within)]
             # Also with a limit: GCS may answer an empty page and a token (a probe follows it).
-            next_token = _text(doc.get("nextPageToken"))
+            next_token = _text(page.next_token)
             if not prefix and token is None and not objects and not prefixes and self._source.prefix:
                 single = self._single_object()
                 if single is not None:

@@ -13,31 +13,54 @@ Every method blocks; the GCS backend calls them from trio worker threads.
 from __future__ import annotations
 
 import http.client
-import json
 import zlib
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 from modelfs import __version__
 from modelfs.backends.body import Progress
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.gcs_auth import Signer, tls_context
+from modelfs.backends.gcs_scan import error_message
 from modelfs.errors import BackendError, TransientError
 
-__all__ = ["JsonApi", "JsonClient", "StatusError", "MAX_BODY", "object_path", "query"]
+__all__ = ["JsonApi", "JsonClient", "StatusError", "MAX_BODY", "MAX_ERROR_BODY", "object_path", "query"]
 
 USER_AGENT = f"modelfs/{__version__} (python http.client)"
 # A page of 1,000 entries with the fields modelfs asks for is well under 1 MiB even with
 # 1,024-byte names; a server sending more than this is not answering that request.
 MAX_BODY = 16 << 20
+# An error's body is read this far for its message (GCS's are a few hundred bytes); the
+# connection of a longer one is closed rather than drained.
+MAX_ERROR_BODY = 64 << 10
+_MAX_MESSAGE = 200
 
 
 class StatusError(Exception):
-    """The JSON API answered with a status other than 2xx."""
+    """The JSON API answered with a status other than 2xx; ``message`` is the server's reason
+    (its ``error.message``), on one line and at most 200 characters, if it gave one."""
 
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"HTTP {status} {reason}".strip())
+    def __init__(self, status: int, reason: str, message: str | None = None) -> None:
         self.status = status
+        self.message = one_line(message) if message else None
+        text = f"HTTP {status} {reason}".strip()
+        super().__init__(f"{text}: {self.message}" if self.message else text)
+
+    @classmethod
+    def of_body(cls, status: int, reason: str, body: bytes, encoding: str | None) -> StatusError:
+        """The error with the message of ``body`` (at most MAX_ERROR_BODY of it, gzip or not)."""
+        try:
+            message = error_message(decode_body(body, encoding, MAX_ERROR_BODY))
+        except BackendError:  # (a body cut short or not JSON: the status alone says it)
+            message = None
+        return cls(status, reason, message)
+
+
+def one_line(text: str) -> str:
+    """``text`` without control characters or line breaks (a server's words go into one log
+    line), runs of blanks as one space, at most 200 characters."""
+    kept = "".join(ch if ch.isprintable() else " " for ch in text[: _MAX_MESSAGE * 4])
+    return " ".join(kept.split())[:_MAX_MESSAGE]
 
 
 def object_path(bucket: str, name: str | None = None) -> str:
@@ -61,35 +84,32 @@ def query(params: dict[str, str | int | None]) -> str:
 class JsonClient(Protocol):
     """What the backend needs of a JSON API transport (this one, or a session behind a proxy)."""
 
-    def get_json(self, path: str) -> dict[str, Any]: ...
+    def get_json(self, path: str) -> bytes: ...
 
     def close(self) -> None: ...
 
     def abort(self) -> None: ...
 
 
-def decode_body(data: bytes, encoding: str | None) -> dict[str, Any]:
-    """The JSON object in ``data`` (gzip-decoded if ``encoding`` says so), within MAX_BODY."""
+def decode_body(data: bytes, encoding: str | None, limit: int = MAX_BODY) -> bytes:
+    """The body ``data`` (gzip-decoded if ``encoding`` says so), within ``limit`` bytes.
+
+    It is not parsed here: the backend matches the fields it uses in place (gcs_scan.py).
+    """
     encoding = (encoding or "identity").strip().lower()
     if encoding == "gzip":
         inflater = zlib.decompressobj(wbits=31)
         try:
-            data = inflater.decompress(data, MAX_BODY + 1)
+            data = inflater.decompress(data, limit + 1)
         except zlib.error as exc:
             raise TransientError(f"the JSON API sent a corrupt gzip body ({exc})") from None
-        if len(data) > MAX_BODY:
-            raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
+        if len(data) > limit:
+            raise BackendError(f"the JSON API's answer is larger than {limit} bytes")
         if not inflater.eof:
             raise TransientError("the JSON API's gzip body ended early")
     elif encoding not in ("identity", ""):
         raise BackendError(f"the JSON API sent a {encoding}-encoded body, which was not asked for")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):  # (nested deeper than the parser goes: not an answer of the API)
-        raise BackendError("the JSON API's answer is not JSON") from None
-    if not isinstance(doc, dict):
-        raise BackendError("the JSON API's answer is not a JSON object")
-    return doc
+    return data
 
 
 class JsonApi:
@@ -121,9 +141,10 @@ class JsonApi:
         """The daemon is stopping: requests in flight fail now, not at the read timeout."""
         self._pool.abort()
 
-    def get_json(self, path: str) -> dict[str, Any]:
-        """The JSON object at ``path`` (with its query string). StatusError for a non-2xx
-        answer; OSError or http.client.HTTPException when the network fails."""
+    def get_json(self, path: str) -> bytes:
+        """The JSON body at ``path`` (with its query string), decoded but not parsed.
+        StatusError for a non-2xx answer; OSError or http.client.HTTPException when the
+        network fails."""
         refreshed = False
         while True:
             headers = {"Accept": "application/json", "Accept-Encoding": "gzip", "User-Agent": USER_AGENT}
@@ -133,7 +154,7 @@ class JsonApi:
                 refreshed = True
                 continue
             if not 200 <= status < 300:
-                raise StatusError(status, http.client.responses.get(status, ""))
+                raise StatusError.of_body(status, http.client.responses.get(status, ""), data, encoding)
             return decode_body(data, encoding)
 
     def _get_once(self, path: str, headers: dict[str, str]) -> tuple[int, str | None, bytes]:
@@ -148,9 +169,17 @@ class JsonApi:
                 conn.close()
                 raise
             try:
-                data = _read_answer(resp, Progress(self._read_timeout))
-                if len(data) > MAX_BODY:
-                    raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
+                ok = 200 <= resp.status < 300
+                limit = MAX_BODY if ok else MAX_ERROR_BODY
+                data = _read_answer(resp, Progress(self._read_timeout), limit)
+                if len(data) > limit:
+                    if ok:
+                        raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
+                    # An error's body past MAX_ERROR_BODY is not read: its start says what it
+                    # can, and the connection (the rest of it still unread) is not reused.
+                    resp.close()
+                    conn.close()
+                    return resp.status, resp.getheader("content-encoding"), data[:limit]
                 if resp.length:  # http.client returns a body cut short without a word
                     raise EOFError(f"the JSON API's answer ended {resp.length} bytes early")
             except BaseException:
@@ -163,14 +192,14 @@ class JsonApi:
             self._pool.track(conn, sock, False)
 
 
-def _read_answer(resp: http.client.HTTPResponse, progress: Progress) -> bytes:
-    """The body, at most MAX_BODY + 1 bytes, with the data path's progress rule: an answer
+def _read_answer(resp: http.client.HTTPResponse, progress: Progress, limit: int = MAX_BODY) -> bytes:
+    """The body, at most ``limit`` + 1 bytes, with the data path's progress rule: an answer
     dripped a byte now and then (each within the read timeout) is a stall, not a wait of
     hours (the retry deadline is checked only between attempts)."""
     chunks: list[bytes] = []
     total = 0
-    while total <= MAX_BODY:
-        chunk = resp.read1(min(1 << 16, MAX_BODY + 1 - total))
+    while total <= limit:
+        chunk = resp.read1(min(1 << 16, limit + 1 - total))
         if not chunk:
             break
         chunks.append(chunk)

@@ -8,8 +8,6 @@ become OSError, which the backend classifies as a failure worth retrying.
 
 from __future__ import annotations
 
-from typing import Any
-
 import requests
 import urllib3.exceptions
 from google.auth.credentials import AnonymousCredentials
@@ -17,7 +15,7 @@ from google.auth.transport.requests import AuthorizedSession
 
 from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.gcs_auth import DEFAULT_ENDPOINT
-from modelfs.backends.gcs_json import MAX_BODY, StatusError, decode_body
+from modelfs.backends.gcs_json import MAX_BODY, MAX_ERROR_BODY, StatusError
 from modelfs.backends.gcs_media import CheckResponse
 from modelfs.backends.responses import RangeRequest, short_reason
 from modelfs.errors import BackendError
@@ -44,15 +42,18 @@ class SessionClient:
         self.base_url = MTLS_ENDPOINT if mtls else base_url
         self._timeout = timeout
 
-    def get_json(self, path: str) -> dict[str, Any]:
+    def get_json(self, path: str) -> bytes:
+        """The JSON body at ``path``, decoded but not parsed (gcs_json.JsonApi.get_json)."""
         try:
             resp = self._session.get(
                 self.base_url + path, headers={"Accept": "application/json"}, stream=True, timeout=self._timeout
             )
             try:
                 if not 200 <= resp.status_code < 300:
-                    raise StatusError(resp.status_code, resp.reason or "")
-                # requests has already decoded a gzip body; read at most MAX_BODY of it.
+                    # (an error's message is in its first bytes: MAX_ERROR_BODY of it, decoded)
+                    head = resp.raw.read(MAX_ERROR_BODY, decode_content=True)
+                    raise StatusError.of_body(resp.status_code, resp.reason or "", head, None)
+                # urllib3 decodes a gzip body as it reads; read at most MAX_BODY of it.
                 data = resp.raw.read(MAX_BODY + 1, decode_content=True)
             finally:
                 resp.close()
@@ -60,7 +61,7 @@ class SessionClient:
             raise OSError(short_reason(exc)) from exc
         if len(data) > MAX_BODY:
             raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
-        return decode_body(data, None)
+        return bytes(data)
 
     def get_into(
         self, path: str, request: RangeRequest, accept_encoding: str, check: CheckResponse, dest: memoryview

@@ -49,11 +49,13 @@ def test_anything_but_the_stored_bytes_is_refused(headers: dict[str, str]) -> No
 def test_a_json_api_answer_nested_past_the_parser_is_a_one_line_error(body: bytes) -> None:
     """A lying server's answer nested deeper than json.loads goes is the same error as one
     that is not JSON (before: RecursionError, a traceback)."""
-    from modelfs.backends.gcs_json import decode_body
+    from modelfs.backends.gcs_scan import parse_listing, parse_object
     from modelfs.errors import BackendError
 
     with pytest.raises(BackendError, match="not JSON"):
-        decode_body(body, None)
+        parse_listing(body)
+    with pytest.raises(BackendError, match="not JSON"):
+        parse_object(body)
 
 
 def test_a_certificate_the_client_does_not_trust_is_not_retried() -> None:

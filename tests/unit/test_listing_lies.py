@@ -3,11 +3,13 @@ for are dropped (never shown in the wrong directory), and hostile sizes are skip
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from modelfs.backends.gcs import GCSBackend
+from modelfs.backends.gcs_scan import parse_listing
 from modelfs.backends.s3 import S3Backend
 from modelfs.config import parse_source
 
@@ -19,7 +21,8 @@ __all__ = ["aws_env"]  # the fixture, imported to be used by name
 def gcs_answering(monkeypatch: pytest.MonkeyPatch, doc: dict[str, Any]) -> GCSBackend:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
     backend = GCSBackend(parse_source("gs://bkt/m"), anonymous=True)
-    monkeypatch.setattr(backend, "_list_page", lambda params: doc)
+    body = json.dumps(doc).encode()
+    monkeypatch.setattr(backend, "_list_page", lambda params: parse_listing(body))
     return backend
 
 
