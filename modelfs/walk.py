@@ -29,7 +29,7 @@ async def walk_objects(backend: Backend, *, retry_deadline: float) -> AsyncItera
     store's order. Transient failures are retried up to ``retry_deadline`` per page. A backend
     whose tree may have no end (an HTTP index over a symlink loop) names a ``walk_dir_limit``:
     more directories than that in one walk is a BackendError, and so is a directory whose
-    continuation tokens never end (modelfs/pages.py).
+    continuation tokens never end or whose pages go back in name order (modelfs/pages.py).
     """
     limit: int | None = getattr(backend, "walk_dir_limit", None)  # optional: object stores have none
     listed = 0
@@ -52,7 +52,8 @@ async def walk_objects(backend: Backend, *, retry_deadline: float) -> AsyncItera
                 what=guard.what,
             )
             guard.token(token, page.next_token)  # a token that loops would walk the same objects forever
-            guard.entries(len(page.objects) + len(page.prefixes), page.next_token)
+            # (and a cycle longer than the guard's window of tokens goes back in name order)
+            guard.forward([o.name for o in page.objects] + page.prefixes, page.next_token)
             for info in page.objects:
                 if info.name.endswith("/"):
                     continue
