@@ -15,16 +15,21 @@ modelfs used before): ``STORAGE_EMULATOR_HOST`` names an emulator and means anon
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import ssl
 import stat
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from google.auth.credentials import TokenState
 from google.auth.transport import Request
 
 from modelfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -173,19 +178,51 @@ class Signer:
     """Puts the credentials' ``Authorization`` (and quota-project) headers on a request,
     refreshing the token when it is due or when ``force_refresh`` says the server refused it.
 
-    One lock for every thread: google-auth credentials are not safe to refresh concurrently.
-    ``credentials`` None means anonymous: nothing is added.
+    One refresh at a time (google-auth credentials are not safe to refresh concurrently), and
+    only requests without a usable token wait for it: google-auth refreshes a token minutes
+    before it expires, and while that refresh is in flight the others sign with the token
+    that is still valid. (One lock around everything held all GCS I/O for as long as a
+    blackholed token endpoint took to time out.) A refresh waits for the endpoint as long as
+    the mount's ``--read-timeout`` (``timeout``); its failure is the request's error, retried
+    as the mount retries (gcs._auth_error). ``credentials`` None means anonymous.
     """
 
-    def __init__(self, credentials: object | None, request: object | None = None) -> None:
+    def __init__(
+        self, credentials: object | None, request: object | None = None, *, timeout: float = _DEFAULT_TIMEOUT
+    ) -> None:
         self.credentials = credentials
-        self._request = request if request is not None else HttpRequest()
+        self._request = request if request is not None else HttpRequest(timeout)
         self._lock = threading.Lock()
 
     def sign(self, method: str, url: str, headers: dict[str, str], *, force_refresh: bool = False) -> None:
-        if self.credentials is None:
+        credentials: Any = self.credentials
+        if credentials is None:
             return
+        state = getattr(credentials, "token_state", None)  # (google-auth >= 2.24; a stand-in may lack it)
+        if state is not None and not force_refresh:
+            if state is TokenState.FRESH:
+                credentials.apply(headers)
+                return
+            if state is TokenState.STALE:
+                if self._lock.acquire(blocking=False):
+                    try:
+                        self._refresh_ahead(credentials)
+                    finally:
+                        self._lock.release()
+                credentials.apply(headers)  # (refreshed, or the valid token while another thread refreshes)
+                return
         with self._lock:
             if force_refresh:
-                self.credentials.refresh(self._request)  # type: ignore[attr-defined]
-            self.credentials.before_request(self._request, method, url, headers)  # type: ignore[attr-defined]
+                credentials.refresh(self._request)
+            elif state is not None and credentials.token_state is not TokenState.INVALID:
+                credentials.apply(headers)  # refreshed by the thread this one waited for
+                return
+            credentials.before_request(self._request, method, url, headers)
+
+    def _refresh_ahead(self, credentials: Any) -> None:
+        """Refresh a token that is still valid: a failure is logged, not the request's (the
+        next request past the refresh threshold tries again; past expiry, requests wait)."""
+        try:
+            credentials.refresh(self._request)
+        except Exception as exc:  # (google-auth's TransportError, RefreshError, ...)
+            log.warning("refreshing the access token ahead of its expiry failed: %s", str(exc)[:200])

@@ -23,8 +23,6 @@ from modelfs.errors import BackendError
 __all__ = ["MTLS_ENDPOINT", "SessionClient"]
 
 MTLS_ENDPOINT = "https://storage.mtls.googleapis.com"
-# google-cloud-core gives a token refresh this long through the session.
-_REFRESH_TIMEOUT = 300.0
 
 
 class SessionClient:
@@ -33,7 +31,7 @@ class SessionClient:
     def __init__(self, base_url: str, credentials: object | None, *, timeout: tuple[float, float]) -> None:
         self._session = AuthorizedSession(  # type: ignore[no-untyped-call]
             credentials if credentials is not None else AnonymousCredentials(),  # type: ignore[no-untyped-call]
-            refresh_timeout=_REFRESH_TIMEOUT,
+            refresh_timeout=timeout[1],  # (a token refresh waits as long as any request)
         )
         # With GOOGLE_API_USE_CLIENT_CERTIFICATE=true and a client certificate, the default
         # endpoint becomes the mTLS one, as google-cloud-storage switches it.
