@@ -75,13 +75,16 @@ def _itself(name: str) -> object:
     return name
 
 
-# An object stored with Content-Encoding: gzip (gsutil cp -Z) is served as stored, like
-# gcsfuse does: its size is the stored size, so its bytes must be the stored bytes. Without
-# Accept-Encoding: gzip, GCS (and fake-gcs-server) decompress it and ignore Range. With it,
-# a ranged GET gets the stored bytes; each answer's Content-Encoding must then be the stored
-# encoding (X-Goog-Stored-Content-Encoding), never a decompressed or recompressed body.
+# An object stored with a Content-Encoding (gzip from gsutil cp -Z, or br, deflate, ...) is
+# served as stored, like gcsfuse does: its size is the stored size, so its bytes must be the
+# stored bytes. Without Accept-Encoding: gzip, GCS (and fake-gcs-server) decompress a gzip
+# one and ignore Range. With it, a ranged GET gets the stored bytes; other encodings GCS
+# never transcodes. Each answer's Content-Encoding must be the stored encoding
+# (X-Goog-Stored-Content-Encoding, _check_stored_encoding), whatever it is, never a
+# decompressed or recompressed body: that check, not a list of encodings, decides (a list
+# of gzip alone refused every read of a br- or deflate-encoded object).
 MEDIA_ACCEPT_ENCODING = "gzip"
-_MEDIA_ENCODINGS = ("identity", "", "gzip")
+_MEDIA_ENCODINGS = None
 
 
 def _check_stored_encoding(headers: Headers, what: str) -> None:

@@ -131,6 +131,23 @@ class FakeGCS:
         meta = json.loads(self._request("POST", path, data, {"Content-Type": "application/octet-stream"}))
         return int(meta["generation"])
 
+    def upload_encoded(self, bucket: str, name: str, stored: bytes, encoding: str) -> int:
+        """Upload ``stored`` as an object with Content-Encoding ``encoding`` (what ``gsutil cp
+        -Z`` makes for gzip): a multipart upload, metadata and bytes. Returns the generation."""
+        boundary = "modelfs-boundary"
+        meta = json.dumps({"name": name, "contentEncoding": encoding, "contentType": "application/octet-stream"})
+        body = (
+            f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}".encode()
+            + f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+            + stored
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        headers = {"Content-Type": f"multipart/related; boundary={boundary}"}
+        answer = json.loads(
+            self._request("POST", f"/upload/storage/v1/b/{bucket}/o?uploadType=multipart", body, headers)
+        )
+        return int(answer["generation"])
+
     def delete(self, bucket: str, name: str) -> None:
         from urllib.parse import quote
 
