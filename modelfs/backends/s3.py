@@ -26,6 +26,7 @@ from urllib.parse import quote
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.connpool import InFlight
+from modelfs.backends.private.botocore_answers import read_answers
 from modelfs.backends.private.botocore_pools import report_connections
 from modelfs.backends.private.botocore_raw import raw_stream
 from modelfs.backends.responses import (
@@ -36,6 +37,7 @@ from modelfs.backends.responses import (
     read_status_error,
     short_reason,
 )
+from modelfs.backends.s3_answers import read_answer
 from modelfs.backends.skeleton import Buffers, Sums, ThreadedBackend
 from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.config import Source
@@ -150,6 +152,8 @@ class S3Backend(ThreadedBackend):
         )
         # Every socket the client opens, so a stop also ends a GET still waiting for headers.
         report_connections(self._client, self._connected)
+        # botocore reads listings, HEADs' and errors' bodies whole: these are read bounded.
+        read_answers(self._client, read_answer)
 
     # --- error classification: the only place that knows botocore's exceptions.
 

@@ -26,7 +26,15 @@ from modelfs.backends.private import (
     urllib3_fp,
 )
 
-SHIMS = ["botocore_pools", "botocore_raw", "httpclient_body", "httpclient_interim", "httpcore_read_size", "urllib3_fp"]
+SHIMS = [
+    "botocore_answers",
+    "botocore_pools",
+    "botocore_raw",
+    "httpclient_body",
+    "httpclient_interim",
+    "httpcore_read_size",
+    "urllib3_fp",
+]
 
 
 @pytest.mark.parametrize("name", SHIMS)

@@ -1,0 +1,95 @@
+"""How much of an S3 answer that is not object data modelfs reads, and what of it botocore may parse.
+
+botocore reads a listing, a HEAD's or an error's body whole and parses the XML into dicts
+(private/botocore_answers.py hands that read to :func:`read_answer`). A ListObjectsV2 page
+holds at most 1,000 entries; with botocore's ``EncodingType=url`` a 1,024-byte key is at most
+3 KiB, so a page is at most ~3.5 MiB (~5.5 MiB from a store that ignores the encoding type
+and escapes ``&`` as ``&amp;``). :data:`MAX_ANSWER` leaves room beyond that; a larger answer
+is not one to that request. The parse costs ~90-160 bytes per element on top of the text
+(measured with tracemalloc: 16 MiB of ``<Contents/>`` peaked at 235 MiB), so the number of
+tags is bounded too (:data:`MAX_TAGS`), and a DTD (whose entities expat may expand 100-fold)
+is refused: S3 never sends one. An error answer (a 403, a 500) is a few hundred bytes; past
+:data:`MAX_ERROR` it is dropped unread and its status alone says what went wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from modelfs.errors import BackendError
+
+__all__ = ["MAX_ANSWER", "MAX_ERROR", "MAX_TAGS", "read_answer"]
+
+MAX_ANSWER = 16 << 20
+"""Bytes of a 2xx answer (a listing page) read at most."""
+
+MAX_TAGS = 1 << 16
+"""Tags (``<``) a 2xx answer may hold: a page of 1,000 entries with every optional field
+(owner, checksum, restore status) has ~26,000; the parse of this many stays under ~10 MiB."""
+
+MAX_ERROR = 64 << 10
+"""Bytes of an error answer read at most (S3's are a few hundred)."""
+
+_READ = 1 << 16
+
+
+def _discard(raw: Any) -> None:
+    """Close the connection under ``raw`` (its unread rest must not meet the next request)
+    and give its place back to the pool (urllib3 reconnects a closed one)."""
+    raw.close()
+    raw.release_conn()
+
+
+def _body(raw: Any, limit: int) -> bytes:
+    """At most ``limit + 1`` body bytes; one receive at a time (each counted by the
+    connection's progress rule: private/httpclient_progress.py)."""
+    chunks: list[bytes] = []
+    total = 0
+    while total <= limit:
+        chunk = raw.read1(min(_READ, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _refused(body: bytes) -> str | None:
+    """Why botocore may not parse ``body`` (None: it may)."""
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        return "a DTD (S3 never sends one)"
+    tags = body.count(b"<")
+    if tags > MAX_TAGS:
+        return f"{tags} tags, more than the {MAX_TAGS} a page of 1,000 entries has room for"
+    return None
+
+
+def read_answer(url: str, raw: Any, status: int) -> bytes:
+    """The body of a non-data answer of ``raw`` (a streamed urllib3 response), bounded.
+
+    A 2xx answer larger than MAX_ANSWER, or one botocore may not parse, is a BackendError; an
+    error answer larger than MAX_ERROR (or unparseable) is read no further and is empty."""
+    error = status >= 300
+    limit = MAX_ERROR if error else MAX_ANSWER
+    try:
+        body = _body(raw, limit)
+    except BaseException:
+        _discard(raw)
+        raise
+    where = urlsplit(url)._replace(query="").geturl()
+    if len(body) > limit:
+        _discard(raw)
+        if error:
+            return b""
+        raise BackendError(f"{where}: the store's answer is larger than {limit >> 20} MiB (a listing page is a few)")
+    if raw.length_remaining:  # http.client ends a body cut short without a word
+        _discard(raw)
+        raise EOFError(f"{where}: the store's answer ended {raw.length_remaining} bytes early")
+    raw.release_conn()
+    why = _refused(body)
+    if why is None:
+        return body
+    if error:
+        return b""
+    raise BackendError(f"{where}: the store's answer has {why}")
