@@ -29,6 +29,7 @@ from modelfs.backends.connpool import InFlight
 from modelfs.backends.private.botocore_answers import read_answers
 from modelfs.backends.private.botocore_pools import report_connections
 from modelfs.backends.private.botocore_raw import raw_stream
+from modelfs.backends.private.httpclient_progress import progress_response
 from modelfs.backends.responses import (
     Headers,
     RangeRequest,
@@ -150,8 +151,10 @@ class S3Backend(ThreadedBackend):
             verify=str(ca_cert) if ca_cert is not None else None,
             config=BotoConfig(**options),
         )
-        # Every socket the client opens, so a stop also ends a GET still waiting for headers.
-        report_connections(self._client, self._connected)
+        # Every socket the client opens, so a stop also ends a GET still waiting for headers;
+        # every answer, headers too, under the data path's progress rule (a HEAD or a listing
+        # dripped a byte per read timeout was a wait without end).
+        report_connections(self._client, self._connected, progress_response(read_timeout))
         # botocore reads listings, HEADs' and errors' bodies whole: these are read bounded.
         read_answers(self._client, read_answer)
 

@@ -32,6 +32,7 @@ SHIMS = [
     "botocore_raw",
     "httpclient_body",
     "httpclient_interim",
+    "httpclient_progress",
     "httpcore_read_size",
     "urllib3_fp",
 ]

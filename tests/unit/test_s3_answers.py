@@ -1,5 +1,6 @@
 """S3 answers that are not object data, from a lying server on loopback: botocore reads no
-more of them than a real answer can be, and botocore parses no more of them than it can hold."""
+more of them than a real answer can be, parses no more than it can hold, and an answer
+dripped a byte at a time is a stall, not a wait as long as the server likes."""
 
 from __future__ import annotations
 
@@ -128,3 +129,63 @@ async def test_a_ranged_gets_endless_error_answer_is_read_no_further(status: int
         with pytest.raises(error):
             await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(10)))
         assert sent.done.wait(30) and sent.cut.is_set() and sent.bytes < SENT_AT_MOST
+
+
+def dripping(stop: threading.Event, answer: bytes, pace: float, sent: Sent) -> Callable[[QuietHandler], None]:
+    """A server that sends ``answer`` (the whole HTTP answer) a byte every ``pace`` seconds."""
+
+    def drip(handler: QuietHandler) -> None:
+        try:
+            for i in range(len(answer)):
+                handler.connection.sendall(answer[i : i + 1])
+                sent.bytes += 1
+                if stop.wait(pace):
+                    break
+        except OSError:
+            sent.cut.set()
+        finally:
+            sent.done.set()
+            handler.close_connection = True
+
+    return drip
+
+
+HEAD_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nLast-Modified: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
+    b'ETag: "0123456789abcdef0123456789abcdef"\r\nx-amz-request-id: 0123456789ABCDEF\r\n\r\n'
+)
+LISTING = (
+    HEAD + b"<Contents><Key>m/a.bin</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+    b"<ETag>&quot;e&quot;</ETag><Size>10</Size></Contents></ListBucketResult>"
+)
+LISTING_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(LISTING), LISTING)
+GET_ANSWER = (
+    b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100\r\nContent-Range: bytes 0-99/100\r\nETag: %s\r\n\r\n%s"
+    % (ETAG.encode(), bytes(100))
+)
+ANSWERS = {"stat": HEAD_ANSWER, "list_dir": LISTING_ANSWER, "read_range": GET_ANSWER}
+
+
+@pytest.mark.parametrize("what", sorted(ANSWERS))
+@pytest.mark.usefixtures("aws_env")
+async def test_an_answer_dripped_within_the_read_timeout_is_a_stall(what: str) -> None:
+    """A HEAD's answer (all headers), a listing's or a ranged GET's, a byte every fifth of the
+    read timeout: fewer than the progress rule's 64 KiB in one read timeout is a stall, a
+    TransientError well before the answer's end (before, each took as long as the server
+    liked, here ~10-30 s; at the default 30 s read timeout, hours. The GET's body too: its
+    block's ``readinto`` returned only once the buffer was full, so the rule never ran)."""
+    read_timeout = 0.5
+    stop, sent = threading.Event(), Sent()
+    answer = ANSWERS[what]
+    try:
+        with s3_answering(dripping(stop, answer, read_timeout / 5, sent), read_timeout) as backend:
+            with pytest.raises(TransientError):
+                if what == "stat":
+                    await backend.stat("a.bin")
+                elif what == "list_dir":
+                    await backend.list_dir("")
+                else:
+                    await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(100)))
+            assert sent.bytes < len(answer)
+    finally:
+        stop.set()

@@ -29,9 +29,10 @@ def _pool_classes(client: Any) -> dict[str, Any]:
     return classes
 
 
-def report_connections(client: Any, connected: Callable[[Any], None]) -> None:
+def report_connections(client: Any, connected: Callable[[Any], None], response_class: type | None = None) -> None:
     """From now on every connection ``client`` opens is passed to ``connected`` (in the
-    thread that opened it) once its socket (``.sock``) is connected."""
+    thread that opened it) once its socket (``.sock``) is connected, and reads its answers
+    with ``response_class`` (an ``http.client.HTTPResponse``) if one is given."""
     classes = _pool_classes(client)
     for scheme, pool_class in list(classes.items()):
         base = pool_class.ConnectionCls
@@ -40,7 +41,11 @@ def report_connections(client: Any, connected: Callable[[Any], None]) -> None:
             _base.connect(self)  # type: ignore[attr-defined]
             connected(self)
 
-        reporting = type(f"Reporting{base.__name__}", (base,), {"connect": connect})
+        members: dict[str, Any] = {"connect": connect}
+        if response_class is not None:
+            # (botocore's connection takes it as the class it goes back to after each answer)
+            members["response_class"] = response_class
+        reporting = type(f"Reporting{base.__name__}", (base,), members)
         classes[scheme] = type(f"Reporting{pool_class.__name__}", (pool_class,), {"ConnectionCls": reporting})
 
 
