@@ -12,6 +12,10 @@ from modelfs.backends.gcs import GCSBackend
 from modelfs.backends.gcs_scan import parse_listing
 from modelfs.backends.s3 import S3Backend
 from modelfs.config import parse_source
+from modelfs.errors import BackendError
+from modelfs.inodes import Namespace
+from modelfs.testing.servers import QuietHandler, loopback_http
+from modelfs.walk import walk_objects
 
 from .test_s3_backend import aws_env, scripted
 
@@ -99,3 +103,51 @@ async def test_a_limited_s3_page_keeps_its_token() -> None:
     backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9", anonymous=True)
     scripted(backend, 200, LIMITED_XML)
     assert (await backend.list_dir("d/", limit=1)).next_token == "more"
+
+
+def endless_listing(pages: list[int]) -> type[QuietHandler]:
+    """An S3 stub whose every ListObjectsV2 page lists m/a and m/b again with a fresh
+    continuation token (a store whose pages go back, or a token cycle longer than any window
+    of tokens), for SENT_PAGES pages: then it ends, so a client that never notices ends too."""
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            pages.append(1)
+            more = len(pages) < SENT_PAGES
+            body = (
+                b'<?xml version="1.0"?><ListBucketResult><Name>bkt</Name><Prefix>m/</Prefix>'
+                b"<IsTruncated>%s</IsTruncated><NextContinuationToken>t%d</NextContinuationToken>"
+                b"<Contents><Key>m/a</Key><ETag>&quot;e&quot;</ETag><Size>1</Size></Contents>"
+                b"<Contents><Key>m/b</Key><ETag>&quot;e&quot;</ETag><Size>1</Size></Contents>"
+                b"</ListBucketResult>"
+            ) % (b"true" if more else b"false", len(pages))
+            # (one write: headers and body in two would wait for a delayed ACK on each page)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    return Handler
+
+
+SENT_PAGES = 1500  # more than readdir's 1,000 pages without a new name
+
+
+@pytest.mark.parametrize("reader", ["readdir", "walk"])
+@pytest.mark.usefixtures("aws_env")
+async def test_s3_pages_that_go_back_with_fresh_tokens_end_in_an_error(reader: str) -> None:
+    """readdir and a walk (``modelfs warm``, ``--eager-model``) of such a listing end with one
+    BackendError. readdir counts the names a page adds (none here: 1,000 such pages are an
+    error); a walk counted the names a page lists and went on for all 1,500 pages, yielding
+    m/a and m/b 1,500 times (for ever, from a store that never ends). Now a page that lists a
+    name before one an earlier page gave is an error at once (stores list in byte order)."""
+    pages: list[int] = []
+    with loopback_http(endless_listing(pages)) as endpoint:
+        backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url=endpoint, anonymous=True)
+        with pytest.raises(BackendError, match="a listing without end"):
+            if reader == "readdir":
+                from .test_namespace import names
+
+                ns = Namespace(backend, ttl=60, retry_deadline=1)
+                await names(ns, ns.root)
+            else:
+                async for _ in walk_objects(backend, retry_deadline=1):
+                    pass
+    assert len(pages) < SENT_PAGES
