@@ -195,7 +195,34 @@ def _cpu_line(stats: dict[str, Any]) -> str:
     return line
 
 
-def _mount_foreground(config: Config) -> int:
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _catch_stop_signals() -> list[int]:
+    """Record the stop signals from now on, in the list returned, until serve() takes them.
+
+    A mount must take them from its very start: the imports and the startup listing take
+    seconds, and as PID 1 (the image) a SIGTERM without a handler is discarded by the kernel,
+    leaving a daemon that mounts and serves anyway until the SIGKILL leaves a dead mount.
+    """
+    caught: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, record)
+    return caught
+
+
+def _default_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _mount_foreground(config: Config, early_signals: list[int]) -> int:
+    """Serve the mount in this process; ``early_signals``: see :func:`_catch_stop_signals`."""
     import trio
 
     from modelfs.mount import serve
@@ -209,7 +236,7 @@ def _mount_foreground(config: Config) -> int:
             os.close(int(ready_fd))
 
     try:
-        trio.run(serve, config, ready)
+        trio.run(serve, config, ready, early_signals)
     except ModelfsError as exc:
         if ready_fd is not None:
             try:
@@ -220,7 +247,7 @@ def _mount_foreground(config: Config) -> int:
     finally:
         # Served and cleaned up (or failed to start): a signal from now on, say a supervisor
         # repeating SIGTERM, must not turn the exit status into death by that signal.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
     return 0
 
@@ -368,10 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _hide_secrets(argv, args.source)  # not yet hidden: re-executes with them out of argv
     try:
         if args.command == "mount":
+            early_signals = _catch_stop_signals()  # before anything slow: see there
             config = build_config(args.source, args.mountpoint, args)
             setup_logging(config.log_level, config.log_format)
             if config.foreground:
-                return _mount_foreground(config)
+                return _mount_foreground(config, early_signals)
+            if early_signals:  # stopped before the daemon was even started
+                return 128 + early_signals[0]
+            _default_stop_signals()
             return _mount_daemon(config, argv)
         if args.command == "unmount":
             setup_logging("warning")

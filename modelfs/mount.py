@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import cast
 from wsgiref.simple_server import WSGIServer
@@ -30,7 +30,7 @@ from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
 from modelfs.eager import MAX_MODEL_FILES, EagerStreamer
-from modelfs.errors import BackendError, MountError
+from modelfs.errors import BackendError, ModelfsError, MountError
 from modelfs.files import OpenFiles
 from modelfs.fs import ModelFS
 from modelfs.inodes import Namespace
@@ -216,25 +216,29 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     return ops, store, disk
 
 
-async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> None:
-    """Mount ``config.source`` at ``config.mountpoint`` and serve until unmounted or signalled."""
+async def serve(config: Config, ready: Callable[[], None] = lambda: None, early_signals: Sequence[int] = ()) -> None:
+    """Mount ``config.source`` at ``config.mountpoint`` and serve until unmounted or signalled.
+
+    ``ready`` is called once the mount answers. ``early_signals``: stop signals the caller
+    caught before this ran (see cli.py); they stop the mount as if they came now.
+    """
     assert config.mountpoint is not None
     mountpoint = config.mountpoint
-    tune_malloc()
-    check_mountpoint(mountpoint)
-    ops, store, disk = build(config)
     watchdog = StopWatchdog(mountpoint, 2 * STOP_GRACE)
-    # The stop's signals are taken until serve() returns, its clean-up included: trio puts the
-    # default handler back (a signal would then kill us mid-stop) only when the receiver closes.
-    with contextlib.ExitStack() as until_done:
+    # The stop's signals are taken from the start (a SIGTERM during the startup listing must
+    # stop it: as PID 1 a signal without a handler is discarded) until serve() returns, its
+    # clean-up included: trio puts the default handler back (a signal would then kill us
+    # mid-stop) only when the receiver closes.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        for signum in early_signals:
+            signal.raise_signal(signum)  # into the receiver, now that it takes them
+        tune_malloc()
+        check_mountpoint(mountpoint)
+        ops, store, disk = build(config)
         try:
-            # One page of the root, not the whole tree: a bad bucket or prefix fails here, before mounting.
-            found = await ops.namespace.start(deadline=min(config.retry_deadline, START_RETRY_DEADLINE))
-            if config.source.prefix and not found:
-                raise MountError(f"nothing found at {config.source.url} (no object with that name or prefix)")
-            if disk is not None:
-                disk.open()
-            metrics = _start_metrics(config, ops)  # before mounting: a busy port leaves nothing mounted
+            started, metrics = await _start(config, ops, disk, signals, watchdog)
+            if not started:
+                return
             options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
             if config.allow_other:
                 options.add("allow_other")
@@ -245,8 +249,6 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                     metrics.shutdown()
                 raise MountError(f"cannot mount {mountpoint}: {exc}") from None
             log.info("mounted %s at %s", config.source.url, mountpoint)
-            stop_signals = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-            signals = until_done.enter_context(stop_signals)
             closed = False
             try:
                 async with trio.open_nursery() as nursery:
@@ -280,6 +282,56 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                 disk.close()
             await ops.namespace.backend.aclose()
             watchdog.cancel()
+
+
+async def _start(
+    config: Config, ops: ModelFS, disk: DiskCache | None, signals: AsyncIterator[int], watchdog: StopWatchdog
+) -> tuple[bool, WSGIServer | None]:
+    """Everything before the mount: the first listing, the disk cache, the metrics server.
+
+    A stop signal meanwhile cancels it (the listing may wait on a server for many seconds):
+    (False, None) then, and nothing is mounted. Otherwise (True, the metrics server if any).
+    """
+    backend = ops.namespace.backend
+    stopped: list[int] = []
+    failure: ModelfsError | None = None
+    metrics: WSGIServer | None = None
+
+    async def on_signal(startup: trio.CancelScope) -> None:
+        async for signum in signals:
+            stopped.append(signum)
+            log.info("got %s during startup: stopping, nothing mounted", signal.Signals(signum).name)
+            watchdog.start()  # a listing that cannot be cancelled ends the process in time
+            startup.cancel()
+            # A GET blocked in a worker thread ends only when the thread returns: end it now.
+            abort = getattr(backend, "abort", None)
+            if callable(abort):
+                abort()
+            return
+
+    # Errors are kept and raised after the nursery: raised inside it they would reach the
+    # caller wrapped in an exception group, not as the one-line error they are.
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as startup:
+            nursery.start_soon(on_signal, startup)
+            try:
+                # One page of the root, not the whole tree: a bad bucket or prefix fails here, before mounting.
+                found = await ops.namespace.start(deadline=min(config.retry_deadline, START_RETRY_DEADLINE))
+                if config.source.prefix and not found:
+                    raise MountError(f"nothing found at {config.source.url} (no object with that name or prefix)")
+                if disk is not None:
+                    disk.open()
+                metrics = _start_metrics(config, ops)  # before mounting: a busy port leaves nothing mounted
+            except ModelfsError as exc:
+                failure = exc
+        nursery.cancel_scope.cancel()
+    if stopped:  # whatever the startup got to, a failure included (an aborted GET): just stop
+        if metrics is not None:
+            metrics.shutdown()
+        return False, None
+    if failure is not None:
+        raise failure
+    return True, metrics
 
 
 async def _stream_model(ops: ModelFS, retry_deadline: float) -> None:

@@ -161,7 +161,7 @@ def test_a_start_error_naming_undecodable_bytes_reaches_the_waiting_parent(monke
     import modelfs.mount
     from modelfs.errors import MountError
 
-    async def fails(config: object, ready: object) -> None:
+    async def fails(config: object, ready: object, early_signals: object) -> None:
         raise MountError("cannot mount on /mnt/caf\udce9: no such directory")
 
     monkeypatch.setattr(modelfs.mount, "serve", fails)
@@ -170,7 +170,7 @@ def test_a_start_error_naming_undecodable_bytes_reaches_the_waiting_parent(monke
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         with pytest.raises(MountError):
-            cli._mount_foreground(types.SimpleNamespace(mountpoint=Path("/mnt/x")))  # type: ignore[arg-type]
+            cli._mount_foreground(types.SimpleNamespace(mountpoint=Path("/mnt/x")), [])  # type: ignore[arg-type]
     finally:  # (once done it ignores these signals, as the daemon's last act)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

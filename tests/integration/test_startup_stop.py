@@ -1,0 +1,83 @@
+"""A mount stopped while it starts: the signal is taken, the startup ends, nothing is mounted.
+
+The startup listing is held by an origin that answers only when the test releases it, so the
+test knows the mount is mid-startup (its request arrived) without waiting on a clock.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelfs.mount import is_mounted
+from modelfs.testing.held import HeldOrigin, held_origin
+from modelfs.testing.mounts import force_unmount
+
+needs_unshare = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path)
+
+
+@pytest.fixture
+def origin() -> Iterator[HeldOrigin]:
+    with held_origin() as held:
+        yield held
+
+
+def _modelfs(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", "modelfs", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _only_child(pid: int) -> int:
+    """The one child of ``pid`` (unshare --fork's: the PID 1 of the new namespace)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("as_pid_1", [False, pytest.param(True, marks=needs_unshare)], ids=["process", "pid-1"])
+def test_sigterm_during_startup_stops_it_and_nothing_is_mounted(
+    origin: HeldOrigin, mnt: Path, tmp_path: Path, as_pid_1: bool
+) -> None:
+    """As PID 1 (the image) a SIGTERM that finds no handler is discarded: the daemon would
+    mount and serve anyway. It must be taken from the start and end the startup listing."""
+    prefix = ("unshare", "--pid", "--fork", "--kill-child=SIGKILL") if as_pid_1 else ()
+    proc = _modelfs(
+        "mount", origin.url, str(mnt), "--foreground", "--cache-dir", str(tmp_path / "cache"), prefix=prefix
+    )
+    try:
+        assert origin.arrived.wait(60), "the startup listing never reached the origin"
+        os.kill(_only_child(proc.pid) if as_pid_1 else proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # a guard against a hang only: the origin never answers
+    finally:
+        _reap(proc)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert err.count("got SIGTERM during startup") == 1, err
+    assert "mounted" not in err.replace("nothing mounted", "")
+    assert not is_mounted(mnt)
