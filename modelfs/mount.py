@@ -1,8 +1,11 @@
 """Wiring: build the layers from a Config, mount, serve until unmounted or signalled.
 
 Order matters: the source is validated (a listing) and the mountpoint checked before
-anything is mounted, so a bad SOURCE or mountpoint leaves nothing behind. Readiness is
-proven by a stat of the mountpoint answered by our own loop, and only then reported.
+anything is mounted, so a bad SOURCE or mountpoint leaves nothing behind; the mountpoint is
+checked again right before mounting (another mount may have come meanwhile). Stop signals
+are taken from the start, so a stop during the startup leaves nothing mounted either.
+Readiness is proven by a stat of the mountpoint answered by our own loop, and only then
+reported.
 """
 
 from __future__ import annotations
@@ -243,10 +246,15 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None, early_
             if config.allow_other:
                 options.add("allow_other")
             try:
+                # Checked again with no await before the mount: another mount may have been
+                # made here while we listed (two starts at once would otherwise stack mounts).
+                check_mountpoint(mountpoint)
                 pyfuse3.init(ops, str(mountpoint), options)
-            except RuntimeError as exc:
+            except (MountError, RuntimeError) as exc:
                 if metrics is not None:
                     metrics.shutdown()
+                if isinstance(exc, MountError):
+                    raise
                 raise MountError(f"cannot mount {mountpoint}: {exc}") from None
             log.info("mounted %s at %s", config.source.url, mountpoint)
             closed = False

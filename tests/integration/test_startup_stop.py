@@ -18,7 +18,7 @@ import pytest
 
 from modelfs.mount import is_mounted
 from modelfs.testing.held import HeldOrigin, held_origin
-from modelfs.testing.mounts import force_unmount
+from modelfs.testing.mounts import force_unmount, run_modelfs
 
 needs_unshare = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
 
@@ -81,3 +81,35 @@ def test_sigterm_during_startup_stops_it_and_nothing_is_mounted(
     assert err.count("got SIGTERM during startup") == 1, err
     assert "mounted" not in err.replace("nothing mounted", "")
     assert not is_mounted(mnt)
+
+
+def _mounts_at(path: Path) -> list[str]:
+    """The types of the mounts stacked at ``path`` (a test path: nothing to unescape)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return [fields[2] for fields in (line.split() for line in f) if fields[1] == target]
+
+
+def test_two_mounts_racing_for_one_mountpoint_never_stack(origin: HeldOrigin, mnt: Path, tmp_path: Path) -> None:
+    """The first start passes the mountpoint check, then waits on its listing; a second start
+    mounts meanwhile. Released, the first must see that mount and fail, not mount over it."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.bin").write_bytes(b"abc")
+    first = _modelfs("mount", origin.url, str(mnt), "--cache-dir", str(tmp_path / "cache1"))
+    try:
+        assert origin.arrived.wait(60), "the first start's listing never reached the origin"
+        second = run_modelfs("mount", f"file://{source}", str(mnt), "--cache-dir", str(tmp_path / "cache2"))
+        assert second.returncode == 0, second.stderr
+        try:
+            origin.release()
+            _, err = first.communicate(timeout=120)  # a guard against a hang only
+            assert first.returncode == 1, err
+            assert err.strip() == f"modelfs: mountpoint {mnt} is already mounted", err
+            assert _mounts_at(mnt) == ["fuse.modelfs"]
+            assert (mnt / "m.bin").exists() is False and (mnt / "a.bin").read_bytes() == b"abc"
+        finally:
+            run_modelfs("unmount", str(mnt), timeout=60)
+    finally:
+        _reap(first)
+        force_unmount(mnt)
