@@ -215,10 +215,25 @@ def _catch_stop_signals() -> list[int]:
     return caught
 
 
-def _default_stop_signals() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+class _Stopped(BaseException):
+    """A stop signal to a ``modelfs mount`` waiting for the daemon it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_on_stop_signals() -> None:
+    raised = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal raised
+        if not raised:  # once: a second Ctrl-C must not break out of stopping the child
+            raised = True
+            raise _Stopped(signum)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, stop)
 
 
 def _mount_foreground(config: Config, early_signals: list[int]) -> int:
@@ -228,27 +243,45 @@ def _mount_foreground(config: Config, early_signals: list[int]) -> int:
     from modelfs.mount import serve
 
     ready_fd = os.environ.pop(_READY_FD_ENV, None)
+    announced = False
 
-    def ready() -> None:
-        log.info("ready: %s", config.mountpoint)
+    def ready() -> bool:
+        """Report the mount up; False if the ``modelfs mount`` waiting for it is gone."""
+        nonlocal announced
+        announced = True
         if ready_fd is not None:
-            os.write(int(ready_fd), b"ready\n")
-            os.close(int(ready_fd))
+            try:
+                os.write(int(ready_fd), b"ready\n")
+            except OSError as exc:  # EPIPE: killed (SIGKILL) before this mount was ready
+                log.warning(
+                    "the modelfs mount that started this daemon is gone (%s): unmounting %s",
+                    exc.strerror,
+                    config.mountpoint,
+                )
+                return False
+            finally:
+                os.close(int(ready_fd))
+        log.info("ready: %s", config.mountpoint)
+        return True
+
+    def tell_parent(line: str) -> None:
+        if ready_fd is not None and not announced:
+            try:
+                os.write(int(ready_fd), f"{line}\n".encode(errors="backslashreplace"))
+            except OSError:
+                pass
 
     try:
         trio.run(serve, config, ready, early_signals)
     except ModelfsError as exc:
-        if ready_fd is not None:
-            try:
-                os.write(int(ready_fd), f"error: {escape(str(exc))}\n".encode(errors="backslashreplace"))
-            except OSError:
-                pass
+        tell_parent(f"error: {escape(str(exc))}")
         raise
     finally:
         # Served and cleaned up (or failed to start): a signal from now on, say a supervisor
         # repeating SIGTERM, must not turn the exit status into death by that signal.
         for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+    tell_parent("error: stopped before the mount was ready")  # by a signal: serve() logged which
     return 0
 
 
@@ -339,8 +372,16 @@ def _hide_secrets(argv: list[str], source: str) -> None:
         log.warning("cannot re-execute without secrets in the command line (%s): they stay visible", exc.strerror)
 
 
-def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
-    """Start a foreground child in its own session; return once it says the mount answers."""
+def _mount_daemon(config: Config, argv: Sequence[str], stop_signals: list[int]) -> int:
+    """Start a foreground child in its own session; return once it says the mount answers.
+
+    The child is in its own session, so a Ctrl-C or SIGTERM for this process does not reach
+    it: until the mount is ready, such a signal stops the child too (and waits for it), so
+    that an interrupted ``modelfs mount`` leaves nothing mounted; exit 128 + the signal.
+    ``stop_signals``: those caught so far (see :func:`_catch_stop_signals`).
+    """
+    if stop_signals:  # stopped before the daemon was even started
+        return 128 + stop_signals[0]
     assert config.mountpoint is not None
     log_file = config.log_file or config.cache_dir / "modelfs.log"
     try:
@@ -364,7 +405,34 @@ def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
     )
     os.close(write_fd)
     log_out.close()
-    deadline = time.monotonic() + config.retry_deadline + 60
+    try:
+        # Signals so far were only recorded (an exception inside Popen could lose the child).
+        _raise_on_stop_signals()
+        if stop_signals:
+            raise _Stopped(stop_signals[0])
+        message = _wait_for_child(child, read_fd, time.monotonic() + config.retry_deadline + 60)
+    except _Stopped as stopped:
+        for signum in _STOP_SIGNALS:  # more of them (Ctrl-C again) are ignored while the child stops
+            signal.signal(signum, signal.SIG_IGN)
+        _stop_child(child)
+        return 128 + stopped.signum
+    # The child said its word (or is gone): the usual deaths by these signals from now on.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    line = message.decode(errors="replace").strip()
+    if line == "ready":
+        return 0
+    if line.startswith("error: "):
+        raise ModelfsError(line[len("error: ") :])
+    if child.poll() is None:
+        child.terminate()
+        raise ModelfsError(f"mount did not come up in time; see {log_file}")
+    raise ModelfsError(f"mount failed (exit {child.returncode}); see {log_file}")
+
+
+def _wait_for_child(child: subprocess.Popen[bytes], read_fd: int, deadline: float) -> bytes:
+    """What the child wrote to the ready pipe: its line, or less if it exited or took too long."""
     message = b""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         while b"\n" not in message and time.monotonic() < deadline:
@@ -376,15 +444,20 @@ def _mount_daemon(config: Config, argv: Sequence[str]) -> int:
                 message += chunk
             elif child.poll() is not None:
                 break
-    line = message.decode(errors="replace").strip()
-    if line == "ready":
-        return 0
-    if line.startswith("error: "):
-        raise ModelfsError(line[len("error: ") :])
-    if child.poll() is None:
-        child.terminate()
-        raise ModelfsError(f"mount did not come up in time; see {log_file}")
-    raise ModelfsError(f"mount failed (exit {child.returncode}); see {log_file}")
+    return message
+
+
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM for a daemon still starting (or just mounted), and wait until it is gone: it
+    stops a startup at once, and unmounts within the stop's timeouts (mount.py's STOP_GRACE)."""
+    from modelfs.mount import STOP_GRACE
+
+    child.terminate()
+    try:
+        child.wait(4 * STOP_GRACE)  # its own watchdog ends it at 2 x STOP_GRACE
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -400,10 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(config.log_level, config.log_format)
             if config.foreground:
                 return _mount_foreground(config, early_signals)
-            if early_signals:  # stopped before the daemon was even started
-                return 128 + early_signals[0]
-            _default_stop_signals()
-            return _mount_daemon(config, argv)
+            return _mount_daemon(config, argv, early_signals)
         if args.command == "unmount":
             setup_logging("warning")
             from modelfs.mount import unmount
@@ -424,4 +494,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except _Stopped as stopped:  # in the instant between the daemon's word and the handlers' reset
+        return 128 + stopped.signum
     raise AssertionError(args.command)

@@ -219,11 +219,12 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     return ops, store, disk
 
 
-async def serve(config: Config, ready: Callable[[], None] = lambda: None, early_signals: Sequence[int] = ()) -> None:
+async def serve(config: Config, ready: Callable[[], bool] = lambda: True, early_signals: Sequence[int] = ()) -> None:
     """Mount ``config.source`` at ``config.mountpoint`` and serve until unmounted or signalled.
 
-    ``ready`` is called once the mount answers. ``early_signals``: stop signals the caller
-    caught before this ran (see cli.py); they stop the mount as if they came now.
+    ``ready`` is called once the mount answers; False means whoever waited for it is gone,
+    and the mount is taken down again. ``early_signals``: stop signals the caller caught
+    before this ran (see cli.py); they stop the mount as if they came now.
     """
     assert config.mountpoint is not None
     mountpoint = config.mountpoint
@@ -379,10 +380,11 @@ def _start_metrics(config: Config, ops: ModelFS) -> WSGIServer | None:
         raise MountError(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
 
 
-async def _announce(mountpoint: Path, read_ahead_kb: int, ready: Callable[[], None]) -> None:
+async def _announce(mountpoint: Path, read_ahead_kb: int, ready: Callable[[], bool]) -> None:
     # The stat must run in a thread: our own loop has to answer it.
     await trio.to_thread.run_sync(_raise_read_ahead, mountpoint, read_ahead_kb)
-    ready()
+    if not ready():
+        pyfuse3.terminate()  # nobody waits for this mount any more (see cli.py): unmount
 
 
 # After SIGTERM (SIGINT, SIGHUP) requests still being served STOP_GRACE seconds later fail

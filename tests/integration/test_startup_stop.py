@@ -113,3 +113,60 @@ def test_two_mounts_racing_for_one_mountpoint_never_stack(origin: HeldOrigin, mn
     finally:
         _reap(first)
         force_unmount(mnt)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_mount_stops_the_daemon_it_started(
+    origin: HeldOrigin, mnt: Path, tmp_path: Path, signum: int, code: int
+) -> None:
+    """The daemon runs in its own session: Ctrl-C on ``modelfs mount`` reaches only the
+    parent. It must stop the daemon it started, or the mount would appear after all."""
+    cache = tmp_path / "cache"
+    proc = _modelfs("mount", origin.url, str(mnt), "--cache-dir", str(cache))
+    daemon: int | None = None
+    try:
+        assert origin.arrived.wait(60), "the daemon's startup listing never reached the origin"
+        daemon = _only_child(proc.pid)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)  # a guard against a hang only
+        assert proc.returncode == code, err
+        assert err.strip() == "", err
+        # The parent waited for it (and reaped it): gone before the origin ever answers.
+        assert not Path(f"/proc/{daemon}").exists()
+        assert "got SIGTERM during startup" in (cache / "modelfs.log").read_text()
+        assert not is_mounted(mnt)
+    finally:
+        _reap(proc)
+        if daemon is not None and Path(f"/proc/{daemon}").exists():
+            os.kill(daemon, signal.SIGKILL)
+
+
+def test_a_daemon_whose_starter_is_gone_unmounts_again(mnt: Path, tmp_path: Path) -> None:
+    """The ``modelfs mount`` that started the daemon was killed (SIGKILL: no chance to stop
+    it) before the mount was ready: the daemon's 'ready' meets a closed pipe (EPIPE). One
+    log line, the mount taken down, exit 0; no traceback."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.bin").write_bytes(b"abc")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelfs", "mount", f"file://{source}", str(mnt), "--foreground"]
+        + ["--cache-dir", str(tmp_path / "cache")],
+        env=dict(os.environ, MODELFS_READY_FD=str(write_end)),
+        pass_fds=(write_end,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write_end)
+    os.close(read_end)  # the starter is gone before the daemon is ready
+    try:
+        _, err = proc.communicate(timeout=60)  # a guard against a hang only
+    finally:
+        _reap(proc)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert err.count("the modelfs mount that started this daemon is gone") == 1, err
+    assert "unmounted" in err
+    assert not is_mounted(mnt)
