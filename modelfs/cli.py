@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from modelfs import __version__
 from modelfs.cache.disk_dir import open_log_file
@@ -92,12 +92,28 @@ WARM_OPTIONS = {
 }
 
 
-def _warm(config: Config) -> int:
+T = TypeVar("T")
+
+
+def _run(fn: Callable[..., Awaitable[T]], *args: object) -> T:
+    """``trio.run(fn, *args)``, with a Ctrl-C that comes out of a nursery (wrapped in an
+    exception group, as trio's strict groups do) raised as the KeyboardInterrupt it is:
+    main() makes that exit 130, not a traceback."""
     import trio
 
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is None:  # nothing but Ctrl-C in it
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _warm(config: Config) -> int:
     from modelfs.warm import warm
 
-    result = trio.run(warm, config)
+    result = _run(warm, config)
     if result.failed:
         why = result.failed[0][1]
         more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
@@ -238,8 +254,6 @@ def _raise_on_stop_signals() -> None:
 
 def _mount_foreground(config: Config, early_signals: list[int]) -> int:
     """Serve the mount in this process; ``early_signals``: see :func:`_catch_stop_signals`."""
-    import trio
-
     from modelfs.mount import serve
 
     ready_fd = os.environ.pop(_READY_FD_ENV, None)
@@ -272,7 +286,7 @@ def _mount_foreground(config: Config, early_signals: list[int]) -> int:
                 pass
 
     try:
-        trio.run(serve, config, ready, early_signals)
+        _run(serve, config, ready, early_signals)
     except ModelfsError as exc:
         tell_parent(f"error: {escape(str(exc))}")
         raise

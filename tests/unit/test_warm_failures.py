@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from modelfs import cli, warm
 from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.config import Config, add_options, build_config
 from modelfs.errors import ModelfsError, VersionChanged
+from modelfs.testing.held import held_origin
 
 
 def _config(tmp_path: Path, source: str = "gs://bkt/m", *argv: str) -> Config:
@@ -73,3 +77,26 @@ def test_warm_keeps_to_memory_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     result = trio.run(warm.warm, config, io.StringIO())
     assert budgets == [1088 << 10]  # (17 blocks: the window is 15, not the 16 of 8 GETs x 2)
     assert result.objects == 1 and result.bytes == len(data) and not result.failed and not result.mismatched
+
+
+def test_ctrl_c_during_warm_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    """The KeyboardInterrupt comes out of warm's nursery inside an exception group: it is
+    still Ctrl-C (exit 130), not a 40-line traceback and exit 1."""
+    with held_origin() as origin:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelfs", "warm", origin.url, "--cache-dir", str(tmp_path / "cache")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert origin.arrived.wait(60), "warm's listing never reached the origin"
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)  # a guard against a hang only
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
