@@ -26,7 +26,7 @@ from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
-from modelfs.errors import ModelfsError
+from modelfs.errors import ConfigError, ModelfsError
 from modelfs.walk import walk_objects
 
 __all__ = ["warm", "WarmResult"]
@@ -134,7 +134,7 @@ async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: in
 async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     """Fetch every object of ``config.source`` into the disk cache and verify it."""
     if config.disk_cache <= 0:
-        raise ModelfsError("warm needs a disk cache (--disk-cache must be more than 0)")
+        raise ConfigError("warm needs a disk cache (--disk-cache must be more than 0)")  # bad usage: exit 2
     backend = open_backend(config)
     disk = DiskCache(config.cache_dir, config.disk_cache, block_size=config.block_size)
     # The read-ahead window fits the budget (the block being read and one more beside it),

@@ -100,3 +100,13 @@ def test_ctrl_c_during_warm_exits_130_without_a_traceback(tmp_path: Path) -> Non
                 proc.communicate()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+
+
+def test_warm_without_a_disk_cache_is_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--disk-cache 0`` leaves warm nothing to fill: a bad argument (exit 2), one line."""
+    source = tmp_path / "src"
+    source.mkdir()
+    argv = ["warm", f"file://{source}", "--disk-cache", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "modelfs: warm needs a disk cache (--disk-cache must be more than 0)\n"
