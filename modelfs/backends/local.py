@@ -1,8 +1,11 @@
 """A local directory as a backend (``file:///dir``): for development, demos and tests.
 
-The version of a file is its inode, size, mtime and ctime, checked again on every read, so a
-file changed while it is open reads as VersionChanged, like an overwritten object. It is a
-weak version: see weak.py.
+The version of a file is its inode, size, mtime and ctime, checked before and after every
+read, so a file changed while it is open reads as VersionChanged, like an overwritten object.
+It is a weak version: see weak.py. A limit: file timestamps advance in ticks of the kernel's
+coarse clock (a few milliseconds), so a rewrite in place of the same size within one tick of
+the version taken can go unseen, and a read may then return a mix of old and new bytes.
+Replace files by rename (a new inode, always seen), never by writing over them.
 """
 
 from __future__ import annotations
@@ -129,6 +132,11 @@ class LocalBackend(ThreadedBackend):
                 if n == 0:
                     raise VersionChanged(f"{name}: shorter than when it was opened")
                 got += n
+            # Again after the read: a rewrite in place while preadv copied may have put some of
+            # its bytes into ``dest``. (One within the same timestamp tick changes nothing that
+            # fstat shows: see the module's docstring.)
+            if _version(os.fstat(fd), self._run) != version:
+                raise VersionChanged(f"{name}: changed while it was read")
         except OSError as exc:
             raise self.classify(exc, name, reading=True) from None
         finally:
