@@ -45,10 +45,12 @@ def run_args(
     memory_cache: int | str,
     limits: list[str],
     env: list[str] = [],  # noqa: B006 - never mutated
+    command: list[str] = [],  # noqa: B006 - never mutated
 ) -> list[str]:
     """``podman run`` arguments for the image mounting the test bucket at ``shared`` (the
     volume's root, ``/mnt/models`` inside), privileged, on the host network, with ``limits``
-    (``--memory ...``) and extra ``env`` (``NAME=value``)."""
+    (``--memory ...``), extra ``env`` (``NAME=value``) and the container's arguments
+    (``command``; none: the entrypoint's MODELFS_* form)."""
     return [
         "run",
         "-d",
@@ -75,6 +77,7 @@ def run_args(
         "-v",
         f"{shared}:/mnt/models:rshared",
         image,
+        *command,
     ]
 
 
@@ -135,11 +138,14 @@ class Sidecar:
         self.mount = shared  # where the host sees the mount
 
     def start(self, subdir: str = "") -> None:
-        """Mount at the volume's root (the image's default) or at a subdirectory of it."""
+        """Mount at the volume's root (the image's default, from MODELFS_* variables) or at a
+        subdirectory of it, with arguments as the Kubernetes manifests pass them: the
+        entrypoint creates the subdirectory, which the fresh volume does not have."""
         self.mount = self.shared / subdir if subdir else self.shared
-        env = [f"MODELFS_MOUNTPOINT=/mnt/models/{subdir}"] if subdir else []
+        command = ["mount", f"gs://{BUCKET}/{PREFIX}", f"/mnt/models/{subdir}", "--foreground"] if subdir else []
+        limits = ["--memory", str(MEMORY_LIMIT)]
         self.podman(
-            *run_args(self.name, self.image, self.gcs, self.shared, MEMORY_CACHE, ["--memory", str(MEMORY_LIMIT)], env),
+            *run_args(self.name, self.image, self.gcs, self.shared, MEMORY_CACHE, limits, command=command),
             timeout=120,
         )
 

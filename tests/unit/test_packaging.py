@@ -7,9 +7,14 @@ in a manifest fails here, and the memory limit is checked against the budget it 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,8 @@ import yaml
 
 from modelfs.config import Config, add_options, build_config
 from modelfs.metrics import parse_addr
-from modelfs.mount import STOP_GRACE
+from modelfs.mount import STOP_GRACE, is_mounted
+from modelfs.testing.mounts import force_unmount
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "packaging" / "kubernetes"
@@ -242,6 +248,130 @@ def test_entrypoint_script() -> None:
     text = script.read_text()
     assert 'exec modelfs "$@"' in text
     assert '"$MODELFS_SOURCE" "$mountpoint" --foreground' in text
+
+
+ENTRYPOINT = ROOT / "packaging" / "entrypoint.sh"
+
+
+def relocate(args: list[str], root: Path) -> list[str]:
+    """``args`` with every absolute path (also ``--opt=/path``) moved under ``root``: the
+    container's file system, in a test's directory."""
+    out = []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if arg.startswith("/"):
+            out.append(f"{root}{arg}")
+        elif eq and flag.startswith("--") and value.startswith("/"):
+            out.append(f"{flag}={root}{value}")
+        else:
+            out.append(arg)
+    return out
+
+
+def fake_modelfs(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A PATH whose ``modelfs`` only records its arguments and whether its third one (the
+    mountpoint of ``mount SOURCE MOUNTPOINT``) is a directory when it runs; and the record."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "record"
+    fake = bin_dir / "modelfs"
+    fake.write_text(
+        '#!/bin/sh\nif [ -d "${3-}" ]; then echo dir; else echo missing; fi > "$RECORD"\n'
+        'printf "%s\\n" "$@" >> "$RECORD"\n'
+    )
+    fake.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record)}, record
+
+
+def test_entrypoint_creates_the_manifests_mountpoint(pod: Pod, tmp_path: Path) -> None:
+    """The sidecar mounts at a subdirectory of an emptyDir, which is fresh and empty on the
+    pod's first start: the entrypoint creates it (modelfs refuses a missing mountpoint)."""
+    root = tmp_path / "container"
+    volume = root / pod.model_mount()["mountPath"].lstrip("/")
+    volume.mkdir(parents=True)  # the emptyDir, as the kubelet hands it over
+    args = relocate(expand(pod.sidecar["args"], pod.sidecar), root)
+    env, record = fake_modelfs(tmp_path)
+    subprocess.run(["sh", str(ENTRYPOINT), *args], env=env, cwd=tmp_path, check=True, timeout=30)
+    lines = record.read_text().splitlines()
+    assert lines[0] == "dir", "modelfs ran before the mountpoint existed"
+    assert lines[1:] == args, "the arguments reach modelfs unchanged"
+    mountpoint = Path(args[2])
+    assert mountpoint.parent == volume or volume in mountpoint.parents
+    assert mountpoint.is_dir() and not any(mountpoint.iterdir())
+
+
+def test_entrypoint_creates_the_mountpoint_of_the_env_form(tmp_path: Path) -> None:
+    env, record = fake_modelfs(tmp_path)
+    mountpoint = tmp_path / "models" / "model"
+    env.update(MODELFS_SOURCE="gs://b/p", MODELFS_MOUNTPOINT=str(mountpoint))
+    subprocess.run(["sh", str(ENTRYPOINT)], env=env, cwd=tmp_path, check=True, timeout=30)
+    assert record.read_text().splitlines() == ["dir", "mount", "gs://b/p", str(mountpoint), "--foreground"]
+
+
+def test_entrypoint_creates_nothing_when_options_come_first(tmp_path: Path) -> None:
+    """With an option before SOURCE or MOUNTPOINT the script cannot tell which argument is
+    the mountpoint: it creates nothing (never a directory named after SOURCE)."""
+    env, record = fake_modelfs(tmp_path)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    mountpoint = tmp_path / "mnt"
+    for args in (["mount", "--foreground", "gs:/b", str(mountpoint)], ["mount", "gs:/b", "-f", str(mountpoint)]):
+        subprocess.run(["sh", str(ENTRYPOINT), *args], env=env, cwd=work, check=True, timeout=30)
+        assert record.read_text().splitlines()[1:] == args
+    assert not mountpoint.exists() and not any(work.iterdir())
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
+def test_the_manifests_args_mount_through_the_entrypoint(pod: Pod, tmp_path: Path) -> None:
+    """The sidecar's own arguments, run through the real entrypoint and modelfs against an
+    empty emptyDir: the mount comes up (file:// stands in for the bucket, 127.0.0.1 for
+    the pod IP, and the disk cache is kept small), and SIGTERM takes it down."""
+    root = tmp_path / "container"
+    volume = root / pod.model_mount()["mountPath"].lstrip("/")
+    volume.mkdir(parents=True)
+    source = tmp_path / "bucket"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    with socket.socket() as probe:  # a free port on loopback for --metrics-addr
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = relocate(expand(pod.sidecar["args"], pod.sidecar), root)
+    args = [
+        f"file://{source}"
+        if arg == str(pod.config.source.url)
+        else "--disk-cache=64M"
+        if arg.startswith("--disk-cache=")
+        else f"--metrics-addr=127.0.0.1:{port}"
+        if arg.startswith("--metrics-addr=")
+        else arg
+        for arg in args
+    ]
+    assert args[1] == f"file://{source}", args
+    mountpoint = Path(args[2])
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.Popen(
+        ["sh", str(ENTRYPOINT), *args], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # JSON log lines (--log-format=json), until the mount answers
+            if line.startswith("{") and json.loads(line).get("message", "").startswith("ready"):
+                break
+            seen.append(line)
+        else:
+            raise AssertionError(f"modelfs exited ({proc.wait()}) before the mount was ready: {''.join(seen)}")
+        assert (mountpoint / "config.json").read_text() == "{}"
+        proc.send_signal(signal.SIGTERM)  # exec'd: the shell's pid is modelfs'
+        _, err = proc.communicate(timeout=60)  # a guard against a hang only
+        assert proc.returncode == 0, err
+        assert not is_mounted(mountpoint)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()  # reaped, its pipe closed
+        force_unmount(mountpoint)
 
 
 # --- the cache tier (issue 16): one source in modelfs/tierconf/, rendered into packaging/tier/
