@@ -29,8 +29,10 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from bisect import bisect_right
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, urlsplit
@@ -98,6 +100,22 @@ _PROBE_BODY_LIMIT = 64 << 10
 
 IndexEntry = tuple[str, str | None, int | None]
 """One entry of a JSON directory index: (name, type, size)."""
+DirEntry = tuple[str, int | None]
+"""One entry of a directory as list_dir pages it: (name relative to the directory, with '/'
+after a subdirectory's; size or None)."""
+# list_dir answers a directory in pages of this many entries (files and subdirectories), in
+# name order, as GCS and S3 do: the files of one page are HEADed, and the namespace holds no
+# more than a page of a directory too large for its cache (inodes.py).
+PAGE_ENTRIES = 1000
+# A directory of more than one page keeps its sorted entries for the pages that follow (its
+# index is not fetched and parsed again for each), counted in the memory budget: at most this
+# many directories at a time, each dropped when its last page is listed, when idle this long,
+# or when an index to be parsed needs its room. A dropped one is fetched again at the next page.
+_MAX_KEPT = 4
+_KEPT_IDLE = 300.0
+KEPT_ENTRY_BYTES = 160
+"""Bytes of Python objects per kept entry beside its name's characters (the name's str header,
+the (name, size) tuple, the size, the list slot): what a kept directory is counted for."""
 # Larger socket reads than httpcore's 64 KiB: see private/httpcore_read_size.py.
 _READ_SIZE = 512 << 10
 
@@ -198,6 +216,9 @@ class HTTPBackend(BackendSkeleton):
         # The directory every name is relative to, with its path as the user spelled it.
         self._base = source.url.rsplit("/", 1)[0] + "/" if source.file else source.url
         self._warned: set[str] = set()
+        # Directories of more than one page, sorted, kept for their next pages (list_dir).
+        self._kept: dict[int, _Kept] = {}
+        self._kept_serial = 0
         raise_read_size(_READ_SIZE)
         context = self._ssl_context(ca_cert) if source.scheme == "https" else None
         client_headers = [("User-Agent", f"modelfs/{__version__}"), ("Accept-Encoding", "identity")]
@@ -461,78 +482,141 @@ class HTTPBackend(BackendSkeleton):
             entries = parse_manifest(await self._manifest_text(), str(self._manifest))
         else:
             entries = await self._walk_index(placeholders)
-        results: list[ObjectInfo | None] = [None] * len(entries)
-        errors: list[BaseException] = []
 
-        async def one(index: int, name: str, size: int | None) -> None:
-            try:
-                results[index] = await self._stat(name, size)
-            except BackendError as exc:
-                if isinstance(exc, NotFound) and self._manifest is not None:
-                    exc = NotFound(f"{self._display(name)}: in the manifest but not on the server")
-                errors.append(exc)
-                nursery.cancel_scope.cancel()
+        def failed(name: str, exc: BackendError) -> BackendError:
+            if isinstance(exc, NotFound) and self._manifest is not None:
+                return NotFound(f"{self._display(name)}: in the manifest but not on the server")
+            return exc
+
+        return await self._stat_all(entries, failed) + placeholders
+
+    async def _stat_all(
+        self, files: Sequence[tuple[str, int | None]], failed: Callable[[str, BackendError], BackendError | None]
+    ) -> list[ObjectInfo]:
+        """``files`` HEADed, in their order, by as many worker tasks as HEADs may run at once
+        (not a task per file: each would hold its frame while it waits for the limiter, ~4 KiB
+        a file, 200 MiB for a directory of 50,000). ``failed`` judges a HEAD's error: the
+        error the whole call fails with (the first one; the other HEADs are cancelled), or
+        None to leave that file out."""
+        results: list[ObjectInfo | None] = [None] * len(files)
+        errors: list[BaseException] = []
+        work = iter(enumerate(files))  # shared: each worker takes the next file
+
+        async def worker() -> None:
+            for index, (name, size) in work:
+                try:
+                    results[index] = await self._stat(name, size)
+                except BackendError as exc:
+                    error = failed(name, exc)
+                    if error is not None:
+                        errors.append(error)
+                        nursery.cancel_scope.cancel()
+                        return
 
         async with trio.open_nursery() as nursery:
-            for index, (name, size) in enumerate(entries):
-                nursery.start_soon(one, index, name, size)
+            for _ in range(min(len(files), int(self._head_limiter.total_tokens))):
+                nursery.start_soon(worker)
         if errors:
             raise errors[0]
-        return [info for info in results if info is not None] + placeholders
+        return [info for info in results if info is not None]
 
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
-        """One directory: the manifest's entries below ``prefix``, or the server's JSON index of it.
+        """One page of a directory: the manifest's entries below ``prefix``, or the server's JSON index of it.
 
-        Each file of the directory is HEADed for its size and version (within the connection
-        limit); a probe (``limit``) only tells whether the directory exists, with a
-        placeholder, and HEADs nothing. A file whose HEAD fails for good (403, a bad answer) is
-        left out with one warning, as one gone since the index was read is: one unreadable
-        file must not make its directory unlistable (a lookup of it gives its own error). A
-        transient failure fails the page, to be retried.
+        Pages hold PAGE_ENTRIES entries, in name order; a directory of more than one keeps its
+        sorted entries, counted in the budget, for the pages that follow (the token names the
+        kept entries and the last name listed: where they are gone, the index is read again
+        and listed on after that name). Each file of the page is HEADed for its size and
+        version (within the connection limit); a probe (``limit``) only tells whether the
+        directory exists, with a placeholder, and HEADs nothing. A file whose HEAD fails for
+        good (403, a bad answer) is left out with one warning, as one gone since the index was
+        read is: one unreadable file must not make its directory unlistable (a lookup of it
+        gives its own error). A transient failure fails the page, to be retried.
         """
         if self._source.file:
             return ListPage([await self._stat(self._source.file)] if not prefix else [], [])
-        if self._manifest is not None:
-            files, prefixes = await self._manifest_dir(prefix)
-            exists = bool(files or prefixes)
-        else:
-            listed = await self._index_dir(prefix)
+        self._drop_idle()
+        kept: _Kept | None = None
+        after: str | None = None
+        if token is not None and limit is None:
+            number, sep, after = token.partition(":")
+            if not sep or not number.isdigit():
+                raise BackendError(f"{self._base}{prefix}: not a continuation token of this listing")
+            kept = self._kept.get(int(number))
+            if kept is not None and kept.prefix != prefix:
+                kept = None
+        if kept is None:
+            listed = await (self._manifest_dir(prefix) if self._manifest is not None else self._index_dir(prefix))
             if listed is None:
-                return ListPage([], [])
-            files, prefixes = listed
-            exists = True
-        if limit is not None:
-            return ListPage([ObjectInfo(prefix, 0, 0.0, "0/lm:")] if exists and prefix else [], [])
-        results: list[ObjectInfo | None] = [None] * len(files)
-        errors: list[BaseException] = []
+                return ListPage([], [])  # a missing subdirectory
+            if self._manifest is not None and not listed.entries:
+                listed.release()
+                return ListPage([], [])  # nothing in the manifest below it
+            if limit is not None:
+                listed.release()
+                return ListPage([ObjectInfo(prefix, 0, 0.0, "0/lm:")] if prefix else [], [])
+            kept = listed
+        entries = kept.entries
+        start = bisect_right(entries, after, key=itemgetter(0)) if after is not None else 0
+        chunk = entries[start : start + PAGE_ENTRIES]
+        more = start + PAGE_ENTRIES < len(entries)
+        del entries
+        next_token: str | None = None
+        if more:
+            if kept.number is None:
+                self._keep(kept, prefix)
+            kept.used_at = trio.current_time()
+            next_token = f"{kept.number}:{chunk[-1][0]}"
+        else:
+            self._drop(kept)
+        del kept
+        files = [(prefix + key, size) for key, size in chunk if not key.endswith("/")]
+        prefixes = [prefix + key for key, _ in chunk if key.endswith("/")]
+        del chunk
 
-        async def one(index: int, name: str, size: int | None) -> None:
-            try:
-                results[index] = await self._stat(name, size)
-            except NotFound as exc:
+        def failed(name: str, exc: BackendError) -> BackendError | None:
+            if isinstance(exc, NotFound):
                 if self._manifest is not None:
-                    errors.append(NotFound(f"{self._display(name)}: in the manifest but not on the server"))
-                    nursery.cancel_scope.cancel()
-                else:
-                    log.debug("%s: gone since the index was read: %s", name, exc)
-            except AccessDenied as exc:
+                    return NotFound(f"{self._display(name)}: in the manifest but not on the server")
+                log.debug("%s: gone since the index was read: %s", name, exc)
+                return None
+            if isinstance(exc, AccessDenied):
                 if self._manifest is not None:  # (named by the user: as a missing one, an error)
-                    errors.append(exc)
-                    nursery.cancel_scope.cancel()
-                else:  # a file the server lists but will not serve (nginx cannot read it)
-                    self._warn_once(f"unlisted {name}", "%s; not listed in its directory", exc)
-            except BackendError as exc:
-                # Transient (the page is retried), or an answer no file here could be read
-                # with (Range ignored, a bad size): the listing fails with that one line.
-                errors.append(exc)
-                nursery.cancel_scope.cancel()
+                    return exc
+                # A file the server lists but will not serve (nginx cannot read it).
+                self._warn_once(f"unlisted {name}", "%s; not listed in its directory", exc)
+                return None
+            # Transient (the page is retried), or an answer no file here could be read
+            # with (Range ignored, a bad size): the listing fails with that one line.
+            return exc
 
-        async with trio.open_nursery() as nursery:
-            for index, (name, size) in enumerate(files):
-                nursery.start_soon(one, index, name, size)
-        if errors:
-            raise errors[0]
-        return ListPage([info for info in results if info is not None], prefixes)
+        return ListPage(await self._stat_all(files, failed), prefixes, next_token)
+
+    def _keep(self, kept: _Kept, prefix: str) -> None:
+        """Hold ``kept`` for the pages after the first (the oldest beyond _MAX_KEPT go)."""
+        self._kept_serial += 1
+        kept.number = self._kept_serial
+        kept.prefix = prefix
+        self._kept[kept.number] = kept
+        while len(self._kept) > _MAX_KEPT:
+            self._drop(next(iter(self._kept.values())))
+
+    def _drop(self, kept: _Kept) -> None:
+        if kept.number is not None:
+            self._kept.pop(kept.number, None)
+        kept.release()
+
+    def _drop_idle(self) -> None:
+        now = trio.current_time()
+        for kept in [k for k in self._kept.values() if now - k.used_at > _KEPT_IDLE]:
+            self._drop(kept)
+
+    def _make_room(self, charge: int) -> None:
+        """Drop kept directories (oldest first) while a lease of ``charge`` would not fit beside
+        them: a kept directory nobody lists on must never make an index wait for room."""
+        budget = self._budget
+        while self._kept and budget is not None and budget.leased + charge > budget.max_lease:
+            self._drop(next(iter(self._kept.values())))
 
     async def _manifest_text(self) -> str:
         """The manifest file, refused past _MAX_MANIFEST_BYTES or MAX_INDEX_ENTRIES lines."""
@@ -551,54 +635,55 @@ class HTTPBackend(BackendSkeleton):
         except UnicodeDecodeError:
             raise ConfigError(f"manifest {self._manifest} is not UTF-8 text") from None
 
-    async def _manifest_dir(self, prefix: str) -> tuple[list[tuple[str, int | None]], list[str]]:
+    async def _manifest_dir(self, prefix: str) -> _Kept:
         text = await self._manifest_text()
-        files: list[tuple[str, int | None]] = []
-        prefixes: dict[str, None] = {}
+        entries: dict[str, int | None] = {}
         for name, size in parse_manifest(text, str(self._manifest)):
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix) :]
             if "/" in rest:
-                prefixes[prefix + rest.split("/", 1)[0] + "/"] = None
+                entries[rest.split("/", 1)[0] + "/"] = None
             elif rest:
-                files.append((name, size))
-        return files, list(prefixes)
+                entries[rest] = size
+        del text
+        listed = _Kept(sorted(entries.items(), key=itemgetter(0)))
+        del entries
+        if self._budget is not None:
+            from modelfs.cache.memory import BufferKind
 
-    async def _index_dir(self, rel: str) -> tuple[list[tuple[str, int | None]], list[str]] | None:
-        """The files and subdirectories of one JSON index; None if a subdirectory is missing."""
+            charge = kept_charge(listed.entries)
+            if not self._budget.can_lease(0, extra=charge):
+                raise BackendError(
+                    f"{self._base}{prefix}: the manifest's directory does not fit in the memory budget "
+                    "(raise --memory-cache)"
+                )
+            self._make_room(charge)
+            listed.lease = await self._budget.lease(0, BufferKind.INDEX, extra=charge)
+        return listed
+
+    async def _index_dir(self, rel: str) -> _Kept | None:
+        """The files and subdirectories of one JSON index, sorted; None if a subdirectory is missing.
+
+        Its lease (the budget's count of the sorted entries) is the caller's to release."""
         what = self._base + rel
-        status, entries = await self._get_index(rel, what)
+        deep = rel.count("/") >= _MAX_INDEX_DEPTH
+        status, listed = await self._get_index(rel, what, deep=deep)
         if status == 404 and rel:
             return None
         error = metadata_status_error(status, what)
         if error is not None:
             raise error
-        if entries is None:
+        if not isinstance(listed, _Kept):
             if rel:
                 return None  # a file, not a directory: nothing below it
             raise BackendError(
                 f"{what}: the server sends no JSON directory index (nginx 'autoindex_format "
                 "json') for this URL: list the files with --manifest FILE"
             )
-        if len(entries) > MAX_INDEX_ENTRIES:
-            raise BackendError(f"{what}: the index lists more than {MAX_INDEX_ENTRIES} entries")
-        files: list[tuple[str, int | None]] = []
-        prefixes: list[str] = []
-        deep = rel.count("/") >= _MAX_INDEX_DEPTH
-        for name, kind, size in entries:
-            if not name or "/" in name or name in (".", ".."):
-                continue
-            if kind == "directory":
-                if deep:
-                    self._warn_once(
-                        f"depth:{rel}", "%s: deeper than %d directories: not listed", what, _MAX_INDEX_DEPTH
-                    )
-                    continue
-                prefixes.append(f"{rel}{name}/")
-            elif kind == "file":
-                files.append((rel + name, size))
-        return files, prefixes
+        if listed.skipped:
+            self._warn_once(f"depth:{rel}", "%s: deeper than %d directories: not listed", what, _MAX_INDEX_DEPTH)
+        return listed
 
     async def _walk_index(self, placeholders: list[ObjectInfo]) -> list[tuple[str, int | None]]:
         """Files of the server's JSON directory index below the base URL, recursively
@@ -614,7 +699,8 @@ class HTTPBackend(BackendSkeleton):
                     f"{self._base}: more than {MAX_INDEX_DIRS} directories in the index (a symlink loop?); "
                     "list the files with --manifest FILE"
                 )
-            status, entries = await self._get_index(rel, what)
+            status, got = await self._get_index(rel, what)
+            entries = cast("list[IndexEntry] | None", got)
             error = metadata_status_error(status, what)
             if error is not None:
                 raise error
@@ -644,12 +730,17 @@ class HTTPBackend(BackendSkeleton):
         await walk("", 0)
         return files
 
-    async def _get_index(self, rel: str, what: str) -> tuple[int, list[IndexEntry] | None]:
-        """GET one JSON directory index: its status and entries (None: not a JSON list).
+    async def _get_index(
+        self, rel: str, what: str, *, deep: bool | None = None
+    ) -> tuple[int, list[IndexEntry] | _Kept | None]:
+        """GET one JSON directory index: its status and entries (None: not a JSON list); with
+        ``deep`` given, its entries as one directory lists them (:func:`sorted_index`).
 
         The body goes into leases of the memory budget that grow with it (at most
         _MAX_INDEX_BYTES; more is a BackendError) and is parsed in a worker thread, with the
-        parser's objects counted too. Without a budget (``modelfs warm``) the same bounds hold.
+        parser's objects counted too. Sorted entries come with a lease of their own, taken as
+        those are released (they hold more): the caller releases it. Without a budget
+        (``modelfs warm``) the same bounds hold.
         """
         url = self._base + quote(rel, safe=_PCHAR_SAFE)
         leases: list[Lease] = []
@@ -686,7 +777,22 @@ class HTTPBackend(BackendSkeleton):
             # their names (modelfs.jsonscan: nothing else is decoded).
             objects = await trio.to_thread.run_sync(count_index_objects, buf[:used])
             await self._index_buffer(0, leases, what, extra=objects * INDEX_ENTRY_BYTES + used)
-            return 200, await trio.to_thread.run_sync(parse_index, buf[:used])
+            if deep is None:
+                return 200, await trio.to_thread.run_sync(parse_index, buf[:used])
+            kept = await trio.to_thread.run_sync(sorted_index, buf[:used], deep)
+            if kept is None:
+                return 200, None
+            if len(kept.entries) > MAX_INDEX_ENTRIES:
+                raise BackendError(f"{what}: the index lists more than {MAX_INDEX_ENTRIES} entries")
+            if self._budget is not None:
+                from modelfs.cache.memory import BufferKind
+
+                for lease in leases:
+                    lease.release()
+                leases.clear()
+                # (Never more than the leases just released held: no wait.)
+                kept.lease = await self._budget.lease(0, BufferKind.INDEX, extra=kept.charge)
+            return 200, kept
         except BackendError:
             raise
         except Exception as exc:
@@ -703,6 +809,7 @@ class HTTPBackend(BackendSkeleton):
 
         if not self._budget.can_lease(size + sum(lease.charge for lease in leases), extra=extra):
             raise BackendError(f"{what}: the directory index does not fit in the memory budget (raise --memory-cache)")
+        self._make_room(size + extra)
         lease = await self._budget.lease(size, BufferKind.INDEX, extra=extra)
         leases.append(lease)
         return lease.view
@@ -797,6 +904,8 @@ class HTTPBackend(BackendSkeleton):
             self._media.abort()
 
     async def aclose(self) -> None:
+        for kept in list(self._kept.values()):
+            self._drop(kept)
         if self._media is not None:
             self._media.close()
         await self._client.aclose()
@@ -832,6 +941,58 @@ _INDEX_SIZE = re.compile(rb"[0-9]{1,20}")
 INDEX_ENTRY_BYTES = 256
 """Bytes of Python objects per entry of a parsed index beside its name (the tuple, the type
 string, the size, the list slot): counted in the budget while the index is parsed."""
+
+
+class _Kept:
+    """One directory's entries in name order (``DirEntry``), as list_dir pages them; while
+    kept for the pages after the first, ``number`` names them in the continuation token."""
+
+    __slots__ = ("entries", "charge", "lease", "number", "prefix", "used_at", "skipped")
+
+    def __init__(self, entries: list[DirEntry], *, skipped: bool = False) -> None:
+        self.entries = entries
+        self.charge = kept_charge(entries)  # what the budget counts for them
+        self.lease: Lease | None = None
+        self.number: int | None = None
+        self.prefix = ""
+        self.used_at = 0.0
+        self.skipped = skipped  # subdirectories left out (too deep)
+
+    def release(self) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
+
+
+def kept_charge(entries: list[DirEntry]) -> int:
+    """What ``entries`` take in memory, at most: KEPT_ENTRY_BYTES each and their names' UTF-8
+    bytes (never fewer than a str holds them in)."""
+    return len(entries) * KEPT_ENTRY_BYTES + sum(len(key.encode("utf-8", "surrogatepass")) for key, _ in entries)
+
+
+def sorted_index(body: bytes | memoryview, deep: bool) -> _Kept | None:
+    """The entries of a JSON directory index as one directory lists them: names (a
+    subdirectory's with '/' after it) and sizes, in name order; None if it is not an index.
+    Unusable names are left out, and with ``deep`` every subdirectory. The parsed entries are
+    let go one by one as they are turned into these (never both whole at once)."""
+    parsed = parse_index(body)
+    if parsed is None:
+        return None
+    entries: list[DirEntry] = []
+    skipped = False
+    while parsed:
+        name, kind, size = parsed.pop()
+        if not name or "/" in name or name in (".", ".."):
+            continue
+        if kind == "directory":
+            if deep:
+                skipped = True
+                continue
+            entries.append((name + "/", None))
+        elif kind == "file":
+            entries.append((name, size))
+    entries.sort(key=itemgetter(0))
+    return _Kept(entries, skipped=skipped)
 
 
 def count_index_objects(body: bytes | memoryview) -> int:
