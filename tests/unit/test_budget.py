@@ -435,13 +435,16 @@ async def test_index_body_is_read_into_the_budget(chunked: bool) -> None:
     b = _index_backend({"/models/": body}, cache, chunked)
     trio.lowlevel.add_instrument(checker)
     try:
-        files, prefixes = await b._index_dir("")  # type: ignore[attr-defined]
+        listed = await b._index_dir("")  # type: ignore[attr-defined]
     finally:
         trio.lowlevel.remove_instrument(checker)
-    assert len(files) == 3000 and files[7] == ("f000007.bin", 7) and prefixes == ["sub/"]
+    entries = listed.entries  # sorted, a subdirectory's name with '/' after it
+    assert len(entries) == 3001 and entries[7] == ("f000007.bin", 7) and entries[-1] == ("sub/", None)
     assert checker.failure is None, checker.failure
     assert {lease.kind for lease in checker.leases} == {BufferKind.INDEX}
     assert checker.peak_leased >= len(body) * 4  # body + the parser's objects were counted
+    assert cache.leased == listed.charge  # the sorted entries stay counted until released
+    listed.release()
     assert cache.leased == 0
 
 
