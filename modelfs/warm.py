@@ -155,7 +155,10 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
 
         async def produce() -> None:
             warned = False
-            async with send:
+            # Closed without a checkpoint: ``async with`` closes at one, and the nursery's
+            # cancel (the loop below ends once the channel closes) raised there replaced an
+            # error on its way out, a Ctrl-C included: warm then ended as if it had finished.
+            with send:
                 try:
                     async for info in walk_objects(backend, retry_deadline=config.retry_deadline):
                         progress.total += info.size

@@ -110,3 +110,28 @@ def test_warm_without_a_disk_cache_is_bad_usage(tmp_path: Path, capsys: pytest.C
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err == "modelfs: warm needs a disk cache (--disk-cache must be more than 0)\n"
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_error_in_the_walk_is_never_taken_for_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
+) -> None:
+    """The walk's task closed its channel with ``async with``, at a checkpoint: the loop over
+    the channel ended there, cancelled the nursery, and the Cancelled raised at that
+    checkpoint replaced the error on its way out. A Ctrl-C landing in the walk (or a bug in
+    it) then ended warm as if the source were empty: exit 0, nothing cached. Whether the loop
+    ran first was up to trio's scheduling, so it is tried many times."""
+    backend = MemoryBackend()
+    backend.put("m/a.bin", ramp(1000, seed=1))
+
+    async def list_dir(prefix: str, token: str | None = None, *, limit: int | None = None) -> object:
+        await trio.lowlevel.checkpoint()
+        raise error("in the walk")
+
+    monkeypatch.setattr(backend, "list_dir", list_dir)
+    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
+    for attempt in range(30):
+        with pytest.raises(BaseException) as caught:
+            trio.run(warm.warm, _config(tmp_path / str(attempt), "gs://bkt/"), io.StringIO())
+        found = caught.value.split(error)[0] if isinstance(caught.value, BaseExceptionGroup) else caught.value
+        assert isinstance(found, BaseExceptionGroup | error), caught.value
