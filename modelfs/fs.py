@@ -107,6 +107,7 @@ class ModelFS(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._dir_handles: dict[int, DirHandle] = {}
+        self._file_nodes: dict[int, Node] = {}  # open file handle → its node (held while open)
         self._next_dir_fh = 1
         self.errors: Counter[str] = Counter()
         self._requests: set[trio.CancelScope] = set()  # the requests being served
@@ -184,6 +185,7 @@ class ModelFS(pyfuse3.Operations):
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dir_handles[fh] = handle
+        self.namespace.opened(node)
         return fh
 
     @_mapped
@@ -199,7 +201,9 @@ class ModelFS(pyfuse3.Operations):
 
     @_mapped
     async def releasedir(self, fh: int) -> None:
-        self._dir_handles.pop(fh, None)
+        handle = self._dir_handles.pop(fh, None)
+        if handle is not None:
+            self.namespace.closed(handle.listing.directory)
 
     # --- files
 
@@ -217,7 +221,10 @@ class ModelFS(pyfuse3.Operations):
         keep = node.opened_version == info.version
         node.opened_version = info.version
         await self.files.store.prepare(ref)
-        return pyfuse3.FileInfo(fh=self.files.open(ref), keep_cache=keep, direct_io=False)
+        fh = self.files.open(ref)
+        self._file_nodes[fh] = node
+        self.namespace.opened(node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
     @_mapped
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -231,6 +238,9 @@ class ModelFS(pyfuse3.Operations):
 
     @_mapped
     async def release(self, fh: int) -> None:
+        node = self._file_nodes.pop(fh, None)
+        if node is not None:
+            self.namespace.closed(node)
         self.files.release(fh)
 
     @_mapped
@@ -257,6 +267,9 @@ class ModelFS(pyfuse3.Operations):
             "metadata_capacity": self.namespace.metadata_capacity,
             "cached_dirs": self.namespace.cached_dirs,
             "inodes": self.namespace.inodes,
+            "held_nodes": self.namespace.held_nodes,
+            "held_cap": self.namespace.held_cap,
+            "node_invalidations": self.namespace.invalidations,
             "dir_handles": len(self._dir_handles),
             "listing_pages": self.namespace.pages,
             "name_lookups": self.namespace.name_lookups,

@@ -17,6 +17,14 @@ whose object changed version is a new node (new inode): the kernel's page cache 
 and an open handle must never be served pages of another version. ``_by_inode`` holds only
 the nodes the kernel references (lookup and readdirplus replies, minus forgets) and the root:
 those are the only inodes the kernel can ask about, and a forgotten node is freed there.
+
+Held nodes are bounded: the kernel keeps a dentry and inode for every name it was given until
+its own caches shrink (under host memory pressure only), so a walk of a large tree would make
+the daemon keep a node per file. The nodes the kernel holds are kept in the order of their
+last lookup or readdirplus reply; past ``held_cap`` (:func:`modelfs.memlimit.held_nodes`) a
+background task asks the kernel to drop the least recently replied ones that no open file or
+directory handle uses (``invalidate_entry``, a batch at a time, in a worker thread), and the
+node is freed when the kernel's FORGET comes, never before: its inode stays valid until then.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import trio
 from modelfs.backends.base import Backend, ListPage, ObjectInfo
 from modelfs.backends.retry import retry_transient
 from modelfs.errors import BackendError, NotFound
+from modelfs.memlimit import held_nodes
 from modelfs.names import NAME_MAX, ParsedName, parse_object_name
 from modelfs.pages import PageGuard
 
@@ -71,6 +80,7 @@ class Node:
         "listing",
         "extra",
         "refreshing",
+        "opens",
     )
 
     def __init__(
@@ -96,6 +106,7 @@ class Node:
         self.listing: Listing | None = None  # directories: the cached listing
         self.extra: dict[bytes, Node] | None = None  # directories: names found by lookup, outside a listing
         self.refreshing = False  # directories: a background listing is running
+        self.opens = 0  # open file or directory handles on it: the kernel is not asked to drop it
 
     @property
     def size(self) -> int:
@@ -245,11 +256,29 @@ class _ListingCache(cachetools.LRUCache[int, Listing]):
         return key, listing
 
 
+Invalidate = Callable[[int, bytes], None]
+"""``invalidate(parent_inode, name)``: ask the kernel to drop a directory entry (pyfuse3's
+``invalidate_entry``; called in a worker thread: it blocks while the kernel serves a request
+in that directory). Raises FileNotFoundError when the kernel has no such entry."""
+
+
 class Namespace:
-    """Path ↔ inode over a lazily listed backend; listings valid for ``ttl`` seconds (-1: forever)."""
+    """Path ↔ inode over a lazily listed backend; listings valid for ``ttl`` seconds (-1: forever).
+
+    ``invalidate`` (a mount passes pyfuse3's): how the nodes the kernel holds beyond
+    ``held_cap`` (default: :func:`modelfs.memlimit.held_nodes` of ``cache_bytes``) are given
+    back, while :meth:`run` runs; without it they are not bounded.
+    """
 
     def __init__(
-        self, backend: Backend, *, ttl: float, retry_deadline: float, cache_bytes: int = DEFAULT_METADATA_CACHE
+        self,
+        backend: Backend,
+        *,
+        ttl: float,
+        retry_deadline: float,
+        cache_bytes: int = DEFAULT_METADATA_CACHE,
+        held_cap: int | None = None,
+        invalidate: Invalidate | None = None,
     ) -> None:
         self.backend = backend
         self.ttl = ttl
@@ -272,6 +301,21 @@ class Namespace:
         self.refreshes = 0  # background refreshes finished
         self.stale_served = 0  # lookups and opendirs answered from a listing past its TTL
         self.refresh_failures = 0
+        # The nodes the kernel holds (not the root), least recently replied first, but for those
+        # it was asked to drop and has not forgotten yet (in _by_inode only).
+        self._held: dict[int, Node] = {}
+        self.held_cap = held_nodes(cache_bytes) if held_cap is None else max(1, held_cap)
+        # Invalidations go a batch at a time, from held_cap down to held_cap - batch: one
+        # worker-thread call per `batch` new nodes, not one per node.
+        self._batch = max(16, self.held_cap // 16)
+        self._trim_at = self.held_cap  # _held's length that wakes the trimmer
+        self._trim_wanted = trio.Event()
+        self._invalidate = invalidate
+        self._invalidating = False  # a batch is being sent (a worker thread)
+        self._invalidated = trio.Event()  # set when that batch is done
+        self._stop_invalidating = False  # (read by the worker thread between entries)
+        self.invalidations = 0  # entries the kernel was asked to drop
+        self.trim_passes = 0  # times the trimmer looked for nodes to give back
 
     # --- the background nursery
 
@@ -279,6 +323,8 @@ class Namespace:
         """Serve background refreshes until cancelled (without it, stale listings refresh inline)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._invalidate is not None:
+                nursery.start_soon(self._trim_held, self._invalidate)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -314,6 +360,12 @@ class Namespace:
     def inodes(self) -> int:
         """Nodes the kernel holds references to (plus the root)."""
         return len(self._by_inode)
+
+    @property
+    def held_nodes(self) -> int:
+        """Nodes the kernel holds that it was not asked to drop (bounded by ``held_cap`` but
+        for those open handles use, and what arrives while a batch is being sent)."""
+        return len(self._held)
 
     # --- state helpers
 
@@ -771,7 +823,117 @@ class Namespace:
     def remember(self, node: Node) -> None:
         """The kernel got a reference to ``node`` (a lookup or readdirplus reply)."""
         node.lookups += 1
-        self._by_inode[node.inode] = node
+        inode = node.inode
+        self._by_inode[inode] = node
+        if inode == ROOT_INODE:
+            return
+        held = self._held
+        held.pop(inode, None)  # the most recently replied goes last
+        held[inode] = node
+        if len(held) > self._trim_at:
+            self._trim_wanted.set()
+
+    def opened(self, node: Node) -> None:
+        """An open file or directory handle uses ``node``: the kernel is not asked to drop it."""
+        node.opens += 1
+
+    def closed(self, node: Node) -> None:
+        node.opens = max(0, node.opens - 1)
+
+    # --- giving nodes back to the kernel
+
+    def _pick(self) -> list[tuple[int, bytes]]:
+        """The entries to ask the kernel to drop: the least recently replied held nodes, from
+        beyond ``held_cap`` down to ``held_cap - batch``, but for those an open handle uses
+        (they go last, looked at again after the others). They leave ``_held`` (the kernel
+        still holds them: they stay in ``_by_inode`` until its FORGET)."""
+        self.trim_passes += 1
+        held = self._held
+        want = len(held) - max(0, self.held_cap - self._batch)
+        picked: list[Node] = []
+        skipped: list[Node] = []
+        if want > 0:
+            for node in held.values():
+                if node.opens or node.parent is None:
+                    skipped.append(node)
+                    continue
+                picked.append(node)
+                if len(picked) >= want:
+                    break
+        for node in picked:
+            del held[node.inode]
+        for node in skipped:
+            del held[node.inode]
+            held[node.inode] = node
+        # Too few could go (open handles use the rest): look again only after another batch
+        # of new nodes, so a lookup storm over open files cannot make this spin.
+        self._trim_at = self.held_cap if len(picked) >= want else max(self.held_cap, len(held) + self._batch)
+        return [(node.parent.inode, node.name) for node in picked if node.parent is not None]
+
+    @staticmethod
+    def _send(invalidate: Invalidate, batch: list[tuple[int, bytes]], stop: Callable[[], bool]) -> OSError | None:
+        """(A worker thread: it touches nothing but ``batch``.) Ask the kernel to drop each
+        entry; the first error other than "no such entry" ends the batch and is returned."""
+        for parent, name in batch:
+            if stop():
+                return None
+            try:
+                invalidate(parent, name)
+            except FileNotFoundError:
+                continue  # the kernel dropped it already: its FORGET is on the way
+            except OSError as exc:
+                return exc
+        return None
+
+    async def _trim_held(self, invalidate: Invalidate) -> None:
+        """Give held nodes back to the kernel, a batch at a time, whenever there are too many."""
+        limiter = trio.CapacityLimiter(1)
+        while True:
+            await self._trim_wanted.wait()
+            self._trim_wanted = trio.Event()
+            if self._stop_invalidating:
+                return
+            batch = self._pick()
+            if not batch:
+                continue
+            self._invalidating = True
+            try:
+                # Abandoned on cancel: the call may block in the kernel until a request in the
+                # entry's directory is answered, which a stopping daemon may never do.
+                failed = await trio.to_thread.run_sync(
+                    self._send,
+                    invalidate,
+                    batch,
+                    self._stopped,
+                    abandon_on_cancel=True,
+                    limiter=limiter,
+                )
+            finally:
+                self._invalidating = False
+                self._invalidated.set()
+                self._invalidated = trio.Event()
+            self.invalidations += len(batch)
+            if failed is not None and not self._stop_invalidating:
+                log.warning(
+                    "cannot ask the kernel to drop entries (%s): the nodes it holds are no longer bounded", failed
+                )
+                return
+
+    def _stopped(self) -> bool:
+        return self._stop_invalidating
+
+    def halt_invalidations(self) -> None:
+        """Send no more invalidations (a batch being sent stops before its next entry)."""
+        self._stop_invalidating = True
+        self._trim_wanted.set()
+
+    async def stop_invalidating(self, timeout: float = 1.0) -> None:
+        """Send no more invalidations, and wait (up to ``timeout``) for the one being sent:
+        the FUSE session must outlive every call into it."""
+        self.halt_invalidations()
+        with trio.move_on_after(timeout):
+            while self._invalidating:
+                await self._invalidated.wait()
 
     async def lookup(self, parent: int, name: bytes) -> Node:
         directory = self.get(parent)
@@ -916,6 +1078,7 @@ class Namespace:
         if node.lookups:
             return
         del self._by_inode[inode]
+        self._held.pop(inode, None)
         node.opened_version = None  # the kernel dropped the inode and its page cache with it
         parent = node.parent
         if parent is None:

@@ -4,8 +4,9 @@ The bound modelfs keeps is: peak RSS <= ``--memory-cache`` + :data:`FIXED_OVERHE
 the number of objects, the file sizes and the number of readers. ``--memory-cache`` counts
 every data buffer (blocks, small reads, reads across a block edge, headers being parsed,
 index bodies: see :mod:`modelfs.cache.memory`); the overhead is what is not a data buffer:
-the interpreter and its libraries, the backend's client, the metadata cache, thread stacks
-and malloc arenas. docs/operations.md has the measurements behind the number.
+the interpreter and its libraries, the backend's client, the metadata cache (the listings it
+holds, and the nodes the kernel holds: :func:`held_nodes`), thread stacks and malloc arenas.
+docs/operations.md has the measurements behind the number.
 
 ``modelfs mount`` reads the memory limit of its own cgroup (v1 or v2) and refuses to start
 when the budget plus the overhead does not fit; ``--memory-cache auto`` takes the limit
@@ -21,6 +22,9 @@ __all__ = [
     "DEFAULT_METADATA_CACHE",
     "DISK_BLOCKS_INCLUDED",
     "DISK_INDEX_ENTRY",
+    "HELD_NODE_BYTES",
+    "MIN_HELD_NODES",
+    "held_nodes",
     "BLOCK_OBJECT",
     "MEMORY_BLOCKS_INCLUDED",
     "disk_index_files",
@@ -38,10 +42,19 @@ __all__ = [
 
 FIXED_OVERHEAD = 64 << 20
 """RSS above ``--memory-cache`` that the daemon may reach: interpreter, libraries, and a
-metadata cache of the default size (:data:`DEFAULT_METADATA_CACHE`)."""
+metadata cache of the default size (:data:`DEFAULT_METADATA_CACHE`: its listings, and the
+:func:`held_nodes` nodes the kernel may hold beside them)."""
 
 DEFAULT_METADATA_CACHE = 8 << 20
 """``--metadata-cache``'s default; a larger one adds its excess to the overhead."""
+
+HELD_NODE_BYTES = 1024
+"""Memory per node the kernel holds (a lookup or readdirplus reply it has not forgotten): the
+Node, its ObjectInfo and strings, its entries in the inode table, the LRU and its directory's
+names (~0.7 KiB of RSS measured per node held outside any cached listing)."""
+
+MIN_HELD_NODES = 256
+"""The fewest nodes kept for the kernel, however small ``--metadata-cache``."""
 
 DISK_INDEX_ENTRY = 512
 """Memory per block file the disk cache's index holds (its path, size, LRU and version
@@ -147,6 +160,18 @@ def cgroup_memory_limit(
     return min(limits) if limits else None
 
 
+def held_nodes(metadata_cache: int = DEFAULT_METADATA_CACHE) -> int:
+    """The most nodes the daemon keeps for the kernel (lookup and readdirplus replies not yet
+    forgotten), one per :data:`HELD_NODE_BYTES` of ``--metadata-cache`` (8,192 at its default).
+
+    Past it the daemon asks the kernel to drop the least recently replied ones that no open
+    handle uses (``modelfs.inodes.Namespace``); it frees them when the kernel forgets them.
+    Nodes open files or directories use are kept beyond it, as are those the kernel cannot
+    drop yet (a process's working directory), and those it was asked to drop until it says so.
+    """
+    return max(MIN_HELD_NODES, metadata_cache // HELD_NODE_BYTES)
+
+
 def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0, memory_blocks: int = 0) -> int:
     """The daemon's RSS beyond ``--memory-cache`` with this ``--metadata-cache``, a disk cache
     of ``disk_blocks`` blocks (``--disk-cache`` / ``--block-size``) and a budget of
@@ -154,8 +179,10 @@ def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0,
     index = max(0, disk_blocks - DISK_BLOCKS_INCLUDED) * DISK_INDEX_ENTRY
     blocks = max(0, memory_blocks - MEMORY_BLOCKS_INCLUDED) * BLOCK_OBJECT
     # The metadata cache beyond its default counts twice: the listings it holds, and the one
-    # refresh at a time that builds a listing of up to its size beside them.
-    return FIXED_OVERHEAD + 2 * max(0, metadata_cache - DEFAULT_METADATA_CACHE) + index + blocks
+    # refresh at a time that builds a listing of up to its size beside them; and the nodes
+    # the kernel holds beyond the default's (held_nodes) count at HELD_NODE_BYTES each.
+    nodes = max(0, held_nodes(metadata_cache) - held_nodes()) * HELD_NODE_BYTES
+    return FIXED_OVERHEAD + 2 * max(0, metadata_cache - DEFAULT_METADATA_CACHE) + nodes + index + blocks
 
 
 def disk_index_files(disk_cache: int, block_size: int) -> int:

@@ -197,7 +197,11 @@ def build(config: Config) -> tuple[ModelFS, BlockStore, DiskCache | None]:
     memory = MemoryCache(config.memory_cache, config.block_size)
     backend = open_backend(config, memory)
     namespace = Namespace(
-        backend, ttl=config.metadata_ttl, retry_deadline=config.retry_deadline, cache_bytes=config.metadata_cache
+        backend,
+        ttl=config.metadata_ttl,
+        retry_deadline=config.retry_deadline,
+        cache_bytes=config.metadata_cache,
+        invalidate=pyfuse3.invalidate_entry,  # (in a worker thread, while namespace.run runs)
     )
     disk = (
         DiskCache(config.cache_dir, config.disk_cache, block_size=config.block_size) if config.disk_cache > 0 else None
@@ -271,6 +275,7 @@ async def serve(config: Config, ready: Callable[[], bool] = lambda: True, early_
                     nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
                     # Requests beyond what the budget can serve at once wait in the kernel's queue.
                     await pyfuse3.main(max_tasks=fuse_tasks(store.memory.max_lease))
+                    await ops.namespace.stop_invalidating()  # (no call into the session once it is closed)
                     # Unmount now, not once the tasks below have ended: a GET blocked in a worker
                     # thread on a stalled server must not keep the mount.
                     pyfuse3.close(unmount=True)
@@ -282,6 +287,7 @@ async def serve(config: Config, ready: Callable[[], bool] = lambda: True, early_
                     nursery.cancel_scope.cancel()
             finally:
                 if not closed:
+                    ops.namespace.halt_invalidations()
                     pyfuse3.close(unmount=True)
                     log.info("unmounted %s", mountpoint)
                 if metrics is not None:
