@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -313,7 +314,8 @@ class Namespace:
         self._invalidate = invalidate
         self._invalidating = False  # a batch is being sent (a worker thread)
         self._invalidated = trio.Event()  # set when that batch is done
-        self._stop_invalidating = False  # (read by the worker thread between entries)
+        # Set by the trio thread at the stop; the worker thread checks it between entries.
+        self._halt = threading.Event()
         self.invalidations = 0  # entries the kernel was asked to drop
         self.trim_passes = 0  # times the trimmer looked for nodes to give back
 
@@ -871,11 +873,12 @@ class Namespace:
         return [(node.parent.inode, node.name) for node in picked if node.parent is not None]
 
     @staticmethod
-    def _send(invalidate: Invalidate, batch: list[tuple[int, bytes]], stop: Callable[[], bool]) -> OSError | None:
-        """(A worker thread: it touches nothing but ``batch``.) Ask the kernel to drop each
-        entry; the first error other than "no such entry" ends the batch and is returned."""
+    def _send(invalidate: Invalidate, batch: list[tuple[int, bytes]], halt: threading.Event) -> OSError | None:
+        """(A worker thread: it touches ``batch``, a list nothing else holds, and ``halt``.) Ask
+        the kernel to drop each entry; the first error other than "no such entry" ends the
+        batch and is returned."""
         for parent, name in batch:
-            if stop():
+            if halt.is_set():
                 return None
             try:
                 invalidate(parent, name)
@@ -891,7 +894,7 @@ class Namespace:
         while True:
             await self._trim_wanted.wait()
             self._trim_wanted = trio.Event()
-            if self._stop_invalidating:
+            if self._halt.is_set():
                 return
             batch = self._pick()
             if not batch:
@@ -904,7 +907,7 @@ class Namespace:
                     self._send,
                     invalidate,
                     batch,
-                    self._stopped,
+                    self._halt,
                     abandon_on_cancel=True,
                     limiter=limiter,
                 )
@@ -913,18 +916,15 @@ class Namespace:
                 self._invalidated.set()
                 self._invalidated = trio.Event()
             self.invalidations += len(batch)
-            if failed is not None and not self._stop_invalidating:
+            if failed is not None and not self._halt.is_set():
                 log.warning(
                     "cannot ask the kernel to drop entries (%s): the nodes it holds are no longer bounded", failed
                 )
                 return
 
-    def _stopped(self) -> bool:
-        return self._stop_invalidating
-
     def halt_invalidations(self) -> None:
         """Send no more invalidations (a batch being sent stops before its next entry)."""
-        self._stop_invalidating = True
+        self._halt.set()
         self._trim_wanted.set()
 
     async def stop_invalidating(self, timeout: float = 1.0) -> None:
