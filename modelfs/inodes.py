@@ -33,6 +33,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import cachetools
@@ -82,6 +83,7 @@ class Node:
         "extra",
         "refreshing",
         "opens",
+        "frozen",
     )
 
     def __init__(
@@ -108,6 +110,9 @@ class Node:
         self.extra: dict[bytes, Node] | None = None  # directories: names found by lookup, outside a listing
         self.refreshing = False  # directories: a background listing is running
         self.opens = 0  # open file or directory handles on it: the kernel is not asked to drop it
+        # Directories: the listing that outgrew the cache, while handles still read it (later
+        # opendirs share it rather than each listing the directory up to the cache's size again).
+        self.frozen: weakref.ref[Listing] | None = None
 
     @property
     def size(self) -> int:
@@ -153,6 +158,7 @@ class Listing:
         "passed",
         "guard",
         "reached",
+        "__weakref__",
     )
 
     def __init__(self, directory: Node, started_at: float) -> None:
@@ -534,6 +540,7 @@ class Namespace:
             for held in {id(x): x for x in (directory.listing, listing) if x is not None}.values():
                 self._keep_held(held)
             directory.listing = None
+            directory.frozen = weakref.ref(listing)
             return
         directory.listing = listing
         if listing.complete:
@@ -608,6 +615,13 @@ class Namespace:
                 return directory.listing or listing
             if self._fresh(listing.started_at):
                 return listing
+        elif directory.frozen is not None:
+            frozen = directory.frozen()
+            if frozen is not None and self._fresh(frozen.started_at):
+                # Too large for the cache, and handles still read it: this one reads it too,
+                # then on in a listing of its own (DirHandle), instead of building another.
+                return frozen
+            directory.frozen = None
         listing = Listing(directory, self._now())
         await self._more(listing, None)
         return listing

@@ -216,3 +216,41 @@ async def test_a_lookup_during_an_unfinished_listing_finds_the_directory_that_wi
     assert await ns.entry(h, 0) is not None
     assert (await ns.lookup(d.inode, b"a")).is_dir
     assert not (await ns.lookup(d.inode, b"a.0")).is_dir  # ('a.0/' would sort before 'a.1': passed)
+
+
+async def test_a_later_opendir_shares_the_frozen_listing_while_handles_read_it() -> None:
+    """A directory larger than the cache: an opendir while an earlier handle still reads its
+    frozen listing shares that listing (one frozen listing for N handles, not one each); once
+    no handle holds it, it is gone and the next opendir lists the directory anew."""
+    backend = MemoryBackend(page_size=10)
+    expected = [f"f{i:03d}" for i in range(100)]
+    for name in expected:
+        backend.put(name, b"z")
+    ns = Namespace(backend, ttl=60, retry_deadline=1, cache_bytes=20 * ENTRY_BYTES)
+    first = await ns.open_dir(ns.root)
+    got_first: list[str] = []
+    shared = first.listing
+    while not shared.streaming:
+        entry = await ns.entry(first, len(got_first))
+        assert entry is not None
+        got_first.append(entry[0].decode())
+    frozen_names = len(shared.names)
+    entry = await ns.entry(first, len(got_first))  # the first handle reads on in its own listing
+    assert entry is not None
+    got_first.append(entry[0].decode())
+    assert len(got_first) < frozen_names and first.frozen is shared  # mid-directory, holding it
+    pages = backend.page_calls
+    later = [await ns.open_dir(ns.root) for _ in range(5)]
+    assert all(handle.listing is shared for handle in later)  # shared, not listed again
+    assert backend.page_calls == pages
+    for handle in later:
+        got: list[str] = []
+        while (entry := await ns.entry(handle, len(got))) is not None:
+            got.append(entry[0].decode())
+            assert handle.listing is shared or len(handle.listing.names) <= 10  # a page of its own
+        assert got == expected
+    await read_on(ns, first, got_first)
+    assert got_first == expected
+    del shared, first, later, handle
+    fresh = await ns.open_dir(ns.root)  # no handle holds the frozen listing: listed anew
+    assert not fresh.listing.streaming and [n.decode() for n in fresh.listing.names] == expected[:10]
