@@ -227,3 +227,58 @@ async def test_open_and_opendir_handles_pin_their_nodes(make_store: StoreFactory
     assert ns.get(d.st_ino).opens == 0 and ns.get(f.st_ino).opens == 0
     stats = ops.stats()
     assert stats["held_nodes"] == 2 and stats["inodes"] == 3 and stats["held_cap"] == held_nodes()
+
+
+async def test_a_directory_goes_only_after_everything_below_it_and_never_above_an_open_file() -> None:
+    """A walk: each directory was replied when its parent was listed, long before its files.
+    It still goes only after everything below it (given back earlier, the kernel would drop
+    the entries the walker just listed, and every stat would be a lookup again), and a
+    directory above an open file stays."""
+    backend = MemoryBackend()
+    for d in range(10):
+        for i in range(20):
+            backend.put(f"a/d{d}/f{i:02d}", b"z")
+    kernel = FakeKernel()
+    ns = Namespace(backend, ttl=60, retry_deadline=1, held_cap=48, invalidate=kernel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ns.run)
+        a = await hold(ns, ns.root, "a")
+        for d in range(10):  # (readdirplus of a)
+            await hold(ns, a, f"d{d}")
+        opened = None
+        opened_at = 0
+        forgotten = 0
+        walked: dict[int, int] = {}
+        for d in range(10):
+            directory = await hold(ns, a, f"d{d}")  # (the walker's path lookup: the same node, or a new one)
+            walked[d] = directory.inode
+            since = len(kernel.asked)
+            for i in range(20):
+                node = await hold(ns, directory, f"f{i:02d}")
+                if d == 3 and i == 5:
+                    ns.opened(node)
+                    opened, opened_at = node, len(kernel.asked)
+            await settle(ns)
+            assert (a.inode, directory.name) not in kernel.asked[since:]  # the current one stays
+            # The kernel drops what it was asked to drop (a directory once nothing below it is held).
+            while forgotten < len(kernel.asked):
+                for parent, name in kernel.asked[forgotten:]:
+                    node = next(
+                        (n for n in ns._by_inode.values() if n.parent and n.parent.inode == parent and n.name == name),
+                        None,
+                    )
+                    if node is not None and not any(child.parent is node for child in ns._by_inode.values()):
+                        ns.forget(node.inode, node.lookups)
+                forgotten = len(kernel.asked)
+                await settle(ns)
+            assert b"a" not in [name for _, name in kernel.asked]
+            assert ns.held_nodes <= ns.held_cap + 1
+        assert opened is not None and ns.get(opened.inode) is opened
+        assert (a.inode, b"d3") not in kernel.asked[opened_at:]  # above an open file: kept
+        # The directories the walk left were given back, each after every file below it.
+        for d in (0, 1, 2):
+            last = max(i for i, entry in enumerate(kernel.asked) if entry == (a.inode, f"d{d}".encode()))
+            below = [i for i, (parent, _) in enumerate(kernel.asked) if parent == walked[d]]
+            assert len(below) == 20 and max(below) < last
+        assert all(ns.get(inode) is node for inode, node in ns._held.items())
+        nursery.cancel_scope.cancel()
