@@ -3,9 +3,10 @@
 Blocks being filled, blocks waiting for their disk write and cached blocks all count against
 the same ``capacity``, and so do the short-lived buffers of a request (:class:`Lease`): a
 small random-read GET, a read that crosses a block edge, a safetensors header being parsed,
-an HTTP index body. The budget is a real bound on the daemon's data memory, not a soft
-target. Demand reads and leases wait for space when everything is pinned; prefetches never
-wait and never push out a block that was prefetched and not yet read.
+an HTTP index body, a GCS or S3 listing or metadata answer and what its parse builds. The
+budget is a real bound on the daemon's data memory, not a soft target. Demand reads and leases
+wait for space when everything is pinned; prefetches never wait and never push out a block
+that was prefetched and not yet read.
 
 Leases together never take more than ``capacity - block_size`` (``max_lease``): a request
 that holds a lease may still wait for a block, and one block always fits beside every lease
@@ -111,6 +112,7 @@ class BufferKind(enum.Enum):
     BOUNDARY = "boundary_reads"
     HEADER = "headers"
     INDEX = "index"
+    METADATA = "metadata_answers"  # GCS/S3 listings and metadata answers (backends/answers.py)
 
 
 class Lease:
@@ -369,25 +371,42 @@ class MemoryCache:
         Room is made by evicting unpinned blocks, unread prefetches last, as for a demand read.
         Raises ValueError when the lease could never fit (see :meth:`can_lease`).
         """
-        if nbytes < 0 or extra < 0 or not self.can_lease(nbytes, extra=extra):
-            raise ValueError(f"a {kind.value} buffer of {nbytes + extra} bytes does not fit in the memory budget")
+        self._check_lease(nbytes, kind, extra)
         waited = False
-        while True:
-            buf = self._pooled_lease_buffer(nbytes) if nbytes else None
-            if buf is not None and len(buf) + extra > self.max_lease:
-                # A pooled buffer larger than asked could never be charged beside ``extra``;
-                # a fresh one of the size asked can (can_lease said so).
-                self._lease_pool.append(buf)
-                buf = None
-            charge = (len(buf) if buf is not None else _pages(nbytes)) + extra
-            if self.leased + charge <= self.max_lease and (
-                self._make_room(charge, keep_unread=True) or self._make_room(charge, keep_unread=False)
-            ):
-                break
-            if buf is not None:
-                self._lease_pool.append(buf)
+        while (taken := self._take(nbytes, extra)) is None:
             waited = True
             await self._space.park()
+        return self._grant(kind, nbytes, *taken, waited=waited)
+
+    def try_lease(self, nbytes: int, kind: BufferKind, *, extra: int = 0) -> Lease | None:
+        """:meth:`lease` if the budget has room for it now (evicting unpinned blocks), else None:
+        never waits. For a holder of other bytes of the budget, whose wait could be a deadlock."""
+        self._check_lease(nbytes, kind, extra)
+        taken = self._take(nbytes, extra)
+        return None if taken is None else self._grant(kind, nbytes, *taken, waited=False)
+
+    def _check_lease(self, nbytes: int, kind: BufferKind, extra: int) -> None:
+        if nbytes < 0 or extra < 0 or not self.can_lease(nbytes, extra=extra):
+            raise ValueError(f"a {kind.value} buffer of {nbytes + extra} bytes does not fit in the memory budget")
+
+    def _take(self, nbytes: int, extra: int) -> tuple[mmap.mmap | None, int] | None:
+        """Room for a lease now (a pooled buffer, if one fits, and the charge), or None."""
+        buf = self._pooled_lease_buffer(nbytes) if nbytes else None
+        if buf is not None and len(buf) + extra > self.max_lease:
+            # A pooled buffer larger than asked could never be charged beside ``extra``;
+            # a fresh one of the size asked can (can_lease said so).
+            self._lease_pool.append(buf)
+            buf = None
+        charge = (len(buf) if buf is not None else _pages(nbytes)) + extra
+        if self.leased + charge <= self.max_lease and (
+            self._make_room(charge, keep_unread=True) or self._make_room(charge, keep_unread=False)
+        ):
+            return buf, charge
+        if buf is not None:
+            self._lease_pool.append(buf)
+        return None
+
+    def _grant(self, kind: BufferKind, nbytes: int, buf: mmap.mmap | None, charge: int, *, waited: bool) -> Lease:
         if buf is None and nbytes > 0:
             self._trim_pools(charge)
             buf = mmap.mmap(-1, _pages(nbytes), flags=mmap.MAP_PRIVATE)
