@@ -16,7 +16,7 @@ __all__ = ["Backend", "ObjectInfo", "open_backend"]
 
 def open_backend(config: Config, budget: MemoryCache | None = None) -> Backend:
     """The backend for ``config.source`` (through the cache tier with ``--cache-url``); response
-    bodies it holds whole (directory indexes) take their bytes from ``budget``."""
+    bodies it holds whole (directory indexes, listings and metadata answers) are charged to ``budget``."""
     try:
         backend = _open_origin(config, budget)
     except ModelfsError:
@@ -50,6 +50,7 @@ def _open_origin(config: Config, budget: MemoryCache | None) -> Backend:
             read_timeout=config.read_timeout,
             max_concurrency=config.max_concurrency,
             billing_project=config.billing_project,
+            budget=budget,
         )
     if source.scheme == "file":
         from modelfs.backends.local import LocalBackend
@@ -82,5 +83,6 @@ def _open_origin(config: Config, budget: MemoryCache | None) -> Backend:
             read_timeout=config.read_timeout,
             max_concurrency=config.max_concurrency,
             requester_pays=config.requester_pays,
+            budget=budget,
         )
     raise AssertionError(f"unknown scheme {source.scheme}")

@@ -22,11 +22,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from modelfs.backends import answers
+from modelfs.backends.answers import AnswerBudget, Cost
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.gcs_auth import Signer, api_base_url, load_credentials
 from modelfs.backends.gcs_json import JsonApi, JsonClient, StatusError, object_path, query
 from modelfs.backends.gcs_media import MediaTransport, plain_transport_applies
-from modelfs.backends.gcs_scan import Item, Listing, Malformed, parse_listing, parse_object
+from modelfs.backends.gcs_scan import MAX_PAGE_ENTRIES, Item, Listing, Malformed, parse_listing, parse_object
 from modelfs.backends.responses import (
     Headers,
     RangeRequest,
@@ -42,6 +44,7 @@ from modelfs.errors import AccessDenied, BackendError, NotFound, TransientError,
 
 if TYPE_CHECKING:
     from modelfs.backends.gcs_session import SessionClient
+    from modelfs.cache.memory import MemoryCache
 
 __all__ = ["GCSBackend"]
 
@@ -51,6 +54,10 @@ _INFO_FIELDS = "name,size,updated,generation,crc32c,md5Hash"
 _LIST_FIELDS = f"items({_INFO_FIELDS}),nextPageToken"
 _DIR_FIELDS = f"items({_INFO_FIELDS}),prefixes,nextPageToken"
 _PAGE_SIZE = 1000  # GCS's own default; some servers send everything otherwise
+# What a JSON API answer costs while held (backends/answers.py), by tracemalloc on 16 MiB
+# bodies: read in chunks then joined (2x), a listing of one 16 MiB escaped string 3.25x, 10,000
+# tiny entries ~80 bytes each beside their text (their Items and ObjectInfos).
+ANSWER_COST = Cost(4, 200, 256 << 10)
 
 
 class _BadSize(BackendError):
@@ -123,9 +130,12 @@ class GCSBackend(ThreadedBackend):
         max_concurrency: int = 8,
         connect_timeout: float = 10.0,
         billing_project: str | None = None,
+        budget: MemoryCache | None = None,
     ) -> None:
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         super().__init__(source, threads=max_concurrency + 1)
+        if budget is not None:  # listings and metadata answers are charged to it while held
+            self._answers = AnswerBudget(budget, ANSWER_COST, source.url)
         self._prefix = source.prefix + "/" if source.prefix else ""
         self._single: str | None = None  # set when the source names one object, not a prefix
         self._timeout = (connect_timeout, read_timeout)
@@ -220,6 +230,8 @@ class GCSBackend(ThreadedBackend):
         body = self._json.get_json(
             self._bucket_path + query({"projection": "noAcl", **params, "userProject": self._user_project})
         )
+        # Entries are separated by commas: what the parse (and _infos) make, charged before it.
+        answers.grow(len(body), entries=min(MAX_PAGE_ENTRIES, body.count(b",") + 1))
         try:
             return parse_listing(body)
         except Malformed as exc:
@@ -236,6 +248,7 @@ class GCSBackend(ThreadedBackend):
             if exc.status == 404:
                 return None
             raise
+        answers.grow(len(body), entries=1)
         return self._to_info(parse_object(body))
 
     def _single_object(self) -> ObjectInfo | None:
@@ -267,6 +280,8 @@ class GCSBackend(ThreadedBackend):
                 items = self.under(page.items, _name_of, self._prefix)
                 found.extend(self._infos(i for i in items if i.name != self._prefix))
                 token = _text(page.next_token)
+                del page, items
+                answers.done()  # (what is kept of the page is in found: the namespace counts it)
                 if token is None:
                     break
             if not found and self._source.prefix and self._single is None:
@@ -278,7 +293,7 @@ class GCSBackend(ThreadedBackend):
             raise self.listing_error(exc) from None
 
     async def list_objects(self) -> list[ObjectInfo]:
-        return await self.run_blocking(self._list)
+        return await self.run_answered(self._list)
 
     def _list_dir(self, prefix: str, token: str | None, limit: int | None) -> ListPage:
         try:
@@ -312,7 +327,7 @@ class GCSBackend(ThreadedBackend):
             raise self.listing_error(exc) from None
 
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
-        return await self.run_blocking(self._list_dir, prefix, token, limit)
+        return await self.run_answered(self._list_dir, prefix, token, limit)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:
@@ -324,7 +339,7 @@ class GCSBackend(ThreadedBackend):
         return info
 
     async def stat(self, name: str) -> ObjectInfo:
-        return await self.run_blocking(self._stat, name)
+        return await self.run_answered(self._stat, name)
 
     # --- the data path
 

@@ -18,6 +18,7 @@ from typing import Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 from modelfs import __version__
+from modelfs.backends import answers
 from modelfs.backends.body import Progress
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.gcs_auth import Signer, tls_context
@@ -34,6 +35,7 @@ MAX_BODY = 16 << 20
 # connection of a longer one is closed rather than drained.
 MAX_ERROR_BODY = 64 << 10
 _MAX_MESSAGE = 200
+_DECODE_STEP = 1 << 20
 
 
 class StatusError(Exception):
@@ -99,14 +101,28 @@ def decode_body(data: bytes, encoding: str | None, limit: int = MAX_BODY) -> byt
     encoding = (encoding or "identity").strip().lower()
     if encoding == "gzip":
         inflater = zlib.decompressobj(wbits=31)
+        parts: list[bytes] = []
+        total = 0
+        rest = data
         try:
-            data = inflater.decompress(data, limit + 1)
+            # A step at a time, each charged to the memory budget before it is decoded
+            # (modelfs.backends.answers): the encoded body beside what it decodes to.
+            while total <= limit and not inflater.eof:
+                step = min(_DECODE_STEP, limit + 1 - total)
+                answers.grow(len(data) + total + step)
+                part = inflater.decompress(rest, step)
+                rest = inflater.unconsumed_tail
+                if not part and not rest:
+                    break
+                parts.append(part)
+                total += len(part)
         except zlib.error as exc:
             raise TransientError(f"the JSON API sent a corrupt gzip body ({exc})") from None
-        if len(data) > limit:
+        if total > limit:
             raise BackendError(f"the JSON API's answer is larger than {limit} bytes")
         if not inflater.eof:
             raise TransientError("the JSON API's gzip body ended early")
+        data = b"".join(parts)
     elif encoding not in ("identity", ""):
         raise BackendError(f"the JSON API sent a {encoding}-encoded body, which was not asked for")
     return data
@@ -171,6 +187,13 @@ class JsonApi:
             try:
                 ok = 200 <= resp.status < 300
                 limit = MAX_BODY if ok else MAX_ERROR_BODY
+                encoding = (resp.getheader("content-encoding") or "identity").strip().lower()
+                identity = encoding in ("identity", "")
+                if ok and identity and resp.length is not None and resp.length > MAX_BODY:
+                    raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
+                # Charged to the memory budget from here until the call has parsed it: once
+                # at its length if known, else as it grows (and as it is decoded: decode_body).
+                answers.begin(limit + 1 if identity else 2 * (limit + 1), resp.length)
                 data = _read_answer(resp, Progress(self._read_timeout), limit)
                 if len(data) > limit:
                     if ok:
@@ -199,7 +222,11 @@ def _read_answer(resp: http.client.HTTPResponse, progress: Progress, limit: int 
     chunks: list[bytes] = []
     total = 0
     while total <= limit:
-        chunk = resp.read1(min(1 << 16, limit + 1 - total))
+        want = min(1 << 16, limit + 1 - total)
+        if resp.length is not None:  # (what the length said: charged already)
+            want = min(want, resp.length)
+        answers.grow(total + want)
+        chunk = resp.read1(want)
         if not chunk:
             break
         chunks.append(chunk)

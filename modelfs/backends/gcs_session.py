@@ -13,6 +13,7 @@ import urllib3.exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 
+from modelfs.backends import answers
 from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.gcs_auth import DEFAULT_ENDPOINT
 from modelfs.backends.gcs_json import MAX_BODY, MAX_ERROR_BODY, StatusError
@@ -49,10 +50,12 @@ class SessionClient:
             try:
                 if not 200 <= resp.status_code < 300:
                     # (an error's message is in its first bytes: MAX_ERROR_BODY of it, decoded)
+                    answers.begin(MAX_ERROR_BODY, MAX_ERROR_BODY)
                     head = resp.raw.read(MAX_ERROR_BODY, decode_content=True)
                     raise StatusError.of_body(resp.status_code, resp.reason or "", head, None)
-                # urllib3 decodes a gzip body as it reads; read at most MAX_BODY of it.
-                data = resp.raw.read(MAX_BODY + 1, decode_content=True)
+                # urllib3 decodes a gzip body as it reads; read at most MAX_BODY of it, charged
+                # to the memory budget as it grows (modelfs.backends.answers).
+                data = _read_decoded(resp)
             finally:
                 resp.close()
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
@@ -84,3 +87,24 @@ class SessionClient:
 
     def abort(self) -> None:
         """Nothing to cut short here: the session's GETs end at their read timeout."""
+
+
+def _read_decoded(resp: requests.Response) -> bytes:
+    """At most MAX_BODY + 1 bytes of the decoded body, each step charged before it is read."""
+    encoded = resp.headers.get("content-encoding", "identity").strip().lower() not in ("identity", "")
+    length = resp.headers.get("content-length", "")
+    known = int(length) if length.isdigit() and not encoded else None
+    if known is not None and known > MAX_BODY:
+        raise BackendError(f"the JSON API's answer is larger than {MAX_BODY} bytes")
+    answers.begin(MAX_BODY + 1, known)
+    chunks: list[bytes] = []
+    total = 0
+    while total <= MAX_BODY:
+        want = min(1 << 16, MAX_BODY + 1 - total)
+        answers.grow(total + want)
+        chunk = resp.raw.read(want, decode_content=True)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)

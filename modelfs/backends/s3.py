@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from modelfs.backends import answers
+from modelfs.backends.answers import AnswerBudget, Cost
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.connpool import InFlight
@@ -50,7 +52,15 @@ from modelfs.errors import (
     VersionChanged,
 )
 
+if TYPE_CHECKING:
+    from modelfs.cache.memory import MemoryCache
+
 __all__ = ["S3Backend"]
+
+# What an answer costs while held (backends/answers.py), by tracemalloc: 16 MiB of long keys or
+# prefixes (botocore's parse, the body read and joined) 3.0-3.25x; 0.5-1.1 MiB of 65,000 tags
+# (the most s3_answers lets botocore parse) 5.4-9.3 MiB: ~120 bytes a tag beside the text.
+ANSWER_COST = Cost(3.5, 160, 256 << 10)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +122,7 @@ class S3Backend(ThreadedBackend):
         connect_timeout: float = 10.0,
         max_concurrency: int = 8,
         requester_pays: bool = False,
+        budget: MemoryCache | None = None,
     ) -> None:
         import boto3
         from botocore import UNSIGNED
@@ -119,6 +130,8 @@ class S3Backend(ThreadedBackend):
 
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         super().__init__(source, threads=max_concurrency + 1)
+        if budget is not None:  # listings, HEADs' and errors' answers are charged to it while held
+            self._answers = AnswerBudget(budget, ANSWER_COST, source.url)
         self._prefix = source.prefix + "/" if source.prefix else ""
         # A Requester Pays bucket: every request says the requester accepts the charges.
         self._payer: dict[str, str] = {"RequestPayer": "requester"} if requester_pays else {}
@@ -227,12 +240,14 @@ class S3Backend(ThreadedBackend):
                     if item["Key"] == self._prefix:
                         continue
                     out.append(self._info(item["Key"], item["Size"], item.get("LastModified"), item["ETag"]))
+                del page
+                answers.done()  # (what is kept of the page is in out: the namespace counts it)
         except Exception as exc:
             raise self.listing_error(exc) from None
         return out
 
     async def list_objects(self) -> list[ObjectInfo]:
-        return await self.run_blocking(self._list)
+        return await self.run_answered(self._list)
 
     def _list_dir(self, prefix: str, token: str | None, limit: int | None) -> ListPage:
         params: dict[str, Any] = {
@@ -262,7 +277,7 @@ class S3Backend(ThreadedBackend):
         return ListPage(objects, prefixes, resp.get("NextContinuationToken") if truncated else None)
 
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
-        return await self.run_blocking(self._list_dir, prefix, token, limit)
+        return await self.run_answered(self._list_dir, prefix, token, limit)
 
     def _stat(self, name: str) -> ObjectInfo:
         try:
@@ -275,7 +290,7 @@ class S3Backend(ThreadedBackend):
             raise BackendError(f"{name}: the store answered HEAD without its {exc} header") from None
 
     async def stat(self, name: str) -> ObjectInfo:
-        return await self.run_blocking(self._stat, name)
+        return await self.run_answered(self._stat, name)
 
     # --- the data path
 

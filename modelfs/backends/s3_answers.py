@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from modelfs.backends import answers
 from modelfs.errors import BackendError
 
 __all__ = ["MAX_ANSWER", "MAX_ERROR", "MAX_TAGS", "read_answer"]
@@ -47,7 +48,11 @@ def _body(raw: Any, limit: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     while total <= limit:
-        chunk = raw.read1(min(_READ, limit + 1 - total))
+        want = min(_READ, limit + 1 - total)
+        if raw.length_remaining is not None:  # (what the length said: charged already)
+            want = min(want, raw.length_remaining)
+        answers.grow(total + want)
+        chunk = raw.read1(want)
         if not chunk:
             break
         chunks.append(chunk)
@@ -55,11 +60,10 @@ def _body(raw: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _refused(body: bytes) -> str | None:
-    """Why botocore may not parse ``body`` (None: it may)."""
+def _refused(body: bytes, tags: int) -> str | None:
+    """Why botocore may not parse ``body`` of ``tags`` tags (None: it may)."""
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         return "a DTD (S3 never sends one)"
-    tags = body.count(b"<")
     if tags > MAX_TAGS:
         return f"{tags} tags, more than the {MAX_TAGS} a page of 1,000 entries has room for"
     return None
@@ -72,12 +76,20 @@ def read_answer(url: str, raw: Any, status: int) -> bytes:
     error answer larger than MAX_ERROR (or unparseable) is read no further and is empty."""
     error = status >= 300
     limit = MAX_ERROR if error else MAX_ANSWER
+    where = urlsplit(url)._replace(query="").geturl()
     try:
+        known = raw.length_remaining
+        if not error and known is not None and known > limit:
+            raise BackendError(
+                f"{where}: the store's answer is larger than {limit >> 20} MiB (a listing page is a few)"
+            )
+        # Charged to the memory budget from here until botocore's parse and the backend are
+        # done with it: at its length if known, else as it grows (modelfs.backends.answers).
+        answers.begin(limit + 1, known)
         body = _body(raw, limit)
     except BaseException:
         _discard(raw)
         raise
-    where = urlsplit(url)._replace(query="").geturl()
     if len(body) > limit:
         _discard(raw)
         if error:
@@ -87,8 +99,10 @@ def read_answer(url: str, raw: Any, status: int) -> bytes:
         _discard(raw)
         raise EOFError(f"{where}: the store's answer ended {raw.length_remaining} bytes early")
     raw.release_conn()
-    why = _refused(body)
+    tags = body.count(b"<")
+    why = _refused(body, tags)
     if why is None:
+        answers.grow(len(body), entries=tags)  # what botocore's parse makes: charged before it
         return body
     if error:
         return b""

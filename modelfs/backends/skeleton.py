@@ -21,6 +21,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
+from modelfs.backends.answers import AnswerBudget
 from modelfs.backends.base import read_one_by_one
 from modelfs.backends.responses import RangeRequest
 from modelfs.config import Source
@@ -47,6 +48,7 @@ class BackendSkeleton:
     def __init__(self, source: Source, *, threads: int) -> None:
         self._source = source
         self._limiter = trio.CapacityLimiter(max(1, threads))
+        self._answers: AnswerBudget | None = None  # set by a backend whose answers the budget counts
 
     @property
     def description(self) -> str:
@@ -60,6 +62,17 @@ class BackendSkeleton:
     async def run_blocking(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         """``fn(*args)`` in a worker thread, within this backend's thread limit."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def run_answered(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        """:meth:`run_blocking` of a call that reads listings or metadata answers: each is
+        charged to the memory budget while the call holds it (modelfs.backends.answers)."""
+        if self._answers is None:
+            return await self.run_blocking(fn, *args)
+        charge = self._answers.charge()
+        try:
+            return await self.run_blocking(charge.run, fn, *args)
+        finally:
+            charge.release()  # (the thread has ended: only this task touches the charge now)
 
     def classify(self, exc: BaseException, what: str, *, reading: bool = False) -> BackendError:
         """The BackendError ``exc`` means (``reading``: during a ranged GET of a pinned version).
