@@ -223,8 +223,9 @@ def _read_answer(resp: http.client.HTTPResponse, progress: Progress, limit: int 
     total = 0
     while total <= limit:
         want = min(1 << 16, limit + 1 - total)
-        if resp.length is not None:  # (what the length said: charged already)
-            want = min(want, resp.length)
+        left = getattr(resp, "length", None)  # (what the length said: charged already)
+        if left is not None:
+            want = min(want, left)
         answers.grow(total + want)
         chunk = resp.read1(want)
         if not chunk:
