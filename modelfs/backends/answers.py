@@ -11,9 +11,10 @@ like the HTTP backend's index bodies.
 What an answer is charged: :class:`Cost` of the bytes it holds (its body, and the body
 decoded if it came gzip-encoded), a factor per backend measured on the worst shapes of
 answer its parse accepts. A body of known length (Content-Length, not encoded) is charged
-once before it is read; one of unknown length is charged as it grows (doubling, so a few
+once before it is read; one of unknown length is charged as it grows (by half again each time, so a few
 steps). An answer whose charge could never fit the budget's lease maximum is a one-line
-BackendError (EIO), read no further.
+BackendError (EIO), read no further, unless it is no larger than a real store's page
+(:data:`LEGIT`): that one is charged all the budget can lend.
 
 How the thread and the budget meet (docs/architecture.md, "Concurrency"): a backend call that
 reads such answers runs through ``BackendSkeleton.run_answered`` in a trio task; its worker thread
@@ -50,8 +51,15 @@ __all__ = ["AnswerBudget", "Charge", "Cost", "Recharge", "begin", "done", "grow"
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-FIRST = 256 << 10
+FIRST = 64 << 10
 """What an answer of unknown length is charged for first (a listing page is usually less)."""
+
+LEGIT = 6 << 20
+"""The largest answer a real store sends (a GCS page of 1,000 entries with 1,024-byte escaped
+names; S3's are at most ~5.5 MiB). At the smallest --memory-cache (a budget that lends 1 MiB)
+such a page's charge cannot fit: rather than fail a listing a real store sent, an answer up to
+this size is charged all the budget lends (it is read alone; at most ~25 MiB of its cost is
+then beside the budget). Only a larger one is refused when its charge cannot fit."""
 
 
 @dataclass(frozen=True)
@@ -137,9 +145,14 @@ class Charge:
         ``entries`` entries): charge them if not yet done."""
         if nbytes <= self._body and entries <= self._entries:
             return
-        target = max(nbytes, min(2 * self._body, self._most)) if nbytes > self._body else self._body
+        target = max(nbytes, min(self._body * 3 // 2, self._most)) if nbytes > self._body else self._body
         entries = max(entries, self._entries)
         need = self._needed(target, entries)
+        if target <= LEGIT and need > self._answers.budget.max_lease:
+            # A page a real store can send, in a budget too small for it (--memory-cache's
+            # least): charged all the budget lends, so it is read alone, and the rest of its
+            # cost is beside the budget. A larger answer is refused (see LEGIT).
+            need = self._answers.budget.max_lease
         if need > self._held:
             self._take(need, target, wait=not self._held)
         self._body, self._entries = target, entries

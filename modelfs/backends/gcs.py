@@ -57,7 +57,7 @@ _PAGE_SIZE = 1000  # GCS's own default; some servers send everything otherwise
 # What a JSON API answer costs while held (backends/answers.py), by tracemalloc on 16 MiB
 # bodies: read in chunks then joined (2x), a listing of one 16 MiB escaped string 3.25x, 10,000
 # tiny entries ~80 bytes each beside their text (their Items and ObjectInfos).
-ANSWER_COST = Cost(4, 200, 256 << 10)
+ANSWER_COST = Cost(4, 200, 64 << 10)
 
 
 class _BadSize(BackendError):

@@ -60,7 +60,7 @@ __all__ = ["S3Backend"]
 # What an answer costs while held (backends/answers.py), by tracemalloc: 16 MiB of long keys or
 # prefixes (botocore's parse, the body read and joined) 3.0-3.25x; 0.5-1.1 MiB of 65,000 tags
 # (the most s3_answers lets botocore parse) 5.4-9.3 MiB: ~120 bytes a tag beside the text.
-ANSWER_COST = Cost(3.5, 160, 256 << 10)
+ANSWER_COST = Cost(3.5, 160, 64 << 10)
 
 log = logging.getLogger(__name__)
 
