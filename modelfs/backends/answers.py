@@ -19,13 +19,12 @@ BackendError (EIO), read no further, unless it is no larger than a real store's 
 How the thread and the budget meet (docs/architecture.md, "Concurrency"): a backend call that
 reads such answers runs through ``BackendSkeleton.run_answered`` in a trio task; its worker thread
 calls :func:`begin` and :func:`grow` as it reads, which reach the budget through
-``trio.from_thread.run``/``run_sync``, so the budget is still changed only in trio (in the
-calling task), never in the thread. A charge that holds nothing waits for room like any lease;
-one that already holds bytes (an answer that outgrew its first charge, a second answer of the
-same call) takes only room that is free now: if there is none, the answer read so far is
-dropped (its connection closed), the charge given back, and the call made again with all it
-needed charged up front, waiting while holding nothing. So no thread waits for room while
-holding some, and two growing answers cannot wait for each other.
+``trio.from_thread.run_sync``, so the budget is still changed only in trio, never in the
+thread. A worker thread never waits for room: it takes only room that is free now. If there
+is none, the answer read so far is dropped (its connection closed), the charge given back,
+the thread ends, and the calling task waits for all the answer needs, holding no thread,
+then makes the call again. (A thread waiting for room would hold one of the backend's
+threads while the blocks that fill the budget wait for a thread to be fetched.)
 
 Without a budget (unit tests, ``modelfs warm``) these calls do nothing.
 """
@@ -35,7 +34,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar, TypeVarTuple, Unpack
 
@@ -78,12 +77,13 @@ class Cost:
 
 class Recharge(BackendError):
     """Internal: the answer outgrew its charge and the budget had no room free at once; the
-    call is made again with ``need`` bytes charged up front. Never leaves :meth:`Charge.run`
+    call is made again with ``need`` bytes charged up front. Never leaves :meth:`Charge.call`
     (a BackendError so that the backends' error handling passes it on unchanged)."""
 
-    def __init__(self, need: int) -> None:
+    def __init__(self, need: int, body: int) -> None:
         super().__init__(f"an answer needs {need} bytes of the memory budget")
         self.need = need
+        self.body = body
 
 
 _current: contextvars.ContextVar[Charge | None] = contextvars.ContextVar("modelfs_answer_charge", default=None)
@@ -114,24 +114,36 @@ class Charge:
         self._body = 0  # the bytes the current answer's charge covers
         self._entries = 0  # and the entries its parse may make
         self._most = 0  # the bytes the current answer may hold at most
-        self._up_front = 0  # charged before the call starts (after a Recharge)
 
     # --- in the worker thread
 
-    def run(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
-        _current.set(self)  # (this thread's own copy of the context)
+    async def call(self, run_blocking: Callable[..., Awaitable[T]], fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        """In the calling trio task: ``fn(*args)`` through ``run_blocking`` (a worker thread),
+        its answers charged as they come. A worker thread never waits for room: it only takes
+        room that is free now, and an answer that finds none ends the call (:class:`Recharge`);
+        this task then waits for all the answer needs, holding no thread, and makes the call
+        again. (A thread waiting for room would hold one of the backend's threads while the
+        blocks that fill the budget wait for a thread to be fetched: a deadlock.)"""
         while True:
             try:
-                if self._up_front:
-                    self._take(self._up_front, 0, wait=True)
-                return fn(*args)
+                return await run_blocking(self._run, fn, *args)
             except Recharge as exc:
                 _drop_locals(exc)
-                self._up_front = exc.need
-                trio.from_thread.run_sync(self.release)
+                self.release()
+                if not self._answers.budget.can_lease(0, extra=exc.need):
+                    raise BackendError(self._too_big(exc.need, exc.body)) from None
+                from modelfs.cache.memory import BufferKind
+
+                lease = await self._answers.budget.lease(0, BufferKind.METADATA, extra=exc.need)
+                self._leases.append(lease)
+                self._held = lease.charge
             except BaseException as exc:
                 _drop_locals(exc)
                 raise
+
+    def _run(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        _current.set(self)  # (this thread's own copy of the context)
+        return fn(*args)
 
     def begin(self, most: int, known: int | None) -> None:
         """A new answer that will hold at most ``most`` bytes (``known`` of them for sure)."""
@@ -154,7 +166,7 @@ class Charge:
             # cost is beside the budget. A larger answer is refused (see LEGIT).
             need = self._answers.budget.max_lease
         if need > self._held:
-            self._take(need, target, wait=not self._held)
+            self._take(need, target)
         self._body, self._entries = target, entries
 
     def done(self) -> None:
@@ -164,26 +176,28 @@ class Charge:
     def _needed(self, body: int, entries: int) -> int:
         return self._base + self._answers.cost.of(body, entries)
 
-    def _take(self, need: int, body: int, *, wait: bool) -> None:
+    def _take(self, need: int, body: int) -> None:
+        """Charge ``need`` in all, from room free now (else Recharge: see :meth:`call`)."""
         from modelfs.cache.memory import BufferKind
 
         budget = self._answers.budget
         if not budget.can_lease(0, extra=need):
-            raise BackendError(
-                f"{self._answers.what}: an answer of {body / (1 << 20):.1f} MiB (and its parse) needs "
-                f"{need / (1 << 20):.1f} MiB of the memory budget, more than it can lend "
-                f"({budget.max_lease / (1 << 20):.1f} MiB): raise --memory-cache"
-            )
-        extra = need - self._held
-        if wait:
-            lease = trio.from_thread.run(functools.partial(budget.lease, 0, BufferKind.METADATA, extra=extra))
-        else:
-            taken = trio.from_thread.run_sync(functools.partial(budget.try_lease, 0, BufferKind.METADATA, extra=extra))
-            if taken is None:
-                raise Recharge(need)
-            lease = taken
-        self._leases.append(lease)
-        self._held += lease.charge
+            raise BackendError(self._too_big(need, body))
+        taken = trio.from_thread.run_sync(
+            functools.partial(budget.try_lease, 0, BufferKind.METADATA, extra=need - self._held)
+        )
+        if taken is None:
+            raise Recharge(need, body)
+        self._leases.append(taken)
+        self._held += taken.charge
+
+    def _too_big(self, need: int, body: int) -> str:
+        budget = self._answers.budget
+        return (
+            f"{self._answers.what}: an answer of {body / (1 << 20):.1f} MiB (and its parse) needs "
+            f"{need / (1 << 20):.1f} MiB of the memory budget, more than it can lend "
+            f"({budget.max_lease / (1 << 20):.1f} MiB): raise --memory-cache"
+        )
 
     # --- in trio
 
@@ -207,7 +221,7 @@ def _drop_locals(exc: BaseException) -> None:
 
 def begin(most: int, known: int | None = None) -> None:
     """In a worker thread: a new answer of at most ``most`` bytes begins (``known``: its
-    length, if the headers say it). Charged now; a no-op outside :meth:`Charge.run`."""
+    length, if the headers say it). Charged now; a no-op outside :meth:`Charge.call`."""
     charge = _current.get()
     if charge is not None:
         charge.begin(most, known)

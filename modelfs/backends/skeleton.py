@@ -70,7 +70,7 @@ class BackendSkeleton:
             return await self.run_blocking(fn, *args)
         charge = self._answers.charge()
         try:
-            return await self.run_blocking(charge.run, fn, *args)
+            return await charge.call(self.run_blocking, fn, *args)
         finally:
             charge.release()  # (the thread has ended: only this task touches the charge now)
 
