@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from modelfs.backends.answers import AnswerBudget
 from modelfs.backends.gcs import ANSWER_COST as GCS_COST
@@ -213,3 +214,47 @@ async def test_concurrent_big_listings_stay_near_the_budget(kind: str, monkeypat
             tracemalloc.stop()
         await backend.aclose()
     assert peak <= budget.max_lease + 8 * MIB, f"{peak / MIB:.0f} MiB"
+
+
+def test_a_thread_never_waits_for_room_while_a_data_get_needs_it() -> None:
+    """A call whose answer finds no room gives its thread back and waits in its task: the
+    room is held by what a data GET (which needs a thread) would free. Before, the thread
+    waited for room holding the backend's only free thread: neither could go on."""
+    from modelfs.backends import answers
+
+    budget = MemoryCache(4 * MIB, MIB)
+    charged = AnswerBudget(budget, answers.Cost(1, 0, 0), "gs://bkt")
+    limiter = trio.CapacityLimiter(1)  # the backend's threads, all but this one busy
+
+    async def run_blocking(fn: Callable[..., object], *args: object) -> object:
+        return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+
+    def read_answer() -> str:
+        answers.begin(MIB, MIB)  # a 1 MiB page: its charge finds no room now
+        return "parsed"
+
+    results: list[object] = []
+
+    async def main() -> None:
+        hog = await budget.lease(0, BufferKind.METADATA, extra=budget.max_lease)  # (pinned blocks, say)
+
+        async def listing() -> None:
+            charge = charged.charge()
+            try:
+                results.append(await charge.call(run_blocking, read_answer))
+            finally:
+                charge.release()
+
+        async def data_get() -> None:
+            await run_blocking(lambda: None)  # needs the thread
+            hog.release()  # its block is done: the room it held is free
+
+        with trio.fail_after(60):  # (only ends a deadlock: no passing run comes near it)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listing)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(data_get)
+        assert budget.leased == 0
+
+    trio.run(main)
+    assert results == ["parsed"]
