@@ -25,7 +25,9 @@ from modelfs import __version__
 from modelfs.backends.body import receive_into
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.gcs_auth import Signer, tls_context
+from modelfs.backends.gcs_json import StatusError
 from modelfs.backends.responses import Headers
+from modelfs.errors import BackendError, TransientError
 
 _MAX_ERROR_BODY = 64 << 10  # an answer that is not the body asked for is read no further
 
@@ -144,6 +146,20 @@ class MediaTransport:
             finally:
                 self._pool.track(conn, sock, False)
 
+    @staticmethod
+    def _refused(resp: http.client.HTTPResponse, check: CheckResponse) -> None:
+        """An error answer: the check's error, with the server's reason (``error.message`` of
+        at most the first 64 KiB of the body: "... requester pays bucket but no user project
+        provided") when the error is a refusal, not a status that is retried."""
+        body = resp.read(_MAX_ERROR_BODY)
+        message = StatusError.of_body(resp.status, "", body, resp.getheader("content-encoding")).message
+        try:
+            check(resp.status, resp.headers)
+        except BackendError as exc:
+            if message and not isinstance(exc, TransientError):
+                raise type(exc)(f"{exc}: {message}") from None
+            raise
+
     def _get_once(
         self,
         conn: http.client.HTTPConnection,
@@ -171,6 +187,8 @@ class MediaTransport:
                 else:
                     conn.close()
                 return False
+            if resp.status >= 400:
+                self._refused(resp, check)
             # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
             check(resp.status, resp.headers)
             # (``sums`` starts empty: a 401 answered before had nothing of its body summed.)

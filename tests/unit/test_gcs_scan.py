@@ -236,3 +236,20 @@ def test_the_reason_is_read_from_the_first_64_kib_only(refusing: dict[str, bytes
     assert _refusal() == "x: unexpected HTTP 400"
     refusing["body"] = b"<html>\n<h1>Bad</h1>"
     assert _refusal() == "x: unexpected HTTP 400"
+
+
+def test_a_refused_read_says_the_servers_reason(refusing: dict[str, bytes]) -> None:
+    """The media path (a block's GET) says it too, not only the JSON API."""
+    refusing["body"] = json.dumps({"error": {"code": 400, "message": REQUESTER_PAYS}}).encode()
+    backend = GCSBackend(parse_source("gs://bkt/m"), anonymous=True)
+
+    async def go() -> str:
+        try:
+            with pytest.raises(BackendError) as caught:
+                await backend.read_range("x", "17", 0, memoryview(bytearray(10)))
+            return str(caught.value)
+        finally:
+            await backend.aclose()
+
+    error = trio.run(go)
+    assert "HTTP 400" in error and error.endswith(f": {REQUESTER_PAYS}"), error
