@@ -841,27 +841,18 @@ class Namespace:
         node.lookups += 1
         inode = node.inode
         self._by_inode[inode] = node
-        if inode == ROOT_INODE:
+        if inode == ROOT_INODE or node.is_dir:
+            # Only files are ever given back. Dropping a directory's entry unhashes it even
+            # while it is a process's working directory (d_invalidate does not refuse since
+            # Linux 3.18): getcwd() there then fails with ENOENT. And a directory given back
+            # while walked makes the kernel drop the entries just listed below it. Directories
+            # are few beside files; theirs stay until the kernel's FORGET.
             return
         held = self._held
         held.pop(inode, None)  # the most recently replied goes last
         held[inode] = node
-        self._touch_above(node)
         if len(held) > self._trim_at:
             self._trim_wanted.set()
-
-    def _touch_above(self, node: Node) -> None:
-        """The directories above ``node`` go after it in ``_held``: a directory is as recent as
-        anything below it, so it is given back only after everything below it. (A walker's
-        current directory was replied when its parent was listed, long before; given back
-        then, the kernel would drop every entry below it that it just listed, and each stat
-        would be a lookup again.)"""
-        held = self._held
-        parent = node.parent
-        while parent is not None and parent.inode != ROOT_INODE:
-            if held.pop(parent.inode, None) is not None:
-                held[parent.inode] = parent
-            parent = parent.parent
 
     def opened(self, node: Node) -> None:
         """An open file or directory handle uses ``node``: the kernel is not asked to drop it."""
@@ -873,25 +864,19 @@ class Namespace:
     # --- giving nodes back to the kernel
 
     def _pick(self) -> list[tuple[int, bytes]]:
-        """The entries to ask the kernel to drop: the least recently replied held nodes, from
+        """The entries to ask the kernel to drop: the least recently replied held files, from
         beyond ``held_cap`` down to ``held_cap - batch``, but for those an open handle uses
-        and the directories above them (they go last, looked at again after the others). They
-        leave ``_held`` (the kernel still holds them: they stay in ``_by_inode`` until its
-        FORGET)."""
+        (they go last, looked at again after the others). They leave ``_held`` (the kernel
+        still holds them: they stay in ``_by_inode`` until its FORGET)."""
         self.trim_passes += 1
         held = self._held
         want = len(held) - max(0, self.held_cap - self._batch)
         picked: list[Node] = []
         skipped: list[Node] = []
-        keep: set[int] = set()  # directories above a skipped node (they come after it)
         if want > 0:
             for node in held.values():
-                if node.opens or node.inode in keep:
+                if node.opens:
                     skipped.append(node)
-                    parent = node.parent
-                    while parent is not None and parent.inode not in keep:
-                        keep.add(parent.inode)
-                        parent = parent.parent
                     continue
                 picked.append(node)
                 if len(picked) >= want:
@@ -901,7 +886,6 @@ class Namespace:
         for node in skipped:
             del held[node.inode]
             held[node.inode] = node
-            self._touch_above(node)
         # Too few could go (open handles use the rest): look again only after another batch
         # of new nodes, so a lookup storm over open files cannot make this spin.
         self._trim_at = self.held_cap if len(picked) >= want else max(self.held_cap, len(held) + self._batch)

@@ -161,13 +161,15 @@ def cgroup_memory_limit(
 
 
 def held_nodes(metadata_cache: int = DEFAULT_METADATA_CACHE) -> int:
-    """The most nodes the daemon keeps for the kernel (lookup and readdirplus replies not yet
-    forgotten), one per :data:`HELD_NODE_BYTES` of ``--metadata-cache`` (8,192 at its default).
+    """The most file nodes the daemon keeps for the kernel (lookup and readdirplus replies
+    not yet forgotten), one per :data:`HELD_NODE_BYTES` of ``--metadata-cache`` (8,192 at its
+    default).
 
     Past it the daemon asks the kernel to drop the least recently replied ones that no open
     handle uses (``modelfs.inodes.Namespace``); it frees them when the kernel forgets them.
-    Nodes open files or directories use are kept beyond it, as are those the kernel cannot
-    drop yet (a process's working directory), and those it was asked to drop until it says so.
+    Files open handles use are kept beyond it, and so are directories: they are never given
+    back (a process's working directory would lose its name: getcwd() fails), and are few
+    beside files. Nodes the kernel was asked to drop stay until it says so.
     """
     return max(MIN_HELD_NODES, metadata_cache // HELD_NODE_BYTES)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from modelfs.memlimit import held_nodes
@@ -60,3 +62,49 @@ def test_a_walk_of_many_files_leaves_the_held_nodes_bounded(tmp_path: Path) -> N
             assert path.stat().st_size == len(content(name))
             assert path.read_bytes() == content(name)
         assert sorted(os.listdir(mnt / "d07")) == sorted(n.split("/")[1] for n in names if n.startswith("d07/"))
+
+
+def test_a_working_directory_keeps_its_name_through_a_walk(tmp_path: Path) -> None:
+    """A model server started in the model's directory sits idle while something else walks
+    many more files than the cap. Its directory is never given back: dropping the entry of a
+    working directory unhashes it, and getcwd() there failed with ENOENT (found by review)."""
+    source = tmp_path / "src"
+    (source / "model").mkdir(parents=True)
+    (source / "model" / "config.json").write_text("{}")
+    for d in range(10):
+        (source / f"d{d}").mkdir()
+        for i in range(100):
+            (source / f"d{d}" / f"f{i}").write_text("x")
+    with mounted(f"file://{source}", tmp_path / "mnt", tmp_path / "cache", "--metadata-cache", "64K") as mnt:
+        server = subprocess.Popen(
+            [sys.executable, "-c", _IN_THE_MODEL_DIRECTORY, str(mnt / "model")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None and server.stdin is not None
+            assert server.stdout.readline() == f"cwd {mnt / 'model'}\n"
+            for d in range(10):
+                for i in range(100):
+                    assert (mnt / f"d{d}" / f"f{i}").stat().st_size == 1
+            assert stats(mnt)["node_invalidations"] >= 500  # type: ignore[operator]
+            out, _ = server.communicate("\n", timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.communicate()
+        assert out == f"cwd {mnt / 'model'}\nread {{}}\n"
+
+
+_IN_THE_MODEL_DIRECTORY = """
+import os, sys
+os.chdir(sys.argv[1])
+print("cwd", os.getcwd(), flush=True)
+sys.stdin.readline()
+try:
+    print("cwd", os.getcwd())
+except OSError as exc:
+    print("getcwd failed:", exc)
+print("read", open("config.json").read())
+"""
