@@ -425,15 +425,17 @@ def _mount_daemon(config: Config, argv: Sequence[str], stop_signals: list[int]) 
         if stop_signals:
             raise _Stopped(stop_signals[0])
         message = _wait_for_child(child, read_fd, time.monotonic() + config.retry_deadline + 60)
+        # The child said its word (or is gone): the usual deaths by these signals from now on.
+        # (Reset inside the try: a signal caught before the reset still stops the child, as
+        # one caught while waiting does, and never leaves a mount behind an exit of 128 + N.)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     except _Stopped as stopped:
         for signum in _STOP_SIGNALS:  # more of them (Ctrl-C again) are ignored while the child stops
             signal.signal(signum, signal.SIG_IGN)
         _stop_child(child)
         return 128 + stopped.signum
-    # The child said its word (or is gone): the usual deaths by these signals from now on.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     line = message.decode(errors="replace").strip()
     if line == "ready":
         return 0
@@ -508,6 +510,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except _Stopped as stopped:  # in the instant between the daemon's word and the handlers' reset
+    except _Stopped as stopped:  # (a second signal in the instant before _mount_daemon ignores them)
         return 128 + stopped.signum
     raise AssertionError(args.command)
