@@ -109,6 +109,10 @@ class Charge:
     def __init__(self, answers: AnswerBudget) -> None:
         self._answers = answers
         self._leases: list[Lease] = []
+        # Taken by the task after a Recharge, for the call made again: kept while the call
+        # goes on (a long listing's later pages), or the page that needed it could lose the
+        # room again to the readers its release wakes, and the listing start over for ever.
+        self._reserved: Lease | None = None
         self._held = 0  # what the leases charge
         self._base = 0  # the cost of this call's earlier answers (their parse may still be alive)
         self._body = 0  # the bytes the current answer's charge covers
@@ -136,6 +140,7 @@ class Charge:
 
                 lease = await self._answers.budget.lease(0, BufferKind.METADATA, extra=exc.need)
                 self._leases.append(lease)
+                self._reserved = lease
                 self._held = lease.charge
             except BaseException as exc:
                 _drop_locals(exc)
@@ -171,7 +176,7 @@ class Charge:
 
     def done(self) -> None:
         """The call's answers so far are parsed and dropped (a page of a long listing)."""
-        trio.from_thread.run_sync(self.release)
+        trio.from_thread.run_sync(self._release_answers)
 
     def _needed(self, body: int, entries: int) -> int:
         return self._base + self._answers.cost.of(body, entries)
@@ -203,10 +208,19 @@ class Charge:
 
     def release(self) -> None:
         """Give every byte back (idempotent)."""
+        self._reserved = None
+        self._release_answers()
+
+    def _release_answers(self) -> None:
+        """Give back what the answers took; the room reserved for the call stays."""
+        reserved = self._reserved
         leases, self._leases = self._leases, []
         for lease in leases:
-            lease.release()
-        self._held = self._base = self._body = self._entries = 0
+            if lease is not reserved:
+                lease.release()
+        self._leases = [reserved] if reserved is not None else []
+        self._held = reserved.charge if reserved is not None else 0
+        self._base = self._body = self._entries = 0
 
 
 def _drop_locals(exc: BaseException) -> None:

@@ -258,3 +258,53 @@ def test_a_thread_never_waits_for_room_while_a_data_get_needs_it() -> None:
 
     trio.run(main)
     assert results == ["parsed"]
+
+
+def test_a_long_listing_keeps_the_room_it_waited_for_across_its_pages() -> None:
+    """After a Recharge the task waits for the room and makes the call again. A page that
+    is done gives back its own charge, not that room: given back, a reader it woke could take
+    it before the next page, which would then find no room and start the listing over (found
+    by review). Here a reader takes whatever the budget has free after every page."""
+    from modelfs.backends import answers
+
+    budget = MemoryCache(4 * MIB, MIB)  # lends 3 MiB
+    charged = AnswerBudget(budget, answers.Cost(1, 0, 0), "gs://bkt")
+    attempts: list[int] = []
+    readers: list[Lease] = []
+    hog: list[Lease] = []
+
+    async def run_blocking(fn: Callable[..., object], *args: object) -> object:
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            while hog:  # the room the first attempt found taken is free once it has ended
+                hog.pop().release()
+
+    def take_what_is_free() -> None:  # (a reader woken by a release)
+        free = budget.max_lease - budget.leased
+        if free > 0:
+            lease = budget.try_lease(0, BufferKind.SMALL_READ, extra=free)
+            if lease is not None:
+                readers.append(lease)
+
+    def listing() -> str:
+        attempts.append(1)
+        for _page in range(3):
+            answers.begin(2 * MIB, 2 * MIB)
+            answers.done()
+            trio.from_thread.run_sync(take_what_is_free)
+        return "listed"
+
+    async def main() -> str:
+        hog.append(await budget.lease(0, BufferKind.SMALL_READ, extra=2 * MIB))
+        charge = charged.charge()
+        try:
+            with trio.fail_after(60):  # (only ends a listing that cannot go on)
+                return await charge.call(run_blocking, listing)
+        finally:
+            charge.release()
+            for lease in readers:
+                lease.release()
+
+    assert trio.run(main) == "listed"
+    assert len(attempts) == 2  # the first found no room; the second kept what it waited for
