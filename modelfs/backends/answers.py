@@ -119,7 +119,7 @@ class Charge:
         self._entries = 0  # and the entries its parse may make
         self._most = 0  # the bytes the current answer may hold at most
 
-    # --- in the worker thread
+    # --- in the calling trio task
 
     async def call(self, run_blocking: Callable[..., Awaitable[T]], fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         """In the calling trio task: ``fn(*args)`` through ``run_blocking`` (a worker thread),
@@ -145,6 +145,8 @@ class Charge:
             except BaseException as exc:
                 _drop_locals(exc)
                 raise
+
+    # --- in the worker thread
 
     def _run(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         _current.set(self)  # (this thread's own copy of the context)
@@ -204,7 +206,7 @@ class Charge:
             f"({budget.max_lease / (1 << 20):.1f} MiB): raise --memory-cache"
         )
 
-    # --- in trio
+    # --- in trio (also once the thread has ended)
 
     def release(self) -> None:
         """Give every byte back (idempotent)."""
