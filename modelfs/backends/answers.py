@@ -50,6 +50,8 @@ __all__ = ["AnswerBudget", "Charge", "Cost", "Recharge", "begin", "done", "grow"
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
+_READ = 1 << 16  # the most one receive of an answer asks for
+
 FIRST = 64 << 10
 """What an answer of unknown length is charged for first (a listing page is usually less)."""
 
@@ -249,6 +251,34 @@ def grow(nbytes: int, entries: int = 0) -> None:
     charge = _current.get()
     if charge is not None:
         charge.grow(nbytes, entries)
+
+
+def read_charged(
+    read1: Callable[[int], bytes],
+    left: Callable[[], int | None],
+    limit: int,
+    on_chunk: Callable[[int], None] | None = None,
+) -> bytes:
+    """In a worker thread: an answer's body, at most ``limit`` + 1 bytes, one receive of at
+    most 64 KiB at a time, each charged before it is read (:func:`grow`). ``left()``: the bytes
+    the answer's length still promises (charged already by :func:`begin`), or None;
+    ``on_chunk``: told each receive's size (a progress rule)."""
+    chunks: list[bytes] = []
+    total = 0
+    while total <= limit:
+        want = min(_READ, limit + 1 - total)
+        remaining = left()
+        if remaining is not None:
+            want = min(want, remaining)
+        grow(total + want)
+        chunk = read1(want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    return b"".join(chunks)
 
 
 def done() -> None:

@@ -219,18 +219,4 @@ def _read_answer(resp: http.client.HTTPResponse, progress: Progress, limit: int 
     """The body, at most ``limit`` + 1 bytes, with the data path's progress rule: an answer
     dripped a byte now and then (each within the read timeout) is a stall, not a wait of
     hours (the retry deadline is checked only between attempts)."""
-    chunks: list[bytes] = []
-    total = 0
-    while total <= limit:
-        want = min(1 << 16, limit + 1 - total)
-        left = getattr(resp, "length", None)  # (what the length said: charged already)
-        if left is not None:
-            want = min(want, left)
-        answers.grow(total + want)
-        chunk = resp.read1(want)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        progress.add(len(chunk))
-    return b"".join(chunks)
+    return answers.read_charged(resp.read1, lambda: getattr(resp, "length", None), limit, progress.add)

@@ -32,8 +32,6 @@ MAX_TAGS = 1 << 16
 MAX_ERROR = 64 << 10
 """Bytes of an error answer read at most (S3's are a few hundred)."""
 
-_READ = 1 << 16
-
 
 def _discard(raw: Any) -> None:
     """Close the connection under ``raw`` (its unread rest must not meet the next request)
@@ -45,19 +43,7 @@ def _discard(raw: Any) -> None:
 def _body(raw: Any, limit: int) -> bytes:
     """At most ``limit + 1`` body bytes; one receive at a time (each counted by the
     connection's progress rule: private/httpclient_progress.py)."""
-    chunks: list[bytes] = []
-    total = 0
-    while total <= limit:
-        want = min(_READ, limit + 1 - total)
-        if raw.length_remaining is not None:  # (what the length said: charged already)
-            want = min(want, raw.length_remaining)
-        answers.grow(total + want)
-        chunk = raw.read1(want)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
+    return answers.read_charged(raw.read1, lambda: raw.length_remaining, limit)
 
 
 def _refused(body: bytes, tags: int) -> str | None:
