@@ -30,6 +30,8 @@ __all__ = ["main"]
 log = logging.getLogger("modelfs")
 
 _READY_FD_ENV = "MODELFS_READY_FD"  # set by a daemonizing parent for its child
+_CPU_PER_GIB_FROM = 64 << 20  # bytes read before `stats` shows CPU per GiB and the ceiling
+_EXIT_WAIT = 10.0  # seconds a child that closed its ready pipe without a word gets to exit
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,7 +205,8 @@ def _cpu_line(stats: dict[str, Any]) -> str:
     loop, total, read = stats.get("loop_cpu_s", 0.0), stats.get("daemon_cpu_s", 0.0), stats.get("read_bytes", 0)
     line = f"CPU               {total:,.2f} s daemon, {loop:,.2f} s event loop (serialized)"
     ceiling = ceiling_bytes_per_s(loop, read)
-    if ceiling is not None:
+    # (Below this the startup's CPU dominates and the figures per GiB mean nothing.)
+    if ceiling is not None and read >= _CPU_PER_GIB_FROM:
         gib = read / (1 << 30)
         line += (
             f"; per GiB read: {total / gib:.2f} / {loop / gib:.2f} s; one mount's ceiling ~{ceiling / 1e6:,.0f} MB/s"
@@ -424,7 +427,7 @@ def _mount_daemon(config: Config, argv: Sequence[str], stop_signals: list[int]) 
         _raise_on_stop_signals()
         if stop_signals:
             raise _Stopped(stop_signals[0])
-        message = _wait_for_child(child, read_fd, time.monotonic() + config.retry_deadline + 60)
+        message, closed = _wait_for_child(child, read_fd, time.monotonic() + config.retry_deadline + 60)
         # The child said its word (or is gone): the usual deaths by these signals from now on.
         # (Reset inside the try: a signal caught before the reset still stops the child, as
         # one caught while waiting does, and never leaves a mount behind an exit of 128 + N.)
@@ -441,14 +444,20 @@ def _mount_daemon(config: Config, argv: Sequence[str], stop_signals: list[int]) 
         return 0
     if line.startswith("error: "):
         raise ModelfsError(line[len("error: ") :])
+    if closed and child.poll() is None:
+        try:  # it closed the pipe without its word: it is exiting (say, it could not even log why)
+            child.wait(_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            pass
     if child.poll() is None:
         child.terminate()
         raise ModelfsError(f"mount did not come up in time; see {log_file}")
     raise ModelfsError(f"mount failed (exit {child.returncode}); see {log_file}")
 
 
-def _wait_for_child(child: subprocess.Popen[bytes], read_fd: int, deadline: float) -> bytes:
-    """What the child wrote to the ready pipe: its line, or less if it exited or took too long."""
+def _wait_for_child(child: subprocess.Popen[bytes], read_fd: int, deadline: float) -> tuple[bytes, bool]:
+    """What the child wrote to the ready pipe (its line, or less if it exited or took too long),
+    and whether the pipe was closed."""
     message = b""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         while b"\n" not in message and time.monotonic() < deadline:
@@ -456,11 +465,11 @@ def _wait_for_child(child: subprocess.Popen[bytes], read_fd: int, deadline: floa
             if ready:
                 chunk = pipe.read(4096)
                 if not chunk:
-                    break
+                    return message, True
                 message += chunk
             elif child.poll() is not None:
                 break
-    return message
+    return message, False
 
 
 def _stop_child(child: subprocess.Popen[bytes]) -> None:

@@ -70,7 +70,7 @@ def parse_size(text: str | int) -> int:
             raise ConfigError(f"not a whole number of bytes: {_shown(text)}")
         value = int(exact)
     if value > MAX_SIZE:
-        raise ConfigError(f"size too large: {_shown(text)} (at most {MAX_SIZE >> 60}E)")
+        raise ConfigError(f"size too large: {_shown(text)} (at most {MAX_SIZE >> 40}T)")
     return value
 
 
@@ -126,8 +126,10 @@ def _parse_log_level(text: Any) -> str:
 
 
 def _parse_suffixes(text: Any) -> str:
-    parts = [p.strip() for p in (text if isinstance(text, list) else str(text).split(",")) if str(p).strip()]
-    return ",".join(parts)
+    items = text if isinstance(text, list) else str(text).split(",")
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f'suffixes must be strings (like ".safetensors"), not {text!r}')
+    return ",".join(item.strip() for item in items if item.strip())
 
 
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -602,15 +604,22 @@ def build_config(
     _check_memory(values, mount=mountpoint is not None)
     cache_dir_value = values.pop("cache_dir")
     cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)
-    log_file = values.pop("log_file")
+    log_value = values.pop("log_file")
+    log_file = Path(log_value).absolute() if log_value else None
     _check_source_options(source, values)
-    return Config(
-        source=source,
-        mountpoint=Path(mountpoint).absolute() if mountpoint else None,
-        cache_dir=cache_dir,
-        log_file=Path(log_file).absolute() if log_file else None,
-        **values,
-    )
+    mount_path = Path(mountpoint).absolute() if mountpoint else None
+    if mount_path is not None:
+        _check_outside_mountpoint(mount_path, {"--cache-dir": cache_dir, "--log-file": log_file})
+    return Config(source=source, mountpoint=mount_path, cache_dir=cache_dir, log_file=log_file, **values)
+
+
+def _check_outside_mountpoint(mountpoint: Path, paths: Mapping[str, Path | None]) -> None:
+    """The daemon's own files must not be under its mountpoint: the mount would hide them, and
+    creating them would make the (empty) mountpoint non-empty before the mount."""
+    where = Path(os.path.realpath(mountpoint))
+    for option, path in paths.items():
+        if path is not None and Path(os.path.realpath(path)).is_relative_to(where):
+            raise ConfigError(f"{option} {path} is inside the mountpoint {mountpoint}: put it outside")
 
 
 def _check_memory(values: dict[str, Any], *, mount: bool) -> None:

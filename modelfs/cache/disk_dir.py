@@ -8,9 +8,12 @@ anything is created or opened in it:
 - every directory from ``/`` down to the cache dir must be owned by root or by the daemon's
   user, and none may be writable by others unless it has the sticky bit (``/tmp``); a
   symlink on the way is followed only if root owns it (``/var/run``);
-- the cache dir itself must be a real directory (not a symlink) owned by the daemon's user.
-  It is made 0700; one that was writable by others is accepted only if it is empty (a fresh
-  Kubernetes ``emptyDir`` is 0777), since anything in it may have been planted;
+- the cache dir itself must be a real directory (not a symlink) owned by the daemon's user,
+  holding nothing but what modelfs puts there (so ``/``, a home directory or a project
+  directory is refused, never made private). It is made 0700; one that was writable by
+  others is accepted only if it is empty (a fresh Kubernetes ``emptyDir`` is 0777), since
+  anything in it may have been planted, and a shared sticky one (``/tmp``, ``/dev/shm``) is
+  refused: it is not the daemon's to make private. A refused directory is left as it was;
 - the lock file, the log file and every block and temporary file are opened with
   ``O_NOFOLLOW`` (see disk_format.py), so a planted symlink fails instead of being followed.
 
@@ -94,19 +97,51 @@ def prepare_dir(root: Path) -> None:
             raise _refuse(root, "a symlink or not a directory") from None
         raise MountError(f"cannot use cache dir {root}: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if st.st_uid != uid:
-            raise _refuse(root, f"owned by uid {st.st_uid}, not by the daemon's user (uid {uid})")
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            was_open = bool(st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
-            os.fchmod(fd, 0o700)
-            # Tightened first, then looked into: nothing can be planted after the chmod.
-            if was_open and os.listdir(fd):
-                raise _refuse(root, "it was writable by other users and is not empty (anything in it may be planted)")
+        _take(root, fd, uid)
     except OSError as exc:
         raise MountError(f"cannot use cache dir {root}: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _take(root: Path, fd: int, uid: int) -> None:
+    """Make the open directory ``fd`` a private cache dir (0700), or refuse it as it was found.
+
+    A directory the user named is often someone else's too (``/tmp``, ``/dev/shm``, a home
+    directory, ``/``): modelfs changes its mode only once it knows it will use it, and puts it
+    back when a check made after tightening fails.
+    """
+    st = os.fstat(fd)
+    if st.st_uid != uid:
+        raise _refuse(root, f"owned by uid {st.st_uid}, not by the daemon's user (uid {uid})")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH and mode & stat.S_ISVTX:
+        raise _refuse(root, "a shared directory (writable by every user, sticky, like /tmp): use a new directory in it")
+    if mode & (stat.S_IWOTH | stat.S_IWGRP):
+        # Tightened first, then looked into: nothing can be planted after the chmod.
+        os.fchmod(fd, 0o700)
+        try:
+            if os.listdir(fd):
+                raise _refuse(root, "it was writable by other users and is not empty (anything in it may be planted)")
+        except BaseException:
+            os.fchmod(fd, mode)
+            raise
+        return
+    foreign = sorted(name for name in os.listdir(fd) if not _ours(name))
+    if foreign:
+        raise _refuse(
+            root,
+            f"it holds files modelfs did not make ({foreign[0]!r}{' ...' if len(foreign) > 1 else ''}): "
+            "give modelfs an empty or new directory",
+        )
+    if mode != 0o700:
+        os.fchmod(fd, 0o700)
+
+
+def _ours(name: str) -> bool:
+    """What modelfs keeps in a cache dir (its blocks, its lock, log files), or a new file
+    system's lost+found: a directory holding anything else is not one modelfs made."""
+    return name in ("blocks", "lock", "lost+found") or name.endswith(".log")
 
 
 def open_log_file(path: Path, cache_dir: Path) -> BinaryIO:
@@ -196,8 +231,11 @@ class CacheDir:
                 raise MountError(
                     f"cache dir {self.root} is in use by another modelfs process (give this mount its own --cache-dir)"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as exc:  # (a full file system: ENOSPC)
+                raise MountError(f"cannot use cache dir {self.root}: {exc.strerror}") from None
         except BaseException:
             os.close(fd)
             raise

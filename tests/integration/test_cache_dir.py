@@ -163,3 +163,34 @@ def test_a_modelfs_module_in_the_current_directory_is_never_imported(tmp_path: P
     finally:
         subprocess.run([str(installed), "unmount", str(mnt)], capture_output=True, check=False)
         force_unmount(mnt)
+
+
+@pytest.fixture
+def full_fs(tmp_path: Path) -> Path:
+    """A 1 MiB tmpfs with no room left: a cache dir on a full disk."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(where)], check=True)
+    try:
+        with open(where / "filler", "wb") as filler:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("how", ["daemon", "foreground", "warm"])
+def test_a_new_cache_dir_on_a_full_disk_is_one_line(source: Path, mnt: Path, full_fs: Path, how: str) -> None:
+    """The lock file's pid could not be written: a traceback (-f, warm), or, from the daemon
+    whose log could not be written either, "mount did not come up in time"."""
+    cache = full_fs / "cache"
+    options = {"daemon": (), "foreground": ("--foreground",), "warm": ()}[how]
+    if how == "warm":
+        result = run_modelfs("warm", f"file://{source}", "--cache-dir", str(cache))
+    else:
+        result = run_modelfs("mount", f"file://{source}", str(mnt), "--cache-dir", str(cache), *options)
+    _fails(result, "No space left on device")
+    assert not is_mounted(mnt)

@@ -67,7 +67,8 @@ def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) ->
     assert result.returncode == 0, result.stderr
     assert f"gs://{bucket}/m" in result.stdout
     assert "10 GETs" in result.stdout
-    assert "event loop (serialized)" in result.stdout and "one mount's ceiling" in result.stdout
+    assert "event loop (serialized)" in result.stdout
+    assert "one mount's ceiling" not in result.stdout  # (a few blocks read: per GiB means nothing yet)
     raw = run_modelfs("stats", "--json", str(mnt))
     assert json.loads(raw.stdout)["backend_bytes"] == len(data)
 

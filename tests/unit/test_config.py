@@ -238,3 +238,26 @@ def test_a_config_file_that_is_not_text_or_too_large_is_refused(
         Path(path).write_bytes(content)
     with pytest.raises(ConfigError, match=why):
         config("--config", path)
+
+
+def test_suffixes_that_are_not_strings_are_a_config_error(tmp_path: Path) -> None:
+    """``eager-suffixes = [1, 2]`` in a config file ended in an AttributeError traceback."""
+    with pytest.raises(ConfigError, match="suffixes must be strings"):
+        config("--config", write_toml(tmp_path, "eager-suffixes = [1, 2]\n"))
+    good = write_toml(tmp_path, 'eager-suffixes = [".safetensors", " .bin "]\n')
+    assert config("--config", good).eager_suffixes == ".safetensors,.bin"
+
+
+def test_the_daemons_files_must_not_be_under_its_mountpoint(tmp_path: Path) -> None:
+    """A --cache-dir in the (empty) mountpoint was created there first, and the mount then
+    failed with "mountpoint ... is not empty", the next mount too."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for option in ("--cache-dir", "--log-file"):
+        with pytest.raises(ConfigError, match=f"{option} .* is inside the mountpoint"):
+            build_config("file:///tmp", str(mnt), parse(option, str(mnt / "cache" / "x.log")), {})
+        with pytest.raises(ConfigError, match="inside the mountpoint"):
+            build_config("file:///tmp", str(mnt), parse(option, str(mnt)), {})
+    assert not any(mnt.iterdir())
+    fine = build_config("file:///tmp", str(mnt), parse("--cache-dir", str(tmp_path / "mnt-cache")), {})
+    assert fine.cache_dir == tmp_path / "mnt-cache"

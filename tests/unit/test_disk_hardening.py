@@ -167,6 +167,50 @@ def test_a_cache_dir_writable_by_everyone_is_used_only_if_empty(tmp_path: Path) 
     os.chmod(used, 0o777)
     with pytest.raises(MountError, match="not empty"):
         DiskCache(used, 1 << 30).open()
+    assert stat.S_IMODE(used.stat().st_mode) == 0o777  # refused: left as it was
+
+
+@pytest.mark.parametrize("content", [[], ["x"]])
+def test_a_shared_sticky_dir_is_refused_and_left_as_it_was(tmp_path: Path, content: list[str]) -> None:
+    """``--cache-dir /tmp`` (or a fresh /dev/shm) was made 0700 for the whole machine, and
+    refused afterwards when not empty."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    for name in content:
+        (shared / name).write_text("someone's")
+    os.chmod(shared, 0o1777)
+    with pytest.raises(MountError, match="shared directory"):
+        DiskCache(shared, 1 << 30).open()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert sorted(os.listdir(shared)) == content
+
+
+def test_a_directory_with_other_files_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """A home directory, a project directory or ``/`` was made 0700 (and filled with blocks)."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)
+    (home / ".bashrc").write_text("")
+    (home / "blocks").mkdir()
+    with pytest.raises(MountError, match="files modelfs did not make .'.bashrc'."):
+        DiskCache(home, 1 << 30).open()
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755
+    assert sorted(os.listdir(home)) == [".bashrc", "blocks"]
+
+
+def test_a_cache_dir_modelfs_made_and_a_new_file_systems_root_are_taken(tmp_path: Path) -> None:
+    """What modelfs leaves in its cache dir (blocks/, lock, its log) and an ext4 root's
+    lost+found do not make a directory someone else's."""
+    ours = tmp_path / "ours"
+    for name in ("blocks", "lost+found"):
+        (ours / name).mkdir(parents=True)
+    for name in ("lock", "modelfs.log", "other.log"):
+        (ours / name).write_text("")
+    os.chmod(ours, 0o755)
+    cache = DiskCache(ours, 1 << 30)
+    cache.open()
+    cache.close()
+    assert stat.S_IMODE(ours.stat().st_mode) == 0o700
 
 
 async def test_the_scan_does_not_follow_symlinks(tmp_path: Path) -> None:

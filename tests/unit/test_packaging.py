@@ -220,6 +220,8 @@ def test_systemd_unit() -> None:
     assert "ExecStop" not in values
     assert float(values["TimeoutStopSec"]) > 2 * STOP_GRACE, "modelfs exits within 2 x STOP_GRACE of SIGTERM"
     assert values["Restart"] == "on-failure"
+    # A config error (exit 2, see cli.main) is not restarted every 2 s forever.
+    assert values["RestartPreventExitStatus"].split() == ["2"]
     assert "mountpoint" in values["ExecStartPost"], "active only once the mount answers"
     assert "fusermount3 -uz" in values["ExecStopPost"], "a dead mount is detached after a crash"
     assert "network-online.target" in dict(unit["Unit"])["After"]

@@ -105,3 +105,13 @@ def test_stats_of_a_path_without_them(tmp_path: Path, capsys: pytest.CaptureFixt
     for path in (tmp_path, tmp_path / "file", tmp_path / "missing"):
         line = _exit_1_one_line(capsys, str(path))
         assert line.startswith(f"modelfs: {path} is not a running modelfs mount (")
+
+
+def test_cpu_per_gib_and_the_ceiling_wait_for_enough_bytes_read() -> None:
+    """After a 100-byte read the startup's CPU divided by it gave "21889 s per GiB, ~0 MB/s"."""
+    from modelfs.cli import _cpu_line
+
+    few = _cpu_line({"loop_cpu_s": 0.5, "daemon_cpu_s": 2.0, "read_bytes": 100})
+    assert "event loop (serialized)" in few and "per GiB" not in few and "ceiling" not in few
+    many = _cpu_line({"loop_cpu_s": 0.5, "daemon_cpu_s": 2.0, "read_bytes": 2 << 30})
+    assert "per GiB read: 1.00 / 0.25 s" in many and "one mount's ceiling ~4,295 MB/s" in many
