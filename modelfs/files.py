@@ -10,14 +10,33 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import trio
+
 from modelfs.cache.blocks import BlockStore, ObjectRef
-from modelfs.cache.memory import BufferKind
+from modelfs.cache.memory import BufferKind, detached
 from modelfs.eager import EagerStreamer
+from modelfs.errors import TransientError
 from modelfs.prefetch import PrefetchConfig, ReadAhead
 
 __all__ = ["OpenFiles"]
 
 log = logging.getLogger(__name__)
+# When the kernel's read-ahead read fails, it reads the page the reader wanted again at once,
+# on the same handle: a second read that would retry for another whole --retry-deadline (a
+# `cat` of a file whose server kept failing took twice the deadline). A read of a handle inside
+# a range that gave up less than this long ago gets the same error at once instead.
+GAVE_UP_SECONDS = 2.0
+_GAVE_UP_KEPT = 16  # ranges remembered per handle (a read-ahead window's requests)
+
+
+@dataclass(frozen=True)
+class _GaveUp:
+    """A read of a handle that failed after retrying to the deadline."""
+
+    start: int
+    end: int
+    error: BaseException  # without its traceback (see detached)
+    until: float  # trio time
 
 
 @dataclass
@@ -51,6 +70,7 @@ class OpenFiles:
         self._by_version: dict[tuple[str, str], _OpenVersion] = {}
         self._next_fh = 1
         self._closed_resets = 0
+        self._gave_up: dict[int, list[_GaveUp]] = {}  # fh -> its reads that gave up just now
         self.reads_in_flight = 0  # read() calls being served now
 
     def __len__(self) -> int:
@@ -77,6 +97,7 @@ class OpenFiles:
 
     def release(self, fh: int) -> None:
         entry = self._handles.pop(fh, None)
+        self._gave_up.pop(fh, None)
         if entry is None:
             return
         entry.handles -= 1
@@ -107,11 +128,24 @@ class OpenFiles:
         small GET, a read across blocks) goes back to the budget as this returns, and a block
         may be evicted. pyfuse3 copies the reply before that.
         """
+        self._raise_if_gave_up(fh, offset)
         self.reads_in_flight += 1
         try:
             return await self._read(fh, offset, size)
+        except TransientError as exc:  # (raised only once the retries reached the deadline)
+            if fh in self._handles:
+                now = trio.current_time()
+                kept = [g for g in self._gave_up.get(fh, ()) if g.until > now][-_GAVE_UP_KEPT + 1 :]
+                self._gave_up[fh] = [*kept, _GaveUp(offset, offset + size, detached(exc), now + GAVE_UP_SECONDS)]
+            raise
         finally:
             self.reads_in_flight -= 1
+
+    def _raise_if_gave_up(self, fh: int, offset: int) -> None:
+        now = trio.current_time()
+        for gave_up in self._gave_up.get(fh, ()):
+            if gave_up.start <= offset < gave_up.end and now < gave_up.until:
+                raise detached(gave_up.error)
 
     async def _read(self, fh: int, offset: int, size: int) -> memoryview | bytes | bytearray:
         entry = self._handles[fh]

@@ -256,6 +256,29 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
     assert "serving the last listing" in log
 
 
+def test_a_read_the_backend_keeps_failing_waits_one_retry_deadline(
+    gcs: FakeGCS, bucket: str, proxy: FaultProxy, mount: MountFn
+) -> None:
+    """The kernel reads a page again at once when its read-ahead read failed: `cat` of a file
+    whose server kept failing waited for two whole --retry-deadlines (7.4 s at 4 s), retrying
+    all the way twice. That second read of the handle now gets the first one's error at once."""
+    data = _data(1 << 20, 31)  # one block: no read-ahead GETs of other blocks
+    gcs.upload(bucket, "m/one.bin", data)
+    mnt = mount(f"gs://{bucket}/m", "--block-size", "4M", "--retry-deadline", "2", "--disk-cache", "0", env=_via(proxy))
+    assert (mnt / "one.bin").stat().st_size == len(data)
+    proxy.down = True
+    try:
+        with pytest.raises(OSError) as info:
+            _in_thread(lambda: _read_whole(mnt / "one.bin"))
+        assert info.value.errno == errno.EIO
+        stats = _stats(mnt)
+        assert stats["retries_gave_up"] == 1, stats
+    finally:
+        proxy.down = False
+    # Once the server is back, the same read (another open) succeeds at once.
+    assert _in_thread(lambda: _read_whole(mnt / "one.bin")) == data
+
+
 # --- pinned versions: an overwrite or a delete never mixes versions
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -9,7 +10,7 @@ from modelfs.backends.memory import MemoryBackend
 from modelfs.cache.blocks import BlockStore, FetchSlots, ObjectRef
 from modelfs.cache.memory import MemoryCache
 from modelfs.errors import TransientError, VersionChanged
-from modelfs.files import OpenFiles
+from modelfs.files import GAVE_UP_SECONDS, OpenFiles
 
 from .conftest import BS, StoreFactory, put_ramp, ref_for, wait_until
 
@@ -310,3 +311,41 @@ def test_block_count_and_lengths() -> None:
     assert store.block_count(ref) == 3
     assert [store._length(ref, i) for i in range(3)] == [BS, BS, 1]
     assert store.block_count(ObjectRef("k", "n", "1", 0)) == 0
+
+
+async def test_a_read_that_gave_up_fails_again_at_once_on_its_handle(
+    make_store: StoreFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The kernel reads a page again on the same handle right after its read-ahead read failed;
+    that read gets the same error at once instead of retrying for another whole deadline. Other
+    handles (a reader trying again), other ranges and the same range a little later ask again."""
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "m.bin", 4 * BS, seed=3)
+    down = True
+
+    def fault(name: str, offset: int, length: int) -> None:
+        if down:
+            raise TransientError("503")
+
+    backend.fault = fault
+    store = await make_store(backend, memory_blocks=4, retry_deadline=5.0)
+    files = OpenFiles(store, max_prefetch=0)
+    fh = files.open(ref)
+    with pytest.raises(TransientError, match="failed after"):
+        await files.read(fh, 0, 2 * BS)  # a read-ahead read
+    calls, start = backend.read_calls, trio.current_time()
+    with pytest.raises(TransientError, match="failed after"):
+        await files.read(fh, BS, 100)  # the kernel's page read
+    assert backend.read_calls == calls and trio.current_time() == start
+    assert store.stats.retry.gave_up == 1
+    with pytest.raises(TransientError):  # outside the range that failed: asked again
+        await files.read(fh, 3 * BS, 100)
+    assert store.stats.retry.gave_up == 2
+    down = False
+    other = files.open(ref)  # another handle: asked again at once
+    assert bytes(await files.read(other, 0, 100)) == data[:100]
+    files.release(other)
+    await trio.sleep(GAVE_UP_SECONDS)
+    assert bytes(await files.read(fh, 0, 100)) == data[:100]
+    files.release(fh)
+    assert not files._gave_up
