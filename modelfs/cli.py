@@ -171,10 +171,12 @@ def _format_stats(stats: dict[str, Any]) -> str:
             + f" MiB; {stats.get('reads_in_flight', 0)} reads in flight"
         )
     if "disk_capacity" in stats:
+        limit = stats.get("disk_limit", stats["disk_capacity"])
+        full = f" (file system full: keeps to {limit / mib:,.1f} MiB)" if limit < stats["disk_capacity"] else ""
         lines.append(
-            f"disk cache        {stats['disk_used'] / mib:,.1f} / {stats['disk_capacity'] / mib:,.0f} MiB, "
+            f"disk cache        {stats['disk_used'] / mib:,.1f} / {stats['disk_capacity'] / mib:,.0f} MiB{full}, "
             f"{stats['disk_hits']} hits, {stats['disk_writes']} writes, {stats['disk_evictions']} evictions, "
-            f"{stats['disk_corrupt']} corrupt"
+            f"{stats['disk_corrupt']} corrupt, {stats.get('disk_write_errors', 0)} write errors"
         )
     tier = stats.get("tier")
     if tier:

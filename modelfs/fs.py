@@ -320,6 +320,7 @@ class ModelFS(pyfuse3.Operations):
             disk = store.disk
             out.update(
                 disk_capacity=disk.capacity,
+                disk_limit=disk.limit,  # less than the capacity once the cache dir's file system is full
                 disk_used=disk.used,
                 disk_writes=disk.stats.writes,
                 disk_misses=disk.stats.misses,

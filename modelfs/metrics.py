@@ -162,6 +162,9 @@ class ModelfsCollector:
             )
             yield GaugeMetricFamily("modelfs_disk_cache_bytes", "Disk cache bytes in use", value=s["disk_used"])
             yield GaugeMetricFamily("modelfs_disk_cache_capacity_bytes", "Disk cache cap", value=s["disk_capacity"])
+            yield counter(
+                "modelfs_disk_cache_write_errors", "Blocks that could not be written", s.get("disk_write_errors", 0)
+            )
         yield GaugeMetricFamily(
             "modelfs_memory_cache_bytes", "Memory block bytes in use (cached, in flight)", value=s["memory_used"]
         )

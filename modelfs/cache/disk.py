@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,21 @@ class DiskStats:
 _NAMED_WITHOUT_SIZE = 8 << 20
 """The default --block-size: its block files keep the names they had before names said the size."""
 
+_KEEP_FREE_SHARE = 20
+_KEEP_FREE_MAX = 1 << 30
+"""Once its file system is full, the disk cache leaves 1/20 of it (at most 1 GiB) free: for
+the log file beside it, for whoever else writes there, and for the writes in progress."""
+
+
+def _space(path: str) -> tuple[int, int]:
+    """(bytes free to this user, size) of the file system holding ``path``. Blocking."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 1 << 30 else f"{n / 2**20:,.1f} MiB"
+
 
 def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
@@ -86,6 +102,21 @@ class DiskCache:
         self._index = DiskIndex(capacity, max_files=disk_index_files(capacity, block_size))
         self._started = time.time()  # block files modified since were written by this run
         self._warned_write = False
+        self.last_write_error = ""  # why the last block write failed ("disk full", strerror)
+        # Blocks :meth:`write` did not store, by object key, when set (``modelfs warm`` does).
+        self.unwritten: Counter[str] | None = None
+        # The file system filled up before the cap was reached (or is smaller than the cap):
+        # from then on every write first measures the room there and makes room from the
+        # least recently used blocks (_make_room), keeping the index's cap to what fits.
+        self._fs_bound = False
+        self._warned_full = False
+        self._writing = 0  # bytes of the block files being written in threads now
+        self._write_landed = trio.lowlevel.ParkingLot()  # one of those writes ended
+        self._write_slots = trio.Semaphore(4)  # writes measuring the room or writing
+        # Once the file system is full, one write at a time measures the room and writes, so
+        # what it measures is not taken by another meanwhile (one writer thread writes block
+        # files nearly as fast as four: docs/architecture.md).
+        self._room_lock = trio.Lock()
         # Reads get a deeper queue than writes: a warm sequential read keeps 8-12 block reads
         # in flight, and disks want a deep queue (docs/architecture.md). Writes stay at 4 so
         # they never crowd the GETs' CPU.
@@ -103,8 +134,25 @@ class DiskCache:
     # --- lifetime
 
     def open(self) -> None:
-        """Check, create (0700) and lock the cache dir; MountError (one line) if unusable."""
+        """Check, create (0700) and lock the cache dir; MountError (one line) if unusable.
+
+        A cap larger than the cache dir's file system is warned about (once): the cache keeps
+        to what fits there.
+        """
         self._dir.open()
+        try:
+            _, fs_size = _space(str(self._blocks_dir))
+        except OSError:
+            return
+        if fs_size < self.capacity:
+            self._fs_bound = self._warned_full = True
+            log.warning(
+                "--disk-cache (%s) is larger than the file system of the cache dir %s (%s): "
+                "the disk cache keeps to what fits there, evicting its least recently used blocks",
+                _size(self.capacity),
+                self.root,
+                _size(fs_size),
+            )
 
     def close(self) -> None:
         self._dir.close()
@@ -136,6 +184,16 @@ class DiskCache:
     def used(self) -> int:
         """Bytes of block files the index knows of."""
         return self._index.used
+
+    @property
+    def evicted_this_run(self) -> int:
+        """Blocks this run wrote or read that the cap (or a full file system) pushed out again."""
+        return self._index.evicted_this_run
+
+    @property
+    def limit(self) -> int:
+        """The cap the cache keeps to: ``capacity``, or less once its file system is full."""
+        return min(self.capacity, self._index.capacity)
 
     def contains(self, key: BlockKey) -> bool:
         """Whether the index knows this block (before the startup scan ends it may not yet,
@@ -203,21 +261,23 @@ class DiskCache:
         path = str(self._blocks_dir / rel)
         key_bytes = _key_bytes(key)
         use_direct = direct and self._direct_io
-        try:
-            result = await trio.to_thread.run_sync(
-                lambda: read_block(path, key_bytes, key[2], dest, direct=use_direct),
-                limiter=self._read_limiter,
-            )
-        except OSError as exc:
-            result = ReadResult(ReadOutcome.CORRUPT, f"read error: {exc.strerror or exc}")
+        with self._index.removed_while() as removed:
+            try:
+                result = await trio.to_thread.run_sync(
+                    lambda: read_block(path, key_bytes, key[2], dest, direct=use_direct),
+                    limiter=self._read_limiter,
+                )
+            except OSError as exc:
+                result = ReadResult(ReadOutcome.CORRUPT, f"read error: {exc.strerror or exc}")
         if result.direct_failed:
             self._direct_io = False
         if result.outcome is ReadOutcome.HIT:
             self.stats.hits += 1
             if rel in self._index:
                 self._index.touch(rel)
-            else:  # a file an earlier run left, before the scan got to it
+            elif rel not in removed:  # a file an earlier run left, before the scan got to it
                 await self._unlink(self._index.add(rel, data_offset_for(key_bytes) + len(dest)), evicted=True)
+            # (else it was evicted while being read: the bytes read are right, the file is gone)
             return True
         self.stats.misses += 1
         if result.outcome is ReadOutcome.ABSENT:
@@ -234,52 +294,139 @@ class DiskCache:
 
     # --- writes
 
-    async def write(self, key: BlockKey, data: memoryview, *, crc: int | None = None) -> None:
-        """Store a block; a full or failing disk is logged once and otherwise ignored.
+    async def write(self, key: BlockKey, data: memoryview, *, crc: int | None = None) -> bool:
+        """Store a block; True if the cache holds it now. A failing disk is logged once,
+        counted (``stats.write_errors``) and otherwise ignored. A full file system makes the
+        cache keep to what fits there, evicting its least recently used blocks (see
+        :meth:`_make_room`), and writes go on.
 
         ``crc``: the CRC32C of ``data`` if the GET computed it as the bytes arrived (else the
         write computes it).
         """
+        stored = await self._write(key, data, crc)
+        if not stored and self.unwritten is not None:
+            self.unwritten[key[0]] += 1
+        return stored
+
+    async def _write(self, key: BlockKey, data: memoryview, crc: int | None) -> bool:
         rel = self._relpath(key)
         if not self._enabled:
-            return
+            return False
         if rel in self._index:
             self._index.touch(rel)
-            return
+            return True
+        size = data_offset_for(_key_bytes(key)) + len(data)
+        async with self._write_slots:
+            return await self._write_slotted(rel, key, data, crc, size)
+
+    async def _write_slotted(self, rel: str, key: BlockKey, data: memoryview, crc: int | None, size: int) -> bool:
+        if self._fs_bound:
+            async with self._room_lock:
+                return await self._write_once(rel, key, data, crc, size, measured=True)
+        return await self._write_once(rel, key, data, crc, size, measured=False)
+
+    async def _write_once(
+        self, rel: str, key: BlockKey, data: memoryview, crc: int | None, size: int, *, measured: bool
+    ) -> bool:
+        """Write the block file; ``measured``: holding the room lock, make room first."""
         obj, _, name = rel.partition("/")
         generation = self._generation
+        if measured and not await self._make_room(size):
+            self._write_failed(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+            return False
         try:
             result = await self._write_file(obj, name, key, data, crc)
         except OSError as exc:
-            if not await self._recover(generation):
+            if exc.errno == errno.ENOSPC:
+                self._full()
+                if not measured:  # the first to find it full: from now on, one write at a time
+                    async with self._room_lock:
+                        return await self._write_once(rel, key, data, crc, size, measured=True)
+                retry = await self._make_room(size)
+            else:
+                retry = await self._recover(generation)
+            if not retry:
                 if self._enabled:  # (if it was turned off just now, that was warned about)
                     self._write_failed(exc)
-                return
-            try:  # once more, into the recreated cache dir
+                return False
+            try:  # once more: into the room made, or the recreated cache dir
                 result = await self._write_file(obj, name, key, data, crc)
             except OSError as again:
                 self._write_failed(again)
-                return
+                return False
         if result.direct_failed:
             self._direct_io = False
         self.stats.writes += 1
         victims = self._index.written(obj, name.partition("-")[0])
         await self._unlink(victims + self._index.add(rel, result.size), evicted=True)
+        return rel in self._index
+
+    def _full(self) -> None:
+        """A write found the file system full (ENOSPC): from now on keep to what fits there."""
+        self._fs_bound = True
+        if not self._warned_full:
+            self._warned_full = True
+            log.warning(
+                "the file system of the cache dir %s is full with %s of disk cache, less than "
+                "--disk-cache (%s): the disk cache keeps to what fits there, evicting its least "
+                "recently used blocks",
+                self.root,
+                _size(self.used),
+                _size(self.capacity),
+            )
+
+    async def _make_room(self, size: int) -> bool:
+        """Keep the cache to its file system: measure the room there, cap the index at what
+        it holds (the cache's blocks and the free space, less a share kept free), and evict
+        least recently used blocks (those of pinned versions last, as the cap does) until
+        ``size`` more bytes fit beside the writes in progress. The cap is raised back, up to
+        --disk-cache, as soon as room is free again. False if they do not fit even with every
+        block gone and no write in progress (the file system is full of other files)."""
+        while True:
+            try:
+                free, fs_size = await trio.to_thread.run_sync(_space, str(self._blocks_dir), limiter=self._limiter)
+            except OSError:
+                return True  # cannot tell: just try
+            keep_free = min(fs_size // _KEEP_FREE_SHARE, _KEEP_FREE_MAX)
+            cap = min(self.capacity, max(0, self._index.used + free - keep_free))
+            # The writes in progress will take their whole size (part of it, written already,
+            # is counted twice: a little more room is made than needed, never less).
+            room = size + self._writing
+            victims = self._index.limit(cap, room=room)
+            fits = self._index.used + room <= cap  # (asked before the unlinks: other writes land meanwhile)
+            writing = self._writing
+            await self._unlink(victims, evicted=True)
+            if fits or not writing:
+                return fits
+            # Not even with every block gone, but writes in progress hold part of the free
+            # space counted twice: measure again once one of them is done.
+            if self._writing:
+                await self._write_landed.park()
 
     async def _write_file(self, obj: str, name: str, key: BlockKey, data: memoryview, crc: int | None) -> WriteResult:
         dir_path = str(self._blocks_dir / obj)
         key_bytes = _key_bytes(key)
         direct = self._direct_io
-        return await trio.to_thread.run_sync(
-            lambda: write_block(dir_path, name, key_bytes, key[2], data, direct=direct, crc=crc), limiter=self._limiter
-        )
+        size = data_offset_for(key_bytes) + len(data)
+        self._writing += size
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: write_block(dir_path, name, key_bytes, key[2], data, direct=direct, crc=crc),
+                limiter=self._limiter,
+            )
+        finally:  # (the caller indexes the file before it next yields: no await sees it in neither)
+            self._writing -= size
+            self._write_landed.unpark_all()
 
     def _write_failed(self, exc: OSError) -> None:
         self.stats.write_errors += 1
+        why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        self.last_write_error = why
         if not self._warned_write:
             self._warned_write = True
-            why = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            log.warning("cannot write the disk cache in %s (%s); serving without it", self.root, why)
+            if exc.errno == errno.ENOSPC:
+                why = "disk full, even with the disk cache's own blocks evicted"
+            log.warning("cannot write the disk cache in %s (%s): blocks go uncached until it can", self.root, why)
 
     async def _recover(self, generation: int) -> bool:
         """After a failed write: True if the cache dir was lost and is back (recreated, with

@@ -55,6 +55,8 @@ class DiskIndex:
         # One set per listing of the cache dir in progress: the files forgotten meanwhile,
         # which that listing may still show (see removed_while).
         self._listings: list[set[str]] = []
+        # Files this run wrote or read that a cap pushed out again (``modelfs warm`` fails on them).
+        self.evicted_this_run = 0
 
     # --- lookups
 
@@ -224,6 +226,16 @@ class DiskIndex:
     def is_pinned(self, rel: str) -> bool:
         return rel in self._pinned
 
+    def limit(self, capacity: int, *, room: int = 0) -> list[str]:
+        """Keep to ``capacity`` bytes from now on (the file system holds less than the cap it
+        was made with), with ``room`` bytes left free beside the files held; the files that go,
+        least recently used first and those of pinned versions last, as the caps take them."""
+        self.capacity = capacity
+        victims: list[str] = []
+        while self and self._bytes + room > capacity:
+            victims.append(self._evict_one())
+        return victims + self._over_cap()
+
     # --- internals
 
     def _insert(self, rel: str, size: int, *, recent: bool) -> None:
@@ -243,8 +255,13 @@ class DiskIndex:
     def _over_cap(self) -> list[str]:
         victims: list[str] = []
         while self._bytes > self.capacity or len(self) > self.max_files:
-            lru = self._free if self._free else self._pinned
-            rel = next(iter(lru))
-            self.remove(rel)
-            victims.append(rel)
+            victims.append(self._evict_one())
         return victims
+
+    def _evict_one(self) -> str:
+        """Forget the least recently used file, of an unpinned version if there is one."""
+        rel = next(iter(self._free if self._free else self._pinned))
+        if self._used_at[rel] > 0:  # written or read by this run (an earlier run's are below 0)
+            self.evicted_this_run += 1
+        self.remove(rel)
+        return rel
