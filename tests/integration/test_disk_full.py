@@ -1,0 +1,74 @@
+"""A cache dir on a file system smaller than --disk-cache (a small tmpfs stands in for a small
+disk), through the real CLI: the disk cache keeps to what fits and keeps caching new files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from modelfs.testing.mounts import mounted, run_modelfs
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``small_fs("12m")``: a fresh tmpfs of that size, unmounted at teardown."""
+    made: list[Path] = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(made)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], check=True)
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_full_small_file_system_keeps_caching_new_files(tmp_path: Path, small_fs: Callable[[str], Path]) -> None:
+    """Default --disk-cache (10G) on a 12 MiB file system: a.bin (8 MiB) nearly fills it, then
+    b.bin (6 MiB) is read. Before: every block of b.bin after the file system filled failed to
+    write (nothing evicted below the 10G cap), so a remount fetched b.bin from the backend
+    again; `modelfs stats` showed no error."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = {"a.bin": os.urandom(8 * MiB), "b.bin": os.urandom(6 * MiB)}
+    for name, content in data.items():
+        (src / name).write_bytes(content)
+    cache = small_fs("12m") / "cache"
+    log = tmp_path / "daemon.log"
+    opts = ("--block-size", "1M", "--memory-cache", "4M", "--no-eager", "--persist-weak-versions")
+    with mounted(f"file://{src}", tmp_path / "mnt", cache, *opts, "--log-file", str(log)) as mnt:
+        for name, content in data.items():
+            assert _sha((mnt / name).read_bytes()) == _sha(content)
+        stats_text = run_modelfs("stats", str(mnt)).stdout
+    # The unmount waited for the queued disk writes: b.bin's blocks are all on disk.
+    with mounted(f"file://{src}", tmp_path / "mnt2", cache, *opts, "--log-file", str(log)) as mnt:
+        assert _sha((mnt / "b.bin").read_bytes()) == _sha(data["b.bin"])
+        stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
+        assert stats["backend_gets"] == 0, stats  # every block of b.bin from the disk cache
+        assert _sha((mnt / "a.bin").read_bytes()) == _sha(data["a.bin"])  # evicted in part: fetched again
+        stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
+    assert stats["disk_corrupt"] == 0 and stats["disk_write_errors"] == 0
+    assert stats["disk_limit"] < stats["disk_capacity"] and stats["disk_used"] <= stats["disk_limit"]
+    (disk_line,) = [line for line in stats_text.splitlines() if line.startswith("disk cache")]
+    assert "(file system full: keeps to " in disk_line and disk_line.endswith(" 0 write errors"), disk_line
+    st = os.statvfs(cache)
+    assert st.f_bavail > 0  # some free space was kept
+    warnings = [line for line in log.read_text().splitlines() if "WARNING" in line]
+    # One line per mount, at its start: the cap is larger than the file system.
+    assert len(warnings) == 2 and all("--disk-cache (10.0 GiB) is larger than the file system" in w for w in warnings)
+
