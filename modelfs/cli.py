@@ -123,6 +123,12 @@ def _warm(config: Config) -> int:
     if result.mismatched:
         names = ", ".join(result.mismatched)
         raise ModelfsError(f"checksum mismatch in {len(result.mismatched)} object(s): {names}")
+    if result.evicted:
+        raise ModelfsError(
+            f"the disk cache cannot hold all of {config.source.url}: {result.evicted} block(s) warmed were "
+            f"evicted again to make room (it keeps to {result.cache_limit / 2**20:,.1f} MiB: --disk-cache, "
+            f"or what the file system of {config.cache_dir} holds)"
+        )
     return 0
 
 

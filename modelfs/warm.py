@@ -5,6 +5,12 @@ follows starts warm. Each object is read block by block in order, with the next 
 prefetched in parallel; the bytes are folded into a CRC32C (or MD5 where the store gives
 no CRC) and compared with the object's stored checksum. A mismatch removes the object's
 blocks from the cache and makes the command fail.
+
+An object is reported cached only once its disk writes are done and every block of it is in
+the disk cache; one whose blocks could not be written (a full disk, an I/O error) or were
+pushed out again while it was warmed fails the command, and so does a source the cache
+cannot hold to the end (blocks warmed earlier evicted by later ones): an init container must
+not report success on a cold cache.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import hashlib
 import logging
 import sys
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -44,6 +51,9 @@ class WarmResult:
     mismatched: list[str] = field(default_factory=list)
     unverified: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (name, why): not cached
+    evicted: int = 0  # blocks warmed, then pushed out again by the cap or a full file system
+    cache_bytes: int = 0  # what the disk cache holds at the end
+    cache_limit: int = 0  # what it keeps to (--disk-cache, or less on a smaller file system)
 
 
 class _Progress:
@@ -131,12 +141,52 @@ async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: in
     return False
 
 
+@dataclass
+class _Written:
+    """An object read to the end, whose disk writes may still be under way."""
+
+    info: ObjectInfo
+    key: str
+    blocks: int
+    last_write: int  # the store's write number when its last block was fetched
+    checked: bool  # its checksum matched (else there was none to check)
+
+
+def _check_cached(disk: DiskCache, done: _Written, result: WarmResult, progress: _Progress) -> None:
+    """Report ``done`` cached if every block of it is in the disk cache, else not cached (why)."""
+    name = done.info.name
+    unwritten = disk.unwritten.pop(done.key, 0) if disk.unwritten is not None else 0
+    missing = sum(1 for i in range(done.blocks) if not disk.contains((done.key, done.info.version, i)))
+    if missing:
+        if unwritten:
+            why = (
+                f"{unwritten} of {done.blocks} block(s) could not be written to the disk cache "
+                f"({disk.last_write_error or 'not stored'})"
+            )
+        else:
+            why = (
+                f"{missing} of {done.blocks} block(s) were evicted again to make room "
+                f"(the disk cache keeps to {disk.limit / 2**20:,.1f} MiB)"
+            )
+        result.failed.append((name, f"{name}: {why}"))
+        progress.object_done(name, f"NOT CACHED: {why}")
+        return
+    result.objects += 1
+    result.bytes += done.info.size
+    if done.checked:
+        progress.object_done(name, "cached, checksum ok")
+    else:
+        result.unverified += 1
+        progress.object_done(name, "cached (no checksum to verify)")
+
+
 async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     """Fetch every object of ``config.source`` into the disk cache and verify it."""
     if config.disk_cache <= 0:
         raise ConfigError("warm needs a disk cache (--disk-cache must be more than 0)")  # bad usage: exit 2
     backend = open_backend(config)
     disk = DiskCache(config.cache_dir, config.disk_cache, block_size=config.block_size)
+    disk.unwritten = Counter()
     # The read-ahead window fits the budget (the block being read and one more beside it),
     # never the other way round: warm keeps --memory-cache as the mount does.
     room = config.memory_cache // config.block_size - 2
@@ -173,28 +223,41 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
                 except ModelfsError as exc:
                     failed.append(exc)  # raised below as itself, not inside an exception group
 
+        # Objects read to the end wait here, in order, until their disk writes are done; then
+        # each is reported cached or not. (Never more than the writes the budget holds.)
+        written: deque[_Written] = deque()
+
+        def report(*, final: bool = False) -> None:
+            while written and (final or store.writes_done(written[0].last_write)):
+                _check_cached(disk, written.popleft(), result, progress)
+
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             nursery.start_soon(produce)
             async for info in receive:
+                key = backend.object_key(info.name)
                 try:
-                    ok = await _warm_object(store, info, backend.object_key(info.name), window, progress)
+                    ok = await _warm_object(store, info, key, window, progress)
                 except ModelfsError as exc:  # changed or gone since the listing, unreadable: the others go on
                     result.failed.append((info.name, str(exc)))
                     progress.object_done(info.name, f"FAILED: {exc}")
+                    report()
                     continue
-                result.objects += 1
-                result.bytes += info.size
                 if ok is False:
+                    result.objects += 1
+                    result.bytes += info.size
                     result.mismatched.append(info.name)
                     progress.object_done(info.name, "CHECKSUM MISMATCH (not cached)")
-                elif ok is None:
-                    result.unverified += 1
-                    progress.object_done(info.name, "cached (no checksum to verify)")
                 else:
-                    progress.object_done(info.name, "cached, checksum ok")
+                    blocks = store.block_count(ObjectRef(key, info.name, info.version, info.size))
+                    written.append(_Written(info, key, blocks, store.write_seq, ok is True))
+                report()
             await store.drain()
+            report(final=True)
             nursery.cancel_scope.cancel()
+        result.evicted = disk.evicted_this_run
+        result.cache_bytes = disk.used
+        result.cache_limit = disk.limit
         if failed:
             raise failed[0]
         if config.source.prefix and not result.objects and not result.failed:

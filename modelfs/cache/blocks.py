@@ -378,6 +378,15 @@ class BlockStore:
             self._queued_writes.discard(seq)
             self._writes_done.unpark_all()
 
+    @property
+    def write_seq(self) -> int:
+        """The number of the last disk write queued (see :meth:`writes_done`)."""
+        return self._write_seq
+
+    def writes_done(self, upto: int) -> bool:
+        """Whether every disk write queued up to number ``upto`` is done (stored or failed)."""
+        return not self._queued_writes or min(self._queued_writes) > upto
+
     async def drain(self) -> None:
         """Wait until every block fetched so far is written to the disk cache."""
         while self._writes_pending:

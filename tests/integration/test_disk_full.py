@@ -1,5 +1,6 @@
 """A cache dir on a file system smaller than --disk-cache (a small tmpfs stands in for a small
-disk), through the real CLI: the disk cache keeps to what fits and keeps caching new files."""
+disk), through the real CLI: the disk cache keeps to what fits and keeps caching new files,
+and ``modelfs warm`` fails when it cannot leave the source in the cache."""
 
 from __future__ import annotations
 
@@ -72,3 +73,24 @@ def test_a_full_small_file_system_keeps_caching_new_files(tmp_path: Path, small_
     # One line per mount, at its start: the cap is larger than the file system.
     assert len(warnings) == 2 and all("--disk-cache (10.0 GiB) is larger than the file system" in w for w in warnings)
 
+
+def test_warm_into_a_small_tmpfs_exits_1(tmp_path: Path, small_fs: Callable[[str], Path]) -> None:
+    """Before: "cached" for every object and exit 0, with most blocks never written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"model-{i}.bin").write_bytes(os.urandom(3 * MiB))
+    opts = ("--block-size", "1M", "--memory-cache", "4M")
+    result = run_modelfs("warm", f"file://{src}", "--cache-dir", str(small_fs("6m") / "cache"), *opts)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "warm: model-2.bin: cached (no checksum to verify)" in lines, result.stderr
+    assert [line for line in lines if "NOT CACHED" in line], result.stderr
+    assert lines[-1].startswith(
+        ("modelfs: 2 object(s) not cached", "modelfs: 1 object(s) not cached", "modelfs: the disk cache cannot hold")
+    ), lines[-1]
+    # The same source into a file system that holds it: exit 0.
+    result = run_modelfs("warm", f"file://{src}", "--cache-dir", str(small_fs("16m") / "cache"), *opts)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("cached (no checksum to verify)") == 3
