@@ -178,7 +178,9 @@ def _format_stats(stats: dict[str, Any]) -> str:
         )
     if "disk_capacity" in stats:
         limit = stats.get("disk_limit", stats["disk_capacity"])
-        full = f" (file system full: keeps to {limit / mib:,.1f} MiB)" if limit < stats["disk_capacity"] else ""
+        full = (
+            f" (keeps to {limit / mib:,.1f} MiB: what its file system holds)" if limit < stats["disk_capacity"] else ""
+        )
         lines.append(
             f"disk cache        {stats['disk_used'] / mib:,.1f} / {stats['disk_capacity'] / mib:,.0f} MiB{full}, "
             f"{stats['disk_hits']} hits, {stats['disk_writes']} writes, {stats['disk_evictions']} evictions, "

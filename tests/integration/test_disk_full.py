@@ -66,7 +66,7 @@ def test_a_full_small_file_system_keeps_caching_new_files(tmp_path: Path, small_
     assert stats["disk_corrupt"] == 0 and stats["disk_write_errors"] == 0
     assert stats["disk_limit"] < stats["disk_capacity"] and stats["disk_used"] <= stats["disk_limit"]
     (disk_line,) = [line for line in stats_text.splitlines() if line.startswith("disk cache")]
-    assert "(file system full: keeps to " in disk_line and disk_line.endswith(" 0 write errors"), disk_line
+    assert " MiB: what its file system holds)" in disk_line and disk_line.endswith(" 0 write errors"), disk_line
     st = os.statvfs(cache)
     assert st.f_bavail > 0  # some free space was kept
     warnings = [line for line in log.read_text().splitlines() if "WARNING" in line]

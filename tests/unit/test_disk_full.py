@@ -277,4 +277,4 @@ def test_text_stats_show_write_errors_and_the_lowered_cap() -> None:
         "prefetch_refused": 0,
     }
     line = next(line for line in cli._format_stats(stats).splitlines() if line.startswith("disk cache"))
-    assert "(file system full: keeps to 22.0 MiB)" in line and line.endswith("0 corrupt, 4 write errors")
+    assert "(keeps to 22.0 MiB: what its file system holds)" in line and line.endswith("0 corrupt, 4 write errors")
