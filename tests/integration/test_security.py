@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -485,3 +488,66 @@ async def test_oversized_manifest_is_refused(tmp_path: Path, monkeypatch: pytest
             await backend.list_objects()
     finally:
         await backend.aclose()
+
+
+# --- file://: nothing outside SOURCE through the mount, whatever its symlinks say
+
+
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    """``argv`` run as an unprivileged user (nobody, no groups): a reader of an --allow-other mount."""
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory other users may enter (pytest's tmp_path is root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="modelfs-sec-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        force_unmount(path / "mnt")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_file_source_symlinks_never_lead_out_of_it(tmp_path: Path, shared_dir: Path) -> None:
+    """The reviewer's repro: ``notes.txt -> <a root-only file>`` and ``data -> /`` in SOURCE,
+    mounted by root with --allow-other. An unprivileged reader gets neither through the mount,
+    while a file and a Hugging Face cache style symlink to a blob below SOURCE read whole."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root-only " + os.urandom(32).hex().encode())
+    secret.chmod(0o600)
+    src = tmp_path / "src"
+    (src / "blobs").mkdir(parents=True)
+    (src / "snapshots" / "rev").mkdir(parents=True)
+    weights, blob = os.urandom(200_000), os.urandom(150_000)
+    (src / "model.safetensors").write_bytes(weights)
+    (src / "blobs" / "b1").write_bytes(blob)
+    (src / "snapshots" / "rev" / "config.bin").symlink_to("../../blobs/b1")
+    (src / "notes.txt").symlink_to(secret)
+    (src / "data").symlink_to("/")
+    assert _as_nobody("cat", str(secret)).returncode != 0  # the file is not the reader's
+    log = tmp_path / "modelfs.log"
+    with mounted(
+        f"file://{src}", shared_dir / "mnt", tmp_path / "cache", "--allow-other", "--log-file", str(log), *OPTIONS
+    ) as mnt:
+        listed = _as_nobody("ls", "-A", str(mnt))
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.decode().split() == ["blobs", "model.safetensors", "snapshots"]
+        for name in ("notes.txt", "data/etc/shadow", "data/etc/passwd"):
+            read = _as_nobody("cat", str(mnt / name))
+            assert read.returncode != 0 and read.stdout == b"", name
+            assert b"No such file" in read.stderr, read.stderr
+        assert _as_nobody("ls", str(mnt / "data")).returncode != 0
+        for name, data in (("model.safetensors", weights), ("snapshots/rev/config.bin", blob), ("blobs/b1", blob)):
+            read = _as_nobody("sha256sum", str(mnt / name))
+            assert read.returncode == 0, read.stderr
+            assert read.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest(), name
+    text = log.read_text()
+    assert text.count("notes.txt -> ") == 1 and "leads out of the source" in text, text
+    assert text.count("data -> /") == 1, text
