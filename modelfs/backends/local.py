@@ -148,7 +148,7 @@ class LocalBackend(ThreadedBackend):
             if isinstance(exc, OSError)
             else exc
         )
-        self._warn_once(name, "%s -> %s: %s; not shown", os.path.join(self._root, name), target, reason)
+        self._warn_once(name, "%r -> %r: %s; not shown", os.path.join(self._root, name), target, reason)
 
     def _list(self) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []

@@ -549,5 +549,5 @@ def test_file_source_symlinks_never_lead_out_of_it(tmp_path: Path, shared_dir: P
             assert read.returncode == 0, read.stderr
             assert read.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest(), name
     text = log.read_text()
-    assert text.count("notes.txt -> ") == 1 and "leads out of the source" in text, text
-    assert text.count("data -> /") == 1, text
+    assert text.count("notes.txt' -> '") == 1 and "leads out of the source" in text, text
+    assert text.count("data' -> '/'") == 1, text
