@@ -17,7 +17,7 @@ import textwrap
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 from modelfs.errors import ConfigError
 
@@ -70,7 +70,7 @@ def settings_for_source(source: str, *, origin: str | None = None, **overrides: 
     Only that bucket (or that directory of the web server) is readable through the tier.
     ``origin`` is the store's endpoint (GCS's by default; required for s3://).
     """
-    parts = urlsplit(source)
+    parts = _split(source, "source")
     if parts.scheme == "gs" and parts.netloc:
         bucket = quote(parts.netloc, safe="")
         allow: tuple[str, ...] = (f"/download/storage/v1/b/{bucket}/o/", f"/storage/v1/b/{bucket}/o/")
@@ -93,9 +93,27 @@ def settings_for_source(source: str, *, origin: str | None = None, **overrides: 
     return replace(TierSettings(origin=_check_origin(origin), allow=allow), **overrides)
 
 
+def _split(url: str, what: str) -> SplitResult:
+    """urlsplit, with the port checked: a malformed URL is a ConfigError, not a ValueError."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError as exc:
+        raise ConfigError(f"not a valid URL for the {what}: {url!r} ({exc})") from None
+    return parts
+
+
 def _check_origin(origin: str) -> str:
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+    parts = _split(origin, "origin")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+        or parts.password is not None
+    ):
         raise ConfigError(f"the origin must be http(s)://HOST[:PORT], not {origin!r}")
     return f"{parts.scheme}://{parts.netloc}"
 

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 
 from modelfs.errors import ConfigError
+from modelfs.logs import escape
 from modelfs.tierconf import (
     TierSettings,
     render_kubernetes,
@@ -27,11 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--origin", help="the store's endpoint (default: GCS; required for s3://)")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--storage", default="120Gi", help="Kubernetes: each replica's cache volume")
-    for field in dataclasses.fields(TierSettings):
-        if field.name not in ("origin", "allow"):
-            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=f"default: {field.default}")
+    # Every setting but origin (--origin above) and allow (from --source) is an option.
+    options = [f for f in dataclasses.fields(TierSettings) if f.name not in ("origin", "allow")]
+    for field in options:
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=f"default: {field.default}")
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TierSettings) if getattr(args, f.name, None)}
+    overrides = {f.name: getattr(args, f.name) for f in options if getattr(args, f.name) is not None}
     try:
         settings = settings_for_source(args.source, origin=args.origin, **overrides)
         if args.what == "nginx":
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(render_kubernetes(settings, replicas=args.replicas, storage=args.storage))
     except ConfigError as exc:
-        print(f"modelfs.tierconf: {exc}", file=sys.stderr)
+        print(f"modelfs.tierconf: {escape(str(exc))}", file=sys.stderr)
         return 2
     return 0
 
