@@ -17,7 +17,7 @@ import textwrap
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
-from urllib.parse import SplitResult, quote, urlsplit
+from urllib.parse import SplitResult, quote, unquote_to_bytes, urlsplit
 
 from modelfs.errors import ConfigError
 
@@ -83,7 +83,12 @@ def settings_for_source(source: str, *, origin: str | None = None, **overrides: 
         overrides.setdefault("token_file", "/var/run/modelfs-tier-token/aws-keys")
     elif parts.scheme in ("http", "https") and parts.netloc:
         directory = parts.path if parts.path.endswith("/") else parts.path.rpartition("/")[0] + "/"
+        # As the nodes send it: the directory as the source spells it (modelfs.backends.http).
         allow = (quote(directory, safe="/:@!$&'()*+,;=~%"),)
+        decoded = unquote_to_bytes(allow[0])
+        if re.search(rb"(^|/)\.{1,2}(/|$)", decoded) or re.search(rb"[\x00-\x1f\x7f]", decoded):
+            # The tier refuses every dot-segment (400), and nginx a control character.
+            raise ConfigError(f"the source's directory has a dot-segment or a control character: {source!r}")
         origin = origin or f"{parts.scheme}://{parts.netloc}"
         overrides.setdefault("auth", "none")
     else:
@@ -134,8 +139,24 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER_RE.sub(one, template)
 
 
-def _nginx_regex(prefix: str) -> str:
-    return re.sub(r"([.\\+*?\[^\]$(){}=!<>|:-])", r"\\\1", prefix)
+def _nginx_regex(prefix: bytes) -> str:
+    """A regex matching the bytes ``prefix``, safe in nginx's config quoted or not: letters,
+    digits, ``/`` and ``_`` as they are, ``.`` and ``-`` escaped, every other byte as ``\\xHH``
+    (nginx's regexes match bytes, not UTF-8 characters)."""
+    out = []
+    for byte in prefix:
+        char = chr(byte)
+        if char.isascii() and (char.isalnum() or char in "/_"):
+            out.append(char)
+        else:
+            out.append("\\" + char if char in ".-" else f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def _uri_form(raw_path: str) -> bytes:
+    """What nginx makes of the raw path ``raw_path`` in ``$uri``, which ``location`` matches:
+    %-decoded (``%2F`` too) and with its slashes merged (``merge_slashes on``)."""
+    return re.sub(rb"/+", b"/", unquote_to_bytes(raw_path))
 
 
 _FILL_SLICES_BYTES = 256 << 20
@@ -172,12 +193,14 @@ def render_nginx(settings: TierSettings) -> str:
     _slice_bytes(settings.slice)
     if not re.fullmatch(r"[1-9][0-9]?", settings.workers):
         raise ConfigError(f"workers must be a number from 1 to 99, not {settings.workers!r}")
-    if not settings.allow or any(not p.startswith("/") or re.search(r"[\s\"';{}]", p) for p in settings.allow):
-        raise ConfigError(f"readable paths must be absolute URL paths: {settings.allow!r}")
+    if not settings.allow or any(not re.fullmatch(r"/[!-~]*", p) for p in settings.allow):
+        raise ConfigError(f"readable paths must be absolute %-encoded URL paths: {settings.allow!r}")
     values = {
         "ORIGIN_URL": settings.origin,
         "ALLOW_TEXT": " ".join(settings.allow),
-        "ALLOW_RE": "|".join(_nginx_regex(p) for p in settings.allow),
+        # $request_uri (what the origin gets) holds the raw path; location matches $uri.
+        "ALLOW_RE": "|".join(_nginx_regex(p.encode("ascii")) for p in settings.allow),
+        "ALLOW_URI_RE": "|".join(_nginx_regex(_uri_form(p)) for p in settings.allow),
         "JS_MODULE": settings.js_module,
         "USER": settings.user,
         "RUN_DIR": settings.run_dir,

@@ -145,3 +145,41 @@ def test_s3_source_through_a_tier_that_signs_its_own_requests(s3: S3Server, tmp_
             assert (mnt / "other.bin").read_bytes() == data[::-1]
             tier_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["tier"]
             assert tier_stats["tier_bytes"] == 0 and tier_stats["origin_bytes"] == len(data), tier_stats
+
+
+def test_a_directory_whose_name_is_percent_encoded(web: Nginx, tmp_path: Path) -> None:
+    """The raw path (%-encoded) goes to the origin, but nginx's ``location`` matches the decoded
+    ``$uri``: a directory with a space, a UTF-8 letter, parentheses and a doubled slash is
+    served by the tier (hits on the second node), not refused with every block from the origin."""
+    top = f"tier-{uuid.uuid4().hex[:8]}"
+    data = os.urandom(3 * BLOCK + 4321)
+    web.put(f"{top}/my models ü(1)/x/m.bin", data)
+    directory = f"{top}/my%20models%20%C3%BC%281%29//x/"
+    with tier_replica(
+        LOOPBACK,
+        tmp_path / "tier",
+        web.url(directory, tls=True),
+        web.url("", tls=True).rstrip("/"),
+        slice_size="1m",
+        port=free_port(),
+        origin_side_port=free_port(),
+        ca_file=str(web.ca_cert),
+        origin_name="localhost",
+    ) as tier:
+        options = ("--ca-cert", str(web.ca_cert), "--block-size", "1M", "--cache-url", tier.url, "--anonymous")
+        for node in ("a", "b"):
+            source = web.url(directory + "m.bin", tls=True)
+            with mounted(source, tmp_path / f"mnt-{node}", tmp_path / f"c-{node}", *options) as mnt:
+                assert (mnt / "m.bin").read_bytes() == data
+                tier_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["tier"]
+                assert tier_stats["tier_bytes"] == len(data) and tier_stats["fallbacks"] == 0, tier_stats
+        log = tier.access_log()
+        assert log.count("cache=MISS") == 4 and log.count("cache=HIT") == 4, log
+        # Outside the directory (decoded or raw) is still refused.
+        request = urllib.request.Request(
+            tier.url + f"/{top}/my%20models%20%C3%BC%281%29/y/m.bin", headers={"If-Match": '"x"'}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 403
+        refused.value.close()

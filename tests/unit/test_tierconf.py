@@ -50,3 +50,31 @@ def test_origin_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> Non
 )
 def test_a_malformed_url_is_one_line(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]) -> None:
     refused(capsys, *argv)
+
+
+@pytest.mark.parametrize(
+    ("source", "uri_re", "raw_re"),
+    [
+        ("https://h/my%20models/m.bin", r"/my\x20models/", r"/my\x2520models/"),
+        ("https://h/my models/", r"/my\x20models/", r"/my\x2520models/"),  # encoded as the nodes send it
+        ("https://h/a%2Fb//c/", r"/a/b/c/", r"/a\x252Fb//c/"),  # nginx decodes %2F and merges slashes
+        ("https://h/m%C3%BC(1)$/", r"/m\xc3\xbc\x281\x29\x24/", r"/m\x25C3\x25BC\x281\x29\x24/"),
+        ("gs://my-bucket.x", r"/download/storage/v1/b/my\-bucket\.x/o/|", None),
+    ],
+)
+def test_location_matches_the_decoded_path(source: str, uri_re: str, raw_re: str | None) -> None:
+    """``location`` matches nginx's ``$uri`` (decoded, slashes merged); the raw-path check
+    ``$request_uri`` (what the origin gets) the path as the nodes send it."""
+    from modelfs.tierconf import render_nginx, settings_for_source
+
+    conf = render_nginx(settings_for_source(source))
+    assert conf.count(f"location ~ ^({uri_re}") == 2, conf
+    if raw_re is not None:
+        assert f'if ($request_uri !~ "^({raw_re})")' in conf
+
+
+@pytest.mark.parametrize(
+    "source", ["https://h/a/../b/", "https://h/a/%2e%2E/b/x", "https://h/./b/", "https://h/a%0Ab/"]
+)
+def test_a_directory_the_tier_would_refuse_is_refused_here(capsys: pytest.CaptureFixture[str], source: str) -> None:
+    refused(capsys, "nginx", "--source", source)
