@@ -12,9 +12,11 @@ same config against a real origin. ``python -m modelfs.tierconf --help`` renders
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import textwrap
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from importlib import resources
 from typing import Any
 from urllib.parse import SplitResult, quote, unquote_to_bytes, urlsplit
@@ -24,6 +26,8 @@ from modelfs.errors import ConfigError
 __all__ = [
     "GCS_ORIGIN",
     "TierSettings",
+    "check_settings",
+    "max_size_for",
     "render_kubernetes",
     "render_nginx",
     "render_systemd",
@@ -118,8 +122,10 @@ def _check_origin(origin: str) -> str:
         or parts.fragment
         or parts.username is not None
         or parts.password is not None
+        or parts.port == 0
     ):
         raise ConfigError(f"the origin must be http(s)://HOST[:PORT], not {origin!r}")
+    _check_host("the origin", parts.hostname)
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -159,6 +165,133 @@ def _uri_form(raw_path: str) -> bytes:
     return re.sub(rb"/+", b"/", unquote_to_bytes(raw_path))
 
 
+_UNSAFE_PATH_RE = re.compile(r"[^!-~]|[\"'`;{}$\\#]")
+"""What a path may not hold: it is pasted into nginx.conf, the unit and the manifests as it is
+(whitespace, quotes, ``;{}`` and ``#`` end or break a directive, ``$`` is a variable in
+access_log, ``\\`` an escape)."""
+_HOST_RE = re.compile(
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+
+
+def _check_path(what: str, value: str, *, also: tuple[str, ...] = ()) -> None:
+    if value in also:
+        return
+    if not value.startswith("/") or _UNSAFE_PATH_RE.search(value):
+        allowed = "".join(f"{word}, " for word in also if word)
+        raise ConfigError(
+            f"{what} must be {allowed}an absolute path of printable ASCII without whitespace, quotes,"
+            f" ;{{}}, #, $ or \\, not {value!r}"
+        )
+
+
+def _check_host(what: str, host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_RE.fullmatch(host) or len(host) > 253:
+            raise ConfigError(f"{what}: not a host name or IP address: {host!r}") from None
+
+
+def _listen_address(what: str, value: str, *, loopback: bool = False) -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT`` (HOST required when ``loopback``) → (host, port)."""
+    found = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]:|([^:\[\]]+):)?([0-9]{1,5})", value)
+    port = int(found.group(3)) if found else 0
+    if found is None or not 0 < port < 65536:
+        raise ConfigError(f"{what} must be PORT, HOST:PORT or [IPV6]:PORT, not {value!r}")
+    host = found.group(1) or found.group(2) or ""
+    if found.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{what}: not an IPv6 address: {value!r}") from None
+    elif host:
+        _check_host(what, host)
+    if loopback:
+        try:
+            is_loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            is_loopback = False
+        if not is_loopback:
+            # It adds the tier's credentials to whatever reaches it.
+            raise ConfigError(f"{what} must be a loopback address and port (127.0.0.1:PORT), not {value!r}")
+    return host, port
+
+
+def _nginx_size(what: str, text: str) -> int:
+    """nginx's size syntax (``100g``, ``8m``, ``512k``, ``1048576``) in bytes."""
+    found = re.fullmatch(r"([1-9][0-9]{0,14})([kKmMgG]?)", text)
+    if found is None:
+        raise ConfigError(f"{what} must be like 100g, 8m, 512k or 1048576, not {text!r}")
+    return int(found.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[found.group(2).lower()]
+
+
+_QUANTITY_SCALE = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+_QUANTITY_SCALE.update({"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60})
+
+
+def _quantity_bytes(what: str, text: str) -> int:
+    """A Kubernetes storage quantity (``120Gi``, ``500G``, ``1.5Ti``) in bytes."""
+    found = re.fullmatch(r"([0-9]{1,15})(?:\.([0-9]{1,9}))?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?", text)
+    if found is None:
+        raise ConfigError(f"{what} must be a Kubernetes quantity like 120Gi or 500G, not {text!r}")
+    whole, fraction, unit = found.group(1), found.group(2) or "", found.group(3) or ""
+    return int(Decimal(f"{whole}.{fraction or 0}") * _QUANTITY_SCALE[unit])
+
+
+CACHE_PERCENT = 90
+"""--max-size is at most this percentage of the cache volume (--storage). Not all of it: nginx's cap
+is approximate (the cache manager evicts once it is passed; the slices being written are not
+counted) and ext4 keeps 5% for root, which nginx's workers cannot use. A cache bigger than its
+volume fails its writes (ENOSPC), and nodes then read from the origin: more origin GETs than no
+tier at all."""
+
+
+def max_size_for(storage: str) -> str:
+    """The cache cap for a volume of ``storage``: the default (100g), or less on a volume too small."""
+    default = TierSettings.max_size
+    fits = _quantity_bytes("the cache volume (--storage)", storage) * CACHE_PERCENT // 100
+    if fits >= _nginx_size("max_size", default):
+        return default
+    if fits < 1 << 20:
+        raise ConfigError(f"the cache volume (--storage) is too small for a cache: {storage!r}")
+    return f"{fits >> 30}g" if fits >= 10 << 30 else f"{fits >> 20}m"
+
+
+def check_settings(settings: TierSettings) -> None:
+    """Raise ConfigError for a setting that is not what it must be: each is pasted into the
+    rendered files as it is, so none may carry a character that ends or adds a directive."""
+    _check_origin(settings.origin)
+    if not settings.allow or any(not re.fullmatch(r"/[!-~]*", p) for p in settings.allow):
+        raise ConfigError(f"readable paths must be absolute %-encoded URL paths: {settings.allow!r}")
+    _listen_address("--listen", settings.listen)
+    _listen_address("--origin-side", settings.origin_side, loopback=True)
+    _slice_bytes(settings.slice)
+    _nginx_size("--max-size", settings.max_size)
+    for what, path in (
+        ("--cache-dir", settings.cache_dir),
+        ("--run-dir", settings.run_dir),
+        ("--js-dir", settings.js_dir),
+        ("--ca-file", settings.ca_file),
+        ("--js-module", settings.js_module),
+    ):
+        _check_path(what, path)
+    _check_path("--token-file", settings.token_file, also=("",))  # "": anonymous
+    _check_path("--error-log", settings.error_log, also=("stderr",))
+    _check_path("--access-log", settings.access_log, also=("off",))
+    if not _USER_RE.fullmatch(settings.user):
+        raise ConfigError(f"--user must be a user name, not {settings.user!r}")
+    if settings.origin_name:
+        _check_host("--origin-name", settings.origin_name)
+    if settings.auth not in ("bearer", "aws-sigv4", "none"):
+        raise ConfigError(f"auth must be bearer, aws-sigv4 or none, not {settings.auth!r}")
+    if not re.fullmatch(r"[a-z0-9-]+", settings.region):
+        raise ConfigError(f"not an AWS region: {settings.region!r}")
+    if not re.fullmatch(r"[1-9][0-9]?", settings.workers):
+        raise ConfigError(f"workers must be a number from 1 to 99, not {settings.workers!r}")
+
+
 _FILL_SLICES_BYTES = 256 << 20
 """What the fill stage holds in slices at once (--max-fills x the slice size), at most 32 slices."""
 
@@ -182,19 +315,11 @@ def fill_limits(settings: TierSettings) -> tuple[int, int]:
 
 def render_nginx(settings: TierSettings) -> str:
     """nginx.conf for one tier replica."""
+    check_settings(settings)
     origin = urlsplit(settings.origin)
     port = origin.port or (443 if origin.scheme == "https" else 80)
     host = origin.hostname or ""
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if settings.auth not in ("bearer", "aws-sigv4", "none"):
-        raise ConfigError(f"auth must be bearer, aws-sigv4 or none, not {settings.auth!r}")
-    if not re.fullmatch(r"[a-z0-9-]+", settings.region):
-        raise ConfigError(f"not an AWS region: {settings.region!r}")
-    _slice_bytes(settings.slice)
-    if not re.fullmatch(r"[1-9][0-9]?", settings.workers):
-        raise ConfigError(f"workers must be a number from 1 to 99, not {settings.workers!r}")
-    if not settings.allow or any(not re.fullmatch(r"/[!-~]*", p) for p in settings.allow):
-        raise ConfigError(f"readable paths must be absolute %-encoded URL paths: {settings.allow!r}")
     values = {
         "ORIGIN_URL": settings.origin,
         "ALLOW_TEXT": " ".join(settings.allow),
@@ -232,7 +357,20 @@ def render_kubernetes(settings: TierSettings, *, replicas: int = 2, storage: str
     def block(text: str) -> str:
         return textwrap.indent(text, "    ").rstrip("\n")
 
-    port = settings.listen.rpartition(":")[2]
+    check_settings(settings)
+    _, port = _listen_address("--listen", settings.listen)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 < replicas <= 1000:
+        raise ConfigError(f"--replicas must be a number from 1 to 1000, not {replicas!r}")
+    volume = _quantity_bytes("the cache volume (--storage)", storage)
+    if _nginx_size("--max-size", settings.max_size) > volume * CACHE_PERCENT // 100:
+        raise ConfigError(
+            f"--max-size {settings.max_size} does not fit the cache volume (--storage {storage}): it must be"
+            f" at most {CACHE_PERCENT}% of it, {max_size_for(storage)} (nginx's cap is approximate and"
+            " ext4 keeps 5% for root); leave out --max-size to have it follow --storage"
+        )
+    mounts = {"--cache-dir": settings.cache_dir, "--js-dir": settings.js_dir, "--run-dir": settings.run_dir}
+    if len({p.rstrip("/") for p in mounts.values()}) < len(mounts):
+        raise ConfigError(f"--cache-dir, --js-dir and --run-dir are separate volumes: {mounts!r}")
     max_fills, fill_memory = fill_limits(settings)
     values = {
         "MAX_FILLS": str(max_fills),
@@ -241,7 +379,7 @@ def render_kubernetes(settings: TierSettings, *, replicas: int = 2, storage: str
         "TIER_JS": block(tier_js()),
         "REPLICAS": str(replicas),
         "STORAGE": storage,
-        "PORT": port,
+        "PORT": str(port),
         "CACHE_DIR": settings.cache_dir,
         "JS_DIR": settings.js_dir,
         "RUN_DIR": settings.run_dir,
@@ -254,6 +392,7 @@ def render_kubernetes(settings: TierSettings, *, replicas: int = 2, storage: str
 
 def render_systemd(settings: TierSettings) -> str:
     """A systemd unit running the fill stage (modelfs.tierconf.fill) beside a VM's nginx."""
+    check_settings(settings)
     run_dir = settings.run_dir.rstrip("/")
     if not run_dir.startswith("/run/") or "/" in run_dir[len("/run/") :]:
         raise ConfigError(f"the systemd unit needs --run-dir /run/NAME (its RuntimeDirectory), not {run_dir!r}")
