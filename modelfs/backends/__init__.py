@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from modelfs.backends.base import Backend, ObjectInfo
@@ -12,6 +13,8 @@ if TYPE_CHECKING:
     from modelfs.config import Config
 
 __all__ = ["Backend", "ObjectInfo", "open_backend"]
+
+log = logging.getLogger(__name__)
 
 
 def open_backend(config: Config, budget: MemoryCache | None = None) -> Backend:
@@ -27,6 +30,14 @@ def open_backend(config: Config, budget: MemoryCache | None = None) -> Backend:
         raise ConfigError(f"cannot use {config.source.url}: {type(exc).__name__}: {str(exc)[:300]}") from None
     if not config.cache_url:
         return backend
+    if config.source.query:
+        # A query string (a presigned URL's signature, a token) is a secret: it would go to the
+        # tier in plain HTTP, into its access log and its cache key (HTTPBackend.tier_target).
+        log.warning(
+            "--cache-url: %s has a query string (a signature or token, kept secret): "
+            "its blocks are read from the origin, not through the cache tier",
+            config.source.url,
+        )
     from modelfs.backends.tiered import TieredBackend
 
     return TieredBackend(

@@ -9,7 +9,8 @@ What is mounted:
   ``autoindex on; autoindex_format json;``), walked recursively.
 
 Every file is stat'ed with HEAD (or, where HEAD is refused, a GET of its first byte), which
-also proves the server honours Range. A file's version is its size and its strong ETag, or its
+also proves the server honours Range. A file's version is its size and its strong ETag (not one made
+of its mtime and size, as nginx's and Apache's defaults are: see etag_is_strong), or its
 size and Last-Modified when it has none. Each ranged GET sends ``If-Match`` with that ETag (or
 ``If-Unmodified-Since``) and the response is checked again (ETag, Content-Range total), so a
 file replaced on the server reads as VersionChanged (ESTALE), never as mixed bytes.
@@ -56,7 +57,7 @@ from modelfs.backends.responses import (
     short_reason,
 )
 from modelfs.backends.skeleton import BackendSkeleton
-from modelfs.backends.tiered import TierTarget, header_pinned
+from modelfs.backends.tiered import SIZE_HEADER, TierTarget, header_pinned
 from modelfs.backends.weak import run_marker, without_run_marker
 from modelfs.config import Source
 from modelfs.errors import (
@@ -118,15 +119,37 @@ KEPT_ENTRY_BYTES = 160
 the (name, size) tuple, the size, the list slot): what a kept directory is counted for."""
 # Larger socket reads than httpcore's 64 KiB: see private/httpcore_read_size.py.
 _READ_SIZE = 512 << 10
+# One field of a web server's mtime/size ETag: hex, at most 64 bits (a hash is longer).
+_HEX_FIELD_RE = re.compile(r"[0-9a-f]{1,16}")
 
 
 # --- versions: what a read pins
 
 
+def etag_is_strong(etag: str | None, size: int, last_modified: str | None) -> bool:
+    """Whether ``etag`` may stand for the bytes: not ``W/``, and not one of the web servers'
+    default ETags made of the file's modification time and size only, which a replacement
+    with the same size and mtime (``cp -p``, ``rsync -t``, SOURCE_DATE_EPOCH builds) keeps:
+    nginx's ``"MTIME-SIZE"`` (hex seconds, matching Last-Modified) and Apache's
+    ``"SIZE-MTIME"`` / ``"INODE-SIZE-MTIME"`` (hex, MTIME in microseconds)."""
+    if not etag or etag.startswith("W/"):
+        return False
+    parts = etag.strip('"').split("-")
+    if not 2 <= len(parts) <= 3 or not all(_HEX_FIELD_RE.fullmatch(p) for p in parts):
+        return True
+    numbers = [int(p, 16) for p in parts]
+    modified = _mtime(last_modified) if last_modified else None
+    if len(numbers) == 2 and numbers[1] == size and modified is not None and numbers[0] == int(modified):
+        return False  # nginx
+    size_at = 0 if len(numbers) == 2 else 1
+    # Apache: the size field, and an mtime (µs) in the second of Last-Modified when it is sent.
+    return not (numbers[size_at] == size and (modified is None or numbers[size_at + 1] // 1_000_000 == int(modified)))
+
+
 def make_version(size: int, etag: str | None, last_modified: str | None, run: str = "") -> str:
-    """``SIZE/"etag"`` for a strong ETag, else ``SIZE/lm:LAST-MODIFIED`` (possibly empty)
-    followed by ``run``, this daemon's marker for weak versions (see weak.py)."""
-    if etag and not etag.startswith("W/"):
+    """``SIZE/"etag"`` for a strong ETag (:func:`etag_is_strong`), else ``SIZE/lm:LAST-MODIFIED``
+    (possibly empty) followed by ``run``, this daemon's marker for weak versions (see weak.py)."""
+    if etag_is_strong(etag, size, last_modified):
         return f"{size}/{etag}"
     return f"{size}/lm:{last_modified or ''}{run}"
 
@@ -412,7 +435,19 @@ class HTTPBackend(BackendSkeleton):
                 etag, last_modified = headers.get("etag"), headers.get("last-modified")
                 if size > 0 and headers.get("accept-ranges", "").strip().lower() != "bytes":
                     await self._probe(name, what)  # raises if the server ignores Range
-        if etag is None or etag.startswith("W/"):
+        if etag is not None and not etag.startswith("W/") and not etag_is_strong(etag, size, last_modified):
+            # The server's default ETags (nginx, Apache) are of this kind: one line per mount.
+            self._warn_once(
+                "etag:mtime-size",
+                "%s: the server's ETag %s is made of the file's modification time and size only, "
+                "so it is a weak version like Last-Modified: changes are detected by Last-Modified and "
+                "size only, blocks are not reused from the disk cache after a restart%s and not read "
+                "through a cache tier (this applies to every such file; this is logged once)",
+                what,
+                etag,
+                "" if self._run else " (--persist-weak-versions: they are)",
+            )
+        elif etag is None or etag.startswith("W/"):
             self._warn_once(
                 f"etag:{name}",
                 "%s has no strong ETag: changes are detected by %s only, and its blocks are not "
@@ -889,14 +924,18 @@ class HTTPBackend(BackendSkeleton):
             raise self.classify(exc, what, reading=True) from None
 
     def tier_target(self, name: str, version: str) -> TierTarget | None:
-        """The GET a cache tier serves for ``name`` at ``version`` (--cache-url): keyed by path
-        and strong ETag; a file without one is read from the origin."""
-        etag = parse_version(version)[1]
-        if etag is None:
+        """The GET a cache tier serves for ``name`` at ``version`` (--cache-url): keyed by path,
+        strong ETag and size; a file without a strong ETag, or a URL with a query string, is
+        read from the origin."""
+        size, etag, _ = parse_version(version)
+        if etag is None or self._source.query:
+            # A query string (a presigned URL's signature, a token) is a secret: it never goes
+            # to the tier, in plain HTTP, into its log and its cache key (see open_backend).
             return None
-        parts = urlsplit(self._url(name))
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        return TierTarget(path, {"If-Match": etag}, header_pinned("etag", etag, "ETag"))
+        path = urlsplit(self._url(name)).path
+        return TierTarget(
+            path, {"If-Match": etag, SIZE_HEADER: str(size)}, header_pinned("etag", etag, "ETag"), size=size
+        )
 
     def abort(self) -> None:
         """The daemon is stopping: data GETs in flight fail now, not at the read timeout."""

@@ -48,6 +48,7 @@ from modelfs.backends.responses import Headers, RangeRequest, check_range_respon
 from modelfs.errors import BackendError, ConfigError, VersionChanged
 
 __all__ = [
+    "SIZE_HEADER",
     "ReplicaStats",
     "TierAddressable",
     "TierStats",
@@ -61,6 +62,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DIGEST_HEADER = "x-modelfs-digest"
+# The size of the version a read is pinned to, where the node knows it: part of the tier's
+# cache key (nginx.conf.in), and the answer's Content-Range total must be it.
+SIZE_HEADER = "X-Modelfs-Size"
 _DIGEST_RE = re.compile(r"(crc32c=[0-9a-f]{8}|sha256=[0-9a-f]{64}); range=(\d+)-(\d+)")
 _USER_AGENT = f"modelfs/{__version__} (tier)"
 _FIRST_BACKOFF = 1.0
@@ -85,12 +89,14 @@ _MAX_BACKOFF = 30.0
 @dataclass(frozen=True)
 class TierTarget:
     """How the origin names one pinned version: the raw path (and query) of its ranged GET,
-    the headers that pin it, and ``pinned(headers)``, which raises when a response's version
-    headers show another version (the same check the backend makes of the origin)."""
+    the headers that pin it, ``pinned(headers)``, which raises when a response's version
+    headers show another version (the same check the backend makes of the origin), and the
+    version's size where the version says it (an answer of another size is refused)."""
 
     path: str
     headers: Mapping[str, str]
     pinned: Callable[[Headers], None]
+    size: int | None = None
 
 
 @runtime_checkable
@@ -320,7 +326,9 @@ class _Replica:
         # The same rules as an answer from the origin (Content-Range exactly the block, its
         # length, no encoding, the pinned version), judged by the one place that has them.
         try:
-            check_range_response(status, headers, RangeRequest("tier", offset, length), pinned=target.pinned)
+            check_range_response(
+                status, headers, RangeRequest("tier", offset, length, target.size), pinned=target.pinned
+            )
         except VersionChanged as exc:
             raise TierRejected("version", str(exc), replica_down=False) from None
         except BackendError as exc:

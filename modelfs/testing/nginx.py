@@ -143,6 +143,13 @@ http {{
         location /weak/ {{
             etag off;
         }}
+        # The same files without Last-Modified: nginx's ETag ("MTIME-SIZE") is then not
+        # recognizably made of the mtime, and stands as a strong one (a server whose ETags
+        # change with the bytes, for the cache tier's https tests).
+        location /strong/ {{
+            proxy_pass http://127.0.0.1:{port}/;
+            proxy_hide_header Last-Modified;
+        }}
         location /same/ {{
             absolute_redirect off;
             rewrite ^/same/(.*)$ /private/$1 redirect;

@@ -44,7 +44,7 @@ def tier(web: Nginx, published: tuple[str, bytes], tmp_path: Path) -> Iterator[T
     with tier_replica(
         LOOPBACK,
         tmp_path / "tier",
-        web.url(f"{top}/", tls=True),
+        web.url(f"strong/{top}/", tls=True),
         origin,
         slice_size="1m",
         port=free_port(),
@@ -62,13 +62,70 @@ def test_https_source_through_the_tier(
     options = ("--ca-cert", str(web.ca_cert), "--block-size", "1M", "--cache-url", tier.url, "--anonymous")
     for node in ("a", "b"):
         with mounted(
-            web.url(f"{top}/m.bin", tls=True), tmp_path / f"mnt-{node}", tmp_path / f"c-{node}", *options
+            web.url(f"strong/{top}/m.bin", tls=True), tmp_path / f"mnt-{node}", tmp_path / f"c-{node}", *options
         ) as mnt:
             assert hashlib.sha256((mnt / "m.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
             tier_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["tier"]
             assert tier_stats["tier_bytes"] == SIZE and tier_stats["fallbacks"] == 0, tier_stats
     log = tier.access_log()
     assert log.count("cache=MISS") == 6 and log.count("cache=HIT") == 6, log
+
+
+def test_a_presigned_url_is_not_read_through_the_tier_nor_a_query_logged(
+    web: Nginx, published: tuple[str, bytes], tier: TierReplica, tmp_path: Path
+) -> None:
+    """A URL's query string (a presigned URL's signature) is a secret: the node reads such a
+    source from the origin, never through the tier; and the tier logs no query string."""
+    top, data = published
+    secret = "X-Amz-Signature=SECRETSIG0123"
+    url = web.url(f"strong/{top}/m.bin", tls=True) + f"?{secret}"
+    options = ("--ca-cert", str(web.ca_cert), "--block-size", "1M", "--cache-url", tier.url, "--anonymous")
+    with mounted(url, tmp_path / "mnt", tmp_path / "c", *options) as mnt:
+        assert hashlib.sha256((mnt / "m.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+        tier_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["tier"]
+        assert tier_stats["tier_bytes"] == 0 and tier_stats["bypass_bytes"] == SIZE, tier_stats
+    assert "SECRETSIG" not in tier.access_log()
+    # Whatever a client sends, the access log has the path without the query.
+    head = urllib.request.Request(web.url(f"strong/{top}/m.bin"), method="HEAD")
+    etag = urllib.request.urlopen(head, timeout=30).headers["ETag"]
+    request = urllib.request.Request(
+        tier.url + f"/strong/{top}/m.bin?{secret}", headers={"Range": "bytes=0-99", "If-Match": etag}
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert resp.status == 206 and resp.read() == data[:100]
+    log = tier.access_log()
+    assert f"/strong/{top}/m.bin" in log and "SECRETSIG" not in log, log
+
+
+def test_an_nginx_etag_of_mtime_and_size_is_not_read_through_the_tier(web: Nginx, tmp_path: Path) -> None:
+    """nginx's ETag is the mtime and size: a file replaced by other bytes of the same size and
+    mtime (cp -p, rsync -t, SOURCE_DATE_EPOCH builds) keeps it. Through the tier, whose
+    entries never expire, a new node would get the old bytes forever; it gets the new ones."""
+    top = f"tier-{uuid.uuid4().hex[:8]}"
+    old, new = os.urandom(2 * BLOCK + 99), os.urandom(2 * BLOCK + 99)
+    web.put(f"{top}/m.bin", old, mtime=1_000_000_000)
+    origin = web.url("", tls=True).rstrip("/")
+    with tier_replica(
+        LOOPBACK,
+        tmp_path / "tier",
+        web.url(f"{top}/", tls=True),
+        origin,
+        slice_size="1m",
+        port=free_port(),
+        origin_side_port=free_port(),
+        ca_file=str(web.ca_cert),
+        origin_name="localhost",
+    ) as tier:
+        options = ("--ca-cert", str(web.ca_cert), "--block-size", "1M", "--cache-url", tier.url, "--anonymous")
+        url = web.url(f"{top}/m.bin", tls=True)
+        with mounted(url, tmp_path / "mnt-a", tmp_path / "c-a", *options) as mnt:
+            assert hashlib.sha256((mnt / "m.bin").read_bytes()).digest() == hashlib.sha256(old).digest()
+        web.put(f"{top}/m.bin", new, mtime=1_000_000_000)
+        with mounted(url, tmp_path / "mnt-b", tmp_path / "c-b", *options) as mnt:
+            assert hashlib.sha256((mnt / "m.bin").read_bytes()).digest() == hashlib.sha256(new).digest()
+            tier_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["tier"]
+            assert tier_stats["tier_bytes"] == 0, tier_stats
+        assert "cache=" not in tier.access_log()
 
 
 def test_the_tier_serves_only_pinned_reads_of_its_paths(
@@ -85,22 +142,22 @@ def test_the_tier_serves_only_pinned_reads_of_its_paths(
             return exc.code
 
     etag = urllib.request.urlopen(
-        urllib.request.Request(tier.url + f"/{top}/m.bin", method="HEAD", headers={"If-Match": "*"}), timeout=30
+        urllib.request.Request(tier.url + f"/strong/{top}/m.bin", method="HEAD", headers={"If-Match": "*"}), timeout=30
     )
     assert etag.status in (200, 206)
-    assert get(f"/{top}/m.bin", **{"If-Match": '"nope"'}) == 412  # a version the origin does not have
-    assert get(f"/{top}/m.bin") == 400  # unpinned: never cached
+    assert get(f"/strong/{top}/m.bin", **{"If-Match": '"nope"'}) == 412  # a version the origin does not have
+    assert get(f"/strong/{top}/m.bin") == 400  # unpinned: never cached
     assert get("/elsewhere/m.bin", **{"If-Match": '"x"'}) == 403  # not the configured directory
-    assert get(f"/{top}/../private/x", **{"If-Match": '"x"'}) in (400, 403)
-    assert get(f"/{top}/%2e%2e/private/x", **{"If-Match": '"x"'}) in (400, 403)
+    assert get(f"/strong/{top}/../private/x", **{"If-Match": '"x"'}) in (400, 403)
+    assert get(f"/strong/{top}/%2e%2e/private/x", **{"If-Match": '"x"'}) in (400, 403)
     # Dot-segments after an encoded slash: the origin gets the raw path, which may name
     # another object than the normalised one.
-    assert get(f"/{top}/x/..%2Fm.bin", **{"If-Match": '"x"'}) == 400
-    assert get(f"/{top}/x%2F..%2Fm.bin", **{"If-Match": '"x"'}) == 400
+    assert get(f"/strong/{top}/x/..%2Fm.bin", **{"If-Match": '"x"'}) == 400
+    assert get(f"/strong/{top}/x%2F..%2Fm.bin", **{"If-Match": '"x"'}) == 400
     # A read with a body is refused: passed on, the body would be read by the fill stage as
     # the next request on its kept-alive connection (request smuggling).
     conn = http.client.HTTPConnection("127.0.0.1", int(tier.url.rpartition(":")[2]), timeout=30)
-    conn.request("GET", f"/{top}/m.bin", body=b"GET /elsewhere HTTP/1.1\r\n\r\n", headers={"If-Match": '"x"'})
+    conn.request("GET", f"/strong/{top}/m.bin", body=b"GET /elsewhere HTTP/1.1\r\n\r\n", headers={"If-Match": '"x"'})
     assert conn.getresponse().status == 400
     conn.close()
     assert get("/.modelfs-tier/health") == 200

@@ -440,7 +440,8 @@ def test_tier_config_is_what_the_issue_asks_for() -> None:
     conf = (TIER / "nginx.conf").read_text()
     for directive in (
         "slice 8m;",
-        'proxy_cache_key "$request_uri|$modelfs_version|$slice_range";',  # the raw path, as the origin gets it
+        # the raw path, as the origin gets it, and the size of the node's version
+        'proxy_cache_key "$request_uri|$modelfs_version|$http_x_modelfs_size|$slice_range";',
         "proxy_pass_request_body off;",
         "proxy_set_header If-Match $http_if_match;",
         "proxy_cache_valid 200 206 3650d;",
