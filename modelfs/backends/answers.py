@@ -26,6 +26,13 @@ the thread ends, and the calling task waits for all the answer needs, holding no
 then makes the call again. (A thread waiting for room would hold one of the backend's
 threads while the blocks that fill the budget wait for a thread to be fetched.)
 
+A data GET's answers are the other kind: its error answer (a 403, a 500: its body only adds
+the store's words to what the status says) is charged too, but by a call that may not wait
+(``waits=False``): its task holds a pinned block, and blocks pinned by GETs waiting for room
+could fill the budget for ever. Such an answer (:func:`begin_optional`) is charged all it may
+cost before a byte of it is read, if there is room now; if not, it is read no further (its
+connection closed) and the status alone says what went wrong.
+
 Without a budget (unit tests, ``modelfs warm``) these calls do nothing.
 """
 
@@ -45,7 +52,7 @@ from modelfs.errors import BackendError
 if TYPE_CHECKING:
     from modelfs.cache.memory import Lease, MemoryCache
 
-__all__ = ["AnswerBudget", "Charge", "Cost", "Recharge", "begin", "done", "grow"]
+__all__ = ["AnswerBudget", "Charge", "Cost", "Recharge", "begin", "begin_optional", "done", "grow", "read_charged"]
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -99,17 +106,19 @@ class AnswerBudget:
         self.cost = cost
         self.what = what
 
-    def charge(self) -> Charge:
-        """A charge for one backend call (made in its trio task)."""
-        return Charge(self)
+    def charge(self, *, waits: bool = True) -> Charge:
+        """A charge for one backend call (made in its trio task); ``waits=False`` for a call
+        that may not wait for room (a data GET: see the module's docstring)."""
+        return Charge(self, waits=waits)
 
 
 class Charge:
     """The budget held for one backend call's answers; used by its worker thread only, but for
     :meth:`release` once that thread has ended."""
 
-    def __init__(self, answers: AnswerBudget) -> None:
+    def __init__(self, answers: AnswerBudget, *, waits: bool = True) -> None:
         self._answers = answers
+        self._waits = waits
         self._leases: list[Lease] = []
         # Taken by the task after a Recharge, for the call made again: kept while the call
         # goes on (a long listing's later pages), or the page that needed it could lose the
@@ -154,12 +163,28 @@ class Charge:
         _current.set(self)  # (this thread's own copy of the context)
         return fn(*args)
 
-    def begin(self, most: int, known: int | None) -> None:
-        """A new answer that will hold at most ``most`` bytes (``known`` of them for sure)."""
+    def begin(self, most: int, known: int | None, entries: int = 0) -> None:
+        """A new answer that will hold at most ``most`` bytes (``known`` of them for sure), and
+        its parse make at most ``entries`` entries."""
         self._base = self._needed(self._body, self._entries) if self._body else self._base
         self._body = self._entries = 0
         self._most = most
-        self.grow(min(most, known if known is not None else FIRST))
+        self.grow(min(most, known if known is not None else FIRST), entries)
+
+    def begin_optional(self, most: int, entries: int) -> bool:
+        """A new answer the call can do without (an error's body), charged all it may cost
+        (``most`` bytes, ``entries`` entries) before it is read. False: not charged, read it
+        not; that is when the call may not wait and the room is not free now, or when the
+        charge could never fit."""
+        try:
+            self.begin(most, most, entries)
+        except Recharge:
+            if self._waits:
+                raise  # (the task waits for the room, and the call is made again)
+            return False
+        except BackendError:  # more than the budget can ever lend: the status says enough
+            return False
+        return True
 
     def grow(self, nbytes: int, entries: int = 0) -> None:
         """The current answer is about to hold ``nbytes`` bytes (and its parse to make at most
@@ -243,6 +268,15 @@ def begin(most: int, known: int | None = None) -> None:
     charge = _current.get()
     if charge is not None:
         charge.begin(most, known)
+
+
+def begin_optional(most: int, entries: int = 0) -> bool:
+    """In a worker thread: an answer the call can do without (an error's body, whose status
+    says what went wrong) begins, of at most ``most`` bytes and ``entries`` entries of parse;
+    all of it charged now. False: read it not (the call may not wait and there is no room now,
+    see the module's docstring). True outside :meth:`Charge.call`."""
+    charge = _current.get()
+    return charge is None or charge.begin_optional(most, entries)
 
 
 def grow(nbytes: int, entries: int = 0) -> None:

@@ -8,8 +8,11 @@ and escapes ``&`` as ``&amp;``). :data:`MAX_ANSWER` leaves room beyond that; a l
 is not one to that request. The parse costs ~90-160 bytes per element on top of the text
 (measured with tracemalloc: 16 MiB of ``<Contents/>`` peaked at 235 MiB), so the number of
 tags is bounded too (:data:`MAX_TAGS`), and a DTD (whose entities expat may expand 100-fold)
-is refused: S3 never sends one. An error answer (a 403, a 500) is a few hundred bytes; past
-:data:`MAX_ERROR` it is dropped unread and its status alone says what went wrong.
+is refused: S3 never sends one. An error answer (a 403, a 500) is a few hundred bytes of a
+dozen elements; past :data:`MAX_ERROR` bytes or :data:`MAX_ERROR_TAGS` tags it is dropped
+unparsed and its status alone says what went wrong (64 KiB of ``<a/>`` took botocore's parse
+~1.3 MiB). Its body is optional (answers.begin_optional): charged all it may cost before it
+is read, and not read when a data GET, which may not wait for room, finds none free.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from urllib.parse import urlsplit
 from modelfs.backends import answers
 from modelfs.errors import BackendError
 
-__all__ = ["MAX_ANSWER", "MAX_ERROR", "MAX_TAGS", "read_answer"]
+__all__ = ["MAX_ANSWER", "MAX_ERROR", "MAX_ERROR_TAGS", "MAX_TAGS", "read_answer"]
 
 MAX_ANSWER = 16 << 20
 """Bytes of a 2xx answer (a listing page) read at most."""
@@ -31,6 +34,10 @@ MAX_TAGS = 1 << 16
 
 MAX_ERROR = 64 << 10
 """Bytes of an error answer read at most (S3's are a few hundred)."""
+
+MAX_ERROR_TAGS = 256
+"""Tags an error answer botocore parses may hold (S3's have ~15, a SignatureDoesNotMatch with
+its canonical request ~30)."""
 
 
 def _discard(raw: Any) -> None:
@@ -70,8 +77,13 @@ def read_answer(url: str, raw: Any, status: int) -> bytes:
                 f"{where}: the store's answer is larger than {limit >> 20} MiB (a listing page is a few)"
             )
         # Charged to the memory budget from here until botocore's parse and the backend are
-        # done with it: at its length if known, else as it grows (modelfs.backends.answers).
-        answers.begin(limit + 1, known)
+        # done with it (modelfs.backends.answers): a 2xx at its length if known, else as it
+        # grows; an error all it may cost at once, or not read (its status says enough).
+        if not error:
+            answers.begin(limit + 1, known)
+        elif not answers.begin_optional(limit + 1 if known is None else min(limit + 1, known), MAX_ERROR_TAGS):
+            _discard(raw)
+            return b""
         body = _body(raw, limit)
     except BaseException:
         _discard(raw)
@@ -87,9 +99,9 @@ def read_answer(url: str, raw: Any, status: int) -> bytes:
     raw.release_conn()
     tags = body.count(b"<")
     why = _refused(body, tags)
+    if error:  # (charged already, for MAX_ERROR_TAGS tags of parse)
+        return body if why is None and tags <= MAX_ERROR_TAGS else b""
     if why is None:
         answers.grow(len(body), entries=tags)  # what botocore's parse makes: charged before it
         return body
-    if error:
-        return b""
     raise BackendError(f"{where}: the store's answer has {why}")

@@ -63,12 +63,14 @@ class BackendSkeleton:
         """``fn(*args)`` in a worker thread, within this backend's thread limit."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def run_answered(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+    async def run_answered(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts, waits: bool = True) -> T:
         """:meth:`run_blocking` of a call that reads listings or metadata answers: each is
-        charged to the memory budget while the call holds it (modelfs.backends.answers)."""
+        charged to the memory budget while the call holds it (modelfs.backends.answers).
+        ``waits=False``: a data GET, which may not wait for room (its error's body is read only
+        if its charge fits now)."""
         if self._answers is None:
             return await self.run_blocking(fn, *args)
-        charge = self._answers.charge()
+        charge = self._answers.charge(waits=waits)
         try:
             return await charge.call(self.run_blocking, fn, *args)
         finally:
@@ -165,10 +167,13 @@ class BackendSkeleton:
 
 
 class ThreadedBackend(BackendSkeleton):
-    """A backend whose client blocks: ``_read`` runs in a worker thread and fills ``dest``."""
+    """A backend whose client blocks: ``_read`` runs in a worker thread and fills ``dest``.
+
+    The GETs run as calls whose answers are charged without waiting for room (an error's body:
+    see modelfs.backends.answers); the data itself goes into the pinned blocks' buffers."""
 
     async def _read_range(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
-        await self.run_blocking(self._read, name, version, request, dest)
+        await self.run_answered(self._read, name, version, request, dest, waits=False)
 
     def _read(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:
         """Blocking: fill ``dest`` or raise a classified BackendError. Runs in a worker thread.
@@ -179,7 +184,7 @@ class ThreadedBackend(BackendSkeleton):
     async def _read_joined(
         self, name: str, version: str, request: RangeRequest, dests: Sequence[memoryview], sums: list[int] | None
     ) -> None:
-        await self.run_blocking(self._read_into_all, name, version, request, dests, sums)
+        await self.run_answered(self._read_into_all, name, version, request, dests, sums, waits=False)
 
     def _read_into_all(self, name: str, version: str, request: RangeRequest, dests: Buffers, sums: Sums = None) -> None:
         """Blocking: fill every buffer of ``dests`` from one GET of ``request`` (see joins_reads),

@@ -23,10 +23,10 @@ from modelfs.backends.s3 import S3Backend
 from modelfs.backends.skeleton import BackendSkeleton
 from modelfs.cache.memory import BufferKind, Lease, MemoryCache
 from modelfs.config import parse_source
-from modelfs.errors import BackendError
+from modelfs.errors import AccessDenied, BackendError
 from modelfs.testing.servers import QuietHandler, loopback_http
 
-from .test_s3_backend import aws_env
+from .test_s3_backend import ETAG, aws_env
 
 __all__ = ["aws_env"]  # the fixture, imported to be used by name
 
@@ -75,8 +75,11 @@ class Watched(MemoryCache):
 class Server:
     """Answers every GET with ``body``; with ``gate``, only the first half until it is set."""
 
-    def __init__(self, body: bytes, *, length: bool = True, gate: threading.Event | None = None) -> None:
+    def __init__(
+        self, body: bytes, *, length: bool = True, gate: threading.Event | None = None, status: int = 200
+    ) -> None:
         self.body = body
+        self.status = status
         self.length = length
         self.gate = gate
         self.requests = 0
@@ -88,7 +91,7 @@ class Server:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 server.requests += 1
                 body = server.body
-                self.send_response(200)
+                self.send_response(server.status)
                 self.send_header("Content-Type", "application/json")
                 if server.length:
                     self.send_header("Content-Length", str(len(body)))
@@ -308,3 +311,57 @@ def test_a_long_listing_keeps_the_room_it_waited_for_across_its_pages() -> None:
 
     assert trio.run(main) == "listed"
     assert len(attempts) == 2  # the first found no room; the second kept what it waited for
+
+
+S3_ERROR = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>'
+    + b"m" * (48 << 10)
+    + b"</Message></Error>"
+)
+
+
+async def _refused_read(backend: BackendSkeleton, name: str, errors: list[str]) -> None:
+    with pytest.raises(AccessDenied) as caught:
+        await backend.read_range(name, ETAG, 0, memoryview(bytearray(10)))
+    errors.append(str(caught.value))
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_error_bodies_of_failing_data_gets_are_charged_while_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight ranged GETs answered 403 with a 48 KiB error body at once: each body is charged
+    (its parse included) while its thread holds it, and nothing once done. Before, a data
+    GET's error body was held beside the budget (64 KiB of ``<a/>`` and its parse: ~1.3 MiB
+    a GET, ~55 MiB for 64 GETs failing at once)."""
+    gate = threading.Event()
+    budget = Watched(64 * MIB, 8 * MIB)
+    errors: list[str] = []
+    with backend_for("s3", Server(S3_ERROR, gate=gate, status=403), monkeypatch) as backend:
+        charged(backend, budget)
+        with trio.fail_after(60):  # (only ends a hang: no passing run comes near it)
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(_refused_read, backend, f"a{i}.bin", errors)
+                await budget.wait_granted(8)  # (the server holds every body's second half)
+                assert budget.parts()["metadata_answers"] >= 8 * S3_COST.of(len(S3_ERROR))
+                gate.set()
+        await backend.aclose()
+    assert len(errors) == 8 and all("(AccessDenied)" in error for error in errors)  # (the bodies were read)
+    assert budget.leased == 0 and budget.stats.lease_waits == 0
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_a_data_gets_error_body_is_not_read_without_room_free_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data GET's task holds a pinned block, so it may not wait for room (GETs waiting so
+    could pin the whole budget, and nothing would free it): with no room free, its error's
+    body is not read, and its status alone says what went wrong."""
+    budget = Watched(16 * MIB, 8 * MIB)
+    errors: list[str] = []
+    with backend_for("s3", Server(S3_ERROR, status=403), monkeypatch) as backend:
+        charged(backend, budget)
+        hog = await budget.lease(0, BufferKind.SMALL_READ, extra=budget.max_lease)  # (pinned blocks, say)
+        with trio.fail_after(60):  # (only ends a deadlock)
+            await _refused_read(backend, "a.bin", errors)
+        hog.release()
+        await backend.aclose()
+    assert errors == ['a.bin@"0123456789abcdef0123456789abcdef" [0, +10]: access denied (403)']  # (no store code)
+    assert budget.granted == 0 and budget.stats.lease_waits == 0

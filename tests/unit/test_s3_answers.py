@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from modelfs.backends.s3 import S3Backend
-from modelfs.backends.s3_answers import MAX_ANSWER, MAX_TAGS
+from modelfs.backends.s3_answers import MAX_ANSWER, MAX_ERROR_TAGS, MAX_TAGS
 from modelfs.config import parse_source
 from modelfs.errors import AccessDenied, BackendError, TransientError
 from modelfs.testing.servers import QuietHandler, loopback_http
@@ -129,6 +129,32 @@ async def test_a_ranged_gets_endless_error_answer_is_read_no_further(status: int
         with pytest.raises(error):
             await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(10)))
         assert sent.done.wait(30) and sent.cut.is_set() and sent.bytes < SENT_AT_MOST
+
+
+def answering(status: int, body: bytes) -> Callable[[QuietHandler], None]:
+    def answer(handler: QuietHandler) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return answer
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_an_error_answer_of_many_elements_is_not_parsed() -> None:
+    """A 403 whose 64 KiB body is ``<a/>`` again and again took botocore's parse ~1.3 MiB (per
+    GET, in each worker thread): past MAX_ERROR_TAGS tags an error's body is dropped unparsed
+    and its status says what went wrong; an error of a few elements is parsed, its code kept."""
+    elements = b"<Error><Code>AccessDenied</Code>" + b"<a/>" * (MAX_ERROR_TAGS + 1) + b"</Error>"
+    few = b"<Error><Code>AccessDenied</Code><Message>no</Message>" + b"<a/>" * (MAX_ERROR_TAGS - 8) + b"</Error>"
+    found: list[str] = []
+    for body in (elements, few):
+        with s3_answering(answering(403, body)) as backend:
+            with pytest.raises(AccessDenied) as caught:
+                await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(10)))
+            found.append(str(caught.value))
+    assert not found[0].endswith("(AccessDenied)") and found[1].endswith("(AccessDenied)"), found
 
 
 def dripping(stop: threading.Event, answer: bytes, pace: float, sent: Sent) -> Callable[[QuietHandler], None]:
