@@ -145,6 +145,11 @@ class Charge:
             except Recharge as exc:
                 _drop_locals(exc)
                 self.release()
+                if not self._waits:  # (a data GET charges only optional answers: never so; but never a wait)
+                    raise BackendError(
+                        f"{self._answers.what}: an answer needs {exc.need / (1 << 20):.1f} MiB of the memory "
+                        "budget, and a data GET may not wait for room"
+                    ) from None
                 if not self._answers.budget.can_lease(0, extra=exc.need):
                     raise BackendError(self._too_big(exc.need, exc.body)) from None
                 from modelfs.cache.memory import BufferKind

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from modelfs import __version__
+from modelfs.backends import answers
 from modelfs.backends.body import receive_into
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.gcs_auth import Signer, tls_context
@@ -147,12 +148,23 @@ class MediaTransport:
                 self._pool.track(conn, sock, False)
 
     @staticmethod
-    def _refused(resp: http.client.HTTPResponse, check: CheckResponse) -> None:
+    def _error_body(resp: http.client.HTTPResponse) -> bytes:
+        """At most _MAX_ERROR_BODY of an error answer's body, charged to the memory budget
+        while the GET holds it (with what it decodes to, if gzip-encoded): b"" unread when the
+        budget has no room for it now (a data GET may not wait: modelfs.backends.answers)."""
+        encoding = (resp.getheader("content-encoding") or "identity").strip().lower()
+        most = _MAX_ERROR_BODY + 1 if encoding in ("identity", "") else 2 * (_MAX_ERROR_BODY + 1)
+        return resp.read(_MAX_ERROR_BODY) if answers.begin_optional(most) else b""
+
+    @classmethod
+    def _refused(cls, resp: http.client.HTTPResponse, check: CheckResponse) -> None:
         """An error answer: the check's error, with the server's reason (``error.message`` of
         at most the first 64 KiB of the body: "... requester pays bucket but no user project
         provided") when the error is a refusal, not a status that is retried."""
-        body = resp.read(_MAX_ERROR_BODY)
-        message = StatusError.of_body(resp.status, "", body, resp.getheader("content-encoding")).message
+        body = cls._error_body(resp)
+        message = (
+            StatusError.of_body(resp.status, "", body, resp.getheader("content-encoding")).message if body else None
+        )
         try:
             check(resp.status, resp.headers)
         except BackendError as exc:
@@ -181,7 +193,7 @@ class MediaTransport:
             raise
         try:
             if resp.status == 401 and retry_auth and self._signer.credentials is not None:
-                resp.read(_MAX_ERROR_BODY)  # (an error's body, read no further: a longer one closes the connection)
+                self._error_body(resp)  # (read no further: a longer one, or one unread, closes the connection)
                 if resp.isclosed():
                     self._pool.give_back(conn)
                 else:

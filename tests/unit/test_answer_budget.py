@@ -313,55 +313,100 @@ def test_a_long_listing_keeps_the_room_it_waited_for_across_its_pages() -> None:
     assert len(attempts) == 2  # the first found no room; the second kept what it waited for
 
 
-S3_ERROR = (
-    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>'
-    + b"m" * (48 << 10)
-    + b"</Message></Error>"
-)
+# An error answer of each store with a long message, and how its code or message shows in the
+# error raised when the body was read (from the status alone it is not there).
+ERRORS: dict[str, tuple[bytes, str]] = {
+    "gcs": (b'{"error":{"code":403,"message":"' + b"m" * (48 << 10) + b'"}}', ": mmm"),
+    "s3": (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>'
+        + b"m" * (48 << 10)
+        + b"</Message></Error>",
+        "(AccessDenied)",
+    ),
+}
+VERSIONS = {"gcs": "7", "s3": ETAG}
 
 
-async def _refused_read(backend: BackendSkeleton, name: str, errors: list[str]) -> None:
+async def _refused_read(backend: BackendSkeleton, kind: str, name: str, errors: list[str]) -> None:
     with pytest.raises(AccessDenied) as caught:
-        await backend.read_range(name, ETAG, 0, memoryview(bytearray(10)))
+        await backend.read_range(name, VERSIONS[kind], 0, memoryview(bytearray(10)))
     errors.append(str(caught.value))
 
 
+@KINDS
 @pytest.mark.usefixtures("aws_env")
-async def test_error_bodies_of_failing_data_gets_are_charged_while_held(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_error_bodies_of_failing_data_gets_are_charged_while_held(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Eight ranged GETs answered 403 with a 48 KiB error body at once: each body is charged
     (its parse included) while its thread holds it, and nothing once done. Before, a data
-    GET's error body was held beside the budget (64 KiB of ``<a/>`` and its parse: ~1.3 MiB
-    a GET, ~55 MiB for 64 GETs failing at once)."""
+    GET's error body was held beside the budget (S3: 64 KiB of ``<a/>`` and botocore's parse
+    ~1.3 MiB a GET, 55 MiB for 64 GETs failing at once; GCS ~90 KiB a GET)."""
+    body, marker = ERRORS[kind]
     gate = threading.Event()
     budget = Watched(64 * MIB, 8 * MIB)
     errors: list[str] = []
-    with backend_for("s3", Server(S3_ERROR, gate=gate, status=403), monkeypatch) as backend:
+    with backend_for(kind, Server(body, gate=gate, status=403), monkeypatch) as backend:
         charged(backend, budget)
         with trio.fail_after(60):  # (only ends a hang: no passing run comes near it)
             async with trio.open_nursery() as nursery:
                 for i in range(8):
-                    nursery.start_soon(_refused_read, backend, f"a{i}.bin", errors)
+                    nursery.start_soon(_refused_read, backend, kind, f"a{i}.bin", errors)
                 await budget.wait_granted(8)  # (the server holds every body's second half)
-                assert budget.parts()["metadata_answers"] >= 8 * S3_COST.of(len(S3_ERROR))
+                assert budget.parts()["metadata_answers"] >= 8 * len(body)
                 gate.set()
         await backend.aclose()
-    assert len(errors) == 8 and all("(AccessDenied)" in error for error in errors)  # (the bodies were read)
+    assert len(errors) == 8 and all(marker in error for error in errors)  # (the bodies were read)
     assert budget.leased == 0 and budget.stats.lease_waits == 0
 
 
+@KINDS
 @pytest.mark.usefixtures("aws_env")
-async def test_a_data_gets_error_body_is_not_read_without_room_free_now(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_data_gets_error_body_is_not_read_without_room_free_now(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A data GET's task holds a pinned block, so it may not wait for room (GETs waiting so
     could pin the whole budget, and nothing would free it): with no room free, its error's
     body is not read, and its status alone says what went wrong."""
+    body, _ = ERRORS[kind]
     budget = Watched(16 * MIB, 8 * MIB)
     errors: list[str] = []
-    with backend_for("s3", Server(S3_ERROR, status=403), monkeypatch) as backend:
+    with backend_for(kind, Server(body, status=403), monkeypatch) as backend:
         charged(backend, budget)
         hog = await budget.lease(0, BufferKind.SMALL_READ, extra=budget.max_lease)  # (pinned blocks, say)
         with trio.fail_after(60):  # (only ends a deadlock)
-            await _refused_read(backend, "a.bin", errors)
+            await _refused_read(backend, kind, "a.bin", errors)
         hog.release()
         await backend.aclose()
-    assert errors == ['a.bin@"0123456789abcdef0123456789abcdef" [0, +10]: access denied (403)']  # (no store code)
+    assert len(errors) == 1 and errors[0].endswith("access denied (403)"), errors  # (no word of the store's)
     assert budget.granted == 0 and budget.stats.lease_waits == 0
+
+
+def test_a_data_gets_charge_never_waits_even_for_an_answer_charged_by_mistake() -> None:
+    """A data GET's charge (waits=False) lets only optional answers in; one charged as a
+    listing's would be, finding no room, ends the GET with one line instead of a wait that a
+    budget full of pinned blocks might never end."""
+    from modelfs.backends import answers
+
+    budget = MemoryCache(4 * MIB, MIB)
+    charged = AnswerBudget(budget, answers.Cost(1, 0, 0), "s3://bkt")
+
+    async def run_blocking(fn: Callable[..., object], *args: object) -> object:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    def read_answer() -> str:
+        answers.begin(MIB, MIB)
+        return "parsed"
+
+    async def main() -> None:
+        hog = await budget.lease(0, BufferKind.SMALL_READ, extra=budget.max_lease)  # (pinned blocks, say)
+        charge = charged.charge(waits=False)
+        try:
+            with trio.fail_after(60), pytest.raises(BackendError, match="may not wait for room"):  # (only ends a hang)
+                await charge.call(run_blocking, read_answer)
+        finally:
+            charge.release()
+            hog.release()
+        assert budget.leased == 0 and budget.stats.lease_waits == 0
+
+    trio.run(main)
