@@ -70,6 +70,7 @@ from modelfs.errors import (
 )
 from modelfs.jsonscan import PARTS as JSON
 from modelfs.jsonscan import decode_string
+from modelfs.walk import walk_objects
 
 if TYPE_CHECKING:
     from modelfs.cache.memory import Lease, MemoryCache
@@ -117,6 +118,11 @@ _KEPT_IDLE = 300.0
 KEPT_ENTRY_BYTES = 160
 """Bytes of Python objects per kept entry beside its name's characters (the name's str header,
 the (name, size) tuple, the size, the list slot): what a kept directory is counted for."""
+LISTED_OBJECT_BYTES = 320
+"""Bytes of Python objects per ObjectInfo list_objects gathers beside its name's and version's
+characters (the dataclass, its strs' headers, size, mtime, the list slot): ~245 measured."""
+# list_objects charges what it gathers to the budget in leases of at least this much.
+_FOUND_LEASE = 256 << 10
 # Larger socket reads than httpcore's 64 KiB: see private/httpcore_read_size.py.
 _READ_SIZE = 512 << 10
 # One field of a web server's mtime/size ETag: hex, at most 64 bits (a hash is longer).
@@ -242,6 +248,7 @@ class HTTPBackend(BackendSkeleton):
         # Directories of more than one page, sorted, kept for their next pages (list_dir).
         self._kept: dict[int, _Kept] = {}
         self._kept_serial = 0
+        self._walks_hold = 0  # of the budget, by list_objects calls for what they found
         raise_read_size(_READ_SIZE)
         context = self._ssl_context(ca_cert) if source.scheme == "https" else None
         client_headers = [("User-Agent", f"modelfs/{__version__}"), ("Accept-Encoding", "identity")]
@@ -510,20 +517,44 @@ class HTTPBackend(BackendSkeleton):
         return MAX_INDEX_DIRS if self._manifest is None and not self._source.file else None
 
     async def list_objects(self) -> list[ObjectInfo]:
+        """Every file below the base URL, by the walk of ``modelfs warm`` (modelfs/walk.py):
+        one page of a directory at a time, with :meth:`list_dir`'s bounds and charges (a
+        directory's rest kept in the budget between its pages). What it gathers is charged to
+        the budget as it grows (a one-line error when it cannot fit) until it is returned;
+        the caller holds it then. Nothing in the daemon asks for every file at once (a mount
+        lists what is looked up; warm and --eager-model stream the walk)."""
         if self._source.file:
             return [await self._stat(self._source.file)]
-        placeholders: list[ObjectInfo] = []
-        if self._manifest is not None:
-            entries = parse_manifest(await self._manifest_text(), str(self._manifest))
-        else:
-            entries = await self._walk_index(placeholders)
+        found: list[ObjectInfo] = []
+        leases: list[Lease] = []
+        charge = 0  # of the objects found since the last lease (at most _FOUND_LEASE)
+        walk = cast("AsyncGenerator[ObjectInfo, None]", walk_objects(self, retry_deadline=0))
+        try:
+            async with aclosing(walk):  # (ended here when this fails, not by the garbage collector)
+                async for info in walk:
+                    found.append(info)
+                    charge += listed_charge(info)
+                    if charge >= _FOUND_LEASE:
+                        leases.append(await self._hold_found(charge))
+                        charge = 0
+                    if len(found) > MAX_INDEX_ENTRIES:
+                        raise BackendError(f"{self._base}: more than {MAX_INDEX_ENTRIES} files")
+            return found
+        finally:
+            for lease in leases:
+                self._walks_hold -= lease.charge
+                lease.release()
 
-        def failed(name: str, exc: BackendError) -> BackendError:
-            if isinstance(exc, NotFound) and self._manifest is not None:
-                return NotFound(f"{self._display(name)}: in the manifest but not on the server")
-            return exc
+    async def _hold_found(self, charge: int) -> Lease:
+        """``charge`` more of the budget for what list_objects found, counted in _walks_hold."""
+        from modelfs.cache.memory import BufferKind
 
-        return await self._stat_all(entries, failed) + placeholders
+        assert self._budget is not None
+        self._check_fits(0, self._base, "the list of every file", extra=charge)
+        self._make_room(charge)
+        lease = await self._budget.lease(0, BufferKind.INDEX, extra=charge)
+        self._walks_hold += lease.charge
+        return lease
 
     async def _stat_all(
         self, files: Sequence[tuple[str, int | None]], failed: Callable[[str, BackendError], BackendError | None]
@@ -688,11 +719,7 @@ class HTTPBackend(BackendSkeleton):
             from modelfs.cache.memory import BufferKind
 
             charge = kept_charge(listed.entries)
-            if not self._budget.can_lease(0, extra=charge):
-                raise BackendError(
-                    f"{self._base}{prefix}: the manifest's directory does not fit in the memory budget "
-                    "(raise --memory-cache)"
-                )
+            self._check_fits(0, f"{self._base}{prefix}", "the manifest's directory", extra=charge)
             self._make_room(charge)
             listed.lease = await self._budget.lease(0, BufferKind.INDEX, extra=charge)
         return listed
@@ -720,56 +747,9 @@ class HTTPBackend(BackendSkeleton):
             self._warn_once(f"depth:{rel}", "%s: deeper than %d directories: not listed", what, _MAX_INDEX_DEPTH)
         return listed
 
-    async def _walk_index(self, placeholders: list[ObjectInfo]) -> list[tuple[str, int | None]]:
-        """Files of the server's JSON directory index below the base URL, recursively
-        (``list_objects``; the mount lists one directory at a time with ``list_dir``)."""
-        files: list[tuple[str, int | None]] = []
-        seen = {"entries": 0, "dirs": 0}
-
-        async def walk(rel: str, depth: int) -> None:
-            what = self._base + rel
-            seen["dirs"] += 1
-            if seen["dirs"] > MAX_INDEX_DIRS:
-                raise BackendError(
-                    f"{self._base}: more than {MAX_INDEX_DIRS} directories in the index (a symlink loop?); "
-                    "list the files with --manifest FILE"
-                )
-            status, got = await self._get_index(rel, what)
-            entries = cast("list[IndexEntry] | None", got)
-            error = metadata_status_error(status, what)
-            if error is not None:
-                raise error
-            if entries is None:
-                raise BackendError(
-                    f"{what}: the server sends no JSON directory index (nginx 'autoindex_format "
-                    "json') for this URL: list the files with --manifest FILE"
-                )
-            if not entries and rel:
-                placeholders.append(ObjectInfo(rel, 0, 0.0, "0/lm:"))
-            seen["entries"] += len(entries)
-            if seen["entries"] > MAX_INDEX_ENTRIES:
-                raise BackendError(f"{self._base}: the index lists more than {MAX_INDEX_ENTRIES} entries")
-            for name, kind, size in entries:
-                if not name or "/" in name or name in (".", ".."):
-                    continue
-                if kind == "directory":
-                    if depth >= _MAX_INDEX_DEPTH:
-                        self._warn_once(
-                            f"depth:{rel}", "%s: deeper than %d directories: not listed", what, _MAX_INDEX_DEPTH
-                        )
-                        continue
-                    await walk(f"{rel}{name}/", depth + 1)
-                elif kind == "file":
-                    files.append((rel + name, size))
-
-        await walk("", 0)
-        return files
-
-    async def _get_index(
-        self, rel: str, what: str, *, deep: bool | None = None
-    ) -> tuple[int, list[IndexEntry] | _Kept | None]:
-        """GET one JSON directory index: its status and entries (None: not a JSON list); with
-        ``deep`` given, its entries as one directory lists them (:func:`sorted_index`).
+    async def _get_index(self, rel: str, what: str, *, deep: bool) -> tuple[int, _Kept | None]:
+        """GET one JSON directory index: its status and its entries as one directory lists
+        them (:func:`sorted_index`; None: not a JSON list).
 
         The body goes into leases of the memory budget that grow with it (at most
         _MAX_INDEX_BYTES; more is a BackendError) and is parsed in a worker thread, with the
@@ -812,8 +792,6 @@ class HTTPBackend(BackendSkeleton):
             # their names (modelfs.jsonscan: nothing else is decoded).
             objects = await trio.to_thread.run_sync(count_index_objects, buf[:used])
             await self._index_buffer(0, leases, what, extra=objects * INDEX_ENTRY_BYTES + used)
-            if deep is None:
-                return 200, await trio.to_thread.run_sync(parse_index, buf[:used])
             kept = await trio.to_thread.run_sync(sorted_index, buf[:used], deep)
             if kept is None:
                 return 200, None
@@ -836,14 +814,22 @@ class HTTPBackend(BackendSkeleton):
             for lease in leases:
                 lease.release()
 
-    async def _index_buffer(self, size: int, leases: list[Lease], what: str, *, extra: int = 0) -> memoryview:
-        """A buffer of ``size`` bytes (and ``extra`` more counted) from the budget, kept in ``leases``."""
+    def _check_fits(self, size: int, what: str, holding: str, *, extra: int = 0) -> None:
+        """A one-line error unless a lease of ``size`` (and ``extra``) can be lent beside what
+        list_objects calls hold (until they end: a wait for room they hold would never end)."""
+        if self._budget is not None and not self._budget.can_lease(size, extra=extra + self._walks_hold):
+            raise BackendError(f"{what}: {holding} does not fit in the memory budget (raise --memory-cache)")
+
+    async def _index_buffer(
+        self, size: int, leases: list[Lease], what: str, *, extra: int = 0, holding: str = "the directory index"
+    ) -> memoryview:
+        """A buffer of ``size`` bytes (and ``extra`` more counted) from the budget, kept in
+        ``leases``; a one-line error if ``holding`` (what they are for) cannot fit beside them."""
         if self._budget is None:
             return memoryview(bytearray(size))
         from modelfs.cache.memory import BufferKind
 
-        if not self._budget.can_lease(size + sum(lease.charge for lease in leases), extra=extra):
-            raise BackendError(f"{what}: the directory index does not fit in the memory budget (raise --memory-cache)")
+        self._check_fits(size + sum(lease.charge for lease in leases), what, holding, extra=extra)
         self._make_room(size + extra)
         lease = await self._budget.lease(size, BufferKind.INDEX, extra=extra)
         leases.append(lease)
@@ -1001,6 +987,11 @@ class _Kept:
         lease, self.lease = self.lease, None
         if lease is not None:
             lease.release()
+
+
+def listed_charge(info: ObjectInfo) -> int:
+    """What ``info`` takes in memory, at most (see LISTED_OBJECT_BYTES)."""
+    return LISTED_OBJECT_BYTES + sum(len(text.encode("utf-8", "surrogatepass")) for text in (info.name, info.version))
 
 
 def kept_charge(entries: list[DirEntry]) -> int:

@@ -10,15 +10,17 @@ budget, for the next page.
 
 from __future__ import annotations
 
+import mmap
 import random
+from collections.abc import Callable
 
 import httpx
 import pytest
 import trio
 
 from modelfs.backends.base import ListPage
-from modelfs.backends.http import PAGE_ENTRIES, HTTPBackend, kept_charge
-from modelfs.cache.memory import MemoryCache
+from modelfs.backends.http import PAGE_ENTRIES, HTTPBackend, kept_charge, listed_charge
+from modelfs.cache.memory import BufferKind, Lease, MemoryCache
 from modelfs.config import parse_source
 from modelfs.errors import BackendError
 
@@ -157,3 +159,63 @@ async def test_a_directory_that_cannot_fit_the_budget_is_one_line_error() -> Non
     with pytest.raises(BackendError, match="does not fit in the memory budget"):
         await b.list_dir("")
     assert budget.leased == 0
+
+
+def _tree(dirs: int, files: int) -> Callable[[httpx.Request], httpx.Response]:
+    """An index tree: ``dirs`` directories below the root, ``files`` files in each."""
+    root = b"[" + b",".join(b'{"name":"d%03d","type":"directory"}' % d for d in range(dirs)) + b"]"
+    rows = b",".join(b'{"name":"a-file-with-a-long-name-%05d.bin","type":"file","size":2}' % i for i in range(files))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "GET" and path == "/tree/":
+            return response(200, root, {"Content-Type": "application/json"})
+        if request.method == "GET" and path.endswith("/"):
+            return response(200, b"[" + rows + b"]", {"Content-Type": "application/json"})
+        if request.method == "HEAD" and path.endswith(".bin"):
+            return httpx.Response(200, headers={"Content-Length": "2", "ETag": f'"{path}"', "Accept-Ranges": "bytes"})
+        return httpx.Response(404)
+
+    return handler
+
+
+class _Watched(MemoryCache):
+    """A budget that records the most it ever lent."""
+
+    most = 0
+
+    def _grant(self, kind: BufferKind, nbytes: int, buf: mmap.mmap | None, charge: int, *, waited: bool) -> Lease:
+        lease = super()._grant(kind, nbytes, buf, charge, waited=waited)
+        self.most = max(self.most, self.leased)
+        return lease
+
+
+def _on_budget(handler: Callable[[httpx.Request], httpx.Response], budget: MemoryCache) -> HTTPBackend:
+    b = HTTPBackend(parse_source("https://example.test/tree/"), budget=budget)
+    b._media, b._client = None, backend(handler, url="https://example.test/tree/")._client
+    return b
+
+
+async def test_every_file_of_an_index_tree_is_charged_while_list_objects_gathers_it() -> None:
+    """list_objects walked the whole tree into lists beside the budget (the index's entries,
+    then an ObjectInfo per file: ~330 bytes each, 14 MiB of 50,000 files; 1,000,000 allowed).
+    Now it walks directory pages as warm does, and what it gathers is charged as it grows."""
+    budget = _Watched(64 << 20, 8 << 20)
+    b = _on_budget(_tree(4, 1500), budget)
+    found = await b.list_objects()
+    assert sorted(o.name for o in found) == [
+        f"d{d:03d}/a-file-with-a-long-name-{i:05d}.bin" for d in range(4) for i in range(1500)
+    ]
+    assert budget.most >= sum(listed_charge(o) for o in found) - (256 << 10)  # (charged in steps)
+    assert budget.leased == 0 and not b._kept and b._walks_hold == 0
+    await b.aclose()
+
+
+async def test_an_index_tree_whose_files_cannot_fit_the_budget_is_one_line_error() -> None:
+    budget = _Watched(3 << 20, 1 << 20)  # leases: at most 2 MiB; 6,000 files take ~2.3
+    b = _on_budget(_tree(12, 500), budget)
+    with pytest.raises(BackendError, match=r"does not fit in the memory budget \(raise --memory-cache\)") as caught:
+        await b.list_objects()
+    assert "\n" not in str(caught.value)
+    assert budget.most <= budget.max_lease and budget.leased == 0 and b._walks_hold == 0
+    await b.aclose()
