@@ -44,6 +44,7 @@ import trio
 from modelfs import __version__
 from modelfs.backends.base import ListPage, ObjectInfo
 from modelfs.backends.body import Progress
+from modelfs.backends.http_manifest import DirEntry, ManifestFile
 from modelfs.backends.http_media import HTTPMedia, NeedsProxy, proxied
 from modelfs.backends.private.httpcore_read_size import raise_read_size
 from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
@@ -75,7 +76,7 @@ from modelfs.walk import walk_objects
 if TYPE_CHECKING:
     from modelfs.cache.memory import Lease, MemoryCache
 
-__all__ = ["HTTPBackend", "make_version", "parse_index", "parse_manifest", "parse_version"]
+__all__ = ["HTTPBackend", "make_version", "parse_index", "parse_version"]
 
 log = logging.getLogger(__name__)
 # httpx logs every request's URL at INFO (with its query string, a signature for presigned
@@ -87,12 +88,11 @@ _UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
 _PCHAR_SAFE = "/:@!$&'()*+,;=~"  # left as they are in a path (RFC 3986 pchar)
 _MAX_INDEX_DEPTH = 32
 _MAX_WARNINGS = 1000  # names warned about once each, at most
-# Bounds on what a server or a manifest can make the daemon hold or walk: one index or HEAD
-# response, one manifest file, the entries and directories of one full walk (self-referencing
+# Bounds on what a server can make the daemon hold or walk (a manifest's: http_manifest.py):
+# one index or HEAD response, the entries and directories of one full walk (self-referencing
 # symlinks under nginx autoindex make an index tree without end: the mount lists only what is
 # looked up, which the depth bound ends; a walk of everything needs a bound of its own).
 _MAX_INDEX_BYTES = 32 << 20
-_MAX_MANIFEST_BYTES = 64 << 20
 MAX_INDEX_ENTRIES = 1_000_000
 MAX_INDEX_DIRS = 10_000
 # An index body is read into leases of the memory budget that grow with it from this size.
@@ -102,9 +102,6 @@ _PROBE_BODY_LIMIT = 64 << 10
 
 IndexEntry = tuple[str, str | None, int | None]
 """One entry of a JSON directory index: (name, type, size)."""
-DirEntry = tuple[str, int | None]
-"""One entry of a directory as list_dir pages it: (name relative to the directory, with '/'
-after a subdirectory's; size or None)."""
 # list_dir answers a directory in pages of this many entries (files and subdirectories), in
 # name order, as GCS and S3 do: the files of one page are HEADed, and the namespace holds no
 # more than a page of a directory too large for its cache (inodes.py).
@@ -177,30 +174,6 @@ def _mtime(last_modified: str | None) -> float:
         return 0.0
 
 
-# --- manifests
-
-
-def parse_manifest(text: str, origin: str) -> list[tuple[str, int | None]]:
-    """``(path, size or None)`` for each line of a manifest; ConfigError names the bad line."""
-    out: dict[str, int | None] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, size = line, None
-        parts = line.rsplit(None, 1)
-        if len(parts) == 2 and parts[1].isdigit():
-            name, size = parts[0].rstrip(), int(parts[1])
-        while name.startswith("./"):
-            name = name[2:]
-        if name.startswith("/") or name.endswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
-            raise ConfigError(f"{origin} line {number}: not a relative file path: {name!r}")
-        out[name] = size
-    if not out:
-        raise ConfigError(f"{origin}: lists no files")
-    return list(out.items())
-
-
 def _find_cause(exc: BaseException, cls: type[BaseException]) -> BaseException | None:
     seen: set[int] = set()
     cur: BaseException | None = exc
@@ -239,7 +212,7 @@ class HTTPBackend(BackendSkeleton):
         self._head_limiter = trio.CapacityLimiter(max(1, max_concurrency))
         self._read_timeout = read_timeout
         self._connect_timeout = connect_timeout
-        self._manifest = manifest
+        self._manifest = ManifestFile(manifest, self._lease_for) if manifest is not None else None
         self._budget = budget  # directory index bodies take their bytes from it
         self._run = run_marker(persist_weak_versions)
         # The directory every name is relative to, with its path as the user spelled it.
@@ -535,7 +508,8 @@ class HTTPBackend(BackendSkeleton):
                     found.append(info)
                     charge += listed_charge(info)
                     if charge >= _FOUND_LEASE:
-                        leases.append(await self._hold_found(charge))
+                        lease = await self._hold_found(charge)
+                        leases += [lease] if lease is not None else []
                         charge = 0
                     if len(found) > MAX_INDEX_ENTRIES:
                         raise BackendError(f"{self._base}: more than {MAX_INDEX_ENTRIES} files")
@@ -545,16 +519,23 @@ class HTTPBackend(BackendSkeleton):
                 self._walks_hold -= lease.charge
                 lease.release()
 
-    async def _hold_found(self, charge: int) -> Lease:
+    async def _hold_found(self, charge: int) -> Lease | None:
         """``charge`` more of the budget for what list_objects found, counted in _walks_hold."""
+        lease = await self._lease_for(charge, "the list of every file", 0)
+        if lease is not None:
+            self._walks_hold += lease.charge
+        return lease
+
+    async def _lease_for(self, charge: int, holding: str, beside: int) -> Lease | None:
+        """``charge`` bytes of the budget for ``holding`` (None without a budget), beside
+        ``beside`` the caller holds already: a one-line error if they cannot fit together."""
+        if self._budget is None:
+            return None
         from modelfs.cache.memory import BufferKind
 
-        assert self._budget is not None
-        self._check_fits(0, self._base, "the list of every file", extra=charge)
+        self._check_fits(0, self._base, holding, extra=charge + beside)
         self._make_room(charge)
-        lease = await self._budget.lease(0, BufferKind.INDEX, extra=charge)
-        self._walks_hold += lease.charge
-        return lease
+        return await self._budget.lease(0, BufferKind.INDEX, extra=charge)
 
     async def _stat_all(
         self, files: Sequence[tuple[str, int | None]], failed: Callable[[str, BackendError], BackendError | None]
@@ -589,53 +570,42 @@ class HTTPBackend(BackendSkeleton):
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
         """One page of a directory: the manifest's entries below ``prefix``, or the server's JSON index of it.
 
-        Pages hold PAGE_ENTRIES entries, in name order; a directory of more than one keeps its
-        sorted entries, counted in the budget, for the pages that follow (the token names the
-        kept entries and the last name listed: where they are gone, the index is read again
-        and listed on after that name). Each file of the page is HEADed for its size and
-        version (within the connection limit); a probe (``limit``) only tells whether the
-        directory exists, with a placeholder, and HEADs nothing. A file whose HEAD fails for
+        Pages hold PAGE_ENTRIES entries, in name order. An index directory of more than one
+        keeps its sorted entries, counted in the budget, for the pages that follow (the token
+        names the kept entries and the last name listed: where they are gone, the index is
+        read again and listed on after that name); a manifest's pages are each cut from the
+        parsed manifest (http_manifest.py), after the token's last name. Each file of the
+        page is HEADed for its size and version (within the connection limit); a probe
+        (``limit``) only tells whether the directory exists, with a placeholder, and HEADs
+        nothing. A file whose HEAD fails for
         good (403, a bad answer) is left out with one warning, as one gone since the index was
         read is: one unreadable file must not make its directory unlistable (a lookup of it
         gives its own error). A transient failure fails the page, to be retried.
         """
         if self._source.file:
             return ListPage([await self._stat(self._source.file)] if not prefix else [], [])
-        self._drop_idle()
-        kept: _Kept | None = None
+        number: int | None = None
         after: str | None = None
         if token is not None and limit is None:
-            number, sep, after = token.partition(":")
-            if not sep or not number.isdigit():
+            text, sep, after = token.partition(":")
+            if not sep or not text.isdigit():
                 raise BackendError(f"{self._base}{prefix}: not a continuation token of this listing")
-            kept = self._kept.get(int(number))
-            if kept is not None and kept.prefix != prefix:
-                kept = None
-        if kept is None:
-            listed = await (self._manifest_dir(prefix) if self._manifest is not None else self._index_dir(prefix))
-            if listed is None:
-                return ListPage([], [])  # a missing subdirectory
-            if self._manifest is not None and not listed.entries:
-                listed.release()
+            number = int(text)
+        if self._manifest is not None:
+            manifest = await self._manifest.current()
+            # (cut from the parsed manifest, whose room may be taken back at the next checkpoint)
+            chunk, more = manifest.children(prefix, after, PAGE_ENTRIES if limit is None else 1)
+            del manifest
+            if not chunk:
                 return ListPage([], [])  # nothing in the manifest below it
-            if limit is not None:
-                listed.release()
-                return ListPage([ObjectInfo(prefix, 0, 0.0, "0/lm:")] if prefix else [], [])
-            kept = listed
-        entries = kept.entries
-        start = bisect_right(entries, after, key=itemgetter(0)) if after is not None else 0
-        chunk = entries[start : start + PAGE_ENTRIES]
-        more = start + PAGE_ENTRIES < len(entries)
-        del entries
-        next_token: str | None = None
-        if more:
-            if kept.number is None:
-                self._keep(kept, prefix)
-            kept.used_at = trio.current_time()
-            next_token = f"{kept.number}:{chunk[-1][0]}"
+            next_token = f"0:{chunk[-1][0]}" if more else None
         else:
-            self._drop(kept)
-        del kept
+            paged = await self._index_page(prefix, number, after, probe=limit is not None)
+            if paged is None:
+                return ListPage([], [])  # a missing subdirectory
+            chunk, next_token = paged
+        if limit is not None:
+            return ListPage([ObjectInfo(prefix, 0, 0.0, "0/lm:")] if prefix else [], [])
         files = [(prefix + key, size) for key, size in chunk if not key.endswith("/")]
         prefixes = [prefix + key for key, _ in chunk if key.endswith("/")]
         del chunk
@@ -657,6 +627,36 @@ class HTTPBackend(BackendSkeleton):
             return exc
 
         return ListPage(await self._stat_all(files, failed), prefixes, next_token)
+
+    async def _index_page(
+        self, prefix: str, number: int | None, after: str | None, *, probe: bool
+    ) -> tuple[list[DirEntry], str | None] | None:
+        """The page of the directory's JSON index after the name ``after`` and its next token,
+        from the entries kept as ``number`` if they still are, else from the index read again;
+        None if the directory is missing (a probe's page: no entries)."""
+        self._drop_idle()
+        kept = self._kept.get(number) if number is not None else None
+        if kept is None or kept.prefix != prefix:
+            kept = await self._index_dir(prefix)
+            if kept is None:
+                return None
+            if probe:
+                kept.release()
+                return [], None
+        entries = kept.entries
+        start = bisect_right(entries, after, key=itemgetter(0)) if after is not None else 0
+        chunk = entries[start : start + PAGE_ENTRIES]
+        more = start + PAGE_ENTRIES < len(entries)
+        del entries
+        next_token: str | None = None
+        if more:
+            if kept.number is None:
+                self._keep(kept, prefix)
+            kept.used_at = trio.current_time()
+            next_token = f"{kept.number}:{chunk[-1][0]}"
+        else:
+            self._drop(kept)
+        return chunk, next_token
 
     def _keep(self, kept: _Kept, prefix: str) -> None:
         """Hold ``kept`` for the pages after the first (the oldest beyond _MAX_KEPT go)."""
@@ -683,46 +683,6 @@ class HTTPBackend(BackendSkeleton):
         budget = self._budget
         while self._kept and budget is not None and budget.leased + charge > budget.max_lease:
             self._drop(next(iter(self._kept.values())))
-
-    async def _manifest_text(self) -> str:
-        """The manifest file, refused past _MAX_MANIFEST_BYTES or MAX_INDEX_ENTRIES lines."""
-        assert self._manifest is not None
-        try:
-            async with await trio.open_file(self._manifest, "rb") as f:
-                data = await f.read(_MAX_MANIFEST_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(f"cannot read manifest {self._manifest}: {exc.strerror}") from None
-        if len(data) > _MAX_MANIFEST_BYTES:
-            raise ConfigError(f"manifest {self._manifest} is larger than {_MAX_MANIFEST_BYTES >> 20} MiB")
-        if data.count(b"\n") > MAX_INDEX_ENTRIES:
-            raise ConfigError(f"manifest {self._manifest} lists more than {MAX_INDEX_ENTRIES} entries")
-        try:
-            return data.decode()
-        except UnicodeDecodeError:
-            raise ConfigError(f"manifest {self._manifest} is not UTF-8 text") from None
-
-    async def _manifest_dir(self, prefix: str) -> _Kept:
-        text = await self._manifest_text()
-        entries: dict[str, int | None] = {}
-        for name, size in parse_manifest(text, str(self._manifest)):
-            if not name.startswith(prefix):
-                continue
-            rest = name[len(prefix) :]
-            if "/" in rest:
-                entries[rest.split("/", 1)[0] + "/"] = None
-            elif rest:
-                entries[rest] = size
-        del text
-        listed = _Kept(sorted(entries.items(), key=itemgetter(0)))
-        del entries
-        if self._budget is not None:
-            from modelfs.cache.memory import BufferKind
-
-            charge = kept_charge(listed.entries)
-            self._check_fits(0, f"{self._base}{prefix}", "the manifest's directory", extra=charge)
-            self._make_room(charge)
-            listed.lease = await self._budget.lease(0, BufferKind.INDEX, extra=charge)
-        return listed
 
     async def _index_dir(self, rel: str) -> _Kept | None:
         """The files and subdirectories of one JSON index, sorted; None if a subdirectory is missing.
@@ -931,6 +891,8 @@ class HTTPBackend(BackendSkeleton):
     async def aclose(self) -> None:
         for kept in list(self._kept.values()):
             self._drop(kept)
+        if self._manifest is not None:
+            self._manifest.close()
         if self._media is not None:
             self._media.close()
         await self._client.aclose()

@@ -140,6 +140,15 @@ class Lease:
         if cache is not None:
             cache._release(self)
 
+    def droppable(self, dropped: Callable[[], None]) -> None:
+        """Hold this lease only while no other needs its room: a lease that finds no room
+        releases it (the oldest such first) and calls ``dropped()``, whose holder lets go of
+        what the lease counted, then and there (it can make it again). For what is kept only
+        to be quicker (a parsed manifest): kept for ever, its room would be missing to waiters
+        that were told their lease fits (:meth:`MemoryCache.can_lease`), who would wait for ever."""
+        if self._cache is not None:
+            self._cache._droppable[self] = dropped
+
     def __enter__(self) -> Lease:
         return self
 
@@ -180,6 +189,7 @@ class MemoryCache:
         self._pool: list[mmap.mmap] = []
         self.stats = MemoryStats()
         self._blocks: OrderedDict[BlockKey, Block] = OrderedDict()
+        self._droppable: dict[Lease, Callable[[], None]] = {}  # (in the order they were made droppable)
         self._space = trio.lowlevel.ParkingLot()
         self._on_evict = on_evict
         # Bytes of blocks that were prefetched and not read yet; prefetch may hold at most
@@ -398,6 +408,7 @@ class MemoryCache:
             self._lease_pool.append(buf)
             buf = None
         charge = (len(buf) if buf is not None else _pages(nbytes)) + extra
+        self._drop_leases(charge)
         if self.leased + charge <= self.max_lease and (
             self._make_room(charge, keep_unread=True) or self._make_room(charge, keep_unread=False)
         ):
@@ -405,6 +416,14 @@ class MemoryCache:
         if buf is not None:
             self._lease_pool.append(buf)
         return None
+
+    def _drop_leases(self, charge: int) -> None:
+        """Release droppable leases, the oldest first, until a lease of ``charge`` fits (or none is left)."""
+        while self.leased + charge > self.max_lease and self._droppable:
+            lease = next(iter(self._droppable))
+            dropped = self._droppable.pop(lease)
+            lease.release()
+            dropped()
 
     def _grant(self, kind: BufferKind, nbytes: int, buf: mmap.mmap | None, charge: int, *, waited: bool) -> Lease:
         if buf is None and nbytes > 0:
@@ -428,6 +447,7 @@ class MemoryCache:
         return self._lease_pool.pop(best) if best is not None else None
 
     def _release(self, lease: Lease) -> None:
+        self._droppable.pop(lease, None)
         self.used -= lease.charge
         self.leased -= lease.charge
         self.leased_by_kind[lease.kind] -= lease.charge

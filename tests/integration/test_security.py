@@ -475,13 +475,13 @@ async def test_more_directories_than_a_walk_may_list_are_all_listable(
 
 
 async def test_oversized_manifest_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelfs.backends import http
+    from modelfs.backends import http, http_manifest
     from modelfs.config import parse_source
     from modelfs.errors import ConfigError
 
     manifest = tmp_path / "files.txt"
     manifest.write_text("".join(f"f{i}.bin\n" for i in range(30)))
-    monkeypatch.setattr(http, "MAX_INDEX_ENTRIES", 20)
+    monkeypatch.setattr(http_manifest, "MAX_MANIFEST_ENTRIES", 20)
     backend = http.HTTPBackend(parse_source("http://127.0.0.1:9/models/"), manifest=manifest)
     try:
         with pytest.raises(ConfigError, match="more than 20 entries"):

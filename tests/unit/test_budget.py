@@ -154,6 +154,26 @@ async def test_leases_leave_room_for_one_block() -> None:
     assert cache.used == BS
 
 
+async def test_droppable_leases_give_their_room_to_leases_that_need_it() -> None:
+    """Room kept only to be quicker (a parsed manifest) is given back, the oldest first and no
+    more than needed, when a lease finds none, its holder told; kept, a lease told it fits
+    (can_lease) would wait for it for ever."""
+    cache = MemoryCache(4 * BS, BS)  # leases: at most 3 blocks' worth
+    dropped: list[str] = []
+    kept = {name: await cache.lease(0, BufferKind.INDEX, extra=BS) for name in ("old", "new")}
+    for name, lease in kept.items():
+        lease.droppable(lambda name=name: dropped.append(name))
+    small = await cache.lease(0, BufferKind.SMALL_READ, extra=BS)  # (fits beside both)
+    assert dropped == []
+    with trio.fail_after(60):  # (only ends a wait that never ends)
+        big = await cache.lease(0, BufferKind.HEADER, extra=BS)
+    assert dropped == ["old"] and cache.leased == 3 * BS
+    kept["new"].release()  # (released by its holder: nothing to tell)
+    small.release()
+    big.release()
+    assert dropped == ["old"] and cache.leased == 0 and not cache._droppable
+
+
 async def test_pooled_lease_buffers_stay_within_budget() -> None:
     cache = MemoryCache(4 * BS, BS)
     for size in (BS, 2 * BS, 100, 3 * BS, BS, 2 * BS):

@@ -15,7 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from modelfs.backends.http import HTTPBackend, make_version, parse_manifest, parse_version
+from modelfs.backends.http import HTTPBackend, make_version, parse_version
+from modelfs.backends.http_manifest import parse_manifest
 from modelfs.config import parse_source
 from modelfs.errors import AccessDenied, BackendError, ConfigError, NotFound, TransientError, VersionChanged
 
@@ -461,18 +462,21 @@ async def test_manifest_directories(tmp_path) -> None:  # type: ignore[no-untype
 
 
 def test_parse_manifest() -> None:
-    text = "# model\n\nconfig.json\n./weights/model-1.safetensors 123\nname with spaces.bin\nname 12 x\n"
-    assert parse_manifest(text, "m") == [
-        ("config.json", None),
+    text = b"# model\n\nconfig.json\n./weights/model-1.safetensors 123\nname with spaces.bin\nname 12 x\n"
+    names, sizes = parse_manifest(text, "m")
+    assert list(zip(names, sizes, strict=True)) == [  # (in name order; -1: no size given)
+        ("config.json", -1),
+        ("name 12 x", -1),
+        ("name with spaces.bin", -1),
         ("weights/model-1.safetensors", 123),
-        ("name with spaces.bin", None),
-        ("name 12 x", None),
     ]
     for bad in ("/abs.bin", "a/../b.bin", "dir/", "a//b"):
-        with pytest.raises(ConfigError):
-            parse_manifest(bad + "\n", "m")
+        with pytest.raises(ConfigError, match="line 2: not a relative file path"):
+            parse_manifest(b"ok.bin\r\n" + bad.encode() + b"\n", "m")
     with pytest.raises(ConfigError):
-        parse_manifest("# nothing\n", "m")
+        parse_manifest(b"# nothing\n", "m")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        parse_manifest(b"ok.bin\n\xff.bin\n", "m")
 
 
 def test_versions_round_trip() -> None:
