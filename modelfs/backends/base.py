@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ObjectInfo", "ListPage", "Backend", "JoinedReads", "joins_reads", "read_one_by_one"]
+__all__ = ["ObjectInfo", "ListPage", "Backend", "BlockReads", "JoinedReads", "joins_reads", "read_one_by_one"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +113,21 @@ class JoinedReads(Protocol):
         ``sums``, a backend that sees the bytes land may append each buffer's CRC32C to it
         (all of them or none); the block store hands them to the disk cache's write.
         """
+        ...
+
+
+@runtime_checkable
+class BlockReads(Protocol):
+    """A backend that serves whole blocks otherwise than other ranges (the cache tier: it
+    stores and checks whole blocks only, and an object's last block may be short, which the
+    range alone does not tell). The block store reads every block it fetches alone through
+    :meth:`read_block`; small random reads and joined read-ahead go the usual way."""
+
+    async def read_block(
+        self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None = None
+    ) -> None:
+        """``read_range`` of a whole block: ``block_size`` bytes, or fewer for the object's
+        last block. With ``sums``, its CRC32C may be appended (as in ``read_ranges``)."""
         ...
 
 

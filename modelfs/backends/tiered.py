@@ -37,7 +37,6 @@ from urllib.parse import urlsplit
 
 import crc32c
 import trio
-from cachetools import LRUCache
 
 from modelfs import __version__
 from modelfs.backends.base import Backend, JoinedReads, ListPage, ObjectInfo, read_one_by_one
@@ -68,7 +67,6 @@ SIZE_HEADER = "X-Modelfs-Size"
 _DIGEST_RE = re.compile(r"(crc32c=[0-9a-f]{8}|sha256=[0-9a-f]{64}); range=(\d+)-(\d+)")
 _USER_AGENT = f"modelfs/{__version__} (tier)"
 _FIRST_BACKOFF = 1.0
-_SIZE_HINTS = 4096
 _CHUNK = 256 << 10  # a body not read by recv_into is read in pieces of this size, checking the deadline
 FALLBACK_REASONS = (
     "unreachable",
@@ -380,8 +378,6 @@ class TieredBackend:
             replica.backoff = first_backoff
         self._limiter = trio.CapacityLimiter(max(1, max_concurrency))
         self._logged: set[tuple[str, str]] = set()
-        # (name, version) -> size, from listings and stats; bounded: a hint, not the namespace.
-        self._sizes: LRUCache[tuple[str, str], int] = LRUCache(maxsize=_SIZE_HINTS)
         self.tier_stats = TierStats(replicas={r.url: ReplicaStats() for r in self._replicas})
 
     # --- the Backend protocol: everything but whole-block reads is the origin's
@@ -394,24 +390,13 @@ class TieredBackend:
         return self._inner.object_key(name)
 
     async def list_objects(self) -> list[ObjectInfo]:
-        return self._remember(await self._inner.list_objects())
+        return await self._inner.list_objects()
 
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
-        page = await self._inner.list_dir(prefix, token, limit=limit)
-        self._remember(page.objects)
-        return page
+        return await self._inner.list_dir(prefix, token, limit=limit)
 
     async def stat(self, name: str) -> ObjectInfo:
-        info = await self._inner.stat(name)
-        self._remember([info])
-        return info
-
-    def _remember(self, infos: list[ObjectInfo]) -> list[ObjectInfo]:
-        """Sizes of the versions listed: a read shorter than a block is the tier's only when it
-        is an object's last block, and only the size tells (see read_range)."""
-        for info in infos:
-            self._sizes[(info.name, info.version)] = info.size
-        return infos
+        return await self._inner.stat(name)
 
     def abort(self) -> None:
         """The daemon is stopping: end the GETs to replicas and to the origin now."""
@@ -457,21 +442,29 @@ class TieredBackend:
     async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
         await self._read(name, version, offset, dest, None)
 
+    async def read_block(
+        self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None = None
+    ) -> None:
+        """A whole block (base.BlockReads): the tier's, the object's short last one included."""
+        await self._read(name, version, offset, dest, sums, whole=True)
+
     async def _origin(self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None) -> None:
         if sums is not None and isinstance(self._inner, JoinedReads):
             await self._inner.read_ranges(name, version, offset, (dest,), sums)
         else:
             await self._inner.read_range(name, version, offset, dest)
 
-    async def _read(self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None) -> None:
+    async def _read(
+        self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None, *, whole: bool = False
+    ) -> None:
         length = len(dest)
         stats = self.tier_stats
         target = None
         # The tier serves whole slices (= blocks) and its digest covers a whole slice, so only
-        # a whole block, or the last one of an object, can be checked; anything else (small
-        # random reads) is not the tier's.
-        whole = length == self._block_size or offset + length == self._sizes.get((name, version), -1)
-        if length and offset % self._block_size == 0 and whole:
+        # a whole block, or the last one of an object (only the block store tells: read_block),
+        # can be checked; anything else (small random reads) is not the tier's. (A table of
+        # sizes from listings told before, but only of the last 4,096 objects listed.)
+        if length and offset % self._block_size == 0 and (whole or length == self._block_size):
             target = self._addressable.tier_target(name, version)
         replica = self._pick(target, version, offset) if target is not None else None
         if target is None:

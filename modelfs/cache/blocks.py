@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from modelfs.backends.base import Backend, JoinedReads, joins_reads
+from modelfs.backends.base import Backend, BlockReads, JoinedReads, joins_reads
 from modelfs.backends.retry import RetryStats, retry_transient
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import Block, BlockKey, BlockState, BufferKind, MemoryCache, detached
@@ -121,6 +121,7 @@ class BlockStore:
         # The same method fills one block and returns its CRC32C summed on arrival (GCS media,
         # the cache tier), for the disk write; several blocks only where joins_reads says so.
         self._joined: JoinedReads | None = backend if isinstance(backend, JoinedReads) else None
+        self._blocks: BlockReads | None = backend if isinstance(backend, BlockReads) else None
         share_blocks = int(memory.capacity * memory.prefetch_share) // (2 * block_size)
         self.join_blocks = max(1, min(join_blocks, share_blocks)) if joins_reads(backend) else 1
 
@@ -416,6 +417,7 @@ class BlockStore:
         # With a disk cache, the GET computes each block's CRC32C as its bytes arrive, for
         # the disk write (see httpclient_body.recv_body_into); without one, nobody needs it.
         joined = self._joined if self.disk is not None or len(dests) > 1 else None
+        alone = self._blocks if len(dests) == 1 else None
         sums: list[int] = []
         want_sums = sums if self.disk is not None else None
 
@@ -427,7 +429,10 @@ class BlockStore:
                     self.stats.demand_gets += 1
                 else:
                     self.stats.prefetch_gets += 1
-                if joined is not None:
+                if alone is not None:
+                    sums.clear()
+                    await alone.read_block(obj.name, obj.version, offset, dests[0], want_sums)
+                elif joined is not None:
                     sums.clear()
                     await joined.read_ranges(obj.name, obj.version, offset, dests, want_sums)
                 else:
