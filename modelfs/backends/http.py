@@ -25,6 +25,7 @@ string (a signature, for presigned URLs).
 from __future__ import annotations
 
 import email.utils
+import functools
 import http.client
 import logging
 import os
@@ -664,6 +665,12 @@ class HTTPBackend(BackendSkeleton):
         kept.number = self._kept_serial
         kept.prefix = prefix
         self._kept[kept.number] = kept
+        if kept.lease is not None:
+            # Kept only to be quicker (a later page reads the index again without it): any lease
+            # that finds no room takes it back, a block's too, not only an index's (_make_room).
+            # Held until the next listing dropped it as idle, it could keep a reader waiting for
+            # room as long as nobody listed.
+            kept.lease.droppable(functools.partial(self._drop, kept))
         while len(self._kept) > _MAX_KEPT:
             self._drop(next(iter(self._kept.values())))
 

@@ -219,3 +219,27 @@ async def test_an_index_tree_whose_files_cannot_fit_the_budget_is_one_line_error
     assert "\n" not in str(caught.value)
     assert budget.most <= budget.max_lease and budget.leased == 0 and b._walks_hold == 0
     await b.aclose()
+
+
+async def test_kept_entries_give_their_room_to_a_lease_that_needs_it() -> None:
+    """Between pages the rest of a directory is kept in the budget only to be quicker: a lease
+    that finds no room (a block, a header read) takes it back at once, and the next page reads
+    the index again. Kept, it held that room until the next HTTP listing dropped it as idle: a
+    reader could wait for it as long as nobody listed."""
+    budget = MemoryCache(16 << 20, 8 << 20)  # leases: at most 8 MiB
+    b = HTTPBackend(parse_source("https://example.test/big/"), budget=budget)
+    plain = backend(_handler(5000, 0, [0], []), url="https://example.test/big/")
+    b._media, b._client = None, plain._client
+    first = await b.list_dir("")
+    assert first.next_token is not None and budget.leased > 0 and b._kept
+    with trio.fail_after(5):  # (without the fix: waits for ever)
+        lease = await budget.lease(budget.max_lease, BufferKind.SMALL_READ)
+    assert not b._kept
+    lease.release()
+    token: str | None = first.next_token
+    names = [o.name for o in first.objects]
+    while token is not None:
+        page = await b.list_dir("", token)
+        names += [o.name for o in page.objects]
+        token = page.next_token
+    assert names == [f"f{i:06d}.bin" for i in range(5000)] and budget.leased == 0
