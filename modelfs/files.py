@@ -142,8 +142,11 @@ class OpenFiles:
             self.reads_in_flight -= 1
 
     def _raise_if_gave_up(self, fh: int, offset: int) -> None:
+        failed = self._gave_up.get(fh)
+        if not failed:  # (every read asks: almost always nothing to look at)
+            return
         now = trio.current_time()
-        for gave_up in self._gave_up.get(fh, ()):
+        for gave_up in failed:
             if gave_up.start <= offset < gave_up.end and now < gave_up.until:
                 raise detached(gave_up.error)
 

@@ -540,7 +540,6 @@ class HTTPBackend(BackendSkeleton):
         from modelfs.cache.memory import BufferKind
 
         self._check_fits(0, self._base, holding, extra=charge + beside)
-        self._make_room(charge)
         return await self._budget.lease(0, BufferKind.INDEX, extra=charge)
 
     async def _stat_all(
@@ -672,9 +671,8 @@ class HTTPBackend(BackendSkeleton):
         self._kept[kept.number] = kept
         if kept.lease is not None:
             # Kept only to be quicker (a later page reads the index again without it): any lease
-            # that finds no room takes it back, a block's too, not only an index's (_make_room).
-            # Held until the next listing dropped it as idle, it could keep a reader waiting for
-            # room as long as nobody listed.
+            # that finds no room takes it back (MemoryCache), an index's and a block's alike, so a
+            # kept directory nobody lists on never makes anything wait for room.
             kept.lease.droppable(functools.partial(self._drop, kept))
         while len(self._kept) > _MAX_KEPT:
             self._drop(next(iter(self._kept.values())))
@@ -688,13 +686,6 @@ class HTTPBackend(BackendSkeleton):
         now = trio.current_time()
         for kept in [k for k in self._kept.values() if now - k.used_at > _KEPT_IDLE]:
             self._drop(kept)
-
-    def _make_room(self, charge: int) -> None:
-        """Drop kept directories (oldest first) while a lease of ``charge`` would not fit beside
-        them: a kept directory nobody lists on must never make an index wait for room."""
-        budget = self._budget
-        while self._kept and budget is not None and budget.leased + charge > budget.max_lease:
-            self._drop(next(iter(self._kept.values())))
 
     async def _index_dir(self, rel: str) -> _Kept | None:
         """The files and subdirectories of one JSON index, sorted; None if a subdirectory is missing.
@@ -802,7 +793,6 @@ class HTTPBackend(BackendSkeleton):
         from modelfs.cache.memory import BufferKind
 
         self._check_fits(size + sum(lease.charge for lease in leases), what, holding, extra=extra)
-        self._make_room(size + extra)
         lease = await self._budget.lease(size, BufferKind.INDEX, extra=extra)
         leases.append(lease)
         return lease.view

@@ -17,6 +17,7 @@ ours alone) and a block it does not know is a miss without a system call.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -261,7 +262,10 @@ class DiskCache:
         path = str(self._blocks_dir / rel)
         key_bytes = _key_bytes(key)
         use_direct = direct and self._direct_io
-        with self._index.removed_while() as removed:
+        # A file the index knows and loses meanwhile was evicted; one it does not know yet (an
+        # earlier run's, before the scan got to it) is added after the read unless removed meanwhile.
+        known = rel in self._index
+        with contextlib.nullcontext(set[str]()) if known else self._index.removed_while() as removed:
             try:
                 result = await trio.to_thread.run_sync(
                     lambda: read_block(path, key_bytes, key[2], dest, direct=use_direct),
@@ -275,7 +279,7 @@ class DiskCache:
             self.stats.hits += 1
             if rel in self._index:
                 self._index.touch(rel)
-            elif rel not in removed:  # a file an earlier run left, before the scan got to it
+            elif not known and rel not in removed:  # a file an earlier run left, before the scan got to it
                 await self._unlink(self._index.add(rel, data_offset_for(key_bytes) + len(dest)), evicted=True)
             # (else it was evicted while being read: the bytes read are right, the file is gone)
             return True
