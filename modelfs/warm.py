@@ -52,7 +52,6 @@ class WarmResult:
     unverified: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (name, why): not cached
     evicted: int = 0  # blocks warmed, then pushed out again by the cap or a full file system
-    cache_bytes: int = 0  # what the disk cache holds at the end
     cache_limit: int = 0  # what it keeps to (--disk-cache, or less on a smaller file system)
 
 
@@ -256,7 +255,6 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
             report(final=True)
             nursery.cancel_scope.cancel()
         result.evicted = disk.evicted_this_run
-        result.cache_bytes = disk.used
         result.cache_limit = disk.limit
         if failed:
             raise failed[0]

@@ -535,12 +535,18 @@ class HTTPBackend(BackendSkeleton):
     async def _lease_for(self, charge: int, holding: str, beside: int) -> Lease | None:
         """``charge`` bytes of the budget for ``holding`` (None without a budget), beside
         ``beside`` the caller holds already: a one-line error if they cannot fit together."""
+        return await self._lease(0, self._base, holding, extra=charge, beside=beside)
+
+    async def _lease(self, size: int, what: str, holding: str, *, extra: int = 0, beside: int = 0) -> Lease | None:
+        """A buffer of ``size`` bytes (and ``extra`` more counted) from the budget for
+        ``holding`` (None without a budget); a one-line error naming ``what`` if it cannot fit
+        beside the ``beside`` bytes the caller holds already."""
         if self._budget is None:
             return None
         from modelfs.cache.memory import BufferKind
 
-        self._check_fits(0, self._base, holding, extra=charge + beside)
-        return await self._budget.lease(0, BufferKind.INDEX, extra=charge)
+        self._check_fits(size, what, holding, extra=extra + beside)
+        return await self._budget.lease(size, BufferKind.INDEX, extra=extra)
 
     async def _stat_all(
         self, files: Sequence[tuple[str, int | None]], failed: Callable[[str, BackendError], BackendError | None]
@@ -783,17 +789,13 @@ class HTTPBackend(BackendSkeleton):
         if self._budget is not None and not self._budget.can_lease(size, extra=extra + self._walks_hold):
             raise BackendError(f"{what}: {holding} does not fit in the memory budget (raise --memory-cache)")
 
-    async def _index_buffer(
-        self, size: int, leases: list[Lease], what: str, *, extra: int = 0, holding: str = "the directory index"
-    ) -> memoryview:
-        """A buffer of ``size`` bytes (and ``extra`` more counted) from the budget, kept in
-        ``leases``; a one-line error if ``holding`` (what they are for) cannot fit beside them."""
-        if self._budget is None:
+    async def _index_buffer(self, size: int, leases: list[Lease], what: str, *, extra: int = 0) -> memoryview:
+        """A buffer of ``size`` bytes (and ``extra`` more counted) for the directory index,
+        kept in ``leases``; a one-line error if it cannot fit beside them."""
+        beside = sum(lease.charge for lease in leases)
+        lease = await self._lease(size, what, "the directory index", extra=extra, beside=beside)
+        if lease is None:
             return memoryview(bytearray(size))
-        from modelfs.cache.memory import BufferKind
-
-        self._check_fits(size + sum(lease.charge for lease in leases), what, holding, extra=extra)
-        lease = await self._budget.lease(size, BufferKind.INDEX, extra=extra)
         leases.append(lease)
         return lease.view
 

@@ -121,7 +121,7 @@ class BlockStore:
         # The same method fills one block and returns its CRC32C summed on arrival (GCS media,
         # the cache tier), for the disk write; several blocks only where joins_reads says so.
         self._joined: JoinedReads | None = backend if isinstance(backend, JoinedReads) else None
-        self._blocks: BlockReads | None = backend if isinstance(backend, BlockReads) else None
+        self._block_reads: BlockReads | None = backend if isinstance(backend, BlockReads) else None
         share_blocks = int(memory.capacity * memory.prefetch_share) // (2 * block_size)
         self.join_blocks = max(1, min(join_blocks, share_blocks)) if joins_reads(backend) else 1
 
@@ -400,7 +400,7 @@ class BlockStore:
         (prefetches and the eager stream still landing) are not waited for."""
         last = self._write_seq
         with trio.move_on_after(grace):
-            while any(seq <= last for seq in self._queued_writes):
+            while not self.writes_done(last):
                 await self._writes_done.park()
             return True
         left = sum(1 for seq in self._queued_writes if seq <= last)
@@ -417,7 +417,7 @@ class BlockStore:
         # With a disk cache, the GET computes each block's CRC32C as its bytes arrive, for
         # the disk write (see httpclient_body.recv_body_into); without one, nobody needs it.
         joined = self._joined if self.disk is not None or len(dests) > 1 else None
-        alone = self._blocks if len(dests) == 1 else None
+        alone = self._block_reads if len(dests) == 1 else None
         sums: list[int] = []
         want_sums = sums if self.disk is not None else None
 

@@ -109,8 +109,7 @@ class DiskCache:
         # The file system filled up before the cap was reached (or is smaller than the cap):
         # from then on every write first measures the room there and makes room from the
         # least recently used blocks (_make_room), keeping the index's cap to what fits.
-        self._fs_bound = False
-        self._warned_full = False
+        self._fs_bound = False  # (warned about once, when set)
         self._writing = 0  # bytes of the block files being written in threads now
         self._write_landed = trio.lowlevel.ParkingLot()  # one of those writes ended
         self._write_slots = trio.Semaphore(4)  # writes measuring the room or writing
@@ -146,7 +145,7 @@ class DiskCache:
         except OSError:
             return
         if fs_size < self.capacity:
-            self._fs_bound = self._warned_full = True
+            self._fs_bound = True
             log.warning(
                 "--disk-cache (%s) is larger than the file system of the cache dir %s (%s): "
                 "the disk cache keeps to what fits there, evicting its least recently used blocks",
@@ -321,13 +320,10 @@ class DiskCache:
             return True
         size = data_offset_for(_key_bytes(key)) + len(data)
         async with self._write_slots:
-            return await self._write_slotted(rel, key, data, crc, size)
-
-    async def _write_slotted(self, rel: str, key: BlockKey, data: memoryview, crc: int | None, size: int) -> bool:
-        if self._fs_bound:
-            async with self._room_lock:
-                return await self._write_once(rel, key, data, crc, size, measured=True)
-        return await self._write_once(rel, key, data, crc, size, measured=False)
+            if self._fs_bound:
+                async with self._room_lock:
+                    return await self._write_once(rel, key, data, crc, size, measured=True)
+            return await self._write_once(rel, key, data, crc, size, measured=False)
 
     async def _write_once(
         self, rel: str, key: BlockKey, data: memoryview, crc: int | None, size: int, *, measured: bool
@@ -367,9 +363,8 @@ class DiskCache:
 
     def _full(self) -> None:
         """A write found the file system full (ENOSPC): from now on keep to what fits there."""
-        self._fs_bound = True
-        if not self._warned_full:
-            self._warned_full = True
+        if not self._fs_bound:
+            self._fs_bound = True
             log.warning(
                 "the file system of the cache dir %s is full with %s of disk cache, less than "
                 "--disk-cache (%s): the disk cache keeps to what fits there, evicting its least "

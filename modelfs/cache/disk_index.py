@@ -231,10 +231,7 @@ class DiskIndex:
         was made with), with ``room`` bytes left free beside the files held; the files that go,
         least recently used first and those of pinned versions last, as the caps take them."""
         self.capacity = capacity
-        victims: list[str] = []
-        while self and self._bytes + room > capacity:
-            victims.append(self._evict_one())
-        return victims + self._over_cap()
+        return self._over_cap(room)
 
     # --- internals
 
@@ -252,9 +249,10 @@ class DiskIndex:
         self._bytes += size
         self._versions.setdefault(obj, {}).setdefault(version, set()).add(rel)
 
-    def _over_cap(self) -> list[str]:
+    def _over_cap(self, room: int = 0) -> list[str]:
+        """Evict until the files held and ``room`` more bytes fit the caps (or none is left)."""
         victims: list[str] = []
-        while self._bytes > self.capacity or len(self) > self.max_files:
+        while self and (self._bytes + room > self.capacity or len(self) > self.max_files):
             victims.append(self._evict_one())
         return victims
 

@@ -128,7 +128,7 @@ def test_blocks_evicted_after_their_object_was_checked_fail_warm_with_a_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every object was in the cache when it was checked, but later ones pushed blocks out."""
-    result = warm.WarmResult(objects=3, bytes=3 << 20, evicted=5, cache_bytes=2 << 20, cache_limit=2 << 20)
+    result = warm.WarmResult(objects=3, bytes=3 << 20, evicted=5, cache_limit=2 << 20)
     assert _cli_error(monkeypatch, _config(tmp_path), result) == (
         "the disk cache cannot hold all of gs://bkt/m: 5 block(s) warmed were evicted again to make room "
         f"(it keeps to 2.0 MiB: --disk-cache, or what the file system of {tmp_path / 'cache'} holds)"

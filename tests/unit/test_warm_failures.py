@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def test_ctrl_c_during_warm_exits_130_without_a_traceback(tmp_path: Path) -> Non
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # a hang's SIGABRT shows every thread's stack
         )
         try:
             assert origin.arrived.wait(60), "warm's listing never reached the origin"
@@ -96,8 +98,14 @@ def test_ctrl_c_during_warm_exits_130_without_a_traceback(tmp_path: Path) -> Non
             _, err = proc.communicate(timeout=60)  # a guard against a hang only
         finally:
             if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+                proc.send_signal(signal.SIGABRT)
+                try:
+                    _, err = proc.communicate(timeout=10)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.communicate()
+                pytest.fail(f"warm did not stop on Ctrl-C; its stacks:\n{err}")
     assert proc.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
 
