@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: a fake-gcs-server for the session."""
+"""Fixtures shared by every test: a fake-gcs-server for the session; the fresh-root test's
+wall times in the run's summary."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from modelfs.testing.fakegcs import FakeGCS, fake_gcs
+from modelfs.testing.fresh import WALL_TIMES
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +16,14 @@ def gcs() -> Iterator[FakeGCS]:
     """fake-gcs-server with the memory backend: any object name works, objects stay small."""
     with fake_gcs("memory") as server:
         yield server
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fresh-root test's wall times belong in CI's log, passing or not; on an xdist worker
+    its own output is not shown, so they come with its report."""
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call":
+                for name, value in report.user_properties:
+                    if name == WALL_TIMES:
+                        terminalreporter.write_line(f"{name}: {value}")

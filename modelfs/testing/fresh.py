@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,8 +35,10 @@ from modelfs.testing.container import BASE_IMAGE, CA_BUNDLE, PACKAGES, Podman, e
 
 __all__ = [
     "FRESH_ENV",
+    "WALL_TIMES",
     "FreshRoot",
     "Result",
+    "collection_counts",
     "fresh_root",
     "host_access",
     "pip_config",
@@ -45,6 +48,8 @@ __all__ = [
 
 #: Set inside the fresh root: the test run there does not run the fresh-root test again.
 FRESH_ENV = "MODELFS_FRESH_ROOT"
+#: The fresh-root test's property with each command's wall time, which the run's summary shows.
+WALL_TIMES = "fresh root wall times"
 #: Where the tree goes in the root: a user's clone in root's home.
 TREE = "/root/modelfs"
 #: Left out when the tree is copied from disk (no git metadata): what a clone would not have.
@@ -75,6 +80,15 @@ def readme_commands(readme: Path) -> list[str]:
     if len(commands) != 2:
         raise ValueError(f"{readme}: expected two commands under '## Two commands', found {commands}")
     return commands
+
+
+def collection_counts(output: str) -> tuple[int, int]:
+    """(selected, deselected) from the closing line of ``pytest --collect-only -q``
+    (``1064/1065 tests collected (1 deselected) in 2.50s``)."""
+    found = re.search(r"^(\d+)(?:/\d+)? tests? collected(?: \((\d+) deselected\))?", output, re.MULTILINE)
+    if not found:
+        raise ValueError(f"no collection count in: {output[-500:]!r}")
+    return int(found.group(1)), int(found.group(2) or 0)
 
 
 def tree_archive(root: Path) -> tuple[bytes, str]:

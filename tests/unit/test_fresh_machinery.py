@@ -1,5 +1,5 @@
-"""The fresh-root test's helpers that need no container: the tree it copies in and the pip
-settings it carries over."""
+"""The fresh-root test's helpers that need no container: the tree it copies in, the pip
+settings it carries over and the count of the tests its run had to pass."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import io
 import tarfile
 from pathlib import Path
 
-from modelfs.testing.fresh import pip_config, tree_archive
+import pytest
+
+from modelfs.testing.fresh import collection_counts, pip_config, tree_archive
 
 
 def test_tree_without_git_metadata_is_copied_without_venvs_and_caches(tmp_path: Path) -> None:
@@ -45,3 +47,12 @@ def test_pip_settings_keep_what_reaches_an_index_and_drop_local_paths() -> None:
         "trusted-host = mirror.example\n"
     )
     assert pip_config("") == ""
+
+
+def test_collection_counts_read_pytest_collect_only_closing_line() -> None:
+    listing = "tests/unit/test_x.py::test_a\n\n1064/1065 tests collected (1 deselected) in 2.50s\n"
+    assert collection_counts(listing) == (1064, 1)
+    assert collection_counts("1 test collected in 0.01s") == (1, 0)
+    assert collection_counts("23 tests collected in 0.01s\n") == (23, 0)
+    with pytest.raises(ValueError, match="no collection count"):
+        collection_counts("ERROR: file or directory not found: x\n")
