@@ -16,6 +16,7 @@ socket buffers, page cache of the disk cache's I/O).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "describe",
     "fuse_tasks",
     "tune_malloc",
+    "str_bytes",
 ]
 
 FIXED_OVERHEAD = 64 << 20
@@ -158,6 +160,16 @@ def cgroup_memory_limit(
             break
         rel = rel.parent
     return min(limits) if limits else None
+
+
+_EMPTY_STR = sys.getsizeof("")
+
+
+def str_bytes(text: str) -> int:
+    """The bytes ``text``'s characters take in memory beside an empty str's: its length for
+    ASCII; for other text more than its UTF-8 length (one wide character makes every
+    character of the str two or four bytes, and the header grows)."""
+    return sys.getsizeof(text) - _EMPTY_STR
 
 
 def held_nodes(metadata_cache: int = DEFAULT_METADATA_CACHE) -> int:

@@ -72,6 +72,7 @@ from modelfs.errors import (
 )
 from modelfs.jsonscan import PARTS as JSON
 from modelfs.jsonscan import decode_string
+from modelfs.memlimit import str_bytes
 from modelfs.walk import walk_objects
 
 if TYPE_CHECKING:
@@ -957,13 +958,14 @@ class _Kept:
 
 def listed_charge(info: ObjectInfo) -> int:
     """What ``info`` takes in memory, at most (see LISTED_OBJECT_BYTES)."""
-    return LISTED_OBJECT_BYTES + sum(len(text.encode("utf-8", "surrogatepass")) for text in (info.name, info.version))
+    return LISTED_OBJECT_BYTES + str_bytes(info.name) + str_bytes(info.version)
 
 
 def kept_charge(entries: list[DirEntry]) -> int:
-    """What ``entries`` take in memory, at most: KEPT_ENTRY_BYTES each and their names' UTF-8
-    bytes (never fewer than a str holds them in)."""
-    return len(entries) * KEPT_ENTRY_BYTES + sum(len(key.encode("utf-8", "surrogatepass")) for key, _ in entries)
+    """What ``entries`` take in memory, at most: KEPT_ENTRY_BYTES each and their names'
+    characters (as their str holds them: a name of ASCII and one emoji takes four bytes a
+    character, four times its UTF-8 length)."""
+    return len(entries) * KEPT_ENTRY_BYTES + sum(str_bytes(key) for key, _ in entries)
 
 
 def sorted_index(body: bytes | memoryview, deep: bool) -> _Kept | None:

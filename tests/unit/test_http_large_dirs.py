@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import random
+import sys
 from collections.abc import Callable
 
 import httpx
@@ -243,3 +244,11 @@ async def test_kept_entries_give_their_room_to_a_lease_that_needs_it() -> None:
         names += [o.name for o in page.objects]
         token = page.next_token
     assert names == [f"f{i:06d}.bin" for i in range(5000)] and budget.leased == 0
+
+
+def test_a_kept_name_is_counted_as_its_str_holds_it() -> None:
+    """One wide character makes every character of a str four bytes: such a name was counted
+    by its UTF-8 length, a quarter of what it holds (255 ASCII and an emoji: 259, not 1,024)."""
+    name = "a" * 255 + "\N{GRINNING FACE}"
+    assert kept_charge([(name, 1)]) - kept_charge([("", 1)]) >= sys.getsizeof(name) - sys.getsizeof("") >= 4 * 256
+    assert kept_charge([("plain.bin", 1)]) - kept_charge([("", 1)]) == len("plain.bin")
