@@ -610,6 +610,8 @@ def build_config(
     mount_path = Path(mountpoint).absolute() if mountpoint else None
     if mount_path is not None:
         _check_outside_mountpoint(mount_path, {"--cache-dir": cache_dir, "--log-file": log_file})
+        if source.scheme == "file":
+            _check_apart_from_source(mount_path, source)
     return Config(source=source, mountpoint=mount_path, cache_dir=cache_dir, log_file=log_file, **values)
 
 
@@ -620,6 +622,24 @@ def _check_outside_mountpoint(mountpoint: Path, paths: Mapping[str, Path | None]
     for option, path in paths.items():
         if path is not None and Path(os.path.realpath(path)).is_relative_to(where):
             raise ConfigError(f"{option} {path} is inside the mountpoint {mountpoint}: put it outside")
+
+
+def _check_apart_from_source(mountpoint: Path, source: Source) -> None:
+    """A mountpoint inside its own file:// source makes the mount list itself without end
+    (mnt/mnt/mnt...: a walk, --eager-model or warm never ends); a source inside the mountpoint
+    is hidden by the mount, and every listing of it would then ask the mount itself."""
+    where = Path(os.path.realpath(mountpoint))
+    directory = Path(os.path.realpath(source.bucket))
+    if where.is_relative_to(directory):
+        raise ConfigError(
+            f"MOUNTPOINT {mountpoint} is inside the file:// source {source.bucket}: the mount would "
+            "list itself without end; put it outside"
+        )
+    if directory.is_relative_to(where):
+        raise ConfigError(
+            f"the file:// source {source.bucket} is inside MOUNTPOINT {mountpoint}: the mount would hide it; "
+            "put it outside"
+        )
 
 
 def _check_memory(values: dict[str, Any], *, mount: bool) -> None:

@@ -253,11 +253,35 @@ def test_the_daemons_files_must_not_be_under_its_mountpoint(tmp_path: Path) -> N
     failed with "mountpoint ... is not empty", the next mount too."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    src = f"file://{tmp_path / 'src'}"
     for option in ("--cache-dir", "--log-file"):
         with pytest.raises(ConfigError, match=f"{option} .* is inside the mountpoint"):
-            build_config("file:///tmp", str(mnt), parse(option, str(mnt / "cache" / "x.log")), {})
+            build_config(src, str(mnt), parse(option, str(mnt / "cache" / "x.log")), {})
         with pytest.raises(ConfigError, match="inside the mountpoint"):
-            build_config("file:///tmp", str(mnt), parse(option, str(mnt)), {})
+            build_config(src, str(mnt), parse(option, str(mnt)), {})
     assert not any(mnt.iterdir())
-    fine = build_config("file:///tmp", str(mnt), parse("--cache-dir", str(tmp_path / "mnt-cache")), {})
+    fine = build_config(src, str(mnt), parse("--cache-dir", str(tmp_path / "mnt-cache")), {})
     assert fine.cache_dir == tmp_path / "mnt-cache"
+
+
+def test_a_mountpoint_inside_its_own_file_source_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mount file://SRC SRC/mnt`` was accepted: the mount listed itself without end
+    (mnt/mnt/mnt...) and --eager-model walked it for ever at 100% CPU. A source inside the
+    mountpoint (hidden by the mount) is refused too, through a symlink or a relative path as well."""
+    src = tmp_path / "src"
+    (src / "mnt").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    for mountpoint in (str(src / "mnt"), str(src), "src/mnt", str(tmp_path / "link" / "mnt")):
+        with pytest.raises(ConfigError, match=r"^MOUNTPOINT .* is inside the file:// source .*: the mount would list"):
+            build_config(f"file://{src}", mountpoint, parse(), {})
+    for mountpoint in (str(tmp_path), "link/.."):
+        with pytest.raises(ConfigError, match=r"^the file:// source .* is inside MOUNTPOINT"):
+            build_config(f"file://{src / 'mnt'}", mountpoint, parse(), {})
+    (tmp_path / "mnt").mkdir()
+    beside = build_config(f"file://{src}", str(tmp_path / "mnt"), parse(), {})
+    assert beside.mountpoint == tmp_path / "mnt"
+    # (Not a prefix test on strings: /x/src-mnt is not inside /x/src.)
+    assert build_config(f"file://{src}", str(tmp_path / "src-mnt"), parse(), {}).mountpoint == tmp_path / "src-mnt"
+    # Another scheme's "bucket" is no directory of this machine.
+    assert build_config("gs://tmp", str(tmp_path / "mnt"), parse(), {}).mountpoint == tmp_path / "mnt"
