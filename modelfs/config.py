@@ -605,7 +605,7 @@ def build_config(
     cache_dir_value = values.pop("cache_dir")
     cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)
     log_value = values.pop("log_file")
-    log_file = Path(log_value).absolute() if log_value else None
+    log_file = Path(log_value).expanduser().absolute() if log_value else None
     _check_source_options(source, values)
     mount_path = Path(mountpoint).absolute() if mountpoint else None
     if mount_path is not None:

@@ -285,3 +285,13 @@ def test_a_mountpoint_inside_its_own_file_source_is_refused(tmp_path: Path, monk
     assert build_config(f"file://{src}", str(tmp_path / "src-mnt"), parse(), {}).mountpoint == tmp_path / "src-mnt"
     # Another scheme's "bucket" is no directory of this machine.
     assert build_config("gs://tmp", str(tmp_path / "mnt"), parse(), {}).mountpoint == tmp_path / "mnt"
+
+
+def test_log_file_expands_a_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``log-file = "~/modelfs.log"`` became ``<cwd>/~/modelfs.log`` (a directory named ``~``),
+    while every other path option expanded ``~``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(SRC, None, parse(), environ={"MODELFS_LOG_FILE": "~/logs/modelfs.log"})
+    assert cfg.log_file == tmp_path / "home" / "logs" / "modelfs.log"
+    assert config("--log-file", "~/m.log").log_file == tmp_path / "home" / "m.log"
