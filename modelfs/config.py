@@ -562,7 +562,10 @@ def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
         try:
             values[opt.attr] = opt.parse(raw)
         except ConfigError as exc:
-            raise ConfigError(f"{origin}: {exc}") from None
+            hint = ""
+            if origin == opt.env and re.search(r"\s#", raw):
+                hint = " (systemd's EnvironmentFile keeps a '# comment' after a value in it: put it on its own line)"
+            raise ConfigError(f"{origin}: {exc}{hint}") from None
     return values
 
 

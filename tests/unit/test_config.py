@@ -295,3 +295,12 @@ def test_log_file_expands_a_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     cfg = build_config(SRC, None, parse(), environ={"MODELFS_LOG_FILE": "~/logs/modelfs.log"})
     assert cfg.log_file == tmp_path / "home" / "logs" / "modelfs.log"
     assert config("--log-file", "~/m.log").log_file == tmp_path / "home" / "m.log"
+
+
+def test_an_inline_comment_in_an_environment_value_is_named() -> None:
+    """systemd's EnvironmentFile keeps ``256M  # comment`` whole: the error says why it failed."""
+    with pytest.raises(ConfigError, match=r"^MODELFS_MEMORY_CACHE: not a size: .*put it on its own line\)$"):
+        config(env={"MODELFS_MEMORY_CACHE": "256M          # the budget"})
+    with pytest.raises(ConfigError) as plain:
+        config(env={"MODELFS_MEMORY_CACHE": "lots"})
+    assert "comment" not in str(plain.value)

@@ -228,6 +228,43 @@ def test_systemd_unit() -> None:
     assert dict(unit["Install"])["WantedBy"] == "multi-user.target"
 
 
+def _example_env_file(unit: Path) -> dict[str, str]:
+    """The example /etc/modelfs/INSTANCE.env in the unit's leading comment, read the way
+    systemd's EnvironmentFile= reads it: a line whose first non-blank is '#' is a comment;
+    anything else is KEY=VALUE with the value taken whole (a trailing '# ...' included), only
+    surrounding blanks dropped."""
+    lines = unit.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(r"#\s+/etc/modelfs/\w+\.env:", line))
+    env: dict[str, str] = {}
+    for line in lines[start + 1 :]:
+        match = re.fullmatch(r"#     (.*)", line)
+        if match is None:  # the block's end (the systemctl line is indented less)
+            break
+        text = match.group(1).strip()
+        if not text or text.startswith(("#", ";")):
+            continue
+        key, eq, value = text.partition("=")
+        assert eq and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), f"not KEY=VALUE: {line!r}"
+        env[key] = value.strip()
+    return env
+
+
+def test_the_units_example_env_file_is_what_systemd_and_modelfs_accept() -> None:
+    """The example had '# comments' after values: systemd kept them in the values
+    (systemd/systemd#12527), and modelfs refused MODELFS_MEMORY_CACHE='256M   # any option...'
+    with exit 2, which RestartPreventExitStatus=2 made final."""
+    env = _example_env_file(ROOT / "packaging" / "systemd" / "modelfs@.service")
+    assert {"MODELFS_SOURCE", "MODELFS_MOUNTPOINT", "MODELFS_MEMORY_CACHE"} <= set(env), env
+    for key, value in env.items():
+        assert "#" not in value, f"{key}: systemd would keep the comment in the value: {value!r}"
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_options(parser)
+    options = {k: v for k, v in env.items() if k not in ("MODELFS_SOURCE", "MODELFS_MOUNTPOINT")}
+    config = build_config(env["MODELFS_SOURCE"], env["MODELFS_MOUNTPOINT"], parser.parse_args([]), environ=options)
+    assert config.memory_cache == 256 << 20 and config.allow_other
+    assert config.metrics_addr == "127.0.0.1:9101" and config.cache_dir == Path("/var/cache/modelfs/llama")
+
+
 def test_dockerfile_base_is_a_build_arg() -> None:
     text = (ROOT / "Dockerfile").read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
