@@ -133,7 +133,9 @@ def unmount(path: Path, wait: float = 60.0) -> None:
     would detach anything, say the volume the mount point sits in).
 
     For a live modelfs mount, also wait (up to ``wait`` seconds) for its daemon to exit, so
-    the cache dir is free for the next mount when this returns.
+    the cache dir is free for the next mount when this returns. A live mount with files open
+    in it is busy, as umount says: MountError, and it stays mounted; only a dead one (its
+    daemon gone) is detached lazily.
     """
     # Resolved once: the path checked is the path unmounted (a symlink in ``path`` swapped
     # between the checks and fusermount3 would otherwise point it at another mount).
@@ -146,11 +148,30 @@ def unmount(path: Path, wait: float = 60.0) -> None:
     pid = _daemon_pid(path)
     result = _fusermount(["-u", str(path)])
     if result.returncode != 0:
-        result = _fusermount(["-uz", str(path)])
+        why = result.stderr.strip()
+        if not _is_dead(path):
+            # Like umount: a live mount with files open in it stays. (A lazy detach here kept
+            # the daemon serving the holders, and the wait below blocked for a minute.)
+            if "busy" in why.lower():
+                raise MountError(
+                    f"{path} is busy (files are open in it); close them, or detach it lazily with fusermount3 -uz"
+                )
+            raise MountError(f"cannot unmount {path}: {why}")
+        result = _fusermount(["-uz", str(path)])  # a dead mount: nothing is served through it any more
         if result.returncode != 0:
             raise MountError(f"cannot unmount {path}: {result.stderr.strip()}")
     if pid is not None and not wait_for_exit(pid, wait):
         log.warning("daemon %d still running %.0f s after unmounting %s", pid, wait, path)
+
+
+def _is_dead(path: Path) -> bool:
+    """A FUSE mount whose daemon is gone: statfs, always answered by the file system itself,
+    says ENOTCONN (see check_mountpoint)."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def _daemon_pid(path: Path) -> int | None:

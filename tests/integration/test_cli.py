@@ -219,3 +219,23 @@ def test_a_mount_elsewhere_with_a_path_that_is_not_utf8_breaks_nothing(tmp_path:
         assert len(refused.stderr.strip().splitlines()) == 1 and is_mounted(odd)
     finally:
         subprocess.run(["umount", "-l", str(odd)], check=False)
+
+
+def test_unmount_of_a_busy_mount_fails_like_umount(tmp_path: Path, mnt: Path) -> None:
+    """With a file open in the mount, `modelfs unmount` detached it lazily, blocked a minute
+    waiting for a daemon that could not exit, and exited 0. Now: one line, exit 1, still
+    mounted and serving; once the file is closed it unmounts."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(100_000)
+    (src / "f").write_bytes(data)
+    result = run_modelfs("mount", f"file://{src}", str(mnt), "--cache-dir", str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    with open(mnt / "f", "rb") as held:
+        busy = run_modelfs("unmount", str(mnt), timeout=30)
+        _fails(busy, 1, f"{mnt} is busy")
+        assert is_mounted(mnt)
+        assert held.read() == data
+    done = run_modelfs("unmount", str(mnt), timeout=90)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert not is_mounted(mnt)

@@ -4,6 +4,7 @@ queued for the disk cache are written first, within a grace (BlockStore.finish_w
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +182,66 @@ def test_unmount_acts_on_the_path_it_checked(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(mount_module, "_fusermount", fusermount)
     mount_module.unmount(link)
     assert checked == [str(real)] and unmounted == [["-u", str(real)]]
+
+
+def _fake_unmount(monkeypatch: pytest.MonkeyPatch, failure: str, *, dead: bool) -> list[list[str]]:
+    """mount.unmount's view of a modelfs mount whose ``fusermount3 -u`` fails with ``failure``
+    (its statfs failing with ENOTCONN if ``dead``); the fusermount3 calls made are returned."""
+    import subprocess
+
+    import modelfs.mount as mount_module
+
+    calls: list[list[str]] = []
+
+    def fusermount(args: list[str]) -> subprocess.CompletedProcess[str]:
+        calls.append(args)
+        if args[0] == "-u":
+            return subprocess.CompletedProcess(args, 1, "", f"fusermount3: {failure}\n")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    real_statvfs = os.statvfs
+
+    def statvfs(path: object) -> os.statvfs_result:
+        if dead:
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+        return real_statvfs(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mount_module, "is_mounted", lambda path: True)
+    monkeypatch.setattr(mount_module, "mounted_fstype", lambda path: "fuse.modelfs")
+    monkeypatch.setattr(mount_module, "_daemon_pid", lambda path: None if dead else os.getpid())
+    monkeypatch.setattr(mount_module, "_fusermount", fusermount)
+    monkeypatch.setattr(mount_module.os, "statvfs", statvfs)
+    return calls
+
+
+def test_unmount_of_a_busy_live_mount_fails_and_leaves_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file held open made `modelfs unmount` detach the mount lazily, then wait 60 s for a
+    daemon that could not exit, and exit 0. Now, like umount: one error, no lazy detach, no wait
+    (the daemon, here this very process, would never exit)."""
+    import modelfs.mount as mount_module
+    from modelfs.errors import MountError
+
+    calls = _fake_unmount(monkeypatch, f"failed to unmount {tmp_path}: Device or resource busy", dead=False)
+    with pytest.raises(MountError, match=rf"^{tmp_path} is busy \(files are open in it\); close them"):
+        mount_module.unmount(tmp_path, wait=0)
+    assert calls == [["-u", str(tmp_path)]]
+
+
+def test_unmount_of_a_live_mount_that_fusermount_refuses_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelfs.mount as mount_module
+    from modelfs.errors import MountError
+
+    calls = _fake_unmount(monkeypatch, "entry for /x not found in /etc/mtab", dead=False)
+    with pytest.raises(MountError, match=rf"^cannot unmount {tmp_path}: fusermount3: entry for /x not found"):
+        mount_module.unmount(tmp_path, wait=0)
+    assert calls == [["-u", str(tmp_path)]]
+
+
+def test_unmount_of_a_dead_mount_detaches_it_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelfs.mount as mount_module
+
+    calls = _fake_unmount(monkeypatch, f"failed to unmount {tmp_path}: Device or resource busy", dead=True)
+    mount_module.unmount(tmp_path)
+    assert calls == [["-u", str(tmp_path)], ["-uz", str(tmp_path)]]
