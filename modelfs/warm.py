@@ -183,6 +183,13 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     """Fetch every object of ``config.source`` into the disk cache and verify it."""
     if config.disk_cache <= 0:
         raise ConfigError("warm needs a disk cache (--disk-cache must be more than 0)")  # bad usage: exit 2
+    if config.source.scheme == "file" and not config.persist_weak_versions:
+        # A file:// version is weak: without the flag it holds for one run (weak.py), so the
+        # mount that follows could use none of what this warm cached.
+        raise ConfigError(
+            "warm of a file:// source needs --persist-weak-versions, on warm and on the mount that follows: "
+            "without it the blocks cached are for this run only"
+        )
     backend = open_backend(config)
     disk = DiskCache(config.cache_dir, config.disk_cache, block_size=config.block_size)
     disk.unwritten = Counter()

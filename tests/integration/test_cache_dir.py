@@ -189,7 +189,7 @@ def test_a_new_cache_dir_on_a_full_disk_is_one_line(source: Path, mnt: Path, ful
     cache = full_fs / "cache"
     options = {"daemon": (), "foreground": ("--foreground",), "warm": ()}[how]
     if how == "warm":
-        result = run_modelfs("warm", f"file://{source}", "--cache-dir", str(cache))
+        result = run_modelfs("warm", f"file://{source}", "--cache-dir", str(cache), "--persist-weak-versions")
     else:
         result = run_modelfs("mount", f"file://{source}", str(mnt), "--cache-dir", str(cache), *options)
     _fails(result, "No space left on device")

@@ -80,7 +80,7 @@ def test_warm_into_a_small_tmpfs_exits_1(tmp_path: Path, small_fs: Callable[[str
     src.mkdir()
     for i in range(3):
         (src / f"model-{i}.bin").write_bytes(os.urandom(3 * MiB))
-    opts = ("--block-size", "1M", "--memory-cache", "4M")
+    opts = ("--block-size", "1M", "--memory-cache", "4M", "--persist-weak-versions")
     result = run_modelfs("warm", f"file://{src}", "--cache-dir", str(small_fs("6m") / "cache"), *opts)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr

@@ -143,3 +143,22 @@ def test_an_error_in_the_walk_is_never_taken_for_its_end(
             trio.run(warm.warm, _config(tmp_path / str(attempt), "gs://bkt/"), io.StringIO())
         found = caught.value.split(error)[0] if isinstance(caught.value, BaseExceptionGroup) else caught.value
         assert isinstance(found, BaseExceptionGroup | error), caught.value
+
+
+def test_warm_of_a_file_source_without_persist_weak_versions_is_bad_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed "cached" and exited 0, but a file:// version is weak (one run's): the mount
+    that followed used none of it. Now one line, exit 2, naming the flag; nothing is cached."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "w.bin").write_bytes(b"x" * 5000)
+    cache = tmp_path / "cache"
+    assert cli.main(["warm", f"file://{source}", "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("modelfs: warm of a file:// source needs --persist-weak-versions")
+    assert "on the mount that follows" in err
+    assert not cache.exists()
+    # With the flag it warms.
+    assert cli.main(["warm", f"file://{source}", "--cache-dir", str(cache), "--persist-weak-versions"]) == 0
+    assert cache.is_dir() and any(cache.iterdir())
