@@ -56,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 
     warm = commands.add_parser(
         "warm",
-        help="fill the disk cache for SOURCE and verify every object",
+        help="fill the disk cache for SOURCE (and verify gs:// objects' checksums)",
         description="Fetch every object of SOURCE into the disk cache that a later "
-        "'modelfs mount SOURCE' uses, verifying each against its stored checksum.",
+        "'modelfs mount SOURCE' uses, verifying each against its stored checksum where the store "
+        "keeps one (gs://: CRC32C or MD5; s3://, http(s):// and file:// have none).",
     )
     warm.add_argument("source", metavar="SOURCE")
     add_options(warm, WARM_OPTIONS)
