@@ -427,7 +427,11 @@ class Config:
         parse_size, 1 << 20, "GET size for reads that look random (after 2 seeks); 0 = whole blocks"
     )
     eager: bool = _option(
-        _parse_bool, True, "stream a weight file whole into the disk cache when it is opened", flag=True
+        _parse_bool,
+        True,
+        "once a reader of a weight file reads at random (two seeks among its last 64 reads), stream all of it "
+        "into the disk cache in the background; a reader walking forward is left to read-ahead",
+        flag=True,
     )
     eager_model: bool = _option(
         _parse_bool, False, "at mount time, stream every weight file into the disk cache", flag=True

@@ -41,3 +41,11 @@ def test_no_text_claims_warm_verifies_every_object() -> None:
         f"{where}: {m.group(0)!r}" for where, text in texts.items() for m in claim.finditer(" ".join(text.split()))
     ]
     assert not found, found
+
+
+def test_the_eager_help_says_when_it_starts() -> None:
+    """``--eager``'s help said it streams a file "when it is opened"; it starts once a reader
+    reads at random (files.py: two seeks among the last 64 reads), as the docs say."""
+    help_text = next(opt.help for opt in OPTIONS if opt.name == "eager")
+    assert "when it is opened" not in help_text
+    assert "reads at random" in help_text and "reads at random" in DOC.read_text()
