@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from modelfs import __version__
 from modelfs.cache.disk_dir import open_log_file
@@ -34,8 +34,31 @@ _CPU_PER_GIB_FROM = 64 << 20  # bytes read before `stats` shows CPU per GiB and 
 _EXIT_WAIT = 10.0  # seconds a child that closed its ready pipe without a word gets to exit
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as every other error: one line ``modelfs: ...`` on stderr, exit 2 (not
+    the whole usage block first); ``--help`` still prints it all. Subcommands' parsers are
+    of this class too (``add_subparsers`` makes them of the parent's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}  # filled by _parser()
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"modelfs: {escape(message)} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse's, but an unknown option of a command is that command's error (its
+        --help lists the options), not the top-level parser's."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = self.commands.get(getattr(parsed, "command", None) or "", self)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelfs", description="Mount model weights from object storage, read-only.")
+    parser = _Parser(prog="modelfs", description="Mount model weights from object storage, read-only.")
     parser.add_argument("--version", action="version", version=f"modelfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -67,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="print the counters of a running mount")
     stats.add_argument("mountpoint", metavar="MOUNTPOINT")
     stats.add_argument("--json", action="store_true", help="print the raw JSON")
+    parser.commands.update(mount=mount, unmount=unmount, warm=warm, stats=stats)
     return parser
 
 
