@@ -290,6 +290,35 @@ def _raise_on_stop_signals() -> None:
         signal.signal(signum, stop)
 
 
+# Files the client libraries read by the path in these variables, maybe long after the start
+# (a credentials file, a web identity token refreshed hourly, CA bundles).
+_PATH_VARIABLES = (
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
+
+
+def _leave_working_directory() -> None:
+    """chdir("/") for the serving process: the directory it was started in stays busy for as
+    long as the mount runs otherwise (``umount`` of that file system: "target is busy").
+
+    By now build_config has read the config file and ``--header @FILE`` and made every path
+    of the Config absolute; the paths the client libraries take from the environment are
+    made absolute here, against the directory they were meant for."""
+    for name in _PATH_VARIABLES:
+        value = os.environ.get(name)
+        if value and not os.path.isabs(value):
+            os.environ[name] = os.path.abspath(value)
+    os.chdir("/")
+
+
 def _mount_foreground(config: Config, early_signals: list[int]) -> int:
     """Serve the mount in this process; ``early_signals``: see :func:`_catch_stop_signals`."""
     from modelfs.mount import serve
@@ -531,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             early_signals = _catch_stop_signals()  # before anything slow: see there
             config = build_config(args.source, args.mountpoint, args)
             setup_logging(config.log_level, config.log_format)
-            if config.foreground:
+            if config.foreground:  # (the daemon too: a --foreground child of _mount_daemon)
+                _leave_working_directory()
                 return _mount_foreground(config, early_signals)
             return _mount_daemon(config, argv, early_signals)
         if args.command == "unmount":

@@ -610,7 +610,7 @@ def build_config(
         raise ConfigError("MOUNTPOINT is empty")
     _check_memory(values, mount=mountpoint is not None)
     cache_dir_value = values.pop("cache_dir")
-    cache_dir = Path(cache_dir_value).expanduser().absolute() if cache_dir_value else default_cache_dir(source)
+    cache_dir = (Path(cache_dir_value) if cache_dir_value else default_cache_dir(source)).expanduser().absolute()
     log_value = values.pop("log_file")
     log_file = Path(log_value).expanduser().absolute() if log_value else None
     _check_source_options(source, values)

@@ -239,3 +239,40 @@ def test_unmount_of_a_busy_mount_fails_like_umount(tmp_path: Path, mnt: Path) ->
     done = run_modelfs("unmount", str(mnt), timeout=90)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert not is_mounted(mnt)
+
+
+def test_the_daemon_leaves_the_directory_it_was_started_in(tmp_path: Path, mnt: Path) -> None:
+    """The daemon kept the caller's working directory: that file system could not be
+    unmounted ("target is busy") while the mount ran. Relative paths (the mountpoint, the
+    cache dir, the config file) are resolved first, against that directory."""
+    from modelfs.testing.mounts import daemon_pid
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(300_000)
+    (src / "w.bin").write_bytes(data)
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(work)], check=True)
+    try:
+        (work / "c.toml").write_text('memory-cache = "64M"\n')
+        result = subprocess.run(
+            [sys.executable, "-m", "modelfs", "mount", f"file://{src}", "../mnt", "--cache-dir", "../cache"]
+            + ["--config", "c.toml"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        pid = daemon_pid(tmp_path / "cache")
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        stats = run_modelfs("stats", str(mnt), "--json")
+        assert '"memory_capacity": 67108864' in stats.stdout, stats.stdout
+        # The file system the command ran in is free to go.
+        assert subprocess.run(["umount", str(work)], capture_output=True, check=False).returncode == 0
+        assert (mnt / "w.bin").read_bytes() == data
+        assert run_modelfs("unmount", str(mnt)).returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(work)], capture_output=True, check=False)
