@@ -192,12 +192,23 @@ class ModelFS(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir_handles[fh]
         index = start_id
-        while (entry := await self.namespace.entry(handle, index)) is not None:
-            name, node = entry
-            if not pyfuse3.readdir_reply(token, name, self._attrs(node), index + 1):
-                return
-            self.namespace.remember(node)
-            index += 1
+        # Each entry put in the reply is counted as the kernel's lookup at once (an eviction of
+        # the listing while a later page is read keeps it findable). If a later page fails, the
+        # reply is an error and the kernel gets none of them: the counts are taken back, or
+        # their nodes would wait for a FORGET that never comes.
+        remembered: list[Node] = []
+        try:
+            while (entry := await self.namespace.entry(handle, index)) is not None:
+                name, node = entry
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node), index + 1):
+                    return
+                self.namespace.remember(node)
+                remembered.append(node)
+                index += 1
+        except BaseException:  # (a stop's cancellation too: the reply is an error then as well)
+            for node in remembered:
+                self.namespace.forget(node.inode, 1)
+            raise
 
     @_mapped
     async def releasedir(self, fh: int) -> None:

@@ -308,3 +308,45 @@ async def test_forget_releases_deleted_inodes(make_store: StoreFactory, backend:
     assert (await ops.getattr(attr.st_ino, CTX)).st_ino == attr.st_ino
     await ops.forget([(attr.st_ino, 1)])
     assert await fuse_errno(ops.getattr(attr.st_ino, CTX)) == errno.ENOENT
+
+
+async def test_a_readdir_that_fails_midway_leaves_no_lookup_counted(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """readdir counted a lookup for each entry it put in the reply; when a later listing page
+    then failed, the whole reply became an error: the kernel never got those entries, so it
+    never FORGETs them, and their nodes stayed for good. Only a reply that goes out counts."""
+    from modelfs.errors import AccessDenied
+
+    backend = MemoryBackend(page_size=3)
+    for i in range(10):
+        backend.put(f"d/f{i:02d}", b"x")
+    ops = await build(make_store, backend, ttl=60.0)
+    d = await ops.lookup(ROOT_INODE, b"d", CTX)
+    fh = await ops.opendir(d.st_ino, CTX)
+    replied: list[bytes] = []
+
+    def reply(token: object, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        replied.append(name)
+        return True
+
+    def outage(op: str, name: str) -> None:
+        if op == "list" and backend.page_calls > 1:
+            raise AccessDenied(f"{name}: listing refused")
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    backend.meta_fault = outage
+    inodes_before = ops.stats()["inodes"]
+    assert await fuse_errno(ops.readdir(fh, 0, pyfuse3.ReaddirToken())) == errno.EACCES
+    assert replied, "entries were put in the reply before the page failed"
+    listed = ops._dir_handles[fh].listing.by_name
+    assert all(listed[name].lookups == 0 for name in replied), "the kernel never got them"
+    assert ops.stats()["inodes"] == inodes_before
+    # Once the listing works, a readdir's entries are counted (once each).
+    backend.meta_fault = None
+    replied.clear()
+    await ops.readdir(fh, 0, pyfuse3.ReaddirToken())
+    assert replied == [f"f{i:02d}".encode() for i in range(10)]
+    listed = ops._dir_handles[fh].listing.by_name
+    assert [listed[name].lookups for name in replied] == [1] * 10
+    await ops.releasedir(fh)
