@@ -76,8 +76,15 @@ class Backend(Protocol):
         """The current metadata of one object; NotFound if there is none."""
         ...
 
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+    async def read_range(
+        self, name: str, version: str, offset: int, dest: memoryview, *, size: int | None = None
+    ) -> None:
         """Fill all of ``dest`` with the bytes of ``name`` at ``version`` from ``offset``.
+
+        ``size``: the pinned version's size, as its listing or stat gave it (the block store
+        always passes it). An answer that shows the object at another size (a Content-Range
+        total, a whole body's length) is of another version: VersionChanged, even when the
+        store ignored the version pin and sent no version header. None: not known here.
 
         Raises VersionChanged if that version is gone, TransientError for failures worth
         retrying (the caller retries), never returns with ``dest`` partly filled.
@@ -105,11 +112,18 @@ class JoinedReads(Protocol):
         ...
 
     async def read_ranges(
-        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int,
+        dests: Sequence[memoryview],
+        sums: list[int] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         """Fill every buffer of ``dests`` in order with the bytes from ``offset`` on (one GET).
 
-        The same contract as ``read_range`` for the whole range: all of it or an error. With
+        The same contract as ``read_range`` for the whole range (``size`` too): all of it or an error. With
         ``sums``, a backend that sees the bytes land may append each buffer's CRC32C to it
         (all of them or none); the block store hands them to the disk cache's write.
         """
@@ -124,9 +138,16 @@ class BlockReads(Protocol):
     :meth:`read_block`; small random reads and joined read-ahead go the usual way."""
 
     async def read_block(
-        self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int,
+        dest: memoryview,
+        sums: list[int] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
-        """``read_range`` of a whole block: ``block_size`` bytes, or fewer for the object's
+        """``read_range`` of a whole block (``size`` too): ``block_size`` bytes, or fewer for the object's
         last block. With ``sums``, its CRC32C may be appended (as in ``read_ranges``)."""
         ...
 
@@ -137,13 +158,15 @@ def joins_reads(backend: Backend) -> bool:
 
 
 async def read_one_by_one(
-    read_range: Callable[[str, str, int, memoryview], Awaitable[None]],
+    read_range: Callable[..., Awaitable[None]],
     name: str,
     version: str,
     offset: int,
     dests: Sequence[memoryview],
+    size: int | None = None,
 ) -> None:
-    """``read_ranges`` on a backend that does not join: one ``read_range`` per buffer, in order."""
+    """``read_ranges`` on a backend that does not join: one ``read_range`` per buffer, in order
+    (each told the pinned ``size``)."""
     for dest in dests:
-        await read_range(name, version, offset, dest)
+        await read_range(name, version, offset, dest, size=size)
         offset += len(dest)

@@ -32,6 +32,7 @@ from modelfs.backends.gcs_scan import MAX_PAGE_ENTRIES, Item, Listing, Malformed
 from modelfs.backends.responses import (
     Headers,
     RangeRequest,
+    Unpinned,
     check_range_response,
     metadata_status_error,
     read_status_error,
@@ -134,6 +135,7 @@ class GCSBackend(ThreadedBackend):
     ) -> None:
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         super().__init__(source, threads=max_concurrency + 1)
+        self._unpinned = Unpinned(source.url, "X-Goog-Generation")
         if budget is not None:  # listings and metadata answers are charged to it while held
             self._answers = AnswerBudget(budget, ANSWER_COST, source.url)
         self._prefix = source.prefix + "/" if source.prefix else ""
@@ -360,6 +362,7 @@ class GCSBackend(ThreadedBackend):
 
         def pinned(headers: Headers) -> None:
             generation = headers.get("x-goog-generation")
+            self._unpinned.check(generation, request.what)
             if generation is not None and generation != version:
                 raise VersionChanged(f"{request.what}: server sent generation {generation}")
             _check_stored_encoding(headers, request.what)

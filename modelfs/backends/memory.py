@@ -145,7 +145,9 @@ class MemoryBackend:
         except KeyError:
             raise NotFound(f"{name}: no such object") from None
 
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+    async def read_range(
+        self, name: str, version: str, offset: int, dest: memoryview, *, size: int | None = None
+    ) -> None:
         self.reads[(name, offset)] += 1
         self.read_log.append((name, offset, len(dest)))
         self.in_flight += 1
@@ -160,6 +162,8 @@ class MemoryBackend:
             stored = self.objects.get(name)
             if stored is None or str(stored.version) != version:
                 raise VersionChanged(f"{name}: version {version} is gone")
+            if size is not None and size != len(stored.data):
+                raise VersionChanged(f"{name}: {len(stored.data)} bytes, not the {size} pinned")
             chunk = stored.data[offset : offset + len(dest)]
             if len(chunk) != len(dest):
                 raise ValueError(f"range {offset}+{len(dest)} beyond the end of {name}")
@@ -169,12 +173,19 @@ class MemoryBackend:
             self.in_flight -= 1
 
     async def read_ranges(
-        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int,
+        dests: Sequence[memoryview],
+        sums: list[int] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         """One (logged) read of the whole range, split over ``dests`` (and their CRC32Cs, as GCS's)."""
         total = sum(len(d) for d in dests)
         whole = memoryview(bytearray(total))
-        await self.read_range(name, version, offset, whole)
+        await self.read_range(name, version, offset, whole, size=size)
         at = 0
         for dest in dests:
             dest[:] = whole[at : at + len(dest)]

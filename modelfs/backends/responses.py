@@ -23,7 +23,9 @@ The rules (a read always names a version and a range inside that version's size)
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +35,7 @@ from modelfs.errors import AccessDenied, BackendError, NotFound, TransientError,
 __all__ = [
     "Headers",
     "RangeRequest",
+    "Unpinned",
     "check_range_response",
     "metadata_status_error",
     "no_range_support",
@@ -40,6 +43,8 @@ __all__ = [
     "read_status_error",
     "short_reason",
 ]
+
+log = logging.getLogger(__name__)
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _ERRNO_RE = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
@@ -55,8 +60,9 @@ class Headers(Protocol):
 class RangeRequest:
     """What a ranged GET asked for: ``length`` bytes from ``offset`` of an object of ``size``.
 
-    ``size`` is None when the backend does not know the pinned size at read time (GCS, S3
-    pin by generation or ETag alone); HTTP versions carry it.
+    ``size`` is the pinned version's size: HTTP versions carry it, GCS and S3 reads are given
+    the listed size (the block store passes it to every read); None only when the caller does
+    not know it (a backend used directly, in tests and benchmarks).
     """
 
     what: str
@@ -68,6 +74,36 @@ class RangeRequest:
     def header(self) -> str:
         """The ``Range`` header value."""
         return f"bytes={self.offset}-{self.offset + self.length - 1}"
+
+
+class Unpinned:
+    """Answers to a pinned GET that carry no version header at all (GCS's X-Goog-Generation,
+    S3's ETag): accepted, as some S3-compatible stores and proxies drop the header, but then
+    only the size check (the Content-Range total against the listed size) tells another object
+    from the pinned one, so the first is worth one warning per backend. Worker threads note
+    them; the flag is under its own lock."""
+
+    def __init__(self, source: str, header: str) -> None:
+        self._source = source
+        self._header = header
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def check(self, value: str | None, what: str) -> None:
+        """Note an answer whose ``header`` was ``value`` (None: missing; logged the first time)."""
+        if value is not None:
+            return
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        log.warning(
+            "%s: %s: the store answered a pinned GET without %s, so it may not honour the "
+            "version pin; reads are checked against the listed size only (logged once)",
+            self._source,
+            what,
+            self._header,
+        )
 
 
 def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:

@@ -35,6 +35,7 @@ from modelfs.backends.private.httpclient_progress import progress_response
 from modelfs.backends.responses import (
     Headers,
     RangeRequest,
+    Unpinned,
     check_range_response,
     metadata_status_error,
     read_status_error,
@@ -130,6 +131,7 @@ class S3Backend(ThreadedBackend):
 
         # One extra thread beyond the GETs so a listing never waits behind a full pipe.
         super().__init__(source, threads=max_concurrency + 1)
+        self._unpinned = Unpinned(source.url, "ETag")
         if budget is not None:  # listings, HEADs' and errors' answers are charged to it while held
             self._answers = AnswerBudget(budget, ANSWER_COST, source.url)
         self._prefix = source.prefix + "/" if source.prefix else ""
@@ -327,6 +329,7 @@ class S3Backend(ThreadedBackend):
 
         def pinned(headers: Headers) -> None:
             etag = resp.get("ETag")
+            self._unpinned.check(etag, what)
             if etag is not None and etag != version:
                 raise VersionChanged(f"{what}: changed in the store (ETag is now {etag})")
 

@@ -119,11 +119,13 @@ class BackendSkeleton:
             return NotFound(f"{self._source.url}: bucket {self._source.bucket!r} not found")
         return error
 
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+    async def read_range(
+        self, name: str, version: str, offset: int, dest: memoryview, *, size: int | None = None
+    ) -> None:
         """Fill all of ``dest`` with ``name`` at ``version`` from ``offset`` (the Backend protocol)."""
         if len(dest) == 0:
             return
-        await self._read_range(name, version, self._request(name, version, offset, len(dest)), dest)
+        await self._read_range(name, version, self._request(name, version, offset, len(dest), size), dest)
 
     @property
     def joins_reads(self) -> bool:
@@ -131,18 +133,33 @@ class BackendSkeleton:
         return False
 
     async def read_ranges(
-        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int,
+        dests: Sequence[memoryview],
+        sums: list[int] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         """Fill ``dests`` in order from ``offset``: one GET if :attr:`joins_reads`, else one per buffer."""
         if not self.joins_reads:
-            await read_one_by_one(self.read_range, name, version, offset, dests)
+            await read_one_by_one(self.read_range, name, version, offset, dests, size)
             return
-        request = self._request(name, version, offset, sum(len(dest) for dest in dests))
+        request = self._request(name, version, offset, sum(len(dest) for dest in dests), size)
         await self._read_joined(name, version, request, dests, sums)
 
-    def _request(self, name: str, version: str, offset: int, length: int) -> RangeRequest:
-        """The range a read asks for, refused here if it cannot be inside the pinned object."""
+    def _request(self, name: str, version: str, offset: int, length: int, listed: int | None = None) -> RangeRequest:
+        """The range a read asks for, refused here if it cannot be inside the pinned object.
+
+        Its ``size`` is the one the version says (HTTP versions), else ``listed``: the size the
+        listing or stat gave with the version (GCS and S3 pin by generation or ETag alone). The
+        answer's Content-Range total must be that size (responses.check_range_response), so a
+        store that ignored the pin and sent no version header still cannot pass off another
+        object of another size as this one."""
         size = self._pinned_size(version)
+        if size is None:
+            size = listed
         request = RangeRequest(self._describe(name, version, offset, length), offset, length, size)
         if offset < 0 or (size is not None and offset + length > size):
             raise BackendError(f"{request.what}: the range is beyond the end ({size} bytes)")
@@ -153,7 +170,8 @@ class BackendSkeleton:
         return f"{name}@{version} [{offset}, +{length}]"
 
     def _pinned_size(self, version: str) -> int | None:
-        """The object's size if its version says it (HTTP versions do), else None."""
+        """The object's size if its version says it (HTTP versions do), else None (the caller's
+        ``size``, from the listing, is then the pinned size)."""
         return None
 
     async def _read_range(self, name: str, version: str, request: RangeRequest, dest: memoryview) -> None:

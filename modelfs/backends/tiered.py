@@ -31,7 +31,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -429,33 +429,59 @@ class TieredBackend:
         return None
 
     async def read_ranges(
-        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int,
+        dests: Sequence[memoryview],
+        sums: list[int] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         """One block (``joins_reads`` is False: the block store asks no more), and with ``sums``
         its CRC32C: the tier's, summed as it arrived and checked against the fill stage's digest,
         or the origin's GET's (base.JoinedReads)."""
         if len(dests) != 1:
-            await read_one_by_one(self.read_range, name, version, offset, dests)
+            await read_one_by_one(self.read_range, name, version, offset, dests, size)
             return
-        await self._read(name, version, offset, dests[0], sums)
+        await self._read(name, version, offset, dests[0], sums, size)
 
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
-        await self._read(name, version, offset, dest, None)
+    async def read_range(
+        self, name: str, version: str, offset: int, dest: memoryview, *, size: int | None = None
+    ) -> None:
+        await self._read(name, version, offset, dest, None, size)
 
     async def read_block(
-        self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int,
+        dest: memoryview,
+        sums: list[int] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         """A whole block (base.BlockReads): the tier's, the object's short last one included."""
-        await self._read(name, version, offset, dest, sums, whole=True)
+        await self._read(name, version, offset, dest, sums, size, whole=True)
 
-    async def _origin(self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None) -> None:
+    async def _origin(
+        self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None, size: int | None
+    ) -> None:
         if sums is not None and isinstance(self._inner, JoinedReads):
-            await self._inner.read_ranges(name, version, offset, (dest,), sums)
+            await self._inner.read_ranges(name, version, offset, (dest,), sums, size=size)
         else:
-            await self._inner.read_range(name, version, offset, dest)
+            await self._inner.read_range(name, version, offset, dest, size=size)
 
     async def _read(
-        self, name: str, version: str, offset: int, dest: memoryview, sums: list[int] | None, *, whole: bool = False
+        self,
+        name: str,
+        version: str,
+        offset: int,
+        dest: memoryview,
+        sums: list[int] | None,
+        size: int | None,
+        *,
+        whole: bool = False,
     ) -> None:
         length = len(dest)
         stats = self.tier_stats
@@ -466,10 +492,14 @@ class TieredBackend:
         # sizes from listings told before, but only of the last 4,096 objects listed.)
         if length and offset % self._block_size == 0 and (whole or length == self._block_size):
             target = self._addressable.tier_target(name, version)
+            if target is not None and target.size is None and size is not None:
+                # (GCS and S3 versions do not say their size: the tier's answer must show the
+                # listed one, as the origin's must)
+                target = replace(target, size=size)
         replica = self._pick(target, version, offset) if target is not None else None
         if target is None:
             stats.bypass_gets += 1
-            await self._origin(name, version, offset, dest, sums)
+            await self._origin(name, version, offset, dest, sums, size)
             stats.bypass_bytes += length
             return
         if replica is not None:
@@ -488,7 +518,7 @@ class TieredBackend:
         if replica is None:
             stats.fallbacks["all_benched"] += 1
         stats.origin_gets += 1
-        await self._origin(name, version, offset, dest, sums)
+        await self._origin(name, version, offset, dest, sums, size)
         stats.origin_bytes += length
 
     def _rejected(self, replica: _Replica, exc: TierRejected, what: str) -> None:

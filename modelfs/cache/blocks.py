@@ -225,7 +225,7 @@ class BlockStore:
                     self.stats.backend_gets += 1
                     self.stats.small_gets += 1
                     self.stats.demand_gets += 1
-                    await self.backend.read_range(obj.name, obj.version, start, buf)
+                    await self.backend.read_range(obj.name, obj.version, start, buf, size=obj.size)
                     self.stats.backend_bytes += len(buf)
                 finally:
                     self.slots.release()
@@ -431,12 +431,12 @@ class BlockStore:
                     self.stats.prefetch_gets += 1
                 if alone is not None:
                     sums.clear()
-                    await alone.read_block(obj.name, obj.version, offset, dests[0], want_sums)
+                    await alone.read_block(obj.name, obj.version, offset, dests[0], want_sums, size=obj.size)
                 elif joined is not None:
                     sums.clear()
-                    await joined.read_ranges(obj.name, obj.version, offset, dests, want_sums)
+                    await joined.read_ranges(obj.name, obj.version, offset, dests, want_sums, size=obj.size)
                 else:
-                    await self.backend.read_range(obj.name, obj.version, offset, dests[0])
+                    await self.backend.read_range(obj.name, obj.version, offset, dests[0], size=obj.size)
                 self.stats.backend_bytes += nbytes
             finally:
                 self.slots.release()

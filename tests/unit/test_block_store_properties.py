@@ -36,14 +36,14 @@ class CheckingBackend(MemoryBackend):
     fetching: set[BlockKey] = field(default_factory=set)
     violations: list[str] = field(default_factory=list)
 
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+    async def read_range(self, name: str, version: str, offset: int, dest: memoryview, **kw: int | None) -> None:
         assert self.memory is not None
         if self.memory.used > self.memory.capacity:
             self.violations.append(f"budget exceeded: {self.memory.used} > {self.memory.capacity}")
         size = len(self.objects[name].data) if name in self.objects else 0
         whole_block = offset % BS == 0 and len(dest) == min(BS, size - offset)
         if not whole_block:  # a small GET for a random read: not cached, nothing to check
-            await super().read_range(name, version, offset, dest)
+            await super().read_range(name, version, offset, dest, **kw)
             return
         key: BlockKey = (self.keys[name], version, offset // BS)
         block = self.memory._blocks.get(key)
@@ -53,7 +53,7 @@ class CheckingBackend(MemoryBackend):
             self.violations.append(f"second GET of {key} while one is in flight")
         self.fetching.add(key)
         try:
-            await super().read_range(name, version, offset, dest)
+            await super().read_range(name, version, offset, dest, **kw)
         finally:
             self.fetching.discard(key)
 

@@ -23,10 +23,10 @@ class GatedBackend(MemoryBackend):
         super().__init__()
         self.gate = trio.Event()
 
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+    async def read_range(self, name: str, version: str, offset: int, dest: memoryview, **kw: int | None) -> None:
         if offset == 0:
             await self.gate.wait()
-        await super().read_range(name, version, offset, dest)
+        await super().read_range(name, version, offset, dest, **kw)
 
 
 async def test_waiter_gets_full_block_when_fetcher_evicts_it(make_store: StoreFactory) -> None:

@@ -31,12 +31,12 @@ class FailingBackend(MemoryBackend):
         super().__init__()
         self.gate = trio.Event()
 
-    async def read_range(self, name: str, version: str, offset: int, dest: memoryview) -> None:
+    async def read_range(self, name: str, version: str, offset: int, dest: memoryview, **kw: int | None) -> None:
         if name == "bad.bin":
             await self.gate.wait()
             dest[:16] = b"x" * 16  # some bytes landed before the answer was rejected
             raise VersionChanged(f"{name} changed on the server")
-        await super().read_range(name, version, offset, dest)
+        await super().read_range(name, version, offset, dest, **kw)
 
 
 def _failed_blocks() -> int:

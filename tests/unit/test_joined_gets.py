@@ -120,9 +120,15 @@ class _WrongSums(MemoryBackend):
     """Reports a CRC32C that does not match the bytes (a bug in a transport's summing)."""
 
     async def read_ranges(
-        self, name: str, version: str, offset: int, dests: Sequence[memoryview], sums: list[int] | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int,
+        dests: Sequence[memoryview],
+        sums: list[int] | None = None,
+        **kw: int | None,
     ) -> None:
-        await super().read_ranges(name, version, offset, dests, sums)
+        await super().read_ranges(name, version, offset, dests, sums, **kw)
         if sums is not None:
             sums[:] = [s ^ 1 for s in sums]
 
