@@ -22,6 +22,7 @@ import weakref
 from collections import Counter
 
 from modelfs.backends.private.httpclient_interim import InterimSkippingResponse
+from modelfs.backends.private.httpclient_progress import progress_response
 
 __all__ = ["ConnectionPool", "InFlight"]
 
@@ -177,6 +178,12 @@ class ConnectionPool:
         self._in_flight = in_flight if in_flight is not None else InFlight()
         self._closed = False
         self._retired = False
+        # Every answer skips interim ones (103 Early Hints, say: see the shim) and is read
+        # under the data path's progress rule from its first byte, headers included: the read
+        # timeout alone bounds only the wait for one byte, so headers (or a body read through
+        # http.client's buffered reader: TLS, chunked) dripped a byte at a time held a GET,
+        # and the reader in D state, for as long as the server liked.
+        self._response_class = progress_response(read_timeout, InterimSkippingResponse)
 
     @property
     def idle(self) -> list[http.client.HTTPConnection]:
@@ -213,7 +220,7 @@ class ConnectionPool:
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._ssl)
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        conn.response_class = InterimSkippingResponse  # 103 Early Hints, say (see the shim)
+        conn.response_class = self._response_class
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)

@@ -54,15 +54,18 @@ class _Counted(io.RawIOBase):
         super().close()
 
 
-def progress_response(timeout: float) -> type[http.client.HTTPResponse]:
-    """A response class whose answers bring at least MIN_PROGRESS bytes (or their end) in
-    every ``timeout`` seconds after the first byte, else TimeoutError."""
+def progress_response(
+    timeout: float, base: type[http.client.HTTPResponse] = http.client.HTTPResponse
+) -> type[http.client.HTTPResponse]:
+    """A response class (a subclass of ``base``) whose answers bring at least MIN_PROGRESS
+    bytes (or their end) in every ``timeout`` seconds after the first byte, else TimeoutError."""
 
-    class ProgressResponse(http.client.HTTPResponse):
+    class ProgressResponse(base):  # type: ignore[valid-type, misc]
         def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
             super().__init__(sock, *args, **kwargs)
             # (nothing was read yet: the buffer is empty, detaching loses no byte)
-            self.fp = io.BufferedReader(_Counted(self.fp.detach(), timeout))
+            fp: io.BufferedReader = self.fp  # type: ignore[has-type]
+            self.fp = io.BufferedReader(_Counted(fp.detach(), timeout))
 
     return ProgressResponse
 
