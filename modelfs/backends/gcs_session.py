@@ -18,6 +18,8 @@ from modelfs.backends.body import read_urllib3_body
 from modelfs.backends.gcs_auth import DEFAULT_ENDPOINT
 from modelfs.backends.gcs_json import MAX_BODY, MAX_ERROR_BODY, StatusError
 from modelfs.backends.gcs_media import CheckResponse
+from modelfs.backends.private.httpclient_progress import progress_response
+from modelfs.backends.private.requests_pools import install_response_class
 from modelfs.backends.responses import RangeRequest, short_reason
 from modelfs.errors import BackendError
 
@@ -37,6 +39,9 @@ class SessionClient:
         # With GOOGLE_API_USE_CLIENT_CERTIFICATE=true and a client certificate, the default
         # endpoint becomes the mTLS one, as google-cloud-storage switches it.
         self._session.configure_mtls_channel()  # type: ignore[no-untyped-call]
+        # Every answer, headers too, under the data path's progress rule (a body dripped, read
+        # through http.client's buffered reader, was checked only once the whole block had come).
+        install_response_class(self._session, progress_response(timeout[1]))
         mtls = bool(self._session.is_mtls) and base_url == DEFAULT_ENDPOINT
         self.base_url = MTLS_ENDPOINT if mtls else base_url
         self._timeout = timeout

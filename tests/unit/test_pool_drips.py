@@ -187,3 +187,25 @@ def test_http_data_get_dripped_is_a_stall(
             media.get_into(url + "/m.bin", {"Range": f"bytes=0-{size - 1}"}, [memoryview(bytearray(size))], _ok, "m")
     finally:
         media.close()
+
+
+@pytest.mark.parametrize("mode", ["headers", "body", "chunked"])
+def test_gcs_get_through_a_proxy_dripped_is_a_stall(
+    dripping: Callable[..., tuple[str, Path | None]], monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Behind a proxy the GCS backend's GETs go through google-auth's requests session
+    (gcs_session.py): its connections read under the same rule (the proxy here drips)."""
+    from modelfs.backends.gcs_session import SessionClient
+    from modelfs.backends.responses import RangeRequest
+
+    proxy, _ = dripping(mode)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    client = SessionClient("http://storage.example.test", None, timeout=(5, READ_TIMEOUT))
+    size = len(DATA) if mode != "headers" else 1000
+    try:
+        with pytest.raises(OSError, match="fewer than|timed out"):
+            client.get_into("/o", RangeRequest("o", 0, size), "identity", _ok, memoryview(bytearray(size)))
+    finally:
+        client.close()

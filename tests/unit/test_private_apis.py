@@ -34,6 +34,7 @@ SHIMS = [
     "httpclient_interim",
     "httpclient_progress",
     "httpcore_read_size",
+    "requests_pools",
     "urllib3_fp",
 ]
 
