@@ -17,11 +17,12 @@ is read, and not read when a data GET, which may not wait for room, finds none f
 
 from __future__ import annotations
 
+import xml.parsers.expat
 from typing import Any
 from urllib.parse import urlsplit
 
 from modelfs.backends import answers
-from modelfs.errors import BackendError
+from modelfs.errors import BackendError, TransientError
 
 __all__ = ["MAX_ANSWER", "MAX_ERROR", "MAX_ERROR_TAGS", "MAX_TAGS", "read_answer"]
 
@@ -51,6 +52,19 @@ def _body(raw: Any, limit: int) -> bytes:
     """At most ``limit + 1`` body bytes; one receive at a time (each counted by the
     connection's progress rule: private/httpclient_progress.py)."""
     return answers.read_charged(raw.read1, lambda: raw.length_remaining, limit)
+
+
+def _malformed(body: bytes) -> str | None:
+    """Why ``body`` is not well-formed XML (None: it is). botocore makes a 2xx answer it cannot
+    parse a "500 Internal Server Error" of its own (its check for S3's errors inside a 200),
+    which said the store had sent a 500: the real status is said here instead. expat alone,
+    no tree (botocore builds its own); a DTD was refused before."""
+    parser = xml.parsers.expat.ParserCreate()
+    try:
+        parser.Parse(body, True)
+    except xml.parsers.expat.ExpatError as exc:
+        return str(exc)
+    return None
 
 
 def _refused(body: bytes, tags: int) -> str | None:
@@ -101,7 +115,10 @@ def read_answer(url: str, raw: Any, status: int) -> bytes:
     why = _refused(body, tags)
     if error:  # (charged already, for MAX_ERROR_TAGS tags of parse)
         return body if why is None and tags <= MAX_ERROR_TAGS else b""
-    if why is None:
-        answers.grow(len(body), entries=tags)  # what botocore's parse makes: charged before it
-        return body
-    raise BackendError(f"{where}: the store's answer has {why}")
+    if why is not None:
+        raise BackendError(f"{where}: the store's answer has {why}")
+    answers.grow(len(body), entries=tags)  # what botocore's parse makes: charged before it
+    malformed = _malformed(body) if body else None  # (a HEAD's answer has no body)
+    if malformed is not None:  # cut short by a proxy, say: worth another try
+        raise TransientError(f"{where}: the store sent a malformed answer (HTTP {status}): {malformed}")
+    return body

@@ -119,6 +119,25 @@ async def test_a_listing_with_a_dtd_is_refused() -> None:
             await backend.list_dir("")
 
 
+@pytest.mark.usefixtures("aws_env")
+async def test_a_listing_cut_short_is_said_to_be_malformed_not_a_500() -> None:
+    """A 200 whose XML ends mid-element (a proxy cut it short): botocore makes it an error of
+    its own with status 500, which was reported as "HTTP 500", a status the store never sent.
+    It is a malformed answer with the real status, and worth another try."""
+    body = HEAD + b"<Contents><Key>m/sub/a</Key><Size>1</Si"
+
+    def answer(handler: QuietHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with s3_answering(answer) as backend:
+        with pytest.raises(TransientError, match=r"malformed answer \(HTTP 200\)") as caught:
+            await backend.list_dir("sub/")
+        assert "500" not in str(caught.value)
+
+
 @pytest.mark.parametrize(("status", "error"), [(403, AccessDenied), (500, TransientError)])
 @pytest.mark.usefixtures("aws_env")
 async def test_a_ranged_gets_endless_error_answer_is_read_no_further(status: int, error: type[Exception]) -> None:
