@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from google.auth.credentials import TokenState
 from google.auth.transport import Request
 
+from modelfs.backends.private.httpclient_progress import progress_response
 from modelfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,10 @@ class HttpRequest(Request):
             conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=wait, context=tls_context())
         else:
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=wait)
+        # The answer under the data path's progress rule, headers too: a token endpoint that
+        # drips it a byte at a time would hold the refresh, and every request that waits for
+        # it, as long as it liked (the timeout bounds only the wait for one byte).
+        conn.response_class = progress_response(wait)
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             resp = conn.getresponse()

@@ -209,3 +209,15 @@ def test_gcs_get_through_a_proxy_dripped_is_a_stall(
             client.get_into("/o", RangeRequest("o", 0, size), "identity", _ok, memoryview(bytearray(size)))
     finally:
         client.close()
+
+
+def test_a_token_answer_dripped_is_a_transport_error(dripping: Callable[..., tuple[str, Path | None]]) -> None:
+    """The token (or metadata) endpoint's answer is read under the same rule: a refresh holds
+    the Signer's lock, and every request that needs a token waits for it."""
+    from google.auth.exceptions import TransportError
+
+    from modelfs.backends.gcs_auth import HttpRequest
+
+    url, _ = dripping("headers")
+    with pytest.raises(TransportError, match="fewer than"):
+        HttpRequest(timeout=READ_TIMEOUT)(url + "/token", method="POST", body=b"grant_type=x")
