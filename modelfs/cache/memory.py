@@ -190,7 +190,16 @@ class MemoryCache:
         self.stats = MemoryStats()
         self._blocks: OrderedDict[BlockKey, Block] = OrderedDict()
         self._droppable: dict[Lease, Callable[[], None]] = {}  # (in the order they were made droppable)
+        # Tasks waiting for room. Demand reads and leases (a request waits on them) park in
+        # ``_space`` and are woken on every change that may free room; while any of them waits
+        # for room (``_demand_waiting``), background reservations (the eager stream) take none,
+        # so a demand read never queues behind them. Background waiters park in ``_background``
+        # and are woken one at a time: each one woken passes the wake-up on after its try
+        # (:meth:`reserve_background`), so a freed block wakes one of them, not every stream
+        # worker to rescan the LRU (240 parked workers made the loop the bottleneck).
         self._space = trio.lowlevel.ParkingLot()
+        self._background = trio.lowlevel.ParkingLot()
+        self._demand_waiting = 0
         self._on_evict = on_evict
         # Bytes of blocks that were prefetched and not read yet; prefetch may hold at most
         # this share of the budget, so demand reads always find room.
@@ -212,7 +221,29 @@ class MemoryCache:
         if block.unread_prefetch:
             block.unread_prefetch = False
             self.unread_prefetch_bytes -= block.charge
+            self._wake()
+
+    def _wake(self) -> None:
+        """Room may have been freed: demand waiters first; background ones only if none waits."""
+        if len(self._space):
             self._space.unpark_all()
+        elif not self._demand_waiting:
+            self._background.unpark(count=1)
+
+    def _demand_done_waiting(self) -> None:
+        self._demand_waiting -= 1
+        if not self._demand_waiting:
+            self._background.unpark(count=1)  # (held back while demand waited)
+
+    @property
+    def demand_waiting(self) -> int:
+        """Demand reads and leases waiting for room now."""
+        return self._demand_waiting
+
+    @property
+    def background_waiting(self) -> int:
+        """Background reservations (eager stream workers) parked for room now."""
+        return len(self._background)
 
     def charge(self, length: int) -> int:
         """What the budget counts for a block of ``length`` bytes.
@@ -290,27 +321,39 @@ class MemoryCache:
         charge = self.charge(length)
         if charge > self.capacity:
             raise ValueError("block larger than the memory budget")
-        while True:
-            if key in self._blocks:
-                return None
-            # First try to keep unread prefetches; if that is not enough, a demand read
-            # outranks them.
-            if self._make_room(charge, keep_unread=True) or self._make_room(charge, keep_unread=False):
-                return self._insert(key, length, prefetch=False)
-            await self._space.park()
+        waited = False
+        try:
+            while True:
+                if key in self._blocks:
+                    return None
+                # First try to keep unread prefetches; if that is not enough, a demand read
+                # outranks them.
+                if self._make_room(charge, keep_unread=True) or self._make_room(charge, keep_unread=False):
+                    return self._insert(key, length, prefetch=False)
+                if not waited:
+                    waited = True
+                    self._demand_waiting += 1
+                await self._space.park()
+        finally:
+            if waited:
+                self._demand_done_waiting()
 
     async def reserve_background(self, key: BlockKey, length: int) -> Block | None:
         """A new pinned FILLING block for background streaming, or None if the block exists.
 
         Waits for room like a demand read, but makes room only from blocks already read:
-        it never pushes out a prefetch a reader is about to use. Demand reads overtake it.
+        it never pushes out a prefetch a reader is about to use. Demand reads overtake it:
+        it takes no room while one waits for room.
         """
         while True:
             if key in self._blocks:
+                self._background.unpark(count=1)  # (the wake-up that brought us here, passed on)
                 return None
-            if self._make_room(self.charge(length), keep_unread=True):
+            if not self._demand_waiting and self._make_room(self.charge(length), keep_unread=True):
+                # There may be room for more: the next waiter tries (and parks again if not).
+                self._background.unpark(count=1)
                 return self._insert(key, length, prefetch=False)
-            await self._space.park()
+            await self._background.park()
 
     def adopt_prefetch(self, block: Block) -> None:
         """Protect a cached, not yet read block as a prefetch, if the prefetch share allows."""
@@ -333,7 +376,7 @@ class MemoryCache:
         if key in self._blocks:
             return None
         charge = self.charge(length)
-        if not self.prefetch_fits(charge):
+        if self._demand_waiting or not self.prefetch_fits(charge):  # (no room taken from a waiting demand read)
             self.stats.prefetch_refused += 1
             return None
         if not self._make_room(charge, keep_unread=True):
@@ -349,7 +392,7 @@ class MemoryCache:
     def unpin(self, block: Block) -> None:
         block.pins -= 1
         if block.pins == 0:
-            self._space.unpark_all()
+            self._wake()
 
     def fail(self, block: Block, error: BaseException | None) -> None:
         """Filling ``block`` failed: drop it and wake its waiters (``error`` None: they retry)."""
@@ -367,7 +410,7 @@ class MemoryCache:
         if block.unread_prefetch:
             block.unread_prefetch = False
             self.unread_prefetch_bytes -= block.charge
-        self._space.unpark_all()
+        self._wake()
 
     # --- leases: the short-lived buffers of requests
 
@@ -383,10 +426,16 @@ class MemoryCache:
         """
         self._check_lease(nbytes, kind, extra)
         waited = False
-        while (taken := self._take(nbytes, extra)) is None:
-            waited = True
-            await self._space.park()
-        return self._grant(kind, nbytes, *taken, waited=waited)
+        try:
+            while (taken := self._take(nbytes, extra)) is None:
+                if not waited:
+                    waited = True
+                    self._demand_waiting += 1
+                await self._space.park()
+            return self._grant(kind, nbytes, *taken, waited=waited)
+        finally:
+            if waited:
+                self._demand_done_waiting()
 
     def try_lease(self, nbytes: int, kind: BufferKind, *, extra: int = 0) -> Lease | None:
         """:meth:`lease` if the budget has room for it now (evicting unpinned blocks), else None:
@@ -457,7 +506,7 @@ class MemoryCache:
         if buf is not None and len(self._lease_pool) < 8:
             self._lease_pool.append(buf)
             self._trim_pools(0)
-        self._space.unpark_all()
+        self._wake()
 
     def parts(self) -> dict[str, int]:
         """The budget by part: what ``modelfs stats`` and the metrics show."""

@@ -370,3 +370,56 @@ async def test_prefetches_still_filling_at_the_last_close_are_forgotten_too() ->
     cache.unpin(filling)
     assert cache.unread_prefetch_bytes == BS and not filling.unread_prefetch
     assert bytes(cache.lookup(key(1, "a")).view) == bytes(BS)  # (still cached, just not held back)
+
+
+async def test_demand_waiters_go_before_background_waiters_and_these_wake_one_at_a_time() -> None:
+    """Demand reads parked for room get freed room before the eager stream's parked workers,
+    round after round (they parked in one FIFO lot with them, and every freed block woke all:
+    with 240 stream workers parked, demand reads waited up to 121 s). A freed block wakes one
+    background waiter, not all of them; once no demand read waits, they all get room in turn."""
+    cache = MemoryCache(4 * BS, BS)
+    pinned = []
+    for i in range(4):
+        block = await cache.reserve(key(i), BS)
+        assert block is not None
+        cache.complete(block)
+        pinned.append(block)  # the budget is full of pinned blocks (GETs in flight, say)
+    streamed: list[Block] = []
+
+    async def background(i: int) -> None:
+        block = await cache.reserve_background(key(100 + i), BS)
+        assert block is not None
+        cache.complete(block)
+        streamed.append(block)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(background, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert cache.background_waiting == 4
+        for round_ in range(8):
+            got: list[Block] = []
+
+            async def demand(i: int, got: list[Block]) -> None:
+                block = await cache.reserve(key(10 + i), BS)
+                assert block is not None
+                cache.complete(block)
+                got.append(block)
+
+            nursery.start_soon(demand, round_, got)
+            await trio.testing.wait_all_tasks_blocked()
+            assert cache.demand_waiting == 1 and not got
+            cache.unpin(pinned.pop(0))  # room for one block: the demand read's
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(got) == 1 and streamed == [], round_
+            assert cache.demand_waiting == 0 and cache.background_waiting == 4
+            pinned.append(got[0])
+        cache.unpin(pinned.pop(0))
+        assert cache.background_waiting == 3  # one woken, three still parked
+        for block in pinned:
+            cache.unpin(block)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(streamed) == 4  # they all made progress
+        for block in streamed:
+            cache.unpin(block)
+    assert cache.used <= cache.capacity
