@@ -11,7 +11,8 @@ values are strings, numbers, ``true``/``false``/``null`` or arrays of those. Eve
 is possessive, so the matcher keeps no backtracking state, and each entry yields one
 ``(begin, end)`` pair: nothing grows with the header but the pairs a caller keeps
 (:data:`PARSE_OVERHEAD`). The header is untrusted input: its length is capped
-(:data:`MAX_HEADER`), entries whose offsets are not two integers with
+(:data:`MAX_HEADER`), and so is each entry's (:data:`MAX_ENTRY`: ``re`` holds the GIL for a
+whole match, so a match must stay short), entries whose offsets are not two integers with
 ``0 <= begin <= end <= data size`` are ignored, and anything else (another shape, nested
 deeper, not JSON) raises ValueError (the caller then streams the file in file order).
 
@@ -30,7 +31,9 @@ from modelfs.jsonscan import PARTS as _PARTS
 from modelfs.units import ceil_div
 
 __all__ = [
+    "MAX_ENTRY",
     "MAX_HEADER",
+    "MAX_METADATA_ENTRY",
     "PARSE_OVERHEAD",
     "block_order",
     "header_length",
@@ -51,21 +54,48 @@ integers per entry. The smallest entry with a span of integers that are not cach
 (4.0x measured with tracemalloc, with the sort's copy; checked in tests/unit/test_budget.py
 for this and every other shape)."""
 
-_OPEN = re.compile(rb"%(WS)b\{%(WS)b(\}%(WS)b\Z)?+" % _PARTS)
-# One entry: its name, a flat object (group 1 is its opening brace, group 2 its closing one),
-# and the comma or closing brace after it (group 3).
+MAX_ENTRY = 64 << 10
+"""The longest tensor entry matched (name, its object, and the comma after): a real one is
+well under 1 KiB (a name of a few hundred bytes, dtype, a shape of a few numbers, offsets).
+CPython's ``re`` holds the GIL for a whole match, so one match must stay short whatever the
+header: the worker thread that parses it would otherwise freeze the event loop (one entry
+with a 20M-element shape in a 40 MiB header stalled every request of the mount for 2.2 s; a
+100 MiB one ~10 s). A longer entry makes the header unreadable: the file streams in file
+order. A 64 KiB match takes ~4 ms for the slowest shape measured (a long array)."""
+
+MAX_METADATA_ENTRY = 1 << 20
+"""The longest ``__metadata__`` entry matched: free-form strings that some tools fill with
+training settings or tag counts (tens to hundreds of KiB seen), so it gets more room than a
+tensor: ~6 ms for 1 MiB of string, ~60 ms for the slowest shape (a 1 MiB array)."""
+
+_WS_CHUNK = 64 << 10  # whitespace (between entries, padding) is skipped this much per match
+_WS_RUN = re.compile(_PARTS[b"WS"])
+# One entry: its name and a flat object (group 1 is its opening brace, group 2 its closing
+# one). The whitespace and the comma or closing brace after it are skipped apart: a header may
+# be padded with any amount of whitespace, which no entry bound should count.
 _ENTRY = re.compile(
-    rb"%(STRING)b%(WS)b:%(WS)b(\{)%(WS)b(?:%(FIELD)b%(WS)b(?:,%(WS)b%(FIELD)b%(WS)b)*+)?+(\})%(WS)b([,}])%(WS)b"
-    % _PARTS,
+    rb"%(STRING)b%(WS)b:%(WS)b(\{)%(WS)b(?:%(FIELD)b%(WS)b(?:,%(WS)b%(FIELD)b%(WS)b)*+)?+(\})" % _PARTS,
     re.DOTALL,
 )
+_METADATA_NAME = b'"__metadata__"'
 # The offsets field of an entry the grammar accepted: a brace or comma can only be followed by
 # a quote outside a string, so the first match is a field of the entry itself. At most 20
 # digits (the file size is below 2**64): a longer number is a bad offset, never converted.
 _OFFSETS = re.compile(
     rb'[{,]%(WS)b"data_offsets"%(WS)b:%(WS)b\[%(WS)b%(DIGITS)b%(WS)b,%(WS)b%(DIGITS)b%(WS)b\]' % _PARTS
 )
-_END = re.compile(rb"%(WS)b\Z" % _PARTS)
+
+
+def _skip_ws(header: bytes | memoryview, pos: int) -> int:
+    """The first non-whitespace position from ``pos`` (or the end), in bounded matches."""
+    end = len(header)
+    while True:
+        stop = min(end, pos + _WS_CHUNK)
+        ws = _WS_RUN.match(header, pos, stop)
+        assert ws is not None  # (the pattern matches the empty string)
+        pos = ws.end()
+        if pos < stop or stop == end:
+            return pos
 
 
 def header_length(first: bytes | memoryview, size: int) -> int:
@@ -82,27 +112,36 @@ def iter_spans(header: bytes | memoryview, data_size: int) -> Iterator[tuple[int
     """The ``(begin, end)`` data spans of the tensors in header order, offsets relative to the
     data start; entries whose offsets are not two integers within ``[0, data_size]`` in order
     are left out. ValueError (when the iteration reaches it) if the header is not a JSON
-    object of flat objects."""
-    opened = _OPEN.match(header)
-    if opened is None:
+    object of flat objects, or an entry is longer than :data:`MAX_ENTRY`
+    (:data:`MAX_METADATA_ENTRY` for ``__metadata__``): every regular expression call covers a
+    bounded stretch of the header, so the thread that runs this releases the GIL between them."""
+    size = len(header)
+    pos = _skip_ws(header, 0)
+    if header[pos : pos + 1] != b"{":
         raise ValueError("the header is not a JSON object")
-    if opened.group(1) is not None:
-        return  # {}
-    pos = opened.end()
-    while True:
-        entry = _ENTRY.match(header, pos)
+    pos = _skip_ws(header, pos + 1)
+    closing = header[pos : pos + 1] == b"}"
+    while not closing:
+        bound = MAX_METADATA_ENTRY if header[pos : pos + len(_METADATA_NAME)] == _METADATA_NAME else MAX_ENTRY
+        entry = _ENTRY.match(header, pos, min(size, pos + bound))
         if entry is None:
-            raise ValueError(f"the header is not a JSON object of tensors (at byte {pos})")
+            longer = f", or has an entry longer than {bound} bytes" if size - pos > bound else ""
+            raise ValueError(f"the header is not a JSON object of tensors{longer} (at byte {pos})")
         offsets = _OFFSETS.search(header, entry.start(1), entry.end(2))
         if offsets is not None:
             begin, end = int(offsets.group(1)), int(offsets.group(2))
             if begin <= end <= data_size:
                 yield begin, end
-        pos = entry.end()
-        if entry.group(3) == b"}":
-            if _END.match(header, pos) is None:
-                raise ValueError(f"the header has more after its object (at byte {pos})")
-            return
+        pos = _skip_ws(header, entry.end())
+        after = header[pos : pos + 1]
+        if after == b",":
+            pos = _skip_ws(header, pos + 1)
+        elif after == b"}":
+            closing = True
+        else:
+            raise ValueError(f"the header is not a JSON object of tensors (at byte {pos})")
+    if _skip_ws(header, pos + 1) != size:
+        raise ValueError(f"the header has more after its object (at byte {pos + 1})")
 
 
 def tensor_spans(header: bytes | memoryview, data_size: int) -> list[tuple[int, int]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -490,3 +492,63 @@ async def test_model_stream_queues_at_most_max_model_files(
     for ref in refs:
         await streamer.wait(ref)
     assert sorted(name for name, _ in backend.reads) == ["w0.bin", "w1.bin", "w2.bin"]
+
+
+class _RecordingPattern:
+    """A compiled pattern that records the stretch of the header each match may cover."""
+
+    def __init__(self, pattern: re.Pattern[bytes], spans: list[int]) -> None:
+        self.pattern = pattern
+        self.spans = spans
+
+    def match(self, string: Any, pos: int = 0, endpos: int = sys.maxsize) -> re.Match[bytes] | None:
+        self.spans.append(min(endpos, len(string)) - pos)
+        return self.pattern.match(string, pos, endpos)
+
+
+def test_a_huge_header_entry_is_refused_in_bounded_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``re`` holds the GIL for a whole match: one entry matched whole (a 20M-element shape in
+    a 40 MiB header) froze the mount for 2.2 s although the parse runs in a worker thread. An
+    entry longer than MAX_ENTRY is refused (the file streams in file order), and no match
+    covers more than MAX_METADATA_ENTRY bytes of the header, whatever its size."""
+    from modelfs import safetensors_header as sh
+
+    spans: list[int] = []
+    monkeypatch.setattr(sh, "_ENTRY", _RecordingPattern(sh._ENTRY, spans))
+    monkeypatch.setattr(sh, "_WS_RUN", _RecordingPattern(sh._WS_RUN, spans))
+    shape = b"1," * (2 << 20) + b"1"  # a 4 MiB shape array
+    huge = b'{"a":{"dtype":"U8","shape":[' + shape + b'],"data_offsets":[0,1]},"b":{"data_offsets":[1,2]}}'
+    with pytest.raises(ValueError, match=f"longer than {sh.MAX_ENTRY} bytes"):
+        list(sh.iter_spans(huge, 10))
+    assert spans and max(spans) <= sh.MAX_METADATA_ENTRY
+    # The same shape in __metadata__ (more room, still bounded) is refused too.
+    with pytest.raises(ValueError, match=f"longer than {sh.MAX_METADATA_ENTRY} bytes"):
+        list(sh.iter_spans(b'{"__metadata__":{"x":[' + shape + b"]}}", 10))
+    # Not refused: whitespace of any length between entries and after the object (padding),
+    # and a __metadata__ of a few hundred KiB.
+    spans.clear()
+    pad = b" " * (3 << 20)
+    padded = b'{"a":{"data_offsets":[0,1]}' + pad + b"," + pad + b'"b":{"data_offsets":[1,2]}' + pad + b"}" + pad
+    assert sh.tensor_spans(padded, 10) == [(0, 1), (1, 2)]
+    meta = b'{"__metadata__":{"tags":"' + b"x" * (300 << 10) + b'"},"a":{"data_offsets":[0,4]}}'
+    assert sh.tensor_spans(meta, 10) == [(0, 4)]
+    assert max(spans) <= sh.MAX_METADATA_ENTRY
+
+
+async def test_a_header_with_a_huge_entry_streams_in_file_order(
+    make_store: StoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refused header degrades as any unreadable one: file order, one line in the log."""
+    entry = b'{"dtype":"U8","shape":[' + b"1," * (64 << 10) + b'1],"data_offsets":[0,%d]}' % (8 * BS)
+    header = b'{"w":' + entry + b"}"
+    data = struct.pack("<Q", len(header)) + header + ramp(8 * BS, 3)
+    backend = MemoryBackend()
+    backend.put("m.safetensors", data)
+    store = await make_store(backend, memory_blocks=256, disk=True)
+    streamer = await _streamer(store)
+    ref = ref_for(backend, "m.safetensors")
+    with caplog.at_level("INFO", logger="modelfs.eager"):
+        order = await streamer._order(ref)
+    assert order == range(store.block_count(ref))
+    lines = [r.getMessage() for r in caplog.records if r.name == "modelfs.eager"]
+    assert len(lines) == 1 and "not a readable safetensors header" in lines[0], lines
