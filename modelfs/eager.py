@@ -35,6 +35,8 @@ from modelfs.safetensors_header import PARSE_OVERHEAD, header_length, safetensor
 __all__ = [
     "MAX_MODEL_FILES",
     "MAX_ORDERED_BLOCKS",
+    "MAX_QUEUED_STREAMS",
+    "MAX_STREAMS",
     "EagerStreamer",
     "ReaderActivity",
     "WEIGHT_SUFFIXES",
@@ -46,9 +48,26 @@ log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".onnx")
 
 MAX_ORDERED_BLOCKS = 1 << 16
-"""The most blocks of one file put in header order (a list of them, ~45 B each with the
-ordering's counts, outside the memory budget: 3 MiB at most); a file of more blocks (a huge
-shard with a small --block-size) streams in file order, which needs no list."""
+"""The most blocks of one file put in header order; a file of more blocks (a huge shard with a
+small --block-size) streams in file order, which needs no list. The order is an array of 4-byte
+ints outside the memory budget: 256 KiB at most, kept while the stream runs, and 0.56 MiB while
+it is made (with the ordering's 8-byte counts; measured with tracemalloc). It was a list of
+ints, 2.53 MiB kept per stream, with which 60 streams at once took 107 MiB past the bound."""
+
+MAX_STREAMS = 4
+"""Streams of files read at random that run at once; more wait in a queue (first come, first
+served) and start as running ones end. Each running stream holds its block order and
+``workers`` tasks: with :data:`MAX_ORDERED_BLOCKS`, 4 x 0.56 MiB at most, inside the fixed
+overhead beside the --eager-model run's one order (memlimit.FIXED_OVERHEAD). Two streams
+already take every GET slot (each has ``--max-concurrency / 2`` workers); the other two keep
+the slots busy while a stream pauses for a sequential reader or waits for memory. Without a
+cap, 60 files read at random ran 60 streams, whose workers together starved demand reads for
+up to 121 s."""
+
+MAX_QUEUED_STREAMS = 1024
+"""Streams waiting for their turn at most (~1.4 KB each until they start or their file
+closes, like a model file's: 1.4 MiB); a file read at random beyond them is not streamed until
+one of its later random reads finds room in the queue."""
 
 MAX_MODEL_FILES = 4096
 """The most weight files --eager-model queues: each holds ~1.4 KB until the stream ends (its
@@ -118,7 +137,9 @@ class _ModelRun:
     """The --eager-model stream's shared position: its workers take each block once, in order."""
 
     queue: deque[_Stream]  # files not started yet (random readers move theirs to the front)
-    later: deque[tuple[_Stream, Iterator[int]]] = field(default_factory=deque)  # put off: a reader streamed them
+    # Put off: a reader streamed them. Their orders are dropped and made again when they come
+    # back (the blocks already on disk are skipped): kept, each would hold its order.
+    later: deque[_Stream] = field(default_factory=deque)
     current: tuple[_Stream, Iterator[int]] | None = None  # the file under way and its blocks left
     lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -135,6 +156,7 @@ class EagerStreamer:
         enabled: bool = True,
         reader_idle: float = 0.05,
         yield_to_readers: bool = True,
+        max_streams: int = MAX_STREAMS,
     ) -> None:
         self.store = store
         self.suffixes = tuple(s.lower() for s in suffixes)
@@ -145,6 +167,9 @@ class EagerStreamer:
         self.reader_idle = reader_idle
         self.yield_to_readers = yield_to_readers
         self._streams: dict[tuple[str, str], _Stream] = {}
+        self.max_streams = max(1, max_streams)
+        self._running = 0  # random readers' streams running now (not the --eager-model run)
+        self._waiting: deque[_Stream] = deque()  # random readers' streams waiting for their turn
         self._model_queue: deque[_Stream] = deque()  # --eager-model files not started yet
         self._nursery: trio.Nursery | None = None
         self.completed = 0
@@ -162,7 +187,13 @@ class EagerStreamer:
 
     @property
     def active(self) -> int:
-        return len(self._streams)
+        """Streams under way or queued by --eager-model (not those waiting for their turn)."""
+        return len(self._streams) - len(self._waiting)
+
+    @property
+    def queued(self) -> int:
+        """Random readers' streams waiting for a running one to end (:data:`MAX_STREAMS`)."""
+        return len(self._waiting)
 
     def stream_model(self, refs: Iterable[ObjectRef]) -> int:
         """--eager-model: stream these weight files one after another, in name order.
@@ -204,11 +235,18 @@ class EagerStreamer:
             self._nursery.start_soon(self._run_model, queue)
         return len(queue)
 
-    def read_at_random(self, ref: ObjectRef) -> None:
-        """A reader of ``ref`` reads it at random: stream it if it is not streaming already."""
+    def read_at_random(self, ref: ObjectRef) -> bool:
+        """A reader of ``ref`` reads it at random: stream it if it is not streaming already.
+
+        At most :data:`MAX_STREAMS` such streams run; the next ones wait their turn. False if
+        the queue was full too (ask again at a later random read), else True (the stream
+        runs, waits, or will not be: nothing to ask again). Each True is one user, whose
+        handle's close is :meth:`closed`.
+        """
         if not self.wants(ref.name) or self._nursery is None or ref.size == 0:
-            return
-        stream = self._streams.get((ref.key, ref.version))
+            return True
+        key = (ref.key, ref.version)
+        stream = self._streams.get(key)
         if stream is not None and stream in self._model_queue:
             # Waiting its turn in the model stream while a reader needs it now: next.
             self._model_queue.remove(stream)
@@ -217,11 +255,30 @@ class EagerStreamer:
             disk = self.store.disk
             if disk is not None and ref.size > disk.capacity * 0.9:
                 log.info("not streaming %s: larger than the disk cache", ref.name)
-                return
+                return True
+            if self._running >= self.max_streams and len(self._waiting) >= MAX_QUEUED_STREAMS:
+                log.debug("not streaming %s yet: %d streams wait already", ref.name, len(self._waiting))
+                return False
             stream = _Stream(ref, ReaderActivity(self.reader_idle))
-            self._streams[(ref.key, ref.version)] = stream
-            self._nursery.start_soon(self._run_stream, stream)
+            self._streams[key] = stream
+            if self._running < self.max_streams:
+                self._start(stream)
+            else:
+                self._waiting.append(stream)
         stream.users += 1
+        return True
+
+    def _start(self, stream: _Stream) -> None:
+        assert self._nursery is not None
+        self._running += 1
+        self._nursery.start_soon(self._run_stream, stream)
+
+    def _start_waiting(self) -> None:
+        """Start queued streams while fewer than :data:`MAX_STREAMS` run (not once stopping)."""
+        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+            return
+        while self._waiting and self._running < self.max_streams:
+            self._start(self._waiting.popleft())
 
     def closed(self, ref: ObjectRef) -> None:
         """A handle closed: the last one cancels a stream the mount did not ask for."""
@@ -230,7 +287,13 @@ class EagerStreamer:
             return
         stream.users = max(0, stream.users - 1)
         if stream.users == 0 and not stream.pinned:
-            stream.scope.cancel()
+            if stream in self._waiting:  # (never started: nothing to unwind)
+                self._waiting.remove(stream)
+                del self._streams[(ref.key, ref.version)]
+                self.cancelled += 1
+                stream.done.set()
+            else:
+                stream.scope.cancel()
 
     def reader_progressed(self, ref: ObjectRef) -> None:
         """A read of ``ref`` continued a sequential run: a stream of it holds back."""
@@ -269,7 +332,7 @@ class EagerStreamer:
             log.info("%s: not a readable safetensors header (%s); streaming in file order", ref.name, exc)
             return range(blocks)
 
-    async def _safetensors_order(self, ref: ObjectRef) -> list[int]:
+    async def _safetensors_order(self, ref: ObjectRef) -> Sequence[int]:
         """The header read into a lease of the memory budget (with room for the parser's
         objects) and parsed in a worker thread; ValueError if it is bad or too large."""
         bs = self.store.block_size
@@ -309,7 +372,7 @@ class EagerStreamer:
                         continue
                     if not stream.deferred and self._reader_streams(stream):
                         stream.deferred = True
-                        run.later.append((stream, blocks))  # (the rest of its iterator: no copy)
+                        run.later.append(stream)
                         run.current = None
                         continue
                     index = next(blocks, None)
@@ -318,16 +381,16 @@ class EagerStreamer:
                     run.current = None
                 if run.queue:
                     stream = run.queue.popleft()
-                    try:
-                        run.current = (stream, iter(await self._order(stream.ref)))
-                    except Exception as exc:  # its reader will see the error, if it reads
-                        log.info("not streaming %s: %s", stream.ref.name, exc)
                 elif run.later:
-                    stream, rest = run.later.popleft()
-                    if not stream.failed:
-                        run.current = (stream, iter(rest))
+                    stream = run.later.popleft()
+                    if stream.failed:
+                        continue
                 else:
                     return None
+                try:  # (for a file put off: its blocks already on disk are skipped, not fetched)
+                    run.current = (stream, iter(await self._order(stream.ref)))
+                except Exception as exc:  # its reader will see the error, if it reads
+                    log.info("not streaming %s: %s", stream.ref.name, exc)
 
     async def _model_worker(self, run: _ModelRun) -> None:
         while (item := await self._next_model_block(run)) is not None:
@@ -377,4 +440,6 @@ class EagerStreamer:
             log.info("stopped streaming %s: %s", ref.name, exc)
         finally:
             self._streams.pop((ref.key, ref.version), None)
+            self._running -= 1
             stream.done.set()
+            self._start_waiting()

@@ -171,8 +171,8 @@ class OpenFiles:
             # read-ahead window — is served by read-ahead alone, which fetches as fast and
             # writes through to the disk cache without the stream's extra copies (numbers in
             # benchmarks/README.md, "When the eager stream runs").
-            entry.streaming = True
-            self.eager.read_at_random(ref)
+            # (False: too many streams wait their turn already; a later random read asks again)
+            entry.streaming = self.eager.read_at_random(ref)
         bs = self.store.block_size
         first, last = offset // bs, (offset + size - 1) // bs
         if (

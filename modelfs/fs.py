@@ -298,6 +298,7 @@ class ModelFS(pyfuse3.Operations):
             "joined_gets": store.stats.joined_gets,
             "streamed_blocks": store.stats.streamed_blocks,
             "eager_streams_active": self.eager.active if self.eager is not None else 0,
+            "eager_streams_queued": self.eager.queued if self.eager is not None else 0,
             "eager_streams_completed": self.eager.completed if self.eager is not None else 0,
             "eager_pauses": self.eager.pauses if self.eager is not None else 0,
             "eager_streams_cancelled": self.eager.cancelled if self.eager is not None else 0,

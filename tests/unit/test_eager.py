@@ -8,6 +8,7 @@ import re
 import struct
 import sys
 import threading
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ import trio.testing
 
 from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.cache.blocks import BlockStore
-from modelfs.eager import EagerStreamer, safetensors_block_order
+from modelfs.eager import MAX_ORDERED_BLOCKS, MAX_STREAMS, EagerStreamer, safetensors_block_order
 from modelfs.errors import TransientError
 from modelfs.files import OpenFiles
 from modelfs.prefetch import PrefetchConfig
@@ -56,7 +57,7 @@ def test_safetensors_order_header_first_then_by_offset() -> None:
     hlen = BS + BS // 2 - 8
     padded = header + b" " * (hlen - len(header))
     size = 8 + hlen + 3 * BS + 10
-    order = safetensors_block_order(padded, hlen, BS, size)
+    order = list(safetensors_block_order(padded, hlen, BS, size))
     blocks = -(-size // BS)
     assert order[:2] == [0, 1]
     assert sorted(order) == list(range(blocks))
@@ -68,7 +69,7 @@ def test_safetensors_order_follows_offsets_not_names() -> None:
     """Tensors whose names sort opposite to their offsets are streamed by offset."""
     data, offsets = _safetensors([("z.weight", 3 * BS), ("a.weight", 3 * BS)])
     hlen = struct.unpack("<Q", data[:8])[0]
-    order = safetensors_block_order(data[8 : 8 + hlen], hlen, BS, len(data))
+    order = list(safetensors_block_order(data[8 : 8 + hlen], hlen, BS, len(data)))
     start = 8 + hlen
     z_first = (start + offsets["z.weight"][0]) // BS
     a_first = (start + offsets["a.weight"][0]) // BS
@@ -383,8 +384,8 @@ def test_block_order_takes_spans_in_any_order() -> None:
             begin = rng.randrange(0, data + 1)
             spans.append((begin, rng.randrange(begin, data + 1)))
         expected = _order_by_sorted_spans(spans, header_len, BS, size)
-        assert block_order(spans, header_len, BS, size) == expected
-        assert block_order(reversed(spans), header_len, BS, size) == expected
+        assert list(block_order(spans, header_len, BS, size)) == expected
+        assert list(block_order(reversed(spans), header_len, BS, size)) == expected
 
 
 def test_block_order_of_many_spans_over_all_the_data_is_linear(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -404,7 +405,7 @@ def test_block_order_of_many_spans_over_all_the_data_is_linear(monkeypatch: pyte
     monkeypatch.setattr("modelfs.safetensors_header.range", counting_range, raising=False)
     size = blocks * BS
     order = block_order([(0, size - BS)] * entries, BS - 8, BS, size)
-    assert order == list(range(blocks))
+    assert list(order) == list(range(blocks))
 
 
 async def test_safetensors_order_is_made_in_a_worker_thread(
@@ -430,7 +431,7 @@ async def test_safetensors_order_is_made_in_a_worker_thread(
 async def test_a_file_of_more_blocks_than_are_ordered_streams_in_file_order_without_a_list(
     make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The header order is a list of every block (outside the budget): a file of more blocks
+    """The header order is an array of every block (outside the budget): a file of more blocks
     than MAX_ORDERED_BLOCKS (a huge shard, a small --block-size) streams in file order, as a
     range: no list."""
     data, _ = _safetensors([("b", 3 * BS), ("a", 2 * BS)])
@@ -441,7 +442,7 @@ async def test_a_file_of_more_blocks_than_are_ordered_streams_in_file_order_with
     ref = ref_for(backend, "m.safetensors")
     count = store.block_count(ref)
     monkeypatch.setattr("modelfs.eager.MAX_ORDERED_BLOCKS", count)
-    assert isinstance(await streamer._order(ref), list)  # (at the bound: header order)
+    assert isinstance(await streamer._order(ref), array)  # (at the bound: header order)
     monkeypatch.setattr("modelfs.eager.MAX_ORDERED_BLOCKS", count - 1)
     order = await streamer._order(ref)
     assert isinstance(order, range) and order == range(count)
@@ -552,3 +553,62 @@ async def test_a_header_with_a_huge_entry_streams_in_file_order(
     assert order == range(store.block_count(ref))
     lines = [r.getMessage() for r in caplog.records if r.name == "modelfs.eager"]
     assert len(lines) == 1 and "not a readable safetensors header" in lines[0], lines
+
+
+async def test_at_most_max_streams_run_and_the_rest_wait_their_turn(
+    make_store: StoreFactory, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Each running stream holds its block order and workers outside the budget, and 60 of
+    them starved demand reads: at most MAX_STREAMS run, the next ones queue and start as
+    running ones end; a queued file closed before its turn is dropped without a GET."""
+    backend = MemoryBackend(latency=0.05)
+    files_n = MAX_STREAMS + 3
+    blocks = 64  # (a stream takes 32 rounds of GETs: none ends while the files are opened)
+    refs = [put_ramp(backend, f"m/{n}.gguf", blocks * BS, seed=n) for n in range(files_n)]
+    store = await make_store(backend, memory_blocks=16, disk=True, max_concurrency=4)
+    streamer = await _streamer(store, workers=2)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_config=TIGHT)
+    handles = []
+    for ref, data in refs:
+        fh = files.open(ref)
+        handles.append(fh)
+        for offset in (50 * BS, 10 * BS, 30 * BS):  # at random: a stream is asked for
+            assert bytes(await files.read(fh, offset, 10)) == data[offset : offset + 10]
+    assert streamer.active == MAX_STREAMS and streamer.queued == 3
+    files.release(handles[-1])  # the last file's turn has not come: it is dropped
+    assert streamer.queued == 2 and streamer.cancelled == 1
+    most = 0
+    while streamer.active or streamer.queued:
+        most = max(most, streamer.active)
+        await trio.sleep(0.005)
+    assert most <= MAX_STREAMS
+    assert streamer.completed == files_n - 1
+    await store.drain()
+    assert store.disk is not None
+    for n, (ref, _) in enumerate(refs):
+        on_disk = sum(store.disk.contains((ref.key, ref.version, i)) for i in range(blocks))
+        assert on_disk == (3 if n == files_n - 1 else blocks), (n, on_disk)  # (the dropped one: its demand reads)
+    for fh in handles[:-1]:
+        files.release(fh)
+
+
+def test_the_block_order_kept_by_a_stream_is_compact() -> None:
+    """A stream keeps its order for its whole life, outside the budget: 4-byte ints (a list
+    of MAX_ORDERED_BLOCKS ints was 2.53 MiB per stream), made in 0.6 MiB at most."""
+    import tracemalloc
+
+    blocks = MAX_ORDERED_BLOCKS
+    size = blocks * BS
+    header = b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,%d]}}' % (size - BS)
+    header += b" " * (BS - 8 - len(header))
+    tracemalloc.start()
+    try:
+        order = safetensors_block_order(header, len(header), BS, size)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert list(order) == list(range(blocks))
+    assert isinstance(order, array) and order.itemsize == 4
+    assert kept <= blocks * 4 + (16 << 10), kept
+    assert peak <= blocks * 9 + (64 << 10), peak  # (with the ordering's 8-byte counts, dropped before)
