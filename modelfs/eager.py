@@ -247,6 +247,11 @@ class EagerStreamer:
             return True
         key = (ref.key, ref.version)
         stream = self._streams.get(key)
+        if stream is not None and not stream.pinned and stream.scope.cancel_called:
+            # Its last handle closed a moment ago and its task is still unwinding (a GET in
+            # flight): gone for this reader, who gets a stream of its own (else a loader that
+            # closes and reopens a file would find it and never be streamed).
+            stream = None
         if stream is not None and stream in self._model_queue:
             # Waiting its turn in the model stream while a reader needs it now: next.
             self._model_queue.remove(stream)
@@ -415,7 +420,8 @@ class EagerStreamer:
             log.debug("streamed the model (%d files)", len(streams))
         finally:
             for stream in streams:
-                self._streams.pop((stream.ref.key, stream.ref.version), None)
+                if self._streams.get((stream.ref.key, stream.ref.version)) is stream:
+                    del self._streams[(stream.ref.key, stream.ref.version)]
                 stream.done.set()
 
     async def _stream_worker(self, stream: _Stream, blocks: Iterator[int]) -> None:
@@ -439,7 +445,9 @@ class EagerStreamer:
         except Exception as exc:  # the reader's own reads report errors; the stream just stops
             log.info("stopped streaming %s: %s", ref.name, exc)
         finally:
-            self._streams.pop((ref.key, ref.version), None)
+            # (a reader who reopened the file meanwhile may have put a new stream in its place)
+            if self._streams.get((ref.key, ref.version)) is stream:
+                del self._streams[(ref.key, ref.version)]
             self._running -= 1
             stream.done.set()
             self._start_waiting()

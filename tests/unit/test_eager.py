@@ -612,3 +612,35 @@ def test_the_block_order_kept_by_a_stream_is_compact() -> None:
     assert isinstance(order, array) and order.itemsize == 4
     assert kept <= blocks * 4 + (16 << 10), kept
     assert peak <= blocks * 9 + (64 << 10), peak  # (with the ordering's 8-byte counts, dropped before)
+
+
+async def test_a_file_closed_and_reopened_at_once_is_streamed_again(
+    make_store: StoreFactory, nursery: trio.Nursery, patient_clock: trio.testing.MockClock
+) -> None:
+    """The last close cancels the stream, which stays known until its GET unwinds: a reader
+    that reopened the file meanwhile joined that cancelled stream and started nothing (a
+    loader opening the file per tensor got no stream at all). It gets a new one now."""
+    backend = MemoryBackend(latency=1.0)
+    ref, data = put_ramp(backend, "w.gguf", 24 * BS)
+    store = await make_store(backend, memory_blocks=16, disk=True, max_concurrency=4)
+    streamer = await _streamer(store, workers=2)
+    await nursery.start(streamer.run)
+    files = OpenFiles(store, max_prefetch=0, eager=streamer, prefetch_config=TIGHT)
+
+    async def read_at_random() -> int:
+        fh = files.open(ref)
+        for offset in (20 * BS, 3 * BS, 11 * BS):
+            assert bytes(await files.read(fh, offset, 10)) == data[offset : offset + 10]
+        return fh
+
+    fh = await read_at_random()
+    assert streamer.active == 1
+    await wait_until(lambda: store.slots.in_use > 0)  # the stream's GETs are in flight
+    files.release(fh)  # cancels it; its task unwinds once its GETs return
+    fh = await read_at_random()  # reopened at once
+    await streamer.wait(ref)
+    assert streamer.cancelled == 1 and streamer.completed == 1
+    await store.drain()
+    assert store.disk is not None
+    assert all(store.disk.contains((ref.key, ref.version, i)) for i in range(24))
+    files.release(fh)
