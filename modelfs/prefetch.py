@@ -40,6 +40,11 @@ class PrefetchConfig:
     # After this many small GETs in one block, the next random read there fetches the whole
     # block (which is cached): reads keep landing in it, and small GETs are never cached.
     small_gets_per_block: int = 2
+    # The blocks whose small GETs are counted: the most recently read at random. A block out
+    # of them starts its count again. Random reads that keep landing in one block (a tensor's
+    # pages faulted one by one) come close together; counting every block ever read grew by
+    # ~88 B per block for as long as the file was open (1M blocks: 85 MiB outside the budget).
+    small_gets_blocks: int = 256
     # Consecutive steps down (each read ending where the one before began) that make a
     # backward walk: one or two are often just a forward run's read-ahead out of order.
     walk_steps: int = 3
@@ -147,7 +152,8 @@ class ReadAhead:
         self._blocks = ceil_div(size, block_size)
         self._seeks = SeekDetector(config)
         self._walk = WalkDetector(config, self._blocks)
-        self._small_gets: dict[int, int] = {}  # block index -> small GETs served from it
+        # block index -> small GETs served from it, the least recently counted first
+        self._small_gets: dict[int, int] = {}
 
     @property
     def random_mode(self) -> bool:
@@ -245,7 +251,10 @@ class ReadAhead:
 
     def record_small_get(self, index: int) -> None:
         """A random read in block ``index`` was served by a small GET."""
-        self._small_gets[index] = self._small_gets.get(index, 0) + 1
+        count = self._small_gets.pop(index, 0) + 1
+        self._small_gets[index] = count  # (now the most recent)
+        if len(self._small_gets) > self.config.small_gets_blocks:
+            del self._small_gets[next(iter(self._small_gets))]
 
     def unschedule(self, index: int) -> None:
         """A prefetch of ``index`` was refused (no budget): let a later read ask again."""

@@ -218,3 +218,24 @@ async def test_a_backward_walk_without_read_ahead_still_gets_whole_blocks(make_s
     for end in range(12 * BLOCK, 0, -step):
         assert bytes(await files.read(fh, end - step, step)) == data[end - step : end]
     assert store.stats.small_gets - gets_before <= 3  # the three steps before the walk is recognised
+
+
+def test_small_get_counts_are_kept_for_recent_blocks_only() -> None:
+    """The small GETs per block were counted for every block ever read at random, for as long
+    as the file stayed open (~88 B per block: 1M blocks, 85 MiB outside the budget). Only the
+    most recently counted blocks are kept; a block read again and again keeps its count."""
+    from modelfs.prefetch import ReadAhead
+
+    config = PrefetchConfig()
+    ra = ReadAhead(1 << 40, BLOCK, 0, config)
+    hot = 7
+    ra.record_small_get(hot)
+    for index in range(100_000):
+        ra.record_small_get(1_000 + index)
+        if index % 100 == 0:
+            ra.record_small_get(hot)  # read now and then among the others: stays counted
+        assert len(ra._small_gets) <= config.small_gets_blocks
+    assert ra.wants_whole_block(hot)
+    assert not ra.wants_whole_block(1_000)  # long out of the recent blocks
+    ra.record_small_get(99_999 + 1_000)  # a recent block: its count goes on
+    assert ra.wants_whole_block(99_999 + 1_000)
