@@ -429,8 +429,10 @@ def _symlink_loop(web: Nginx) -> str:
 
 async def test_index_walk_with_symlink_loops_is_bounded(web: Nginx, monkeypatch: pytest.MonkeyPatch) -> None:
     from modelfs.backends import http
+    from modelfs.backends.base import ListPage
+    from modelfs.backends.retry import retry_transient
     from modelfs.config import parse_source
-    from modelfs.errors import BackendError
+    from modelfs.errors import BackendError, TransientError
     from modelfs.walk import walk_objects
 
     monkeypatch.setattr(http, "MAX_INDEX_DIRS", 50)  # the shipped bound, 10,000, only takes longer
@@ -444,8 +446,19 @@ async def test_index_walk_with_symlink_loops_is_bounded(web: Nginx, monkeypatch:
                     async for _info in walk_objects(backend, retry_deadline=1):
                         pass
             # The mount lists what is looked up: one path down the loop ends at the depth bound.
+            # (Retried as the mount retries: nginx answered one listing 500 once, under load;
+            # a failure shows its error log.)
             prefix, depth = "", 0
-            while (page := await backend.list_dir(prefix)).prefixes:
+
+            async def listed(prefix: str) -> ListPage:
+                try:
+                    return await retry_transient(lambda: backend.list_dir(prefix), deadline=10, what=prefix)
+                except TransientError:
+                    log = web.error_log.read_text(errors="replace").splitlines()
+                    print("nginx error log:", *log[-10:], sep="\n")
+                    raise
+
+            while (page := await listed(prefix)).prefixes:
                 assert [o.name for o in page.objects] == [prefix + "m.bin"]
                 prefix, depth = page.prefixes[0], depth + 1
         assert depth == http._MAX_INDEX_DEPTH
