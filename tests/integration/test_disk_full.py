@@ -86,7 +86,11 @@ def test_warm_into_a_small_tmpfs_exits_1(tmp_path: Path, small_fs: Callable[[str
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert "warm: model-2.bin: cached (no checksum to verify)" in lines, result.stderr
-    assert [line for line in lines if "NOT CACHED" in line], result.stderr
+    # An earlier object is reported NOT CACHED if the later ones' writes evicted part of it
+    # before its own check, else only counted in the last line (the order of the disk writes
+    # and the checks decides: it differs from run to run under load).
+    evicted = lines[-1].startswith("modelfs: the disk cache cannot hold")
+    assert evicted or [line for line in lines if "NOT CACHED" in line], result.stderr
     assert lines[-1].startswith(
         ("modelfs: 2 object(s) not cached", "modelfs: 1 object(s) not cached", "modelfs: the disk cache cannot hold")
     ), lines[-1]

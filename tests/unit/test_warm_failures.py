@@ -91,6 +91,10 @@ def test_ctrl_c_during_warm_exits_130_without_a_traceback(tmp_path: Path) -> Non
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # a hang's SIGABRT shows every thread's stack
+            # As from a terminal: a test run started in the background by a shell (CI's `cmd &`)
+            # has SIGINT ignored, and the child would inherit that (Ctrl-C then means nothing
+            # to it, as to any process started so: this test hung in CI for that reason alone).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             assert origin.arrived.wait(60), "warm's listing never reached the origin"
