@@ -640,8 +640,8 @@ async def test_a_file_closed_and_reopened_at_once_is_streamed_again(
     fh = await read_at_random()  # reopened at once
     await streamer.wait(ref)
     assert streamer.cancelled == 1 and streamer.completed == 1
-    disk = store.disk
-    assert disk is not None
-    # (the stream's last disk writes may still be landing in their threads)
-    await wait_until(lambda: all(disk.contains((ref.key, ref.version, i)) for i in range(24)))
+    # (Not every block need be on disk now: one the cancelled stream fetched may still be in
+    # memory, written or not, and the new stream skips blocks already there.)
+    for offset in range(0, len(data), BS):
+        assert bytes(await files.read(fh, offset, BS)) == data[offset : offset + BS]
     files.release(fh)
