@@ -261,14 +261,23 @@ def fresh_root(podman: Podman, tree: bytes, work: Path) -> Iterator[FreshRoot]:
     with exclusive():
         podman.ensure_base_image()
     volumes, env = host_access(work)
+    # The root's podman storage on this machine's disk, as a real machine's would be, not in the
+    # container's own overlayfs layer: there podman can only use the vfs driver, which copies
+    # the whole root for every image layer (12 GB for the container tests' builds, which filled
+    # a CI machine's disk); here it uses overlay (about 1 GB).
+    storage = work / "containers"
+    storage.mkdir()
+    volumes += ["-v", f"{storage}:/var/lib/containers"]
     init = ["--init", "--init-path", shutil.which("catatonit") or "/usr/bin/catatonit"]
     name = f"modelfs-fresh-{uuid.uuid4().hex[:8]}"
-    podman(
-        "run", "-d", "--name", name, "--privileged", "--device", "/dev/fuse", "--network", "host", *init,
-        *volumes, BASE_IMAGE, "sleep", "infinity", timeout=300,
-    )  # fmt: skip
     try:
+        podman(
+            "run", "-d", "--name", name, "--privileged", "--device", "/dev/fuse", "--network", "host", *init,
+            *volumes, BASE_IMAGE, "sleep", "infinity", timeout=300,
+        )  # fmt: skip
         podman("exec", "-i", name, "sh", "-c", f"mkdir -p {TREE} && tar -x -C {TREE}", stdin=tree, timeout=300)
         yield FreshRoot(podman, name, work, {**env, FRESH_ENV: "1", "HOME": "/root"})
     finally:
         podman("rm", "-f", "-t", "10", name, check=False, timeout=600)
+        # Gigabytes of image layers: not left for pytest's retention of the last three runs.
+        shutil.rmtree(storage, ignore_errors=True)
