@@ -7,6 +7,7 @@ Errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -163,7 +164,16 @@ def _stats(mountpoint: Path, as_json: bool) -> int:
     try:
         raw = os.getxattr(mountpoint, "user.modelfs.stats")
     except OSError as exc:
-        raise ModelfsError(f"{mountpoint} is not a running modelfs mount ({exc.strerror})") from None
+        from modelfs.mount import modelfs_mount_holding
+
+        # A file or directory inside a mount: that mount's stats, as df answers for any path.
+        root = modelfs_mount_holding(mountpoint) if exc.errno == errno.ENODATA else None
+        try:
+            if root is None:
+                raise exc
+            raw = os.getxattr(root, "user.modelfs.stats")
+        except OSError as exc:
+            raise ModelfsError(f"{mountpoint} is not a running modelfs mount ({exc.strerror})") from None
     unreadable = f"{mountpoint} is not a modelfs mount (its stats are not readable"
     try:
         stats = json.loads(raw)

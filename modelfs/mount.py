@@ -98,6 +98,17 @@ def mounted_fstype(path: Path) -> str | None:
     return types[-1].decode("ascii", "replace") if types else None  # later lines are on top
 
 
+def modelfs_mount_holding(path: Path) -> Path | None:
+    """The mount point of the modelfs mount that ``path`` (a file or directory) lies in, or None."""
+    target = os.fsencode(os.path.realpath(path))
+    best: tuple[bytes, bytes] | None = None
+    for point, fstype in _mount_table():
+        inside = target == point or target.startswith(point.rstrip(b"/") + b"/")
+        if inside and (best is None or len(point) >= len(best[0])):  # later lines are on top
+            best = (point, fstype)
+    return Path(os.fsdecode(best[0])) if best is not None and best[1] == b"fuse.modelfs" else None
+
+
 def check_mountpoint(path: Path) -> None:
     """An existing empty directory that is not mounted; a dead FUSE mount is cleaned up first."""
     try:

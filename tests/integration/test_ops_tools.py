@@ -31,6 +31,7 @@ def _metrics(port: int) -> dict[str, float]:
 def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) -> None:
     data = random.Random(7).randbytes(10 * 65536)
     gcs.upload(bucket, "m/w.bin", data)
+    gcs.upload(bucket, "m/sub/x.bin", b"x")
     port = free_port()
     mnt = mount(
         f"gs://{bucket}/m",
@@ -71,6 +72,11 @@ def test_metrics_move_during_reads(gcs: FakeGCS, bucket: str, mount: MountFn) ->
     assert "one mount's ceiling" not in result.stdout  # (a few blocks read: per GiB means nothing yet)
     raw = run_modelfs("stats", "--json", str(mnt))
     assert json.loads(raw.stdout)["backend_bytes"] == len(data)
+    # A file or directory inside the mount: the mount's own stats, as df answers for any path.
+    for inside in (mnt / "w.bin", mnt / "sub", mnt / "sub" / "x.bin"):
+        result = run_modelfs("stats", "--json", str(inside))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["source"] == f"gs://{bucket}/m"
 
 
 def test_stats_of_something_else(tmp_path: Path) -> None:
