@@ -18,9 +18,17 @@ with probability ``rate`` and a seedable RNG, it replaces the normal answer by o
 ``truncate``
     the headers (with the full Content-Length) and fewer bytes than that are sent, then the
     connection is closed cleanly (FIN).
+``corrupt``
+    the answer is relayed whole, status, headers and length as the upstream sent them, but
+    with one byte of its body flipped: a server that serves other bytes than it stores. Not
+    among the kinds picked by default (every other fault is one a client recovers from by
+    asking again; this one only a whole-object checksum finds): ask for it by name.
 
 Faults apply to media GETs (``alt=media`` in the query) only, unless ``fault_listings`` is
-set, which extends them to every other request. ``force(kind, n)`` makes the next ``n``
+set, which extends them to every other request; ``fault_paths`` (a regular expression
+searched in each request's path) makes exactly the requests it matches eligible instead.
+The upstream gets the proxy's own Host header, unless ``keep_host`` is set: then the client's
+goes on unchanged (an S3 request's signature covers it). ``force(kind, n)`` makes the next ``n``
 eligible requests fail with ``kind`` whatever the rate. ``down = True`` resets every new
 connection and every request on a kept-alive one, as a backend that is gone; ``down = False``
 brings it back. ``counters()`` reports requests and injected faults by kind.
@@ -41,6 +49,7 @@ import argparse
 import http.client
 import json
 import random
+import re
 import select
 import signal
 import socket
@@ -58,6 +67,7 @@ from urllib.parse import parse_qs, urlsplit
 __all__ = ["FaultProxy", "fault_proxy", "FAULT_KINDS"]
 
 FAULT_KINDS: tuple[str, ...] = ("503", "429", "reset_before_body", "reset_mid_body", "stall", "truncate")
+_KNOWN_KINDS: tuple[str, ...] = (*FAULT_KINDS, "corrupt")  # corrupt only when asked for
 
 _HOP_BY_HOP = {
     "connection",
@@ -146,8 +156,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self._upstream
 
     def _forward(self, body: bytes | None) -> http.client.HTTPResponse:
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
-        headers["Host"] = f"{self.server.proxy.upstream_host}:{self.server.proxy.upstream_port}"
+        proxy = self.server.proxy
+        keep = {"host"} if proxy.keep_host else set()
+        headers = {
+            k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP and (k.lower() != "host" or keep)
+        }
+        if not keep:
+            headers["Host"] = f"{proxy.upstream_host}:{proxy.upstream_port}"
         for attempt in (1, 2):
             conn = self._upstream_conn()
             try:
@@ -172,6 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         kind = proxy._pick_fault(self.path)
+        corrupt = kind == "corrupt"
+        if corrupt:
+            kind = None  # relayed as a normal answer, but for one byte
         if kind in ("503", "429"):
             self._send_error_status(int(kind))
             return
@@ -184,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error_status(502, f"upstream: {exc}")
             return
         try:
-            self._relay(resp, kind)
+            self._relay(resp, kind, corrupt=corrupt)
         finally:
             if kind is not None or self.close_connection:
                 # The upstream body may not have been read to its end: never reuse it.
@@ -201,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
-    def _relay(self, resp: http.client.HTTPResponse, kind: str | None) -> None:
+    def _relay(self, resp: http.client.HTTPResponse, kind: str | None, *, corrupt: bool = False) -> None:
         proxy = self.server.proxy
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         content_length = resp.getheader("Content-Length")
@@ -229,9 +247,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         # Where a body fault strikes: somewhere strictly inside the body when there is one.
         cut = total if kind is None else 0 if kind == "reset_before_body" else proxy._cut_point(total)
+        flip = proxy._cut_point(total + 1) - 1 if corrupt else -1  # the byte a corrupt answer flips
         sent = 0
         if buffered is not None:
-            self.wfile.write(buffered[:cut])
+            body = bytearray(buffered[:cut])
+            if 0 <= flip < len(body):
+                body[flip] ^= 0x01
+            self.wfile.write(body)
             sent = cut
         else:
             buf = bytearray(_CHUNK)
@@ -242,6 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
                     # The upstream's body ended early: pass the short body on and close.
                     proxy._count("upstream_short")
                     self._close_cleanly()
+                if sent <= flip < sent + n:
+                    view[flip - sent] ^= 0x01
                 self.wfile.write(view[:n])
                 sent += n
         proxy._add_bytes(sent)
@@ -329,6 +353,8 @@ class FaultProxy:
         kinds: Iterable[str] = FAULT_KINDS,
         seed: int | None = None,
         fault_listings: bool = False,
+        fault_paths: str | None = None,
+        keep_host: bool = False,
         stall_seconds: float = 3.0,
         port: int = 0,
         upstream_timeout: float = 60.0,
@@ -343,6 +369,8 @@ class FaultProxy:
         self.rate = rate
         self.kinds = tuple(kinds)
         self.fault_listings = fault_listings
+        self.fault_paths = re.compile(fault_paths) if fault_paths is not None else None
+        self.keep_host = keep_host
         self.stall_seconds = stall_seconds
         self.down = False
         self.verbose = verbose
@@ -361,9 +389,9 @@ class FaultProxy:
 
     @staticmethod
     def _check_kinds(kinds: Iterable[str]) -> None:
-        unknown = set(kinds) - set(FAULT_KINDS)
+        unknown = set(kinds) - set(_KNOWN_KINDS)
         if unknown:
-            raise ValueError(f"unknown fault kind(s) {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+            raise ValueError(f"unknown fault kind(s) {sorted(unknown)}; known: {', '.join(_KNOWN_KINDS)}")
 
     # --- lifetime
 
@@ -430,7 +458,7 @@ class FaultProxy:
         ``stall_client_gave_up``, ``refused_down``, ``upstream_errors``, ``bytes``."""
         with self._lock:
             out = dict(self._counts)
-        for kind in FAULT_KINDS:
+        for kind in _KNOWN_KINDS:
             out.setdefault(f"fault_{kind}", 0)
         for name in (
             "requests",
@@ -475,7 +503,10 @@ class FaultProxy:
             self.paths.append(path)
             if media:
                 self._counts["media_requests"] += 1
-            if not media and not self.fault_listings:
+            if self.fault_paths is not None:
+                if not self.fault_paths.search(path):
+                    return None
+            elif not media and not self.fault_listings:
                 return None
             if self._forced:
                 kind: str | None = self._forced.pop(0)

@@ -111,3 +111,33 @@ def test_stop_ends_a_stall(gcs: FakeGCS) -> None:
         proxy.stop()
         conn.close()
     assert not proxy._thread.is_alive()
+
+
+def test_corrupt_flips_one_byte_of_the_paths_asked_for_and_keeps_the_host() -> None:
+    """``corrupt`` (asked for by name, never among the default kinds) relays the answer whole
+    but for one flipped byte: other bytes of the right length. ``fault_paths`` picks the
+    requests it strikes; ``keep_host`` hands the upstream the client's Host (S3 signs it)."""
+    from modelfs.testing.servers import QuietHandler, loopback_http
+
+    hosts: list[str | None] = []
+
+    class Upstream(QuietHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hosts.append(self.headers.get("Host"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(DATA)))
+            self.end_headers()
+            self.wfile.write(DATA)
+
+    assert "corrupt" not in FAULT_KINDS
+    with loopback_http(Upstream) as url:
+        with fault_proxy(url, rate=1.0, kinds=["corrupt"], fault_paths=r"/bad$", keep_host=True, seed=1) as proxy:
+            status, body = _get(proxy, "/bad")  # type: ignore[misc]
+            assert status == 200 and len(body) == len(DATA)
+            assert sum(a != b for a, b in zip(body, DATA, strict=True)) == 1
+            assert _get(proxy, "/good") == (200, DATA)
+            assert proxy.counters()["fault_corrupt"] == 1
+            assert hosts == [f"127.0.0.1:{proxy.port}"] * 2
+        with fault_proxy(url) as proxy:
+            assert _get(proxy, "/bad") == (200, DATA)
+            assert hosts[-1] == url.removeprefix("http://")
