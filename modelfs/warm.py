@@ -2,9 +2,14 @@
 
 It uses the mount's own block store (same cache dir, same block files), so a mount that
 follows starts warm. Each object is read block by block in order, with the next blocks
-prefetched in parallel; the bytes are folded into a CRC32C (or MD5 where the store gives
-no CRC) and compared with the object's stored checksum. A mismatch removes the object's
-blocks from the cache and makes the command fail.
+prefetched in parallel; the bytes are folded into the checksum the store keeps of the whole
+object and compared with it: gs:// its CRC32C (or MD5 where there is no CRC), s3:// the one
+it was uploaded with (CRC32, CRC32C, SHA-1 or SHA-256; HeadObject gives it, a listing does
+not, so each s3:// object is stat'ed first). A mismatch removes the object's blocks from the
+cache and makes the command fail. An object with none to check (other stores, an S3 object
+uploaded without one) is reported so, and so is one whose checksum cannot be checked: an S3
+multipart upload's COMPOSITE checksum (of its parts' checksums, not of its bytes), or a
+CRC64NVME (nothing here computes one).
 
 An object is reported cached only once its disk writes are done and every block of it is in
 the disk cache; one whose blocks could not be written (a full disk, an I/O error) or were
@@ -16,19 +21,24 @@ not report success on a cold cache.
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import logging
 import sys
 import time
+import zlib
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Protocol
 
 import crc32c
 import trio
 
 from modelfs.backends import open_backend
-from modelfs.backends.base import ObjectInfo
+from modelfs.backends.base import Backend, ObjectInfo
+from modelfs.backends.retry import retry_transient
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
@@ -99,20 +109,70 @@ class _Progress:
         print(f"warm: {self._text()}", file=self.out, flush=True)
 
 
-def _expected(info: ObjectInfo) -> tuple[str, bytes] | None:
+class _Hash(Protocol):
+    def update(self, data: memoryview, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+class _Crc:
+    """A CRC32 or CRC32C folded block by block; its digest big-endian, as the stores give it."""
+
+    def __init__(self, fn: Callable[[memoryview, int], int]) -> None:
+        self._fn = fn
+        self._value = 0
+
+    def update(self, data: memoryview, /) -> None:
+        self._value = self._fn(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(4, "big")
+
+
+# What warm can check, and each one's digest size.
+_HASHES: dict[str, tuple[Callable[[], _Hash], int]] = {
+    "crc32c": (lambda: _Crc(crc32c.crc32c), 4),
+    "crc32": (lambda: _Crc(zlib.crc32), 4),
+    "md5": (hashlib.md5, 16),
+    "sha1": (hashlib.sha1, 20),
+    "sha256": (hashlib.sha256, 32),
+}
+NO_CHECKSUM = "no checksum to verify"
+
+
+def _expected(info: ObjectInfo) -> tuple[str, bytes] | str:
+    """(algorithm, digest) of the whole object to check its bytes against; else why there is
+    none to check, for the object's line ("cached (<why>)")."""
     if info.crc32c:
         return "crc32c", base64.b64decode(info.crc32c)
     if info.md5:
         return "md5", base64.b64decode(info.md5)
-    return None
+    if not info.checksum:
+        return NO_CHECKSUM
+    algorithm, _, value = info.checksum.partition(":")
+    name = algorithm.upper()
+    if "-" in value:
+        parts = value.rpartition("-")[2]
+        of = f"its {parts} parts" if parts.isdigit() else "its parts"
+        return (
+            f"not verified: its {name} is a multipart upload's COMPOSITE checksum of {of}, not one of the whole object"
+        )
+    if algorithm not in _HASHES:
+        return f"not verified: its checksum is {name}, which modelfs cannot compute"
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != _HASHES[algorithm][1]:
+        return f"not verified: the store's {name} checksum {value[:64]!r} is not one"
+    return algorithm, digest
 
 
 async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: int, progress: _Progress) -> bool | None:
     """Read one object through the store; True/False: checksum matched or not; None: no checksum."""
     ref = ObjectRef(key, info.name, info.version, info.size)
     expected = _expected(info)
-    crc = 0
-    md5 = hashlib.md5()
+    hasher = _HASHES[expected[0]][0]() if isinstance(expected, tuple) else None
     await store.prepare(ref)
     count = store.block_count(ref)
     ahead = 1  # blocks below this were handed to prefetch already
@@ -122,22 +182,29 @@ async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: in
         if stop - ahead >= store.join_blocks or (stop == count and stop > ahead):
             ahead += store.prefetch_blocks(ref, range(ahead, stop))
         block = await store.get(ref, index)
-        if expected is not None:
-            if expected[0] == "crc32c":
-                crc = crc32c.crc32c(block.view, crc)
-            else:
-                md5.update(block.view)
+        if hasher is not None:
+            hasher.update(block.view)
         progress.add(block.length)
-    if expected is None:
+    if hasher is None or not isinstance(expected, tuple):
         return None
-    digest = crc.to_bytes(4, "big") if expected[0] == "crc32c" else md5.digest()
-    if digest == expected[1]:
+    if hasher.digest() == expected[1]:
         return True
     if store.disk is not None:
         await store.drain()  # the object's blocks must be on disk before they can be removed
         for index in range(count):
             await store.disk.discard((key, info.version, index))
     return False
+
+
+async def _with_checksum(backend: Backend, info: ObjectInfo, retry_deadline: float) -> ObjectInfo:
+    """``info`` from a stat, which has the checksum a listing lacks (s3://), if the object is
+    still the version listed; else as listed (its read then fails as changed since the listing)."""
+    fresh = await retry_transient(
+        functools.partial(backend.stat, info.name),
+        deadline=retry_deadline,
+        what=f"{backend.description}: {info.name}",
+    )
+    return fresh if fresh.version == info.version and fresh.size == info.size else info
 
 
 @dataclass
@@ -148,7 +215,7 @@ class _Written:
     key: str
     blocks: int
     last_write: int  # the store's write number when its last block was fetched
-    checked: bool  # its checksum matched (else there was none to check)
+    unchecked: str | None  # why its checksum was not checked (None: it was, and matched)
 
 
 def _check_cached(disk: DiskCache, done: _Written, result: WarmResult, progress: _Progress) -> None:
@@ -172,11 +239,11 @@ def _check_cached(disk: DiskCache, done: _Written, result: WarmResult, progress:
         return
     result.objects += 1
     result.bytes += done.info.size
-    if done.checked:
+    if done.unchecked is None:
         progress.object_done(name, "cached, checksum ok")
     else:
         result.unverified += 1
-        progress.object_done(name, "cached (no checksum to verify)")
+        progress.object_done(name, f"cached ({done.unchecked})")
 
 
 async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
@@ -237,12 +304,15 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
             while written and (final or store.writes_done(written[0].last_write)):
                 _check_cached(disk, written.popleft(), result, progress)
 
+        by_stat = bool(getattr(backend, "checksums_by_stat", False))
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             nursery.start_soon(produce)
             async for info in receive:
                 key = backend.object_key(info.name)
                 try:
+                    if by_stat:
+                        info = await _with_checksum(backend, info, config.retry_deadline)
                     ok = await _warm_object(store, info, key, window, progress)
                 except ModelfsError as exc:  # changed or gone since the listing, unreadable: the others go on
                     result.failed.append((info.name, str(exc)))
@@ -256,7 +326,9 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
                     progress.object_done(info.name, "CHECKSUM MISMATCH (not cached)")
                 else:
                     blocks = store.block_count(ObjectRef(key, info.name, info.version, info.size))
-                    written.append(_Written(info, key, blocks, store.write_seq, ok is True))
+                    expected = _expected(info)
+                    unchecked = None if ok is True else expected if isinstance(expected, str) else NO_CHECKSUM
+                    written.append(_Written(info, key, blocks, store.write_seq, unchecked))
                 report()
             await store.drain()
             report(final=True)

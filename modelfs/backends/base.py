@@ -29,6 +29,11 @@ class ObjectInfo:
     version: str
     crc32c: str | None = None  # base64 of the big-endian CRC32C, as GCS reports it
     md5: str | None = None
+    # Another checksum the store keeps of the object (S3): "<algorithm>:<base64>", the
+    # algorithm one of crc32, crc32c, crc64nvme, sha1, sha256. A COMPOSITE one (a multipart
+    # upload's checksum of its parts' checksums, not of the object's bytes) ends in
+    # "-<parts>", as S3 spells it ("-?" when the store did not say how many).
+    checksum: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,16 @@ path measured faster (see docs/backends.md).
 
 boto3 retries nothing here (``total_max_attempts=1``): retry is done once, above the
 backend, like for every store.
+
+``stat`` (HeadObject with ChecksumMode=ENABLED) learns the checksum S3 keeps of the object
+(``head_checksum``); a listing carries none, so ``modelfs warm`` stats each object it checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -99,6 +104,39 @@ _CODE_STATUS: tuple[tuple[frozenset[str] | set[str], int], ...] = (
     (_DENIED, 403),
     (_THROTTLED, 503),
 )
+
+
+# HeadObject's fields for the checksums S3 keeps of an object (ChecksumMode=ENABLED), and the
+# names ObjectInfo.checksum gives them.
+_CHECKSUM_FIELDS = (
+    ("ChecksumCRC32", "crc32"),
+    ("ChecksumCRC32C", "crc32c"),
+    ("ChecksumCRC64NVME", "crc64nvme"),
+    ("ChecksumSHA1", "sha1"),
+    ("ChecksumSHA256", "sha256"),
+)
+_PARTS = re.compile(r"-(\d+)\"?$")  # a multipart upload's ETag ("…-<parts>") or composite checksum
+
+
+def head_checksum(head: dict[str, Any], etag: str) -> str | None:
+    """The object's checksum from a HeadObject answer, as ObjectInfo.checksum spells it.
+
+    A checksum is of the whole object when S3 says so (ChecksumType FULL_OBJECT), or when it
+    says nothing and the object is not a multipart upload (a single PUT's checksum is of its
+    bytes). Otherwise it is COMPOSITE: S3 spells those "<base64>-<parts>"; one without the
+    suffix (a store that leaves out the type, as moto does on HEAD) gets the ETag's part count.
+    """
+    found = next(((name, head[field]) for field, name in _CHECKSUM_FIELDS if isinstance(head.get(field), str)), None)
+    if found is None or not found[1]:
+        return None
+    algorithm, value = found
+    kind = head.get("ChecksumType")
+    multipart = _PARTS.search(etag)
+    if "-" in value:  # (base64 has no '-': this is S3's "-<parts>" of a composite checksum)
+        return f"{algorithm}:{value}"
+    if kind == "COMPOSITE" or (kind != "FULL_OBJECT" and multipart is not None):
+        return f"{algorithm}:{value}-{multipart.group(1) if multipart else '?'}"
+    return f"{algorithm}:{value}"
 
 
 def _key_of(item: dict[str, Any]) -> object:
@@ -281,15 +319,24 @@ class S3Backend(ThreadedBackend):
     async def list_dir(self, prefix: str, token: str | None = None, *, limit: int | None = None) -> ListPage:
         return await self.run_answered(self._list_dir, prefix, token, limit)
 
+    # A listing carries no checksum (ListObjectsV2 names the algorithm at most): HeadObject with
+    # ChecksumMode=ENABLED does, so ``modelfs warm`` stats each object before it reads it.
+    checksums_by_stat = True
+
     def _stat(self, name: str) -> ObjectInfo:
         try:
-            head = self._client.head_object(Bucket=self._source.bucket, Key=self._prefix + name, **self._payer)
+            head = self._client.head_object(
+                Bucket=self._source.bucket, Key=self._prefix + name, ChecksumMode="ENABLED", **self._payer
+            )
         except Exception as exc:
             raise self.classify(exc, name) from None
         try:
-            return self._info(self._prefix + name, head["ContentLength"], head.get("LastModified"), head["ETag"])
+            etag = head["ETag"]
+            info = self._info(self._prefix + name, head["ContentLength"], head.get("LastModified"), etag)
         except (KeyError, TypeError) as exc:
             raise BackendError(f"{name}: the store answered HEAD without its {exc} header") from None
+        checksum = head_checksum(head, str(etag))
+        return info if checksum is None else dataclasses.replace(info, checksum=checksum)
 
     async def stat(self, name: str) -> ObjectInfo:
         return await self.run_answered(self._stat, name)

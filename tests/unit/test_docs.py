@@ -21,8 +21,8 @@ def test_every_option_is_documented() -> None:
 
 def test_no_text_claims_warm_verifies_every_object() -> None:
     """The README said warm verifies "CRC32C/MD5 of every object", and its --help "verify
-    every object": only gs:// objects carry a checksum it can check; an s3://, http(s):// or
-    file:// object is reported "cached (no checksum to verify)"."""
+    every object": only gs:// objects and s3:// objects uploaded with a checksum carry one it
+    can check; an http(s):// or file:// object is reported "cached (no checksum to verify)"."""
     import re
 
     from modelfs.cli import _parser

@@ -270,3 +270,46 @@ async def test_a_listing_without_an_objects_etag_or_size_is_a_backend_error(aws_
     scripted(backend, 200, b"", {"Content-Length": "10"})  # a HEAD answer without an ETag
     with pytest.raises(BackendError, match="without its"):
         await backend.stat("a.bin")
+
+
+@pytest.mark.parametrize(
+    ("head", "etag", "expected"),
+    [
+        ({"ChecksumCRC32": "iH6F8A=="}, ETAG, "crc32:iH6F8A=="),  # a single PUT's, type not said
+        ({"ChecksumSHA256": "q" * 43 + "=", "ChecksumType": "FULL_OBJECT"}, ETAG, "sha256:" + "q" * 43 + "="),
+        ({"ChecksumCRC32": "MA1hIQ==", "ChecksumType": "FULL_OBJECT"}, '"abc-2"', "crc32:MA1hIQ=="),
+        ({"ChecksumCRC32C": "9286hw==-2", "ChecksumType": "COMPOSITE"}, '"abc-2"', "crc32c:9286hw==-2"),  # S3
+        ({"ChecksumCRC32": "9286hw=="}, '"abc-2"', "crc32:9286hw==-2"),  # moto's HEAD: no type, no suffix
+        (
+            {"ChecksumSHA1": "LU0jSCSI0F3SqamOuIKfR/U9M04=", "ChecksumType": "COMPOSITE"},
+            ETAG,
+            "sha1:LU0jSCSI0F3SqamOuIKfR/U9M04=-?",
+        ),
+        ({"ChecksumCRC64NVME": "AAAAAAAAAAA="}, ETAG, "crc64nvme:AAAAAAAAAAA="),
+        ({}, ETAG, None),
+        ({"ChecksumCRC32": ""}, ETAG, None),
+    ],
+)
+def test_a_head_answers_checksum_is_whole_object_or_composite(head: dict[str, str], etag: str, expected: str) -> None:
+    from modelfs.backends.s3 import head_checksum
+
+    assert head_checksum(head, etag) == expected
+
+
+async def test_stat_asks_for_the_objects_checksum(aws_env: None) -> None:
+    """A listing has no checksum: HeadObject with ChecksumMode=ENABLED (what warm stats for)."""
+    backend = S3Backend(parse_source("s3://bkt/m"), endpoint_url="http://127.0.0.1:9")
+    value = "NMeTyb60RAz8O63Wl3YHEhUvy+CJBaaiE3s4lf13Gd8="
+    headers = {
+        "ETag": ETAG,
+        "Content-Length": "10",
+        "x-amz-checksum-sha256": value,
+        "x-amz-checksum-type": "FULL_OBJECT",
+    }
+    sent = scripted(backend, 200, b"", headers)
+    info = await backend.stat("a.bin")
+    assert (info.name, info.size, info.version, info.checksum) == ("a.bin", 10, ETAG, f"sha256:{value}")
+    [request] = sent
+    assert request.method == "HEAD" and request.headers["x-amz-checksum-mode"] == b"ENABLED"
+    assert b"x-amz-checksum-mode" in request.headers["Authorization"]  # signed
+    assert backend.checksums_by_stat

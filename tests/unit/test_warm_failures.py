@@ -5,6 +5,7 @@ traceback out of trio's exception groups."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import signal
@@ -166,3 +167,63 @@ def test_warm_of_a_file_source_without_persist_weak_versions_is_bad_usage(
     # With the flag it warms.
     assert cli.main(["warm", f"file://{source}", "--cache-dir", str(cache), "--persist-weak-versions"]) == 0
     assert cache.is_dir() and any(cache.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("checksum", "note"),
+    [
+        ("crc64nvme:AAAAAAAAAAA=", "not verified: its checksum is CRC64NVME, which modelfs cannot compute"),
+        (
+            "crc32:9286hw==-?",
+            "not verified: its CRC32 is a multipart upload's COMPOSITE checksum of its parts, "
+            "not one of the whole object",
+        ),
+        ("sha256:iH6F8A==", "not verified: the store's SHA256 checksum 'iH6F8A==' is not one"),
+        ("crc32:not base64!", "not verified: the store's CRC32 checksum 'not base64!' is not one"),
+    ],
+)
+def test_a_checksum_warm_cannot_check_is_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checksum: str, note: str
+) -> None:
+    backend = MemoryBackend()
+    backend.put("a.bin", ramp(100_000))
+    info = trio.run(backend.stat, "a.bin")
+    monkeypatch.setattr(backend, "stat", _returning(dataclasses.replace(info, checksum=checksum)))
+    monkeypatch.setattr(backend, "checksums_by_stat", True, raising=False)
+    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
+    out = io.StringIO()
+    result = trio.run(warm.warm, _config(tmp_path), out)
+    assert result.objects == 1 and result.unverified == 1 and not result.mismatched
+    assert f"warm: a.bin: cached ({note})" in out.getvalue()
+
+
+def _returning(info: object) -> object:
+    async def stat(name: str) -> object:
+        return info
+
+    return stat
+
+
+def test_an_object_replaced_between_listing_and_stat_fails_as_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s3:// objects are stat'ed for their checksum after the listing: one replaced meanwhile is
+    not warmed as its new version under the listing's name (its read fails as changed since
+    the listing, as for gs://); the stat's checksum is used only for the version listed."""
+    backend = MemoryBackend()
+    backend.put("a.bin", ramp(100_000, seed=1))
+    backend.put("b.bin", ramp(100_000, seed=2))
+    stat = backend.stat
+
+    async def replaced(name: str) -> object:
+        if name == "a.bin":
+            backend.put("a.bin", ramp(100_000, seed=3))
+        return dataclasses.replace(await stat(name), checksum=None)
+
+    monkeypatch.setattr(backend, "stat", replaced)
+    monkeypatch.setattr(backend, "checksums_by_stat", True, raising=False)
+    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
+    out = io.StringIO()
+    result = trio.run(warm.warm, _config(tmp_path), out)
+    assert [name for name, _ in result.failed] == ["a.bin"], out.getvalue()
+    assert result.objects == 1 and "warm: b.bin: cached (no checksum to verify)" in out.getvalue()
