@@ -12,6 +12,10 @@ file below it is shown as that file (a Hugging Face cache snapshot links to its 
 that leads out of it, loops or dangles, and one to a directory, is left out with a warning.
 Every name is resolved again, component by component without following any symlink the
 kernel's way, at each stat and read: a symlink swapped in after the listing cannot escape.
+
+A modelfs mount inside the directory is left out too, with a warning: it may be this mount
+itself, reached through a bind mount that the path check of the config cannot see, and
+listing it would list the mount within itself without end.
 """
 
 from __future__ import annotations
@@ -34,6 +38,24 @@ __all__ = ["LocalBackend"]
 log = logging.getLogger(__name__)
 
 _MAX_WARNINGS = 1000  # names warned about once each, at most
+
+
+def _modelfs_devices(mountinfo: str = "/proc/self/mountinfo") -> set[int]:
+    """The devices of the modelfs mounts this process sees (empty if mountinfo is unreadable)."""
+    devices: set[int] = set()
+    try:
+        with open(mountinfo, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return devices
+    for line in lines:
+        fields, _, rest = line.partition(b" - ")
+        parts = fields.split()
+        if len(parts) > 2 and rest.split()[:1] == [b"fuse.modelfs"]:
+            major, _, minor = parts[2].partition(b":")
+            if major.isdigit() and minor.isdigit():
+                devices.add(os.makedev(int(major), int(minor)))
+    return devices
 
 
 def _version(st: os.stat_result, run: str) -> str:
@@ -104,6 +126,7 @@ class LocalBackend(ThreadedBackend):
         prefixes: list[str] = []
         with os.scandir(fd) as it:
             entries = sorted(it, key=lambda e: e.name)
+        here = os.fstat(fd).st_dev
         for entry in entries:
             if limit is not None and len(objects) + len(prefixes) >= limit:
                 break
@@ -120,6 +143,13 @@ class LocalBackend(ThreadedBackend):
                     finally:
                         os.close(target)
                 elif entry.is_dir(follow_symlinks=False):
+                    # (Only a mount point has another device: the mount table is read for those.)
+                    device = entry.stat(follow_symlinks=False).st_dev
+                    if device != here and device in _modelfs_devices():
+                        self._warn_once(
+                            name, "%r is a modelfs mount (maybe this one): not shown", os.path.join(self._root, name)
+                        )
+                        continue
                     prefixes.append(name + "/")
                     continue
                 elif entry.is_file(follow_symlinks=False):

@@ -564,3 +564,28 @@ def test_file_source_symlinks_never_lead_out_of_it(tmp_path: Path, shared_dir: P
     text = log.read_text()
     assert text.count("notes.txt' -> '") == 1 and "leads out of the source" in text, text
     assert text.count("data' -> '/'") == 1, text
+
+
+def test_file_source_holding_its_own_mount_through_a_bind_mount_lists_it_once(tmp_path: Path) -> None:
+    """SOURCE/view is a bind mount of the mountpoint's parent, so the mount lies inside its own
+    source where no path check sees it (the config refuses only a mountpoint below SOURCE by
+    path). The mount inside is left out with one warning: the walk ends, the rest reads whole."""
+    src, parent, log = tmp_path / "src", tmp_path / "parent", tmp_path / "modelfs.log"
+    (src / "view").mkdir(parents=True)
+    weights = os.urandom(300_000)
+    (src / "w.bin").write_bytes(weights)
+    with mounted(f"file://{src}", parent / "mnt", tmp_path / "cache", "--log-file", str(log), *OPTIONS) as mnt:
+        # (recursive: the copy holds the mount itself; unmounted first, or it would keep it alive)
+        subprocess.run(["mount", "--rbind", str(parent), str(src / "view")], check=True, timeout=30)
+        try:
+            # (bounded: without the check it goes mnt/view/mnt/view/... as deep as it is asked)
+            walk = subprocess.run(
+                ["find", str(mnt), "-maxdepth", "4"], capture_output=True, text=True, timeout=120, check=False
+            )
+            assert walk.returncode == 0, walk.stderr
+            assert sorted(walk.stdout.split()) == [str(mnt), str(mnt / "view"), str(mnt / "w.bin")]
+            assert hashlib.sha256((mnt / "w.bin").read_bytes()).digest() == hashlib.sha256(weights).digest()
+        finally:
+            subprocess.run(["umount", "-R", str(src / "view")], check=False, timeout=60)
+    text = log.read_text()
+    assert text.count("is a modelfs mount (maybe this one): not shown") == 1, text
