@@ -82,6 +82,9 @@ FALLBACK_REASONS = (
     "all_benched",
 )
 _MAX_BACKOFF = 30.0
+# A replica's failures are one warning line per this long (the rest debug lines, all counted):
+# a dead replica probed after each bench, or a full one failing each miss, is not a line per block.
+_LOG_EVERY = 600.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ class _Replica:
         )
         self.benched_until = 0.0  # trio clock; only trio tasks read or write it
         self.backoff = _FIRST_BACKOFF
+        self.logged_at: float | None = None  # (trio clock) its last failure's warning line
+        self.unlogged = 0  # failures since then, logged at debug level
 
     def close(self) -> None:
         self._pool.close()
@@ -527,10 +532,31 @@ class TieredBackend:
         stats.fallbacks[exc.reason] += 1
         if exc.replica_down:
             rstats.failures += 1
-            replica.benched_until = trio.current_time() + replica.backoff
-            log.warning(
-                "cache tier %s failed (%s); reading from the origin for %.0f s", replica.url, exc, replica.backoff
-            )
+            now = trio.current_time()
+            if replica.benched_until > now:
+                # A GET that was in flight when another one failed and benched the replica:
+                # the same failure, not a second one (no longer bench, no second line).
+                replica.unlogged += 1
+                log.debug("cache tier %s failed (%s) while benched: %s", replica.url, exc, what)
+                return
+            replica.benched_until = now + replica.backoff
+            elsewhere = "the next replica or the origin" if len(self._replicas) > 1 else "the origin"
+            if replica.logged_at is None or now - replica.logged_at >= _LOG_EVERY:
+                since = f"; {replica.unlogged} more failures since the last line" if replica.unlogged else ""
+                log.warning(
+                    "cache tier %s failed (%s); its blocks go to %s for %.0f s, then it is tried again "
+                    "(failures of this replica are counted in stats, logged at most every %.0f min%s)",
+                    replica.url,
+                    exc,
+                    elsewhere,
+                    replica.backoff,
+                    _LOG_EVERY / 60,
+                    since,
+                )
+                replica.logged_at, replica.unlogged = now, 0
+            else:
+                replica.unlogged += 1
+                log.debug("cache tier %s failed (%s); benched %.0f s: %s", replica.url, exc, replica.backoff, what)
             replica.backoff = min(max(_MAX_BACKOFF, self._first_backoff), replica.backoff * 2)
         else:
             rstats.rejected += 1

@@ -5,6 +5,7 @@ rendezvous hashing."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import crc32c
 import pytest
 import trio
+import trio.testing
 
 from modelfs.backends.memory import MemoryBackend, ramp
 from modelfs.backends.tiered import TieredBackend, TierTarget, header_pinned, rendezvous_order
@@ -43,6 +45,7 @@ class Replica:
     mode: Callable[[int], str] = lambda offset: "ok"
     gets: int = 0
     release: threading.Event = field(default_factory=threading.Event)
+    together: threading.Barrier | None = None  # "held_500": answered once this many GETs wait
     server: ThreadingHTTPServer | None = None
     digest_kind: str = "crc32c"  # the fill stage's; "sha256" as tiers before it sent
 
@@ -92,6 +95,10 @@ class Replica:
             body = body[:-10]
         elif mode in ("500", "404"):
             return int(mode), {}, b"no\n"
+        elif mode == "held_500":  # every GET in flight fails at once (a replica's disk filling up)
+            assert self.together is not None
+            self.together.wait(30)
+            return 500, {}, b"no\n"
         elif mode == "stall":
             self.release.wait(30)
         return 206, headers, body
@@ -245,6 +252,47 @@ async def test_a_dead_replica_is_benched_and_its_blocks_go_elsewhere(replicas: C
     stats = backend.tier_stats.snapshot()
     assert stats["fallback_reasons"]["unreachable"] == 1  # type: ignore[index]
     assert live.gets == 10
+    await backend.aclose()
+
+
+async def test_a_failing_replica_is_one_warning_not_a_line_per_block(
+    replicas: Callable[..., Replica], mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GETs in flight together that all fail (a replica whose cache disk is full cuts every
+    miss short) bench it once, for the first backoff, with one line; so do the failures of
+    its later probes, until a line is due again."""
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    replica = replicas(origin, lambda offset: "held_500")
+    replica.together = threading.Barrier(4)
+    backend = TieredBackend(origin, [replica.url], block_size=BLOCK, read_timeout=10, max_concurrency=4)
+    caplog.set_level(logging.DEBUG, "modelfs.backends.tiered")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    async def read(offset: int) -> None:
+        dest = bytearray(BLOCK)
+        await backend.read_block("m.bin", version, offset, memoryview(dest), size=SIZE)
+        assert bytes(dest) == DATA[offset : offset + BLOCK]
+
+    async with trio.open_nursery() as nursery:
+        for index in range(4):
+            nursery.start_soon(read, index * BLOCK)
+    stats = backend.tier_stats.snapshot()
+    assert stats["replicas"][replica.url]["failures"] == 4 and replica.gets == 4  # type: ignore[index]
+    assert len(warnings()) == 1 and "for 1 s" in warnings()[0], warnings()
+    # Benched for the first backoff, not four doublings of it: a second later it is tried again.
+    await read(4 * BLOCK)
+    assert replica.gets == 4
+    replica.together = threading.Barrier(1)
+    mock_clock.jump(1)
+    await read(5 * BLOCK)
+    assert replica.gets == 5 and len(warnings()) == 1  # still down: counted, not logged
+    mock_clock.jump(600)
+    await read(6 * BLOCK)
+    assert replica.gets == 6 and len(warnings()) == 2
+    assert "4 more failures since the last line" in warnings()[1], warnings()
     await backend.aclose()
 
 
