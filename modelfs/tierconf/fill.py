@@ -42,6 +42,7 @@ import crc32c
 
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.private import httpclient_body
+from modelfs.backends.responses import parse_content_range
 
 __all__ = ["FILL_SOCKET", "HEALTH_PATH", "PASS_HEADERS", "FillServer", "main"]
 
@@ -195,6 +196,12 @@ class _FillHandler(BaseHTTPRequestHandler):
                 out["Content-Type"] = resp.getheader("Content-Type", "text/plain")
                 self.server.origin.give_back(conn)
                 return resp.status, out, body
+            other = self._other_version(resp)
+            if other:
+                # Never cached (proxy_cache_valid 200 206): under this request's key it would
+                # be served, for good, to every node that asks for the version it names.
+                conn.close()
+                return 412, {"Content-Type": "text/plain"}, f"the origin answered {other}\n".encode()
             asked = _RANGE_ASKED_RE.fullmatch((self.headers.get("Range") or "").strip())
             most = int(asked.group(2)) - int(asked.group(1)) + 1 if asked else _MAX_BODY
             if resp.length is not None and resp.length > most:
@@ -214,6 +221,33 @@ class _FillHandler(BaseHTTPRequestHandler):
         except BaseException:
             conn.close()
             raise
+
+    def _other_version(self, resp: http.client.HTTPResponse) -> str:
+        """What shows the origin's answer to be of another version than the request names
+        (its generation, If-Match, the size of the node's version: X-Modelfs-Size), or "".
+
+        The cache key is made of those, so an answer of another version would be stored as
+        the named one's: an origin that ignores If-Match (some web servers and S3-compatible
+        stores), or one that keeps an ETag for bytes of another size. The node would refuse it
+        too, but at every read of that slice, from every node, for as long as it stays cached."""
+        query = self.path.partition("?")[2]
+        generation = next((v for k, _, v in (p.partition("=") for p in query.split("&")) if k == "generation"), None)
+        sent = resp.getheader("x-goog-generation")
+        if generation is not None and sent is not None and sent.strip() != generation:
+            return f"generation {sent.strip()!r}, not {generation!r}"
+        if_match, etag = (self.headers.get("If-Match") or "*").strip(), (resp.getheader("ETag") or "").strip()
+        if if_match != "*" and etag and etag != if_match:
+            return f"ETag {etag!r}, not {if_match!r}"
+        size = (self.headers.get("X-Modelfs-Size") or "").strip()
+        if size:
+            if resp.status == 206:
+                parsed = parse_content_range(resp.getheader("Content-Range"))
+                total = parsed[2] if parsed is not None else None
+            else:  # a 200 is the whole object
+                total = resp.length
+            if total is not None and str(total) != size:
+                return f"an object of {total} bytes, not {size}"
+        return ""
 
     def _read_body(
         self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, most: int

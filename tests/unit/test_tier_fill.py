@@ -69,8 +69,15 @@ def fill(tmp_path: Path) -> Iterator[tuple[OriginSide, Path]]:
             last = min(last, len(DATA) - 1)
             body = DATA[first : last + 1]
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {first}-{last}/{len(DATA)}")
-            self.send_header("x-goog-generation", "17")
+            # An origin that ignores the version the GET names (If-Match, the generation), or
+            # keeps an ETag for bytes of another size: it answers with what it holds now.
+            total = len(DATA) + (1 << 20) if origin.mode == "other_size" else len(DATA)
+            self.send_header("Content-Range", f"bytes {first}-{last}/{total}")
+            self.send_header("x-goog-generation", "18" if origin.mode == "other_generation" else "17")
+            if origin.mode == "other_etag":
+                self.send_header("ETag", '"w"')
+            elif origin.mode != "other_generation":
+                self.send_header("ETag", '"v"')
             self.send_header("X-Not-Passed", "1")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -90,11 +97,13 @@ def fill(tmp_path: Path) -> Iterator[tuple[OriginSide, Path]]:
         yield origin, tmp_path / FILL_SOCKET
 
 
-def _get(conn: http.client.HTTPConnection, first: int, last: int) -> tuple[int, dict[str, str], bytes]:
+def _get(
+    conn: http.client.HTTPConnection, first: int, last: int, extra: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn.request(
         "GET",
         "/download/storage/v1/b/b/o/m%2Fx.bin?alt=media&generation=17",
-        headers={"Range": f"bytes={first}-{last}", "If-Match": '"v"', "Connection": "keep-alive"},
+        headers={"Range": f"bytes={first}-{last}", "If-Match": '"v"', "Connection": "keep-alive", **(extra or {})},
     )
     resp = conn.getresponse()
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
@@ -137,6 +146,25 @@ def test_more_than_the_slice_asked_for_is_never_buffered(fill: tuple[OriginSide,
     conn = _UnixHTTPConnection(path)
     status, headers, _ = _get(conn, 0, 99)
     assert status == 502 and "x-modelfs-digest" not in headers
+    conn.close()
+
+
+@pytest.mark.parametrize("mode", ["other_size", "other_etag", "other_generation"])
+def test_an_answer_of_another_version_than_asked_for_is_never_a_slice(fill: tuple[OriginSide, Path], mode: str) -> None:
+    """The cache key is the version the node names (generation or If-Match, and the size of its
+    version): an answer of another one, stored under it, would be served for that version to
+    every node for as long as it stays cached. It is a 412 (never cached)."""
+    origin, path = fill
+    conn = _UnixHTTPConnection(path)
+    size = {"X-Modelfs-Size": str(len(DATA))}
+    status, headers, body = _get(conn, 0, 99, size)  # the version asked for: served
+    assert status == 206 and body == DATA[:100] and "x-modelfs-digest" in headers
+    origin.mode = mode
+    status, headers, body = _get(conn, 1 << 20, (2 << 20) - 1, size)
+    assert status == 412 and "x-modelfs-digest" not in headers and DATA[1 << 20 : (1 << 20) + 100] not in body
+    origin.mode = "ok"
+    status, headers, body = _get(conn, 1 << 20, (2 << 20) - 1, size)
+    assert status == 206 and body == DATA[1 << 20 : 2 << 20]
     conn.close()
 
 
