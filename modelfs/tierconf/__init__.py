@@ -28,6 +28,7 @@ __all__ = [
     "TierSettings",
     "check_settings",
     "max_size_for",
+    "min_free",
     "render_kubernetes",
     "render_nginx",
     "render_systemd",
@@ -49,6 +50,9 @@ class TierSettings:
     slice: str = "8m"  # must equal the nodes' --block-size
     cache_dir: str = "/var/cache/modelfs-tier"
     max_size: str = "100g"
+    # Free space nginx's cache manager keeps on the cache's file system by evicting (checked
+    # every 10 s at most); "auto": what the fill stage's slices in flight take (32 x 8m).
+    min_free: str = "auto"
     origin_side: str = "127.0.0.1:8081"  # nginx's loopback origin side, which the fill stage GETs through
     run_dir: str = "/run/modelfs-tier"  # the fill stage's socket (fill.sock), nginx's pid and temp dirs
     js_dir: str = "/etc/modelfs-tier"
@@ -245,7 +249,8 @@ CACHE_PERCENT = 90
 is approximate (the cache manager evicts once it is passed; the slices being written are not
 counted) and ext4 keeps 5% for root, which nginx's workers cannot use. A cache bigger than its
 volume fails its writes (ENOSPC), and nodes then read from the origin: more origin GETs than no
-tier at all."""
+tier at all (until the cache manager has evicted down to min_free, which it checks every 10 s at
+most)."""
 
 
 def max_size_for(storage: str) -> str:
@@ -269,6 +274,8 @@ def check_settings(settings: TierSettings) -> None:
     _listen_address("--origin-side", settings.origin_side, loopback=True)
     _slice_bytes(settings.slice)
     _nginx_size("--max-size", settings.max_size)
+    if settings.min_free != "auto":
+        _nginx_size("--min-free", settings.min_free)
     for what, path in (
         ("--cache-dir", settings.cache_dir),
         ("--run-dir", settings.run_dir),
@@ -313,6 +320,15 @@ def fill_limits(settings: TierSettings) -> tuple[int, int]:
     return max_fills, (max_fills * slice_bytes + (256 << 20) + (1 << 20) - 1) >> 20
 
 
+def min_free(settings: TierSettings) -> str:
+    """nginx's ``min_free``: as set, or ("auto") room for every slice the fill stage may be
+    handing nginx at once, each written to the cache as it arrives."""
+    if settings.min_free != "auto":
+        return settings.min_free
+    max_fills, _ = fill_limits(settings)
+    return f"{(max_fills * _slice_bytes(settings.slice) + (1 << 20) - 1) >> 20}m"
+
+
 def render_nginx(settings: TierSettings) -> str:
     """nginx.conf for one tier replica."""
     check_settings(settings)
@@ -333,6 +349,7 @@ def render_nginx(settings: TierSettings) -> str:
         "ACCESS_LOG": settings.access_log,
         "CACHE_DIR": settings.cache_dir,
         "MAX_SIZE": settings.max_size,
+        "MIN_FREE": min_free(settings),
         "JS_DIR": settings.js_dir,
         "TOKEN_FILE": f'"{settings.token_file}"',
         "ORIGIN_ADDR": addr,

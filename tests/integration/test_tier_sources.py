@@ -7,6 +7,8 @@ import hashlib
 import http.client
 import json
 import os
+import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -126,6 +128,62 @@ def test_an_nginx_etag_of_mtime_and_size_is_not_read_through_the_tier(web: Nginx
             tier_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["tier"]
             assert tier_stats["tier_bytes"] == 0, tier_stats
         assert "cache=" not in tier.access_log()
+
+
+def test_a_replica_whose_cache_disk_is_full_makes_room_and_serves_misses_again(
+    web: Nginx, published: tuple[str, bytes], tmp_path: Path
+) -> None:
+    """The replica's cache on a file system that fills (a 3 MiB tmpfs, room for two 1 MiB
+    slices): the third miss is cut short (ENOSPC, never cached). nginx's cache manager then
+    evicts to keep min_free free, and misses are served whole, and cached, again; without
+    min_free every later miss failed for as long as the disk stayed full."""
+    top, data = published
+    cache = tmp_path / "tier" / "cache"
+    cache.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0755", "tmpfs", str(cache)], check=True)
+    try:
+        with tier_replica(
+            LOOPBACK,
+            tmp_path / "tier",
+            web.url(f"strong/{top}/", tls=True),
+            web.url("", tls=True).rstrip("/"),
+            slice_size="1m",
+            port=free_port(),
+            origin_side_port=free_port(),
+            ca_file=str(web.ca_cert),
+            origin_name="localhost",
+            min_free="1m",
+        ) as tier:
+            head = urllib.request.Request(web.url(f"strong/{top}/m.bin"), method="HEAD")
+            etag = urllib.request.urlopen(head, timeout=30).headers["ETag"]
+
+            def get(index: int) -> bytes:
+                """Slice ``index`` through the tier: the body, b"" if it was cut short."""
+                first = index * BLOCK
+                headers = {"Range": f"bytes={first}-{first + BLOCK - 1}", "If-Match": etag, "X-Modelfs-Size": str(SIZE)}
+                request = urllib.request.Request(tier.url + f"/strong/{top}/m.bin", headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as resp:
+                        assert resp.status == 206
+                        return resp.read()
+                except http.client.IncompleteRead:
+                    return b""
+
+            got = [get(index) for index in range(3)]
+            assert got[:2] == [data[:BLOCK], data[BLOCK : 2 * BLOCK]]
+            assert got[2] == b"", "the third slice fit a full disk"
+            assert "pwrite" in (tmp_path / "tier" / "error.log").read_text()  # (ENOSPC, or written only in part)
+            # The cache manager makes room within ~10 s (nginx checks min_free at least that
+            # often): polled for, the condition bounded by a deadline.
+            deadline = time.monotonic() + 120
+            while (body := get(2)) == b"":
+                assert time.monotonic() < deadline, "the full replica never served a miss again"
+                time.sleep(0.2)  # polling for the condition above, not waiting for time to pass
+            assert body == data[2 * BLOCK : 3 * BLOCK]
+            assert f" 206 {BLOCK} cache=MISS" in tier.access_log().splitlines()[-1]
+            assert get(2) == body and f" 206 {BLOCK} cache=HIT" in tier.access_log().splitlines()[-1]
+    finally:
+        subprocess.run(["umount", "-l", str(cache)], check=False)
 
 
 def test_the_tier_serves_only_pinned_reads_of_its_paths(

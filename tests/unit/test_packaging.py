@@ -486,6 +486,7 @@ def test_tier_config_is_what_the_issue_asks_for() -> None:
         "proxy_set_header Range $slice_range;",
         'proxy_set_header Authorization "";',
         "max_size=100g",
+        " min_free=256m ",  # a full disk: the cache manager evicts, misses are cached again
         "worker_processes 4;",  # not auto: that counts the node's CPUs, not the pod's
         "location ~ ^(/download/storage/v1/b/my\\-bucket/o/|/storage/v1/b/my\\-bucket/o/)",
     ):

@@ -115,6 +115,8 @@ def test_the_cache_cap_fits_its_volume(capsys: pytest.CaptureFixture[str]) -> No
         ("--max-size", "1g;}"),
         ("--max-size", "0"),
         ("--max-size", "1t"),
+        ("--min-free", "1g;}"),
+        ("--min-free", "0"),
         ("--cache-dir", "/x;y"),
         ("--cache-dir", "relative"),
         ("--cache-dir", "/x y"),
@@ -170,6 +172,9 @@ def test_a_setting_that_would_break_the_config_is_refused(
         (("--access-log", "off"), "access_log off modelfs_tier;"),
         (("--error-log", "/var/log/nginx/tier-error.log"), "error_log /var/log/nginx/tier-error.log warn;"),
         (("--max-size", "512000m"), "max_size=512000m"),
+        (("--min-free", "2g"), " min_free=2g "),
+        (("--slice", "256m"), " min_free=512m "),  # "auto": room for the fill stage's slices
+        (("--slice", "1m"), " min_free=32m "),
         (("--user", "nginx"), "user nginx;"),
         (("--cache-dir", "/tmp/pytest-of-x/test_a[b]0/cache"), "proxy_cache_path /tmp/pytest-of-x/test_a[b]0/cache "),
     ],
