@@ -243,16 +243,32 @@ class BlockStore:
         """Bring a block into the disk cache in the background (eager streaming).
 
         Takes GET slots behind demand reads, and memory only from blocks already read; the
-        block is readable at once and evictable as soon as its disk write is done.
+        block is readable at once and evictable as soon as its disk write is done. On return
+        the block is on disk or READY in memory (fetched: its disk write queued; see drain):
+        a block another task is filling counts only once that fill is done.
         """
         key: BlockKey = (obj.key, obj.version, index)
-        if key in self.memory or self.disk is None or self.disk.contains(key):
-            return
-        block = await self.memory.reserve_background(key, self._length(obj, index))
-        if block is None:
-            return
-        await self._fill(obj, block, demand=False)
-        self.stats.streamed_blocks += 1
+        while self.disk is not None and not self.disk.contains(key):
+            block = self.memory.peek(key)
+            if block is None:
+                block = await self.memory.reserve_background(key, self._length(obj, index))
+                if block is None:
+                    continue  # another task made it meanwhile: see what became of it
+                await self._fill(obj, block, demand=False)
+                self.stats.streamed_blocks += 1
+                return
+            if block.state is BlockState.READY:
+                return  # (fetched: its disk write is queued; else it was read from the disk)
+            # Being filled by another task: a demand read, a prefetch, or the worker of a stream
+            # cancelled by its file's last close, still unwinding. That fill may still be
+            # dropped (cancelled, or a joined read-ahead GET that failed): skipped, the block
+            # would be fetched by nobody and never reach the disk. Wait for it, pinned as in
+            # get, and look again.
+            block.pins += 1
+            try:
+                await block.ready.wait()
+            finally:
+                self.memory.unpin(block)
 
     def prefetch(self, obj: ObjectRef, index: int) -> bool:
         """Start fetching a block in the background if the budget has room; False if not."""

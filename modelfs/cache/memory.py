@@ -216,6 +216,10 @@ class MemoryCache:
             self._blocks.move_to_end(key)
         return block
 
+    def peek(self, key: BlockKey) -> Block | None:
+        """The block for ``key`` (in any state), leaving its place in the LRU order alone."""
+        return self._blocks.get(key)
+
     def consume(self, block: Block) -> None:
         """A reader used ``block``: it is no longer protected as a not-yet-read prefetch."""
         if block.unread_prefetch:
