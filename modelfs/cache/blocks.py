@@ -110,7 +110,6 @@ class BlockStore:
         self.retry_deadline = retry_deadline
         self.stats = StoreStats()
         self._nursery: trio.Nursery | None = None
-        self._writes_pending = 0
         self._writes_done = trio.lowlevel.ParkingLot()
         self._write_seq = 0  # numbers the disk writes, in the order they were queued
         self._queued_writes: set[int] = set()  # the numbers of those not done yet
@@ -378,7 +377,6 @@ class BlockStore:
         if fetched and self.disk is not None and self._nursery is not None:
             # Still pinned: the disk write reads the buffer in a thread, and the bytes stay
             # counted in the budget until it is done.
-            self._writes_pending += 1
             self._write_seq += 1
             self._queued_writes.add(self._write_seq)
             self._nursery.start_soon(self._write_back, block, self._write_seq)
@@ -391,7 +389,6 @@ class BlockStore:
             await self.disk.write(block.key, block.view, crc=block.crc)
         finally:
             self.memory.unpin(block)
-            self._writes_pending -= 1
             self._queued_writes.discard(seq)
             self._writes_done.unpark_all()
 
@@ -405,8 +402,15 @@ class BlockStore:
         return not self._queued_writes or min(self._queued_writes) > upto
 
     async def drain(self) -> None:
-        """Wait until every block fetched so far is written to the disk cache."""
-        while self._writes_pending:
+        """Wait until the disk write of every block fetched so far has ended (stored, or failed:
+        a full or failing disk), the eager stream's included. Writes queued meanwhile (read-ahead
+        and streams still landing blocks) are not waited for. A block still being fetched is
+        not fetched yet: wait for its reader or its stream first (a stream ends only once each
+        block of its file is on disk or READY). Unbounded: the stop uses :meth:`finish_writes`."""
+        await self._writes_up_to(self._write_seq)
+
+    async def _writes_up_to(self, last: int) -> None:
+        while not self.writes_done(last):
             await self._writes_done.park()
 
     async def finish_writes(self, grace: float) -> bool:
@@ -416,8 +420,7 @@ class BlockStore:
         (prefetches and the eager stream still landing) are not waited for."""
         last = self._write_seq
         with trio.move_on_after(grace):
-            while not self.writes_done(last):
-                await self._writes_done.park()
+            await self._writes_up_to(last)
             return True
         left = sum(1 for seq in self._queued_writes if seq <= last)
         log.warning("stopped with %d disk-cache write(s) still queued: the next start fetches them again", left)

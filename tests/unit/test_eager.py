@@ -721,3 +721,51 @@ async def test_a_block_whose_fill_another_task_drops_is_still_streamed_to_disk(
     buf = bytearray(BS)
     assert await disk.read_into(key, memoryview(buf))
     assert bytes(buf) == data[:BS]
+
+
+async def test_drain_waits_for_the_streams_writes_so_far_and_not_for_later_ones(
+    make_store: StoreFactory, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """drain waits for the disk write of every block fetched before it was called, a streamed
+    one's too; it used to wait until no write at all was queued, so with blocks still landing
+    (a stream, read-ahead) it waited for writes queued after it, as long as they kept coming."""
+    backend = MemoryBackend()
+    ref, data = put_ramp(backend, "w.gguf", 2 * BS)
+    store = await make_store(backend, memory_blocks=8, disk=True)
+    disk = store.disk
+    assert disk is not None
+    gates = {index: trio.Event() for index in range(2)}
+    written = {index: trio.Event() for index in range(2)}
+    write = disk.write
+
+    async def held(key: tuple[str, str, int], view: memoryview, *, crc: int | None = None) -> bool:
+        await gates[key[2]].wait()
+        try:
+            return await write(key, view, crc=crc)
+        finally:
+            written[key[2]].set()
+
+    monkeypatch.setattr(disk, "write", held)
+    await store.stream(ref, 0)  # fetched: its disk write is queued, held
+    drained = trio.Event()
+
+    async def drain() -> None:
+        await store.drain()
+        drained.set()
+
+    nursery.start_soon(drain)
+    await store.stream(ref, 1)  # fetched after drain was called: its write is held on
+    await trio.testing.wait_all_tasks_blocked()
+    assert not drained.is_set()  # block 0's write is not done
+    gates[0].set()
+    await written[0].wait()
+    await trio.testing.wait_all_tasks_blocked()
+    assert drained.is_set()  # block 1's write, queued later, is not waited for
+    buf = memoryview(bytearray(BS))
+    assert await disk.read_into((ref.key, ref.version, 0), buf)
+    assert bytes(buf) == data[:BS]
+    assert not disk.contains((ref.key, ref.version, 1))
+    gates[1].set()
+    await store.drain()
+    assert await disk.read_into((ref.key, ref.version, 1), buf)
+    assert bytes(buf) == data[BS:]
