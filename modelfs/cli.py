@@ -83,9 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         help="fill the disk cache for SOURCE (and verify gs:// and s3:// objects' checksums)",
         description="Fetch every object of SOURCE into the disk cache that a later "
         "'modelfs mount SOURCE' uses, verifying each against its stored checksum where the store "
-        "keeps one of the whole object (gs://: CRC32C or MD5; s3://: the CRC32, CRC32C, SHA-1 or "
-        "SHA-256 it was uploaded with, not a multipart upload's COMPOSITE one nor a CRC64NVME; "
-        "http(s):// and file:// have none).",
+        "keeps one of the whole object (gs://: CRC32C or MD5; s3://: its CRC64NVME, CRC32, CRC32C, "
+        "SHA-1 or SHA-256, not a multipart upload's COMPOSITE one; http(s):// and file:// have none).",
     )
     warm.add_argument("source", metavar="SOURCE")
     add_options(warm, WARM_OPTIONS)

@@ -4,12 +4,12 @@ It uses the mount's own block store (same cache dir, same block files), so a mou
 follows starts warm. Each object is read block by block in order, with the next blocks
 prefetched in parallel; the bytes are folded into the checksum the store keeps of the whole
 object and compared with it: gs:// its CRC32C (or MD5 where there is no CRC), s3:// the one
-it was uploaded with (CRC32, CRC32C, SHA-1 or SHA-256; HeadObject gives it, a listing does
-not, so each s3:// object is stat'ed first). A mismatch removes the object's blocks from the
-cache and makes the command fail. An object with none to check (other stores, an S3 object
-uploaded without one) is reported so, and so is one whose checksum cannot be checked: an S3
-multipart upload's COMPOSITE checksum (of its parts' checksums, not of its bytes), or a
-CRC64NVME (nothing here computes one).
+it was uploaded with or S3 computed (CRC32, CRC32C, CRC64NVME, SHA-1 or SHA-256; HeadObject
+gives it, a listing does not, so each s3:// object is stat'ed first). A mismatch removes the
+object's blocks from the cache and makes the command fail. An object with none to check (other
+stores, an S3 object without one) is reported so, and so is one whose checksum cannot be
+checked: an S3 multipart upload's COMPOSITE checksum (of its parts' checksums, not of its
+bytes).
 
 An object is reported cached only once its disk writes are done and every block of it is in
 the disk cache; one whose blocks could not be written (a full disk, an I/O error) or were
@@ -116,23 +116,34 @@ class _Hash(Protocol):
 
 
 class _Crc:
-    """A CRC32 or CRC32C folded block by block; its digest big-endian, as the stores give it."""
+    """A CRC32, CRC32C or CRC64NVME folded block by block; its digest big-endian (``size``
+    bytes), as the stores give it."""
 
-    def __init__(self, fn: Callable[[memoryview, int], int]) -> None:
+    def __init__(self, fn: Callable[[memoryview, int], int], size: int = 4) -> None:
         self._fn = fn
+        self._size = size
         self._value = 0
 
     def update(self, data: memoryview, /) -> None:
         self._value = self._fn(data, self._value)
 
     def digest(self) -> bytes:
-        return self._value.to_bytes(4, "big")
+        return self._value.to_bytes(self._size, "big")
+
+
+def _crc64nvme() -> _Crc:
+    """S3's CRC64NVME (CRC-64/NVME), from awscrt: what botocore computes it with too. Imported
+    here, so a warm that checks none does not load the library."""
+    from awscrt.checksums import crc64nvme
+
+    return _Crc(crc64nvme, 8)
 
 
 # What warm can check, and each one's digest size.
 _HASHES: dict[str, tuple[Callable[[], _Hash], int]] = {
     "crc32c": (lambda: _Crc(crc32c.crc32c), 4),
     "crc32": (lambda: _Crc(zlib.crc32), 4),
+    "crc64nvme": (_crc64nvme, 8),
     "md5": (hashlib.md5, 16),
     "sha1": (hashlib.sha1, 20),
     "sha256": (hashlib.sha256, 32),

@@ -123,8 +123,10 @@ def head_checksum(head: dict[str, Any], etag: str) -> str | None:
 
     A checksum is of the whole object when S3 says so (ChecksumType FULL_OBJECT), or when it
     says nothing and the object is not a multipart upload (a single PUT's checksum is of its
-    bytes). Otherwise it is COMPOSITE: S3 spells those "<base64>-<parts>"; one without the
-    suffix (a store that leaves out the type, as moto does on HEAD) gets the ETag's part count.
+    bytes), or when it is a CRC64NVME (S3 keeps only full-object ones of that, multipart
+    uploads included). Otherwise it is COMPOSITE: S3 spells those "<base64>-<parts>"; one
+    without the suffix (a store that leaves out the type, as moto does on HEAD) gets the ETag's
+    part count.
     """
     found = next(((name, head[field]) for field, name in _CHECKSUM_FIELDS if isinstance(head.get(field), str)), None)
     if found is None or not found[1]:
@@ -134,7 +136,7 @@ def head_checksum(head: dict[str, Any], etag: str) -> str | None:
     multipart = _PARTS.search(etag)
     if "-" in value:  # (base64 has no '-': this is S3's "-<parts>" of a composite checksum)
         return f"{algorithm}:{value}"
-    if kind == "COMPOSITE" or (kind != "FULL_OBJECT" and multipart is not None):
+    if kind == "COMPOSITE" or (kind != "FULL_OBJECT" and algorithm != "crc64nvme" and multipart is not None):
         return f"{algorithm}:{value}-{multipart.group(1) if multipart else '?'}"
     return f"{algorithm}:{value}"
 

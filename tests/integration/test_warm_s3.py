@@ -4,7 +4,9 @@ S3 keeps the checksum an object was uploaded with (CRC32, CRC32C, CRC64NVME, SHA
 gives it on HeadObject with ChecksumMode=ENABLED. warm checks the whole-object ones, fails on a
 mismatch as for gs:// (one line, exit 1, the object's blocks dropped from the cache), and says
 why it did not check the others: a multipart upload's COMPOSITE checksum is of its parts'
-checksums, not of its bytes; modelfs computes no CRC64NVME.
+checksums, not of its bytes. A CRC64NVME (S3's default since 2025) is always of the whole
+object, multipart uploads included; the value moto keeps is checked against a plain Python
+CRC-64/NVME here, so the test does not only trust awscrt (which warm, botocore and moto use).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import boto3
 import crc32c
+import pytest
 from botocore.config import Config
 
+from modelfs.testing.crc64nvme import crc64nvme_b64
 from modelfs.testing.faultproxy import fault_proxy
 from modelfs.testing.mounts import mounted, run_modelfs
 from modelfs.testing.s3server import REGION, S3Server
@@ -51,14 +55,9 @@ def test_warm_checks_each_checksum_s3_keeps(s3: S3Server, tmp_path: Path) -> Non
     client.put_object(Bucket=bucket, Key="m/crc32c.bin", Body=data["b"], ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc)
     client.put_object(Bucket=bucket, Key="m/sha1.bin", Body=data["c"], ChecksumAlgorithm="SHA1")
     client.put_object(Bucket=bucket, Key="m/sha256.bin", Body=data["d"], ChecksumAlgorithm="SHA256")
-    # (botocore computes no CRC64NVME without awscrt: the value is given, and moto keeps it unchecked)
-    client.put_object(
-        Bucket=bucket,
-        Key="m/crc64.bin",
-        Body=data["e"],
-        ChecksumAlgorithm="CRC64NVME",
-        ChecksumCRC64NVME="AAAAAAAAAAA=",
-    )
+    client.put_object(Bucket=bucket, Key="m/crc64.bin", Body=data["e"], ChecksumAlgorithm="CRC64NVME")
+    head = client.head_object(Bucket=bucket, Key="m/crc64.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC64NVME"] == crc64nvme_b64(data["e"])  # what moto keeps is CRC-64/NVME
     bare = boto3.client(
         "s3",
         endpoint_url=s3.url,
@@ -73,23 +72,23 @@ def test_warm_checks_each_checksum_s3_keeps(s3: S3Server, tmp_path: Path) -> Non
     result = run_modelfs("warm", f"s3://{bucket}/m", *options, env=s3.env())
     assert result.returncode == 0, result.stderr
     lines = _lines(result.stderr)
-    for name in ("crc32.bin", "crc32c.bin", "sha1.bin", "sha256.bin"):
+    for name in ("crc32.bin", "crc32c.bin", "crc64.bin", "sha1.bin", "sha256.bin"):
         assert lines[name] == "cached, checksum ok", result.stderr
-    assert lines["crc64.bin"] == "cached (not verified: its checksum is CRC64NVME, which modelfs cannot compute)"
     assert lines["bare.bin"] == "cached (no checksum to verify)"
     # What warm cached is what the mount then reads, without a GET.
     with mounted(f"s3://{bucket}/m", tmp_path / "mnt", cache, *options[:2], *OPTIONS, env=s3.env()) as mnt:
         assert (mnt / "sha256.bin").read_bytes() == data["d"]
 
 
-def test_warm_fails_when_s3_serves_other_bytes(s3: S3Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["SHA256", "CRC64NVME"])
+def test_warm_fails_when_s3_serves_other_bytes(s3: S3Server, tmp_path: Path, algorithm: str) -> None:
     """A server that answers with other bytes of the right length (one flipped by a proxy on
     every GET of bad.bin): warm ends with one line naming it and exit 1, and drops its blocks,
     so a mount that follows reads the object again instead of the bytes that failed."""
     bucket = _bucket(s3)
     good, bad = random.Random(1).randbytes(200_000), random.Random(2).randbytes(200_000)
     for name, body in (("good.bin", good), ("bad.bin", bad)):
-        s3.client().put_object(Bucket=bucket, Key=f"m/{name}", Body=body, ChecksumAlgorithm="SHA256")
+        s3.client().put_object(Bucket=bucket, Key=f"m/{name}", Body=body, ChecksumAlgorithm=algorithm)
     cache = tmp_path / "cache"
     with fault_proxy(s3.url, rate=1.0, kinds=["corrupt"], fault_paths=r"/bad\.bin$", keep_host=True, seed=5) as proxy:
         result = run_modelfs(
@@ -108,16 +107,21 @@ def test_warm_fails_when_s3_serves_other_bytes(s3: S3Server, tmp_path: Path) -> 
 
 
 def test_warm_skips_a_multipart_composite_checksum(s3: S3Server, tmp_path: Path) -> None:
-    """A multipart upload's checksum is COMPOSITE by default (a checksum of its parts'
+    """A multipart upload's CRC32 checksum is COMPOSITE by default (a checksum of its parts'
     checksums): no hash of the bytes can match it, so warm says so and does not fail. One
-    uploaded as FULL_OBJECT is of the bytes, and is checked."""
+    uploaded as FULL_OBJECT is of the bytes, and is checked; so is a CRC64NVME, which is only
+    ever FULL_OBJECT (moto's HEAD does not say the type of either)."""
     bucket = _bucket(s3)
     client = s3.client()
     rng = random.Random(3)
     parts = [rng.randbytes(5 << 20), rng.randbytes(1000)]  # (moto's least part: 5 MiB)
-    for name, kind in (("composite.bin", None), ("full.bin", "FULL_OBJECT")):
+    for name, algorithm, kind in (
+        ("composite.bin", "CRC32", None),
+        ("full.bin", "CRC32", "FULL_OBJECT"),
+        ("crc64.bin", "CRC64NVME", None),
+    ):
         extra = {"ChecksumType": kind} if kind else {}
-        upload = client.create_multipart_upload(Bucket=bucket, Key=f"m/{name}", ChecksumAlgorithm="CRC32", **extra)
+        upload = client.create_multipart_upload(Bucket=bucket, Key=f"m/{name}", ChecksumAlgorithm=algorithm, **extra)
         done = []
         for number, part in enumerate(parts, 1):
             answer = client.upload_part(
@@ -126,17 +130,21 @@ def test_warm_skips_a_multipart_composite_checksum(s3: S3Server, tmp_path: Path)
                 UploadId=upload["UploadId"],
                 PartNumber=number,
                 Body=part,
-                ChecksumAlgorithm="CRC32",
+                ChecksumAlgorithm=algorithm,
             )
-            done.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32": answer["ChecksumCRC32"]})
+            field = f"Checksum{algorithm}"
+            done.append({"PartNumber": number, "ETag": answer["ETag"], field: answer[field]})
         client.complete_multipart_upload(
             Bucket=bucket, Key=f"m/{name}", UploadId=upload["UploadId"], MultipartUpload={"Parts": done}
         )
+    head = client.head_object(Bucket=bucket, Key="m/crc64.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC64NVME"] == crc64nvme_b64(b"".join(parts))  # of the whole object
     options = ("--endpoint-url", s3.url, "--cache-dir", str(tmp_path / "cache"), "--block-size", "1M")
     result = run_modelfs("warm", f"s3://{bucket}/m", *options, env=s3.env())
     assert result.returncode == 0, result.stderr
     lines = _lines(result.stderr)
     assert lines["full.bin"] == "cached, checksum ok", result.stderr
+    assert lines["crc64.bin"] == "cached, checksum ok", result.stderr
     assert lines["composite.bin"] == (
         "cached (not verified: its CRC32 is a multipart upload's COMPOSITE checksum of its 2 parts, "
         "not one of the whole object)"

@@ -286,6 +286,8 @@ async def test_a_listing_without_an_objects_etag_or_size_is_a_backend_error(aws_
             "sha1:LU0jSCSI0F3SqamOuIKfR/U9M04=-?",
         ),
         ({"ChecksumCRC64NVME": "AAAAAAAAAAA="}, ETAG, "crc64nvme:AAAAAAAAAAA="),
+        # CRC64NVME is only ever FULL_OBJECT: a multipart upload's, type not said (moto's HEAD), too
+        ({"ChecksumCRC64NVME": "rosUhgp5mIg="}, '"abc-2"', "crc64nvme:rosUhgp5mIg="),
         ({}, ETAG, None),
         ({"ChecksumCRC32": ""}, ETAG, None),
     ],

@@ -172,7 +172,6 @@ def test_warm_of_a_file_source_without_persist_weak_versions_is_bad_usage(
 @pytest.mark.parametrize(
     ("checksum", "note"),
     [
-        ("crc64nvme:AAAAAAAAAAA=", "not verified: its checksum is CRC64NVME, which modelfs cannot compute"),
         (
             "crc32:9286hw==-?",
             "not verified: its CRC32 is a multipart upload's COMPOSITE checksum of its parts, "
