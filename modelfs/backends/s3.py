@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -147,6 +148,18 @@ def _key_of(item: dict[str, Any]) -> object:
 
 def _prefix_of(item: dict[str, Any]) -> object:
     return item.get("Prefix")
+
+
+def _keep_crt_from_botocore() -> None:
+    """awscrt is installed for warm's CRC64NVME only. botocore imports ``awscrt.auth`` when it
+    can, and then signs with the CRT and loads ~6 MiB of native library into the daemon,
+    outside the memory bound's overhead (docs/backends.md): these two imports fail for it."""
+    if "botocore.compat" not in sys.modules:  # (decided once, when botocore is first imported)
+        for name in ("awscrt.auth", "awscrt.crypto"):
+            sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+_keep_crt_from_botocore()
 
 
 class S3Backend(ThreadedBackend):

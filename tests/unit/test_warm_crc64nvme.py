@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,18 @@ def test_warm_fails_an_object_whose_crc64nvme_differs(tmp_path: Path, monkeypatc
     result, out = _warm_with(tmp_path, monkeypatch, data, "crc64nvme:" + crc64nvme_b64(bytes(other)))
     assert result.mismatched == ["a.bin"] and result.unverified == 0, out
     assert "warm: a.bin: CHECKSUM MISMATCH (not cached)" in out
+
+
+def test_botocore_never_loads_awscrt_in_the_daemon() -> None:
+    """awscrt is there for warm's CRC64NVME only: botocore, imported by the S3 backend, must
+    not find it (it would sign with the CRT and load ~6 MiB outside the overhead). In a new
+    interpreter, as the daemon imports them; awscrt's checksums still work beside it."""
+    code = (
+        "import modelfs.backends.s3, boto3, botocore.compat, sys\n"
+        "boto3.session.Session().client('s3', region_name='us-east-1', endpoint_url='http://127.0.0.1:9')\n"
+        "from awscrt.checksums import crc64nvme\n"
+        "print(botocore.compat.HAS_CRT, 'awscrt.auth' in sys.modules and sys.modules['awscrt.auth'] is not None,"
+        " hex(crc64nvme(b'123456789')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False", "0xae8b14860a799888"], out.stderr
