@@ -312,6 +312,8 @@ class ModelFS(pyfuse3.Operations):
             "memory_leases": memory.stats.leases,
             "memory_lease_waits": memory.stats.lease_waits,
             "reads_in_flight": self.files.reads_in_flight,
+            "gets_in_flight": store.slots.in_use,
+            "gets_in_flight_peak": store.slots.peak,
             "memory_peak": memory.stats.peak_bytes,
             "memory_hits": memory.stats.hits,
             "memory_misses": memory.stats.misses,

@@ -44,6 +44,7 @@ class FetchSlots:
     def __init__(self, n: int) -> None:
         self.capacity = n
         self._free = n
+        self.peak = 0  # the most GETs in flight at once so far
         self._demand = trio.lowlevel.ParkingLot()
         self._prefetch = trio.lowlevel.ParkingLot()
 
@@ -61,6 +62,7 @@ class FetchSlots:
             # after the decrement would leak the slot (the caller releases only on success).
             await trio.lowlevel.checkpoint_if_cancelled()
             self._free -= 1
+            self.peak = max(self.peak, self.capacity - self._free)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         # A parked task is handed the slot by release(); the count does not change.
