@@ -416,7 +416,9 @@ class Config:
         parse_size, 8 << 20, "memory for cached directory listings and attributes (estimated bytes), e.g. 16M"
     )
     max_prefetch: int = _option(parse_size, 256 << 20, "largest read-ahead window per sequential reader")
-    max_concurrency: int = _option(_parse_int, 8, "ranged GETs in flight at once, over all files")
+    max_concurrency: int = _option(
+        _parse_int, 8, "ranged GETs in flight at once, over all files (each beyond 8 adds 128K to the overhead)"
+    )
     prefetch_get_size: int = _option(
         parse_size,
         32 << 20,
@@ -653,7 +655,15 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
     """--memory-cache: 'auto' resolved from the cgroup limit; the budget must hold two blocks and
     one FUSE read beside a block; a mount must fit in its cgroup's memory limit with the
     daemon's fixed overhead (see modelfs.memlimit)."""
-    from modelfs.memlimit import DISK_BLOCKS_INCLUDED, MAX_REQUEST, auto_budget, cgroup_memory_limit, describe, overhead
+    from modelfs.memlimit import (
+        CONCURRENCY_INCLUDED,
+        DISK_BLOCKS_INCLUDED,
+        MAX_REQUEST,
+        auto_budget,
+        cgroup_memory_limit,
+        describe,
+        overhead,
+    )
 
     block = values["block_size"]
     least = max(2 * block, block + MAX_REQUEST)
@@ -662,7 +672,9 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
     if values["memory_cache"] == _AUTO:
         if limit is None:
             raise ConfigError("--memory-cache auto needs a cgroup memory limit, and this process has none")
-        values["memory_cache"] = auto_budget(limit, block, values["metadata_cache"], disk_blocks)
+        values["memory_cache"] = auto_budget(
+            limit, block, values["metadata_cache"], disk_blocks, max_concurrency=values["max_concurrency"]
+        )
         if values["memory_cache"] < least:
             raise ConfigError(
                 f"--memory-cache auto: the cgroup memory limit {describe(limit)} leaves "
@@ -674,14 +686,20 @@ def _check_memory(values: dict[str, Any], *, mount: bool) -> None:
             f"--memory-cache must hold two blocks and a 1M read beside a block: at least {describe(least)} "
             f"with --block-size {describe(block)}"
         )
-    extra = overhead(values["metadata_cache"], disk_blocks, values["memory_cache"] // block)
+    extra = overhead(values["metadata_cache"], disk_blocks, values["memory_cache"] // block, values["max_concurrency"])
     if mount and limit is not None and values["memory_cache"] + extra > limit:
-        index = " and the disk cache's index of its blocks" if disk_blocks > DISK_BLOCKS_INCLUDED else ""
+        parts, hints = "", []
+        if disk_blocks > DISK_BLOCKS_INCLUDED:
+            parts += " and the disk cache's index of its blocks"
+            hints.append(" a larger --block-size, or a smaller --disk-cache")
+        if values["max_concurrency"] > CONCURRENCY_INCLUDED:  # each GET in flight: a thread, a connection
+            parts += f" with {values['max_concurrency']} GETs in flight"
+            hints.append(" a smaller --max-concurrency")
         raise ConfigError(
-            f"--memory-cache {describe(values['memory_cache'])} plus the daemon's overhead{index} "
+            f"--memory-cache {describe(values['memory_cache'])} plus the daemon's overhead{parts} "
             f"({describe(extra)}) exceeds the cgroup memory limit {describe(limit)}: "
             f"use --memory-cache auto or at most {describe(max(0, limit - extra))}"
-            + (" (or a larger --block-size, or a smaller --disk-cache)" if index else "")
+            + (f" (or{', or'.join(hints)})" if hints else "")
         )
 
 

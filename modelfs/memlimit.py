@@ -1,7 +1,8 @@
 """The daemon's memory bound: its fixed overhead, and the cgroup memory limit it must fit in.
 
 The bound modelfs keeps is: peak RSS <= ``--memory-cache`` + :data:`FIXED_OVERHEAD`, whatever
-the number of objects, the file sizes and the number of readers. ``--memory-cache`` counts
+the number of objects, the file sizes and the number of readers, plus :data:`GET_BYTES` per GET
+that ``--max-concurrency`` allows beyond its default (:func:`overhead`). ``--memory-cache`` counts
 every data buffer (blocks, small reads, reads across a block edge, headers being parsed,
 index bodies: see :mod:`modelfs.cache.memory`); the overhead is what is not a data buffer:
 the interpreter and its libraries, the backend's client, the metadata cache (the listings it
@@ -11,7 +12,8 @@ docs/operations.md has the measurements behind the number.
 ``modelfs mount`` reads the memory limit of its own cgroup (v1 or v2) and refuses to start
 when the budget plus the overhead does not fit; ``--memory-cache auto`` takes the limit
 minus the overhead and :data:`AUTO_HEADROOM` (kernel memory the cgroup is charged for:
-socket buffers, page cache of the disk cache's I/O).
+socket buffers, page cache of the disk cache's I/O). What the GETs in flight let the kernel
+queue on their sockets is held to :data:`SOCKET_QUEUE` together (:func:`receive_chunk`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ __all__ = [
     "MIN_HELD_NODES",
     "held_nodes",
     "BLOCK_OBJECT",
+    "CONCURRENCY_INCLUDED",
+    "GET_BYTES",
     "MEMORY_BLOCKS_INCLUDED",
+    "SOCKET_QUEUE",
     "disk_index_files",
     "overhead",
     "AUTO_HEADROOM",
@@ -38,6 +43,7 @@ __all__ = [
     "cgroup_memory_limit",
     "describe",
     "fuse_tasks",
+    "receive_chunk",
     "tune_malloc",
     "str_bytes",
 ]
@@ -75,6 +81,31 @@ a small ``--block-size`` over a large budget adds :data:`BLOCK_OBJECT` per block
 DISK_BLOCKS_INCLUDED = 16384
 """Block files whose index the fixed overhead covers (8 MiB of it); beyond them each adds
 :data:`DISK_INDEX_ENTRY` (a 10 GiB disk cache of 8 MiB blocks is 1,280)."""
+
+CONCURRENCY_INCLUDED = 8
+"""GETs in flight whose cost the fixed overhead covers: ``--max-concurrency``'s default."""
+
+GET_BYTES = 128 << 10
+"""RSS per GET in flight beyond :data:`CONCURRENCY_INCLUDED`, besides the block buffer it fills
+(which the budget counts): its worker thread, its kept-alive connection (socket, client
+objects, OpenSSL's buffers over TLS) and the client's request and response objects. Measured
+(docs/operations.md, "Concurrency"): 37 (GCS), 66 (S3) and 81 KiB (HTTPS) per GET held in
+flight by one backend alone; in the daemon at ``--max-concurrency 256`` the peak RSS over the
+budget grew by 52 (GCS, S3) and up to 98 KiB (HTTPS) per GET beyond 8."""
+
+SOCKET_QUEUE = 32 << 20
+"""What the GETs in flight together let the kernel queue on their sockets before their threads
+wake to take it (``SO_RCVLOWAT``: :func:`receive_chunk`). Socket buffers are outside RSS but
+charged to the cgroup (v2 always; v1 in ``memory.kmem.tcp.*`` apart from the limit), and a
+chunk of 1 MiB per GET queued ~1 MiB per connection: 259 MiB at ``--max-concurrency 256``.
+With the shares, 38-48 MiB were measured at 64 and 256 (bytes keep coming while a thread
+wakes), within :data:`AUTO_HEADROOM`."""
+
+MAX_RECEIVE_CHUNK = 1 << 20
+"""The largest chunk a GET thread waits for (docs/architecture.md: one wake-up per MiB)."""
+
+MIN_RECEIVE_CHUNK = 64 << 10
+"""A floor, never reached while ``--max-concurrency`` is at most 256 (128 KiB each there)."""
 
 AUTO_HEADROOM = 64 << 20
 """What ``--memory-cache auto`` leaves free below the cgroup limit besides the overhead."""
@@ -186,17 +217,23 @@ def held_nodes(metadata_cache: int = DEFAULT_METADATA_CACHE) -> int:
     return max(MIN_HELD_NODES, metadata_cache // HELD_NODE_BYTES)
 
 
-def overhead(metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0, memory_blocks: int = 0) -> int:
+def overhead(
+    metadata_cache: int = DEFAULT_METADATA_CACHE,
+    disk_blocks: int = 0,
+    memory_blocks: int = 0,
+    max_concurrency: int = CONCURRENCY_INCLUDED,
+) -> int:
     """The daemon's RSS beyond ``--memory-cache`` with this ``--metadata-cache``, a disk cache
-    of ``disk_blocks`` blocks (``--disk-cache`` / ``--block-size``) and a budget of
-    ``memory_blocks`` blocks (``--memory-cache`` / ``--block-size``)."""
+    of ``disk_blocks`` blocks (``--disk-cache`` / ``--block-size``), a budget of
+    ``memory_blocks`` blocks (``--memory-cache`` / ``--block-size``) and ``--max-concurrency``."""
+    gets = max(0, max_concurrency - CONCURRENCY_INCLUDED) * GET_BYTES
     index = max(0, disk_blocks - DISK_BLOCKS_INCLUDED) * DISK_INDEX_ENTRY
     blocks = max(0, memory_blocks - MEMORY_BLOCKS_INCLUDED) * BLOCK_OBJECT
     # The metadata cache beyond its default counts twice: the listings it holds, and the one
     # refresh at a time that builds a listing of up to its size beside them; and the nodes
     # the kernel holds beyond the default's (held_nodes) count at HELD_NODE_BYTES each.
     nodes = max(0, held_nodes(metadata_cache) - held_nodes()) * HELD_NODE_BYTES
-    return FIXED_OVERHEAD + 2 * max(0, metadata_cache - DEFAULT_METADATA_CACHE) + nodes + index + blocks
+    return FIXED_OVERHEAD + 2 * max(0, metadata_cache - DEFAULT_METADATA_CACHE) + nodes + index + blocks + gets
 
 
 def disk_index_files(disk_cache: int, block_size: int) -> int:
@@ -205,9 +242,15 @@ def disk_index_files(disk_cache: int, block_size: int) -> int:
     return max(DISK_BLOCKS_INCLUDED, disk_cache // block_size)
 
 
-def auto_budget(limit: int, block_size: int, metadata_cache: int = DEFAULT_METADATA_CACHE, disk_blocks: int = 0) -> int:
+def auto_budget(
+    limit: int,
+    block_size: int,
+    metadata_cache: int = DEFAULT_METADATA_CACHE,
+    disk_blocks: int = 0,
+    max_concurrency: int = CONCURRENCY_INCLUDED,
+) -> int:
     """``--memory-cache auto``: the limit minus overhead and headroom, in whole blocks."""
-    room = limit - overhead(metadata_cache, disk_blocks) - AUTO_HEADROOM
+    room = limit - overhead(metadata_cache, disk_blocks, max_concurrency=max_concurrency) - AUTO_HEADROOM
     blocks = max(0, room) // block_size
     if blocks > MEMORY_BLOCKS_INCLUDED:  # each block beyond them also takes BLOCK_OBJECT of the room
         blocks = (room + MEMORY_BLOCKS_INCLUDED * BLOCK_OBJECT) // (block_size + BLOCK_OBJECT)
@@ -222,6 +265,14 @@ def describe(nbytes: int) -> str:
     if nbytes >= 1 << 20:
         return f"{nbytes / (1 << 20):.1f}M"
     return str(nbytes)
+
+
+def receive_chunk(max_concurrency: int) -> int:
+    """The bytes a GET thread lets the kernel queue on its socket before it wakes to take them:
+    1 MiB up to 32 GETs in flight, then :data:`SOCKET_QUEUE` shared among them (128 KiB at
+    256), never under :data:`MIN_RECEIVE_CHUNK`."""
+    share = SOCKET_QUEUE // max(1, max_concurrency)
+    return max(MIN_RECEIVE_CHUNK, min(MAX_RECEIVE_CHUNK, share))
 
 
 def fuse_tasks(max_lease: int) -> int:

@@ -82,12 +82,14 @@ def receive_into(
     dests: Sequence[memoryview],
     timeout: float,
     sums: list[int] | None = None,
+    chunk: int = httpclient_body.CHUNK,
 ) -> int:
     """Fill ``dests`` in turn with the body of ``resp`` (an ``http.client`` response on
     ``conn``); the bytes received, short if the body ended first.
 
     On a plain socket the body goes straight into the buffers (``httpclient_body``) and, with
-    ``sums``, each buffer's CRC32C is appended as it arrives; otherwise (TLS) through
+    ``sums``, each buffer's CRC32C is appended as it arrives, the thread woken once per ``chunk``
+    bytes queued (``SO_RCVLOWAT``); otherwise (TLS) through
     ``readinto``, and ``sums`` stays empty (the disk write computes them)."""
     fast = httpclient_body.applies(conn.sock, resp)
     if sums is not None:
@@ -96,7 +98,9 @@ def receive_into(
     got = 0
     for dest in dests:
         if fast:
-            n = httpclient_body.recv_body_into(conn.sock, resp, dest, timeout, sums=sums, progress=progress.add)
+            n = httpclient_body.recv_body_into(
+                conn.sock, resp, dest, timeout, sums=sums, progress=progress.add, chunk=chunk
+            )
         else:
             n = read_exactly(resp.readinto, dest, progress)
         got += n

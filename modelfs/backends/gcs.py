@@ -42,6 +42,7 @@ from modelfs.backends.skeleton import Buffers, Sums, ThreadedBackend
 from modelfs.backends.tiered import TierTarget, header_pinned
 from modelfs.config import Source
 from modelfs.errors import AccessDenied, BackendError, NotFound, TransientError, VersionChanged
+from modelfs.memlimit import receive_chunk
 
 if TYPE_CHECKING:
     from modelfs.backends.gcs_session import SessionClient
@@ -160,6 +161,7 @@ class GCSBackend(ThreadedBackend):
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
                 max_idle=max_concurrency + 1,
+                receive_chunk=receive_chunk(max_concurrency),
             )
             self._media.accept_encoding = MEDIA_ACCEPT_ENCODING
         else:

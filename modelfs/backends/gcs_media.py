@@ -27,6 +27,7 @@ from modelfs.backends.body import receive_into
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.gcs_auth import Signer, tls_context
 from modelfs.backends.gcs_json import StatusError
+from modelfs.backends.private import httpclient_body
 from modelfs.backends.responses import Headers
 from modelfs.errors import BackendError, TransientError
 
@@ -57,7 +58,14 @@ class MediaTransport:
     """GETs of byte ranges from one ``http(s)://host[:port]``, read straight into a buffer."""
 
     def __init__(
-        self, base_url: str, credentials: object | None, *, connect_timeout: float, read_timeout: float, max_idle: int
+        self,
+        base_url: str,
+        credentials: object | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_idle: int,
+        receive_chunk: int = httpclient_body.CHUNK,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -75,6 +83,7 @@ class MediaTransport:
 
             self._signer = Signer(None if isinstance(credentials, AnonymousCredentials) else credentials)
         self._read_timeout = read_timeout
+        self._receive_chunk = receive_chunk  # (memlimit.receive_chunk: what each socket may queue)
         self._pool = ConnectionPool(
             parts.hostname,
             parts.port or (443 if self._https else 80),
@@ -204,7 +213,7 @@ class MediaTransport:
             # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
             check(resp.status, resp.headers)
             # (``sums`` starts empty: a 401 answered before had nothing of its body summed.)
-            got = receive_into(conn, resp, dests, self._read_timeout, sums)
+            got = receive_into(conn, resp, dests, self._read_timeout, sums, self._receive_chunk)
             if got < length:
                 raise EOFError(f"body ended after {got} of {length} bytes")
         except BaseException:

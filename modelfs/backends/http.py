@@ -72,7 +72,7 @@ from modelfs.errors import (
 )
 from modelfs.jsonscan import PARTS as JSON
 from modelfs.jsonscan import decode_string
-from modelfs.memlimit import str_bytes
+from modelfs.memlimit import receive_chunk, str_bytes
 from modelfs.walk import walk_objects
 
 if TYPE_CHECKING:
@@ -241,6 +241,7 @@ class HTTPBackend(BackendSkeleton):
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
                 max_idle=max_concurrency + 4,
+                receive_chunk=receive_chunk(max_concurrency),
                 headers=dict(client_headers),
                 user_headers=self._user_headers,
                 redirects=self._redirects,

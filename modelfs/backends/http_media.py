@@ -33,6 +33,7 @@ import trio
 
 from modelfs.backends.body import receive_into
 from modelfs.backends.connpool import ConnectionPool, InFlight
+from modelfs.backends.private import httpclient_body
 from modelfs.backends.redirects import MAX_REDIRECTS, RedirectPolicy
 from modelfs.backends.responses import Headers
 from modelfs.errors import BackendError, TransientError
@@ -73,8 +74,10 @@ class HTTPMedia:
         headers: Mapping[str, str],
         user_headers: Sequence[tuple[str, str]],
         redirects: RedirectPolicy,
+        receive_chunk: int = httpclient_body.CHUNK,
     ) -> None:
         self._ssl = ssl_context
+        self._receive_chunk = receive_chunk  # (memlimit.receive_chunk: what each socket may queue)
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_idle = max_idle
@@ -226,7 +229,7 @@ class HTTPMedia:
                     return location
                 # HTTPMessage answers get() case-insensitively, which is all the check asks of a mapping.
                 check(resp.status, resp.headers)
-                got = receive_into(conn, resp, dests, self._read_timeout, sums)
+                got = receive_into(conn, resp, dests, self._read_timeout, sums, self._receive_chunk)
                 if got < length:
                     raise EOFError(f"body ended after {got} of {length} bytes")
                 if not resp.isclosed() and resp.read(1):

@@ -45,6 +45,7 @@ from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.private import httpclient_body
 from modelfs.backends.responses import Headers, RangeRequest, check_range_response
 from modelfs.errors import BackendError, ConfigError, VersionChanged
+from modelfs.memlimit import receive_chunk
 
 __all__ = [
     "SIZE_HEADER",
@@ -179,9 +180,18 @@ class _Retry(Exception):
 class _Replica:
     """One tier replica: its kept-alive connections, each used by one thread at a time."""
 
-    def __init__(self, url: str, *, connect_timeout: float, read_timeout: float, max_idle: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_idle: int,
+        receive_chunk: int = httpclient_body.CHUNK,
+    ) -> None:
         self.host, self.port, self.url = _parse_cache_url(url)
         self._read_timeout = read_timeout
+        self._receive_chunk = receive_chunk  # (memlimit.receive_chunk: what each socket may queue)
         self._pool = ConnectionPool(
             self.host, self.port, connect_timeout=connect_timeout, read_timeout=read_timeout, max_idle=max_idle
         )
@@ -291,7 +301,9 @@ class _Replica:
         sock = conn.sock
         if httpclient_body.applies(sock, resp):
             try:
-                got = httpclient_body.recv_body_into(sock, resp, dest, self._read_timeout, deadline, sums)
+                got = httpclient_body.recv_body_into(
+                    sock, resp, dest, self._read_timeout, deadline, sums, chunk=self._receive_chunk
+                )
             except TimeoutError as exc:
                 raise TierRejected("stalled", f"{exc} ({self._read_timeout:.0f} s)", replica_down=True) from None
         else:
@@ -372,6 +384,7 @@ class TieredBackend:
                 connect_timeout=min(connect_timeout, read_timeout),
                 read_timeout=read_timeout,
                 max_idle=max_concurrency + 1,
+                receive_chunk=receive_chunk(max_concurrency),
             )
             for url in cache_urls
         ]

@@ -178,3 +178,49 @@ def test_the_block_size_is_whole_pages() -> None:
     with pytest.raises(ConfigError, match="multiple of 4K"):
         _config("--block-size", "5000", mount=False)
     assert _config("--block-size", "12K", "--memory-cache", "64M", mount=False) == 64 * MiB
+
+
+def test_each_get_beyond_the_default_concurrency_adds_to_the_overhead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GET in flight holds a worker thread and a kept-alive connection beside its buffer
+    (~0.1 MiB over TLS, docs/operations.md): --max-concurrency beyond the default 8 counts
+    GET_BYTES each, in the refusal and in `auto`."""
+    from modelfs.memlimit import CONCURRENCY_INCLUDED, GET_BYTES, overhead
+
+    assert CONCURRENCY_INCLUDED == 8
+    assert overhead(max_concurrency=1) == overhead(max_concurrency=8) == FIXED_OVERHEAD
+    assert overhead(max_concurrency=256) == FIXED_OVERHEAD + 248 * GET_BYTES == FIXED_OVERHEAD + 31 * MiB
+    monkeypatch.setattr(memlimit, "cgroup_memory_limit", lambda: 512 * MiB)
+    assert _config("--memory-cache", "448M") == 448 * MiB
+    with pytest.raises(ConfigError, match=r"256 GETs in flight \(95M\) .* at most 417M .*--max-concurrency"):
+        _config("--memory-cache", "448M", "--max-concurrency", "256")
+    assert _config("--memory-cache", "417M", "--max-concurrency", "256") == 417 * MiB
+    assert _config("--memory-cache", "auto") == 512 * MiB - FIXED_OVERHEAD - AUTO_HEADROOM
+    auto = _config("--memory-cache", "auto", "--max-concurrency", "256")
+    assert auto == auto_budget(512 * MiB, 8 * MiB, max_concurrency=256) == 352 * MiB  # 353 MiB, in whole blocks
+
+
+def test_receive_chunk_shares_the_socket_queue_among_the_gets() -> None:
+    """What a GET thread lets the kernel queue before it wakes: 1 MiB each up to 32 GETs, then
+    SOCKET_QUEUE shared (sockets are charged to the cgroup, not counted in RSS)."""
+    from modelfs.memlimit import SOCKET_QUEUE, receive_chunk
+
+    assert SOCKET_QUEUE == 32 * MiB
+    assert receive_chunk(1) == receive_chunk(8) == receive_chunk(32) == MiB
+    assert receive_chunk(64) == 512 << 10 and receive_chunk(256) == 128 << 10
+    assert receive_chunk(1 << 20) == 64 << 10  # never less
+    assert all(n * receive_chunk(n) <= SOCKET_QUEUE for n in range(32, 513))
+
+
+def test_the_backends_wait_for_their_share_of_the_socket_queue() -> None:
+    from modelfs.backends.gcs import GCSBackend
+    from modelfs.backends.http import HTTPBackend
+    from modelfs.backends.tiered import TieredBackend
+    from modelfs.config import parse_source
+    from modelfs.memlimit import receive_chunk
+
+    gcs = GCSBackend(parse_source("gs://bucket/m"), anonymous=True, max_concurrency=256)
+    assert gcs._media is not None and gcs._media._receive_chunk == receive_chunk(256)
+    http = HTTPBackend(parse_source("http://127.0.0.1:9/m/"), max_concurrency=64)
+    assert http._media is not None and http._media._receive_chunk == receive_chunk(64)
+    tier = TieredBackend(gcs, ["http://127.0.0.1:9"], block_size=MiB, read_timeout=5, max_concurrency=256)
+    assert tier._replicas[0]._receive_chunk == receive_chunk(256)

@@ -171,6 +171,28 @@ def test_http_client_body_by_recv_waitall(two_bodies: int) -> None:
     conn.close()
 
 
+def test_http_client_body_waits_for_the_chunk_it_is_given(two_bodies: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smaller ``chunk`` (many GETs in flight: memlimit.receive_chunk) is the most the thread
+    lets the kernel queue before it wakes; the body still lands whole."""
+    marks: list[int] = []
+    real = httpclient_body._set_lowat
+
+    def record(sock: socket.socket, nbytes: int) -> None:
+        marks.append(nbytes)
+        real(sock, nbytes)
+
+    monkeypatch.setattr(httpclient_body, "_set_lowat", record)
+    conn = http.client.HTTPConnection("127.0.0.1", two_bodies, timeout=10)
+    conn.request("GET", "/")
+    resp = conn.getresponse()
+    assert conn.sock is not None
+    buf = bytearray(len(BODY))
+    assert httpclient_body.recv_body_into(conn.sock, resp, memoryview(buf), 10.0, chunk=128 << 10) == len(BODY)
+    assert bytes(buf) == BODY
+    assert marks and max(marks) == 128 << 10 and marks[-1] == 1
+    conn.close()
+
+
 def test_http_client_body_stall_times_out() -> None:
     """A server that stops sending mid-body: TimeoutError, not a hang."""
     for port in _serve([_response(BODY)], stall_after=200_000):

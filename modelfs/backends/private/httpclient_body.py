@@ -40,7 +40,9 @@ def applies(sock: object, resp: http.client.HTTPResponse) -> bool:
 
 
 CHUNK = 1 << 20
-"""Bytes one ``recv_into`` waits for (less at the end of the body)."""
+"""Bytes one ``recv_into`` waits for (less at the end of the body), unless the caller asks for
+fewer: the kernel queues up to that much on each socket, outside the memory budget, so many
+GETs in flight wait for less each (``modelfs.memlimit.receive_chunk``)."""
 
 
 def _set_lowat(sock: socket.socket, nbytes: int) -> None:
@@ -55,6 +57,7 @@ def recv_body_into(
     deadline: float | None = None,
     sums: list[int] | None = None,
     progress: Callable[[int], None] | None = None,
+    chunk: int = CHUNK,
 ) -> int:
     """Read up to ``len(dest)`` body bytes of ``resp`` into ``dest``; the number read (short at EOF).
 
@@ -91,7 +94,7 @@ def recv_body_into(
                 if left <= 0:
                     raise TimeoutError(f"{got} of {want} body bytes by the deadline")
                 sock.settimeout(left)
-            need = 1 if trickle else min(CHUNK, want - got)
+            need = 1 if trickle else min(chunk, want - got)
             if need != lowat:
                 _set_lowat(sock, need)
                 lowat = need
