@@ -104,6 +104,17 @@ def make_ca(directory: Path, *, host: str = "127.0.0.1") -> tuple[Path, Path, Pa
     return ca_pem, pem, key
 
 
+def http_common(work: Path | str) -> str:
+    """The ``http`` block's lines every test nginx shares: its temp dirs under ``work``, no
+    MIME types, sendfile."""
+    return (
+        f"client_body_temp_path {work}/tmp/client;\n    proxy_temp_path {work}/tmp/proxy;\n"
+        f"    fastcgi_temp_path {work}/tmp/fastcgi;\n    uwsgi_temp_path {work}/tmp/uwsgi;\n"
+        f"    scgi_temp_path {work}/tmp/scgi;\n    default_type application/octet-stream;\n"
+        "    types { }\n    sendfile on;"
+    )
+
+
 _CONF = """\
 daemon off;
 master_process on;
@@ -114,14 +125,7 @@ error_log {work}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log {access_log};
-    client_body_temp_path {work}/tmp/client;
-    proxy_temp_path {work}/tmp/proxy;
-    fastcgi_temp_path {work}/tmp/fastcgi;
-    uwsgi_temp_path {work}/tmp/uwsgi;
-    scgi_temp_path {work}/tmp/scgi;
-    default_type application/octet-stream;
-    types {{ }}
-    sendfile on;
+    {common}
     tcp_nopush on;
     keepalive_requests 100000;
     keepalive_timeout 120s;
@@ -233,6 +237,7 @@ def nginx(root: Path | None = None, *, workers: int = 1, access_log: bool = Fals
             workers=workers,
             user=user,
             work=work,
+            common=http_common(work),
             port=port,
             tls_port=tls_port,
             cert=cert,

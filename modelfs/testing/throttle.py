@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelfs.testing.fakegcs import free_port
-from modelfs.testing.nginx import make_ca, nginx_binary
+from modelfs.testing.nginx import http_common, make_ca, nginx_binary
 from modelfs.testing.processes import stop_process
 
 __all__ = ["SlowSource", "slow_source", "throttle"]
@@ -39,14 +39,7 @@ error_log {work}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
-    client_body_temp_path {work}/tmp/client;
-    proxy_temp_path {work}/tmp/proxy;
-    fastcgi_temp_path {work}/tmp/fastcgi;
-    uwsgi_temp_path {work}/tmp/uwsgi;
-    scgi_temp_path {work}/tmp/scgi;
-    default_type application/octet-stream;
-    types {{ }}
-    sendfile on;
+    {common}
     keepalive_requests 100000;
     keepalive_timeout 120s;
     {http}
@@ -114,6 +107,7 @@ def throttle(
             # As root, workers would switch to 'nobody' and could not read a 0700 temp dir.
             user="user root root;" if os.geteuid() == 0 else "",
             work=work,
+            common=http_common(work),
             http=http,
             port=port,
             ssl="ssl" if tls else "",
