@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Fetch every object of SOURCE into the disk cache that a later "
         "'modelfs mount SOURCE' uses, verifying each against its stored checksum where the store "
         "keeps one of the whole object (gs://: CRC32C or MD5; s3://: its CRC64NVME, CRC32, CRC32C, "
-        "SHA-1 or SHA-256, not a multipart upload's COMPOSITE one; http(s):// and file:// have none).",
+        "SHA-1, SHA-256, SHA-512, MD5, XXHASH64, XXHASH3 or XXHASH128, not a multipart upload's "
+        "COMPOSITE one; http(s):// and file:// have none).",
     )
     warm.add_argument("source", metavar="SOURCE")
     add_options(warm, WARM_OPTIONS)

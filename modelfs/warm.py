@@ -4,12 +4,13 @@ It uses the mount's own block store (same cache dir, same block files), so a mou
 follows starts warm. Each object is read block by block in order, with the next blocks
 prefetched in parallel; the bytes are folded into the checksum the store keeps of the whole
 object and compared with it: gs:// its CRC32C (or MD5 where there is no CRC), s3:// the one
-it was uploaded with or S3 computed (CRC32, CRC32C, CRC64NVME, SHA-1 or SHA-256; HeadObject
-gives it, a listing does not, so each s3:// object is stat'ed first). A mismatch removes the
-object's blocks from the cache and makes the command fail. An object with none to check (other
-stores, an S3 object without one) is reported so, and so is one whose checksum cannot be
-checked: an S3 multipart upload's COMPOSITE checksum (of its parts' checksums, not of its
-bytes).
+it was uploaded with or S3 computed (CRC32, CRC32C, CRC64NVME, SHA-1, SHA-256, SHA-512, MD5,
+XXHASH64, XXHASH3 or XXHASH128; HeadObject gives it, a listing does not, so each s3:// object
+is stat'ed first). A mismatch removes the object's blocks from the cache and makes the
+command fail. An object with none to check (other stores, an S3 object without one) is
+reported so, and so is one whose checksum cannot be checked: an S3 multipart upload's
+COMPOSITE checksum (of its parts' checksums, not of its bytes), or one of a type modelfs has
+no implementation of.
 
 An object is reported cached only once its disk writes are done and every block of it is in
 the disk cache; one whose blocks could not be written (a full disk, an I/O error) or were
@@ -139,14 +140,39 @@ def _crc64nvme() -> _Crc:
     return _Crc(crc64nvme, 8)
 
 
-# What warm can check, and each one's digest size.
+class _XXHash:
+    """S3's XXHASH64, XXHASH3 (XXH3-64) and XXHASH128 (XXH3-128), from awscrt as botocore
+    computes them; the digest is xxHash's canonical (big-endian) form, as S3 gives it."""
+
+    # awscrt takes bytes only (not a view of a block's mmap): each block is copied in pieces
+    # this large, so what is held beside the budget stays this small.
+    PIECE = 64 << 10
+
+    def __init__(self, kind: str) -> None:
+        from awscrt.checksums import XXHash
+
+        self._hash = getattr(XXHash, f"new_{kind}")()
+
+    def update(self, data: memoryview, /) -> None:
+        for start in range(0, len(data), self.PIECE):
+            self._hash.update(bytes(data[start : start + self.PIECE]))
+
+    def digest(self) -> bytes:
+        return bytes(self._hash.finalize())
+
+
+# What warm can check, and each one's digest size. (S3's ChecksumAlgorithm names, lower-case.)
 _HASHES: dict[str, tuple[Callable[[], _Hash], int]] = {
     "crc32c": (lambda: _Crc(crc32c.crc32c), 4),
     "crc32": (lambda: _Crc(zlib.crc32), 4),
     "crc64nvme": (_crc64nvme, 8),
-    "md5": (hashlib.md5, 16),
-    "sha1": (hashlib.sha1, 20),
+    "md5": (lambda: hashlib.md5(usedforsecurity=False), 16),
+    "sha1": (lambda: hashlib.sha1(usedforsecurity=False), 20),
     "sha256": (hashlib.sha256, 32),
+    "sha512": (hashlib.sha512, 64),
+    "xxhash64": (lambda: _XXHash("xxhash64"), 8),
+    "xxhash3": (lambda: _XXHash("xxhash3_64"), 8),
+    "xxhash128": (lambda: _XXHash("xxhash3_128"), 16),
 }
 NO_CHECKSUM = "no checksum to verify"
 
@@ -169,7 +195,7 @@ def _expected(info: ObjectInfo) -> tuple[str, bytes] | str:
             f"not verified: its {name} is a multipart upload's COMPOSITE checksum of {of}, not one of the whole object"
         )
     if algorithm not in _HASHES:
-        return f"not verified: its checksum is {name}, which modelfs cannot compute"
+        return f"not verified: its checksum is {name}, which modelfs has no implementation of"
     try:
         digest = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):

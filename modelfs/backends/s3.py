@@ -108,14 +108,22 @@ _CODE_STATUS: tuple[tuple[frozenset[str] | set[str], int], ...] = (
 
 
 # HeadObject's fields for the checksums S3 keeps of an object (ChecksumMode=ENABLED), and the
-# names ObjectInfo.checksum gives them.
+# names ObjectInfo.checksum gives them (S3's ChecksumAlgorithm, lower-case).
 _CHECKSUM_FIELDS = (
     ("ChecksumCRC32", "crc32"),
     ("ChecksumCRC32C", "crc32c"),
     ("ChecksumCRC64NVME", "crc64nvme"),
     ("ChecksumSHA1", "sha1"),
     ("ChecksumSHA256", "sha256"),
+    ("ChecksumSHA512", "sha512"),
+    ("ChecksumMD5", "md5"),
+    ("ChecksumXXHASH64", "xxhash64"),
+    ("ChecksumXXHASH3", "xxhash3"),
+    ("ChecksumXXHASH128", "xxhash128"),
 )
+# A checksum is sent as the header x-amz-checksum-<algorithm>; these two are not checksums.
+_CHECKSUM_HEADER = re.compile(r"x-amz-checksum-([a-z0-9]+)")
+_NOT_CHECKSUMS = {"type", "mode"}
 _PARTS = re.compile(r"-(\d+)\"?$")  # a multipart upload's ETag ("…-<parts>") or composite checksum
 
 
@@ -130,7 +138,19 @@ def head_checksum(head: dict[str, Any], etag: str) -> str | None:
     part count.
     """
     found = next(((name, head[field]) for field, name in _CHECKSUM_FIELDS if isinstance(head.get(field), str)), None)
-    if found is None or not found[1]:
+    if found is None:
+        # One of a type this botocore does not parse is in the answer's headers only: it is
+        # kept by the name it was sent with (warm says it cannot check it), not dropped.
+        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        found = next(
+            (
+                (match.group(1), value)
+                for header, value in headers.items()
+                if (match := _CHECKSUM_HEADER.fullmatch(header.lower())) and match.group(1) not in _NOT_CHECKSUMS
+            ),
+            None,
+        )
+    if found is None or not isinstance(found[1], str) or not found[1]:
         return None
     algorithm, value = found
     kind = head.get("ChecksumType")
