@@ -32,7 +32,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO
 
 import crc32c
 import trio
@@ -45,6 +45,7 @@ from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
 from modelfs.errors import ConfigError, ModelfsError
+from modelfs.fold import Folder, Hash
 from modelfs.walk import walk_objects
 
 __all__ = ["warm", "WarmResult"]
@@ -52,6 +53,9 @@ __all__ = ["warm", "WarmResult"]
 log = logging.getLogger(__name__)
 
 _WALK_AHEAD = 1000  # objects the walk may list ahead of the fetches
+# Threads folding blocks into checksums (fold.py): objects are warmed one at a time, and each
+# one's checksum is sequential, so one is all there is to use; the limiter keeps it so.
+_FOLD_THREADS = 1
 
 
 @dataclass
@@ -110,12 +114,6 @@ class _Progress:
         print(f"warm: {self._text()}", file=self.out, flush=True)
 
 
-class _Hash(Protocol):
-    def update(self, data: memoryview, /) -> None: ...
-
-    def digest(self) -> bytes: ...
-
-
 class _Crc:
     """A CRC32, CRC32C or CRC64NVME folded block by block; its digest big-endian (``size``
     bytes), as the stores give it."""
@@ -162,7 +160,7 @@ class _XXHash:
 
 
 # What warm can check, and each one's digest size. (S3's ChecksumAlgorithm names, lower-case.)
-_HASHES: dict[str, tuple[Callable[[], _Hash], int]] = {
+_HASHES: dict[str, tuple[Callable[[], Hash], int]] = {
     "crc32c": (lambda: _Crc(crc32c.crc32c), 4),
     "crc32": (lambda: _Crc(zlib.crc32), 4),
     "crc64nvme": (_crc64nvme, 8),
@@ -205,7 +203,9 @@ def _expected(info: ObjectInfo) -> tuple[str, bytes] | str:
     return algorithm, digest
 
 
-async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: int, progress: _Progress) -> bool | None:
+async def _warm_object(
+    store: BlockStore, info: ObjectInfo, key: str, window: int, progress: _Progress, fold: trio.CapacityLimiter
+) -> bool | None:
     """Read one object through the store; True/False: checksum matched or not; None: no checksum."""
     ref = ObjectRef(key, info.name, info.version, info.size)
     expected = _expected(info)
@@ -213,15 +213,29 @@ async def _warm_object(store: BlockStore, info: ObjectInfo, key: str, window: in
     await store.prepare(ref)
     count = store.block_count(ref)
     ahead = 1  # blocks below this were handed to prefetch already
-    for index in range(count):
-        ahead = max(ahead, index + 1)
-        stop = min(count, index + 1 + window)
-        if stop - ahead >= store.join_blocks or (stop == count and stop > ahead):
-            ahead += store.prefetch_blocks(ref, range(ahead, stop))
-        block = await store.get(ref, index)
-        if hasher is not None:
-            hasher.update(block.view)
-        progress.add(block.length)
+    failed: ModelfsError | None = None
+    async with trio.open_nursery() as nursery:
+        # Each block is folded in a thread while the next is read (fold.py).
+        folder = Folder(hasher, store.memory, fold) if hasher is not None else None
+        if folder is not None:
+            nursery.start_soon(folder.run)
+        try:
+            for index in range(count):
+                ahead = max(ahead, index + 1)
+                stop = min(count, index + 1 + window)
+                if stop - ahead >= store.join_blocks or (stop == count and stop > ahead):
+                    ahead += store.prefetch_blocks(ref, range(ahead, stop))
+                block = await store.get(ref, index)
+                if folder is not None:
+                    await folder.add(block)
+                progress.add(block.length)
+        except ModelfsError as exc:  # raised below as itself, not inside the nursery's exception group
+            failed = exc
+        finally:
+            if folder is not None:
+                folder.close()  # (run returns once the last block handed over is folded)
+    if failed is not None:
+        raise failed
     if hasher is None or not isinstance(expected, tuple):
         return None
     if hasher.digest() == expected[1]:
@@ -342,6 +356,7 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
                 _check_cached(disk, written.popleft(), result, progress)
 
         by_stat = bool(getattr(backend, "checksums_by_stat", False))
+        fold = trio.CapacityLimiter(_FOLD_THREADS)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             nursery.start_soon(produce)
@@ -350,7 +365,7 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
                 try:
                     if by_stat:
                         info = await _with_checksum(backend, info, config.retry_deadline)
-                    ok = await _warm_object(store, info, key, window, progress)
+                    ok = await _warm_object(store, info, key, window, progress, fold)
                 except ModelfsError as exc:  # changed or gone since the listing, unreadable: the others go on
                     result.failed.append((info.name, str(exc)))
                     progress.object_done(info.name, f"FAILED: {exc}")
