@@ -44,7 +44,7 @@ from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.disk import DiskCache
 from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
-from modelfs.errors import ConfigError, ModelfsError
+from modelfs.errors import BackendError, ConfigError, ModelfsError, VersionChanged
 from modelfs.fold import Folder, Hash
 from modelfs.walk import walk_objects
 
@@ -248,14 +248,27 @@ async def _warm_object(
 
 
 async def _with_checksum(backend: Backend, info: ObjectInfo, retry_deadline: float) -> ObjectInfo:
-    """``info`` from a stat, which has the checksum a listing lacks (s3://), if the object is
-    still the version listed; else as listed (its read then fails as changed since the listing)."""
+    """``info`` from a stat, which has the checksum a listing lacks (s3://).
+
+    A stat of another version, or of the version listed at another size, fails the object:
+    warmed as listed, it was read without a checksum (a store that answered its GETs with the
+    listed version anyway had its bytes checked against nothing), and the mount that follows
+    would read another version."""
     fresh = await retry_transient(
         functools.partial(backend.stat, info.name),
         deadline=retry_deadline,
         what=f"{backend.description}: {info.name}",
     )
-    return fresh if fresh.version == info.version and fresh.size == info.size else info
+    if fresh.version != info.version:
+        raise VersionChanged(
+            f"{info.name}: changed in the store since the listing "
+            f"(its HEAD's version is {fresh.version!r:.80}, not {info.version!r:.80})"
+        )
+    if fresh.size != info.size:
+        raise BackendError(
+            f"{info.name}: the store's HEAD says {fresh.size} bytes at the version listed, its listing {info.size}"
+        )
+    return fresh
 
 
 @dataclass

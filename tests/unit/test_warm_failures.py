@@ -226,3 +226,42 @@ def test_an_object_replaced_between_listing_and_stat_fails_as_changed(
     result = trio.run(warm.warm, _config(tmp_path), out)
     assert [name for name, _ in result.failed] == ["a.bin"], out.getvalue()
     assert result.objects == 1 and "warm: b.bin: cached (no checksum to verify)" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (
+            {"version": '"v2"', "checksum": "sha256:" + "q" * 43 + "="},
+            "a.bin: changed in the store since the listing (its HEAD's version is '\"v2\"', not",
+        ),
+        (
+            {"size": 99_999, "checksum": "sha256:" + "q" * 43 + "="},
+            "a.bin: the store's HEAD says 99999 bytes at the version listed, its listing 100000",
+        ),
+    ],
+)
+def test_a_head_that_contradicts_the_listing_fails_the_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: dict[str, object], why: str
+) -> None:
+    """A lying store: its HEAD has a checksum but another version or size than the listing,
+    and its GETs serve the listing's version anyway. The object was warmed as 'no checksum to
+    verify' (exit 0), its bytes checked against nothing: it fails, one line, exit 1."""
+    backend = MemoryBackend()
+    backend.put("a.bin", ramp(100_000, seed=1))
+    backend.put("b.bin", ramp(100_000, seed=2))
+    stat = backend.stat
+
+    async def lying(name: str) -> object:
+        info = await stat(name)
+        return dataclasses.replace(info, **change) if name == "a.bin" else info  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend, "stat", lying)
+    monkeypatch.setattr(backend, "checksums_by_stat", True, raising=False)
+    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
+    out = io.StringIO()
+    result = trio.run(warm.warm, _config(tmp_path), out)
+    [(name, message)] = result.failed
+    assert name == "a.bin" and message.startswith(why), out.getvalue()
+    assert result.objects == 1 and "warm: b.bin: cached (no checksum to verify)" in out.getvalue()
+    assert f"warm: a.bin: FAILED: {message}" in out.getvalue().splitlines()
