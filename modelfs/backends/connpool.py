@@ -5,7 +5,9 @@ block's body straight into its buffer on a plain ``http.client`` connection; thi
 pool they share. Connections are handed out LIFO (the most recently used one is the most
 likely to still be open) and used by one worker thread at a time. An idle connection the
 server closed meanwhile is noticed before it is reused, so a request is never silently sent
-twice on a dead socket (which would hide real resets from the retry counters).
+twice on a dead socket (which would hide real resets from the retry counters). A new
+connection's name lookup and connect together take at most the connect timeout (the lookup
+waited for with a deadline: resolver.py), and a stop ends both (InFlight.abort).
 
 This is the one object here that worker threads share: its own lock guards the idle list,
 the sockets of GETs in flight and the closed flag (docs/concurrency.md).
@@ -13,60 +15,115 @@ the sockets of GETs in flight and the closed flag (docs/concurrency.md).
 
 from __future__ import annotations
 
+import errno
 import http.client
+import math
+import os
 import select
 import socket
 import ssl
 import threading
+import time
 import weakref
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 from modelfs.backends.private.httpclient_interim import InterimSkippingResponse
 from modelfs.backends.private.httpclient_progress import progress_response
+from modelfs.backends.resolver import RESOLVER, Address, Resolver, numeric
 
 __all__ = ["ConnectionPool", "InFlight"]
 
 
-def _connect_to_one(addresses: tuple[str, ...], port: int, timeout: float | None) -> socket.socket:
-    """A TCP connection to the first of ``addresses`` that answers (as create_connection does
-    with the addresses a name resolves to)."""
+def _connect_to_one(addresses: Sequence[Address], deadline: float, in_flight: InFlight) -> socket.socket:
+    """A TCP connection to the first of ``addresses`` that answers by ``deadline`` (monotonic),
+    as create_connection does but within one deadline for all of them, and abortable."""
     error: OSError | None = None
-    for address in addresses:
+    for family, sockaddr in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            return socket.create_connection((address, port), timeout)
+            _connect(sock, sockaddr, left, in_flight)
+        except ConnectionAbortedError:
+            sock.close()
+            raise
         except OSError as exc:
+            sock.close()
             error = exc
-    raise error or OSError("no address to connect to")
+        else:
+            return sock
+    raise error or TimeoutError("no connection within the connect timeout")
 
 
-class _PinnedConnection(http.client.HTTPConnection):
-    """A connection to ``host`` (its Host header) made to addresses checked beforehand."""
+def _connect(sock: socket.socket, sockaddr: tuple[object, ...], timeout: float, in_flight: InFlight) -> None:
+    """Connect ``sock`` within ``timeout``; a stop (InFlight.abort) ends the wait at once."""
+    in_flight.connecting(sock)  # (ConnectionAbortedError once the daemon is stopping)
+    sock.setblocking(False)
+    err = sock.connect_ex(sockaddr)
+    if err == errno.EINPROGRESS:
+        # An abort between connecting() and connect_ex shut down a socket that was not yet
+        # connecting, which does not keep it from connecting: see the stop here instead.
+        in_flight.check()
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        # (a shutdown by abort() wakes this poll: the kernel drops the SYN_SENT connection)
+        if not poller.poll(max(1, math.ceil(timeout * 1000))):
+            raise TimeoutError(f"no connection within {timeout:g} s")
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        in_flight.check()
+    if err:
+        raise OSError(err, os.strerror(err))
+    sock.settimeout(timeout)
 
-    def __init__(self, host: str, port: int, *, addresses: tuple[str, ...], timeout: float) -> None:
+
+class _Connection(http.client.HTTPConnection):
+    """A connection to ``host`` (its Host header) whose socket ``open_socket(timeout)`` makes."""
+
+    def __init__(self, host: str, port: int, *, timeout: float, open_socket: Callable[[float], socket.socket]) -> None:
         super().__init__(host, port, timeout=timeout)
-        self._addresses = addresses
+        self._open = open_socket
+        self._within = timeout
 
     def connect(self) -> None:
-        self.sock = _connect_to_one(self._addresses, self.port, self.timeout)
+        self.sock = self._open(self._within)
 
 
-class _PinnedTLSConnection(http.client.HTTPSConnection):
-    """The same over TLS: the certificate is checked for ``host`` (SNI too), not the address."""
+class _TLSConnection(http.client.HTTPSConnection):
+    """The same over TLS: the certificate is checked for ``host`` (SNI too), not the address;
+    ``opened(tls)`` before the handshake, so a stop ends a handshake in progress too."""
 
     def __init__(
-        self, host: str, port: int, *, addresses: tuple[str, ...], timeout: float, context: ssl.SSLContext
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        context: ssl.SSLContext,
+        open_socket: Callable[[float], socket.socket],
+        opened: Callable[[socket.socket], None],
     ) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
-        self._addresses = addresses
+        self._open = open_socket
+        self._within = timeout
+        self._opened = opened
         self._tls = context
 
     def connect(self) -> None:
-        sock = _connect_to_one(self._addresses, self.port, self.timeout)
+        sock = self._open(self._within)
         try:
-            self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            tls = self._tls.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=False)
         except BaseException:
             sock.close()
             raise
+        try:
+            self._opened(tls)
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            raise
+        self.sock = tls
 
 
 class InFlight:
@@ -81,6 +138,7 @@ class InFlight:
         self._lock = threading.Lock()
         self._sockets: Counter[socket.socket] = Counter()
         self._opened: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # (see opened)
+        self._waiting: set[threading.Event] = set()  # (see wait)
         self._closed = False
         self._aborted = False
 
@@ -123,14 +181,47 @@ class InFlight:
                 return
         _shut_down(sock)
 
+    def connecting(self, sock: socket.socket) -> None:
+        """``sock`` is about to connect: a stop shuts it down (a connect in progress then fails
+        at once, not at the connect timeout), as it does an opened one. ConnectionAbortedError
+        if the daemon is stopping already."""
+        with self._lock:
+            if self._aborted:
+                raise ConnectionAbortedError("the daemon is stopping")
+            self._opened.add(sock)
+
+    def check(self) -> None:
+        """ConnectionAbortedError if the stop aborted GETs."""
+        with self._lock:
+            if self._aborted:
+                raise ConnectionAbortedError("the daemon is stopping")
+
+    def wait(self, wake: threading.Event, timeout: float) -> None:
+        """Wait until ``wake`` is set or ``timeout`` passes (a name lookup); a stop sets it
+        too, and then this raises ConnectionAbortedError."""
+        with self._lock:
+            if self._aborted:
+                raise ConnectionAbortedError("the daemon is stopping")
+            self._waiting.add(wake)
+        try:
+            wake.wait(max(0.0, timeout))
+        finally:
+            with self._lock:
+                self._waiting.discard(wake)
+        self.check()
+
     def abort(self) -> None:
         """No GET enters any more, and those in flight end now: their sockets are shut down, so
-        the worker threads blocked on them return (with an error) instead of at the read timeout."""
+        the worker threads blocked on them return (with an error) instead of at the read
+        timeout; so do connects in progress and waits for a name lookup."""
         with self._lock:
             self._closed = self._aborted = True
             active = [*self._sockets, *self._opened]
+            waiting = list(self._waiting)
         for sock in active:
             _shut_down(sock)
+        for wake in waiting:
+            wake.set()
 
 
 def _shut_down(sock: socket.socket) -> None:
@@ -148,6 +239,8 @@ class ConnectionPool:
 
     ``addresses``: connect to these IP addresses rather than to whatever ``host`` resolves to
     now (addresses the caller checked: see redirects.py); ``host`` still names the server.
+    Otherwise ``host`` is resolved for each new connection by ``resolver`` (see Resolver),
+    the lookup and the connect together within the connect timeout.
     ``in_flight``: where GETs in flight are noted, shared by the pools of one transport so its
     abort reaches them all (also those on a pool it no longer keeps); else the pool's own.
     """
@@ -163,9 +256,11 @@ class ConnectionPool:
         ssl_context: ssl.SSLContext | None = None,
         addresses: tuple[str, ...] | None = None,
         in_flight: InFlight | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.host = host
         self._addresses = addresses
+        self._resolver = resolver or RESOLVER
         self.port = port
         self.read_timeout = read_timeout
         self._connect_timeout = connect_timeout
@@ -199,8 +294,9 @@ class ConnectionPool:
         readable, _, _ = select.select([conn.sock], [], [], 0)
         return bool(readable)
 
-    def take(self) -> http.client.HTTPConnection:
-        """An idle connection the server has not closed, else a new one (OSError if none can be made)."""
+    def take(self, connect_timeout: float | None = None) -> http.client.HTTPConnection:
+        """An idle connection the server has not closed, else a new one (OSError if none can be
+        made within ``connect_timeout``, the pool's if None; ConnectionAbortedError at a stop)."""
         conn: http.client.HTTPConnection
         while True:
             with self._lock:
@@ -210,22 +306,34 @@ class ConnectionPool:
             if not self.dropped(conn):
                 return conn
             conn.close()
-        timeout = self._connect_timeout
-        pinned = self._addresses
-        if pinned is not None and self._ssl is not None:
-            conn = _PinnedTLSConnection(self.host, self.port, addresses=pinned, timeout=timeout, context=self._ssl)
-        elif pinned is not None:
-            conn = _PinnedConnection(self.host, self.port, addresses=pinned, timeout=timeout)
-        elif self._ssl is not None:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._ssl)
+        self._in_flight.check()
+        timeout = self._connect_timeout if connect_timeout is None else min(connect_timeout, self._connect_timeout)
+        if self._ssl is not None:
+            conn = _TLSConnection(
+                self.host,
+                self.port,
+                timeout=timeout,
+                context=self._ssl,
+                open_socket=self._open_socket,
+                opened=self._in_flight.opened,
+            )
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            conn = _Connection(self.host, self.port, timeout=timeout, open_socket=self._open_socket)
         conn.response_class = self._response_class
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
+
+    def _open_socket(self, timeout: float) -> socket.socket:
+        """A socket connected to the server within ``timeout`` seconds, its name lookup included."""
+        deadline = time.monotonic() + timeout
+        if self._addresses is not None:
+            addresses = [a for address in self._addresses for a in numeric(address, self.port)]
+        else:
+            addresses = self._resolver.resolve(self.host, self.port, timeout, self._in_flight.wait)
+        return _connect_to_one(addresses, deadline, self._in_flight)
 
     def give_back(self, conn: http.client.HTTPConnection) -> None:
         """Keep ``conn`` for the next GET; only after a complete, checked body (else close it)."""

@@ -7,7 +7,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +107,134 @@ def test_a_stop_under_tls_never_hands_encrypted_records_to_a_reader(tmp_path: Pa
         sock.close()
         thread.join(10)
         listening.close()
+
+
+class BlockedResolver:
+    """socket.getaddrinfo for ``name`` blocks until ``release`` is set (a resolver that does not
+    answer), then gives loopback; every other name is the real resolver's. A watchdog sets
+    ``release`` after a while, so code that waits for the lookup cannot hang the test, and
+    ``freed_by_watchdog`` tells that it waited."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.release = threading.Event()
+        self.calls = 0
+        self.freed_by_watchdog = False
+        self._real = socket.getaddrinfo
+        self._watchdog = threading.Timer(20, self._free)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _free(self) -> None:
+        self.freed_by_watchdog = True
+        self.release.set()
+
+    def __call__(self, host: object, port: object, *args: object, **kwargs: object) -> object:
+        if host != self.name:
+            return self._real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        self.calls += 1
+        self.release.wait()
+        return self._real("127.0.0.1", port, *args, **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        self.release.set()
+
+
+@pytest.fixture
+def blocked_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[BlockedResolver]:
+    resolver = BlockedResolver("tier-0.test")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    yield resolver
+    resolver.close()
+
+
+def test_a_resolver_that_does_not_answer_fails_the_connect_at_its_timeout(
+    listener: int, blocked_resolver: BlockedResolver
+) -> None:
+    """getaddrinfo has no timeout: the name lookup is part of the connect and bounded by its
+    timeout, and a second connect meanwhile waits for the same lookup (one thread per name
+    however many connects)."""
+    pool = ConnectionPool("tier-0.test", listener, connect_timeout=0.2, read_timeout=30, max_idle=4)
+    for _ in range(2):
+        with pytest.raises(TimeoutError, match="resolving tier-0.test"):
+            pool.take()
+    assert blocked_resolver.calls == 1 and not blocked_resolver.freed_by_watchdog
+    blocked_resolver.release.set()  # the resolver answers again: so do connects
+    conn = pool.take()
+    assert conn.sock is not None and conn.sock.getpeername()[1] == listener
+    conn.close()
+    pool.close()
+
+
+def test_a_stop_ends_a_wait_for_a_name_lookup(listener: int, blocked_resolver: BlockedResolver) -> None:
+    pool = ConnectionPool("tier-0.test", listener, connect_timeout=600, read_timeout=30, max_idle=4)
+    outcome: list[BaseException | None] = []
+
+    def take() -> None:
+        try:
+            pool.take().close()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    _until(lambda: blocked_resolver.calls == 1)
+    pool.abort()
+    thread.join(15)
+    assert not blocked_resolver.freed_by_watchdog
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionAbortedError)
+
+
+def _until(cond: Callable[[], bool]) -> None:
+    """Wait for another thread's progress (bounded: a hang becomes a failure)."""
+    ready = threading.Event()
+    for _ in range(20_000):
+        if cond():
+            return
+        ready.wait(0.001)
+    raise AssertionError("the condition never held")
+
+
+def _syn_sent_to(port: int) -> bool:
+    """Whether a loopback connect to ``port`` is in progress (SYN_SENT in /proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[2].endswith(f":{port:04X}") and fields[3] == "02":
+                return True
+    return False
+
+
+def test_a_stop_ends_a_connect_in_progress() -> None:
+    """A listener whose accept queue is full drops SYNs: the connect waits (here up to its
+    600 s timeout). abort() must end it at once, as it ends GETs in flight."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)  # one connection fills the queue; nothing accepts it
+    port = server.getsockname()[1]
+    first = socket.create_connection(("127.0.0.1", port), timeout=10)
+    pool = ConnectionPool("127.0.0.1", port, connect_timeout=600, read_timeout=30, max_idle=4)
+    outcome: list[BaseException | None] = []
+
+    def take() -> None:
+        try:
+            pool.take().close()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=take, daemon=True)
+    try:
+        thread.start()
+        _until(lambda: _syn_sent_to(port))
+        pool.abort()
+        thread.join(15)
+        assert len(outcome) == 1 and isinstance(outcome[0], OSError), outcome
+        with pytest.raises(ConnectionAbortedError):  # and none starts after the stop
+            pool.take()
+    finally:
+        server.close()  # (without the fix: the SYN's next retry is refused, the thread ends)
+        first.close()
+        thread.join(30)
