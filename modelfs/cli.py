@@ -232,8 +232,9 @@ def _format_stats(stats: dict[str, Any]) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(tier["fallback_reasons"].items()) if v) or "none"
         lines.append(f"cache tier        {replicas}")
         lines.append(
-            f"tier fallbacks    {tier['fallbacks']} blocks from the origin ({tier['origin_bytes'] / mib:,.1f} MiB; "
-            f"{reasons}), {tier['bypass_bytes'] / mib:,.1f} MiB not for the tier"
+            f"tier fallbacks    {tier.get('origin_gets', tier['fallbacks'])} blocks from the origin "
+            f"({tier['origin_bytes'] / mib:,.1f} MiB), {tier.get('failovers', 0)} passed to the next replica "
+            f"(failures: {reasons}), {tier['bypass_bytes'] / mib:,.1f} MiB not for the tier"
         )
     lines.append(
         f"prefetch          window {stats['prefetch_window_bytes'] / mib:,.0f} MiB, "

@@ -141,11 +141,18 @@ class ModelfsCollector:
             source.add_metric(["origin-bypass"], tier["bypass_bytes"])
             yield source
             fallbacks = CounterMetricFamily(
-                "modelfs_tier_fallbacks", "Blocks read from the origin because the tier failed them", labels=["reason"]
+                "modelfs_tier_fallbacks",
+                "Block GETs a tier replica failed (the block then went to its next replica or the origin)",
+                labels=["reason"],
             )
             for reason, n in sorted(tier["fallback_reasons"].items()):
                 fallbacks.add_metric([reason], n)
             yield fallbacks
+            yield counter(
+                "modelfs_tier_failovers",
+                "Block GETs sent to the next replica in the block's order after one failed the block",
+                tier.get("failovers", 0),
+            )
         for kind in ("hits", "misses", "evictions"):
             family = CounterMetricFamily(f"modelfs_cache_{kind}", f"Block cache {kind} per tier", labels=["tier"])
             family.add_metric(["memory"], s[f"memory_{kind}"])

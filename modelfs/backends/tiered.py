@@ -12,9 +12,12 @@ the origin, and the body's CRC32C must equal the ``X-Modelfs-Digest`` the tier c
 it fetched the slice from the origin (modelfs/tierconf/fill.py) and that covers exactly this
 range (a SHA-256 digest, as tiers before the fill stage sent, is checked too). Anything
 else — an error, a refused connection, a stall longer than --read-timeout, a wrong header, a
-damaged body — skips the tier for that block and reads it from the origin, so
-a dead or faulty replica costs time, never bytes. A replica that failed is left alone for a
-while (doubling from 1 s to 30 s) so a dead one does not cost a connect per block.
+damaged body — skips that replica for that block, so a dead or faulty replica costs time,
+never bytes. A replica that failed (down, refusing, a name that does not resolve) passes the
+block to the next replica in its rendezvous order, then the origin, all within one
+--read-timeout; a wrong answer sends it to the origin. A replica that failed is left alone for
+a while (doubling from 1 s to 30 s, halving per 30 s without a failure) so a dead one does not
+cost a connect per block.
 
 Reads that are not whole, block-aligned slices (random small reads) and versions the tier
 cannot key (a web file without a strong ETag) go straight to the origin. The GET runs in a
@@ -43,6 +46,7 @@ from modelfs.backends.base import Backend, JoinedReads, ListPage, ObjectInfo, re
 from modelfs.backends.body import read_exactly
 from modelfs.backends.connpool import ConnectionPool
 from modelfs.backends.private import httpclient_body
+from modelfs.backends.resolver import Resolver
 from modelfs.backends.responses import Headers, RangeRequest, check_range_response
 from modelfs.errors import BackendError, ConfigError, VersionChanged
 from modelfs.memlimit import receive_chunk
@@ -83,6 +87,8 @@ FALLBACK_REASONS = (
     "all_benched",
 )
 _MAX_BACKOFF = 30.0
+# A replica's backoff halves for each this long it answers without a failure (see _answered).
+_CALM = 30.0
 # A replica's failures are one warning line per this long (the rest debug lines, all counted):
 # a dead replica probed after each bench, or a full one failing each miss, is not a line per block.
 _LOG_EVERY = 600.0
@@ -136,6 +142,7 @@ class TierStats:
     origin_bytes: int = 0
     bypass_gets: int = 0  # reads the tier cannot serve (small random reads, weak versions)
     bypass_bytes: int = 0
+    failovers: int = 0  # block GETs sent to the next replica after one failed that block
     # reason -> blocks; every reason is there from the start, so the dict never changes size
     # while the metrics thread copies it.
     fallbacks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FALLBACK_REASONS, 0))
@@ -148,6 +155,7 @@ class TierStats:
             "origin_bytes": self.origin_bytes,
             "bypass_gets": self.bypass_gets,
             "bypass_bytes": self.bypass_bytes,
+            "failovers": self.failovers,
             "fallbacks": sum(self.fallbacks.values()),
             "fallback_reasons": dict(self.fallbacks),
         }
@@ -188,15 +196,22 @@ class _Replica:
         read_timeout: float,
         max_idle: int,
         receive_chunk: int = httpclient_body.CHUNK,
+        resolver: Resolver | None = None,
     ) -> None:
         self.host, self.port, self.url = _parse_cache_url(url)
         self._read_timeout = read_timeout
         self._receive_chunk = receive_chunk  # (memlimit.receive_chunk: what each socket may queue)
         self._pool = ConnectionPool(
-            self.host, self.port, connect_timeout=connect_timeout, read_timeout=read_timeout, max_idle=max_idle
+            self.host,
+            self.port,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_idle=max_idle,
+            resolver=resolver,
         )
         self.benched_until = 0.0  # trio clock; only trio tasks read or write it
         self.backoff = _FIRST_BACKOFF
+        self.calm_since = 0.0  # (trio clock) its last failure, or the last halving of its backoff
         self.logged_at: float | None = None  # (trio clock) its last failure's warning line
         self.unlogged = 0  # failures since then, logged at debug level
 
@@ -207,11 +222,13 @@ class _Replica:
         """The daemon is stopping: GETs in flight fail now, not at the read timeout."""
         self._pool.abort()
 
-    def get_into(self, target: TierTarget, offset: int, dest: memoryview) -> int | None:
+    def get_into(self, target: TierTarget, offset: int, dest: memoryview, deadline: float | None = None) -> int | None:
         """Blocking: fill ``dest`` from the tier and verify it, or raise TierRejected.
 
         Returns the body's CRC32C when the tier's digest is one (summed as the body arrived,
         checked against the digest): the disk cache stores it without another pass.
+        ``deadline`` (time.monotonic): when the block must be here, connect included; by
+        default --read-timeout from now.
         """
         length = len(dest)
         headers = dict(target.headers)
@@ -219,13 +236,21 @@ class _Replica:
         headers["Accept-Encoding"] = "identity"
         # The whole block within --read-timeout, not just each byte: a replica that drips
         # bytes slowly is as stalled as one that sends none.
-        deadline = time.monotonic() + self._read_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self._read_timeout
         for attempt in (0, 1):  # a kept-alive connection the tier closed meanwhile: once more
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TierRejected("stalled", f"no time left of {self._read_timeout:g} s", replica_down=True)
             try:
-                conn = self._pool.take()
+                conn = self._pool.take(left)  # (the name lookup and the connect within the time left)
+            except ConnectionAbortedError as exc:  # the stop: not the replica's failure
+                raise TierRejected("error", str(exc), replica_down=False) from None
             except OSError as exc:
                 raise TierRejected("unreachable", str(exc), replica_down=True) from None
             sock = conn.sock
+            if sock is not None:  # (no wait for the answer beyond the block's deadline either)
+                sock.settimeout(max(0.001, min(self._read_timeout, deadline - time.monotonic())))
             try:
                 self._pool.track(conn, sock, True)  # (abort() at a stop reaches it)
             except ConnectionAbortedError as exc:
@@ -370,6 +395,7 @@ class TieredBackend:
         max_concurrency: int,
         connect_timeout: float = 5.0,
         first_backoff: float = _FIRST_BACKOFF,
+        resolver: Resolver | None = None,
     ) -> None:
         if not isinstance(inner, TierAddressable):
             raise ConfigError(f"--cache-url does not apply to {inner.description} (gs://, s3:// and https:// only)")
@@ -378,6 +404,7 @@ class TieredBackend:
         self._inner = inner
         self._addressable: TierAddressable = inner
         self._block_size = block_size
+        self._read_timeout = read_timeout
         self._replicas = [
             _Replica(
                 url,
@@ -385,6 +412,7 @@ class TieredBackend:
                 read_timeout=read_timeout,
                 max_idle=max_concurrency + 1,
                 receive_chunk=receive_chunk(max_concurrency),
+                resolver=resolver,
             )
             for url in cache_urls
         ]
@@ -439,12 +467,10 @@ class TieredBackend:
 
     # --- the data path
 
-    def _pick(self, target: TierTarget, version: str, offset: int) -> _Replica | None:
-        now = trio.current_time()
-        for i in rendezvous_order(self._urls, f"{target.path}\0{version}\0{offset}"):
-            if self._replicas[i].benched_until <= now:
-                return self._replicas[i]
-        return None
+    def _order(self, target: TierTarget, version: str, offset: int) -> list[_Replica]:
+        """The block's replicas, its home first (rendezvous order); benched ones are skipped
+        when their turn comes (see _read)."""
+        return [self._replicas[i] for i in rendezvous_order(self._urls, f"{target.path}\0{version}\0{offset}")]
 
     async def read_ranges(
         self,
@@ -514,30 +540,61 @@ class TieredBackend:
                 # (GCS and S3 versions do not say their size: the tier's answer must show the
                 # listed one, as the origin's must)
                 target = replace(target, size=size)
-        replica = self._pick(target, version, offset) if target is not None else None
         if target is None:
             stats.bypass_gets += 1
             await self._origin(name, version, offset, dest, sums, size)
             stats.bypass_bytes += length
             return
-        if replica is not None:
+        # A replica that fails the block (down, refusing, stalled: not a wrong answer) passes it
+        # to the next replica in the block's rendezvous order before the origin: that replica
+        # is where every node sends the block while the first is benched (and the one that
+        # takes it over if the first leaves), so its miss fills the tier for the fleet, where
+        # the origin's answer would fill only this node. All of them within one --read-timeout
+        # from here (each GET gets what is left, its connect included): never a second slow
+        # wait after a first one. A wrong answer (digest, headers, 404) goes to the origin at
+        # once: it is most often the tier's configuration (a slice size), the same on every replica.
+        deadline = time.monotonic() + self._read_timeout
+        tried = 0
+        for replica in self._order(target, version, offset):
+            if replica.benched_until > trio.current_time():
+                continue
+            if tried and time.monotonic() >= deadline:
+                break
+            if tried:
+                stats.failovers += 1
+            tried += 1
             rstats = stats.replicas[replica.url]
             rstats.gets += 1
             try:
-                crc = await trio.to_thread.run_sync(replica.get_into, target, offset, dest, limiter=self._limiter)
+                crc = await trio.to_thread.run_sync(
+                    replica.get_into, target, offset, dest, deadline, limiter=self._limiter
+                )
             except TierRejected as exc:
                 self._rejected(replica, exc, f"{name}@{version} [{offset}, +{length}]")
-            else:
-                rstats.bytes += length
-                replica.backoff = self._first_backoff
-                if sums is not None and crc is not None:
-                    sums.append(crc)
-                return
-        if replica is None:
+                if exc.replica_down:
+                    continue
+                break
+            rstats.bytes += length
+            self._answered(replica)
+            if sums is not None and crc is not None:
+                sums.append(crc)
+            return
+        if not tried:
             stats.fallbacks["all_benched"] += 1
         stats.origin_gets += 1
         await self._origin(name, version, offset, dest, sums, size)
         stats.origin_bytes += length
+
+    def _answered(self, replica: _Replica) -> None:
+        """A good answer. The backoff comes down by half for each _CALM seconds without a
+        failure, not back to the first at the first hit: a replica that answers one GET and
+        fails the next (flapping) would then be tried again every first backoff forever; so
+        its benches grow as for a dead one (what Envoy's outlier ejection does, decrementing
+        its ejection multiplier per healthy interval)."""
+        now = trio.current_time()
+        if replica.backoff > self._first_backoff and now - replica.calm_since >= _CALM:
+            replica.backoff = max(self._first_backoff, replica.backoff / 2)
+            replica.calm_since = now
 
     def _rejected(self, replica: _Replica, exc: TierRejected, what: str) -> None:
         stats = self.tier_stats
@@ -549,6 +606,7 @@ class TieredBackend:
             if replica.benched_until > now:
                 # A GET that was in flight when another one failed and benched the replica:
                 # the same failure, not a second one (no longer bench, no second line).
+                replica.calm_since = now
                 replica.unlogged += 1
                 log.debug("cache tier %s failed (%s) while benched: %s", replica.url, exc, what)
                 return
@@ -571,6 +629,7 @@ class TieredBackend:
                 replica.unlogged += 1
                 log.debug("cache tier %s failed (%s); benched %.0f s: %s", replica.url, exc, replica.backoff, what)
             replica.backoff = min(max(_MAX_BACKOFF, self._first_backoff), replica.backoff * 2)
+            replica.calm_since = now
         else:
             rstats.rejected += 1
             # The first wrong answer of each kind per replica is worth a line; a replica that

@@ -178,8 +178,9 @@ def test_a_replica_killed_mid_load_loses_no_byte(fleet: Fleet, tmp_path: Path) -
         dead = replicas[1].url
         failed = sum(int(t["replicas"][dead]["failures"]) for t in summaries)  # type: ignore[index]
         assert failed >= 1, summaries
-        # The dead replica's blocks went to the other replica (or, for the block that found it
-        # dead, the origin): more than one model from the origin, far less than three.
+        # The dead replica's blocks went to the other replica (the blocks that found it dead
+        # too: they are passed on before the origin): more than one model from the origin
+        # (the other replica's misses), far less than three.
         assert served < 2.2 * fleet.model_bytes, f"origin sent {served / fleet.model_bytes:.2f}x the model"
 
 

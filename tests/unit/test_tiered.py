@@ -246,12 +246,13 @@ async def test_a_dead_replica_is_benched_and_its_blocks_go_elsewhere(replicas: C
     dead.server.server_close()
     backend = tiered(origin, live.url, dead_url)
     assert await read_all(backend, "m.bin", version, SIZE) == DATA
-    # One block found the dead replica and came from the origin; then the replica was benched
-    # and the blocks it owns went to the next replica in their order.
-    assert origin.read_calls == 1
+    # One block found the dead replica and went on to the next replica in its order, not to
+    # the origin; then the replica was benched and the blocks it owns went there directly.
+    assert origin.read_calls == 0
     stats = backend.tier_stats.snapshot()
     assert stats["fallback_reasons"]["unreachable"] == 1  # type: ignore[index]
-    assert live.gets == 10
+    assert stats["failovers"] == 1 and stats["origin_gets"] == 0
+    assert live.gets == 11
     await backend.aclose()
 
 
@@ -490,4 +491,170 @@ async def test_a_stop_ends_a_get_to_a_stalled_replica_at_once(replicas: Callable
         backend.abort()
     assert bytes(dest) == DATA[:BLOCK]
     assert backend.tier_stats.fallbacks["error"] == 1 and backend.tier_stats.fallbacks["stalled"] == 0
+    await backend.aclose()
+
+
+class HangingLookup:
+    """A name lookup (the Resolver seam) that blocks until released, as when the resolver
+    does not answer; or, with ``answer``, fails at once (NXDOMAIN). Released at teardown."""
+
+    def __init__(self, nxdomain: bool = False) -> None:
+        self.nxdomain = nxdomain
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self, host: str, port: int) -> list[tuple[int, tuple[object, ...]]]:
+        import socket
+
+        self.calls += 1
+        if self.nxdomain:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        self.release.wait(60)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+
+@pytest.mark.parametrize("nxdomain", [False, True])
+async def test_a_replica_whose_name_does_not_resolve_is_benched_and_the_next_one_serves(
+    replicas: Callable[..., Replica], nxdomain: bool
+) -> None:
+    """A resolver that does not answer (or a name that does not exist) costs one connect
+    timeout, not the resolver's own timeouts: the replica is benched as a dead one and its
+    blocks go to the next replica (the origin if none)."""
+    from modelfs.backends.resolver import Resolver
+
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    live = replicas(origin)
+    lookup = HangingLookup(nxdomain)
+    unnamed = "http://tier-0.test:8080"
+    try:
+        backend = TieredBackend(
+            origin,
+            [live.url, unnamed],
+            block_size=BLOCK,
+            read_timeout=600,
+            connect_timeout=0.2,
+            max_concurrency=4,
+            first_backoff=3600,
+            resolver=Resolver(lookup),
+        )
+        with trio.fail_after(30):  # (without a bound on the lookup: blocked for its 60 s)
+            assert await read_all(backend, "m.bin", version, SIZE) == DATA
+        stats = backend.tier_stats.snapshot()
+        assert lookup.calls == 1 and origin.read_calls == 0 and live.gets == 11
+        assert stats["fallback_reasons"]["unreachable"] == 1 and stats["failovers"] == 1  # type: ignore[index]
+        alone = TieredBackend(
+            origin,
+            [unnamed],
+            block_size=BLOCK,
+            read_timeout=600,
+            connect_timeout=0.2,
+            max_concurrency=4,
+            first_backoff=3600,
+            resolver=Resolver(lookup),
+        )
+        with trio.fail_after(30):
+            assert await read_all(alone, "m.bin", version, SIZE) == DATA
+        assert lookup.calls == 2 and origin.read_calls == 11
+        await backend.aclose()
+        await alone.aclose()
+    finally:
+        lookup.release.set()
+
+
+def _home_of(backend_urls: list[str], offset: int, version: str) -> int:
+    return rendezvous_order(backend_urls, f"/o/m.bin?generation={version}\0{version}\0{offset}")[0]
+
+
+async def test_a_block_a_replica_fails_goes_to_the_next_replica_then_the_origin(
+    replicas: Callable[..., Replica],
+) -> None:
+    """Fast failures (a 500, a refused connect) pass the block along its rendezvous order,
+    each replica once; only when all failed does the origin serve it."""
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    failing = [replicas(origin, lambda offset: "500") for _ in range(2)]
+    live = replicas(origin)
+    backend = tiered(origin, failing[0].url, failing[1].url, live.url)
+    urls = [failing[0].url, failing[1].url, live.url]
+    offset = next(
+        o
+        for o in range(0, SIZE, BLOCK)
+        if rendezvous_order(urls, f"/o/m.bin?generation={version}\0{version}\0{o}")[-1] == 2
+    )
+    dest = bytearray(BLOCK)
+    await backend.read_block("m.bin", version, offset, memoryview(dest), size=SIZE)
+    assert bytes(dest) == DATA[offset : offset + BLOCK]
+    stats = backend.tier_stats.snapshot()
+    assert (failing[0].gets, failing[1].gets, live.gets) == (1, 1, 1)
+    assert stats["failovers"] == 2 and stats["origin_gets"] == 0 and origin.read_calls == 0
+    assert stats["fallback_reasons"]["status"] == 2  # type: ignore[index]
+    # Every replica failing: each tried once, then the origin.
+    none_left = tiered(origin, failing[0].url, failing[1].url)
+    await none_left.read_block("m.bin", version, 0, memoryview(dest), size=SIZE)
+    assert bytes(dest) == DATA[:BLOCK]
+    assert (failing[0].gets, failing[1].gets) == (2, 2) and origin.read_calls == 1
+    assert none_left.tier_stats.failovers == 1 and none_left.tier_stats.origin_gets == 1
+    await backend.aclose()
+    await none_left.aclose()
+
+
+async def test_after_a_stalled_replica_the_block_goes_to_the_origin_not_a_second_replica(
+    replicas: Callable[..., Replica],
+) -> None:
+    """The replicas share one --read-timeout per block: a stall used it up, so the block is
+    not sent to a second replica (which could stall as long again) but to the origin."""
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    stalled = replicas(origin, lambda offset: "stall")
+    other = replicas(origin)
+    urls = [stalled.url, other.url]
+    backend = tiered(origin, *urls, read_timeout=0.5)
+    offset = next(o for o in range(0, SIZE, BLOCK) if _home_of(urls, o, version) == 0)
+    dest = bytearray(BLOCK)
+    await backend.read_block("m.bin", version, offset, memoryview(dest), size=SIZE)
+    assert bytes(dest) == DATA[offset : offset + BLOCK]
+    assert stalled.gets == 1 and other.gets == 0 and origin.read_calls == 1
+    assert backend.tier_stats.fallbacks["stalled"] == 1 and backend.tier_stats.failovers == 0
+    await backend.aclose()
+
+
+async def test_a_flapping_replica_is_benched_longer_each_time(
+    replicas: Callable[..., Replica], mock_clock: trio.testing.MockClock
+) -> None:
+    """A replica that answers one GET and fails the next: one good answer no longer resets its
+    backoff to the first (it was probed every second forever); the backoff halves only for each
+    30 s the replica answers without failing."""
+    origin = OriginWithTier()
+    big = ramp(40 * BLOCK, seed=3)
+    version = origin.put("m.bin", big)
+    flapping = replicas(origin, lambda offset: "500" if offset // BLOCK % 2 == 0 else "ok")
+    backend = TieredBackend(origin, [flapping.url], block_size=BLOCK, read_timeout=10, max_concurrency=4)
+
+    async def read(index: int) -> None:
+        dest = bytearray(BLOCK)
+        await backend.read_block("m.bin", version, index * BLOCK, memoryview(dest), size=len(big))
+        assert bytes(dest) == big[index * BLOCK : (index + 1) * BLOCK]
+
+    await read(0)  # fails: benched 1 s
+    assert flapping.gets == 1
+    mock_clock.jump(1)
+    await read(1)  # answers
+    await read(2)  # fails again: benched 2 s (it was 1 s again after the answer)
+    assert flapping.gets == 3
+    mock_clock.jump(1)
+    await read(3)
+    assert flapping.gets == 3  # still benched
+    mock_clock.jump(1)
+    await read(3)
+    assert flapping.gets == 4  # its bench over: answers; the next failure benches it 4 s
+    # 30 s of good answers halve the backoff, 30 s more bring it back to the first.
+    for step in range(2):
+        mock_clock.jump(30)
+        await read(5 + 2 * step)
+    assert flapping.gets == 6
+    await read(8)  # fails: benched 1 s only
+    mock_clock.jump(1)
+    await read(9)
+    assert flapping.gets == 8
     await backend.aclose()
