@@ -141,12 +141,19 @@ class BlockStore:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the background tasks (prefetches, disk writes) until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.disk is not None:
-                nursery.start_soon(self.disk.run)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.disk is not None:
+                    nursery.start_soon(self.disk.run)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            # Stopped. A fill that lands later (an eager stream's GET: the stop's cancel waits
+            # for the worker thread) finds no nursery for its disk write: the block is left
+            # READY and unpinned (see _filled), evictable like any other, instead of the
+            # closed nursery's RuntimeError, which left it pinned and the stream logging it.
+            self._nursery = None
 
     async def prepare(self, obj: ObjectRef) -> None:
         """Before reading ``obj``: know its blocks on disk even if the startup scan is not done."""
