@@ -31,6 +31,7 @@ import trio
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.memory import BufferKind
 from modelfs.safetensors_header import PARSE_OVERHEAD, header_length, safetensors_block_order
+from modelfs.stopping import stopping
 
 __all__ = [
     "MAX_MODEL_FILES",
@@ -74,6 +75,11 @@ MAX_MODEL_FILES = 4096
 reference, cancel scope, event and reader activity), outside the memory budget, so the fixed
 overhead covers 5.6 MiB of them. The largest models have hundreds of shards; beyond that
 the first files found are streamed and one warning names the rest as left out."""
+
+
+def _failure_level() -> int:
+    """A stream that fails while the daemon stops failed because of the stop: debug, not info."""
+    return logging.DEBUG if stopping() else logging.INFO
 
 
 class ReaderActivity:
@@ -395,7 +401,7 @@ class EagerStreamer:
                 try:  # (for a file put off: its blocks already on disk are skipped, not fetched)
                     run.current = (stream, iter(await self._order(stream.ref)))
                 except Exception as exc:  # its reader will see the error, if it reads
-                    log.info("not streaming %s: %s", stream.ref.name, exc)
+                    log.log(_failure_level(), "not streaming %s: %s", stream.ref.name, exc)
 
     async def _model_worker(self, run: _ModelRun) -> None:
         while (item := await self._next_model_block(run)) is not None:
@@ -406,7 +412,7 @@ class EagerStreamer:
                 await self.store.stream(stream.ref, index)
             except Exception as exc:  # the reader's own reads report errors; this file stops
                 if not stream.failed:
-                    log.info("stopped streaming %s: %s", stream.ref.name, exc)
+                    log.log(_failure_level(), "stopped streaming %s: %s", stream.ref.name, exc)
                 stream.failed = True  # (its blocks left are dropped, the next file goes on)
 
     async def _run_model(self, queue: deque[_Stream]) -> None:
@@ -443,7 +449,7 @@ class EagerStreamer:
             if stream.scope.cancelled_caught:
                 self.cancelled += 1
         except Exception as exc:  # the reader's own reads report errors; the stream just stops
-            log.info("stopped streaming %s: %s", ref.name, exc)
+            log.log(_failure_level(), "stopped streaming %s: %s", ref.name, exc)
         finally:
             # (a reader who reopened the file meanwhile may have put a new stream in its place)
             if self._streams.get((ref.key, ref.version)) is stream:

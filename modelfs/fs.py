@@ -27,6 +27,7 @@ from modelfs.files import OpenFiles
 from modelfs.inodes import ROOT_INODE, DirHandle, Namespace, Node
 from modelfs.loopcpu import LoopClock
 from modelfs.metrics import LatencyHistogram, MetricsSnapshot
+from modelfs.stopping import stopping
 from modelfs.units import ceil_div
 
 __all__ = ["ModelFS"]
@@ -59,7 +60,10 @@ def _mapped(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
             except ModelfsError as exc:
                 code = errno_for(exc)
                 _count_error(args, code)
-                log.warning("%s failed with %s: %s", fn.__name__, errno.errorcode.get(code, code), exc)
+                # A request failed by the stop (its GET shut down) is one of those the stop's
+                # own line counts, not a warning of its own.
+                level = logging.DEBUG if stopping() else logging.WARNING
+                log.log(level, "%s failed with %s: %s", fn.__name__, errno.errorcode.get(code, code), exc)
                 raise pyfuse3.FUSEError(code) from None
             except Exception:
                 _count_error(args, errno.EIO)

@@ -27,6 +27,7 @@ from wsgiref.simple_server import WSGIServer
 import pyfuse3
 import trio
 
+from modelfs import stopping
 from modelfs.backends import ObjectInfo, open_backend
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.disk import DiskCache
@@ -307,12 +308,20 @@ async def serve(config: Config, ready: Callable[[], bool] = lambda: True, early_
                     nursery.start_soon(_announce, mountpoint, config.read_ahead_kb, ready)
                     # Requests beyond what the budget can serve at once wait in the kernel's queue.
                     await pyfuse3.main(max_tasks=fuse_tasks(store.memory.max_lease))
+                    # Ended by a signal or by an unmount (modelfs unmount, fusermount3 -u): the
+                    # same bound either way, and what the stop ends is not logged as failures.
+                    stopping.begin()
+                    watchdog.start()
                     await ops.namespace.stop_invalidating()  # (no call into the session once it is closed)
                     # Unmount now, not once the tasks below have ended: a GET blocked in a worker
                     # thread on a stalled server must not keep the mount.
                     pyfuse3.close(unmount=True)
                     closed = True
                     log.info("unmounted %s", mountpoint)
+                    # No request is left; the GETs still in flight are read-ahead and the eager
+                    # stream's, which nothing waits for: end them now (after an unmount nothing
+                    # else would, and one on a dead server would hold the exit for its timeout).
+                    _abort(ops)
                     # Within the stop timeouts: never past the watchdog, when a signal started it.
                     left = watchdog.remaining()
                     await store.finish_writes(STOP_GRACE if left is None else max(0.0, min(STOP_GRACE, left - 1.0)))
@@ -348,6 +357,7 @@ async def _start(
         async for signum in signals:
             stopped.append(signum)
             log.info("got %s during startup: stopping, nothing mounted", signal.Signals(signum).name)
+            stopping.begin()
             watchdog.start()  # a listing that cannot be cancelled ends the process in time
             startup.cancel()
             # A GET blocked in a worker thread ends only when the thread returns: end it now.
@@ -483,17 +493,28 @@ async def _on_signals(ops: ModelFS, watchdog: StopWatchdog, signals: AsyncIterat
     async for signum in signals:
         log.info("got %s: unmounting", signal.Signals(signum).name)
         break
+    stopping.begin()
     watchdog.start()
     pyfuse3.terminate()
+    again = False
     with trio.move_on_after(STOP_GRACE):
         async for signum in signals:  # a second signal: no more grace
             log.info("got %s again: failing the requests in flight now", signal.Signals(signum).name)
+            again = True
             break
     count = ops.stop()
     # A request whose own GET blocks in a worker thread is cancelled only once the thread
     # returns: a backend that can, ends those GETs now (GCS shuts their sockets down).
+    _abort(ops)
+    if count:
+        # The stop's one line about what it abandoned (info: the stop is doing what it says;
+        # the retries and shut-down GETs behind it are logged at debug level).
+        after = "at the second signal" if again else f"{STOP_GRACE:.0f} s after the signal"
+        log.info("%d request(s) still waiting on the backend %s: failing them with EIO", count, after)
+
+
+def _abort(ops: ModelFS) -> None:
+    """End the backend's GETs in flight now and let no new one start (idempotent)."""
     abort = getattr(ops.namespace.backend, "abort", None)
     if callable(abort):
         abort()
-    if count:
-        log.warning("%d request(s) still running %.0f s after the signal: cancelling them (EIO)", count, STOP_GRACE)

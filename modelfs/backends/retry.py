@@ -15,6 +15,7 @@ from typing import TypeVar
 import trio
 
 from modelfs.errors import TransientError
+from modelfs.stopping import stopping
 
 __all__ = ["retry_transient", "RetryStats"]
 
@@ -59,5 +60,7 @@ async def retry_transient(
                 raise TransientError(f"{what}: failed after {attempt} attempt(s): {exc}") from exc
             if stats is not None:
                 stats.retries += 1
-            log.info("retrying %s in %.2fs after: %s", what, delay, exc)
+            # Once the daemon is stopping, a retry (the grace lets a read finish) or a GET the
+            # stop shut down ("the daemon is stopping") is not news: its one line is the stop's.
+            log.log(logging.DEBUG if stopping() else logging.INFO, "retrying %s in %.2fs after: %s", what, delay, exc)
             await trio.sleep(delay)
