@@ -141,9 +141,14 @@ def _run(fn: Callable[..., Awaitable[T]], *args: object) -> T:
 
 
 def _warm(config: Config) -> int:
-    from modelfs.warm import warm
+    from modelfs.warm import WarmStopped, warm
 
-    result = _run(warm, config)
+    try:
+        result = _run(warm, config)
+    except WarmStopped as stopped:
+        # One line; the objects reported cached so far are in the disk cache, whole.
+        print(f"modelfs: warm stopped by {signal.Signals(stopped.signum).name}", file=sys.stderr)
+        return 128 + stopped.signum
     if result.failed:
         why = result.failed[0][1]
         more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""

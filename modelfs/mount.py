@@ -451,9 +451,10 @@ class StopWatchdog:
     the trio loop it guards may be the thing that cannot finish; it only makes blocking calls.
     """
 
-    def __init__(self, mountpoint: Path, seconds: float) -> None:
-        self.mountpoint = mountpoint
+    def __init__(self, mountpoint: Path | None, seconds: float, *, code: int = 0) -> None:
+        self.mountpoint = mountpoint  # (None: nothing to detach, as for modelfs warm)
         self.seconds = seconds
+        self.code = code  # the exit status it ends the process with
         self._timer: threading.Timer | None = None
         self._fires_at: float | None = None
 
@@ -473,18 +474,17 @@ class StopWatchdog:
             self._timer.cancel()
 
     def _expire(self) -> None:
+        what = f"detaching {self.mountpoint} and exiting" if self.mountpoint is not None else "exiting"
         log.warning(
-            "still running %.0f s after the stop signal (a backend request does not end): detaching %s and exiting",
-            self.seconds,
-            self.mountpoint,
+            "still running %.0f s after the stop signal (a backend request does not end): %s", self.seconds, what
         )
-        if is_mounted(self.mountpoint):
+        if self.mountpoint is not None and is_mounted(self.mountpoint):
             try:
                 _fusermount(["-uz", str(self.mountpoint)])
             except OSError:
                 pass
         logging.shutdown()
-        os._exit(0)
+        os._exit(self.code)
 
 
 async def _on_signals(ops: ModelFS, watchdog: StopWatchdog, signals: AsyncIterator[int]) -> None:

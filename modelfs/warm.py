@@ -26,17 +26,19 @@ import binascii
 import functools
 import hashlib
 import logging
+import signal
 import sys
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import IO
 
 import crc32c
 import trio
 
+from modelfs import stopping
 from modelfs.backends import open_backend
 from modelfs.backends.base import Backend, ObjectInfo
 from modelfs.backends.retry import retry_transient
@@ -46,9 +48,10 @@ from modelfs.cache.memory import MemoryCache
 from modelfs.config import Config
 from modelfs.errors import BackendError, ConfigError, ModelfsError, VersionChanged
 from modelfs.fold import Folder, Hash
+from modelfs.mount import STOP_GRACE, StopWatchdog
 from modelfs.walk import walk_objects
 
-__all__ = ["warm", "WarmResult"]
+__all__ = ["warm", "WarmResult", "WarmStopped"]
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +313,31 @@ def _check_cached(disk: DiskCache, done: _Written, result: WarmResult, progress:
         progress.object_done(name, f"cached ({done.unchecked})")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class WarmStopped(BaseException):
+    """``modelfs warm`` was stopped by a signal (the CLI exits 128 + ``signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+async def _on_stop_signal(
+    signals: AsyncIterator[int], backend: Backend, scope: trio.CancelScope, stopped: list[int]
+) -> None:
+    async for signum in signals:
+        stopped.append(signum)
+        stopping.begin()  # (what the stop fails is not logged as failures)
+        StopWatchdog(None, 2 * STOP_GRACE, code=128 + signum).start()
+        abort = getattr(backend, "abort", None)
+        if callable(abort):
+            abort()
+        scope.cancel()
+        return
+
+
 async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     """Fetch every object of ``config.source`` into the disk cache and verify it."""
     if config.disk_cache <= 0:
@@ -369,35 +397,46 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
                 _check_cached(disk, written.popleft(), result, progress)
 
         by_stat = bool(getattr(backend, "checksums_by_stat", False))
+        # A stop signal ends the warm at once: the GETs in flight are shut down (the threads
+        # blocked on a stalled server would hold it for --read-timeout), the writes under way
+        # finish (each block file is written under a temporary name and renamed: never half
+        # there), and a watchdog ends the process if a GET cannot be reached (still connecting).
+        stopped: list[int] = []
         fold = trio.CapacityLimiter(_FOLD_THREADS)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            nursery.start_soon(produce)
-            async for info in receive:
-                key = backend.object_key(info.name)
-                try:
-                    if by_stat:
-                        info = await _with_checksum(backend, info, config.retry_deadline)
-                    ok = await _warm_object(store, info, key, window, progress, fold)
-                except ModelfsError as exc:  # changed or gone since the listing, unreadable: the others go on
-                    result.failed.append((info.name, str(exc)))
-                    progress.object_done(info.name, f"FAILED: {exc}")
+        # (Not a signal the process was started ignoring: nohup's SIGHUP, a background job's SIGINT.)
+        taken = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+        with trio.open_signal_receiver(*taken) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_on_stop_signal, signals, backend, nursery.cancel_scope, stopped)
+                await nursery.start(store.run)
+                nursery.start_soon(produce)
+                async for info in receive:
+                    key = backend.object_key(info.name)
+                    try:
+                        if by_stat:
+                            info = await _with_checksum(backend, info, config.retry_deadline)
+                        ok = await _warm_object(store, info, key, window, progress, fold)
+                    except ModelfsError as exc:  # changed or gone since the listing, unreadable: the others go on
+                        result.failed.append((info.name, str(exc)))
+                        progress.object_done(info.name, f"FAILED: {exc}")
+                        report()
+                        continue
+                    if ok is False:
+                        result.objects += 1
+                        result.bytes += info.size
+                        result.mismatched.append(info.name)
+                        progress.object_done(info.name, "CHECKSUM MISMATCH (not cached)")
+                    else:
+                        blocks = store.block_count(ObjectRef(key, info.name, info.version, info.size))
+                        expected = _expected(info)
+                        unchecked = None if ok is True else expected if isinstance(expected, str) else NO_CHECKSUM
+                        written.append(_Written(info, key, blocks, store.write_seq, unchecked))
                     report()
-                    continue
-                if ok is False:
-                    result.objects += 1
-                    result.bytes += info.size
-                    result.mismatched.append(info.name)
-                    progress.object_done(info.name, "CHECKSUM MISMATCH (not cached)")
-                else:
-                    blocks = store.block_count(ObjectRef(key, info.name, info.version, info.size))
-                    expected = _expected(info)
-                    unchecked = None if ok is True else expected if isinstance(expected, str) else NO_CHECKSUM
-                    written.append(_Written(info, key, blocks, store.write_seq, unchecked))
-                report()
-            await store.drain()
-            report(final=True)
-            nursery.cancel_scope.cancel()
+                await store.drain()
+                report(final=True)
+                nursery.cancel_scope.cancel()
+        if stopped:
+            raise WarmStopped(stopped[0])
         result.evicted = disk.evicted_this_run
         result.cache_limit = disk.limit
         if failed:

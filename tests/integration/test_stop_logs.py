@@ -167,3 +167,41 @@ def test_unmount_with_the_eager_stream_stalled_exits_within_the_bound(
     _quiet(_stop_lines(text, "unmounted"))
     assert "streaming 1 weight file(s)" in text
     assert _remount_reads(gcs, f"gs://{bucket}/m", tmp_path, cache, "w.safetensors") == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_warm_with_a_stalled_get_ends_it_at_once(
+    gcs: FakeGCS, bucket: str, proxy: FaultProxy, tmp_path: Path, signum: int, code: int
+) -> None:
+    """Ctrl-C on ``modelfs warm`` while a GET stalled: trio's KeyboardInterrupt waited for the
+    GET's worker thread, so warm hung for --read-timeout (600 s here). Now a stop signal shuts
+    the GETs down: exit 128 + the signal, one line, and a warm that follows on the same cache
+    dir finds every block right (its checksum checked against the store's)."""
+    data = os.urandom(16 * 65536)
+    gcs.upload(bucket, "m/w.bin", data)
+    cache = tmp_path / "cache"
+    proxy.force("stall", 2)
+    args = ["warm", f"gs://{bucket}/m", "--anonymous", "--cache-dir", str(cache), "--block-size", "64K"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelfs", *args, "--memory-cache", "2M", *SLOW],
+        env=dict(os.environ, STORAGE_EMULATOR_HOST=proxy.url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As from a terminal: a test run started in the background has SIGINT ignored, which
+        # the child would inherit (and rightly keep ignoring).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        _wait_for("the stalled GET", lambda: proxy.counters().get("fault_stall", 0) > 0)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=HANG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err
+    assert err.strip() == f"modelfs: warm stopped by {signal.Signals(signum).name}", err
+    again = run_modelfs(*args, env=gcs.env())
+    assert again.returncode == 0, again.stderr
+    assert "warm: w.bin: cached, checksum ok" in again.stderr
