@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from modelfs import __version__
+from modelfs import __version__, stopping
 from modelfs.cache.disk_dir import open_log_file
 from modelfs.config import Config, add_options, build_config
 from modelfs.errors import ConfigError, ModelfsError
@@ -267,9 +267,6 @@ def _cpu_line(stats: dict[str, Any]) -> str:
     return line
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
 def _catch_stop_signals() -> list[int]:
     """Record the stop signals from now on, in the list returned, until serve() takes them.
 
@@ -282,7 +279,7 @@ def _catch_stop_signals() -> list[int]:
     def record(signum: int, frame: object) -> None:
         caught.append(signum)
 
-    for signum in _STOP_SIGNALS:
+    for signum in stopping.stop_signals():  # (not one the process was started ignoring: nohup)
         signal.signal(signum, record)
     return caught
 
@@ -304,7 +301,7 @@ def _raise_on_stop_signals() -> None:
             raised = True
             raise _Stopped(signum)
 
-    for signum in _STOP_SIGNALS:
+    for signum in stopping.stop_signals():
         signal.signal(signum, stop)
 
 
@@ -378,7 +375,7 @@ def _mount_foreground(config: Config, early_signals: list[int]) -> int:
     finally:
         # Served and cleaned up (or failed to start): a signal from now on, say a supervisor
         # repeating SIGTERM, must not turn the exit status into death by that signal.
-        for signum in _STOP_SIGNALS:
+        for signum in stopping.STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
     tell_parent("error: stopped before the mount was ready")  # by a signal: serve() logged which
     return 0
@@ -513,11 +510,9 @@ def _mount_daemon(config: Config, argv: Sequence[str], stop_signals: list[int]) 
         # The child said its word (or is gone): the usual deaths by these signals from now on.
         # (Reset inside the try: a signal caught before the reset still stops the child, as
         # one caught while waiting does, and never leaves a mount behind an exit of 128 + N.)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stopping.restore_stop_signals()
     except _Stopped as stopped:
-        for signum in _STOP_SIGNALS:  # more of them (Ctrl-C again) are ignored while the child stops
+        for signum in stopping.STOP_SIGNALS:  # more of them (Ctrl-C again) are ignored while the child stops
             signal.signal(signum, signal.SIG_IGN)
         _stop_child(child)
         return 128 + stopped.signum

@@ -270,7 +270,7 @@ async def serve(config: Config, ready: Callable[[], bool] = lambda: True, early_
     # stop it: as PID 1 a signal without a handler is discarded) until serve() returns, its
     # clean-up included: trio puts the default handler back (a signal would then kill us
     # mid-stop) only when the receiver closes.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*stopping.stop_signals()) as signals:
         for signum in early_signals:
             signal.raise_signal(signum)  # into the receiver, now that it takes them
         tune_malloc()

@@ -26,7 +26,6 @@ import binascii
 import functools
 import hashlib
 import logging
-import signal
 import sys
 import time
 import zlib
@@ -313,9 +312,6 @@ def _check_cached(disk: DiskCache, done: _Written, result: WarmResult, progress:
         progress.object_done(name, f"cached ({done.unchecked})")
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 class WarmStopped(BaseException):
     """``modelfs warm`` was stopped by a signal (the CLI exits 128 + ``signum``)."""
 
@@ -404,8 +400,7 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
         stopped: list[int] = []
         fold = trio.CapacityLimiter(_FOLD_THREADS)
         # (Not a signal the process was started ignoring: nohup's SIGHUP, a background job's SIGINT.)
-        taken = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
-        with trio.open_signal_receiver(*taken) as signals:
+        with trio.open_signal_receiver(*stopping.stop_signals()) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_on_stop_signal, signals, backend, nursery.cancel_scope, stopped)
                 await nursery.start(store.run)

@@ -205,3 +205,61 @@ def test_a_signal_to_warm_with_a_stalled_get_ends_it_at_once(
     again = run_modelfs(*args, env=gcs.env())
     assert again.returncode == 0, again.stderr
     assert "warm: w.bin: cached, checksum ok" in again.stderr
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    """``SigIgn`` or ``SigCgt`` of ``pid`` (/proc/PID/status): bit N-1 is signal N."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.mark.parametrize(
+    "ignored", [(), (signal.SIGHUP,), (signal.SIGHUP, signal.SIGINT)], ids=["none", "nohup", "background"]
+)
+def test_a_stop_signal_ignored_at_start_stays_ignored(tmp_path: Path, ignored: tuple[int, ...]) -> None:
+    """``nohup modelfs mount -f`` (SIGHUP ignored) or a background job (SIGINT too): the mount
+    took SIGHUP all the same, so closing the terminal stopped it. Now a stop signal the
+    process was started ignoring stays ignored (as the kernel sees it: /proc's SigIgn), the
+    others are caught; the mount serves the right bytes and SIGTERM still stops it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(300_000)
+    (src / "w.bin").write_bytes(data)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "out.log"
+
+    def ignore() -> None:
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelfs", "mount", f"file://{src}", str(mnt), "-f"]
+            + ["--cache-dir", str(tmp_path / "cache")],
+            stdout=out,
+            stderr=out,
+            preexec_fn=ignore,
+        )
+    try:
+        _wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
+        assert proc.poll() is None, log.read_text()
+        assert hashlib.sha256((mnt / "w.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+        ign, cgt = _signal_mask(proc.pid, "SigIgn"), _signal_mask(proc.pid, "SigCgt")
+        for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+            bit = 1 << (signum - 1)
+            if signum in ignored:
+                assert ign & bit and not cgt & bit, f"{signal.Signals(signum).name} taken though ignored at start"
+            else:
+                assert cgt & bit, f"{signal.Signals(signum).name} not caught"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=HANG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        force_unmount(mnt)
+    assert code == 0, log.read_text()
+    assert not is_mounted(mnt)
