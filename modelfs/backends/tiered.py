@@ -330,7 +330,7 @@ class _Replica:
                     sock, resp, dest, self._read_timeout, deadline, sums, chunk=self._receive_chunk
                 )
             except TimeoutError as exc:
-                raise TierRejected("stalled", f"{exc} ({self._read_timeout:.0f} s)", replica_down=True) from None
+                raise TierRejected("stalled", f"{exc} ({self._read_timeout:g} s)", replica_down=True) from None
         else:
             got = self._read_pieces(conn, resp, dest, deadline)
         if got < len(dest):
@@ -345,7 +345,7 @@ class _Replica:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TierRejected(
-                    "stalled", f"{got} of {len(dest)} bytes in {self._read_timeout:.0f} s", replica_down=True
+                    "stalled", f"{got} of {len(dest)} bytes in {self._read_timeout:g} s", replica_down=True
                 )
             if conn.sock is not None:
                 conn.sock.settimeout(min(left, self._read_timeout))

@@ -310,7 +310,9 @@ async def test_a_stalled_replica_times_out_and_the_origin_answers(replicas: Call
     await backend.aclose()
 
 
-async def test_a_replica_that_drips_bytes_counts_as_stalled(replicas: Callable[..., Replica]) -> None:
+async def test_a_replica_that_drips_bytes_counts_as_stalled(
+    replicas: Callable[..., Replica], caplog: pytest.LogCaptureFixture
+) -> None:
     origin = OriginWithTier()
     version = origin.put("m.bin", DATA)
     replica = replicas(origin, lambda offset: "drip" if offset == 0 else "ok")
@@ -322,6 +324,9 @@ async def test_a_replica_that_drips_bytes_counts_as_stalled(replicas: Callable[.
     await backend.read_range("m.bin", version, 0, memoryview(dest))
     assert bytes(dest) == DATA[:big]
     assert backend.tier_stats.fallbacks["stalled"] == 1
+    # The line says the sub-second timeout as it was given (it said "(0 s)").
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "stalled" in line and "0.5 s" in line and "(0 s)" not in line, line
     await backend.aclose()
 
 
