@@ -32,10 +32,65 @@ from modelfs.backends.private.httpclient_interim import InterimSkippingResponse
 from modelfs.backends.private.httpclient_progress import progress_response
 from modelfs.backends.resolver import RESOLVER, Address, Resolver, numeric
 
-__all__ = ["ConnectionPool", "InFlight"]
+__all__ = ["ConnectionPool", "InFlight", "one_connection", "open_socket"]
 
 
-def _connect_to_one(addresses: Sequence[Address], deadline: float, in_flight: InFlight) -> socket.socket:
+def open_socket(
+    host: str,
+    port: int,
+    timeout: float,
+    in_flight: InFlight,
+    *,
+    resolver: Resolver | None = None,
+    addresses: tuple[str, ...] | None = None,
+    prepare: Callable[[socket.socket], None] | None = None,
+) -> socket.socket:
+    """A TCP socket connected to ``host`` within ``timeout`` seconds, its name lookup included
+    (socket.create_connection bounds neither the lookup nor all addresses together).
+
+    ``addresses``: IP addresses to connect to instead of looking ``host`` up. ``prepare``
+    sets a new socket's options before it connects. TimeoutError past the timeout, OSError if
+    the name does not resolve or no address answers, ConnectionAbortedError at a stop."""
+    deadline = time.monotonic() + timeout
+    if addresses is not None:
+        found = [a for address in addresses for a in numeric(address, port)]
+    else:
+        found = (resolver or RESOLVER).resolve(host, port, timeout, in_flight.wait)
+    return _connect_to_one(found, deadline, in_flight, prepare)
+
+
+def one_connection(
+    host: str,
+    port: int | None,
+    *,
+    timeout: float,
+    connect_timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> http.client.HTTPConnection:
+    """An ``http.client`` connection, not pooled, whose connect (name lookup included) takes
+    at most ``connect_timeout`` seconds; then each wait for a byte at most ``timeout``. Over
+    TLS the certificate is checked for ``host`` (and SNI sent for it), not for the address."""
+    in_flight = InFlight()
+    port = port or (443 if ssl_context is not None else 80)
+
+    def connected(within: float) -> socket.socket:
+        sock = open_socket(host, port, within, in_flight)
+        sock.settimeout(timeout)
+        return sock
+
+    if ssl_context is not None:
+        return _TLSConnection(
+            host, port, timeout=connect_timeout, context=ssl_context, open_socket=connected, opened=in_flight.opened
+        )
+    return _Connection(host, port, timeout=connect_timeout, open_socket=connected)
+
+
+def _connect_to_one(
+    addresses: Sequence[Address],
+    deadline: float,
+    in_flight: InFlight,
+    prepare: Callable[[socket.socket], None] | None = None,
+) -> socket.socket:
     """A TCP connection to the first of ``addresses`` that answers by ``deadline`` (monotonic),
     as create_connection does but within one deadline for all of them, and abortable."""
     error: OSError | None = None
@@ -45,6 +100,8 @@ def _connect_to_one(addresses: Sequence[Address], deadline: float, in_flight: In
             break
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            if prepare is not None:
+                prepare(sock)
             _connect(sock, sockaddr, left, in_flight)
         except ConnectionAbortedError:
             sock.close()
@@ -328,12 +385,9 @@ class ConnectionPool:
 
     def _open_socket(self, timeout: float) -> socket.socket:
         """A socket connected to the server within ``timeout`` seconds, its name lookup included."""
-        deadline = time.monotonic() + timeout
-        if self._addresses is not None:
-            addresses = [a for address in self._addresses for a in numeric(address, self.port)]
-        else:
-            addresses = self._resolver.resolve(self.host, self.port, timeout, self._in_flight.wait)
-        return _connect_to_one(addresses, deadline, self._in_flight)
+        return open_socket(
+            self.host, self.port, timeout, self._in_flight, resolver=self._resolver, addresses=self._addresses
+        )
 
     def give_back(self, conn: http.client.HTTPConnection) -> None:
         """Keep ``conn`` for the next GET; only after a complete, checked body (else close it)."""

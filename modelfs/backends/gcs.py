@@ -153,7 +153,7 @@ class GCSBackend(ThreadedBackend):
         self._json: JsonClient
         if plain_transport_applies(base):
             # A token refresh waits as long as any other request of the mount (not 120 s).
-            signer = Signer(self._credentials, timeout=read_timeout)
+            signer = Signer(self._credentials, timeout=read_timeout, connect_timeout=connect_timeout)
             self._json = JsonApi(base, signer, connect_timeout=connect_timeout, read_timeout=read_timeout, max_idle=4)
             self._media = MediaTransport(
                 base,

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from google.auth.credentials import TokenState
 from google.auth.transport import Request
 
+from modelfs.backends.connpool import one_connection
 from modelfs.backends.private.httpclient_progress import progress_response
 from modelfs.errors import ConfigError
 
@@ -47,6 +48,8 @@ DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
 # google-auth's requests transport waits this long for a token endpoint when not told otherwise.
 _DEFAULT_TIMEOUT = 120.0
+# The connect timeout of the mount's connections (their name lookup included).
+_CONNECT_TIMEOUT = 10.0
 # A token or metadata-server answer is a few KiB; a server sending more is not one of those.
 _MAX_AUTH_BODY = 1 << 20
 
@@ -134,8 +137,9 @@ class HttpRequest(Request):
     google-auth's refresh code expects (and retries where it retries).
     """
 
-    def __init__(self, timeout: float = _DEFAULT_TIMEOUT) -> None:
+    def __init__(self, timeout: float = _DEFAULT_TIMEOUT, *, connect_timeout: float = _CONNECT_TIMEOUT) -> None:
         self._timeout = timeout
+        self._connect_timeout = connect_timeout
 
     def __call__(
         self,
@@ -155,11 +159,16 @@ class HttpRequest(Request):
         if parts.query:
             path += "?" + parts.query
         wait = self._timeout if timeout is None else float(timeout)
-        conn: http.client.HTTPConnection
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=wait, context=tls_context())
-        else:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=wait)
+        # The name lookup and connect within the connect timeout (http.client's getaddrinfo
+        # has none: a resolver that did not answer held every request waiting for the token);
+        # the certificate is still checked for the name.
+        conn = one_connection(
+            parts.hostname,
+            parts.port,
+            timeout=wait,
+            connect_timeout=min(wait, self._connect_timeout),
+            ssl_context=tls_context() if parts.scheme == "https" else None,
+        )
         # The answer under the data path's progress rule, headers too: a token endpoint that
         # drips it a byte at a time would hold the refresh, and every request that waits for
         # it, as long as it liked (the timeout bounds only the wait for one byte).
@@ -193,10 +202,15 @@ class Signer:
     """
 
     def __init__(
-        self, credentials: object | None, request: object | None = None, *, timeout: float = _DEFAULT_TIMEOUT
+        self,
+        credentials: object | None,
+        request: object | None = None,
+        *,
+        timeout: float = _DEFAULT_TIMEOUT,
+        connect_timeout: float = _CONNECT_TIMEOUT,
     ) -> None:
         self.credentials = credentials
-        self._request = request if request is not None else HttpRequest(timeout)
+        self._request = request if request is not None else HttpRequest(timeout, connect_timeout=connect_timeout)
         self._lock = threading.Lock()
 
     def sign(self, method: str, url: str, headers: dict[str, str], *, force_refresh: bool = False) -> None:

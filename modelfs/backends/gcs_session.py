@@ -15,6 +15,7 @@ from google.auth.transport.requests import AuthorizedSession
 
 from modelfs.backends import answers
 from modelfs.backends.body import read_urllib3_body
+from modelfs.backends.connpool import InFlight
 from modelfs.backends.gcs_auth import DEFAULT_ENDPOINT
 from modelfs.backends.gcs_json import MAX_BODY, MAX_ERROR_BODY, StatusError
 from modelfs.backends.gcs_media import CheckResponse
@@ -41,7 +42,10 @@ class SessionClient:
         self._session.configure_mtls_channel()  # type: ignore[no-untyped-call]
         # Every answer, headers too, under the data path's progress rule (a body dripped, read
         # through http.client's buffered reader, was checked only once the whole block had come).
-        install_response_class(self._session, progress_response(timeout[1]))
+        # Each new connection's name lookup and connect (to the proxy, or to the endpoint)
+        # within the connect timeout, not for as long as getaddrinfo takes.
+        self._in_flight = InFlight()
+        install_response_class(self._session, progress_response(timeout[1]), self._in_flight)
         mtls = bool(self._session.is_mtls) and base_url == DEFAULT_ENDPOINT
         self.base_url = MTLS_ENDPOINT if mtls else base_url
         self._timeout = timeout
@@ -91,7 +95,9 @@ class SessionClient:
         self._session.close()  # type: ignore[no-untyped-call]
 
     def abort(self) -> None:
-        """Nothing to cut short here: the session's GETs end at their read timeout."""
+        """The stop: name lookups and connects in progress end now, and no new one starts;
+        the session's GETs end at their read timeout."""
+        self._in_flight.abort()
 
 
 def _read_decoded(resp: requests.Response) -> bytes:

@@ -231,7 +231,9 @@ class HTTPBackend(BackendSkeleton):
         # per request, not to the client.
         self._user_headers = [_split_header(line) for line in headers]
         self._secrets = [value for _, value in self._user_headers if len(value) >= 4]
-        self._redirects = RedirectPolicy(self._base, cross_origin=cross_origin_redirects)
+        self._redirects = RedirectPolicy(
+            self._base, cross_origin=cross_origin_redirects, connect_timeout=connect_timeout
+        )
         # Data GETs in worker threads on http.client (http_media.py), unless a proxy applies
         # (httpx honours the proxy variables; http.client does not).
         self._media: HTTPMedia | None = None

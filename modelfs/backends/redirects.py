@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from modelfs.errors import BackendError
+from modelfs.errors import BackendError, TransientError
 
 __all__ = ["RedirectPolicy", "Verdict", "is_internal_address", "MAX_REDIRECTS"]
 
@@ -84,17 +84,29 @@ class Verdict:
 class RedirectPolicy:
     """Checks each redirect of a request that started at ``source`` (an http(s) URL)."""
 
-    def __init__(self, source: str, *, cross_origin: bool, resolve: Resolver | None = None) -> None:
+    def __init__(
+        self, source: str, *, cross_origin: bool, resolve: Resolver | None = None, connect_timeout: float = 10.0
+    ) -> None:
         self._source = httpx.URL(source)
         self._origin = _origin(self._source)
         self._cross_origin = cross_origin
-        self._resolve = resolve or _resolve
+        self._resolver = resolve or _resolve
+        self._timeout = connect_timeout
         self._source_internal: bool | None = None
 
-    async def _internal(self, host: str) -> bool:
+    async def _resolve(self, host: str, what: str) -> list[str]:
+        """``host``'s addresses, looked up within the connect timeout: getaddrinfo has no
+        timeout of its own, and a resolver that did not answer held the request (and a data
+        GET's thread) for as long as resolv.conf's timeouts added up to. Past it, a failure
+        worth retrying, as a connect that timed out is."""
+        with trio.move_on_after(self._timeout):
+            return await self._resolver(host)
+        raise TransientError(f"{what}: resolving {host} took more than {self._timeout:g} s")
+
+    async def _internal(self, host: str, what: str) -> bool:
         if is_internal_address(host) or host.lower() in ("localhost", "metadata.google.internal"):
             return True
-        return any(is_internal_address(a) for a in await self._resolve(host))
+        return any(is_internal_address(a) for a in await self._resolve(host, what))
 
     async def verdict(self, current: httpx.URL, target: httpx.URL, what: str) -> Verdict:
         """Raise BackendError if ``current`` may not redirect to ``target``; else whether the
@@ -114,13 +126,13 @@ class RedirectPolicy:
         if same:
             return Verdict(True)
         if self._source_internal is None:
-            self._source_internal = await self._internal(self._source.host)
+            self._source_internal = await self._internal(self._source.host, what)
         if self._source_internal:
             return Verdict(False)
         host = target.host
         if is_internal_address(host) or host.lower() in ("localhost", "metadata.google.internal"):
             raise BackendError(f"{what}: redirected to an internal address ({shown}); not followed")
-        addresses = [host] if _is_address(host) else await self._resolve(host)
+        addresses = [host] if _is_address(host) else await self._resolve(host, what)
         if any(is_internal_address(a) for a in addresses):
             raise BackendError(f"{what}: redirected to an internal address ({shown}); not followed")
         return Verdict(False, tuple(addresses))

@@ -13,10 +13,14 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 
-__all__ = ["RESOLVER", "Address", "Lookup", "Resolver", "is_address", "numeric", "system_lookup"]
+__all__ = ["RESOLVER", "Address", "Lookup", "NameNotResolved", "Resolver", "is_address", "numeric", "system_lookup"]
 
 Address = tuple[int, tuple[object, ...]]  # (family, sockaddr), as getaddrinfo gives them
 Lookup = Callable[[str, int], Sequence[Address]]
+
+
+class NameNotResolved(OSError):
+    """The resolver answered that a name has no address (or failed to look it up)."""
 
 
 def system_lookup(host: str, port: int) -> list[Address]:
@@ -46,7 +50,7 @@ class _Pending:
     def __init__(self) -> None:
         self.done = False
         self.addresses: list[Address] = []
-        self.error: OSError | None = None
+        self.error: NameNotResolved | None = None
         self.waiters: list[threading.Event] = []
 
 
@@ -70,7 +74,7 @@ class Resolver:
         self, host: str, port: int, timeout: float, wait: Callable[[threading.Event, float], None]
     ) -> list[Address]:
         """The addresses of ``host`` within ``timeout`` seconds: TimeoutError if the lookup takes
-        longer (it goes on; the next connect waits for the same one), OSError if it fails.
+        longer (it goes on; the next connect waits for the same one), NameNotResolved if it fails.
         ``wait(event, timeout)`` waits (InFlight.wait: a stop wakes it and raises)."""
         if is_address(host):  # (an IP address: nothing to look up, no thread)
             return numeric(host, port)
@@ -99,11 +103,11 @@ class Resolver:
     def _run(self, key: tuple[str, int], pending: _Pending) -> None:
         try:
             addresses = list(self._lookup(*key))
-            error = None if addresses else OSError(f"{key[0]} resolves to no address")
+            error = None if addresses else NameNotResolved(f"{key[0]} resolves to no address")
         except OSError as exc:
-            addresses, error = [], OSError(f"resolving {key[0]}: {exc}")
+            addresses, error = [], NameNotResolved(f"resolving {key[0]}: {exc}")
         except Exception as exc:  # (a lookup function's bug: the connect fails, nothing hangs)
-            addresses, error = [], OSError(f"resolving {key[0]}: {type(exc).__name__}: {exc}")
+            addresses, error = [], NameNotResolved(f"resolving {key[0]}: {type(exc).__name__}: {exc}")
         with self._lock:
             if self._pending.get(key) is pending:
                 del self._pending[key]

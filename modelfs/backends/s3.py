@@ -242,7 +242,10 @@ class S3Backend(ThreadedBackend):
         # Every socket the client opens, so a stop also ends a GET still waiting for headers;
         # every answer, headers too, under the data path's progress rule (a HEAD or a listing
         # dripped a byte per read timeout was a wait without end).
-        report_connections(self._client, self._connected, progress_response(read_timeout))
+        # Each new connection's name lookup and connect, within the connect timeout (urllib3's
+        # getaddrinfo has none: a resolver that did not answer held a GET, a listing or the
+        # mount's first check for tens of seconds), and a stop ends them.
+        report_connections(self._client, self._connected, progress_response(read_timeout), in_flight=self._in_flight)
         # botocore reads listings, HEADs' and errors' bodies whole: these are read bounded.
         read_answers(self._client, read_answer)
 

@@ -276,3 +276,39 @@ def test_the_daemon_leaves_the_directory_it_was_started_in(tmp_path: Path, mnt: 
         assert run_modelfs("unmount", str(mnt)).returncode == 0
     finally:
         subprocess.run(["umount", "-l", str(work)], capture_output=True, check=False)
+
+
+def test_a_source_whose_name_never_resolves_fails_the_mount_in_one_line(mnt: Path, tmp_path: Path) -> None:
+    """A resolver that never answers for the endpoint's name (getaddrinfo blocked in the
+    daemon by a sitecustomize: no DNS server involved): the mount's first check of the bucket
+    fails at the connect timeout, is retried within --retry-deadline, then one line and exit 1.
+    It waited for the lookup without end (here: until run_modelfs's timeout)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import socket, threading\n"
+        "_real = socket.getaddrinfo\n"
+        "def _blocked(host, *args, **kwargs):\n"
+        "    if host in ('s3-dns.test', b's3-dns.test'):\n"
+        "        threading.Event().wait()  # a resolver that never answers\n"
+        "    return _real(host, *args, **kwargs)\n"
+        "socket.getaddrinfo = _blocked\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(hooks), AWS_EC2_METADATA_DISABLED="true")
+    result = run_modelfs(
+        "mount",
+        "s3://bkt/m",
+        str(mnt),
+        "--endpoint-url",
+        "http://s3-dns.test:9",
+        "--anonymous",
+        "--foreground",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--retry-deadline",
+        "1",
+        env=env,
+        timeout=60,
+    )
+    _fails(result, 1, "s3://bkt/m", "timed out")
+    assert not is_mounted(mnt)

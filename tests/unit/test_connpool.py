@@ -14,6 +14,8 @@ import pytest
 
 from modelfs.backends.connpool import ConnectionPool, InFlight
 
+from .blocked_lookups import BlockedResolver
+
 
 @pytest.fixture
 def listener() -> Iterator[int]:
@@ -107,38 +109,6 @@ def test_a_stop_under_tls_never_hands_encrypted_records_to_a_reader(tmp_path: Pa
         sock.close()
         thread.join(10)
         listening.close()
-
-
-class BlockedResolver:
-    """socket.getaddrinfo for ``name`` blocks until ``release`` is set (a resolver that does not
-    answer), then gives loopback; every other name is the real resolver's. A watchdog sets
-    ``release`` after a while, so code that waits for the lookup cannot hang the test, and
-    ``freed_by_watchdog`` tells that it waited."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.release = threading.Event()
-        self.calls = 0
-        self.freed_by_watchdog = False
-        self._real = socket.getaddrinfo
-        self._watchdog = threading.Timer(20, self._free)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-
-    def _free(self) -> None:
-        self.freed_by_watchdog = True
-        self.release.set()
-
-    def __call__(self, host: object, port: object, *args: object, **kwargs: object) -> object:
-        if host != self.name:
-            return self._real(host, port, *args, **kwargs)  # type: ignore[arg-type]
-        self.calls += 1
-        self.release.wait()
-        return self._real("127.0.0.1", port, *args, **kwargs)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        self._watchdog.cancel()
-        self.release.set()
 
 
 @pytest.fixture

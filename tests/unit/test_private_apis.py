@@ -35,6 +35,7 @@ SHIMS = [
     "httpclient_progress",
     "httpcore_read_size",
     "requests_pools",
+    "urllib3_connect",
     "urllib3_fp",
 ]
 

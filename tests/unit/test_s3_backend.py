@@ -8,7 +8,12 @@ against ``--endpoint-url``, ``Range`` and ``If-Match`` on every GET, no retries 
 from __future__ import annotations
 
 import re
+import socket
+import ssl
 import threading
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +22,10 @@ from botocore.awsrequest import AWSResponse
 
 from modelfs.backends.s3 import S3Backend
 from modelfs.config import parse_source
-from modelfs.errors import ConfigError, TransientError, VersionChanged
-from modelfs.testing.servers import QuietHandler, loopback_http
+from modelfs.errors import BackendError, ConfigError, TransientError, VersionChanged
+from modelfs.testing.servers import QuietHandler, loopback_http, serving
+
+from .blocked_lookups import BlockedResolver
 
 ETAG = '"0123456789abcdef0123456789abcdef"'
 
@@ -315,3 +322,138 @@ async def test_stat_asks_for_the_objects_checksum(aws_env: None) -> None:
     assert request.method == "HEAD" and request.headers["x-amz-checksum-mode"] == b"ENABLED"
     assert b"x-amz-checksum-mode" in request.headers["Authorization"]  # signed
     assert backend.checksums_by_stat
+
+
+class _Bucket(QuietHandler):
+    """A bucket holding m/a.bin (10 bytes): its listing, HEAD and ranged GET."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if "list-type=2" in self.path:
+            self._answer(200, LIST_XML, {"Content-Type": "application/xml"})
+        else:
+            self._answer(206, bytes(range(4)), {"ETag": ETAG, "Content-Range": "bytes 0-3/10"})
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("ETag", ETAG)
+        self.send_header("Content-Length", "10")
+        self.send_header("Last-Modified", "Thu, 01 Jan 2026 00:00:00 GMT")
+        self.end_headers()
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def blocked_s3_name(monkeypatch: pytest.MonkeyPatch) -> Iterator[BlockedResolver]:
+    resolver = BlockedResolver("s3-0.test", "s3-1.test")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    yield resolver
+    resolver.close()
+
+
+async def test_a_resolver_that_does_not_answer_fails_s3_requests_at_the_connect_timeout(
+    aws_env: None, blocked_s3_name: BlockedResolver
+) -> None:
+    """urllib3's getaddrinfo had no timeout: a listing (the mount's first check of the bucket),
+    a HEAD and a ranged GET each waited as long as the resolver did. Each is now a failure
+    worth retrying at the connect timeout, with one lookup in flight for the name however
+    many requests wait; once the resolver answers, requests go through."""
+    with loopback_http(_Bucket) as endpoint:
+        port = endpoint.rsplit(":", 1)[1]
+        backend = S3Backend(
+            parse_source("s3://bkt/m"), endpoint_url=f"http://s3-0.test:{port}", anonymous=True, connect_timeout=0.3
+        )
+        try:
+            with pytest.raises(TransientError, match="timed out"):
+                await backend.list_objects()
+            with pytest.raises(TransientError):
+                await backend.stat("a.bin")
+            with pytest.raises(TransientError):
+                await backend.read_range("a.bin", ETAG, 0, memoryview(bytearray(4)))
+            assert blocked_s3_name.calls == 1 and not blocked_s3_name.freed_by_watchdog
+            blocked_s3_name.release.set()  # the resolver answers again: so does the bucket
+            [info] = await backend.list_objects()
+            assert (info.name, info.size, info.version) == ("a.bin", 10, ETAG)
+            buf = bytearray(4)
+            await backend.read_range("a.bin", ETAG, 0, memoryview(buf))
+            assert bytes(buf) == bytes(range(4))
+        finally:
+            await backend.aclose()
+
+
+async def test_a_stop_ends_an_s3_request_waiting_for_a_name_lookup(
+    aws_env: None, blocked_s3_name: BlockedResolver
+) -> None:
+    """With a connect timeout far longer than the test, the stop (abort) ends a listing
+    whose connection waits for the name's lookup."""
+    backend = S3Backend(
+        parse_source("s3://bkt/m"), endpoint_url="http://s3-1.test:9", anonymous=True, connect_timeout=600
+    )
+    failed: list[BaseException] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def lister() -> None:
+                try:
+                    await backend.list_objects()
+                except TransientError as exc:
+                    failed.append(exc)
+
+            nursery.start_soon(lister)
+            assert await trio.to_thread.run_sync(blocked_s3_name.asked.wait, 30)
+            backend.abort()
+        assert not blocked_s3_name.freed_by_watchdog
+        [error] = failed
+        causes: list[BaseException] = []
+        cause: BaseException | None = error
+        while cause is not None:
+            causes.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        assert any(isinstance(c, ConnectionAbortedError) for c in causes), causes  # (the stop's, not a timeout)
+    finally:
+        await backend.aclose()
+
+
+def _tls_bucket(tmp_path: Path) -> tuple[Path, ThreadingHTTPServer]:
+    """The bucket over TLS, its certificate for 127.0.0.1 and localhost only."""
+    from modelfs.testing.nginx import make_ca
+
+    ca, cert, key = make_ca(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Bucket)
+    server.daemon_threads = True
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return ca, server
+
+
+async def test_s3_over_tls_checks_the_certificate_for_the_name_not_the_address(
+    aws_env: None, tmp_path: Path, blocked_s3_name: BlockedResolver
+) -> None:
+    """The connection is made to the address the lookup gave, but TLS still checks the
+    certificate for the endpoint's name: s3-0.test resolves to 127.0.0.1, which the
+    certificate names, and is still refused; localhost, which it names too, is served."""
+    blocked_s3_name.release.set()  # (s3-0.test resolves at once, to 127.0.0.1)
+    ca, server = _tls_bucket(tmp_path)
+    with serving(server):
+        port = server.server_address[1]
+        for host, works in (("s3-0.test", False), ("localhost", True)):
+            backend = S3Backend(
+                parse_source("s3://bkt/m"), endpoint_url=f"https://{host}:{port}", anonymous=True, ca_cert=ca
+            )
+            try:
+                if works:
+                    [info] = await backend.list_objects()
+                    assert info.name == "a.bin"
+                else:
+                    with pytest.raises(BackendError, match="TLS failed") as raised:
+                        await backend.list_objects()
+                    assert not isinstance(raised.value, TransientError)
+            finally:
+                await backend.aclose()

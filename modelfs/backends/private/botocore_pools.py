@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modelfs.backends.private import PrivateAPIChanged
+from modelfs.backends.private.urllib3_connect import bounded_new_conn
 
 __all__ = ["report_connections", "verify"]
 
@@ -29,10 +30,14 @@ def _pool_classes(client: Any) -> dict[str, Any]:
     return classes
 
 
-def report_connections(client: Any, connected: Callable[[Any], None], response_class: type | None = None) -> None:
+def report_connections(
+    client: Any, connected: Callable[[Any], None], response_class: type | None = None, in_flight: Any | None = None
+) -> None:
     """From now on every connection ``client`` opens is passed to ``connected`` (in the
     thread that opened it) once its socket (``.sock``) is connected, and reads its answers
-    with ``response_class`` (an ``http.client.HTTPResponse``) if one is given."""
+    with ``response_class`` (an ``http.client.HTTPResponse``) if one is given. With
+    ``in_flight`` (a connpool.InFlight) its name lookup and connect take at most the
+    client's connect timeout (urllib3_connect.py) and a stop ends them."""
     classes = _pool_classes(client)
     for scheme, pool_class in list(classes.items()):
         base = pool_class.ConnectionCls
@@ -45,6 +50,8 @@ def report_connections(client: Any, connected: Callable[[Any], None], response_c
         if response_class is not None:
             # (botocore's connection takes it as the class it goes back to after each answer)
             members["response_class"] = response_class
+        if in_flight is not None:
+            members["_new_conn"] = bounded_new_conn(base, in_flight)
         reporting = type(f"Reporting{base.__name__}", (base,), members)
         classes[scheme] = type(f"Reporting{pool_class.__name__}", (pool_class,), {"ConnectionCls": reporting})
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from modelfs.backends.private import PrivateAPIChanged
+from modelfs.backends.private.urllib3_connect import bounded_new_conn
 
 __all__ = ["install_response_class", "verify"]
 
 
-def _replace_pool_classes(manager: Any, response_class: type) -> None:
+def _replace_pool_classes(manager: Any, response_class: type, in_flight: Any | None) -> None:
     classes = getattr(manager, "pool_classes_by_scheme", None)
     if not isinstance(classes, dict) or not all(hasattr(cls, "ConnectionCls") for cls in classes.values()):
         raise PrivateAPIChanged("a urllib3 pool manager has no pool_classes_by_scheme of pool classes")
@@ -29,26 +30,31 @@ def _replace_pool_classes(manager: Any, response_class: type) -> None:
     replaced = {}
     for scheme, pool_class in classes.items():
         base = pool_class.ConnectionCls
-        counted = type(f"Progress{base.__name__}", (base,), {"response_class": response_class})
+        members: dict[str, Any] = {"response_class": response_class}
+        if in_flight is not None:  # (the name lookup and connect within the connect timeout)
+            members["_new_conn"] = bounded_new_conn(base, in_flight)
+        counted = type(f"Progress{base.__name__}", (base,), members)
         replaced[scheme] = type(f"Progress{pool_class.__name__}", (pool_class,), {"ConnectionCls": counted})
     manager.pool_classes_by_scheme = replaced
     manager._modelfs_response_class = response_class
 
 
-def install_response_class(session: Any, response_class: type) -> None:
+def install_response_class(session: Any, response_class: type, in_flight: Any | None = None) -> None:
     """From now on every connection of ``session`` (a requests Session whose adapters made no
-    connection yet) reads its answers with ``response_class``, also through a proxy."""
+    connection yet) reads its answers with ``response_class``, also through a proxy; with
+    ``in_flight`` (a connpool.InFlight) its name lookup and connect take at most the request's
+    connect timeout (urllib3_connect.py) and a stop ends them."""
     from requests.adapters import HTTPAdapter
 
     for adapter in session.adapters.values():
         if not isinstance(adapter, HTTPAdapter) or not hasattr(adapter, "poolmanager"):
             raise PrivateAPIChanged("a requests session's adapter is not an HTTPAdapter with a poolmanager")
-        _replace_pool_classes(adapter.poolmanager, response_class)
+        _replace_pool_classes(adapter.poolmanager, response_class, in_flight)
         made = adapter.proxy_manager_for
 
         def proxy_manager_for(proxy: Any, *args: Any, _made: Any = made, **kwargs: Any) -> Any:
             manager = _made(proxy, *args, **kwargs)
-            _replace_pool_classes(manager, response_class)
+            _replace_pool_classes(manager, response_class, in_flight)
             return manager
 
         adapter.proxy_manager_for = proxy_manager_for  # type: ignore[method-assign]
