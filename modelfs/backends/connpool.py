@@ -92,12 +92,19 @@ def _connect_to_one(
     prepare: Callable[[socket.socket], None] | None = None,
 ) -> socket.socket:
     """A TCP connection to the first of ``addresses`` that answers by ``deadline`` (monotonic),
-    as create_connection does but within one deadline for all of them, and abortable."""
+    as create_connection does but within one deadline for all of them, and abortable.
+
+    An address with others after it gets half the time left (as curl does): one that drops
+    SYNs (a dual-stack name whose IPv6 route is black-holed) must not spend the whole
+    deadline, or the name is never reached, where create_connection reached it one connect
+    timeout later."""
     error: OSError | None = None
-    for family, sockaddr in addresses:
+    for i, (family, sockaddr) in enumerate(addresses):
         left = deadline - time.monotonic()
         if left <= 0:
             break
+        if i < len(addresses) - 1:
+            left /= 2
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             if prepare is not None:
@@ -110,6 +117,9 @@ def _connect_to_one(
             sock.close()
             error = exc
         else:
+            # (the TLS handshake that follows has what is left of the deadline, not the
+            # address's half of it)
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
             return sock
     raise error or TimeoutError("no connection within the connect timeout")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from modelfs.backends.connpool import ConnectionPool, InFlight
+from modelfs.backends.resolver import Address, Resolver
 
 from .blocked_lookups import BlockedResolver
 
@@ -208,3 +209,31 @@ def test_a_stop_ends_a_connect_in_progress() -> None:
         server.close()  # (without the fix: the SYN's next retry is refused, the thread ends)
         first.close()
         thread.join(30)
+
+
+def test_a_name_whose_first_address_drops_syns_is_reached_at_its_second() -> None:
+    """A dual-stack name whose first address is black-holed (an IPv6 route that drops SYNs,
+    here a listener with a full accept queue) and whose second answers: the connect must
+    reach the second within the connect timeout, not spend all of it on the first (as
+    create_connection did not: it gave each address the whole timeout)."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead.listen(0)  # one connection fills the queue; SYNs to it are dropped from then on
+    dead_port = dead.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", dead_port), timeout=10)
+    good = socket.create_server(("127.0.0.1", 0))
+    good_port = good.getsockname()[1]
+
+    def lookup(host: str, port: int) -> list[Address]:
+        return [(socket.AF_INET, ("127.0.0.1", dead_port)), (socket.AF_INET, ("127.0.0.1", good_port))]
+
+    pool = ConnectionPool("dual.test", 443, connect_timeout=2.0, read_timeout=30, max_idle=4, resolver=Resolver(lookup))
+    try:
+        conn = pool.take()  # (bounded by its 2 s connect timeout)
+        assert conn.sock is not None and conn.sock.getpeername()[1] == good_port
+        conn.close()
+    finally:
+        pool.close()
+        filler.close()
+        dead.close()
+        good.close()
