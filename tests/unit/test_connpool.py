@@ -237,3 +237,23 @@ def test_a_name_whose_first_address_drops_syns_is_reached_at_its_second() -> Non
         filler.close()
         dead.close()
         good.close()
+
+
+def test_a_lookup_thread_that_cannot_start_fails_the_connect_and_is_not_left_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No thread to be had for a lookup ("can't start new thread"): its pending entry stayed,
+    so every later connect to that name waited for a lookup no one ran and timed out. Now
+    the connect fails at once with that reason, and the next one looks the name up."""
+    resolver = Resolver(lambda host, port: [(socket.AF_INET, ("127.0.0.1", port))])
+    in_flight = InFlight()
+    start = threading.Thread.start
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(OSError, match="can't start new thread"):
+        resolver.resolve("name.test", 80, 600.0, in_flight.wait)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert resolver.resolve("name.test", 80, 600.0, in_flight.wait) == [(socket.AF_INET, ("127.0.0.1", 80))]
