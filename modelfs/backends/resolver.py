@@ -92,7 +92,7 @@ class Resolver:
                     target=self._run, args=(key, pending), name=f"modelfs-lookup {host}", daemon=True
                 ).start()
             except RuntimeError as exc:  # (no thread to be had: the lookup fails, and is not left pending for ever)
-                self._finish(key, pending, [], OSError(f"resolving {host}: {exc}"))
+                self._finish(key, pending, [], NameNotResolved(f"resolving {host}: {exc}"))
         try:
             wait(wake, timeout)
         finally:
@@ -115,7 +115,9 @@ class Resolver:
             addresses, error = [], NameNotResolved(f"resolving {key[0]}: {type(exc).__name__}: {exc}")
         self._finish(key, pending, addresses, error)
 
-    def _finish(self, key: tuple[str, int], pending: _Pending, addresses: list[Address], error: OSError | None) -> None:
+    def _finish(
+        self, key: tuple[str, int], pending: _Pending, addresses: list[Address], error: NameNotResolved | None
+    ) -> None:
         with self._lock:
             if self._pending.get(key) is pending:
                 del self._pending[key]

@@ -116,6 +116,12 @@ class TierAddressable(Protocol):
         ...
 
 
+_OUT_OF_TIME = ("stalled", "unreachable")
+"""Failures a replica given less than a whole --read-timeout may owe to that alone."""
+_DEADLINE_SLACK = 0.01
+"""Seconds before the deadline a timeout may fire (socket timeouts are set to the time left)."""
+
+
 class TierRejected(Exception):
     """The tier's answer cannot be used; ``reason`` counts it, ``replica_down`` benches the replica."""
 
@@ -570,7 +576,15 @@ class TieredBackend:
                     replica.get_into, target, offset, dest, deadline, limiter=self._limiter
                 )
             except TierRejected as exc:
-                self._rejected(replica, exc, f"{name}@{version} [{offset}, +{length}]")
+                what = f"{name}@{version} [{offset}, +{length}]"
+                if tried > 1 and exc.reason in _OUT_OF_TIME and time.monotonic() >= deadline - _DEADLINE_SLACK:
+                    # A replica tried after another had only what that one left of the block's
+                    # --read-timeout (maybe a sliver, after a late 504): running out of it is
+                    # not its failure. Counted, not benched, no warning; the origin serves.
+                    stats.fallbacks[exc.reason] += 1
+                    log.debug("cache tier %s ran out of the block's time left (%s): %s", replica.url, exc, what)
+                    break
+                self._rejected(replica, exc, what)
                 if exc.replica_down:
                     continue
                 break

@@ -663,3 +663,45 @@ async def test_a_flapping_replica_is_benched_longer_each_time(
     await read(9)
     assert flapping.gets == 8
     await backend.aclose()
+
+
+async def test_a_replica_tried_with_a_sliver_of_time_left_is_not_benched_for_running_out(
+    replicas: Callable[..., Replica], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block's home replica failed late (a 504 just before the block's --read-timeout ran
+    out); the next replica got what was left, ran out of it and was benched, with a warning,
+    though nothing was wrong with it. Now it is counted, not benched; the origin serves."""
+    import types
+
+    from modelfs.backends import tiered as tiered_module
+    from modelfs.backends.tiered import TierRejected
+
+    origin = OriginWithTier()
+    version = origin.put("m.bin", DATA)
+    made = [replicas(origin), replicas(origin)]
+    urls = [r.url for r in made]
+    backend = tiered(origin, *urls, read_timeout=10)
+    offset = next(o for o in range(0, SIZE, BLOCK) if _home_of(urls, o, version) == 0)
+    now = [1000.0]
+    monkeypatch.setattr(tiered_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+
+    def late_504(target: TierTarget, offset: int, dest: memoryview, deadline: float) -> int | None:
+        now[0] = deadline - 0.5
+        raise TierRejected("status", "HTTP 504", replica_down=True)
+
+    def ran_out(target: TierTarget, offset: int, dest: memoryview, deadline: float) -> int | None:
+        now[0] = deadline + 0.001
+        raise TierRejected("stalled", "timed out", replica_down=True)
+
+    home, second = backend._replicas  # (in the order given: urls)
+    home.get_into = late_504  # type: ignore[method-assign]
+    second.get_into = ran_out  # type: ignore[method-assign]
+    dest = bytearray(BLOCK)
+    await backend.read_block("m.bin", version, offset, memoryview(dest), size=SIZE)
+    assert bytes(dest) == DATA[offset : offset + BLOCK]
+    stats = backend.tier_stats
+    assert stats.failovers == 1 and stats.origin_gets == 1 and origin.read_calls == 1
+    assert stats.fallbacks["status"] == 1 and stats.fallbacks["stalled"] == 1
+    assert home.benched_until > trio.current_time()  # (its own failure)
+    assert second.benched_until <= trio.current_time(), "benched for the time the replica before it used"
+    await backend.aclose()
