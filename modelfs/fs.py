@@ -218,7 +218,7 @@ class ModelFS(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         handle = self._dir_handles.pop(fh, None)
         if handle is not None:
-            self.namespace.closed(handle.listing.directory)
+            self.namespace.close_dir(handle)
 
     # --- files
 
@@ -286,6 +286,8 @@ class ModelFS(pyfuse3.Operations):
             "held_cap": self.namespace.held_cap,
             "node_invalidations": self.namespace.invalidations,
             "dir_handles": len(self._dir_handles),
+            "dir_handle_bytes": self.namespace.handle_bytes,
+            "dir_handles_parked": self.namespace.handles_parked,
             "listing_pages": self.namespace.pages,
             "name_lookups": self.namespace.name_lookups,
             "stale_served": self.namespace.stale_served,

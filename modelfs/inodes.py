@@ -29,6 +29,7 @@ node is freed when the kernel's FORGET comes, never before: its inode stays vali
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import threading
@@ -84,6 +85,7 @@ class Node:
         "refreshing",
         "opens",
         "frozen",
+        "opening",
     )
 
     def __init__(
@@ -113,6 +115,9 @@ class Node:
         # Directories: the listing that outgrew the cache, while handles still read it (later
         # opendirs share it rather than each listing the directory up to the cache's size again).
         self.frozen: weakref.ref[Listing] | None = None
+        # Directories: a new listing whose first page is being read; opendirs meanwhile share it
+        # (64 processes opening a directory at once made 64 listings of it).
+        self.opening: Listing | None = None
 
     @property
     def size(self) -> int:
@@ -158,6 +163,8 @@ class Listing:
         "passed",
         "guard",
         "reached",
+        "pages",
+        "resume_after",
         "__weakref__",
     )
 
@@ -182,6 +189,12 @@ class Listing:
         # passed, so the guard cannot tell a store that went back to an earlier page; the
         # names a store lists only ever increase (byte order), which is checked instead.
         self.reached: str | None = None
+        # Where each page read into ``names`` starts (its readdir offset) and the token it was
+        # asked with: a handle that gives its pages back reads the page of its position again.
+        self.pages: list[tuple[int, str | None]] = []
+        # A handle's own listing taken up again: its first page is one the handle had read up to
+        # this name (replied already; names up to it are left out).
+        self.resume_after: bytes | None = None
 
 
 class DirHandle:
@@ -196,11 +209,14 @@ class DirHandle:
     each, not N copies of it.
     """
 
-    __slots__ = ("listing", "frozen")
+    __slots__ = ("listing", "frozen", "directory", "position", "busy")
 
     def __init__(self, listing: Listing) -> None:
         self.listing = listing
         self.frozen: Listing | None = None  # private: the frozen shared listing, until readdir passes its end
+        self.directory = listing.directory
+        self.position = 0  # the offset readdir asked for last: every entry before it was replied
+        self.busy = 0  # readdir is reading an entry of it (its listing is not given back meanwhile)
 
     @property
     def private(self) -> bool:
@@ -237,17 +253,26 @@ def _forget_passed(passed: dict[bytes, None], reached: bytes) -> None:
         del passed[name]
 
 
-def _tail_files(listing: Listing) -> dict[bytes, None]:
-    """The file names at the end of ``listing`` that a later page may still name as a directory."""
-    if not listing.names:
+def _tail_files(listing: Listing, end: int | None = None) -> dict[bytes, None]:
+    """The file names at the end of ``listing`` (of its first ``end`` names) that a later page
+    may still name as a directory."""
+    names = listing.names if end is None else listing.names[: max(0, end)]
+    if not names:
         return {}
-    last = listing.names[-1]
+    last = names[-1]
     reached = _key(last, listing.by_name[last].is_dir)
     tail: list[bytes] = []
-    for name in reversed(listing.names[-_MAX_PASSED:]):
+    for name in reversed(names[-_MAX_PASSED:]):
         if not listing.by_name[name].is_dir and name + b"/" >= reached:
             tail.append(name)
     return dict.fromkeys(reversed(tail))
+
+
+def _own_cost(listing: Listing) -> int:
+    """A handle's own listing's estimated bytes: the names it holds and the passed file names."""
+    per = ENTRY_BYTES + len(listing.directory.path)
+    cost = ENTRY_BYTES + sum(per + 2 * len(name) for name in listing.names)
+    return cost + sum(64 + len(name) for name in listing.passed or ())
 
 
 class _ListingCache(cachetools.LRUCache[int, Listing]):
@@ -324,6 +349,14 @@ class Namespace:
         self._halt = threading.Event()
         self.invalidations = 0  # entries the kernel was asked to drop
         self.trim_passes = 0  # times the trimmer looked for nodes to give back
+        # Open directory handles, least recently read first. The listings they hold that are not
+        # in the cache (evicted, replaced, frozen, their own pages) are bounded by ``handle_cap``
+        # together: past it the least recently read give theirs back (_bound_handles).
+        self._handles: dict[DirHandle, None] = {}
+        # Twice the cache: a listing frozen past the cache (at most the cache plus a page), which
+        # later opendirs share while handles read it, and the pages of handles beside it.
+        self.handle_cap = 2 * max(cache_bytes, 1)
+        self.handles_parked = 0  # times a handle gave its listing back
 
     # --- the background nursery
 
@@ -368,6 +401,11 @@ class Namespace:
     def inodes(self) -> int:
         """Nodes the kernel holds references to (plus the root)."""
         return len(self._by_inode)
+
+    @property
+    def handle_bytes(self) -> int:
+        """Estimated bytes of the listings open directory handles hold outside the cache."""
+        return sum(listing.cost for listing in self._outside_listings(list(self._handles)).values())
 
     @property
     def held_nodes(self) -> int:
@@ -622,13 +660,116 @@ class Namespace:
                 # then on in a listing of its own (DirHandle), instead of building another.
                 return frozen
             directory.frozen = None
+        opening = directory.opening
+        if opening is not None:
+            # Another opendir is reading the first page of a new listing: share it (whatever
+            # the TTL: it is being listed now).
+            async with opening.lock:
+                pass
+            if opening.pages or opening.complete:
+                return opening
+            # (Its first page failed: this opendir lists anew and gets its own answer.)
         listing = Listing(directory, self._now())
-        await self._more(listing, None)
+        directory.opening = listing
+        try:
+            await self._more(listing, None)
+        finally:
+            if directory.opening is listing:
+                directory.opening = None
         return listing
 
     async def open_dir(self, directory: Node) -> DirHandle:
         """An ``opendir``'s handle: its position state over ``open_listing``'s listing."""
-        return DirHandle(await self.open_listing(directory))
+        handle = DirHandle(await self.open_listing(directory))
+        self._handles[handle] = None
+        self._bound_handles()
+        return handle
+
+    def close_dir(self, handle: DirHandle) -> None:
+        """A ``releasedir``: the handle's listing is no longer held for it."""
+        self._handles.pop(handle, None)
+        self.closed(handle.directory)
+
+    # --- the listings idle handles hold
+
+    @staticmethod
+    def _outside_listings(handles: list[DirHandle]) -> dict[int, Listing]:
+        """The distinct listings ``handles`` hold that are not their directory's cached one."""
+        out: dict[int, Listing] = {}
+        for handle in handles:
+            for listing in (handle.listing, handle.frozen):
+                if listing is not None and listing.directory.listing is not listing:
+                    out[id(listing)] = listing
+        return out
+
+    def _bound_handles(self) -> None:
+        """Past ``handle_cap``, the least recently read handles (not the last one read, nor one
+        readdir is reading) give their listings back: a listing goes once no handle holds it.
+        Each reads the page of its position again when next read (:meth:`_park`)."""
+        order = list(self._handles)
+        if len(order) < 2:
+            return
+        outside = self._outside_listings(order)
+        total = sum(listing.cost for listing in outside.values())
+        if total <= self.handle_cap:
+            return
+        holders: dict[int, int] = dict.fromkeys(outside, 0)
+        for handle in order:
+            for key in {id(x) for x in (handle.listing, handle.frozen) if x is not None and id(x) in outside}:
+                holders[key] += 1
+        for handle in order[:-1]:
+            if total <= self.handle_cap:
+                return
+            held = {id(x) for x in (handle.listing, handle.frozen) if x is not None and id(x) in outside}
+            if handle.busy or not held or self._parked(handle):
+                continue
+            self._park(handle)
+            total += handle.listing.cost
+            for key in held:
+                holders[key] -= 1
+                if not holders[key]:
+                    total -= outside[key].cost
+
+    @staticmethod
+    def _parked(handle: DirHandle) -> bool:
+        listing = handle.listing
+        return listing.private and handle.frozen is None and not listing.names  # (its passed names stay)
+
+    def _park(self, handle: DirHandle) -> None:
+        """Give ``handle``'s listing back: it gets an empty listing of its own that reads the
+        page holding its position again (by that page's token) and leaves out the names up to
+        the last one replied, so it neither repeats nor skips a name that stayed."""
+        self.handles_parked += 1
+        position = handle.position
+        listing, frozen = handle.listing, handle.frozen
+        own = Listing(handle.directory, listing.started_at)
+        own.streaming = own.private = True
+        own.base = position
+        last = position - 1
+        source = None
+        if frozen is not None and frozen.base <= last < listing.base:
+            source = frozen
+        elif listing.base <= last < listing.base + len(listing.names):
+            source = listing
+        if source is not None and source.pages:
+            at = bisect.bisect_right([start for start, _ in source.pages], last) - 1
+            start, token = source.pages[max(0, at)]
+            own.token = token
+            own.resume_after = source.names[last - source.base]
+            if source.private and source.passed is not None:
+                own.passed = dict(source.passed)
+            else:
+                own.passed = _tail_files(source, start - source.base)
+        elif position and position == listing.base + len(listing.names):
+            # Between pages: the next one is the listing's next token.
+            own.token = listing.token
+            own.complete = listing.complete
+            own.passed = dict(listing.passed) if listing.passed else None
+        else:
+            own.base = 0  # (another offset: read from the start, as a rewind does)
+        own.cost = _own_cost(own)
+        handle.listing = own
+        handle.frozen = None
 
     async def _more(self, listing: Listing, previous: Listing | None, deadline: float | None = None) -> None:
         """Read the next page of ``listing`` (one page at a time: readers queue on its lock)."""
@@ -645,7 +786,10 @@ class Namespace:
             if guard is not None:
                 guard.token(sent, page.next_token)
             held = listing.base + len(listing.names)
+            listing.pages.append((held, sent))
             self._add_page(listing, page, previous if previous is not None else listing.directory.listing)
+            if listing.resume_after is not None:
+                self._resume(listing)
             if guard is not None:
                 guard.entries(listing.base + len(listing.names) - held, page.next_token)
                 if page.next_token is None:
@@ -659,6 +803,24 @@ class Namespace:
                     # Replaced (a newer listing of the directory is cached): it can never be
                     # cached, so past the cache's size it streams as one that outgrew it does.
                     listing.streaming = True
+        if listing.private:
+            listing.cost = _own_cost(listing)
+        self._bound_handles()  # it grew (or is another page): idle handles may have to give theirs back
+
+    def _resume(self, listing: Listing) -> None:
+        """A handle's own listing taken up again read the page of its position: the names up to
+        the last one it replied go (a page's names are in name order); file names among them
+        are remembered as passed, as a trimmed page's are."""
+        after = listing.resume_after
+        listing.resume_after = None
+        assert after is not None and listing.private
+        cut = bisect.bisect_right(listing.names, after)
+        passed = listing.passed if listing.passed is not None else {}
+        for name in listing.names[:cut]:
+            if not listing.by_name.pop(name).is_dir:
+                _passed_file(passed, name)
+        del listing.names[:cut]
+        listing.passed = passed
 
     def _check_forward(self, listing: Listing, page: ListPage) -> None:
         """A handle's own listing: BackendError if the page lists a name before one an earlier
@@ -676,7 +838,21 @@ class Namespace:
         listing.reached = max(names)
 
     async def entry(self, handle: DirHandle, index: int) -> tuple[bytes, Node] | None:
-        """The ``index``-th entry of ``handle``'s listing, reading pages as far as needed; None past the end."""
+        """The ``index``-th entry of ``handle``'s listing, reading pages as far as needed; None past the end.
+
+        readdir asks for ``index`` once every entry before it was replied: that is the handle's
+        position if it has to give its listing back (:meth:`_park`)."""
+        handle.position = index
+        if handle in self._handles:  # (the most recently read last)
+            del self._handles[handle]
+            self._handles[handle] = None
+        handle.busy += 1
+        try:
+            return await self._entry(handle, index)
+        finally:
+            handle.busy -= 1
+
+    async def _entry(self, handle: DirHandle, index: int) -> tuple[bytes, Node] | None:
         while True:
             listing = handle.listing
             if listing.streaming and not handle.private:
@@ -700,6 +876,8 @@ class Namespace:
                         listing.guard = None  # a new pass may see the same tokens again
                         listing.reached = None
                         listing.passed = None
+                        listing.pages.clear()
+                        listing.resume_after = None
                 continue
             if i < len(listing.names):
                 name = listing.names[i]
@@ -716,6 +894,8 @@ class Namespace:
                 listing.by_name.clear()
                 listing.base += len(listing.names)
                 listing.names.clear()
+                listing.pages.clear()
+                listing.cost = _own_cost(listing)
             await self._more(listing, None)
 
     def _go_private(self, handle: DirHandle) -> None:

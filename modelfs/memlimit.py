@@ -229,11 +229,12 @@ def overhead(
     gets = max(0, max_concurrency - CONCURRENCY_INCLUDED) * GET_BYTES
     index = max(0, disk_blocks - DISK_BLOCKS_INCLUDED) * DISK_INDEX_ENTRY
     blocks = max(0, memory_blocks - MEMORY_BLOCKS_INCLUDED) * BLOCK_OBJECT
-    # The metadata cache beyond its default counts twice: the listings it holds, and the one
-    # refresh at a time that builds a listing of up to its size beside them; and the nodes
-    # the kernel holds beyond the default's (held_nodes) count at HELD_NODE_BYTES each.
+    # The metadata cache beyond its default counts four times: the listings it holds, the one
+    # refresh at a time that builds a listing of up to its size beside them, and twice its size
+    # of listings open directory handles hold outside it (inodes.Namespace.handle_cap); and the
+    # nodes the kernel holds beyond the default's (held_nodes) count at HELD_NODE_BYTES each.
     nodes = max(0, held_nodes(metadata_cache) - held_nodes()) * HELD_NODE_BYTES
-    return FIXED_OVERHEAD + 2 * max(0, metadata_cache - DEFAULT_METADATA_CACHE) + nodes + index + blocks + gets
+    return FIXED_OVERHEAD + 4 * max(0, metadata_cache - DEFAULT_METADATA_CACHE) + nodes + index + blocks + gets
 
 
 def disk_index_files(disk_cache: int, block_size: int) -> int:

@@ -1,0 +1,85 @@
+"""Idle open directory handles of a directory of 20,000 names, in a memory cgroup of the bound.
+
+A file:// directory is listed in one page. Before, 64 processes opening it at once each
+listed it (812 MiB of RSS at the default budget), and with ``--metadata-ttl 0`` every opendir
+listed it again and each idle handle kept its listing (30 handles: 400 MiB): the daemon was
+far past ``--memory-cache`` + the overhead, and OOM-killed in a cgroup of that size.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from modelfs.memlimit import FIXED_OVERHEAD
+from modelfs.testing.cgroups import MemoryCgroup, cgroup_version
+from modelfs.testing.mounts import daemon_pid, force_unmount, peak_rss_kib, run_modelfs
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or cgroup_version() is None, reason="needs root and a cgroup memory controller"
+    ),
+]
+
+MiB = 1 << 20
+BUDGET = 64 * MiB
+FILES = 20_000
+AT_ONCE = 48
+ONE_BY_ONE = 12
+
+
+def test_idle_handles_of_a_20000_name_directory_stay_within_the_bound(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "big").mkdir(parents=True)
+    expected = [f"object-{i:06d}.bin" for i in range(FILES)]
+    for name in expected:
+        (source / "big" / name).touch()
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    argv = [sys.executable, "-m", "modelfs", "mount", f"file://{source}", str(mnt), "--cache-dir", str(cache)]
+    argv += ["--memory-cache", "64M", "--metadata-ttl", "0"]
+    handles: list[os.DirEntry[str]] = []
+    iterators = []
+    with MemoryCgroup(BUDGET + FIXED_OVERHEAD) as cg:
+        result = subprocess.run(cg.wrap(argv), capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        try:
+            pid = daemon_pid(cache)
+            lock = threading.Lock()
+            start = threading.Barrier(AT_ONCE)
+
+            def opendir() -> None:
+                it = os.scandir(mnt / "big")
+                first = next(it)  # one getdents, then idle
+                with lock:
+                    iterators.append(it)
+                    handles.append(first)
+
+            start_all = [threading.Thread(target=lambda: (start.wait(), opendir())) for _ in range(AT_ONCE)]
+            for thread in start_all:
+                thread.start()
+            for thread in start_all:
+                thread.join(timeout=60)
+            for _ in range(ONE_BY_ONE):  # --metadata-ttl 0: each opendir lists the directory again
+                opendir()
+            assert len(iterators) == AT_ONCE + ONE_BY_ONE
+            assert all(entry.name == expected[0] for entry in handles)
+            for it in iterators[:2] + iterators[-2:]:  # read on after the others: every name once
+                assert [expected[0]] + [entry.name for entry in it] == expected
+            assert cg.oom_kills() == 0
+            assert pid in cg.pids(), "the daemon is gone"
+            assert peak_rss_kib(pid) * 1024 <= BUDGET + FIXED_OVERHEAD, peak_rss_kib(pid)
+        finally:
+            for it in iterators:
+                it.close()
+            try:
+                run_modelfs("unmount", str(mnt), timeout=60)
+            finally:
+                force_unmount(mnt)
+        assert cg.oom_kills() == 0
