@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
@@ -16,6 +17,16 @@ from modelfs.testing.nginx import Nginx, nginx
 from modelfs.testing.s3server import S3Server, s3_server
 
 needs_fuse = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
+
+
+def wait_for(what: str, predicate: Callable[[], object], timeout: float = 60.0) -> None:
+    """Poll until ``predicate()`` holds: a bounded wait for another process's progress, not a
+    timing assertion (a hang fails the test instead of blocking it)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

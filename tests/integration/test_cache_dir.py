@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ import pytest
 from modelfs.backends.memory import ramp
 from modelfs.mount import is_mounted
 from modelfs.testing.mounts import daemon_pid, force_unmount, mounted, run_modelfs
+
+from .conftest import wait_for
 
 MiB = 1 << 20
 
@@ -85,14 +86,6 @@ def test_an_unsafe_cache_dir_fails_the_mount(source: Path, mnt: Path, tmp_path: 
     assert not is_mounted(mnt)
 
 
-def _wait_for(cond: object, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _written_blocks(cache: Path) -> int:
     """Block files whose write is done: none still under a temporary name (a rename racing
     the test's rmtree would fail it), else -1."""
@@ -109,10 +102,10 @@ def test_a_cache_dir_deleted_while_mounted_is_recreated(source: Path, tmp_path: 
     with mounted(f"file://{source}", tmp_path / "mnt", cache, *opts) as mnt:
         pid = daemon_pid(cache)
         assert hashlib.sha256((mnt / "a.bin").read_bytes()).digest() == hashlib.sha256(ramp(3 * MiB, 1)).digest()
-        _wait_for(lambda: _written_blocks(cache) == 3, "a.bin's blocks")
+        wait_for("a.bin's blocks", lambda: _written_blocks(cache) == 3)
         shutil.rmtree(cache)
         assert (mnt / "b.bin").read_bytes() == ramp(3 * MiB, seed=2)
-        _wait_for(lambda: _written_blocks(cache) == 3, "b.bin's blocks")
+        wait_for("b.bin's blocks", lambda: _written_blocks(cache) == 3)
         assert (cache / "lock").read_text() == f"{pid}\n"
         assert oct((cache.stat().st_mode) & 0o777) == "0o700"
         # The recreated dir is locked again: a second mount on it is refused.

@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from modelfs.testing.faultproxy import FAULT_KINDS, FaultProxy, fault_proxy
 from modelfs.testing.mounts import daemon_pid, force_unmount, mounted, run_modelfs
 from modelfs.testing.nginx import Nginx
 
-from .conftest import MountFn
+from .conftest import MountFn, wait_for
 
 BLOCK = 64 * 1024
 # Small blocks and caches so that a few MB of data mean many GETs and much eviction.
@@ -48,15 +47,6 @@ def _sha(data: bytes) -> str:
 
 def _stats(mnt: Path) -> dict[str, int]:
     return json.loads(os.getxattr(mnt, "user.modelfs.stats"))
-
-
-def _wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll until ``predicate()`` holds; a bounded wait, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _pread_uncached(fd: int, length: int, offset: int) -> bytes:
@@ -192,7 +182,7 @@ def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, 
     # faults (three failures, retried).
     found = {os.path.relpath(os.path.join(d, f), mnt) for d, _, fs in os.walk(mnt) for f in fs}
     assert found == set(FAULT_FILES)
-    _wait_for("the listings to be refreshed", lambda: _stats(mnt)["dir_refreshes"] > refreshes_before)
+    wait_for("the listings to be refreshed", lambda: _stats(mnt)["dir_refreshes"] > refreshes_before)
     proxy.configure(rate=0.0)
     assert proxy.counters()["requests"] - proxy.counters()["media_requests"] >= listings_before + 4
     found = {os.path.relpath(os.path.join(d, f), mnt) for d, _, fs in os.walk(mnt) for f in fs}
@@ -203,7 +193,7 @@ def test_right_bytes_under_faults(gcs: FakeGCS, bucket: str, proxy: FaultProxy, 
     assert counts["media_requests"] >= 100, counts  # 120 ranged reads and 3 whole files
     assert counts["faults"] >= 0.1 * counts["media_requests"], counts
     # Every stall was abandoned by the client (its read timeout), not ended by the proxy.
-    _wait_for(
+    wait_for(
         "stalled connections to be closed by the client",
         lambda: proxy.counters()["stall_client_gave_up"] == proxy.counters()["fault_stall"],
     )
@@ -246,7 +236,7 @@ def test_backend_down_then_back(gcs: FakeGCS, bucket: str, proxy: FaultProxy, mo
         assert is_mounted(mnt) and _stats(mnt)["errors"] >= 1
         # The lookups past the TTL were answered from the stale listing at once; its refresh,
         # behind them, gives up after the retry deadline and keeps it.
-        _wait_for("the listing refresh to give up", lambda: _stats(mnt)["dir_refresh_failures"] >= 1)
+        wait_for("the listing refresh to give up", lambda: _stats(mnt)["dir_refresh_failures"] >= 1)
         assert (mnt / "cached.bin").stat().st_size == len(cached)
     finally:
         proxy.down = False
@@ -317,7 +307,7 @@ def test_overwrite_while_open_is_estale(gcs: FakeGCS, bucket: str, mount: MountF
         assert info.value.errno == errno.ESTALE
 
         # Past the TTL (0): the first lookup is answered stale and lists the directory behind it.
-        _wait_for("the new version to be listed", lambda: (mnt / "w.bin").stat().st_size == len(new))
+        wait_for("the new version to be listed", lambda: (mnt / "w.bin").stat().st_size == len(new))
         assert _read_whole(mnt / "w.bin") == new
         # The old handle still sees only the old version: the new version's pages, now in
         # the kernel's cache, are not its pages.
@@ -357,10 +347,10 @@ def test_delete_while_open_is_estale_then_enoent(gcs: FakeGCS, bucket: str, moun
             _pread_uncached(fd, 1000, 3 * BLOCK)
         assert info.value.errno == errno.ESTALE
         # Past the TTL (0): the first lookup is answered stale and lists the directory behind it.
-        _wait_for("the deletion to be listed", lambda: not (mnt / "gone.bin").exists())
+        wait_for("the deletion to be listed", lambda: not (mnt / "gone.bin").exists())
         with pytest.raises(FileNotFoundError):
             (mnt / "gone.bin").stat()
-        _wait_for("the deletion to reach readdir", lambda: sorted(os.listdir(mnt)) == ["stays.bin"])
+        wait_for("the deletion to reach readdir", lambda: sorted(os.listdir(mnt)) == ["stays.bin"])
     finally:
         os.close(fd)
 
@@ -379,9 +369,9 @@ def test_corrupt_disk_block_is_refetched(gcs: FakeGCS, bucket: str, mount: Mount
     options = (*BASE, "--memory-cache", "1152K", "--disk-cache", "8M")
     mnt = mount(f"gs://{bucket}/m", *options, cache_dir=cache)
     assert _read_whole(mnt / "c.bin") == data
-    _wait_for("disk writes", lambda: _stats(mnt)["disk_writes"] == 7)
+    wait_for("disk writes", lambda: _stats(mnt)["disk_writes"] == 7)
     run_modelfs("unmount", str(mnt), env=gcs.env())
-    _wait_for("the daemon to exit", lambda: not is_mounted(mnt))
+    wait_for("the daemon to exit", lambda: not is_mounted(mnt))
 
     files = _block_files(cache)
     assert len(files) == 7
@@ -402,7 +392,7 @@ def test_corrupt_disk_block_is_refetched(gcs: FakeGCS, bucket: str, mount: Mount
     assert "disk cache block 2 of gs://" in log and "CRC32C mismatch" in log, log[-2000:]
     assert "disk cache block 4 of gs://" in log, log[-2000:]
     # The good copies are written back.
-    _wait_for("disk writes", lambda: _stats(mnt)["disk_writes"] == 2)
+    wait_for("disk writes", lambda: _stats(mnt)["disk_writes"] == 2)
 
 
 def _wait_dead(pid: int) -> None:
@@ -412,7 +402,7 @@ def _wait_dead(pid: int) -> None:
         except OSError:
             return True
 
-    _wait_for(f"pid {pid} to die", dead)
+    wait_for(f"pid {pid} to die", dead)
 
 
 def test_kill_9_mid_read_then_remount_warm(gcs: FakeGCS, bucket: str, tmp_path: Path) -> None:
@@ -435,7 +425,7 @@ def test_kill_9_mid_read_then_remount_warm(gcs: FakeGCS, bucket: str, tmp_path: 
                 got += os.read(fd, min(BLOCK, half - len(got)))
             assert got == data[:half]
             # Every block fetched so far (the half and some read-ahead) reached the disk.
-            _wait_for(
+            wait_for(
                 "disk writes",
                 lambda: (
                     _stats(mnt)["disk_writes"] >= 8
@@ -548,7 +538,7 @@ def test_hostile_names(gcs: FakeGCS, bucket: str, mount: MountFn, tmp_path: Path
             (mnt / ("c" * 300)).stat()
         # Past the TTL (0): wait until the directories were listed again before the next walk.
         refreshed = _stats(mnt)["dir_refreshes"]
-        _wait_for(
+        wait_for(
             "the directories to be listed again",
             lambda refreshed=refreshed: bool(os.listdir(mnt)) and _stats(mnt)["dir_refreshes"] > refreshed,
         )
@@ -688,7 +678,7 @@ def test_http_source_right_bytes_under_faults(web: Nginx, tmp_path: Path) -> Non
             counts = proxy.counters()
             assert all(n >= 1 for n in proxy.faults_by_kind().values()), counts
             assert stats["retries"] >= counts["faults"] and stats["errors"] == 0, (stats, counts)
-            _wait_for(
+            wait_for(
                 "stalled connections to be closed by the client",
                 lambda: proxy.counters()["stall_client_gave_up"] == proxy.counters()["fault_stall"],
             )

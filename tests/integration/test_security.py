@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -34,18 +33,9 @@ from modelfs.testing.faultproxy import fault_proxy
 from modelfs.testing.mounts import daemon_pid, force_unmount, mounted, run_modelfs
 from modelfs.testing.nginx import TOKEN, Nginx
 
-from .conftest import MountFn
+from .conftest import MountFn, wait_for
 
 OPTIONS = ("--block-size", "64K", "--memory-cache", "2M", "--disk-cache", "8M")
-
-
-def _wait_for(what: str, predicate: object, timeout: float = 60.0) -> None:
-    """A bounded poll, not a timing assertion: a hang fails the test instead of blocking it."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _cmdline(pid: int) -> bytes:
@@ -87,7 +77,7 @@ def test_secrets_not_in_cmdline_foreground(signed: tuple[str, bytes], tmp_path: 
             stderr=out,
         )
     try:
-        _wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
+        wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()
         assert (mnt / "m.bin").read_bytes() == data  # the secrets were used: nginx wants both
         cmdline = _cmdline(proc.pid)  # the same pid: re-executed in place, not forked
@@ -178,11 +168,11 @@ def test_sigterm_with_a_stalled_read_unmounts_cleanly(gcs: FakeGCS, bucket: str,
 
         thread = threading.Thread(target=reader, daemon=True)
         try:
-            _wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
+            wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
             assert proc.poll() is None, log.read_text()
             proxy.force("stall", 1000)
             thread.start()
-            _wait_for("the stalled GET", lambda: proxy.counters().get("fault_stall", 0) > 0)
+            wait_for("the stalled GET", lambda: proxy.counters().get("fault_stall", 0) > 0)
             proc.send_signal(signal.SIGTERM)
             # Far longer than the daemon's bound (2 x STOP_GRACE), far shorter than its timeouts.
             code = proc.wait(timeout=45)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,19 +20,13 @@ from modelfs.testing.fakegcs import FakeGCS
 from modelfs.testing.faultproxy import FaultProxy, fault_proxy
 from modelfs.testing.mounts import daemon_pid, force_unmount, mounted, run_modelfs
 
+from .conftest import wait_for
+
 # Timeouts far past any stop bound: only the stop can end these GETs in time.
 SLOW = ("--read-timeout", "600", "--retry-deadline", "600")
 OPTIONS = ("--block-size", "64K", "--memory-cache", "2M", "--disk-cache", "8M", *SLOW)
 # A bound against a hang only: the daemon's own bound is 2 x STOP_GRACE after the stop.
 HANG = 6 * STOP_GRACE
-
-
-def _wait_for(what: str, predicate: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _stop_lines(text: str, after: str) -> list[str]:
@@ -102,14 +95,14 @@ def test_a_signal_with_reads_retrying_or_stalled_logs_one_line(
 
     thread = threading.Thread(target=reader, daemon=True)
     try:
-        _wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
+        wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()
         proxy.force(fault, 1_000_000)
         thread.start()
         if fault == "503":  # retried: at least one retry line before the signal
-            _wait_for("a retry", lambda: "retrying" in log.read_text())
+            wait_for("a retry", lambda: "retrying" in log.read_text())
         else:
-            _wait_for("the stalled GET", lambda: proxy.counters().get("fault_stall", 0) > 0)
+            wait_for("the stalled GET", lambda: proxy.counters().get("fault_stall", 0) > 0)
         proc.send_signal(signum)
         code = proc.wait(timeout=HANG)
         thread.join(HANG)
@@ -156,7 +149,7 @@ def test_unmount_with_the_eager_stream_stalled_exits_within_the_bound(
     try:
         assert result.returncode == 0, result.stderr
         pid = daemon_pid(cache)
-        _wait_for("the stream's stalled GETs", lambda: proxy.counters().get("fault_stall", 0) > 0)
+        wait_for("the stream's stalled GETs", lambda: proxy.counters().get("fault_stall", 0) > 0)
         unmounted = run_modelfs("unmount", str(mnt), timeout=HANG * 3)
         assert unmounted.returncode == 0 and unmounted.stderr == "", unmounted.stderr
         assert wait_for_exit(pid, HANG)
@@ -193,7 +186,7 @@ def test_a_signal_to_warm_with_a_stalled_get_ends_it_at_once(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        _wait_for("the stalled GET", lambda: proxy.counters().get("fault_stall", 0) > 0)
+        wait_for("the stalled GET", lambda: proxy.counters().get("fault_stall", 0) > 0)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=HANG)
     finally:
@@ -244,7 +237,7 @@ def test_a_stop_signal_ignored_at_start_stays_ignored(tmp_path: Path, ignored: t
             preexec_fn=ignore,
         )
     try:
-        _wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
+        wait_for("the mount", lambda: is_mounted(mnt) or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()
         assert hashlib.sha256((mnt / "w.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
         ign, cgt = _signal_mask(proc.pid, "SigIgn"), _signal_mask(proc.pid, "SigCgt")

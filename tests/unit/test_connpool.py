@@ -140,6 +140,18 @@ def test_a_resolver_that_does_not_answer_fails_the_connect_at_its_timeout(
 
 def test_a_stop_ends_a_wait_for_a_name_lookup(listener: int, blocked_resolver: BlockedResolver) -> None:
     pool = ConnectionPool("tier-0.test", listener, connect_timeout=600, read_timeout=30, max_idle=4)
+    thread, outcome = _take_in_thread(pool)
+    thread.start()
+    _until(lambda: blocked_resolver.calls == 1)
+    pool.abort()
+    thread.join(15)
+    assert not blocked_resolver.freed_by_watchdog
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionAbortedError)
+
+
+def _take_in_thread(pool: ConnectionPool) -> tuple[threading.Thread, list[BaseException | None]]:
+    """A thread (not started) that takes a connection from ``pool`` and closes it; what it
+    raised (None: it connected) lands in the list."""
     outcome: list[BaseException | None] = []
 
     def take() -> None:
@@ -149,13 +161,7 @@ def test_a_stop_ends_a_wait_for_a_name_lookup(listener: int, blocked_resolver: B
         except BaseException as exc:
             outcome.append(exc)
 
-    thread = threading.Thread(target=take, daemon=True)
-    thread.start()
-    _until(lambda: blocked_resolver.calls == 1)
-    pool.abort()
-    thread.join(15)
-    assert not blocked_resolver.freed_by_watchdog
-    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionAbortedError)
+    return threading.Thread(target=take, daemon=True), outcome
 
 
 def _until(cond: Callable[[], bool]) -> None:
@@ -187,16 +193,7 @@ def test_a_stop_ends_a_connect_in_progress() -> None:
     port = server.getsockname()[1]
     first = socket.create_connection(("127.0.0.1", port), timeout=10)
     pool = ConnectionPool("127.0.0.1", port, connect_timeout=600, read_timeout=30, max_idle=4)
-    outcome: list[BaseException | None] = []
-
-    def take() -> None:
-        try:
-            pool.take().close()
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=take, daemon=True)
+    thread, outcome = _take_in_thread(pool)
     try:
         thread.start()
         _until(lambda: _syn_sent_to(port))

@@ -7,20 +7,17 @@ implementation of is reported so by its own name, never taken for another type."
 
 from __future__ import annotations
 
-import argparse
 import base64
-import dataclasses
 import hashlib
-import io
 from pathlib import Path
 
 import pytest
-import trio
 
 from modelfs import warm
-from modelfs.backends.memory import MemoryBackend, ramp
+from modelfs.backends.memory import ramp
 from modelfs.backends.s3 import head_checksum
-from modelfs.config import add_options, build_config
+
+from .warm_runs import run_warm, serve_with_checksum
 
 RAMP = ramp(70_000, seed=4)
 
@@ -117,21 +114,8 @@ def test_a_heads_newer_or_unknown_checksum_is_kept_by_its_own_name(
 
 
 def _warm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, checksum: str) -> tuple[warm.WarmResult, str]:
-    backend = MemoryBackend()
-    backend.put("a.bin", data)
-    info = dataclasses.replace(trio.run(backend.stat, "a.bin"), checksum=checksum)
-
-    async def stat(name: str) -> object:
-        return info
-
-    monkeypatch.setattr(backend, "stat", stat)
-    monkeypatch.setattr(backend, "checksums_by_stat", True, raising=False)
-    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
-    parser = argparse.ArgumentParser()
-    add_options(parser)
-    args = parser.parse_args(["--anonymous", "--cache-dir", str(tmp_path / "cache"), "--block-size", "64K"])
-    out = io.StringIO()
-    return trio.run(warm.warm, build_config("s3://bkt/m", None, args, environ={}), out), out.getvalue()
+    serve_with_checksum(monkeypatch, data, checksum)
+    return run_warm(tmp_path)
 
 
 @pytest.mark.parametrize("algorithm", ["sha512", "md5", "xxhash64", "xxhash3", "xxhash128"])

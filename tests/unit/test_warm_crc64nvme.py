@@ -6,20 +6,19 @@ catalogue's check value and a plain Python CRC-64/NVME, not only against awscrt 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import io
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import trio
 
 from modelfs import warm
-from modelfs.backends.memory import MemoryBackend, ramp
+from modelfs.backends.memory import ramp
 from modelfs.config import Config, add_options, build_config
 from modelfs.testing.crc64nvme import CHECK, REFLECTED, crc64nvme_b64
 from modelfs.testing.crc64nvme import crc64nvme as crc64nvme_reference
+
+from .warm_runs import run_warm, serve_with_checksum
 
 VECTORS = [b"", b"123456789", bytes(32), b"\xff" * 32, bytes(range(256)), ramp(70_000, seed=4)]
 
@@ -57,18 +56,8 @@ def _config(tmp_path: Path) -> Config:
 def _warm_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, checksum: str
 ) -> tuple[warm.WarmResult, str]:
-    backend = MemoryBackend()
-    backend.put("a.bin", data)
-    info = dataclasses.replace(trio.run(backend.stat, "a.bin"), checksum=checksum)
-
-    async def stat(name: str) -> object:
-        return info
-
-    monkeypatch.setattr(backend, "stat", stat)
-    monkeypatch.setattr(backend, "checksums_by_stat", True, raising=False)
-    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
-    out = io.StringIO()
-    return trio.run(warm.warm, _config(tmp_path), out), out.getvalue()
+    serve_with_checksum(monkeypatch, data, checksum)
+    return run_warm(tmp_path)
 
 
 def test_warm_verifies_a_crc64nvme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

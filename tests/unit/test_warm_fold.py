@@ -5,22 +5,19 @@ take its buffer, and the budget still holds (tests/unit/test_warm_failures.py ha
 
 from __future__ import annotations
 
-import argparse
 import base64
-import dataclasses
 import hashlib
-import io
 import threading
 from pathlib import Path
 
 import pytest
-import trio
 
 from modelfs import warm
-from modelfs.backends.memory import MemoryBackend, ramp
+from modelfs.backends.memory import ramp
 from modelfs.cache.blocks import BlockStore, ObjectRef
 from modelfs.cache.memory import Block
-from modelfs.config import add_options, build_config
+
+from .warm_runs import run_warm, serve_with_checksum
 
 _budgets: list[warm.MemoryCache] = []
 _object: list[tuple[str, str]] = []
@@ -87,25 +84,10 @@ def test_blocks_are_folded_in_a_thread_while_the_next_is_read(tmp_path: Path, mo
             budgets.append(self)
 
     monkeypatch.setattr(warm, "MemoryCache", Noted)
-    backend = MemoryBackend()
-    backend.put("a.bin", data)
-    info = dataclasses.replace(
-        trio.run(backend.stat, "a.bin"), checksum="sha256:" + base64.b64encode(hashlib.sha256(data).digest()).decode()
-    )
-
-    async def stat(name: str) -> object:
-        return info
-
-    monkeypatch.setattr(backend, "stat", stat)
-    monkeypatch.setattr(backend, "checksums_by_stat", True, raising=False)
-    monkeypatch.setattr(warm, "open_backend", lambda config: backend)
-    parser = argparse.ArgumentParser()
-    add_options(parser)
-    argv = ["--anonymous", "--cache-dir", str(tmp_path / "cache"), "--block-size", "1M", "--memory-cache", "2M"]
-    out = io.StringIO()
-    result = trio.run(warm.warm, build_config("s3://bkt/m", None, parser.parse_args(argv), environ={}), out)
-    assert result.objects == 1 and result.unverified == 0 and not result.mismatched, out.getvalue()
-    assert "warm: a.bin: cached, checksum ok" in out.getvalue()
+    serve_with_checksum(monkeypatch, data, "sha256:" + base64.b64encode(hashlib.sha256(data).digest()).decode())
+    result, printed = run_warm(tmp_path, "--block-size", "1M", "--memory-cache", "2M")
+    assert result.objects == 1 and result.unverified == 0 and not result.mismatched, printed
+    assert "warm: a.bin: cached, checksum ok" in printed
     assert threads == [True] * blocks
     assert all(pins), pins  # each block held in the budget while it was folded
     [memory] = budgets
