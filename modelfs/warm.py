@@ -321,12 +321,18 @@ class WarmStopped(BaseException):
 
 
 async def _on_stop_signal(
-    signals: AsyncIterator[int], backend: Backend, scope: trio.CancelScope, stopped: list[int]
+    signals: AsyncIterator[int],
+    backend: Backend,
+    scope: trio.CancelScope,
+    stopped: list[int],
+    watchdogs: list[StopWatchdog],
 ) -> None:
     async for signum in signals:
         stopped.append(signum)
         stopping.begin()  # (what the stop fails is not logged as failures)
-        StopWatchdog(None, 2 * STOP_GRACE, code=128 + signum).start()
+        watchdog = StopWatchdog(None, 2 * STOP_GRACE, code=128 + signum)
+        watchdogs.append(watchdog)  # (cancelled once warm() returns: it ends only a warm that cannot)
+        watchdog.start()
         abort = getattr(backend, "abort", None)
         if callable(abort):
             abort()
@@ -346,6 +352,7 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
             "without it the blocks cached are for this run only"
         )
     backend = open_backend(config)
+    watchdogs: list[StopWatchdog] = []  # (a stop signal's)
     disk = DiskCache(config.cache_dir, config.disk_cache, block_size=config.block_size)
     disk.unwritten = Counter()
     # The read-ahead window fits the budget (the block being read and one more beside it),
@@ -402,7 +409,7 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
         # (Not a signal the process was started ignoring: nohup's SIGHUP, a background job's SIGINT.)
         with trio.open_signal_receiver(*stopping.stop_signals()) as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_on_stop_signal, signals, backend, nursery.cancel_scope, stopped)
+                nursery.start_soon(_on_stop_signal, signals, backend, nursery.cancel_scope, stopped, watchdogs)
                 await nursery.start(store.run)
                 nursery.start_soon(produce)
                 async for info in receive:
@@ -444,3 +451,5 @@ async def warm(config: Config, out: IO[str] = sys.stderr) -> WarmResult:
     finally:
         disk.close()
         await backend.aclose()
+        for watchdog in watchdogs:
+            watchdog.cancel()

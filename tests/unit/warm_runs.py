@@ -13,7 +13,7 @@ import trio
 
 from modelfs import warm
 from modelfs.backends.memory import MemoryBackend
-from modelfs.config import add_options, build_config
+from modelfs.config import Config, add_options, build_config
 
 
 def serve_with_checksum(monkeypatch: pytest.MonkeyPatch, data: bytes, checksum: str) -> MemoryBackend:
@@ -31,12 +31,15 @@ def serve_with_checksum(monkeypatch: pytest.MonkeyPatch, data: bytes, checksum: 
     return backend
 
 
-def run_warm(tmp_path: Path, *options: str) -> tuple[warm.WarmResult, str]:
-    """``modelfs warm s3://bkt/m`` (64 KiB blocks unless ``options`` say otherwise): its result
-    and what it printed."""
+def warm_config(tmp_path: Path, *options: str) -> Config:
+    """``modelfs warm s3://bkt/m``'s config (64 KiB blocks unless ``options`` say otherwise)."""
     parser = argparse.ArgumentParser()
     add_options(parser)
     argv = ["--anonymous", "--cache-dir", str(tmp_path / "cache"), "--block-size", "64K", *options]
+    return build_config("s3://bkt/m", None, parser.parse_args(argv), environ={})
+
+
+def run_warm(tmp_path: Path, *options: str) -> tuple[warm.WarmResult, str]:
+    """``modelfs warm s3://bkt/m`` (see :func:`warm_config`): its result and what it printed."""
     out = io.StringIO()
-    config = build_config("s3://bkt/m", None, parser.parse_args(argv), environ={})
-    return trio.run(warm.warm, config, out), out.getvalue()
+    return trio.run(warm.warm, warm_config(tmp_path, *options), out), out.getvalue()
