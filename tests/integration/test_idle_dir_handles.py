@@ -8,6 +8,7 @@ far past ``--memory-cache`` + the overhead, and OOM-killed in a cgroup of that s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.memlimit import FIXED_OVERHEAD
+from modelfs.memlimit import FIXED_OVERHEAD, overhead
 from modelfs.testing.cgroups import MemoryCgroup, cgroup_version
 from modelfs.testing.mounts import daemon_pid, force_unmount, peak_rss_kib, run_modelfs
 
@@ -75,6 +76,67 @@ def test_idle_handles_of_a_20000_name_directory_stay_within_the_bound(tmp_path: 
             assert cg.oom_kills() == 0
             assert pid in cg.pids(), "the daemon is gone"
             assert peak_rss_kib(pid) * 1024 <= BUDGET + FIXED_OVERHEAD, peak_rss_kib(pid)
+        finally:
+            for it in iterators:
+                it.close()
+            try:
+                run_modelfs("unmount", str(mnt), timeout=60)
+            finally:
+                force_unmount(mnt)
+        assert cg.oom_kills() == 0
+
+
+FILE = 96 * MiB  # larger than the budget: every block of it passes through the memory cache
+BEFORE, AFTER = 10, 10
+
+
+def test_idle_handles_with_the_block_budget_full_stay_within_the_bound(tmp_path: Path) -> None:
+    """The same idle handles (``--metadata-ttl 0``: each opendir lists the directory again) while
+    a file larger than the budget is read through the mount: the blocks fill the budget beside
+    what the handles made the daemon hold. Before, the last handle's listing, the new one and
+    its page's answer were held at once, and the RSS they took was never given back: 137 MiB
+    against 128 (64M + the overhead)."""
+    source = tmp_path / "src"
+    (source / "big").mkdir(parents=True)
+    expected = [f"object-{i:06d}.bin" for i in range(FILES)]
+    for name in expected:
+        (source / "big" / name).touch()
+    data = os.urandom(1 << 20) * (FILE >> 20)  # (any bytes: the digest tells a wrong one)
+    (source / "model.bin").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    del data
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    argv = [sys.executable, "-m", "modelfs", "mount", f"file://{source}", str(mnt), "--cache-dir", str(cache)]
+    argv += ["--memory-cache", "64M", "--metadata-ttl", "0"]
+    bound = BUDGET + overhead()
+    iterators = []
+    with MemoryCgroup(bound) as cg:
+        result = subprocess.run(cg.wrap(argv), capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        try:
+            pid = daemon_pid(cache)
+
+            def opendir() -> None:
+                it = os.scandir(mnt / "big")
+                assert next(it).name == expected[0]  # one getdents, then idle
+                iterators.append(it)
+
+            for _ in range(BEFORE):
+                opendir()
+            read = hashlib.sha256()
+            with open(mnt / "model.bin", "rb") as f:
+                while chunk := f.read(1 << 20):
+                    read.update(chunk)
+            assert read.hexdigest() == digest
+            for _ in range(AFTER):
+                opendir()
+            for it in iterators[:1] + iterators[-1:]:  # read on after the others: every name once
+                assert [expected[0]] + [entry.name for entry in it] == expected
+            assert cg.oom_kills() == 0
+            assert pid in cg.pids(), "the daemon is gone"
+            peak = peak_rss_kib(pid) * 1024
+            assert peak <= bound, f"peak RSS {peak / MiB:.1f} MiB > {bound / MiB:.0f} MiB"
         finally:
             for it in iterators:
                 it.close()

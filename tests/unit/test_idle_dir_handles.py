@@ -4,6 +4,9 @@ handle that gave its page back still reads every name once, in order."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import trio
 import trio.testing
 
@@ -163,3 +166,39 @@ async def test_a_handle_taken_up_again_lists_no_name_twice_and_skips_none_that_s
     await read_all(ns, handle, got)
     assert got == [f"f{i:02d}" for i in range(0, 26, 2)] + ["f25"] + [f"f{i:02d}" for i in range(26, 60, 2)]
     assert len(got) == len(set(got))
+
+
+async def test_a_new_listing_is_read_once_idle_handles_gave_back_what_they_hold() -> None:
+    """``--metadata-ttl 0``: an opendir lists the directory again while the last handle still
+    holds the frozen listing (larger than the cache). That listing is given back before the
+    new one's first page is read, not after: a file:// directory is one page, so the old
+    listing, the new one and the page's answer were all held at once (the daemon's peak)."""
+    backend = MemoryBackend(page_size=PAGE)
+    expected = [f"f{i:03d}" for i in range(50)]
+    for name in expected:
+        backend.put(f"big/{name}", b"z")
+    ns = Namespace(backend, ttl=0, retry_deadline=1, cache_bytes=CAP)
+    await ns.start()
+    big = await ns.lookup(1, b"big")
+    ns.remember(big)
+    first = await ns.open_dir(big)
+    got_first: list[str] = []
+    while not first.listing.streaming:  # read until it outgrew the cache: frozen
+        entry = await ns.entry(first, len(got_first))
+        assert entry is not None
+        got_first.append(entry[0].decode())
+    frozen = weakref.ref(first.listing)
+    backend.list_gate = trio.Event()
+    second: list[DirHandle] = []
+
+    async def opendir() -> None:
+        second.append(await ns.open_dir(big))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(opendir)
+        await trio.testing.wait_all_tasks_blocked()  # the new listing's first page is being read
+        gc.collect()
+        assert frozen() is None, "the frozen listing is still held while the new one is read"
+        backend.list_gate.set()
+    assert await read_all(ns, first, got_first) == expected
+    assert await read_all(ns, second[0], []) == expected
