@@ -11,12 +11,21 @@ from pathlib import Path
 
 import pytest
 
+from modelfs.testing.cgroups import cgroup_version
 from modelfs.testing.fakegcs import FakeGCS
 from modelfs.testing.mounts import force_unmount, mounted
 from modelfs.testing.nginx import Nginx, nginx
 from modelfs.testing.s3server import S3Server, s3_server
 
 needs_fuse = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
+
+CGROUP_TESTS = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or cgroup_version() is None, reason="needs root and a cgroup memory controller"
+    ),
+]
+"""The ``pytestmark`` of a module whose tests mount inside a real memory cgroup."""
 
 
 def wait_for(what: str, predicate: Callable[[], object], timeout: float = 60.0) -> None:

@@ -27,17 +27,14 @@ import pytest
 
 from modelfs.memlimit import AUTO_HEADROOM, auto_budget, overhead
 from modelfs.mount import wait_for_exit
-from modelfs.testing.cgroups import MemoryCgroup, cgroup_version
+from modelfs.testing.cgroups import MemoryCgroup
 from modelfs.testing.mounts import force_unmount, peak_rss_kib, run_modelfs
 from modelfs.testing.throttle import slow_source
 from modelfs.testing.workload import ReadStats, random_readers, write_safetensors
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or cgroup_version() is None, reason="needs root and a cgroup memory controller"
-    ),
-]
+from .conftest import CGROUP_TESTS
+
+pytestmark = CGROUP_TESTS
 
 MiB = 1 << 20
 LIMIT = 640 * MiB

@@ -15,18 +15,13 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-
 from modelfs.memlimit import FIXED_OVERHEAD, overhead
-from modelfs.testing.cgroups import MemoryCgroup, cgroup_version
+from modelfs.testing.cgroups import MemoryCgroup
 from modelfs.testing.mounts import daemon_pid, force_unmount, peak_rss_kib, run_modelfs
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or cgroup_version() is None, reason="needs root and a cgroup memory controller"
-    ),
-]
+from .conftest import CGROUP_TESTS
+
+pytestmark = CGROUP_TESTS
 
 MiB = 1 << 20
 BUDGET = 64 * MiB

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.testing.cgroups import MemoryCgroup, cgroup_version
+from modelfs.testing.cgroups import MemoryCgroup
 from modelfs.testing.fakegcs import FakeGCS, fake_gcs
 from modelfs.testing.mounts import daemon_pid, force_unmount, peak_rss_kib, run_modelfs
 from modelfs.testing.workload import (
@@ -31,12 +31,9 @@ from modelfs.testing.workload import (
     write_safetensors,
 )
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or cgroup_version() is None, reason="needs root and a cgroup memory controller"
-    ),
-]
+from .conftest import CGROUP_TESTS
+
+pytestmark = CGROUP_TESTS
 
 MiB = 1 << 20
 BUDGET = 64 * MiB
